@@ -1,0 +1,63 @@
+"""The `registry-replicator` command line: parses arguments, dispatches to a sub-command.
+
+Exit codes are uniform across sub-commands: 0 success, 1 something failed,
+2 usage or configuration error (nothing was changed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from replicator import __version__
+from replicator.commands import COMMAND_MODULES
+from replicator.errors import ReplicatorError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on usage errors already; keep its message on stderr."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="registry-replicator",
+        description=(
+            "Keep container registries in several regions in sync and clean: "
+            "replicate by rules, react to webhooks, fail over, and reclaim storage."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"replicator.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return 2
+    from replicator.logs import setup_logging
+
+    setup_logging(args.verbose)
+    try:
+        return int(args.handler(args) or 0)
+    except ReplicatorError as exc:
+        print(f"registry-replicator: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("registry-replicator: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so plainly, keep the traceback for -v
+        logging.getLogger("replicator").debug("unexpected error", exc_info=True)
+        print(f"registry-replicator: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

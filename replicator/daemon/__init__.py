@@ -1,0 +1,1 @@
+"""The long-running daemon: webhook intake, event bus, work queue, schedules."""

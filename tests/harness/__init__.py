@@ -1,0 +1,1 @@
+"""Test harness: real registries, a real broker, and fault-injecting proxies."""
