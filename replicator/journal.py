@@ -154,7 +154,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             repository TEXT,
             digest TEXT,
             bytes INTEGER NOT NULL DEFAULT 0,
-            state TEXT NOT NULL,              -- candidate | quarantined | deleted | restored | kept | error
+            state TEXT NOT NULL,              -- candidate|quarantined|deleted|restored|kept|error
             quarantine_path TEXT,
             error TEXT,
             PRIMARY KEY (run_id, kind, key)

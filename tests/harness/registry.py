@@ -96,7 +96,7 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         self.storage.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config()))
-        log = open(self.root / "registry.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.root / "registry.log", "ab")
         self.proc = subprocess.Popen(
             [REGISTRY_BIN, "serve", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
