@@ -55,7 +55,7 @@ def validate_tag(tag: str) -> str:
     return tag
 
 
-def parse_ref(text: str) -> ImageRef:
+def parse_ref(text: str, default_tag: str | None = "latest") -> ImageRef:
     """Parse `registry/repo[:tag][@digest]`; the registry host needs '.' or ':' or localhost."""
     original = text
     if "://" in text:
@@ -81,5 +81,5 @@ def parse_ref(text: str) -> ImageRef:
         validate_tag(tag)
     validate_repository(rest)
     if tag is None and digest is None:
-        tag = "latest"
+        tag = default_tag
     return ImageRef(registry=registry, repository=rest, tag=tag, digest=digest)

@@ -6,5 +6,5 @@ arguments and returning the process exit code.
 
 # Order is the order shown by --help.
 COMMAND_MODULES = [
-
+    "copy",
 ]

@@ -1,0 +1,434 @@
+"""The copy engine: one artifact from a source registry to a target registry.
+
+Order matters because registries validate references on write: blobs first,
+then child manifests, then the index, then the tag. Each blob is obtained at
+the target in the cheapest way that is still correct:
+
+1. HEAD on the target repository: already there, nothing to do;
+2. another copy in this process is uploading it to the same registry: wait,
+   then mount from the repository it landed in;
+3. mount from a repository of the same target registry known (BlobIndex) to
+   hold it: one POST, no bytes;
+4. stream it from source to target, hashing while streaming. The last chunk is
+   held back until the digest is verified, so a corrupted byte aborts the
+   upload before the registry has the whole body: nothing is ever committed
+   under a digest that does not match.
+
+Manifest bytes are copied exactly, so digests are identical at the target.
+Target manifests are checked with HEAD, never GET (a GET counts as a pull).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
+
+from replicator.blob_index import BlobIndex
+from replicator.manifest import (
+    OCI_INDEX,
+    Descriptor,
+    Manifest,
+    ManifestError,
+    Platform,
+    digest_of,
+    hasher_for,
+    is_digest,
+    parse_manifest,
+)
+from replicator.registry.client import RegistryClient
+from replicator.registry.errors import DigestMismatch, NotFound, RegistryError
+
+log = logging.getLogger(__name__)
+
+Status = Literal["copied", "skipped", "conflict", "failed"]
+
+
+class Progress(Protocol):
+    """Receives byte-level progress of blob uploads (a terminal bar, or nothing)."""
+
+    def start(self, digest: str, size: int) -> None: ...
+    def advance(self, digest: str, n: int) -> None: ...
+    def finish(self, digest: str) -> None: ...
+
+
+@dataclass
+class CopyStats:
+    copied: int = 0
+    skipped: int = 0
+    failed: int = 0
+    conflicts: int = 0
+    manifests_written: int = 0
+    blobs_uploaded: int = 0
+    blobs_mounted: int = 0
+    blobs_existing: int = 0
+    bytes_uploaded: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def add(self, other: CopyStats) -> None:
+        for name, value in asdict(other).items():
+            if name == "failures":
+                self.failures.extend(value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class CopyResult:
+    source: str
+    target: str
+    status: Status
+    digest: str | None = None
+    error: str | None = None
+    stats: CopyStats = field(default_factory=CopyStats)
+
+
+@dataclass(frozen=True)
+class CopyOptions:
+    platforms: Sequence[Platform] | None = None   # None: every child of an index
+    referrers: bool = True
+    overwrite: bool = True                         # False: a differing target tag is a conflict
+    blob_attempts: int = 4                         # whole-blob transfer attempts
+    blob_parallelism: int = 4                      # concurrent blobs per manifest
+
+
+# Called with (target client, target repository, digest) right before a
+# manifest is written, so the daemon can record "we caused this" (loop guard).
+BeforeManifestPut = Callable[[RegistryClient, str, str], Awaitable[None]]
+
+
+class CopyEngine:
+    """Copies artifacts; one instance is shared so uploads to a registry are de-duplicated."""
+
+    def __init__(self, blob_index: BlobIndex | None = None, *,
+                 progress: Progress | None = None,
+                 before_manifest_put: BeforeManifestPut | None = None,
+                 retry_base_delay: float = 0.2) -> None:
+        self.blob_index = blob_index or BlobIndex()
+        self.progress = progress
+        self.before_manifest_put = before_manifest_put
+        self.retry_base_delay = retry_base_delay
+        # (target registry key, digest) -> future resolving to the repository it landed in
+        self._inflight: dict[tuple[str, str], asyncio.Future[str | None]] = {}
+
+    # ------------------------------------------------------------------ public
+    async def copy(self, src: RegistryClient, src_repo: str, ref: str,
+                   dst: RegistryClient, dst_repo: str, *, tag: str | None = None,
+                   options: CopyOptions = CopyOptions()) -> CopyResult:
+        """Copy `src_repo:ref` to `dst_repo`, tagging it `tag` (default: `ref` if it is a tag).
+
+        Never raises for a registry failure: the result says `failed` with the reason.
+        """
+        if tag is None and not is_digest(ref):
+            tag = ref
+        source_name = f"{src.site.name}/{src_repo}:{ref}" if not is_digest(ref) \
+            else f"{src.site.name}/{src_repo}@{ref}"
+        target_name = f"{dst.site.name}/{dst_repo}" + (f":{tag}" if tag else "")
+        stats = CopyStats()
+        try:
+            status, digest = await self._copy(src, src_repo, ref, dst, dst_repo, tag, options,
+                                              stats)
+        except (RegistryError, ManifestError) as exc:
+            stats.failed += 1
+            message = f"{source_name} -> {target_name}: {exc}"
+            stats.failures.append(message)
+            log.warning("copy failed: %s", message)
+            return CopyResult(source_name, target_name, "failed", None, str(exc), stats)
+        if status == "copied":
+            stats.copied += 1
+        elif status == "skipped":
+            stats.skipped += 1
+        elif status == "conflict":
+            stats.conflicts += 1
+        return CopyResult(source_name, target_name, status, digest, None, stats)
+
+    # --------------------------------------------------------------- manifests
+    async def _copy(self, src: RegistryClient, src_repo: str, ref: str, dst: RegistryClient,
+                    dst_repo: str, tag: str | None, options: CopyOptions,
+                    stats: CopyStats) -> tuple[Status, str]:
+        source_digest = ref if is_digest(ref) else None
+        current: Descriptor | None = None
+        if tag is not None:
+            # One request to the target per tag when nothing changed.
+            current = await dst.head_manifest(dst_repo, tag)
+            if source_digest is None:
+                head = await src.head_manifest(src_repo, ref)
+                if head is None:
+                    raise NotFound(f"{src.site.name}: {src_repo}:{ref}: manifest unknown",
+                                   site=src.site.name, repository=src_repo, reference=ref,
+                                   status=404)
+                source_digest = head.digest
+            if current is not None and current.digest == source_digest:
+                return "skipped", source_digest
+        manifest = await src.get_manifest(src_repo, source_digest or ref)
+        if source_digest and manifest.digest != source_digest:
+            raise DigestMismatch(
+                f"{src.site.name}: {src_repo}@{source_digest}: content hashes to "
+                f"{manifest.digest}", site=src.site.name, repository=src_repo,
+                reference=source_digest)
+        if current is not None:
+            expected = self._as_written(manifest, options)
+            if current.digest == expected.digest:
+                return "skipped", expected.digest   # platform-filtered index already there
+            if not options.overwrite:
+                return "conflict", current.digest
+        written = await self._copy_manifest(src, src_repo, manifest, dst, dst_repo, tag,
+                                            options, stats)
+        return "copied", written.digest
+
+    @staticmethod
+    def _as_written(manifest: Manifest, options: CopyOptions) -> Manifest:
+        """The manifest as it will land at the target (an index may be platform-filtered)."""
+        if not manifest.is_index:
+            return manifest
+        children = manifest.children
+        selected = [c for c in children if _platform_selected(c, options.platforms)]
+        if not selected and children:
+            raise ManifestError(
+                f"index {manifest.digest}: no child matches platforms "
+                f"{', '.join(map(str, options.platforms or []))}")
+        return manifest if len(selected) == len(children) else _filtered_index(manifest,
+                                                                               selected)
+
+    async def _copy_manifest(self, src: RegistryClient, src_repo: str, manifest: Manifest,
+                             dst: RegistryClient, dst_repo: str, tag: str | None,
+                             options: CopyOptions, stats: CopyStats) -> Manifest:
+        """Copy everything `manifest` needs, then the manifest itself; returns what was written."""
+        to_write = self._as_written(manifest, options)
+        if manifest.is_index:
+            await self._gather(
+                (self._copy_child(src, src_repo, c, dst, dst_repo, options, stats)
+                 for c in to_write.children), options.blob_parallelism * 2)
+        else:
+            await self._gather(
+                (self._ensure_blob(src, src_repo, dst, dst_repo, b, options, stats)
+                 for b in manifest.blobs), options.blob_parallelism)
+        await self._put_manifest(dst, dst_repo, tag or to_write.digest, to_write, stats)
+        if options.referrers:
+            await self._copy_referrers(src, src_repo, manifest, dst, dst_repo, options, stats)
+        return to_write
+
+    async def _copy_child(self, src: RegistryClient, src_repo: str, child: Descriptor,
+                          dst: RegistryClient, dst_repo: str, options: CopyOptions,
+                          stats: CopyStats) -> None:
+        if await dst.head_manifest(dst_repo, child.digest) is not None:
+            if options.referrers:
+                manifest = await src.get_manifest(src_repo, child.digest)
+                await self._copy_referrers(src, src_repo, manifest, dst, dst_repo, options,
+                                           stats)
+            return
+        manifest = await src.get_manifest(src_repo, child.digest)
+        await self._copy_manifest(src, src_repo, manifest, dst, dst_repo, None, options,
+                                  stats)
+
+    async def _put_manifest(self, dst: RegistryClient, dst_repo: str, ref: str,
+                            manifest: Manifest, stats: CopyStats) -> None:
+        if self.before_manifest_put is not None:
+            await self.before_manifest_put(dst, dst_repo, manifest.digest)
+        digest = await dst.put_manifest(dst_repo, ref, manifest.raw, manifest.media_type)
+        if digest and digest != manifest.digest:
+            raise DigestMismatch(
+                f"{dst.site.name}: {dst_repo}:{ref}: registry stored digest {digest}, "
+                f"expected {manifest.digest}", site=dst.site.name, repository=dst_repo,
+                reference=ref)
+        stats.manifests_written += 1
+
+    async def _copy_referrers(self, src: RegistryClient, src_repo: str, subject: Manifest,
+                              dst: RegistryClient, dst_repo: str, options: CopyOptions,
+                              stats: CopyStats) -> None:
+        """Copy signatures, SBOMs … whose subject is `subject`, and the fallback tag index."""
+        referrers = await src.referrers(src_repo, subject.digest)
+        if not referrers:
+            return
+        for ref in referrers:
+            if await dst.head_manifest(dst_repo, ref.digest) is None:
+                manifest = await src.get_manifest(src_repo, ref.digest)
+                await self._copy_manifest(src, src_repo, manifest, dst, dst_repo, None,
+                                          options, stats)
+        # Targets without a referrers API find referrers through the fallback tag.
+        fallback = "sha256-" + subject.digest.split(":", 1)[1]
+        head = await src.head_manifest(src_repo, fallback)
+        if head is not None:
+            current = await dst.head_manifest(dst_repo, fallback)
+            if current is None or current.digest != head.digest:
+                index = await src.get_manifest(src_repo, head.digest)
+                await self._put_manifest(dst, dst_repo, fallback, index, stats)
+        else:
+            current = await dst.head_manifest(dst_repo, fallback)
+            if current is None:
+                raw = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                  "manifests": [r.to_json() for r in referrers]},
+                                 indent=2).encode()
+                await self._put_manifest(dst, dst_repo, fallback,
+                                         parse_manifest(raw, OCI_INDEX), stats)
+
+    # ------------------------------------------------------------------- blobs
+    async def _ensure_blob(self, src: RegistryClient, src_repo: str, dst: RegistryClient,
+                           dst_repo: str, blob: Descriptor, options: CopyOptions,
+                           stats: CopyStats) -> None:
+        registry = dst.site.url
+        if await dst.head_blob(dst_repo, blob.digest) is not None:
+            stats.blobs_existing += 1
+            await self.blob_index.record(registry, blob.digest, dst_repo)
+            return
+        key = (registry, blob.digest)
+        running = self._inflight.get(key)
+        if running is not None:
+            # Someone is uploading it to this registry right now: mount from there after.
+            with contextlib.suppress(Exception):
+                landed = await asyncio.shield(running)
+                if landed and await self._try_mount(dst, dst_repo, blob.digest, landed, stats):
+                    return
+            await self._ensure_blob(src, src_repo, dst, dst_repo, blob, options, stats)
+            return
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            location = None
+            for candidate in await self.blob_index.candidates(registry, blob.digest, dst_repo):
+                mounted = await dst.mount_blob(dst_repo, blob.digest, candidate)
+                if mounted is None:
+                    stats.blobs_mounted += 1
+                    await self.blob_index.record(registry, blob.digest, dst_repo)
+                    future.set_result(dst_repo)
+                    return
+                # 202: the index was stale; keep the upload session the registry opened.
+                await self.blob_index.forget(registry, blob.digest, candidate)
+                if location is not None:
+                    await dst.cancel_upload(location)
+                location = mounted
+            await self._upload(src, src_repo, dst, dst_repo, blob, options, stats, location)
+            await self.blob_index.record(registry, blob.digest, dst_repo)
+            future.set_result(dst_repo)
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters fall back to their own upload
+            raise
+        except BaseException:
+            future.cancel()
+            raise
+        finally:
+            self._inflight.pop(key, None)
+
+    async def _try_mount(self, dst: RegistryClient, dst_repo: str, digest: str, from_repo: str,
+                         stats: CopyStats) -> bool:
+        if from_repo == dst_repo:
+            stats.blobs_existing += 1
+            return True
+        location = await dst.mount_blob(dst_repo, digest, from_repo)
+        if location is None:
+            stats.blobs_mounted += 1
+            await self.blob_index.record(dst.site.url, digest, dst_repo)
+            return True
+        await dst.cancel_upload(location)
+        return False
+
+    async def _upload(self, src: RegistryClient, src_repo: str, dst: RegistryClient,
+                      dst_repo: str, blob: Descriptor, options: CopyOptions, stats: CopyStats,
+                      location: str | None) -> None:
+        """Stream one blob, retrying the whole transfer on transient failures."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with src.open_blob(src_repo, blob.digest) as stream:
+                    size = stream.size if stream.size is not None else blob.size
+                    if blob.size and size != blob.size:
+                        raise DigestMismatch(
+                            f"{src.site.name}: {src_repo}@{blob.digest}: source reports "
+                            f"{size} bytes, manifest says {blob.size}", site=src.site.name,
+                            repository=src_repo, reference=blob.digest)
+                    body = self._verified(stream, blob.digest, size, src.site.name, src_repo)
+                    await dst.upload_blob(dst_repo, blob.digest, size, body, location=location)
+                stats.blobs_uploaded += 1
+                stats.bytes_uploaded += size
+                return
+            except DigestMismatch:
+                if location is not None:
+                    await dst.cancel_upload(location)
+                raise
+            except RegistryError as exc:
+                location_used, location = location, None
+                if location_used is not None:
+                    await dst.cancel_upload(location_used)
+                if not getattr(exc, "retryable", False) or attempt >= options.blob_attempts:
+                    raise
+                delay = self.retry_base_delay * (2 ** (attempt - 1))
+                log.info("blob %s to %s/%s failed (%s); retry %d in %.1fs", blob.digest,
+                         dst.site.name, dst_repo, exc, attempt, delay)
+                await asyncio.sleep(delay)
+
+    async def _verified(self, chunks: AsyncIterable[bytes], digest: str, size: int,
+                        site: str, repo: str) -> AsyncIterator[bytes]:
+        """Yield `chunks`, holding the last one back until the digest is proven."""
+        hasher = hasher_for(digest)
+        seen = 0
+        pending: bytes | None = None
+        if self.progress:
+            self.progress.start(digest, size)
+        try:
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                hasher.update(chunk)
+                seen += len(chunk)
+                if pending is not None:
+                    yield pending
+                    if self.progress:
+                        self.progress.advance(digest, len(pending))
+                pending = chunk
+            actual = f"{digest.split(':', 1)[0]}:{hasher.hexdigest()}"
+            if actual != digest or seen != size:
+                raise DigestMismatch(
+                    f"{site}: {repo}@{digest}: received {seen} bytes hashing to {actual}; "
+                    "refusing to write it", site=site, repository=repo, reference=digest)
+            if pending is not None:
+                yield pending
+                if self.progress:
+                    self.progress.advance(digest, len(pending))
+        finally:
+            if self.progress:
+                self.progress.finish(digest)
+
+    # ----------------------------------------------------------------- helpers
+    @staticmethod
+    async def _gather(coros: object, limit: int) -> None:
+        """Run coroutines with at most `limit` at once; the first failure cancels the rest."""
+        semaphore = asyncio.Semaphore(max(1, limit))
+
+        async def bounded(coro: Awaitable[None]) -> None:
+            async with semaphore:
+                await coro
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for coro in coros:  # type: ignore[attr-defined]
+                    group.create_task(bounded(coro))
+        except ExceptionGroup as group_error:
+            # callers handle one error; the first is the cause, the rest were cancelled
+            raise group_error.exceptions[0] from None
+
+
+def _platform_selected(desc: Descriptor, platforms: Sequence[Platform] | None) -> bool:
+    if not platforms:
+        return True
+    if desc.platform is None:
+        # attestation manifests and the like carry no platform: keep them with the image
+        return True
+    return any(desc.platform.matches(p) for p in platforms)
+
+
+def _filtered_index(index: Manifest, selected: list[Descriptor]) -> Manifest:
+    """An index restricted to the selected children (its digest necessarily changes)."""
+    doc = json.loads(index.raw)
+    keep = {d.digest for d in selected}
+    doc["manifests"] = [m for m in doc.get("manifests", []) if m.get("digest") in keep]
+    raw = json.dumps(doc, indent=3).encode()
+    return Manifest(raw=raw, media_type=index.media_type, digest=digest_of(raw))
