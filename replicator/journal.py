@@ -162,6 +162,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX gc_candidates_state ON gc_candidates(run_id, state);
         """,
     ),
+    (
+        2,
+        "events: keep every RegistryEvent field so a restart can re-dispatch faithfully",
+        """
+        ALTER TABLE events ADD COLUMN size INTEGER;
+        ALTER TABLE events ADD COLUMN from_repository TEXT;
+        ALTER TABLE events ADD COLUMN is_manifest INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE events ADD COLUMN actor TEXT;
+        ALTER TABLE events ADD COLUMN source_instance TEXT
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
