@@ -1,0 +1,254 @@
+"""Retention policies: which tags and manifests of one repository survive, and why.
+
+Pure logic. A tag is kept when ANY keep clause keeps it (tag patterns, the N
+most recently pushed, pushed within, pulled within) or when it is younger than
+the grace period. Manifests are then kept by marking (see `mark`) from:
+
+* the targets of kept tags,
+* every manifest younger than the grace (a push in progress uploads children
+  and referrers before the index or tag that makes them reachable), and every
+  manifest whose age is unknown (we cannot prove it is old),
+* with ``untagged: keep``, every *standalone* untagged manifest — one that is
+  neither listed by an index nor a referrer. Children of an expired index and
+  referrers of an expired image go with it; they were never independent images.
+
+Tags of the form ``sha256-<hex>[.suffix]`` (the referrers fallback tag and
+cosign's ``.sig``/``.att``/``.sbom`` tags) belong to the subject they name:
+kept exactly when that subject is kept, never counted by ``most_recent``.
+Everything the graph holds that marking does not reach is deleted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from wcmatch import fnmatch as wfn
+from wcmatch import glob as wglob
+
+from replicator.gc.mark import Graph, MarkSet, mark, parents_index, referrers_index
+
+UNTAGGED_CHOICES = ("delete", "keep")
+MODES = ("api", "storage", "both")
+_GLOB_FLAGS = wglob.GLOBSTAR | wglob.BRACE | wglob.EXTGLOB
+_TAG_FLAGS = wfn.BRACE | wfn.EXTMATCH
+ATTACHED_TAG_RE = re.compile(r"^(sha256|sha512)-([a-f0-9]{64}|[a-f0-9]{128})(\.[A-Za-z0-9_.-]+)?$")
+
+
+@dataclass(frozen=True)
+class KeepRules:
+    tags: tuple[str, ...] = ()              # glob patterns on tag names
+    most_recent: int | None = None          # the N most recently pushed tags
+    pushed_within: float | None = None      # seconds
+    pulled_within: float | None = None      # seconds; applies only where pull times are known
+
+    def __post_init__(self) -> None:
+        if self.most_recent is not None and self.most_recent < 0:
+            raise ValueError("keep.most_recent must be >= 0")
+        for name in ("pushed_within", "pulled_within"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"keep.{name} must not be negative")
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """A `gc.policies[]` entry with durations in seconds."""
+
+    name: str
+    sites: tuple[str, ...] = ()             # empty: every site
+    repositories: tuple[str, ...] = ("**",)
+    exclude_repositories: tuple[str, ...] = ()
+    keep: KeepRules = field(default_factory=KeepRules)
+    untagged: str = "delete"
+    grace: float = 3600.0
+    mode: str = "api"
+
+    def __post_init__(self) -> None:
+        if self.untagged not in UNTAGGED_CHOICES:
+            raise ValueError(f"policy {self.name}: untagged must be delete or keep, "
+                             f"got {self.untagged!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"policy {self.name}: mode must be api, storage or both, "
+                             f"got {self.mode!r}")
+        if self.grace < 0:
+            raise ValueError(f"policy {self.name}: grace must not be negative")
+
+    def applies_to_site(self, site: str) -> bool:
+        return not self.sites or any(wfn.fnmatch(site, p, flags=_TAG_FLAGS) for p in self.sites)
+
+    def applies_to(self, repository: str) -> bool:
+        """Repository globs: `*` stays within one path segment, `**` crosses them."""
+        if not any(wglob.globmatch(repository, p, flags=_GLOB_FLAGS)
+                   for p in self.repositories):
+            return False
+        return not any(wglob.globmatch(repository, p, flags=_GLOB_FLAGS)
+                       for p in self.exclude_repositories)
+
+    @classmethod
+    def from_config(cls, obj: Any) -> RetentionPolicy:
+        """Build from a config object (attributes) or a plain dict; durations may be
+        seconds or strings such as '30d'."""
+        get = _getter(obj)
+        keep_obj = get("keep")
+        kget = _getter(keep_obj or {})
+        return cls(
+            name=str(get("name") or "default"),
+            sites=tuple(get("sites") or ()),
+            repositories=tuple(get("repositories") or ("**",)),
+            exclude_repositories=tuple(get("exclude_repositories") or ()),
+            keep=KeepRules(
+                tags=tuple(kget("tags") or ()),
+                most_recent=kget("most_recent"),
+                pushed_within=_seconds(kget("pushed_within")),
+                pulled_within=_seconds(kget("pulled_within")),
+            ),
+            untagged=str(getattr(get("untagged"), "value", get("untagged")) or "delete"),
+            grace=_seconds(get("grace")) if get("grace") is not None else 3600.0,
+            mode=str(getattr(get("mode"), "value", get("mode")) or "api"),
+        )
+
+
+@dataclass(frozen=True)
+class TagInfo:
+    name: str
+    digest: str
+    pushed_at: float | None = None          # when the tag was (last) pushed or first seen
+    pulled_at: float | None = None          # last pull, when known
+
+
+@dataclass
+class Decision:
+    """What one policy does to one repository, with a reason for every item."""
+
+    kept_tags: dict[str, list[str]] = field(default_factory=dict)
+    deleted_tags: dict[str, str] = field(default_factory=dict)
+    kept_manifests: set[str] = field(default_factory=set)
+    deleted_manifests: dict[str, str] = field(default_factory=dict)
+    marked: MarkSet = field(default_factory=MarkSet)
+
+
+def attached_subject(tag: str) -> str | None:
+    """'sha256-<hex>.sig' -> 'sha256:<hex>' (the subject the tag belongs to)."""
+    m = ATTACHED_TAG_RE.match(tag)
+    return f"{m.group(1)}:{m.group(2)}" if m else None
+
+
+def decide(policy: RetentionPolicy, tags: Sequence[TagInfo], manifests: Graph,
+           now: float) -> Decision:
+    """Apply `policy` to one repository: its tags and its manifest graph."""
+    keep = policy.keep
+    decision = Decision()
+
+    def young(t: float | None) -> bool:
+        return t is None or now - t < policy.grace
+
+    regular = [t for t in tags if attached_subject(t.name) is None]
+    attached = [t for t in tags if attached_subject(t.name) is not None]
+    reasons: dict[str, list[str]] = {t.name: [] for t in regular}
+    for t in regular:
+        r = reasons[t.name]
+        if t.pushed_at is None:
+            r.append("push time unknown")
+        elif now - t.pushed_at < policy.grace:
+            r.append("within grace")
+        if keep.tags and any(wfn.fnmatch(t.name, p, flags=_TAG_FLAGS) for p in keep.tags):
+            r.append("matches keep.tags")
+        if (keep.pushed_within is not None and t.pushed_at is not None
+                and now - t.pushed_at <= keep.pushed_within):
+            r.append("pushed within keep.pushed_within")
+        if (keep.pulled_within is not None and t.pulled_at is not None
+                and now - t.pulled_at <= keep.pulled_within):
+            r.append("pulled within keep.pulled_within")
+    if keep.most_recent:
+        by_push = sorted(regular, key=lambda t: (t.pushed_at is None,
+                                                  -(t.pushed_at or 0.0), t.name))
+        for t in by_push[: keep.most_recent]:
+            reasons[t.name].append(f"among {keep.most_recent} most recently pushed")
+
+    roots: set[str] = set()
+    for t in regular:
+        if reasons[t.name]:
+            decision.kept_tags[t.name] = reasons[t.name]
+            roots.add(t.digest)
+        else:
+            decision.deleted_tags[t.name] = "no keep clause matched"
+
+    tagged = {t.digest for t in tags}
+    parents = parents_index(manifests)
+    for digest, node in manifests.items():
+        if young(node.pushed_at):
+            roots.add(digest)
+        elif (policy.untagged == "keep" and digest not in tagged and node.subject is None
+              and digest not in parents):
+            roots.add(digest)
+
+    refs = referrers_index(manifests)
+    attached_pending = list(attached)
+    marked = mark(manifests, roots, referrers=refs)
+    # Attached tags keep their target only while their subject is kept; a kept
+    # target may itself be a subject, so repeat until nothing changes.
+    changed = True
+    while changed:
+        changed = False
+        for t in list(attached_pending):
+            subject = attached_subject(t.name)
+            if subject in marked.manifests or young(t.pushed_at):
+                why = "subject is kept" if subject in marked.manifests else "within grace"
+                decision.kept_tags[t.name] = [why]
+                attached_pending.remove(t)
+                if t.digest not in marked.manifests:
+                    marked.update(mark(manifests, [t.digest], referrers=refs))
+                    changed = True
+    for t in attached_pending:
+        decision.deleted_tags[t.name] = f"its subject {attached_subject(t.name)} is not kept"
+
+    decision.marked = marked
+    decision.kept_manifests = {d for d in manifests if d in marked.manifests}
+    deleted_tag_targets: dict[str, list[str]] = {}
+    for name in decision.deleted_tags:
+        for t in tags:
+            if t.name == name:
+                deleted_tag_targets.setdefault(t.digest, []).append(name)
+    for digest, node in manifests.items():
+        if digest in marked.manifests:
+            continue
+        if digest in deleted_tag_targets:
+            why = "all its tags expired: " + ", ".join(sorted(deleted_tag_targets[digest]))
+        elif node.subject is not None:
+            why = f"referrer of {node.subject}, which is not kept"
+        elif digest in parents:
+            why = "only listed by indexes that are not kept"
+        else:
+            why = "untagged"
+        decision.deleted_manifests[digest] = why
+    return decision
+
+
+def policies_for(policies: Iterable[RetentionPolicy], site: str, repository: str,
+                 mode: str) -> RetentionPolicy | None:
+    """The first policy (config order) that covers this site, repository and mode."""
+    for p in policies:
+        if p.applies_to_site(site) and p.applies_to(repository) and p.mode in (mode, "both"):
+            return p
+    return None
+
+
+def _getter(obj: Any):
+    if isinstance(obj, Mapping):
+        return obj.get
+    return lambda name: getattr(obj, name, None)
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hasattr(value, "total_seconds"):
+        return float(value.total_seconds())
+    from replicator.durations import parse_duration
+
+    return parse_duration(str(value))
