@@ -6,5 +6,7 @@ arguments and returning the process exit code.
 
 # Order is the order shown by --help.
 COMMAND_MODULES = [
+    "check",
+    "config_schema",
     "copy",
 ]
