@@ -173,6 +173,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE events ADD COLUMN source_instance TEXT
         """,
     ),
+    (
+        3,
+        "replicated.tags (JSON array, NULL = digest only): the tags we pushed, so a later "
+        "re-tag of the same digest is not mistaken for our own push in an A<->B mesh",
+        """
+        ALTER TABLE replicated ADD COLUMN tags TEXT
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
