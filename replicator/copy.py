@@ -115,8 +115,10 @@ class CopyEngine:
         self.progress = progress
         self.before_manifest_put = before_manifest_put
         self.retry_base_delay = retry_base_delay
-        # (target registry key, digest) -> future resolving to the repository it landed in
-        self._inflight: dict[tuple[str, str], asyncio.Future[str | None]] = {}
+        # (target registry, digest) -> future of the repository an upload lands in
+        self._inflight: dict[tuple[str, str], asyncio.Future[str]] = {}
+        # (target registry, digest, repository) -> future of that blob being in place
+        self._repo_inflight: dict[tuple[str, str, str], asyncio.Future[str]] = {}
 
     # ------------------------------------------------------------------ public
     async def copy(self, src: RegistryClient, src_repo: str, ref: str,
@@ -273,49 +275,57 @@ class CopyEngine:
     async def _ensure_blob(self, src: RegistryClient, src_repo: str, dst: RegistryClient,
                            dst_repo: str, blob: Descriptor, options: CopyOptions,
                            stats: CopyStats) -> None:
+        """Make `blob` present in `dst_repo`, once, however many copies need it right now."""
+        key = (dst.site.url, blob.digest, dst_repo)
+        running = self._repo_inflight.get(key)
+        if running is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(running)
+            if not running.cancelled():
+                stats.blobs_existing += 1
+                return
+        await _single_flight(self._repo_inflight, key, self._obtain_blob(
+            src, src_repo, dst, dst_repo, blob, options, stats))
+
+    async def _obtain_blob(self, src: RegistryClient, src_repo: str, dst: RegistryClient,
+                           dst_repo: str, blob: Descriptor, options: CopyOptions,
+                           stats: CopyStats) -> str:
         registry = dst.site.url
         if await dst.head_blob(dst_repo, blob.digest) is not None:
             stats.blobs_existing += 1
             await self.blob_index.record(registry, blob.digest, dst_repo)
-            return
+            return dst_repo
         key = (registry, blob.digest)
         running = self._inflight.get(key)
         if running is not None:
             # Someone is uploading it to this registry right now: mount from there after.
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 landed = await asyncio.shield(running)
                 if landed and await self._try_mount(dst, dst_repo, blob.digest, landed, stats):
-                    return
-            await self._ensure_blob(src, src_repo, dst, dst_repo, blob, options, stats)
-            return
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            location = None
-            for candidate in await self.blob_index.candidates(registry, blob.digest, dst_repo):
-                mounted = await dst.mount_blob(dst_repo, blob.digest, candidate)
-                if mounted is None:
-                    stats.blobs_mounted += 1
-                    await self.blob_index.record(registry, blob.digest, dst_repo)
-                    future.set_result(dst_repo)
-                    return
-                # 202: the index was stale; keep the upload session the registry opened.
-                await self.blob_index.forget(registry, blob.digest, candidate)
-                if location is not None:
-                    await dst.cancel_upload(location)
-                location = mounted
-            await self._upload(src, src_repo, dst, dst_repo, blob, options, stats, location)
-            await self.blob_index.record(registry, blob.digest, dst_repo)
-            future.set_result(dst_repo)
-        except Exception as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters fall back to their own upload
-            raise
-        except BaseException:
-            future.cancel()
-            raise
-        finally:
-            self._inflight.pop(key, None)
+                    return dst_repo
+            return await self._obtain_blob(src, src_repo, dst, dst_repo, blob, options, stats)
+        return await _single_flight(self._inflight, key, self._mount_or_upload(
+            src, src_repo, dst, dst_repo, blob, options, stats))
+
+    async def _mount_or_upload(self, src: RegistryClient, src_repo: str, dst: RegistryClient,
+                               dst_repo: str, blob: Descriptor, options: CopyOptions,
+                               stats: CopyStats) -> str:
+        registry = dst.site.url
+        location = None
+        for candidate in await self.blob_index.candidates(registry, blob.digest, dst_repo):
+            mounted = await dst.mount_blob(dst_repo, blob.digest, candidate)
+            if mounted is None:
+                stats.blobs_mounted += 1
+                await self.blob_index.record(registry, blob.digest, dst_repo)
+                return dst_repo
+            # 202: the index was stale; keep the upload session the registry opened.
+            await self.blob_index.forget(registry, blob.digest, candidate)
+            if location is not None:
+                await dst.cancel_upload(location)
+            location = mounted
+        await self._upload(src, src_repo, dst, dst_repo, blob, options, stats, location)
+        await self.blob_index.record(registry, blob.digest, dst_repo)
+        return dst_repo
 
     async def _try_mount(self, dst: RegistryClient, dst_repo: str, digest: str, from_repo: str,
                          stats: CopyStats) -> bool:
@@ -414,6 +424,26 @@ class CopyEngine:
         except ExceptionGroup as group_error:
             # callers handle one error; the first is the cause, the rest were cancelled
             raise group_error.exceptions[0] from None
+
+
+async def _single_flight(table: dict, key: object, work: Awaitable[str]) -> str:
+    """Run `work`, publishing its outcome in `table[key]` for concurrent waiters."""
+    future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    table[key] = future
+    try:
+        result = await work
+    except Exception as exc:
+        future.set_exception(exc)
+        future.exception()  # retrieved: waiters see it or fall back to their own attempt
+        raise
+    except BaseException:
+        future.cancel()
+        raise
+    else:
+        future.set_result(result)
+        return result
+    finally:
+        table.pop(key, None)
 
 
 def _platform_selected(desc: Descriptor, platforms: Sequence[Platform] | None) -> bool:

@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="docker config.json with credentials (auths)")
     p.add_argument("--journal", metavar="FILE",
                    help="SQLite journal whose blob index enables mounts across runs")
+    p.add_argument("--retries", type=int, default=5, metavar="N",
+                   help="retries of a failed request (connection errors, 5xx, 429; default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the counts")
     p.set_defaults(handler=run)
 
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         platforms = [Platform.parse(p) for p in args.platform]
     except ValueError as exc:
         raise UsageError(f"--platform: {exc}") from exc
+    if args.retries < 0:
+        raise UsageError("--retries must be 0 or more")
     docker_config = _docker_config_path(args.docker_config)
     result = asyncio.run(_copy(src, dst, platforms, args, docker_config))
     stats = result.stats
@@ -118,7 +122,8 @@ async def _copy(src: ImageRef, dst: ImageRef, platforms: list[Platform],
     if dst.digest and src.digest and dst.digest != src.digest:
         raise UsageError("DST names a different digest than SRC")
     try:
-        async with RegistryClient(src_site) as src_client, RegistryClient(dst_site) as dst_client:
+        async with RegistryClient(src_site, retries=args.retries) as src_client, \
+                RegistryClient(dst_site, retries=args.retries) as dst_client:
             cm = progress if progress is not None else contextlib.nullcontext()
             with cm:
                 return await engine.copy(src_client, src.repository, src.reference,
