@@ -1,0 +1,118 @@
+"""Webhook events in the journal: the durable hand-over point between intake and bus.
+
+An event is answered 2xx only after it is here, and it stays in state `new` until
+whoever consumes it marks it `dispatched` (or `ignored`), so a crash between
+intake and dispatch loses nothing: on start the daemon re-reads `new` events.
+The event id is the primary key, which is what makes redelivery harmless.
+
+Plain synchronous functions meant for `await journal.run(fn, journal, ...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from replicator.events import RegistryEvent
+from replicator.journal import Journal, now
+
+EVENT_STATES: frozenset[str] = frozenset({"new", "dispatched", "ignored"})
+
+_COLUMNS = ("id", "site", "received_at", "occurred_at", "action", "repository", "tag",
+            "digest", "media_type", "source_format", "state", "size", "from_repository",
+            "is_manifest", "actor", "source_instance")
+_INSERT = (f"INSERT INTO events ({', '.join(_COLUMNS)}) "
+           f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ON CONFLICT(id) DO NOTHING")
+# Not INSERT OR IGNORE: that would also swallow NOT NULL/CHECK failures and report a
+# broken event as a harmless duplicate.
+_CHUNK = 500   # stay far below SQLite's bound-parameter limit
+
+
+def record_events(journal: Journal, events: Sequence[RegistryEvent],
+                  received_at: float | None = None) -> list[RegistryEvent]:
+    """Insert `events` in ONE transaction; return those not seen before (in order).
+
+    A repeated id is skipped (ON CONFLICT DO NOTHING); any other failure rolls back
+    the whole call and raises.
+    """
+    return record_event_batches(journal, [events], received_at)[0]
+
+
+def record_event_batches(journal: Journal, batches: Sequence[Sequence[RegistryEvent]],
+                         received_at: float | None = None) -> list[list[RegistryEvent]]:
+    """Group commit: several requests' events in one transaction, new ones per batch.
+
+    Earlier batches win a duplicate id, so two concurrent deliveries of the same
+    event make exactly one of them "new".
+    """
+    at = now() if received_at is None else received_at
+    fresh: list[list[RegistryEvent]] = []
+    with journal.transaction() as conn:
+        for batch in batches:
+            mine = []
+            for ev in batch:
+                if conn.execute(_INSERT, _row(ev, at)).rowcount == 1:
+                    mine.append(ev)
+            fresh.append(mine)
+    return fresh
+
+
+def events_by_state(journal: Journal, state: str = "new", *, site: str | None = None,
+                    limit: int | None = None) -> list[RegistryEvent]:
+    """Events in `state`, oldest received first (the order they must be dispatched in)."""
+    _check_state(state)
+    sql = "SELECT * FROM events WHERE state = ?"
+    params: list[Any] = [state]
+    if site is not None:
+        sql += " AND site = ?"
+        params.append(site)
+    sql += " ORDER BY received_at, rowid"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    return [_event(row) for row in journal.query(sql, params)]
+
+
+def mark_events(journal: Journal, ids: Iterable[str], state: str) -> int:
+    """Move events to `state` in one transaction; returns how many rows changed."""
+    _check_state(state)
+    ids = list(dict.fromkeys(ids))
+    changed = 0
+    with journal.transaction() as conn:
+        for i in range(0, len(ids), _CHUNK):
+            chunk = ids[i:i + _CHUNK]
+            changed += conn.execute(
+                f"UPDATE events SET state = ? WHERE id IN ({', '.join('?' for _ in chunk)})",
+                [state, *chunk]).rowcount
+    return changed
+
+
+def count_events(journal: Journal) -> dict[str, int]:
+    """Events per state, every state present (zero when empty)."""
+    counts = dict.fromkeys(sorted(EVENT_STATES), 0)
+    for row in journal.query("SELECT state, COUNT(*) AS n FROM events GROUP BY state"):
+        counts[row["state"]] = row["n"]
+    return counts
+
+
+def _check_state(state: str) -> None:
+    if state not in EVENT_STATES:
+        raise ValueError(f"unknown event state {state!r}; expected one of "
+                         f"{', '.join(sorted(EVENT_STATES))}")
+
+
+def _row(ev: RegistryEvent, received_at: float) -> tuple[Any, ...]:
+    return (ev.id, ev.site, received_at, ev.occurred_at, ev.action, ev.repository, ev.tag,
+            ev.digest, ev.media_type, ev.source_format, "new", ev.size, ev.from_repository,
+            int(ev.is_manifest), ev.actor, ev.source_instance)
+
+
+def _event(row: dict[str, Any]) -> RegistryEvent:
+    return RegistryEvent(
+        id=row["id"], site=row["site"], action=row["action"], repository=row["repository"],
+        tag=row["tag"], digest=row["digest"], media_type=row["media_type"], size=row["size"],
+        from_repository=row["from_repository"], occurred_at=row["occurred_at"],
+        source_format=row["source_format"] or "distribution",
+        is_manifest=bool(row["is_manifest"]), actor=row["actor"],
+        source_instance=row["source_instance"],
+    )
