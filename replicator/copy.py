@@ -46,6 +46,7 @@ from replicator.registry.errors import DigestMismatch, NotFound, RegistryError
 log = logging.getLogger(__name__)
 
 Status = Literal["copied", "skipped", "conflict", "failed"]
+UNKNOWN = object()  # "not looked up yet", as opposed to None, "known to be absent"
 
 
 class Progress(Protocol):
@@ -123,10 +124,13 @@ class CopyEngine:
     # ------------------------------------------------------------------ public
     async def copy(self, src: RegistryClient, src_repo: str, ref: str,
                    dst: RegistryClient, dst_repo: str, *, tag: str | None = None,
-                   options: CopyOptions = CopyOptions()) -> CopyResult:
+                   options: CopyOptions = CopyOptions(),
+                   target_current: Descriptor | object | None = UNKNOWN) -> CopyResult:
         """Copy `src_repo:ref` to `dst_repo`, tagging it `tag` (default: `ref` if it is a tag).
 
-        Never raises for a registry failure: the result says `failed` with the reason.
+        `target_current` is what the caller already knows the target tag points
+        at (None: absent), saving the HEAD. Never raises for a registry failure:
+        the result says `failed` with the reason.
         """
         if tag is None and not is_digest(ref):
             tag = ref
@@ -136,7 +140,7 @@ class CopyEngine:
         stats = CopyStats()
         try:
             status, digest = await self._copy(src, src_repo, ref, dst, dst_repo, tag, options,
-                                              stats)
+                                              stats, target_current)
         except (RegistryError, ManifestError) as exc:
             stats.failed += 1
             message = f"{source_name} -> {target_name}: {exc}"
@@ -154,12 +158,16 @@ class CopyEngine:
     # --------------------------------------------------------------- manifests
     async def _copy(self, src: RegistryClient, src_repo: str, ref: str, dst: RegistryClient,
                     dst_repo: str, tag: str | None, options: CopyOptions,
-                    stats: CopyStats) -> tuple[Status, str]:
+                    stats: CopyStats, target_current: Descriptor | object | None
+                    ) -> tuple[Status, str]:
         source_digest = ref if is_digest(ref) else None
         current: Descriptor | None = None
         if tag is not None:
             # One request to the target per tag when nothing changed.
-            current = await dst.head_manifest(dst_repo, tag)
+            if target_current is UNKNOWN:
+                current = await dst.head_manifest(dst_repo, tag)
+            else:
+                current = target_current  # type: ignore[assignment]
             if source_digest is None:
                 head = await src.head_manifest(src_repo, ref)
                 if head is None:
@@ -449,8 +457,9 @@ async def _single_flight(table: dict, key: object, work: Awaitable[str]) -> str:
 def _platform_selected(desc: Descriptor, platforms: Sequence[Platform] | None) -> bool:
     if not platforms:
         return True
-    if desc.platform is None:
-        # attestation manifests and the like carry no platform: keep them with the image
+    if desc.platform is None or (desc.platform.os, desc.platform.architecture) == (
+            "unknown", "unknown"):
+        # attestation manifests carry no real platform: keep them with the images they describe
         return True
     return any(desc.platform.matches(p) for p in platforms)
 
