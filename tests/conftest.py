@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.fault_proxy import FaultProxy
 from tests.harness.registry import Registry
 
 
@@ -33,3 +34,24 @@ def registry(registry_factory) -> Registry:
 @pytest.fixture
 def two_registries(registry_factory) -> tuple[Registry, Registry]:
     return registry_factory("src"), registry_factory("dst")
+
+
+@pytest.fixture
+def proxy_factory() -> Iterator[Callable[..., FaultProxy]]:
+    """Put a fault-injecting proxy in front of a registry: `proxy_factory(registry)`."""
+    started: list[FaultProxy] = []
+
+    def make(reg: Registry) -> FaultProxy:
+        proxy = FaultProxy("127.0.0.1", reg.port).start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def fault_proxy(registry, proxy_factory) -> FaultProxy:
+    """A FaultProxy in front of the `registry` fixture; tests switch faults at run time."""
+    return proxy_factory(registry)

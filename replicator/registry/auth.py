@@ -1,0 +1,242 @@
+"""Registry authentication: challenges, scopes, and the Bearer token cache.
+
+The registry tells us how to authenticate in `WWW-Authenticate` on a 401.
+For Bearer we ask the token server (realm) for all the scopes a request needs
+in one go (`scope=` repeated) and cache the token per scope set until shortly
+before it expires. Which scopes a request needs is inferred from its method:
+pull for reads, pull,push for writes, delete for DELETE, plus pull on the
+source repository of a cross-repository mount.
+
+Parsing and scope arithmetic are pure; `Authenticator` does the token I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from replicator.registry.errors import RegistryUnavailable, RetryableError, Unauthorized
+from replicator.registry.site import Credentials
+
+log = logging.getLogger("replicator.registry.auth")
+
+_ITEM_RE = re.compile(r'([A-Za-z0-9_.-]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*))?')
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str                       # lower case: "bearer", "basic"
+    params: dict[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def realm(self) -> str | None:
+        return self.params.get("realm")
+
+    @property
+    def service(self) -> str | None:
+        return self.params.get("service")
+
+    @property
+    def scopes(self) -> list[str]:
+        return self.params.get("scope", "").split()
+
+
+def parse_challenges(values: Iterable[str]) -> list[Challenge]:
+    """Parse `WWW-Authenticate` values; a bare word starts a challenge, `k=v` adds a param."""
+    out: list[Challenge] = []
+    for value in values:
+        for m in _ITEM_RE.finditer(value):
+            key, raw = m.group(1), m.group(2)
+            if raw is None:
+                out.append(Challenge(key.lower(), {}))
+            elif out:
+                if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
+                    raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+                out[-1].params[key.lower()] = raw
+    return out
+
+
+def merge_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
+    """Combine actions per resource: `repository:a:pull` + `repository:a:push` ->
+    `repository:a:pull,push`. Sorted, so equal needs give equal cache keys."""
+    actions: dict[tuple[str, str], set[str]] = {}
+    for scope in scopes:
+        scope = scope.strip()
+        if not scope:
+            continue
+        head, _, acts = scope.rpartition(":")
+        rtype, _, name = head.partition(":")
+        if not rtype or not name:
+            continue
+        actions.setdefault((rtype, name), set()).update(a for a in acts.split(",") if a)
+    return tuple(f"{t}:{n}:{','.join(sorted(a))}" for (t, n), a in sorted(actions.items()))
+
+
+def scopes_for(method: str, repository: str | None, *, mount_from: str | None = None,
+               catalog: bool = False) -> tuple[str, ...]:
+    """The token scopes a request needs, inferred from its method (as distribution checks)."""
+    scopes: list[str] = []
+    if catalog:
+        scopes.append("registry:catalog:*")
+    if repository:
+        method = method.upper()
+        if method in ("GET", "HEAD"):
+            scopes.append(f"repository:{repository}:pull")
+        elif method == "DELETE":
+            scopes.append(f"repository:{repository}:delete")
+        else:
+            scopes.append(f"repository:{repository}:pull,push")
+        if mount_from:
+            scopes.append(f"repository:{mount_from}:pull")
+    return merge_scopes(scopes)
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float            # time.monotonic()
+
+
+class Authenticator:
+    """Per-registry auth state: the scheme learnt from challenges and cached tokens."""
+
+    def __init__(self, site: str, http: httpx.AsyncClient, credentials: Credentials | None,
+                 stats: dict[str, int]) -> None:
+        self.site = site
+        self._http = http
+        self._creds = credentials
+        self._stats = stats
+        self.scheme: str | None = None           # None until a challenge or success says
+        self.anonymous_ok = False                # a request without auth succeeded
+        self._bearer: Challenge | None = None
+        self._tokens: dict[tuple[str, ...], _Token] = {}
+        self._locks: dict[tuple[str, ...], asyncio.Lock] = {}
+        self._scope_map: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    @property
+    def credentials(self) -> Credentials | None:
+        return self._creds
+
+    @property
+    def has_basic_credentials(self) -> bool:
+        return bool(self._creds and self._creds.has_basic)
+
+    def effective_scopes(self, scopes: tuple[str, ...]) -> tuple[str, ...]:
+        """The scope set to request for `scopes`, widened by earlier challenges."""
+        return self._scope_map.get(scopes, scopes)
+
+    def remember_scopes(self, scopes: tuple[str, ...], effective: tuple[str, ...]) -> None:
+        if effective != scopes:
+            self._scope_map[scopes] = effective
+
+    @property
+    def known(self) -> bool:
+        return self.scheme is not None or self.anonymous_ok
+
+    def note_success_without_auth(self) -> None:
+        if self.scheme is None:
+            self.anonymous_ok = True
+
+    def learn(self, response: httpx.Response) -> Challenge | None:
+        """Record the challenge of a 401; return it (None if the header is unusable)."""
+        challenges = parse_challenges(response.headers.get_list("www-authenticate"))
+        for ch in challenges:
+            if ch.scheme == "bearer" and ch.realm:
+                self.scheme, self._bearer = "bearer", ch
+                return ch
+        for ch in challenges:
+            if ch.scheme == "basic":
+                self.scheme = "basic"
+                return ch
+        return None
+
+    def invalidate(self, scopes: tuple[str, ...]) -> None:
+        self._tokens.pop(scopes, None)
+
+    async def headers_for(self, scopes: tuple[str, ...]) -> dict[str, str]:
+        """Authorization header for a request needing `scopes` (fetching a token if needed)."""
+        if self.scheme == "basic":
+            if self._creds and self._creds.has_basic:
+                return {"Authorization": _basic(self._creds)}
+            return {}
+        if self.scheme == "bearer":
+            return {"Authorization": f"Bearer {await self.token(scopes)}"}
+        return {}
+
+    async def token(self, scopes: tuple[str, ...]) -> str:
+        tok = self._tokens.get(scopes)
+        if tok and tok.expires_at > time.monotonic():
+            return tok.value
+        lock = self._locks.setdefault(scopes, asyncio.Lock())
+        async with lock:
+            tok = self._tokens.get(scopes)
+            if tok and tok.expires_at > time.monotonic():
+                return tok.value
+            tok = await self._fetch(scopes)
+            self._tokens[scopes] = tok
+            return tok.value
+
+    async def _fetch(self, scopes: tuple[str, ...]) -> _Token:
+        assert self._bearer is not None and self._bearer.realm
+        realm, service = self._bearer.realm, self._bearer.service
+        self._stats["token_requests"] = self._stats.get("token_requests", 0) + 1
+        log.debug("%s: requesting token for %s", self.site, " ".join(scopes) or "(no scope)")
+        creds = self._creds
+        try:
+            if creds and creds.identity_token:
+                form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                        "client_id": "registry-replicator", "scope": " ".join(scopes)}
+                if service:
+                    form["service"] = service
+                resp = await self._http.post(realm, data=form)
+            else:
+                params: list[tuple[str, str]] = []
+                if service:
+                    params.append(("service", service))
+                params += [("scope", s) for s in scopes]
+                headers = {"Authorization": _basic(creds)} if creds and creds.has_basic else {}
+                resp = await self._http.get(realm, params=params, headers=headers)
+        except httpx.TransportError as exc:
+            raise RegistryUnavailable(f"token server {_origin(realm)} unreachable: "
+                                      f"{type(exc).__name__}", site=self.site) from exc
+        if resp.status_code in (401, 403):
+            who = f"user {creds.username!r}" if creds and creds.username else "anonymous access"
+            raise Unauthorized(f"token server {_origin(realm)} refused {who}",
+                               site=self.site, status=resp.status_code)
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise RetryableError(f"token server {_origin(realm)} failed", site=self.site,
+                                 status=resp.status_code)
+        if resp.status_code != 200:
+            raise Unauthorized(f"token server {_origin(realm)} answered unexpectedly",
+                               site=self.site, status=resp.status_code)
+        try:
+            body: dict[str, Any] = resp.json()
+            value = str(body.get("token") or body.get("access_token") or "")
+            expires_in = float(body.get("expires_in") or 60)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise Unauthorized(f"token server {_origin(realm)} sent an unreadable answer",
+                               site=self.site) from exc
+        if not value:
+            raise Unauthorized(f"token server {_origin(realm)} sent no token", site=self.site)
+        # Renew a little early so a token never expires between check and use.
+        margin = min(30.0, expires_in / 10)
+        return _Token(value, time.monotonic() + max(1.0, expires_in - margin))
+
+
+def _basic(creds: Credentials | None) -> str:
+    assert creds is not None
+    raw = f"{creds.username}:{creds.password}".encode()
+    return "Basic " + base64.b64encode(raw).decode()
+
+
+def _origin(url: str) -> str:
+    u = httpx.URL(url)
+    return f"{u.scheme}://{u.netloc.decode()}{u.path}"

@@ -1,0 +1,134 @@
+"""How to reach one registry: URL, TLS, credentials and politeness limits.
+
+Built from configuration later; kept free of I/O except reading a docker
+`config.json` on request. Secrets never appear in a repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from replicator.errors import ConfigError
+
+
+@dataclass
+class Credentials:
+    username: str | None = None
+    password: str | None = None
+    identity_token: str | None = None
+
+    def __repr__(self) -> str:
+        hidden = "'***'"
+        return (f"Credentials(username={self.username!r}, "
+                f"password={hidden if self.password else None}, "
+                f"identity_token={hidden if self.identity_token else None})")
+
+    __str__ = __repr__
+
+    @property
+    def has_basic(self) -> bool:
+        return self.username is not None and self.password is not None
+
+
+@dataclass
+class SiteEndpoint:
+    name: str
+    url: str
+    insecure: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    credentials: Credentials | None = None
+    docker_config: str | None = None
+    concurrency: int = 8
+    requests_per_second: float | None = None
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"site {self.name!r}: url {self.url!r} must look like "
+                              "https://host[:port] or http://host:port")
+        if parts.scheme == "http" and not self.insecure:
+            raise ConfigError(f"site {self.name!r}: {self.url} uses plain http; "
+                              "set insecure: true to allow it")
+        if self.concurrency < 1:
+            raise ConfigError(f"site {self.name!r}: concurrency must be at least 1")
+        if self.requests_per_second is not None and self.requests_per_second <= 0:
+            raise ConfigError(f"site {self.name!r}: requests_per_second must be positive")
+        if self.key_file and not self.cert_file:
+            raise ConfigError(f"site {self.name!r}: key_file given without cert_file")
+
+    @classmethod
+    def from_url(cls, host_or_url: str, insecure: bool = False,
+                 name: str | None = None) -> SiteEndpoint:
+        """`127.0.0.1:5000` -> http when insecure else https; full URLs are kept."""
+        text = host_or_url.strip().rstrip("/")
+        if "://" not in text:
+            text = f"{'http' if insecure else 'https'}://{text}"
+        return cls(name=name or urlsplit(text).netloc, url=text, insecure=insecure)
+
+    @property
+    def host(self) -> str:
+        """host[:port], the key used in docker config.json `auths`."""
+        return urlsplit(self.url).netloc
+
+    def resolve_credentials(self) -> Credentials | None:
+        """Explicit credentials win; else the docker config.json entry for this host."""
+        if self.credentials is not None:
+            return self.credentials
+        if self.docker_config:
+            return load_docker_credentials(self.docker_config, self.host, site=self.name)
+        return None
+
+
+def _auth_key_host(key: str) -> str:
+    """`https://reg.example/v1/` -> `reg.example`; bare `host:port` unchanged."""
+    if "://" in key:
+        return urlsplit(key).netloc
+    return key.split("/", 1)[0]
+
+
+def load_docker_credentials(path: str, host: str, *, site: str = "") -> Credentials | None:
+    """Credentials for `host` from a docker config.json `auths` map, or None.
+
+    Accepts `auth` (base64 user:password), `username`/`password`, and
+    `identitytoken`. Credential helpers (credsStore/credHelpers) are not run.
+    """
+    label = f"site {site!r}: " if site else ""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{label}docker config {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{label}docker config {path} is not readable JSON: "
+                          f"{type(exc).__name__}") from exc
+    auths = doc.get("auths") if isinstance(doc, dict) else None
+    if not isinstance(auths, dict):
+        return None
+    for key, entry in auths.items():
+        if _auth_key_host(str(key)) != host or not isinstance(entry, dict):
+            continue
+        creds = Credentials(identity_token=entry.get("identitytoken") or None)
+        if entry.get("auth"):
+            try:
+                decoded = base64.b64decode(str(entry["auth"]), validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{label}docker config {path}: auths[{key!r}].auth is not "
+                                  "base64 of user:password") from exc
+            if ":" not in decoded:
+                raise ConfigError(f"{label}docker config {path}: auths[{key!r}].auth is not "
+                                  "base64 of user:password")
+            creds.username, creds.password = decoded.split(":", 1)
+        elif entry.get("username") is not None:
+            creds.username = str(entry["username"])
+            creds.password = str(entry.get("password") or "")
+        if creds.username is None and creds.identity_token is None:
+            continue
+        return creds
+    return None
