@@ -14,10 +14,12 @@ keys, e.g. `REGISTRY_REPLICATOR_LISTEN=0.0.0.0:8500`,
 `REGISTRY_REPLICATOR_SITES__US_EAST__URL=https://...`,
 `REGISTRY_REPLICATOR_GC__SCHEDULE="0 4 * * *"`. Names are case-insensitive
 and, for keys already in the file, `_` also matches `-` (shells cannot export
-names with '-'), so `SITES__US_EAST__...` overrides the site `us-east`. A
-whole list (rules, gc policies) can be replaced with JSON, e.g.
-`REGISTRY_REPLICATOR_RULES='[...]'`; single list items cannot be addressed.
-The environment wins over the file.
+names with '-'), so `SITES__US_EAST__...` overrides the site `us-east`. An
+existing list item is addressed by its index (`RULES__0__INTERVAL=5m`); a
+whole list can be replaced with JSON (`REGISTRY_REPLICATOR_RULES='[...]'`).
+A value that looks like JSON is parsed as JSON. The environment wins over the
+file; REGISTRY_REPLICATOR_* variables that name no setting are reported as
+warnings (`Config.warnings`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import difflib
+import json
 import logging
 import os
 import re
@@ -218,8 +221,8 @@ def _refused_inline(stem: str) -> Any:
     """
     def refuse(_value: Any) -> Any:
         raise ValueError(
-            f"inline secrets are not allowed here: remove it and use {stem}_env (the name of "
-            f"an environment variable) or {stem}_file (the path of a file holding it)"
+            f"inline secrets are not allowed here: use {stem}_env or {stem}_file instead "
+            "(the name of an environment variable, or the path of a file holding the secret)"
         )
 
     return SkipJsonSchema[Annotated[Any, PlainValidator(refuse)]]
@@ -631,11 +634,32 @@ class _EnvOverrides(PydanticBaseSettingsSource):
         return _align_keys(self._env(), self._init())
 
 
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = _merge(base.get(key), value)
+        return out
+    return override
+
+
 def _norm(key: str) -> str:
     return key.casefold().replace("-", "_").replace(".", "_")
 
 
 def _align_keys(env: Any, base: Any) -> Any:
+    """Rename env keys to the file's spelling; turn `RULES__0__X` into an edit of list item 0."""
+    if (isinstance(env, dict) and isinstance(base, list) and env
+            and all(isinstance(k, str) and k.isdigit() and int(k) < len(base) for k in env)):
+        items = list(base)
+        for key, value in env.items():
+            items[int(key)] = _merge(base[int(key)], _align_keys(value, base[int(key)]))
+        return items
+    if isinstance(env, str) and isinstance(base, (list, dict)) and env[:1] in ("[", "{"):
+        try:
+            return json.loads(env)  # pydantic-settings leaves values inside lists undecoded
+        except ValueError:
+            return env
     if not isinstance(env, dict) or not isinstance(base, dict):
         return env
     out: dict[str, Any] = {}

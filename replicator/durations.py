@@ -40,16 +40,14 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """The shortest exact spelling: 5400 -> '1h30m', 0 -> '0s', 0.25 -> '250ms'."""
+    """The largest whole unit: 600 -> '10m', 30 days -> '30d', 5400 -> '90m', 0 -> '0s'."""
     if seconds < 0:
         raise ValueError("durations are never negative")
     ms = round(seconds * 1000)
     if ms == 0:
         return "0s"
-    out = []
     for unit in ("w", "d", "h", "m", "s", "ms"):
         size = round(UNITS[unit] * 1000)
-        count, ms = divmod(ms, size)
-        if count:
-            out.append(f"{count}{unit}")
-    return "".join(out)
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    raise AssertionError("unreachable: every whole number of ms is a whole number of ms")
