@@ -938,6 +938,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
         # Only the parser's own words: its snippet of the line could show a secret.
         what = "; ".join(p for p in (exc.context, exc.problem) if p)
+        if exc.context_mark and exc.problem_mark and \
+                exc.context_mark.line != exc.problem_mark.line:
+            what += f" (the construct opened on line {exc.context_mark.line + 1})"
         raise ConfigError(f"{where}: YAML syntax error: {what}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: YAML error: {type(exc).__name__}") from None
@@ -949,12 +952,29 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                           f"(found {type(data).__name__})")
     dupes: list[tuple[tuple, int]] = []
     lines = _yaml_lines(node, dupes=dupes)
-    problems: list[tuple[str, str]] = [
-        (format_path(p) + f" (line {n})", "duplicate key; the earlier value would be lost")
-        for p, n in dupes
-    ]
-    problems += [(str(k), "unknown key") for k in data if not isinstance(k, str)
-                 or k.startswith("_")]
+    early = [(format_path(p), n, "duplicate key; the earlier value would be lost")
+             for p, n in dupes]
+    config = _build(data, label=str(file), lines=lines, early=early)
+    _resolve_paths(config, file.resolve().parent)
+    config._source_path = file.resolve()
+    return config
+
+
+def config_from_dict(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | None = None,
+                     ) -> Config:
+    """Validate an in-memory configuration exactly like `load_config` (ConfigError on
+    problems, environment overrides applied); relative paths resolve against `base_dir`."""
+    config = _build(dict(data), label="(in memory)", lines={}, early=[])
+    if base_dir is not None:
+        _resolve_paths(config, Path(base_dir).resolve())
+    return config
+
+
+def _build(data: dict, *, label: str, lines: dict[tuple, int],
+           early: list[tuple[str, int | None, str]]) -> Config:
+    problems = list(early)  # (path, line, message)
+    problems += [(str(k), lines.get((k,)), "unknown key") for k in data
+                 if not isinstance(k, str) or k.startswith("_")]
     config: Config | None = None
     if not problems:
         _PENDING_CROSS.set(None)
@@ -966,27 +986,22 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                 # Field errors stopped validation before the cross-field check could
                 # raise; report its findings (from the raw data) in the same run.
                 found += [(("@", p), m) for p, m in _PENDING_CROSS.get() or []]
-            _PENDING_CROSS.set(None)
             for loc, msg in found:
                 if loc and loc[0] == "@":
-                    text_path = loc[1]
-                    line = _line_for_text_path(text_path, lines)
+                    problems.append((loc[1], _line_for_text_path(loc[1], lines), msg))
                 else:
-                    text_path = format_path(loc)
-                    line = _line_for(loc, lines)
-                problems.append((text_path + (f" (line {line})" if line else ""), msg))
-    if problems:
+                    problems.append((format_path(loc), _line_for(loc, lines), msg))
+        finally:
+            _PENDING_CROSS.set(None)
+    if problems or config is None:
         err = ConfigError(
-            f"invalid configuration {file} ({len(problems)} problem"
+            f"invalid configuration {label} ({len(problems)} problem"
             f"{'s' if len(problems) != 1 else ''}):\n"
-            + "\n".join(f"  {p}: {m}" for p, m in problems)
+            + "\n".join(f"  {p}{f' (line {n})' if n else ''}: {m}" for p, n, m in problems)
         )
-        err.path = problems[0][0].split(" (line ", 1)[0]
-        err.problems = [(p.split(" (line ", 1)[0], m) for p, m in problems]
+        err.path = problems[0][0] if problems else None
+        err.problems = [(p, m) for p, _, m in problems]
         raise err
-    assert config is not None
-    _resolve_paths(config, file.resolve().parent)
-    config._source_path = file.resolve()
     config._warnings = _env_warnings()
     for warning in config._warnings:
         log.warning("%s", warning)

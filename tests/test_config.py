@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from replicator.cli import main
-from replicator.config import Config, load_config
+from replicator.config import Config, config_from_dict, load_config
 from replicator.errors import ConfigError
 from tests.harness.registry import Registry, write_htpasswd
 from tests.harness.util import free_port
@@ -137,6 +137,17 @@ def test_round_trip(tmp_path):
     assert "10m" in dumped and "30d" in dumped  # durations keep their human form
     again = load_config(write(tmp_path, dumped, "again.yaml"))
     assert again.to_dict() == first.to_dict()
+
+
+def test_config_from_dict(tmp_path):
+    config = config_from_dict(yaml.safe_load(GOOD), base_dir=tmp_path)
+    assert config.source_path is None
+    assert config.journal == tmp_path.resolve() / "state/replicator.db"
+    data = yaml.safe_load(GOOD)
+    data["rules"][0]["to"] = ["eu-west", "mars"]
+    with pytest.raises(ConfigError, match=r"rules\[0\]\.to\[1\]: unknown site 'mars'") as info:
+        config_from_dict(data)
+    assert info.value.path == "rules[0].to[1]"
 
 
 def test_json_schema_describes_the_file():
