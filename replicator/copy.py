@@ -21,6 +21,8 @@ Target manifests are checked with HEAD, never GET (a GET counts as a pull).
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -356,7 +358,8 @@ class CopyEngine:
         while True:
             attempt += 1
             try:
-                async with src.open_blob(src_repo, blob.digest) as stream:
+                # verify=False: _verified checks the digest *before* the last chunk goes out
+                async with src.open_blob(src_repo, blob.digest, verify=False) as stream:
                     size = stream.size if stream.size is not None else blob.size
                     if blob.size and size != blob.size:
                         raise DigestMismatch(
@@ -385,8 +388,12 @@ class CopyEngine:
 
     async def _verified(self, chunks: AsyncIterable[bytes], digest: str, size: int,
                         site: str, repo: str) -> AsyncIterator[bytes]:
-        """Yield `chunks`, holding the last one back until the digest is proven."""
-        hasher = hasher_for(digest)
+        """Yield `chunks`, holding the last one back until the digest is proven.
+
+        Large blobs are hashed on a worker thread (hashlib releases the GIL), so
+        hashing overlaps with the network instead of adding to it.
+        """
+        hasher = _Hasher(digest, threaded=size >= THREADED_HASH_BYTES)
         seen = 0
         pending: bytes | None = None
         if self.progress:
@@ -395,14 +402,14 @@ class CopyEngine:
             async for chunk in chunks:
                 if not chunk:
                     continue
-                hasher.update(chunk)
+                await hasher.update(chunk)
                 seen += len(chunk)
                 if pending is not None:
                     yield pending
                     if self.progress:
                         self.progress.advance(digest, len(pending))
                 pending = chunk
-            actual = f"{digest.split(':', 1)[0]}:{hasher.hexdigest()}"
+            actual = await hasher.hexdigest()
             if actual != digest or seen != size:
                 raise DigestMismatch(
                     f"{site}: {repo}@{digest}: received {seen} bytes hashing to {actual}; "
@@ -412,6 +419,7 @@ class CopyEngine:
                 if self.progress:
                     self.progress.advance(digest, len(pending))
         finally:
+            hasher.close()
             if self.progress:
                 self.progress.finish(digest)
 
@@ -432,6 +440,39 @@ class CopyEngine:
         except ExceptionGroup as group_error:
             # callers handle one error; the first is the cause, the rest were cancelled
             raise group_error.exceptions[0] from None
+
+
+THREADED_HASH_BYTES = 16 * 2**20
+_HASH_BACKLOG = 8  # chunks queued for hashing before the stream waits for the hasher
+
+
+class _Hasher:
+    """Incremental digest; for large blobs the hashing runs on its own thread, in order."""
+
+    def __init__(self, digest: str, threaded: bool) -> None:
+        self._algorithm = digest.split(":", 1)[0]
+        self._hash = hasher_for(digest)
+        self._executor = (concurrent.futures.ThreadPoolExecutor(1, "blob-hash")
+                          if threaded else None)
+        self._backlog: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def update(self, chunk: bytes) -> None:
+        if self._executor is None:
+            self._hash.update(chunk)
+            return
+        loop = asyncio.get_running_loop()
+        self._backlog.append(loop.run_in_executor(self._executor, self._hash.update, chunk))
+        while len(self._backlog) > _HASH_BACKLOG:
+            await self._backlog.popleft()
+
+    async def hexdigest(self) -> str:
+        while self._backlog:
+            await self._backlog.popleft()
+        return f"{self._algorithm}:{self._hash.hexdigest()}"
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def _single_flight(table: dict, key: object, work: Awaitable[str]) -> str:

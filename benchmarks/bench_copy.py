@@ -1,0 +1,239 @@
+"""Copy-engine benchmark against skopeo and a raw curl copy, in one run.
+
+Workload (issue: foundation): R repositories x T tags, 4 layers each: a base
+layer shared by all, a layer shared per repository, two unique layers.
+Prints:
+  - wall time of our engine vs `skopeo sync` to a fresh registry (ratio);
+  - bytes the target registry received in blob uploads vs the unique blob bytes
+    (from the target's own notifications);
+  - a second pass with nothing changed: blobs uploaded, manifests written and
+    requests per tag to the target;
+  - one large blob: peak RSS of `registry-replicator copy` and its throughput vs
+    `curl GET | curl PUT` of the same blob.
+
+Run: .venv/bin/python benchmarks/bench_copy.py [--small] [--big-mib 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from replicator.blob_index import BlobIndex  # noqa: E402
+from replicator.copy import CopyEngine, CopyStats  # noqa: E402
+from replicator.registry.client import RegistryClient  # noqa: E402
+from replicator.registry.site import SiteEndpoint  # noqa: E402
+from tests.harness.images import Pusher, digest_of  # noqa: E402
+from tests.harness.registry import Registry  # noqa: E402
+from tests.harness.util import wait_until  # noqa: E402
+from tests.harness.webhook_sink import WebhookSink  # noqa: E402
+
+MB = 1_000_000
+
+
+def seed(src: Registry, repos: int, tags: int, base_mb: float, repo_mb: float,
+         unique_mb: float) -> tuple[list[tuple[str, str]], int]:
+    """Push the workload; returns (repo, tag) pairs and the unique blob bytes."""
+    unique_bytes: dict[str, int] = {}
+    items = []
+    base = os.urandom(int(base_mb * MB))
+    with Pusher(src.url) as p:
+        for r in range(repos):
+            shared = os.urandom(int(repo_mb * MB))
+            for t in range(tags):
+                layers = [base, shared, os.urandom(int(unique_mb * MB)),
+                          os.urandom(int(unique_mb * MB))]
+                pushed = p.push_image(f"bench/app{r:02d}", f"v{t}", layers)
+                for layer in layers:
+                    unique_bytes[digest_of(layer)] = len(layer)
+                raw = p.http.get(f"{src.url}/v2/bench/app{r:02d}/blobs/{pushed.blobs[0]}")
+                unique_bytes[pushed.blobs[0]] = len(raw.content)
+                items.append((f"bench/app{r:02d}", f"v{t}"))
+    return items, sum(unique_bytes.values())
+
+
+async def run_ours(src: Registry, dst: Registry, items: list[tuple[str, str]],
+                   parallel: int = 8) -> tuple[float, CopyStats, int]:
+    engine = CopyEngine(BlobIndex())
+    total = CopyStats()
+    sem = asyncio.Semaphore(parallel)
+    async with RegistryClient(SiteEndpoint("src", src.url, insecure=True)) as s, \
+            RegistryClient(SiteEndpoint("dst", dst.url, insecure=True)) as d:
+        async def one(repo: str, tag: str) -> None:
+            async with sem:
+                result = await engine.copy(s, repo, tag, d, repo)
+                total.add(result.stats)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(r, t) for r, t in items))
+        elapsed = time.perf_counter() - start
+        requests = d.stats.get("requests", -1)
+    return elapsed, total, requests
+
+
+def run_skopeo(src: Registry, dst: Registry, items: list[tuple[str, str]], work: Path) -> float:
+    images: dict[str, list[str]] = {}
+    for repo, tag in items:
+        images.setdefault(repo, []).append(tag)
+    spec = {src.host: {"tls-verify": False, "images": images}}
+    spec_path = work / "skopeo-sync.yaml"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "HOME": str(work / "skopeo-home")}  # fresh blob-info cache
+    start = time.perf_counter()
+    subprocess.run(["skopeo", "sync", "--src", "yaml", "--dest", "docker",
+                    "--dest-tls-verify=false", str(spec_path), dst.host],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def uploaded_bytes(sink: WebhookSink) -> tuple[int, int]:
+    pushes = sink.blob_events("push")
+    return len(pushes), sum(int(e["target"].get("size") or e["target"].get("length") or 0)
+                            for e in pushes)
+
+
+def big_blob(work: Path, src: Registry, mib: int) -> dict[str, float]:
+    """One large blob: our CLI (subprocess, peak RSS) vs curl GET | curl PUT."""
+    data_path = work / "big.bin"
+    with open(data_path, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(2**20))
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(data_path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            h.update(chunk)
+    digest = "sha256:" + h.hexdigest()
+    with httpx.Client(timeout=600) as http:
+        loc = http.post(f"{src.url}/v2/big/blob/blobs/uploads/").headers["location"]
+        loc = loc if loc.startswith("http") else src.url + loc
+        with open(data_path, "rb") as f:
+            http.put(f"{loc}&digest={digest}", content=f,
+                     headers={"content-length": str(mib * 2**20)}).raise_for_status()
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode()
+        cfg_loc = http.post(f"{src.url}/v2/big/blob/blobs/uploads/").headers["location"]
+        cfg_loc = cfg_loc if cfg_loc.startswith("http") else src.url + cfg_loc
+        http.put(f"{cfg_loc}&digest={digest_of(config)}", content=config).raise_for_status()
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": digest_of(config), "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": digest, "size": mib * 2**20}]}).encode()
+        http.put(f"{src.url}/v2/big/blob/manifests/v1", content=manifest,
+                 headers={"content-type": "application/vnd.oci.image.manifest.v1+json"}
+                 ).raise_for_status()
+    data_path.unlink()
+
+    dst_ours = Registry(root=work / "big-ours").start()
+    dst_curl = Registry(root=work / "big-curl").start()
+    try:
+        # the child reports its own peak RSS (RUSAGE_CHILDREN would include registries)
+        code = ("import resource, sys\nfrom replicator.cli import main\nrc = main(sys.argv[1:])\n"
+                "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+                "file=sys.stderr)\nsys.exit(rc)")
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", code, "copy", "--insecure", "--json",
+             f"{src.host}/big/blob:v1", f"{dst_ours.host}/big/blob:v1"],
+            capture_output=True, text=True, check=False)
+        ours = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"our copy failed: {proc.stderr}")
+        peak_kib = int(proc.stderr.split("MAXRSS", 1)[1].split()[0])
+        with httpx.Client() as http:
+            loc = http.post(f"{dst_curl.url}/v2/big/blob/blobs/uploads/").headers["location"]
+        loc = loc if loc.startswith("http") else dst_curl.url + loc
+        start = time.perf_counter()
+        subprocess.run(
+            f"curl -sf {src.url}/v2/big/blob/blobs/{digest} | "
+            f"curl -sf -T - -X PUT -H 'Content-Type: application/octet-stream' "
+            f"'{loc}&digest={digest}'", shell=True, check=True)
+        curl = time.perf_counter() - start
+        assert dst_curl.has_blob_data(digest) and dst_ours.has_blob_data(digest)
+    finally:
+        dst_ours.stop()
+        dst_curl.stop()
+    return {"mib": mib, "ours_s": ours, "curl_s": curl,
+            "throughput_ratio": curl / ours,
+            "peak_rss_mb": round(peak_kib / 1024, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repos", type=int, default=20)
+    ap.add_argument("--tags", type=int, default=3)
+    ap.add_argument("--base-mb", type=float, default=20)
+    ap.add_argument("--repo-mb", type=float, default=5)
+    ap.add_argument("--unique-mb", type=float, default=1)
+    ap.add_argument("--big-mib", type=int, default=1024, help="0 skips the large-blob test")
+    ap.add_argument("--small", action="store_true", help="a quick smoke-sized run")
+    ap.add_argument("--only-big", action="store_true", help="run only the large-blob test")
+    args = ap.parse_args()
+    if args.small:
+        args.repos, args.tags, args.base_mb, args.repo_mb, args.unique_mb = 3, 2, 1, 0.5, 0.1
+        args.big_mib = min(args.big_mib, 32)
+    with tempfile.TemporaryDirectory(prefix="bench-copy-") as tmp:
+        work = Path(tmp)
+        sink = WebhookSink()
+        src = Registry(root=work / "src").start()
+        ours_dst = Registry(root=work / "ours", notify_url=sink.url).start()
+        skopeo_dst = Registry(root=work / "skopeo").start()
+        try:
+            if args.only_big:
+                print(json.dumps({"big_blob": big_blob(work, src, args.big_mib)}, indent=2))
+                return 0
+            print(f"seeding {args.repos} repos x {args.tags} tags ...", flush=True)
+            items, unique = seed(src, args.repos, args.tags, args.base_mb, args.repo_mb,
+                                 args.unique_mb)
+            ours_s, stats, _ = asyncio.run(run_ours(src, ours_dst, items))
+            skopeo_s = run_skopeo(src, skopeo_dst, items, work)
+            wait_until(lambda: uploaded_bytes(sink)[0] >= stats.blobs_uploaded, timeout=30,
+                       what="upload notifications")
+            n_up, bytes_up = uploaded_bytes(sink)
+            sink.clear()
+            second_s, stats2, requests2 = asyncio.run(run_ours(src, ours_dst, items))
+            report = {
+                "workload": f"{args.repos}x{args.tags} tags, base {args.base_mb} MB, "
+                            f"repo {args.repo_mb} MB, 2x{args.unique_mb} MB unique",
+                "ours_s": round(ours_s, 2), "skopeo_s": round(skopeo_s, 2),
+                "wall_ratio_ours_over_skopeo": round(ours_s / skopeo_s, 3),
+                "unique_blob_bytes": unique, "target_received_bytes": bytes_up,
+                "target_received_blobs": n_up,
+                "bytes_ratio": round(bytes_up / unique, 4),
+                "blobs_mounted": stats.blobs_mounted, "blobs_uploaded": stats.blobs_uploaded,
+                "second_pass_s": round(second_s, 3),
+                "second_pass_blobs_uploaded": stats2.blobs_uploaded,
+                "second_pass_manifests_written": stats2.manifests_written,
+                "second_pass_target_requests": requests2,
+                "second_pass_requests_per_tag": round(requests2 / len(items), 3),
+                "second_pass_target_events": len([e for e in sink.snapshot()
+                                                  if e["action"] in ("push", "mount")]),
+            }
+            if args.big_mib:
+                report["big_blob"] = big_blob(work, src, args.big_mib)
+            print(json.dumps(report, indent=2))
+        finally:
+            for reg in (src, ours_dst, skopeo_dst):
+                reg.stop()
+            sink.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
