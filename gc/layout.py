@@ -1,0 +1,257 @@
+"""The on-disk layout of a distribution filesystem store, read without the registry.
+
+Paths follow distribution's registry/storage/paths.go under ``docker/registry/v2``:
+``blobs/<alg>/<2 hex>/<hex>/data``; per repository ``_layers/<alg>/<hex>/link``,
+``_manifests/revisions/<alg>/<hex>/link``, ``_manifests/tags/<tag>/current/link``
+and ``_uploads/<id>/...``. A repository is any directory under ``repositories``
+holding ``_layers``, ``_manifests`` or ``_uploads``; names nest (``team/app``),
+and a repository may itself contain nested repositories.
+
+Link identity is taken from the directory name, which is what the registry
+looks links up by (distribution always writes the same digest inside).
+Only tag ``current/link`` files are read, because their content is the point.
+Reads here are tolerant: a file vanishing mid-scan (the registry is online) is
+simply absent from the snapshot, never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from replicator.gc.mark import Node
+
+V2 = Path("docker/registry/v2")
+REPO_MARKERS = ("_layers", "_manifests", "_uploads")
+_HEX_RE = re.compile(r"^[a-f0-9]{64}$|^[a-f0-9]{128}$")
+_LINK_RE = re.compile(r"^(sha256|sha384|sha512):[a-f0-9]{64,128}$")
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    digest: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class UploadEntry:
+    repository: str
+    upload_id: str
+    path: Path
+    newest_mtime: float
+    size: int
+
+
+@dataclass
+class RepoSnapshot:
+    """One repository's links at scan time: digest -> link file mtime."""
+
+    name: str
+    layers: dict[str, float] = field(default_factory=dict)
+    revisions: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, tuple[str, float]] = field(default_factory=dict)  # tag -> (digest, mtime)
+    uploads: list[UploadEntry] = field(default_factory=list)
+
+
+class StoreLayout:
+    """Path arithmetic and tolerant scanning for one rootdirectory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.v2 = self.root / V2
+        self.blobs = self.v2 / "blobs"
+        self.repositories = self.v2 / "repositories"
+        self.quarantine = self.v2 / "_quarantine"
+
+    # --- paths -------------------------------------------------------------
+    def blob_dir(self, digest: str) -> Path:
+        alg, hexd = digest.split(":", 1)
+        return self.blobs / alg / hexd[:2] / hexd
+
+    def blob_data(self, digest: str) -> Path:
+        return self.blob_dir(digest) / "data"
+
+    def repo_dir(self, repo: str) -> Path:
+        return self.repositories / repo
+
+    def layer_link_dir(self, repo: str, digest: str) -> Path:
+        alg, hexd = digest.split(":", 1)
+        return self.repo_dir(repo) / "_layers" / alg / hexd
+
+    def revision_link_dir(self, repo: str, digest: str) -> Path:
+        alg, hexd = digest.split(":", 1)
+        return self.repo_dir(repo) / "_manifests" / "revisions" / alg / hexd
+
+    def tag_dir(self, repo: str, tag: str) -> Path:
+        return self.repo_dir(repo) / "_manifests" / "tags" / tag
+
+    def upload_dir(self, repo: str, upload_id: str) -> Path:
+        return self.repo_dir(repo) / "_uploads" / upload_id
+
+    # --- blobs -------------------------------------------------------------
+    def blob_prefix_dirs(self) -> list[tuple[str, Path]]:
+        """(algorithm, blobs/<alg>/<xx>) pairs: the unit of parallel blob listing."""
+        out: list[tuple[str, Path]] = []
+        for alg_entry in _scandir(self.blobs):
+            if alg_entry.is_dir():
+                out.extend((alg_entry.name, Path(p.path)) for p in _scandir(Path(alg_entry.path))
+                           if p.is_dir())
+        return out
+
+    @staticmethod
+    def scan_blob_prefix(alg: str, prefix_dir: Path) -> list[BlobEntry]:
+        out = []
+        for entry in _scandir(prefix_dir):
+            if not _HEX_RE.match(entry.name):
+                continue
+            try:
+                st = os.stat(os.path.join(entry.path, "data"))
+            except OSError:
+                continue
+            out.append(BlobEntry(f"{alg}:{entry.name}", st.st_size, st.st_mtime))
+        return out
+
+    def blob_stat(self, digest: str) -> os.stat_result | None:
+        try:
+            return os.stat(self.blob_data(digest))
+        except OSError:
+            return None
+
+    def read_blob(self, digest: str, max_bytes: int) -> bytes | None:
+        """The blob's bytes if it exists and is at most `max_bytes` long."""
+        try:
+            with open(self.blob_data(digest), "rb") as f:
+                data = f.read(max_bytes + 1)
+        except OSError:
+            return None
+        return data if len(data) <= max_bytes else None
+
+    # --- repositories ------------------------------------------------------
+    def list_repositories(self) -> list[str]:
+        out: list[str] = []
+        stack = [(self.repositories, "")]
+        while stack:
+            path, name = stack.pop()
+            children = [e for e in _scandir(path) if e.is_dir()]
+            if name and any(e.name in REPO_MARKERS for e in children):
+                out.append(name)
+            for e in children:
+                if not e.name.startswith("_"):
+                    stack.append((Path(e.path), f"{name}/{e.name}" if name else e.name))
+        return sorted(out)
+
+    def scan_repository(self, repo: str, *, with_uploads: bool = True) -> RepoSnapshot:
+        snap = RepoSnapshot(repo)
+        base = self.repo_dir(repo)
+        snap.layers = _scan_links(base / "_layers")
+        snap.revisions = _scan_links(base / "_manifests" / "revisions")
+        for entry in _scandir(base / "_manifests" / "tags"):
+            link = os.path.join(entry.path, "current", "link")
+            digest, mtime = read_link(link)
+            if digest:
+                snap.tags[entry.name] = (digest, mtime)
+        if with_uploads:
+            for entry in _scandir(base / "_uploads"):
+                if entry.is_dir():
+                    newest, size = newest_mtime(Path(entry.path))
+                    snap.uploads.append(UploadEntry(repo, entry.name, Path(entry.path),
+                                                    newest, size))
+        return snap
+
+
+def read_link(path: str | Path) -> tuple[str | None, float]:
+    """(digest, mtime) of a link file, (None, 0) when missing or malformed."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(300).decode("ascii", "replace").strip()
+            mtime = os.fstat(f.fileno()).st_mtime
+    except OSError:
+        return None, 0.0
+    return (text, mtime) if _LINK_RE.match(text) else (None, 0.0)
+
+
+def link_mtime(link_dir: Path) -> float | None:
+    try:
+        return os.stat(link_dir / "link").st_mtime
+    except OSError:
+        return None
+
+
+def manifest_node(raw: bytes) -> Node | None:
+    """References a stored manifest makes, or None if the bytes are not a manifest.
+
+    Lenient on purpose (no media-type gate, schema 1 understood): anything a
+    manifest could point at must be marked, whatever we think of its format.
+    """
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or "schemaVersion" not in doc:
+        return None
+    children: list[str] = []
+    blobs: list[str] = []
+    for d in doc.get("manifests") or []:
+        if isinstance(d, dict) and isinstance(d.get("digest"), str):
+            children.append(d["digest"])
+    cfg = doc.get("config")
+    if isinstance(cfg, dict) and isinstance(cfg.get("digest"), str):
+        blobs.append(cfg["digest"])
+    for d in doc.get("layers") or doc.get("blobs") or []:
+        if isinstance(d, dict) and isinstance(d.get("digest"), str):
+            blobs.append(d["digest"])
+    for d in doc.get("fsLayers") or []:            # schema 1
+        if isinstance(d, dict) and isinstance(d.get("blobSum"), str):
+            blobs.append(d["blobSum"])
+    sub = doc.get("subject")
+    subject = sub["digest"] if isinstance(sub, dict) and isinstance(sub.get("digest"), str) \
+        else None
+    return Node(children=tuple(children), blobs=tuple(blobs), subject=subject)
+
+
+def _scandir(path: Path | str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except OSError:
+        return []
+
+
+def _scan_links(base: Path) -> dict[str, float]:
+    """<base>/<alg>/<hex>/link -> {alg:hex: mtime}."""
+    out: dict[str, float] = {}
+    for alg in _scandir(base):
+        for entry in _scandir(alg.path):
+            if not _HEX_RE.match(entry.name):
+                continue
+            try:
+                out[f"{alg.name}:{entry.name}"] = os.stat(
+                    os.path.join(entry.path, "link")).st_mtime
+            except OSError:
+                continue
+    return out
+
+
+def newest_mtime(path: Path) -> tuple[float, int]:
+    """Newest file mtime and total size under `path` (an upload session): every write
+    the registry makes to a session touches a file."""
+    newest, size, seen = 0.0, 0, False
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            newest = max(newest, st.st_mtime)
+            size += st.st_size
+            seen = True
+    if not seen:                    # an empty session: only the directory says when
+        try:
+            newest = path.stat().st_mtime
+        except OSError:
+            return 0.0, 0
+    return newest, size

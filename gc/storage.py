@@ -1,0 +1,875 @@
+"""Storage-level mark-and-sweep of a distribution filesystem store, safe while the
+registry stays online and takes pushes.
+
+Why distribution's own ``garbage-collect`` must run offline: it marks, then
+deletes every unmarked blob. A push that uploads a layer (or finds it present
+with HEAD and skips the upload) after the mark, and then PUTs a manifest,
+references a blob the sweep is about to delete -> a broken image.
+
+How this collector stays safe online (the argument, step by step)
+------------------------------------------------------------------
+Facts about distribution 2.8 we rely on (registry/storage, filesystem driver):
+
+F1. A blob is reachable *in a repository* only through that repository's link:
+    ``_layers/<alg>/<hex>/link`` (layers, configs) or
+    ``_manifests/revisions/<alg>/<hex>/link`` (manifests). HEAD/GET of a blob,
+    a cross-repo mount (source side) and manifest-PUT validation all stat the
+    link and then the blob data; if either is missing the registry answers
+    "blob unknown". (Without a blob-descriptor cache, see F4.)
+F2. Every push of a blob writes the link (fresh mtime), even when the data was
+    already in the store (then the data file is left untouched). A mount writes
+    the link too. A manifest PUT writes manifest data, then its revision link,
+    then the tag's ``current/link``.
+F3. Manifest PUT validates, before writing anything, that every blob and child
+    manifest it references is reachable in the repository (F1).
+F4. With ``storage.cache.blobdescriptor`` the registry answers F1's checks from
+    memory/redis, so it would say "exists" for data we removed (#2966). We refuse
+    to run online when the registry config enables it (`check_registry_config`).
+
+The run:
+
+1. Enumerate blob data FIRST and keep only blobs whose data mtime is older than
+   the cutoff ``start - grace``. Blobs written during or after the run are
+   never candidates, whatever marking says.
+2. Scan every repository (links + tags), parse manifests, decide per-repo
+   retention (optional policies) and mark from the roots: with no policy every
+   revision and tag target is a root. A blob is a candidate only if unmarked AND
+   every ``_layers`` link to it is older than the cutoff (a fresh link means a
+   push or mount in progress, F2).
+3. Re-check (batch): rescan all repositories and re-mark from everything that
+   now exists; drop candidates that became referenced or gained a link.
+4. Quarantine: per item, re-stat right before the move (still older than the
+   cutoff, tag still pointing where we decided), then ``rename`` it aside within
+   the same filesystem (``v2/_quarantine/<run>/...``): a blob's layer links
+   first, then its data directory. A rename is atomic, so the registry sees the
+   item either present or gone (not half-deleted), and the bytes still exist.
+5. Wait the quarantine window, then rescan and re-mark from everything that
+   exists *now*. Restore (rename back) any item that is referenced again: a
+   blob referenced by any existing manifest revision (transitively) or with any
+   link in any repository; a link or revision whose quarantined copy changed
+   after the cutoff; a manifest listed by an existing index or tag.
+6. Only then delete the quarantined copies.
+
+Why that is enough. A manifest M referencing blob B can only be accepted (F3)
+while B's link and data are in place. If M was accepted before step 4 moved
+B, M's revision link exists by the time step 5 looks (F2, a PUT completes
+within the window), so B is restored; images built in that instant are
+unavailable for at most the window, never lost. If M arrives after step 4, its
+validation fails ("blob unknown"; the client retries and re-uploads, creating
+a fresh link and fresh data). In particular the classic race — a client HEADs
+B (exists, via an old link), skips the upload, and PUTs M just before we
+quarantine — is covered: either M's PUT fails validation, or M exists at step
+5 and B comes back. A layer push or mount that recreates a link while B sits
+in quarantine is caught the same way (step 5 sees the link). Quarantined files
+are invisible to the registry, so deleting them in step 6 can never break an
+image that step 5 did not already see.
+
+Residual assumptions (documented, not hidden): a single manifest PUT completes
+within the quarantine window (default 10 min, far above distribution's request
+times); clocks: mtimes and our clock come from the same host; no
+blob-descriptor cache (F4) unless the operator vouches (``assume_no_cache``)
+that the registry is read-only or stopped.
+
+Crash safety: every item's quarantine path is journalled before the rename, so
+an interrupted run is resumed by the next one: items found in quarantine are
+re-checked after a full window and deleted or restored (`runs`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from replicator.errors import ConfigError, ReplicatorError
+from replicator.gc.layout import (
+    BlobEntry,
+    RepoSnapshot,
+    StoreLayout,
+    manifest_node,
+    newest_mtime,
+    read_link,
+)
+from replicator.gc.mark import MarkSet, Node, mark
+from replicator.gc.policy import RetentionPolicy, TagInfo, decide, policies_for
+from replicator.gc.runs import CandidateRow, RunRecorder, get_run, run_candidates, unfinished_runs
+from replicator.journal import Journal
+
+log = logging.getLogger("replicator.gc.storage")
+
+
+class OnlineGCRefused(ReplicatorError):
+    """Running now could break images; the message says what to change."""
+
+    exit_code = 2
+
+
+class GCLocked(ReplicatorError):
+    """Another storage GC run holds this store."""
+
+
+@dataclass
+class StorageGCOptions:
+    site: str = "local"
+    grace: float = 3600.0                  # nothing modified more recently is deleted
+    quarantine_window: float = 600.0       # how long removed items wait before deletion
+    upload_grace: float | None = None      # idle time before an upload session is stale
+    workers: int = 8                       # filesystem thread pool size
+    dry_run: bool = False
+    registry_config: str | Path | None = None
+    assume_no_cache: bool = False          # operator vouches: no blob-descriptor cache
+    policies: Sequence[RetentionPolicy] = ()
+    pull_times: Callable[[str, str], float | None] | None = None  # (repo, tag) -> last pull
+    max_manifest_bytes: int = 4 << 20
+    resume: bool = True
+    fault_after_deletions: int | None = None  # test seam: raise after N final deletions
+
+
+@dataclass
+class GCResult:
+    run_id: int
+    dry_run: bool
+    manifests_deleted: int = 0
+    tags_deleted: int = 0
+    blobs_deleted: int = 0
+    links_deleted: int = 0
+    uploads_deleted: int = 0
+    bytes_reclaimed: int = 0
+    quarantined: int = 0
+    restored: int = 0
+    kept_by_recheck: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    mark_summary: dict[str, Any] = field(default_factory=dict)
+    resumed_runs: list[int] = field(default_factory=list)
+    deleted_blobs: set[str] = field(default_factory=set)
+    deleted_manifests: set[str] = field(default_factory=set)   # "repo@digest"
+    deleted_tags: set[str] = field(default_factory=set)        # "repo:tag"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "dry_run": self.dry_run,
+            "manifests_deleted": self.manifests_deleted, "tags_deleted": self.tags_deleted,
+            "blobs_deleted": self.blobs_deleted, "links_deleted": self.links_deleted,
+            "uploads_deleted": self.uploads_deleted, "bytes_reclaimed": self.bytes_reclaimed,
+            "quarantined": self.quarantined, "restored": self.restored,
+            "kept_by_recheck": self.kept_by_recheck, "errors": list(self.errors),
+            "warnings": list(self.warnings), "resumed_runs": list(self.resumed_runs),
+        }
+
+
+@dataclass
+class Item:
+    """One thing a run may remove. Identity (`key`) is stable across a crash."""
+
+    kind: str                  # blob | link | manifest | tag | upload
+    repository: str | None
+    digest: str | None
+    name: str | None = None    # tag name or upload id
+    bytes: int = 0
+    quarantine: Path | None = None
+    state: str = "candidate"
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        if self.kind == "blob":
+            return str(self.digest)
+        if self.kind == "link":
+            return f"{self.repository}/_layers/{self.digest}"
+        if self.kind == "manifest":
+            return f"{self.repository}@{self.digest}"
+        if self.kind == "tag":
+            return f"{self.repository}:{self.name}"
+        return f"{self.repository}/_uploads/{self.name}"
+
+    def original(self, layout: StoreLayout) -> Path:
+        assert self.kind == "blob" or self.repository is not None
+        if self.kind == "blob":
+            return layout.blob_dir(str(self.digest))
+        if self.kind == "link":
+            return layout.layer_link_dir(str(self.repository), str(self.digest))
+        if self.kind == "manifest":
+            return layout.revision_link_dir(str(self.repository), str(self.digest))
+        if self.kind == "tag":
+            return layout.tag_dir(str(self.repository), str(self.name))
+        return layout.upload_dir(str(self.repository), str(self.name))
+
+    def row(self) -> CandidateRow:
+        return CandidateRow(self.kind, self.key, self.repository, self.digest, self.bytes,
+                            self.state, str(self.quarantine) if self.quarantine else None,
+                            self.error)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Item:
+        kind, key = row["kind"], row["key"]
+        name = None
+        if kind == "tag":
+            name = key.rsplit(":", 1)[1]
+        elif kind == "upload":
+            name = key.split("/_uploads/", 1)[1]
+        q = row.get("quarantine_path")
+        return cls(kind, row.get("repository"), row.get("digest"), name, row.get("bytes") or 0,
+                   Path(q) if q else None, row["state"], row.get("error"))
+
+
+@dataclass
+class Plan:
+    started: float
+    cutoff: float
+    upload_cutoff: float
+    items: list[Item]
+    mark_summary: dict[str, Any]
+
+
+def check_registry_config(path: str | Path | None, root: str | Path | None = None, *,
+                          assume_no_cache: bool = False) -> None:
+    """Refuse an online sweep the registry could undo (blob-descriptor cache, F4)."""
+    if assume_no_cache:
+        return
+    if path is None:
+        raise OnlineGCRefused(
+            "cannot tell whether the registry caches blob descriptors: set the site's "
+            "registry_config to the registry's config.yml, or, if the cache is off or the "
+            "registry is read-only/stopped, say so with assume_no_cache (--assume-no-cache)")
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read registry config {path}: {exc}",
+                          "registry_config") from exc
+    storage = cfg.get("storage") or {} if isinstance(cfg, dict) else {}
+    cache = (storage.get("cache") or {}) if isinstance(storage, dict) else {}
+    setting = cache.get("blobdescriptor") if isinstance(cache, dict) else None
+    if setting:
+        raise OnlineGCRefused(
+            f"registry config {path} enables storage.cache.blobdescriptor ({setting}): the "
+            "registry would keep answering 'exists' for blobs this collector deletes, clients "
+            "would skip uploading them and images would break (distribution #2966). Disable "
+            "the cache and restart the registry, or make the registry read-only/stop it and "
+            "run with assume_no_cache (--assume-no-cache)")
+    fs = storage.get("filesystem") if isinstance(storage, dict) else None
+    configured = fs.get("rootdirectory") if isinstance(fs, dict) else None
+    if root is not None and configured and Path(configured).resolve() != Path(root).resolve():
+        raise ConfigError(
+            f"registry config {path} serves {configured}, not the storage {root} being "
+            "collected", "storage")
+
+
+class ManifestCache:
+    """digest -> Node for manifests read from blob data. Content-addressed, so a parsed
+    node never goes stale; digests we could not read are retried on the next load."""
+
+    def __init__(self, layout: StoreLayout, max_bytes: int) -> None:
+        self.layout, self.max_bytes = layout, max_bytes
+        self.nodes: dict[str, Node] = {}
+        self.parsed = 0
+        # digest -> quarantined blob dir: a manifest we moved aside may be referenced
+        # again, and then what it references must be protected too
+        self.quarantined: dict[str, Path] = {}
+
+    def _read(self, digest: str) -> tuple[str, Node | None]:
+        raw = self.layout.read_blob(digest, self.max_bytes)
+        if raw is None and digest in self.quarantined:
+            try:
+                with open(self.quarantined[digest] / "data", "rb") as f:
+                    raw = f.read(self.max_bytes + 1)
+            except OSError:
+                raw = None
+            if raw is not None and len(raw) > self.max_bytes:
+                raw = None
+        return digest, manifest_node(raw) if raw is not None else None
+
+    def load(self, digests: Iterable[str], pool: ThreadPoolExecutor) -> int:
+        todo = [d for d in set(digests) if d not in self.nodes and ":" in d]
+        found = 0
+        for digest, node in pool.map(self._read, todo, chunksize=64):
+            if node is not None:
+                self.nodes[digest] = node
+                found += 1
+        self.parsed += found
+        return found
+
+
+@dataclass
+class Live:
+    """Everything that exists now and what it references."""
+
+    snaps: dict[str, RepoSnapshot]
+    protected: set[str]                      # global: manifest and blob digests
+    referenced: dict[str, set[str]]          # repo -> manifests its roots reach
+    linked: set[str]                         # digests with any layer or revision link
+
+
+class StorageCollector:
+    """One storage GC run (plus finishing any interrupted earlier run)."""
+
+    def __init__(self, root: str | Path, journal: Journal | None = None,
+                 options: StorageGCOptions | None = None) -> None:
+        self.layout = StoreLayout(root)
+        self.journal = journal
+        self.opts = options or StorageGCOptions()
+        self.pool = ThreadPoolExecutor(max_workers=max(1, self.opts.workers),
+                                       thread_name_prefix="gc-fs")
+        self.cache = ManifestCache(self.layout, self.opts.max_manifest_bytes)
+        self._lock_fd: int | None = None
+        self._deletions = 0
+
+    # --- setup ---------------------------------------------------------------
+    def preflight(self) -> list[str]:
+        if not self.layout.v2.is_dir():
+            raise ConfigError(f"{self.layout.root} is not a distribution filesystem store "
+                              f"(no {self.layout.v2})", "storage")
+        warnings = []
+        if self.opts.dry_run:
+            try:
+                check_registry_config(self.opts.registry_config, self.layout.root,
+                                      assume_no_cache=self.opts.assume_no_cache)
+            except OnlineGCRefused as exc:
+                warnings.append(f"a real run would be refused: {exc}")
+        else:
+            check_registry_config(self.opts.registry_config, self.layout.root,
+                                  assume_no_cache=self.opts.assume_no_cache)
+        return warnings
+
+    def lock(self) -> None:
+        self.layout.quarantine.mkdir(parents=True, exist_ok=True)
+        if os.stat(self.layout.quarantine).st_dev != os.stat(self.layout.v2).st_dev:
+            raise ConfigError(f"{self.layout.quarantine} is on another filesystem than the "
+                              "blobs; quarantine needs an atomic rename", "storage")
+        fd = os.open(self.layout.quarantine / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise GCLocked(f"another gc run is collecting {self.layout.root}") from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self.pool.shutdown(wait=True)
+
+    # --- scanning --------------------------------------------------------------
+    def enumerate_blobs(self) -> dict[str, BlobEntry]:
+        prefixes = self.layout.blob_prefix_dirs()
+        out: dict[str, BlobEntry] = {}
+        for entries in self.pool.map(lambda p: StoreLayout.scan_blob_prefix(*p), prefixes):
+            for e in entries:
+                out[e.digest] = e
+        return out
+
+    def scan(self, with_uploads: bool = False) -> dict[str, RepoSnapshot]:
+        repos = self.layout.list_repositories()
+        snaps = self.pool.map(
+            lambda r: self.layout.scan_repository(r, with_uploads=with_uploads), repos)
+        return {s.name: s for s in snaps}
+
+    def _mark_closure(self, roots_by_repo: dict[str, set[str]]) -> tuple[MarkSet, dict]:
+        """Global mark (manifests count as blobs too) plus per-repo reached manifests."""
+        self.cache.load({d for roots in roots_by_repo.values() for d in roots}, self.pool)
+        while True:
+            total, per_repo = MarkSet(), {}
+            for repo, roots in roots_by_repo.items():
+                m = mark(self.cache.nodes, roots, follow_referrers=False)
+                per_repo[repo] = m.manifests
+                total.update(m)
+            missing = total.manifests - self.cache.nodes.keys()
+            if not self.cache.load(missing, self.pool):
+                break
+        total.blobs |= total.manifests
+        return total, per_repo
+
+    def live(self, exclude_revisions: set[tuple[str | None, str | None]],
+             exclude_tags: set[tuple[str | None, str | None]],
+             extra_roots: Iterable[tuple[str | None, str | None]] = ()) -> Live:
+        snaps = self.scan()
+        roots: dict[str, set[str]] = {}
+        linked: set[str] = set()
+        for repo, s in snaps.items():
+            r = {d for d in s.revisions if (repo, d) not in exclude_revisions}
+            r |= {d for t, (d, _m) in s.tags.items() if (repo, t) not in exclude_tags}
+            roots[repo] = r
+            linked.update(s.layers)
+            linked.update(d for d in s.revisions if (repo, d) not in exclude_revisions)
+        for repo, d in extra_roots:
+            if repo is not None and d is not None:
+                roots.setdefault(repo, set()).add(d)
+        total, per_repo = self._mark_closure(roots)
+        return Live(snaps, total.blobs, per_repo, linked)
+
+    # --- planning ----------------------------------------------------------------
+    def plan(self) -> Plan:
+        started = time.time()
+        cutoff = started - self.opts.grace
+        ug = self.opts.upload_grace if self.opts.upload_grace is not None else self.opts.grace
+        upload_cutoff = started - ug
+        t = time.monotonic()
+        blobs = self.enumerate_blobs()                     # 1. candidates before marking
+        t_enum = time.monotonic() - t
+        snaps = self.scan(with_uploads=True)               # 2. links, tags, uploads
+        self.cache.load({d for s in snaps.values() for d in s.revisions}, self.pool)
+        items: list[Item] = []
+        roots: dict[str, set[str]] = {}
+        policy_repos = 0
+        for repo, s in snaps.items():
+            pol = policies_for(self.opts.policies, self.opts.site, repo, "storage")
+            if pol is None:
+                roots[repo] = set(s.revisions) | {d for d, _m in s.tags.values()}
+                continue
+            policy_repos += 1
+            graph = {}
+            for d, mtime in s.revisions.items():
+                n = self.cache.nodes.get(d) or Node()
+                graph[d] = Node(n.children, n.blobs, n.subject, pushed_at=mtime)
+            tags = [TagInfo(t_, d, pushed_at=m,
+                            pulled_at=self.opts.pull_times(repo, t_) if self.opts.pull_times
+                            else None) for t_, (d, m) in s.tags.items()]
+            dec = decide(pol, tags, graph, started)
+            roots[repo] = set(dec.kept_manifests) | {
+                d for t_, (d, _m) in s.tags.items() if t_ in dec.kept_tags}
+            items += [Item("tag", repo, s.tags[t_][0], t_) for t_ in sorted(dec.deleted_tags)]
+            items += [Item("manifest", repo, d) for d in sorted(dec.deleted_manifests)]
+        marked, _ = self._mark_closure(roots)
+        layer_links: dict[str, list[tuple[str, float]]] = {}
+        for repo, s in snaps.items():
+            for d, m in s.layers.items():
+                layer_links.setdefault(d, []).append((repo, m))
+        for d, e in blobs.items():
+            if e.mtime >= cutoff or d in marked.blobs:
+                continue
+            links = layer_links.get(d, [])
+            if any(m >= cutoff for _r, m in links):
+                continue                                   # a push or mount in progress
+            items.append(Item("blob", None, d, bytes=e.size))
+            items += [Item("link", r, d) for r, _m in sorted(links)]
+        for d, links in layer_links.items():
+            if d in blobs or self.layout.blob_stat(d) is not None:
+                continue
+            items += [Item("link", r, d) for r, m in sorted(links) if m < cutoff]
+        for s in snaps.values():
+            items += [Item("upload", u.repository, None, u.upload_id, bytes=u.size)
+                      for u in s.uploads if u.newest_mtime < upload_cutoff]
+        summary = {
+            "cutoff": cutoff, "upload_cutoff": upload_cutoff, "repositories": len(snaps),
+            "policy_repositories": policy_repos, "blobs_total": len(blobs),
+            "blobs_marked": sum(1 for d in blobs if d in marked.blobs),
+            "manifests_parsed": self.cache.parsed, "enumerate_seconds": round(t_enum, 3),
+        }
+        return Plan(started, cutoff, upload_cutoff, items, summary)
+
+    def recheck(self, plan: Plan) -> int:
+        """3. Batch re-check against a fresh scan; returns how many items were dropped."""
+        drop: set[str] = set()
+        while True:
+            active = [i for i in plan.items if i.key not in drop]
+            ex_rev = {(i.repository, i.digest) for i in active if i.kind == "manifest"}
+            ex_tag = {(i.repository, i.name) for i in active if i.kind == "tag"}
+            live = self.live(ex_rev, ex_tag)
+            before = len(drop)
+            for i in active:
+                snap = live.snaps.get(i.repository or "")
+                if i.kind == "tag":
+                    cur = snap.tags.get(i.name or "") if snap else None
+                    if cur is None or cur[0] != i.digest or cur[1] >= plan.cutoff:
+                        drop.add(i.key)
+                elif i.kind == "manifest":
+                    m = snap.revisions.get(i.digest or "") if snap else None
+                    if m is None or m >= plan.cutoff or i.digest in live.referenced.get(
+                            i.repository or "", ()):
+                        drop.add(i.key)
+            if len(drop) == before:
+                break
+        blob_keys = {i.digest for i in plan.items if i.kind == "blob"}
+        planned_links: dict[str | None, set[str | None]] = {}
+        for i in plan.items:
+            if i.kind == "link":
+                planned_links.setdefault(i.digest, set()).add(i.repository)
+        links_now: dict[str, set[str]] = {}
+        for r, s in live.snaps.items():
+            for d in s.layers:
+                links_now.setdefault(d, set()).add(r)
+        bad_blobs: set[str] = set()
+        for i in plan.items:
+            if i.kind != "blob" or i.key in drop:
+                continue
+            st = self.layout.blob_stat(str(i.digest))
+            if (st is None or st.st_mtime >= plan.cutoff or i.digest in live.protected
+                    or links_now.get(str(i.digest), set()) - planned_links.get(i.digest, set())):
+                bad_blobs.add(str(i.digest))
+                drop.add(i.key)
+        for i in plan.items:
+            if i.kind != "link" or i.key in drop:
+                continue
+            if i.digest in blob_keys:
+                if i.digest in bad_blobs:
+                    drop.add(i.key)
+            elif (self.layout.blob_stat(str(i.digest)) is not None
+                  or i.digest in live.protected):
+                drop.add(i.key)
+        dropped = 0
+        for i in plan.items:
+            if i.key in drop:
+                i.state, i.error = "kept", "changed or referenced again before quarantine"
+                dropped += 1
+        return dropped
+
+    # --- sweeping -------------------------------------------------------------
+    def assign_quarantine(self, run_id: int, items: list[Item]) -> None:
+        base = self.layout.quarantine / str(run_id)
+        for n, i in enumerate(items):
+            if i.state != "candidate":
+                continue
+            if i.kind == "blob":
+                i.quarantine = base / "blobs" / str(i.digest).replace(":", "-")
+            elif i.kind != "upload":
+                i.quarantine = base / i.kind / str(n)
+
+    def _changed(self, i: Item, cutoff: float, upload_cutoff: float) -> bool:
+        """Right-before-the-move re-check of one item."""
+        orig = i.original(self.layout)
+        try:
+            if i.kind == "blob":
+                return os.stat(orig / "data").st_mtime >= cutoff
+            if i.kind in ("link", "manifest"):
+                return os.stat(orig / "link").st_mtime >= cutoff
+            if i.kind == "tag":
+                d, m = read_link(orig / "current" / "link")
+                return d != i.digest or m >= cutoff
+            if i.kind == "upload":
+                return newest_mtime(orig)[0] >= upload_cutoff
+        except OSError:
+            return True
+        return True
+
+    def _move(self, i: Item, cutoff: float, upload_cutoff: float) -> Item:
+        if self._changed(i, cutoff, upload_cutoff):
+            i.state, i.error = "kept", "changed just before quarantine"
+            return i
+        try:
+            if i.kind == "upload":
+                shutil.rmtree(i.original(self.layout))
+                i.state = "deleted"
+                return i
+            assert i.quarantine is not None
+            i.quarantine.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(i.original(self.layout), i.quarantine)
+            i.state = "quarantined"
+        except FileNotFoundError:
+            i.state, i.error = "kept", "vanished before quarantine"
+        except OSError as exc:
+            i.state, i.error = "error", f"quarantine {i.key}: {exc}"
+        return i
+
+    def quarantine(self, plan: Plan) -> None:
+        """4. Tags, then manifests, then per blob: its links, then its data."""
+        todo = [i for i in plan.items if i.state == "candidate"]
+        for kind in ("tag", "manifest", "upload"):
+            list(self.pool.map(lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
+                               [i for i in todo if i.kind == kind]))
+        by_digest: dict[str, list[Item]] = {}
+        for i in todo:
+            if i.kind in ("blob", "link"):
+                by_digest.setdefault(str(i.digest), []).append(i)
+
+        def blob_group(group: list[Item]) -> None:
+            links = [i for i in group if i.kind == "link"]
+            blob = [i for i in group if i.kind == "blob"]
+            for link in links:
+                self._move(link, plan.cutoff, plan.upload_cutoff)
+            if blob:
+                if any(li.state == "kept" for li in links):
+                    blob[0].state, blob[0].error = "kept", "a link changed before quarantine"
+                else:
+                    self._move(blob[0], plan.cutoff, plan.upload_cutoff)
+
+        list(self.pool.map(blob_group, by_digest.values()))
+
+    def finalize(self, items: list[Item], cutoff: float) -> None:
+        """5 and 6: after the window, restore what is referenced again, delete the rest."""
+        pending = [i for i in items if i.state == "quarantined"]
+        if not pending:
+            return
+        self.cache.quarantined.update({str(i.digest): i.quarantine for i in pending
+                                       if i.kind == "blob" and i.quarantine is not None})
+        restore: set[str] = set()
+        q_mtime: dict[str, float] = {}
+        for i in pending:
+            q_mtime[i.key] = _quarantined_mtime(i)
+        tag_targets: set[tuple[str | None, str | None]] = set()
+        for i in pending:
+            if i.kind == "tag" and i.quarantine is not None:
+                orig = i.original(self.layout)
+                d, m = read_link(i.quarantine / "current" / "link")
+                if not orig.exists() and (d != i.digest or m >= cutoff):
+                    restore.add(i.key)          # re-tagged just before our move
+                    tag_targets.add((i.repository, d))
+        while True:
+            extra = tag_targets | {(i.repository, i.digest) for i in pending
+                                   if i.kind == "manifest" and i.key in restore}
+            live = self.live(set(), set(), extra)
+            before = len(restore)
+            for i in pending:
+                if i.kind == "manifest" and i.key not in restore and (
+                        q_mtime[i.key] >= cutoff
+                        or i.digest in live.referenced.get(i.repository or "", ())):
+                    restore.add(i.key)
+            if len(restore) == before:
+                break
+        blob_restore: set[str] = set()
+        by_digest: dict[str, list[Item]] = {}
+        for i in pending:
+            if i.kind in ("blob", "link"):
+                by_digest.setdefault(str(i.digest), []).append(i)
+        for digest, group in by_digest.items():
+            is_blob = any(i.kind == "blob" for i in group)
+            referenced = (digest in live.protected or digest in live.linked
+                          or any(q_mtime[i.key] >= cutoff for i in group))
+            if not is_blob:
+                referenced = referenced or self.layout.blob_stat(digest) is not None
+            if referenced:
+                blob_restore.add(digest)
+                restore.update(i.key for i in group)
+
+        def settle(i: Item) -> Item:
+            try:
+                if i.key in restore:
+                    _restore(i, i.original(self.layout))
+                    i.state = "restored"
+                else:
+                    shutil.rmtree(i.quarantine)  # type: ignore[arg-type]
+                    i.state = "deleted"
+                    self._count_deletion()
+            except _InjectedFault:
+                raise
+            except OSError as exc:
+                i.state, i.error = "error", f"settle {i.key}: {exc}"
+            return i
+
+        # restore first (shortest unavailability), then delete
+        first = [i for i in pending if i.key in restore]
+        rest = [i for i in pending if i.key not in restore]
+        list(self.pool.map(settle, first))
+        list(self.pool.map(settle, rest))
+
+    def _count_deletion(self) -> None:
+        self._deletions += 1
+        limit = self.opts.fault_after_deletions
+        if limit is not None and self._deletions >= limit:
+            raise _InjectedFault(f"injected fault after {self._deletions} deletions")
+
+    # --- resume -----------------------------------------------------------------
+    def load_unfinished(self) -> list[tuple[RunRecorder, list[Item], float]]:
+        """Interrupted runs: settle what the journal says and return quarantined items."""
+        if self.journal is None or not self.opts.resume:
+            return []
+        out = []
+        for run in unfinished_runs(self.journal, self.opts.site, "storage"):
+            rec = RunRecorder(self.journal, site=self.opts.site, mode="storage",
+                              policy=run.get("policy"), dry_run=False, run_id=run["id"])
+            info = get_run(self.journal, run["id"]) or {}
+            cutoff = float((info.get("mark_summary") or {}).get("cutoff", run["started_at"]))
+            items = [Item.from_row(r) for r in run_candidates(self.journal, run["id"])]
+            updates = []
+            for i in items:
+                q_exists = i.quarantine is not None and i.quarantine.exists()
+                if i.state == "candidate":
+                    i.state = "quarantined" if q_exists else "kept"
+                    if i.state == "kept":
+                        i.error = "run interrupted before quarantine"
+                elif i.state == "quarantined" and not q_exists:
+                    i.state = "restored" if i.original(self.layout).exists() else "deleted"
+                updates.append((i.kind, i.key, i.state, i.error))
+            rec.update_states(updates)
+            out.append((rec, items, cutoff))
+        return out
+
+
+class _InjectedFault(RuntimeError):
+    pass
+
+
+def _quarantined_mtime(i: Item) -> float:
+    q = i.quarantine
+    assert q is not None
+    name = {"blob": "data", "link": "link", "manifest": "link", "tag": "current/link"}[i.kind]
+    try:
+        return os.stat(q / name).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _restore(i: Item, orig: Path) -> None:
+    q = i.quarantine
+    assert q is not None
+    if orig.exists():                       # recreated meanwhile: theirs is as good as ours
+        shutil.rmtree(q)
+        return
+    if i.kind == "blob" and not (q / "data").exists():
+        shutil.rmtree(q)                    # a half-deleted copy is useless
+        return
+    orig.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(q, orig)
+
+
+def _tally(result: GCResult, items: list[Item]) -> None:
+    for i in items:
+        if i.state == "deleted":
+            if i.kind == "blob":
+                result.blobs_deleted += 1
+                result.bytes_reclaimed += i.bytes
+                result.deleted_blobs.add(str(i.digest))
+            elif i.kind == "manifest":
+                result.manifests_deleted += 1
+                result.deleted_manifests.add(i.key)
+            elif i.kind == "tag":
+                result.tags_deleted += 1
+                result.deleted_tags.add(i.key)
+            elif i.kind == "link":
+                result.links_deleted += 1
+            elif i.kind == "upload":
+                result.uploads_deleted += 1
+                result.bytes_reclaimed += i.bytes
+        elif i.state == "restored":
+            result.restored += 1
+        elif i.state == "error":
+            result.errors.append(i.error or f"{i.key}: error")
+
+
+async def collect_storage(root: str | Path, journal: Journal | None = None,
+                          options: StorageGCOptions | None = None, **kw: Any) -> GCResult:
+    """Run one storage GC (finishing any interrupted run first). Blocking filesystem work
+    runs on threads; the quarantine window is an asyncio sleep."""
+    opts = options or StorageGCOptions(**kw)
+    col = StorageCollector(root, journal, opts)
+    try:
+        return await _run(col, opts)
+    finally:
+        await asyncio.to_thread(col.close)
+
+
+def collect_storage_sync(root: str | Path, journal: Journal | None = None,
+                         options: StorageGCOptions | None = None, **kw: Any) -> GCResult:
+    """`collect_storage` for callers without an event loop (CLI, tests, benchmarks)."""
+    return asyncio.run(collect_storage(root, journal, options, **kw))
+
+
+async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
+    warnings = await asyncio.to_thread(col.preflight)
+    if not opts.dry_run:
+        await asyncio.to_thread(col.lock)
+    policy_names = ",".join(p.name for p in opts.policies) or None
+    result = GCResult(run_id=0, dry_run=opts.dry_run, warnings=warnings)
+
+    # finish interrupted runs first: their quarantined items get a full window
+    if not opts.dry_run:
+        for rec, items, cutoff in await asyncio.to_thread(col.load_unfinished):
+            result.resumed_runs.append(int(rec.run_id or 0))
+            if any(i.state == "quarantined" for i in items):
+                await asyncio.sleep(opts.quarantine_window)
+                await _settle(col, rec, items, cutoff, result)
+            sub = GCResult(run_id=int(rec.run_id or 0), dry_run=False)
+            _tally(sub, items)
+            rec.finish("done", sub.to_json())
+            _merge(result, sub)
+
+    rec = RunRecorder(col.journal, site=opts.site, mode="storage", policy=policy_names,
+                      dry_run=opts.dry_run)
+    result.run_id = await asyncio.to_thread(rec.start)
+    t = time.monotonic()
+    sweeping = False
+    try:
+        plan = await asyncio.to_thread(col.plan)
+        result.timings["mark"] = time.monotonic() - t
+        result.kept_by_recheck = await asyncio.to_thread(col.recheck, plan)
+        result.mark_summary = plan.mark_summary
+        result.timings["recheck"] = time.monotonic() - t - result.timings["mark"]
+        if opts.dry_run:
+            live = [i for i in plan.items if i.state == "candidate"]
+            await asyncio.to_thread(rec.add_candidates, [i.row() for i in plan.items])
+            await asyncio.to_thread(rec.set_state, "marking", mark_summary=plan.mark_summary)
+            for i in live:
+                i.state = "deleted"            # what the real run would do
+            _tally(result, live)
+            for i in live:
+                i.state = "candidate"
+            rec.finish("done", result.to_json())
+            return result
+        col.assign_quarantine(result.run_id, plan.items)
+        await asyncio.to_thread(rec.add_candidates, [i.row() for i in plan.items])
+        await asyncio.to_thread(rec.set_state, "sweeping", mark_summary=plan.mark_summary)
+        sweeping = True
+        t = time.monotonic()
+        await asyncio.to_thread(col.quarantine, plan)
+        result.timings["quarantine"] = time.monotonic() - t
+        await asyncio.to_thread(
+            rec.update_states, [(i.kind, i.key, i.state, i.error) for i in plan.items
+                                if i.state != "candidate"])
+        result.quarantined = sum(1 for i in plan.items if i.state == "quarantined")
+        result.kept_by_recheck += sum(1 for i in plan.items if i.state == "kept"
+                                      and i.error == "changed just before quarantine")
+        if result.quarantined:
+            await asyncio.sleep(opts.quarantine_window)
+        t = time.monotonic()
+        await _settle(col, rec, plan.items, plan.cutoff, result)
+        result.timings["settle"] = time.monotonic() - t
+        _tally(result, plan.items)
+        rec.finish("done", result.to_json())
+        return result
+    except BaseException as exc:
+        # A run that already moved things stays 'sweeping' so the next run resumes it;
+        # one that failed while only reading is simply failed.
+        log.error("storage gc run %s failed: %s", result.run_id, exc)
+        if not sweeping:
+            result.errors.append(f"{type(exc).__name__}: {exc}")
+            await asyncio.to_thread(rec.finish, "failed", result.to_json())
+        raise
+
+
+async def _settle(col: StorageCollector, rec: RunRecorder, items: list[Item], cutoff: float,
+                  result: GCResult) -> None:
+    try:
+        await asyncio.to_thread(col.finalize, items, cutoff)
+    finally:
+        await asyncio.to_thread(
+            rec.update_states, [(i.kind, i.key, i.state, i.error) for i in items
+                                if i.state in ("deleted", "restored", "error")])
+        q = col.layout.quarantine
+        for run_dir in (q / str(rec.run_id),):
+            _prune_empty(run_dir)
+
+
+def _prune_empty(path: Path) -> None:
+    if not path.is_dir():
+        return
+    for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda x: -len(x[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+
+
+def _merge(into: GCResult, sub: GCResult) -> None:
+    for f in ("manifests_deleted", "tags_deleted", "blobs_deleted", "links_deleted",
+              "uploads_deleted", "bytes_reclaimed", "restored"):
+        setattr(into, f, getattr(into, f) + getattr(sub, f))
+    into.errors += sub.errors
+    into.deleted_blobs |= sub.deleted_blobs
+
+
+__all__ = [
+    "GCLocked", "GCResult", "OnlineGCRefused", "StorageCollector", "StorageGCOptions",
+    "check_registry_config", "collect_storage", "collect_storage_sync",
+]
