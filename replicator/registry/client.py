@@ -537,7 +537,7 @@ class RegistryClient:
         except _TransientStatus as exc:
             raise RetryableError(exc.message, site=self.site.name, repository=target[0],
                                  reference=target[1], status=exc.status) from None
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, ssl.SSLError) as exc:
             raise self._transport_error(exc, method, url, target) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -616,10 +616,13 @@ class RegistryClient:
             return DigestMismatch(message, **kw)
         return RegistryError(message, **kw)
 
-    def _transport_error(self, exc: httpx.TransportError, method: str, url: str,
+    def _transport_error(self, exc: httpx.TransportError | ssl.SSLError, method: str, url: str,
                          target: Target) -> RegistryError:
         kw: dict[str, Any] = dict(site=self.site.name, repository=target[0],
                                   reference=target[1])
+        if isinstance(exc, ssl.SSLError):       # e.g. the registry refused our certificate
+            return RegistryUnavailable(f"TLS failure talking to {self.site.url}: "
+                                       f"{_exc_text(exc)}", **kw)
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return RegistryUnavailable(f"cannot connect to {self.site.url}: {_exc_text(exc)}",
                                        **kw)
