@@ -475,11 +475,15 @@ def _opt_text(value: Any, where: str) -> str | None:
     """A short free-text field (actor, source): plain printable text, else refused."""
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or len(value) > _MAX_TEXT or not value.isprintable() \
-            or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
-        raise WebhookError(400, f"{where}: must be printable text of at most {_MAX_TEXT} "
-                           "characters")
-    return value
+    if isinstance(value, str) and len(value) <= _MAX_TEXT and value.isprintable():
+        try:
+            value.encode("utf-8")   # a lone surrogate (valid in JSON) cannot be stored
+        except UnicodeEncodeError:
+            pass
+        else:
+            return value
+    raise WebhookError(400, f"{where}: must be printable text of at most {_MAX_TEXT} "
+                       "characters")
 
 
 def _opt_time(value: Any, where: str) -> float | None:
