@@ -135,8 +135,11 @@ class BlobStream:
 class RegistryClient:
     """Talks to one registry (`site`); use as `async with RegistryClient(site) as c:`.
 
-    Holding an `open_blob` stream occupies one of the `site.concurrency`
-    slots until it is closed.
+    `site.concurrency` bounds requests being sent or awaiting their answer
+    (an upload holds its slot while its body streams). An open download
+    stream does not hold a slot: clients shared between sites that replicate
+    both ways would otherwise deadlock, each side's downloads waiting on
+    uploads that wait for the other side's slots.
     """
 
     def __init__(self, site: SiteEndpoint, *, retries: int = 5, timeout: float = 60.0,
@@ -260,16 +263,15 @@ class RegistryClient:
                         verify: bool = True) -> AsyncIterator[BlobStream]:
         """Stream a blob (from `offset` with a Range request), following redirects."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        async with self._slots:
-            resp = await self._request("GET", self._blob_url(repo, digest), (repo, digest),
-                                       scopes_for("GET", repo), headers=headers,
-                                       ok=(200, 206), stream=True, follow_redirects=True,
-                                       hold_slot=False, timeout=self._blob_timeout)
-            try:
-                size, skip = _stream_extent(resp, offset)
-                yield BlobStream(self, resp, repo, digest, offset, size, skip, verify)
-            finally:
-                await resp.aclose()
+        resp = await self._request("GET", self._blob_url(repo, digest), (repo, digest),
+                                   scopes_for("GET", repo), headers=headers,
+                                   ok=(200, 206), stream=True, follow_redirects=True,
+                                   timeout=self._blob_timeout)
+        try:
+            size, skip = _stream_extent(resp, offset)
+            yield BlobStream(self, resp, repo, digest, offset, size, skip, verify)
+        finally:
+            await resp.aclose()
 
     async def get_blob(self, repo: str, digest: str) -> bytes:
         """A small blob (config, signature payload) in memory, digest-verified."""
@@ -508,7 +510,7 @@ class RegistryClient:
                        headers: Mapping[str, str] | None = None, content: Any = None,
                        params: Mapping[str, str] | None = None, ok: tuple[int, ...] = (200,),
                        allow_404: bool = False, pass_4xx: bool = False, stream: bool = False,
-                       follow_redirects: bool = False, hold_slot: bool = True,
+                       follow_redirects: bool = False,
                        replayable: bool = True, attempts: int | None = None,
                        timeout: httpx.Timeout | None = None) -> httpx.Response:
         """Send with auth, limits and retries; return responses in `ok` (and 404 when
@@ -533,7 +535,7 @@ class RegistryClient:
                 with attempt:
                     return await self._attempt(
                         method, url, target, scopes, headers, content, params, ok, allow_404,
-                        pass_4xx, stream, follow_redirects, hold_slot, replayable, timeout)
+                        pass_4xx, stream, follow_redirects, replayable, timeout)
         except _TransientStatus as exc:
             raise RetryableError(exc.message, site=self.site.name, repository=target[0],
                                  reference=target[1], status=exc.status) from None
@@ -544,7 +546,7 @@ class RegistryClient:
     async def _attempt(self, method: str, url: str, target: Target, scopes: tuple[str, ...],
                        headers: Mapping[str, str] | None, content: Any,
                        params: Mapping[str, str] | None, ok: tuple[int, ...], allow_404: bool,
-                       pass_4xx: bool, stream: bool, follow_redirects: bool, hold_slot: bool,
+                       pass_4xx: bool, stream: bool, follow_redirects: bool,
                        replayable: bool, timeout: httpx.Timeout | None) -> httpx.Response:
         key = self._auth.effective_scopes(scopes)
         for auth_round in (0, 1):
@@ -552,7 +554,7 @@ class RegistryClient:
             request = self._http.build_request(
                 method, url, params=params, headers={**(headers or {}), **auth},
                 content=content, timeout=timeout or self._timeout)
-            resp = await self._send(request, stream, follow_redirects, hold_slot)
+            resp = await self._send(request, stream, follow_redirects)
             if resp.status_code != 401:
                 break
             challenge = self._auth.learn(resp)
@@ -585,16 +587,12 @@ class RegistryClient:
                                    parse_retry_after(resp.headers.get("retry-after")))
         raise self._status_error(status, message, body, target)
 
-    async def _send(self, request: httpx.Request, stream: bool, follow_redirects: bool,
-                    hold_slot: bool) -> httpx.Response:
+    async def _send(self, request: httpx.Request, stream: bool,
+                    follow_redirects: bool) -> httpx.Response:
         if self._bucket:
             await self._bucket.acquire()
         self.stats["requests"] += 1
-        if hold_slot:
-            async with self._slots:
-                resp = await self._http.send(request, stream=stream,
-                                             follow_redirects=follow_redirects)
-        else:
+        async with self._slots:
             resp = await self._http.send(request, stream=stream,
                                          follow_redirects=follow_redirects)
         log.debug("%s: %s %s -> %d", self.site.name, request.method, request.url.path,
