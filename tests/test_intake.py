@@ -23,7 +23,7 @@ from replicator.daemon.eventstore import (
     mark_events,
     record_events,
 )
-from replicator.daemon.intake import SiteIntake, create_app
+from replicator.daemon.intake import GroupCommit, SiteIntake, create_app
 from replicator.daemon.metrics import METRICS, Counter, Gauge, Histogram, Metrics
 from replicator.events import DISTRIBUTION_EVENTS_V1, RegistryEvent, parse_webhook
 from replicator.journal import Journal
@@ -183,6 +183,26 @@ async def test_concurrent_posts_share_commits(intake, client, journal):
     assert all(r.status_code == 202 for r in rs)
     assert journaled(journal) == n == len(intake.handed)
     assert intake.app.state.group_commit.commits < n
+
+
+async def test_group_commit_isolates_a_failing_request(journal):
+    gc = GroupCommit(journal)
+    good = [RegistryEvent(id=f"g{i}", site="eu", action="push", repository="a/b", digest=D1)
+            for i in range(2)]
+    broken = RegistryEvent(id="b", site=None, action="push", repository="a/b")  # type: ignore[arg-type]
+    results = await asyncio.gather(gc.record([good[0]]), gc.record([broken]),
+                                   gc.record([good[1]]), return_exceptions=True)
+    assert results[0] == [good[0]] and results[2] == [good[1]]
+    assert isinstance(results[1], Exception) and "NOT NULL" in str(results[1])
+    assert journaled(journal) == 2 and gc.commits == 2   # batch failed, then one by one
+
+
+def test_site_intake_refuses_empty_token_and_hides_it():
+    with pytest.raises(ValueError, match="empty webhook token"):
+        SiteIntake("eu", " ")
+    with pytest.raises(ValueError, match="invalid intake site"):
+        SiteIntake("a/b")
+    assert TOKEN not in repr(SiteIntake("eu", TOKEN))
 
 
 async def test_concurrent_duplicates_hand_on_exactly_once(intake, client, journal):

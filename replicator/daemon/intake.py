@@ -56,6 +56,13 @@ class SiteIntake:
     name: str
     token: str | None = None
 
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"invalid intake site name {self.name!r}")
+        if self.token is not None and not self.token.strip():
+            # an empty token would let a bare "Authorization: Bearer" through
+            raise ValueError(f"site {self.name}: empty webhook token; use None for no auth")
+
     def __repr__(self) -> str:   # never print the token
         return f"SiteIntake(name={self.name!r}, token={'***' if self.token else None})"
 
@@ -81,20 +88,30 @@ class GroupCommit:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                results = await self.journal.run(record_event_batches, self.journal,
-                                                 [events for events, _ in batch])
-            except BaseException as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception)
-                                             else asyncio.CancelledError())
-                if not isinstance(exc, Exception):
-                    raise
-            else:
-                self.commits += 1
-                for (_, future), fresh in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(fresh)
+                await self._commit(batch)
+            except BaseException:   # cancelled: nobody may wait forever
+                for _, future in batch + self._pending:
+                    future.cancel()
+                self._pending = []
+                raise
+
+    async def _commit(self, batch: list[tuple[Sequence[RegistryEvent], asyncio.Future]]) -> None:
+        try:
+            results = await self.journal.run(record_event_batches, self.journal,
+                                             [events for events, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(exc)
+                return
+            # one request's events must not fail the others: retry them one by one
+            for item in batch:
+                await self._commit([item])
+            return
+        self.commits += 1
+        for (_, future), fresh in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(fresh)
 
 
 def create_app(*, sites: Mapping[str, SiteIntake], journal: Journal,
