@@ -9,4 +9,5 @@ COMMAND_MODULES = [
     "check",
     "config_schema",
     "copy",
+    "sync",
 ]

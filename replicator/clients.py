@@ -1,0 +1,47 @@
+"""One RegistryClient per configured site, opened on first use and closed together.
+
+Sharing clients means sharing each site's concurrency and rate limits across
+every rule, sync and task that talks to it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from replicator.registry.client import RegistryClient
+
+if TYPE_CHECKING:
+    from replicator.config import Config
+
+
+class ClientPool:
+    def __init__(self, config: Config, *, retries: int = 5,
+                 backoff_base: float | None = None) -> None:
+        self.config = config
+        self._retries = retries
+        self._backoff_base = backoff_base
+        self._clients: dict[str, RegistryClient] = {}
+
+    def get(self, site: str) -> RegistryClient:
+        client = self._clients.get(site)
+        if client is None:
+            kwargs: dict = {"retries": self._retries}
+            if self._backoff_base is not None:
+                kwargs["backoff_base"] = self._backoff_base
+            client = RegistryClient(self.config.site_endpoint(site), **kwargs)
+            self._clients[site] = client
+        return client
+
+    def __getitem__(self, site: str) -> RegistryClient:
+        return self.get(site)
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    async def __aenter__(self) -> ClientPool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

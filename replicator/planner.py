@@ -1,0 +1,99 @@
+"""Reconcile planning: what one rule needs done at one target. Pure: no I/O.
+
+Inputs are what was observed (source tag -> digest, target tag -> digest or
+absent); the output is a list of actions. Keeping this pure lets the dry run
+print exactly the plan the real run executes, and lets tests cover every
+branch without a registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from replicator.config import Rule
+from replicator.rules import select_tags, tag_passes
+
+ActionKind = Literal["copy", "delete", "conflict", "up-to-date"]
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    rule: str
+    source_site: str
+    target_site: str
+    repository: str           # at the source
+    target_repository: str
+    tag: str
+    source_digest: str | None  # None for deletes
+    target_digest: str | None  # None when absent at the target
+    reason: str = ""
+
+    def describe(self) -> str:
+        src = f"{self.source_site}/{self.repository}:{self.tag}"
+        dst = f"{self.target_site}/{self.target_repository}:{self.tag}"
+        if self.kind == "copy":
+            what = "new" if self.target_digest is None else f"was {_short(self.target_digest)}"
+            return f"copy     {src} -> {dst} ({_short(self.source_digest)}, {what})"
+        if self.kind == "delete":
+            return f"delete   {dst} ({_short(self.target_digest)}; {self.reason})"
+        if self.kind == "conflict":
+            return (f"conflict {dst} is {_short(self.target_digest)}, source has "
+                    f"{_short(self.source_digest)} (overwrite: false)")
+        return f"ok       {dst}"
+
+
+def _short(digest: str | None) -> str:
+    return digest[:19] if digest else "-"
+
+
+def selected_tags(rule: Rule, source_tags: Mapping[str, str],
+                  pushed_at: Mapping[str, float] | None = None) -> list[str]:
+    """The source tags the rule replicates (include/exclude/semver/latest-N)."""
+    return select_tags(list(source_tags), rule.tags, dict(pushed_at) if pushed_at else None)
+
+
+def plan_target(rule: Rule, target_site: str, repository: str, target_repository: str,
+                source_tags: Mapping[str, str], selected: list[str],
+                target_tags: Mapping[str, str | None],
+                target_all_tags: Mapping[str, str] | None = None) -> list[Action]:
+    """Plan one (rule, repository, target).
+
+    `target_tags` maps each selected tag to the target's digest (None: absent).
+    `target_all_tags` (every tag at the target with its digest) is needed only
+    when the rule propagates deletes: a target tag the rule covers that the
+    source no longer has is deleted, unless its digest is still needed by a tag
+    that stays (registries delete manifests by digest, taking every tag along).
+    """
+    actions: list[Action] = []
+
+    def act(kind: ActionKind, tag: str, src: str | None, dst: str | None,
+            reason: str = "") -> None:
+        actions.append(Action(kind, rule.name, rule.from_, target_site, repository,
+                              target_repository, tag, src, dst, reason))
+
+    for tag in selected:
+        src_digest = source_tags[tag]
+        dst_digest = target_tags.get(tag)
+        if dst_digest == src_digest:
+            act("up-to-date", tag, src_digest, dst_digest)
+        elif dst_digest is None or rule.overwrite:
+            act("copy", tag, src_digest, dst_digest)
+        else:
+            act("conflict", tag, src_digest, dst_digest)
+
+    if rule.deletes and target_all_tags:
+        gone = [t for t, d in target_all_tags.items()
+                if t not in source_tags and tag_passes(rule.tags, t)]
+        staying_digests = {d for t, d in target_all_tags.items() if t not in gone}
+        staying_digests |= {source_tags[t] for t in selected}
+        for tag in sorted(gone):
+            digest = target_all_tags[tag]
+            if digest in staying_digests:
+                act("conflict", tag, None, digest,
+                    "not deleted: another tag that stays points at the same digest")
+            else:
+                act("delete", tag, None, digest, "gone from the source")
+    return actions

@@ -1,0 +1,280 @@
+"""Reconcile: bring every target up to date with its rules, once.
+
+Observe (catalog, tags, one HEAD per tag on each side), plan (pure, in
+replicator.planner), then execute through the copy engine with bounded
+concurrency. The same function serves `registry-replicator sync`, the daemon's
+periodic reconcile, and failover catch-up. A dry run stops after planning, so
+it prints exactly what the real run would do.
+
+Nothing here needs to be undone after a crash: copies are idempotent (blobs
+already at the target are skipped), so the next run simply finishes the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from replicator.clients import ClientPool
+from replicator.config import Config, Rule
+from replicator.copy import CopyEngine, CopyOptions, CopyStats
+from replicator.journal import Journal
+from replicator.manifest import Descriptor
+from replicator.planner import Action, plan_target, selected_tags
+from replicator.registry.errors import RegistryError
+from replicator.rules import effective_rules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncReport:
+    dry_run: bool = False
+    actions: list[Action] = field(default_factory=list)
+    stats: CopyStats = field(default_factory=CopyStats)
+    deleted: int = 0
+    failures: list[str] = field(default_factory=list)
+    target_requests: dict[str, int] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, object]:
+        kinds = [a.kind for a in self.actions]
+        return {
+            "dry_run": self.dry_run,
+            "planned_copies": kinds.count("copy"),
+            "planned_deletes": kinds.count("delete"),
+            "copied": self.stats.copied,
+            "skipped": kinds.count("up-to-date") + self.stats.skipped,
+            "failed": len(self.failures),
+            "deleted": self.deleted,
+            "conflicts": kinds.count("conflict") + self.stats.conflicts,
+            "blobs_uploaded": self.stats.blobs_uploaded,
+            "blobs_mounted": self.stats.blobs_mounted,
+            "blobs_existing": self.stats.blobs_existing,
+            "bytes_uploaded": self.stats.bytes_uploaded,
+        }
+
+
+def active_failovers(journal: Journal) -> list[tuple[str, str]]:
+    rows = journal.query("SELECT lost_site, promoted_site FROM failovers WHERE active = 1 "
+                         "ORDER BY id")
+    return [(r["lost_site"], r["promoted_site"]) for r in rows]
+
+
+async def rules_in_force(config: Config, journal: Journal | None) -> list[Rule]:
+    """Configured rules, rewritten by any failover recorded in the journal."""
+    if journal is None:
+        return list(config.rules)
+    failovers = await journal.run(active_failovers, journal)
+    return effective_rules(config, failovers)
+
+
+class Reconciler:
+    """Runs sync passes; holds the shared clients and copy engine."""
+
+    def __init__(self, config: Config, journal: Journal | None, pool: ClientPool,
+                 engine: CopyEngine, *, parallel: int = 16,
+                 on_action: Callable[[Action, str], None] | None = None) -> None:
+        self.config = config
+        self.journal = journal
+        self.pool = pool
+        self.engine = engine
+        self.parallel = parallel
+        self.on_action = on_action
+        self._lookups = asyncio.Semaphore(parallel)
+
+    async def run(self, rule_names: Sequence[str] | None = None, *, dry_run: bool = False,
+                  rules: Sequence[Rule] | None = None) -> SyncReport:
+        report = SyncReport(dry_run=dry_run)
+        if rules is None:
+            rules = await rules_in_force(self.config, self.journal)
+        if rule_names:
+            unknown = set(rule_names) - {r.name for r in rules}
+            if unknown:
+                from replicator.errors import UsageError
+
+                raise UsageError(f"unknown rule(s): {', '.join(sorted(unknown))}; known: "
+                                 f"{', '.join(r.name for r in rules)}")
+            rules = [r for r in rules if r.name in rule_names]
+        run_id = await self._start_run(rule_names, dry_run)
+        targets_before = self._request_counts(rules)
+        ok = False
+        try:
+            for rule in rules:
+                await self._sync_rule(rule, report)
+            ok = True
+        finally:
+            after = self._request_counts(rules)
+            report.target_requests = {s: after[s] - targets_before.get(s, 0) for s in after}
+            await self._finish_run(run_id, report, ok)
+        return report
+
+    # ----------------------------------------------------------------- observe
+    async def _sync_rule(self, rule: Rule, report: SyncReport) -> None:
+        src = self.pool[rule.from_]
+        try:
+            repos = [r for r in await src.catalog() if rule.matches_repository(r)]
+        except RegistryError as exc:
+            report.failures.append(f"rule {rule.name}: listing {rule.from_}: {exc}")
+            return
+        await _bounded((self._sync_repo(rule, repo, report) for repo in repos), self.parallel)
+
+    async def _sync_repo(self, rule: Rule, repo: str, report: SyncReport) -> None:
+        src = self.pool[rule.from_]
+        try:
+            tags = await src.list_tags(repo)
+            pushed_at = await self._pushed_at(rule.from_, repo)
+            wanted = selected_tags(rule, dict.fromkeys(tags, ""), pushed_at)
+            digests = await self._head_all(src, repo, wanted)
+        except RegistryError as exc:
+            report.failures.append(f"rule {rule.name}: {rule.from_}/{repo}: {exc}")
+            return
+        source_tags = {t: d for t, d in digests.items() if d is not None}
+        selected = [t for t in wanted if t in source_tags]  # a tag may vanish meanwhile
+        all_source = dict.fromkeys(tags, "") | source_tags  # for delete decisions
+        await self._record_inventory(rule.from_, repo, source_tags)
+        await asyncio.gather(*(self._sync_target(rule, repo, target, all_source, source_tags,
+                                                 selected, report) for target in rule.to))
+
+    async def _sync_target(self, rule: Rule, repo: str, target: str,
+                           all_source: dict[str, str], source_tags: dict[str, str],
+                           selected: list[str], report: SyncReport) -> None:
+        dst = self.pool[target]
+        try:
+            target_repo = rule.map_repository(repo)
+            target_tags = await self._head_all(dst, target_repo, selected)
+            everything = None
+            if rule.deletes:
+                listed = await dst.list_tags(target_repo)
+                rest = [t for t in listed if t not in target_tags]
+                everything = {t: d for t, d in
+                              ({**target_tags, **await self._head_all(dst, target_repo, rest)}
+                               ).items() if d is not None}
+        except RegistryError as exc:
+            report.failures.append(f"rule {rule.name}: {target}/{repo}: {exc}")
+            return
+        plan_source = {t: source_tags.get(t) or all_source[t] for t in all_source}
+        actions = plan_target(rule, target, repo, target_repo, plan_source, selected,
+                              target_tags, everything)
+        report.actions.extend(actions)
+        for action in actions:
+            if self.on_action and action.kind != "up-to-date":
+                self.on_action(action, "planned")
+        if not report.dry_run:
+            await _bounded((self._execute(rule, a, report) for a in actions
+                            if a.kind in ("copy", "delete")), self.parallel)
+
+    async def _head_all(self, client, repo: str, tags: Iterable[str]) -> dict[str, str | None]:
+        async def one(tag: str) -> tuple[str, str | None]:
+            async with self._lookups:
+                desc = await client.head_manifest(repo, tag)
+            return tag, desc.digest if desc else None
+
+        return dict(await asyncio.gather(*(one(t) for t in tags)))
+
+    # ----------------------------------------------------------------- execute
+    async def _execute(self, rule: Rule, action: Action, report: SyncReport) -> None:
+        src, dst = self.pool[action.source_site], self.pool[action.target_site]
+        if action.kind == "delete":
+            try:
+                await dst.delete_manifest(action.target_repository, action.target_digest)
+                report.deleted += 1
+                status = "deleted"
+            except RegistryError as exc:
+                report.failures.append(f"delete {action.target_site}/"
+                                       f"{action.target_repository}:{action.tag}: {exc}")
+                status = "failed"
+            if self.on_action:
+                self.on_action(action, status)
+            return
+        current = (Descriptor("", action.target_digest, 0) if action.target_digest else None)
+        options = CopyOptions(platforms=rule.platform_list or None, referrers=rule.referrers,
+                              overwrite=rule.overwrite)
+        result = await self.engine.copy(src, action.repository, action.source_digest, dst,
+                                        action.target_repository, tag=action.tag,
+                                        options=options, target_current=current)
+        report.stats.add(result.stats)
+        if result.status == "failed":
+            report.failures.append(f"{result.source} -> {result.target}: {result.error}")
+        elif result.status == "copied":
+            await self._record_replicated(action, result.digest)
+        if self.on_action:
+            self.on_action(action, result.status)
+
+    # ----------------------------------------------------------------- journal
+    def _request_counts(self, rules: Sequence[Rule]) -> dict[str, int]:
+        sites = {t for r in rules for t in r.to}
+        return {s: self.pool[s].stats.get("requests", 0) for s in sites}
+
+    async def _pushed_at(self, site: str, repo: str) -> dict[str, float]:
+        if self.journal is None:
+            return {}
+        rows = await self.journal.run(
+            self.journal.query,
+            "SELECT tag, COALESCE(pushed_at, first_seen) AS t FROM inventory_tags "
+            "WHERE site = ? AND repository = ?", (site, repo))
+        return {r["tag"]: r["t"] for r in rows}
+
+    async def _record_inventory(self, site: str, repo: str, tags: dict[str, str]) -> None:
+        if self.journal is None or not tags:
+            return
+        now = time.time()
+        journal = self.journal
+
+        def write() -> None:
+            with journal.transaction() as conn:
+                conn.executemany(
+                    "INSERT INTO inventory_tags(site, repository, tag, digest, first_seen) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(site, repository, tag) DO UPDATE SET "
+                    "digest = excluded.digest, first_seen = CASE WHEN inventory_tags.digest = "
+                    "excluded.digest THEN inventory_tags.first_seen ELSE excluded.first_seen END",
+                    [(site, repo, t, d, now) for t, d in tags.items()])
+
+        await journal.run(write)
+
+    async def _record_replicated(self, action: Action, digest: str | None) -> None:
+        if self.journal is None or not digest:
+            return
+        await self.journal.run(
+            self.journal.execute,
+            "INSERT OR REPLACE INTO replicated(target_site, repository, digest, source_site, at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (action.target_site, action.target_repository, digest, action.source_site,
+             time.time()))
+
+    async def _start_run(self, rule_names: Sequence[str] | None, dry_run: bool) -> int | None:
+        if self.journal is None:
+            return None
+        journal = self.journal
+
+        def insert() -> int:
+            with journal.transaction() as conn:
+                cur = conn.execute(
+                    "INSERT INTO sync_runs(rule, started_at, dry_run, state) "
+                    "VALUES (?, ?, ?, 'running')",
+                    (",".join(rule_names) if rule_names else None, time.time(), int(dry_run)))
+                return int(cur.lastrowid)
+
+        return await journal.run(insert)
+
+    async def _finish_run(self, run_id: int | None, report: SyncReport, ok: bool) -> None:
+        if self.journal is None or run_id is None:
+            return
+        state = "done" if ok and not report.failures else "failed"
+        await self.journal.run(
+            self.journal.execute,
+            "UPDATE sync_runs SET finished_at = ?, state = ?, result = ? WHERE id = ?",
+            (time.time(), state, json.dumps(report.counts()), run_id))
+
+
+async def _bounded(coros: Iterable, limit: int) -> None:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def run(coro) -> None:
+        async with semaphore:
+            await coro
+
+    await asyncio.gather(*(run(c) for c in coros))
