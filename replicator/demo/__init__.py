@@ -1,0 +1,1 @@
+"""The embedded demo: local registries as regions, replication and GC end to end."""
