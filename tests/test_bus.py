@@ -1,0 +1,322 @@
+"""The event bus: JSON wire format, the in-process bus, and MqttBus on a real Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+import aiomqtt
+import pytest
+
+from replicator.daemon.bus import (
+    BusClosed,
+    BusError,
+    BusUnavailable,
+    InProcessBus,
+    MqttBus,
+    event_from_json,
+    event_to_json,
+)
+from replicator.errors import ConfigError
+from replicator.events import RegistryEvent
+from tests.harness.mosquitto import Mosquitto
+from tests.harness.util import async_wait_until, free_port
+
+DIGEST = "sha256:" + "ab" * 32
+TRACE = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+         "tracestate": "vendor=1"}
+
+
+def event(i: int = 0, site: str = "eu", repository: str = "team/app") -> RegistryEvent:
+    return RegistryEvent(id=f"ev-{i}", site=site, action="push", repository=repository,
+                         tag=f"v{i}", digest=DIGEST, media_type=(
+                             "application/vnd.oci.image.manifest.v1+json"),
+                         size=1234, occurred_at=1_700_000_000.5, is_manifest=True,
+                         actor="ci", source_instance="inst-1")
+
+
+class Collector:
+    """A handler that records (event, trace context) pairs."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[RegistryEvent, dict[str, str]]] = []
+
+    async def __call__(self, ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        self.got.append((ev, ctx))
+
+    @property
+    def ids(self) -> list[str]:
+        return [ev.id for ev, _ in self.got]
+
+    async def wait_for(self, n: int, timeout: float = 10.0) -> None:
+        async def enough() -> bool:
+            return len(set(self.ids)) >= n
+        await async_wait_until(enough, timeout=timeout, what=f"{n} events")
+
+
+def mqtt(broker: Mosquitto, client_id: str, **kw) -> MqttBus:
+    kw.setdefault("reconnect_base", 0.05)
+    kw.setdefault("reconnect_max", 0.5)
+    return MqttBus(broker.url, "registry/events", client_id, **kw)
+
+
+# --- wire format ---------------------------------------------------------------------
+
+def test_event_json_round_trip_and_validation():
+    ev = event(3)
+    assert event_from_json(event_to_json(ev)) == ev
+    assert event_from_json(event_to_json(ev).encode()) == ev
+    minimal = RegistryEvent(id="x", site="s", action="delete", repository="r", tag="t")
+    assert event_from_json(event_to_json(minimal)) == minimal
+    assert event_from_json('{"id":"x","site":"s","action":"pull","repository":"r",'
+                           '"new_field":1}').action == "pull"
+    for bad, field in [('{"site":"s","action":"push","repository":"r"}', "event.id"),
+                       ('{"id":"x","site":"s","action":"copy","repository":"r"}', "action"),
+                       ('{"id":"x","site":"s","action":"push","repository":"Bad Repo"}',
+                        "repository"),
+                       ('{"id":"x","site":"s","action":"push","repository":"r",'
+                        '"digest":"md5:1"}', "digest"),
+                       ('{"id":"x","site":"s","action":"push","repository":"r","size":-1}',
+                        "size"),
+                       ('{"v":2,"id":"x"}', "version"), ("[1]", "object"), ("{", "JSON")]:
+        with pytest.raises(BusError, match=field):
+            event_from_json(bad)
+
+
+# --- in process ------------------------------------------------------------------------
+
+async def test_in_process_bus_delivers_in_order_with_trace_context_and_retries():
+    bus = InProcessBus(handler_backoff_base=0.01, handler_backoff_max=0.02)
+    got = Collector()
+    failures = Counter[str]()
+
+    async def flaky(ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        if ev.id == "ev-1" and failures[ev.id] < 2:
+            failures[ev.id] += 1
+            raise OSError("journal busy")
+        await got(ev, ctx)
+
+    await bus.publish(event(0), TRACE)  # before start: queued, not lost
+    await bus.start(flaky)
+    for i in range(1, 4):
+        await bus.publish(event(i), {})
+    assert bus.connected
+    await bus.stop()  # drains first
+    assert got.ids == ["ev-0", "ev-1", "ev-2", "ev-3"]
+    assert got.got[0][1] == TRACE and failures["ev-1"] == 2
+    assert not bus.connected
+    with pytest.raises(BusClosed):
+        await bus.publish(event(9))
+
+
+# --- MQTT ------------------------------------------------------------------------------
+
+async def test_publish_reaches_handler_with_trace_context_on_site_repository_topic(mosquitto):
+    watcher_got: list[aiomqtt.Message] = []
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as watcher:
+        await watcher.subscribe("registry/events/#", qos=1)
+        bus = mqtt(mosquitto, "daemon-1")
+        got = Collector()
+        await bus.start(got)
+        await bus.wait_connected(timeout=10)
+        assert bus.connected and bus.manual_ack
+        await bus.publish(event(1), TRACE)
+        await bus.publish(event(2, site="us", repository="a/b/c"), {})
+        await got.wait_for(2)
+        async with asyncio.timeout(5):
+            async for message in watcher.messages:
+                watcher_got.append(message)
+                if len(watcher_got) == 2:
+                    break
+        await bus.stop()
+    assert got.got[0] == (event(1), TRACE)
+    assert got.got[1] == (event(2, site="us", repository="a/b/c"), {})
+    assert [str(m.topic) for m in watcher_got] == ["registry/events/eu/team/app",
+                                                   "registry/events/us/a/b/c"]
+    assert event_from_json(watcher_got[0].payload) == event(1)
+    with pytest.raises(BusClosed):
+        await bus.publish(event(3))
+
+
+async def test_a_subscriber_that_was_down_receives_what_it_missed(mosquitto):
+    first = mqtt(mosquitto, "planner")
+    await first.start(Collector())
+    await first.wait_connected(timeout=10)  # the broker now holds a session + subscription
+    await first.stop()
+
+    publisher = mqtt(mosquitto, "intake")
+    for i in range(5):
+        await publisher.publish(event(i))
+    await publisher.stop()
+
+    again = mqtt(mosquitto, "planner")
+    got = Collector()
+    await again.start(got)
+    await got.wait_for(5)
+    await again.stop()
+    assert sorted(got.ids) == [f"ev-{i}" for i in range(5)]
+
+
+async def test_an_event_whose_handler_did_not_finish_is_delivered_again(mosquitto):
+    """Ack only after the handler returns: a stop (or crash) mid-handler loses nothing."""
+    stuck = asyncio.Event()
+
+    async def hangs(ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        stuck.set()
+        await asyncio.Event().wait()
+
+    first = mqtt(mosquitto, "planner", stop_timeout=0.2)
+    await first.start(hangs)
+    await first.wait_connected(timeout=10)
+    await first.publish(event(7), TRACE)
+    await asyncio.wait_for(stuck.wait(), 10)
+    await first.stop()  # the handler is cancelled; the message was never acked
+
+    again = mqtt(mosquitto, "planner")
+    got = Collector()
+    await again.start(got)
+    await got.wait_for(1)
+    await again.stop()
+    assert got.got[0] == (event(7), TRACE)
+
+
+async def test_handler_failures_are_retried_before_the_ack(mosquitto):
+    calls = Counter[str]()
+    done = Collector()
+
+    async def flaky(ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        calls[ev.id] += 1
+        if calls[ev.id] < 3:
+            raise OSError("journal locked")
+        await done(ev, ctx)
+
+    bus = mqtt(mosquitto, "planner", handler_backoff_base=0.01, handler_backoff_max=0.05)
+    await bus.start(flaky)
+    await bus.publish(event(1))
+    await done.wait_for(1)
+    await bus.stop()
+    assert calls["ev-1"] == 3
+
+
+async def test_shared_subscription_splits_the_stream_without_duplicates_or_loss(mosquitto):
+    a, b = Collector(), Collector()
+    bus_a = mqtt(mosquitto, "planner-a", group="planners")
+    bus_b = mqtt(mosquitto, "planner-b", group="planners")
+    assert bus_a.subscription == "$share/planners/registry/events/#"
+    await bus_a.start(a)
+    await bus_b.start(b)
+    await bus_a.wait_connected(timeout=10)
+    await bus_b.wait_connected(timeout=10)
+    n = 40
+    await asyncio.gather(*(bus_a.publish(event(i)) for i in range(n)))
+
+    async def all_in() -> bool:
+        return len(a.ids) + len(b.ids) >= n
+    await async_wait_until(all_in, timeout=10, what="all events delivered")
+    await bus_a.stop()
+    await bus_b.stop()
+    ids = a.ids + b.ids
+    assert len(ids) == len(set(ids)) == n
+    assert a.ids and b.ids  # both instances did some of the work
+
+
+async def test_broker_restart_mid_stream_loses_nothing(mosquitto):
+    got = Collector()
+    sub = mqtt(mosquitto, "planner")
+    pub = mqtt(mosquitto, "intake", publish_timeout=30)
+    await sub.start(got)
+    await sub.wait_connected(timeout=10)
+    n, stop_at = 200, 40
+    published = 0
+
+    async def producer() -> None:
+        nonlocal published
+        for i in range(n):
+            await pub.publish(event(i))  # returns only once durable; retries across restart
+            published += 1
+
+    async def reached(count: int) -> bool:
+        return published >= count
+
+    task = asyncio.create_task(producer())
+    await async_wait_until(lambda: reached(stop_at), timeout=10, what="first events")
+    await asyncio.to_thread(mosquitto.stop)  # graceful: the broker saves its state
+    attempts = pub.connect_attempts
+
+    async def retried() -> bool:
+        return pub.connect_attempts >= attempts + 2
+    await async_wait_until(retried, timeout=10, what="publisher reconnect attempts")
+    blocked_at = published
+    assert blocked_at < n and not task.done()   # publish blocks while the broker is down
+    await asyncio.to_thread(mosquitto.start)
+    await asyncio.wait_for(task, 30)
+    await got.wait_for(n, timeout=20)
+    await pub.stop()
+    await sub.stop()
+    assert set(got.ids) == {f"ev-{i}" for i in range(n)}
+    assert sub.connect_attempts >= 2  # the subscriber resumed its session
+
+
+async def test_reconnect_backoff_grows_and_does_not_spin(tmp_path):
+    port = free_port()  # nothing listens here
+    bus = MqttBus(f"mqtt://127.0.0.1:{port}", "registry/events", "lonely",
+                  reconnect_base=0.1, reconnect_max=0.4)
+    started = time.monotonic()
+    await bus.start(Collector())
+
+    async def tried() -> bool:
+        return bus.connect_attempts >= 5
+    await async_wait_until(tried, timeout=10, what="5 connection attempts")
+    elapsed = time.monotonic() - started
+    delays = bus.reconnect_delays[:4]
+    # equal jitter: each wait is in [half, full] of 0.1, 0.2, 0.4, 0.4 (capped)
+    for delay, full in zip(delays, [0.1, 0.2, 0.4, 0.4], strict=True):
+        assert full / 2 <= delay <= full
+    assert elapsed >= sum(delays) * 0.9
+    assert not bus.connected
+    with pytest.raises(BusUnavailable, match=rf"127.0.0.1:{port} within 0.3s"):
+        await bus.publish(event(1), timeout=0.3)
+    await bus.stop()
+
+
+async def test_credentials_work_and_the_password_is_never_logged(tmp_path, caplog):
+    broker = Mosquitto(root=tmp_path / "auth", users={"replicator": "s3cret-pw"}).start()
+    caplog.set_level(logging.DEBUG)
+    try:
+        got = Collector()
+        good = MqttBus(f"mqtt://replicator:s3cret-pw@127.0.0.1:{broker.port}", "ev", "good",
+                       reconnect_base=0.05)
+        await good.start(got)
+        await good.publish(event(1))
+        await got.wait_for(1)
+        await good.stop()
+
+        bad = MqttBus(broker.url, "ev", "bad", username="replicator", password="wr0ng-pw",
+                      reconnect_base=0.05, reconnect_max=0.1)
+        with pytest.raises(BusUnavailable) as info:
+            await bad.publish(event(2), timeout=0.5)
+        await bad.stop()
+        assert bad.connect_attempts >= 2
+    finally:
+        broker.stop()
+    text = caplog.text + str(info.value) + repr(good) + repr(bad)
+    assert "s3cret-pw" not in text and "wr0ng-pw" not in text
+    assert "127.0.0.1" in caplog.text  # the failures were logged, just not the secret
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"url": "http://127.0.0.1:1"}, "bus.url"),
+    ({"url": "mqtt://"}, "bus.url"),
+    ({"topic": "events/+/x"}, "bus.topic"),
+    ({"topic": "$SYS/x"}, "bus.topic"),
+    ({"group": "a/b"}, "bus.group"),
+    ({"qos": 0}, "bus.qos"),
+    ({"client_id": ""}, "bus.client_id"),
+    ({"session_expiry": 0}, "bus.session_expiry"),
+])
+async def test_bad_settings_are_refused_naming_the_field(kwargs, field):
+    args = {"url": "mqtt://127.0.0.1:1883", "topic": "events", "client_id": "x", **kwargs}
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        MqttBus(**args)
