@@ -55,3 +55,13 @@ def proxy_factory() -> Iterator[Callable[..., FaultProxy]]:
 def fault_proxy(registry, proxy_factory) -> FaultProxy:
     """A FaultProxy in front of the `registry` fixture; tests switch faults at run time."""
     return proxy_factory(registry)
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path):
+    """A real Mosquitto broker with persistence on a free port; stopped at teardown."""
+    from tests.harness.mosquitto import Mosquitto
+
+    broker = Mosquitto(root=tmp_path / "mosquitto").start()
+    yield broker
+    broker.stop()
