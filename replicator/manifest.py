@@ -38,7 +38,7 @@ def digest_of(data: bytes, algorithm: str = "sha256") -> str:
 
 
 def is_digest(ref: str) -> bool:
-    return bool(_DIGEST_RE.match(ref))
+    return bool(_DIGEST_RE.fullmatch(ref))
 
 
 def hasher_for(digest: str) -> hashlib._Hash:

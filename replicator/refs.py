@@ -40,7 +40,7 @@ class ImageRef:
 
 
 def validate_repository(name: str) -> str:
-    if not REPOSITORY_RE.match(name) or len(name) > 255:
+    if not REPOSITORY_RE.fullmatch(name) or len(name) > 255:
         raise UsageError(
             f"invalid repository name {name!r}: lowercase letters, digits and separators "
             "(., _, __, -) in path components separated by /"
@@ -49,7 +49,7 @@ def validate_repository(name: str) -> str:
 
 
 def validate_tag(tag: str) -> str:
-    if not TAG_RE.match(tag):
+    if not TAG_RE.fullmatch(tag):
         raise UsageError(f"invalid tag {tag!r}: up to 128 of [A-Za-z0-9_.-], not starting "
                          "with . or -")
     return tag

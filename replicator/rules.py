@@ -224,7 +224,7 @@ def map_repository(rule: Rule, repo: str) -> str:
     if rename.strip_prefix and result.startswith(rename.strip_prefix):
         result = result[len(rename.strip_prefix):]
     result = rename.prefix + result
-    if not REPOSITORY_RE.match(result) or len(result) > 255:
+    if not REPOSITORY_RE.fullmatch(result) or len(result) > 255:
         raise RenameError(rule.name, repo, result)
     return result
 

@@ -64,3 +64,16 @@ def test_help_explains():
     out = cli("copy", "--help")
     assert out.returncode == 0
     assert "Exit status" in out.stdout and "--platform" in out.stdout
+
+
+def test_reference_grammar_rejects_trailing_newlines():
+    import pytest
+
+    from replicator.errors import UsageError
+    from replicator.manifest import is_digest
+    from replicator.refs import parse_ref
+
+    assert not is_digest("sha256:" + "a" * 64 + "\n")
+    for bad in ("127.0.0.1:5000/app\n:v1", "127.0.0.1:5000/app:v1\n"):
+        with pytest.raises(UsageError):
+            parse_ref(bad)
