@@ -13,6 +13,7 @@ import pytest
 from replicator.daemon.bus import (
     BusClosed,
     BusError,
+    BusRefused,
     BusUnavailable,
     InProcessBus,
     MqttBus,
@@ -138,6 +139,19 @@ async def test_publish_reaches_handler_with_trace_context_on_site_repository_top
     assert event_from_json(watcher_got[0].payload) == event(1)
     with pytest.raises(BusClosed):
         await bus.publish(event(3))
+
+
+async def test_start_after_publishing_subscribes_on_the_live_connection(mosquitto):
+    bus = mqtt(mosquitto, "daemon-1")
+    await bus.publish(event(1))  # connects lazily, no subscription yet
+    attempts = bus.connect_attempts
+    got = Collector()
+    await bus.start(got)
+    await bus.wait_connected(timeout=10)
+    await bus.publish(event(2))
+    await got.wait_for(1)
+    await bus.stop()
+    assert got.ids == ["ev-2"] and bus.connect_attempts == attempts
 
 
 async def test_a_subscriber_that_was_down_receives_what_it_missed(mosquitto):
@@ -304,6 +318,22 @@ async def test_credentials_work_and_the_password_is_never_logged(tmp_path, caplo
     text = caplog.text + str(info.value) + repr(good) + repr(bad)
     assert "s3cret-pw" not in text and "wr0ng-pw" not in text
     assert "127.0.0.1" in caplog.text  # the failures were logged, just not the secret
+
+
+async def test_a_publish_the_broker_refuses_is_an_error_not_a_success(tmp_path):
+    """aiomqtt ignores PUBACK reason codes; MqttBus must not call a refused event durable."""
+    broker = Mosquitto(root=tmp_path / "acl", acl="topic readwrite registry/events/eu/#\n")
+    broker.start()
+    try:
+        bus = mqtt(broker, "intake")
+        await bus.publish(event(1, site="eu"))
+        started = time.monotonic()
+        with pytest.raises(BusRefused, match=r"ev-2 .*refused.*registry/events/us/team/app"):
+            await bus.publish(event(2, site="us"))
+        assert time.monotonic() - started < 5  # refused at once, not after the timeout
+        await bus.stop()
+    finally:
+        broker.stop()
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

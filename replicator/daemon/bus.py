@@ -33,9 +33,17 @@ logs a warning and falls back to paho's automatic ack (on receipt): then an even
 received but not yet handled when the process dies is lost to the bus, and only the
 journal/reconcile backstop catches it. `manual_ack` tells which mode is active.
 
+aiomqtt also ignores the reason code of a PUBACK, so a publish the broker refused
+(ACL, quota) would look durable; MqttBus publishes through the same paho client and
+raises `BusRefused` for a failure code (falling back to aiomqtt's publish, without
+that check, if the attribute is missing).
+
 A publish that was sent but whose PUBACK never came (connection lost) is sent again
 on the next connection, so the broker can hold a duplicate: one more reason for
-handlers to dedupe on `event.id`.
+handlers to dedupe on `event.id`. Broker-side limits matter for "nothing lost":
+mosquitto's `max_queued_messages` (default 1000 per session) drops QoS 1 messages
+beyond it for a slow or absent subscriber, and a session is dropped after its expiry
+interval (`session_expiry`, default 7 days).
 """
 
 from __future__ import annotations
@@ -78,6 +86,11 @@ class BusClosed(BusError):
 
 class BusUnavailable(BusError):
     """An event could not be made durable in the bus in time (broker unreachable)."""
+
+
+class BusRefused(BusError):
+    """The broker answered the publish with a failure reason code (e.g. not authorized
+    by its ACL); retrying will not help."""
 
 
 # --- wire format -------------------------------------------------------------------
@@ -186,6 +199,10 @@ class EventBus(abc.ABC):
     async def stop(self) -> None:
         """Stop delivering; unfinished deliveries stay with the bus for next time."""
 
+    @abc.abstractmethod
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until `connected` (readiness); TimeoutError after `timeout` seconds."""
+
     async def _deliver(self, handler: Handler, event: RegistryEvent,
                        context: dict[str, str]) -> bool:
         """Call the handler until it succeeds (True) or the bus stops (False)."""
@@ -234,6 +251,10 @@ class InProcessBus(EventBus):
     def connected(self) -> bool:
         return not self._stopping.is_set()
 
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        if self._stopping.is_set():
+            raise BusClosed("event bus is stopped")
+
     async def publish(self, event: RegistryEvent,
                       trace_context: Mapping[str, str] | None = None) -> None:
         if self._stopping.is_set():
@@ -275,6 +296,8 @@ class _Connection:
     lost: asyncio.Event
     manual_ack: bool
     subscribed: bool = False
+    # mid -> PUBACK reason code future, when we publish through paho directly (see _send)
+    acks: dict[int, asyncio.Future[Any]] | None = None
 
 
 class MqttBus(EventBus):
@@ -405,8 +428,7 @@ class MqttBus(EventBus):
             conn = self._conn
             if conn is None or self._stopping.is_set():
                 continue
-            sending = asyncio.ensure_future(conn.client.publish(
-                topic, payload, qos=self.qos, properties=properties, timeout=math.inf))
+            sending = asyncio.ensure_future(self._send(conn, topic, payload, properties))
             lost = asyncio.ensure_future(conn.lost.wait())
             try:
                 done, _ = await asyncio.wait({sending, lost},
@@ -420,6 +442,9 @@ class MqttBus(EventBus):
                 exc = sending.exception()
                 if exc is None:
                     return
+                if isinstance(exc, BusRefused):
+                    raise BusRefused(f"event {event.id} ({event.action} {event.repository} "
+                                     f"at {event.site}): {exc}") from None
                 last_error = str(exc)
                 # the connection is broken; let the runner notice and reconnect
                 await asyncio.sleep(0)
@@ -433,6 +458,30 @@ class MqttBus(EventBus):
             f"event {event.id} ({event.action} {event.repository} at {event.site}) not "
             f"acknowledged by MQTT broker {self.host}:{self.port} within {limit:g}s: "
             f"{redact(last_error)[:200]}")
+
+    async def _send(self, conn: _Connection, topic: str, payload: bytes,
+                    properties: Any) -> None:
+        """One QoS 1/2 publish on `conn`, returning at the broker's acknowledgement.
+
+        aiomqtt 2.x ignores the PUBACK reason code, so a publish the broker refused
+        (ACL, quota) would look durable. When paho is reachable we publish through it
+        and check the code; otherwise aiomqtt's publish is used as is."""
+        if conn.acks is None:
+            await conn.client.publish(topic, payload, qos=self.qos, properties=properties,
+                                      timeout=math.inf)
+            return
+        info = conn.client._client.publish(topic, payload, self.qos, False, properties)
+        if info.rc != 0:
+            raise BusError(f"publish not accepted by the MQTT client (rc={info.rc})")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        conn.acks[info.mid] = future   # no await since publish(): the ack cannot be missed
+        try:
+            reason = await future
+        finally:
+            conn.acks.pop(info.mid, None)
+        if getattr(reason, "is_failure", False):
+            raise BusRefused(f"MQTT broker {self.host}:{self.port} refused the publish to "
+                             f"{topic[:200]}: {reason}")
 
     # --- consuming -------------------------------------------------------------
     async def start(self, handler: Handler) -> None:
@@ -511,7 +560,7 @@ class MqttBus(EventBus):
         if self._runner is None and not self._stopping.is_set():
             self._runner = asyncio.create_task(self._run(), name="bus-mqtt-connection")
 
-    def _new_client(self) -> tuple[Any, bool]:
+    def _new_connection(self) -> _Connection:
         import aiomqtt
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
@@ -534,7 +583,22 @@ class MqttBus(EventBus):
             log.warning("aiomqtt does not expose paho's manual ack; messages are acked on "
                         "receipt, so an event received but unhandled at a crash is left to "
                         "the journal/reconcile backstop")
-        return client, manual
+        conn = _Connection(client, asyncio.Event(), manual)
+        aiomqtt_on_publish = getattr(paho, "on_publish", None)
+        if paho is not None and callable(getattr(paho, "publish", None)) \
+                and callable(aiomqtt_on_publish):
+            acks: dict[int, asyncio.Future[Any]] = {}
+
+            def on_publish(client_: Any, userdata: Any, mid: int, reason: Any,
+                           properties: Any) -> None:
+                future = acks.pop(mid, None)
+                if future is not None and not future.done():
+                    future.set_result(reason)
+                aiomqtt_on_publish(client_, userdata, mid, reason, properties)
+
+            paho.on_publish = on_publish
+            conn.acks = acks
+        return conn
 
     async def _run(self) -> None:
         import aiomqtt
@@ -542,9 +606,9 @@ class MqttBus(EventBus):
         attempt = 0
         while not self._stopping.is_set():
             self.connect_attempts += 1
-            client, manual = self._new_client()
-            self.manual_ack = manual
-            conn = _Connection(client, asyncio.Event(), manual)
+            conn = self._new_connection()
+            client = conn.client
+            self.manual_ack = conn.manual_ack
             try:
                 async with client:
                     await self._subscribe(conn)

@@ -27,6 +27,7 @@ class Mosquitto:
     root: Path
     port: int = field(default_factory=free_port)
     users: dict[str, str] | None = None   # username -> password; None: anonymous allowed
+    acl: str | None = None                 # acl_file text (mosquitto's format), if any
     proc: subprocess.Popen | None = None
 
     @property
@@ -71,6 +72,10 @@ class Mosquitto:
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
         else:
             lines.append("allow_anonymous true")
+        if self.acl is not None:
+            aclfile = self.root / "acl"
+            aclfile.write_text(self.acl)
+            lines.append(f"acl_file {aclfile}")
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self) -> Mosquitto:
