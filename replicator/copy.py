@@ -91,6 +91,7 @@ class CopyResult:
     digest: str | None = None
     error: str | None = None
     stats: CopyStats = field(default_factory=CopyStats)
+    retryable: bool = False   # a failure that may succeed later (network, 5xx, auth)
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,10 @@ class CopyOptions:
     blob_parallelism: int = 4                      # concurrent blobs per manifest
 
 
-# Called with (target client, target repository, digest) right before a
-# manifest is written, so the daemon can record "we caused this" (loop guard).
-BeforeManifestPut = Callable[[RegistryClient, str, str], Awaitable[None]]
+# Called with (target client, target repository, digest, reference: tag or digest)
+# right before a manifest is written, so the daemon can record "we caused this"
+# before the target's webhook about it can arrive (the mesh loop guard).
+BeforeManifestPut = Callable[[RegistryClient, str, str, str], Awaitable[None]]
 
 
 class CopyEngine:
@@ -148,7 +150,10 @@ class CopyEngine:
             message = f"{source_name} -> {target_name}: {exc}"
             stats.failures.append(message)
             log.warning("copy failed: %s", message)
-            return CopyResult(source_name, target_name, "failed", None, str(exc), stats)
+            # a source that lacks the artifact, or a format we refuse, will not heal by itself
+            retryable = not isinstance(exc, (NotFound, ManifestError))
+            return CopyResult(source_name, target_name, "failed", None, str(exc), stats,
+                              retryable)
         if status == "copied":
             stats.copied += 1
         elif status == "skipped":
@@ -173,7 +178,7 @@ class CopyEngine:
             if source_digest is None:
                 head = await src.head_manifest(src_repo, ref)
                 if head is None:
-                    raise NotFound(f"{src.site.name}: {src_repo}:{ref}: manifest unknown",
+                    raise NotFound("manifest unknown",
                                    site=src.site.name, repository=src_repo, reference=ref,
                                    status=404)
                 source_digest = head.digest
@@ -182,8 +187,7 @@ class CopyEngine:
         manifest = await src.get_manifest(src_repo, source_digest or ref)
         if source_digest and manifest.digest != source_digest:
             raise DigestMismatch(
-                f"{src.site.name}: {src_repo}@{source_digest}: content hashes to "
-                f"{manifest.digest}", site=src.site.name, repository=src_repo,
+                f"content hashes to {manifest.digest}", site=src.site.name, repository=src_repo,
                 reference=source_digest)
         if current is not None:
             expected = self._as_written(manifest, options)
@@ -243,12 +247,11 @@ class CopyEngine:
     async def _put_manifest(self, dst: RegistryClient, dst_repo: str, ref: str,
                             manifest: Manifest, stats: CopyStats) -> None:
         if self.before_manifest_put is not None:
-            await self.before_manifest_put(dst, dst_repo, manifest.digest)
+            await self.before_manifest_put(dst, dst_repo, manifest.digest, ref)
         digest = await dst.put_manifest(dst_repo, ref, manifest.raw, manifest.media_type)
         if digest and digest != manifest.digest:
             raise DigestMismatch(
-                f"{dst.site.name}: {dst_repo}:{ref}: registry stored digest {digest}, "
-                f"expected {manifest.digest}", site=dst.site.name, repository=dst_repo,
+                f"registry stored digest {digest}, expected {manifest.digest}", site=dst.site.name, repository=dst_repo,
                 reference=ref)
         stats.manifests_written += 1
 
@@ -363,8 +366,7 @@ class CopyEngine:
                     size = stream.size if stream.size is not None else blob.size
                     if blob.size and size != blob.size:
                         raise DigestMismatch(
-                            f"{src.site.name}: {src_repo}@{blob.digest}: source reports "
-                            f"{size} bytes, manifest says {blob.size}", site=src.site.name,
+                            f"source reports {size} bytes, manifest says {blob.size}", site=src.site.name,
                             repository=src_repo, reference=blob.digest)
                     body = self._verified(stream, blob.digest, size, src.site.name, src_repo)
                     await dst.upload_blob(dst_repo, blob.digest, size, body, location=location)
@@ -412,8 +414,8 @@ class CopyEngine:
             actual = await hasher.hexdigest()
             if actual != digest or seen != size:
                 raise DigestMismatch(
-                    f"{site}: {repo}@{digest}: received {seen} bytes hashing to {actual}; "
-                    "refusing to write it", site=site, repository=repo, reference=digest)
+                    f"received {seen} bytes hashing to {actual}; refusing to write it",
+                    site=site, repository=repo, reference=digest)
             if pending is not None:
                 yield pending
                 if self.progress:
