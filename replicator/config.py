@@ -467,10 +467,16 @@ class Rule(_Model):
     overwrite: bool = Field(True, description="false: never replace a tag that differs at "
                                               "the target")
     rename: RenameConfig | None = None
+    immutable_tags: list[TagGlob] = Field(
+        default_factory=list,
+        description="tags that never move once pushed (e.g. 'v*'): when the journal already "
+                    "records the target holding the source digest, reconcile trusts it and "
+                    "sends the target no request for them")
     interval: PositiveDuration | None = Field(None, description="periodic reconcile interval")
     schedule: CronExpr | None = Field(None, description="periodic reconcile as cron")
 
-    _coerce = field_validator("to", "repositories", "exclude_repositories", mode="before")(
+    _coerce = field_validator("to", "repositories", "exclude_repositories", "immutable_tags",
+                              mode="before")(
         classmethod(lambda cls, v: _one_or_many(v)))
 
     @model_validator(mode="after")

@@ -10,4 +10,6 @@ COMMAND_MODULES = [
     "config_schema",
     "copy",
     "sync",
+    "failover",
+    "status",
 ]
