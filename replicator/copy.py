@@ -251,8 +251,8 @@ class CopyEngine:
         digest = await dst.put_manifest(dst_repo, ref, manifest.raw, manifest.media_type)
         if digest and digest != manifest.digest:
             raise DigestMismatch(
-                f"registry stored digest {digest}, expected {manifest.digest}", site=dst.site.name, repository=dst_repo,
-                reference=ref)
+                f"registry stored digest {digest}, expected {manifest.digest}",
+                site=dst.site.name, repository=dst_repo, reference=ref)
         stats.manifests_written += 1
 
     async def _copy_referrers(self, src: RegistryClient, src_repo: str, subject: Manifest,
@@ -366,8 +366,8 @@ class CopyEngine:
                     size = stream.size if stream.size is not None else blob.size
                     if blob.size and size != blob.size:
                         raise DigestMismatch(
-                            f"source reports {size} bytes, manifest says {blob.size}", site=src.site.name,
-                            repository=src_repo, reference=blob.digest)
+                            f"source reports {size} bytes, manifest says {blob.size}",
+                            site=src.site.name, repository=src_repo, reference=blob.digest)
                     body = self._verified(stream, blob.digest, size, src.site.name, src_repo)
                     await dst.upload_blob(dst_repo, blob.digest, size, body, location=location)
                 stats.blobs_uploaded += 1
