@@ -26,7 +26,7 @@ from replicator.journal import Journal
 from replicator.manifest import Descriptor
 from replicator.planner import Action, plan_target, selected_tags
 from replicator.registry.errors import RegistryError
-from replicator.rules import effective_rules
+from replicator.rules import effective_rules, glob_match
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,14 @@ class Reconciler:
         dst = self.pool[target]
         try:
             target_repo = rule.map_repository(repo)
-            target_tags = await self._head_all(dst, target_repo, selected)
+            trusted = await self._immutable_known(rule, target, target_repo, source_tags,
+                                                  selected)
+            observed = await self._head_all(dst, target_repo,
+                                            [t for t in selected if t not in trusted])
+            target_tags = {**trusted, **observed}
+            if rule.immutable_tags:
+                await self._record_inventory(target, target_repo,
+                                             {t: d for t, d in observed.items() if d})
             everything = None
             if rule.deletes:
                 listed = await dst.list_tags(target_repo)
@@ -201,6 +208,9 @@ class Reconciler:
             report.failures.append(f"{result.source} -> {result.target}: {result.error}")
         elif result.status == "copied":
             await self._record_replicated(action, result.digest)
+            if rule.immutable_tags and result.digest:
+                await self._record_inventory(action.target_site, action.target_repository,
+                                             {action.tag: result.digest})
         if self.on_action:
             self.on_action(action, result.status)
 
@@ -217,6 +227,37 @@ class Reconciler:
             "SELECT tag, COALESCE(pushed_at, first_seen) AS t FROM inventory_tags "
             "WHERE site = ? AND repository = ?", (site, repo))
         return {r["tag"]: r["t"] for r in rows}
+
+    async def _immutable_known(self, rule: Rule, target: str, target_repo: str,
+                               source_tags: dict[str, str],
+                               selected: list[str]) -> dict[str, str]:
+        """Immutable tags the journal already records at the target with the source digest.
+
+        Such a tag never moves, so asking the target again is wasted requests
+        (rate limits, a 2,000-tag reconcile). The record is the target's
+        inventory (written when we observed or copied the tag) or a `replicated`
+        row naming the tag; a tag whose recorded digest differs is HEADed as usual.
+        """
+        if self.journal is None or not rule.immutable_tags:
+            return {}
+        immutable = [t for t in selected if glob_match(rule.immutable_tags, t)]
+        if not immutable:
+            return {}
+        journal = self.journal
+
+        def read() -> dict[str, str]:
+            known = {r["tag"]: r["digest"] for r in journal.query(
+                "SELECT tag, digest FROM inventory_tags WHERE site = ? AND repository = ?",
+                (target, target_repo))}
+            for r in journal.query(
+                    "SELECT digest, tags FROM replicated WHERE target_site = ? AND "
+                    "repository = ? AND tags IS NOT NULL ORDER BY at", (target, target_repo)):
+                for tag in json.loads(r["tags"]):
+                    known[tag] = r["digest"]
+            return known
+
+        known = await journal.run(read)
+        return {t: source_tags[t] for t in immutable if known.get(t) == source_tags[t]}
 
     async def _record_inventory(self, site: str, repo: str, tags: dict[str, str]) -> None:
         if self.journal is None or not tags:
