@@ -78,6 +78,7 @@ re-checked after a full window and deleted or restored (`runs`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
@@ -133,6 +134,7 @@ class StorageGCOptions:
     max_manifest_bytes: int = 4 << 20
     resume: bool = True
     fault_after_deletions: int | None = None  # test seam: raise after N final deletions
+    on_phase: Callable[[str], None] | None = None  # test seam: "planned", "quarantined"
 
 
 @dataclass
@@ -605,6 +607,7 @@ class StorageCollector:
         self.cache.quarantined.update({str(i.digest): i.quarantine for i in pending
                                        if i.kind == "blob" and i.quarantine is not None})
         restore: set[str] = set()
+        why: dict[str, str] = {}
         q_mtime: dict[str, float] = {}
         for i in pending:
             q_mtime[i.key] = _quarantined_mtime(i)
@@ -615,6 +618,7 @@ class StorageCollector:
                 d, m = read_link(i.quarantine / "current" / "link")
                 if not orig.exists() and (d != i.digest or m >= cutoff):
                     restore.add(i.key)          # re-tagged just before our move
+                    why[i.key] = "tag was re-pushed just before quarantine"
                     tag_targets.add((i.repository, d))
         while True:
             extra = tag_targets | {(i.repository, i.digest) for i in pending
@@ -626,6 +630,8 @@ class StorageCollector:
                         q_mtime[i.key] >= cutoff
                         or i.digest in live.referenced.get(i.repository or "", ())):
                     restore.add(i.key)
+                    why[i.key] = ("re-pushed just before quarantine" if q_mtime[i.key] >= cutoff
+                                  else "referenced by an index or tag again")
             if len(restore) == before:
                 break
         blob_restore: set[str] = set()
@@ -642,12 +648,16 @@ class StorageCollector:
             if referenced:
                 blob_restore.add(digest)
                 restore.update(i.key for i in group)
+                reason = ("referenced by a manifest" if digest in live.protected
+                          else "linked again by a push or mount" if digest in live.linked
+                          else "changed just before quarantine")
+                why.update((i.key, reason) for i in group)
 
         def settle(i: Item) -> Item:
             try:
                 if i.key in restore:
                     _restore(i, i.original(self.layout))
-                    i.state = "restored"
+                    i.state, i.error = "restored", why.get(i.key)
                 else:
                     shutil.rmtree(i.quarantine)  # type: ignore[arg-type]
                     i.state = "deleted"
@@ -721,7 +731,12 @@ def _restore(i: Item, orig: Path) -> None:
         shutil.rmtree(q)                    # a half-deleted copy is useless
         return
     orig.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(q, orig)
+    try:
+        os.rename(q, orig)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        shutil.rmtree(q)                    # the registry recreated it while we looked
 
 
 def _tally(result: GCResult, items: list[Item]) -> None:
@@ -807,6 +822,8 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
                 i.state = "candidate"
             rec.finish("done", result.to_json())
             return result
+        if opts.on_phase:
+            await asyncio.to_thread(opts.on_phase, "planned")
         col.assign_quarantine(result.run_id, plan.items)
         await asyncio.to_thread(rec.add_candidates, [i.row() for i in plan.items])
         await asyncio.to_thread(rec.set_state, "sweeping", mark_summary=plan.mark_summary)
@@ -820,6 +837,8 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         result.quarantined = sum(1 for i in plan.items if i.state == "quarantined")
         result.kept_by_recheck += sum(1 for i in plan.items if i.state == "kept"
                                       and i.error == "changed just before quarantine")
+        if opts.on_phase:
+            await asyncio.to_thread(opts.on_phase, "quarantined")
         if result.quarantined:
             await asyncio.sleep(opts.quarantine_window)
         t = time.monotonic()
