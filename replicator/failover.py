@@ -285,10 +285,11 @@ async def _catch_up(journal: Journal, pool: ClientPool, engine: CopyEngine,
         for (repo, tag, by_site), own in zip(work, mine, strict=True):
             decision = _decide(rule, repo, tag, own, by_site, replicas, promoted,
                                knowledge.get(repo, tag))
-            if isinstance(decision, Conflict):
-                report.conflicts.append(decision)
-            elif decision is not None:
-                report.copies.append(decision)
+            for item in decision if isinstance(decision, list) else [decision]:
+                if isinstance(item, Conflict):
+                    report.conflicts.append(item)
+                elif item is not None:
+                    report.copies.append(item)
     if report.dry_run or not report.copies:
         return
     rules_by_name = {r.name: r for r in rules}
@@ -322,7 +323,8 @@ async def _catch_up(journal: Journal, pool: ClientPool, engine: CopyEngine,
 
 def _decide(rule: Rule, repo: str, tag: str, own: str | None, by_site: Mapping[str, str],
             replicas: Sequence[str], promoted: str,
-            knowledge: Sequence[tuple[float, str]]) -> CatchUp | Conflict | None:
+            knowledge: Sequence[tuple[float, str]]
+            ) -> CatchUp | Conflict | list[CatchUp | Conflict] | None:
     """What to do about one tag that at least one replica holds."""
     others = {d for d in by_site.values() if d != own}
     if not others:
@@ -340,11 +342,13 @@ def _decide(rule: Rule, repo: str, tag: str, own: str | None, by_site: Mapping[s
     winner = choose_digest(candidates, knowledge)
     if winner is None:
         if own is None:
-            # Replicas disagree and nothing says which is newer: take one, say so.
+            # Replicas disagree and nothing says which is newer: take the first, say so.
             digest = by_site[next(s for s in replicas if s in by_site)]
-            return Conflict(rule.name, repo, tag, digests, digest,
-                            f"replicas disagree and the journal does not say which is newer; "
-                            f"copied {source_of(digest)}'s")
+            return [Conflict(rule.name, repo, tag, digests, digest,
+                             f"replicas disagree and the journal does not say which is "
+                             f"newer; copied {source_of(digest)}'s"),
+                    CatchUp(rule.name, repo, tag, source_of(digest), digest, None,
+                            "missing on the promoted site; replicas disagree")]
         return Conflict(rule.name, repo, tag, digests, own,
                         "the journal does not say which is newer; kept the promoted site's")
     if winner == own:

@@ -101,8 +101,11 @@ def test_decide_covers_missing_newer_kept_and_conflict():
     assert _decide(rule, "x", "t", "d1", {"b": "d2"}, reps, "a", [(9, "d1"), (5, "d2")]) is None
     unknown = _decide(rule, "x", "t", "d1", {"b": "d2"}, reps, "a", [])
     assert isinstance(unknown, Conflict) and unknown.kept == "d1"
-    split = _decide(rule, "x", "t", None, {"b": "d2", "c": "d3"}, reps, "a", [])
-    assert isinstance(split, Conflict) and split.kept == "d2"
+    conflict, copy = _decide(rule, "x", "t", None, {"b": "d2", "c": "d3"}, reps, "a", [])
+    assert isinstance(conflict, Conflict) and conflict.kept == "d2"
+    assert isinstance(copy, CatchUp) and (copy.from_site, copy.digest) == ("b", "d2")
+    known = _decide(rule, "x", "t", None, {"b": "d2", "c": "d3"}, reps, "a", [(1, "d3")])
+    assert isinstance(known, CatchUp) and (known.from_site, known.digest) == ("c", "d3")
 
 
 # ---------------------------------------------------------------------------- real registries
