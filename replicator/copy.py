@@ -24,6 +24,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 Status = Literal["copied", "skipped", "conflict", "failed"]
 UNKNOWN = object()  # "not looked up yet", as opposed to None, "known to be absent"
+# The source site of the copy running in this context, for BeforeManifestPut hooks.
+COPY_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("copy_source", default="")
 
 
 class Progress(Protocol):
@@ -138,6 +141,7 @@ class CopyEngine:
         """
         if tag is None and not is_digest(ref):
             tag = ref
+        COPY_SOURCE.set(src.site.name)
         source_name = f"{src.site.name}/{src_repo}:{ref}" if not is_digest(ref) \
             else f"{src.site.name}/{src_repo}@{ref}"
         target_name = f"{dst.site.name}/{dst_repo}" + (f":{tag}" if tag else "")

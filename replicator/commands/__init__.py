@@ -10,6 +10,7 @@ COMMAND_MODULES = [
     "config_schema",
     "copy",
     "sync",
+    "run",
     "failover",
     "status",
 ]

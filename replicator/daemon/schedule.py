@@ -1,0 +1,81 @@
+"""When periodic jobs run: a fixed interval or a cron expression. Pure timing logic,
+plus a small async loop that never runs the same job twice at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from croniter import croniter
+
+log = logging.getLogger(__name__)
+
+
+def next_run(after: float, *, interval: float | None = None, cron: str | None = None) -> float:
+    """Epoch seconds of the next run strictly after `after`."""
+    if interval is not None:
+        return after + interval
+    if cron is not None:
+        base = datetime.fromtimestamp(after, tz=UTC)
+        return float(croniter(cron, base).get_next(float))
+    raise ValueError("a schedule needs an interval or a cron expression")
+
+
+class Periodic:
+    """Runs `job` on a schedule until stopped; a run still going when the next is due
+    is not started twice (the next run waits for the schedule after it ends)."""
+
+    def __init__(self, name: str, job: Callable[[], Awaitable[object]], *,
+                 interval: float | None = None, cron: str | None = None,
+                 run_at_start: bool = False, jitter: float = 0.0) -> None:
+        self.name = name
+        self.job = job
+        self.interval = interval
+        self.cron = cron
+        self.run_at_start = run_at_start
+        self.jitter = jitter
+        self.running = asyncio.Lock()
+        self.last_started: float | None = None
+        self.last_finished: float | None = None
+        self.last_error: str | None = None
+        self.runs = 0
+        self._kick = asyncio.Event()
+
+    def trigger(self) -> None:
+        """Run as soon as possible (e.g. after a failover or a reload)."""
+        self._kick.set()
+
+    async def run_once(self) -> bool:
+        """Run now unless a run is in progress; False if it was skipped."""
+        if self.running.locked():
+            return False
+        async with self.running:
+            self.last_started = time.time()
+            try:
+                await self.job()
+                self.last_error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("%s failed: %s", self.name, self.last_error)
+            finally:
+                self.runs += 1
+                self.last_finished = time.time()
+        return True
+
+    async def loop(self) -> None:
+        if self.run_at_start:
+            await self.run_once()
+        while True:
+            due = next_run(time.time(), interval=self.interval, cron=self.cron)
+            due += random.uniform(0, self.jitter) if self.jitter else 0.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), max(0.0, due - time.time()))
+            self._kick.clear()
+            await self.run_once()

@@ -1,0 +1,427 @@
+"""The daemon: one asyncio process wiring intake, event bus, work queue and schedules.
+
+Flow of one push: the registry POSTs a webhook -> intake journals the event
+(answering 2xx only once it is durable) -> the event is published on the bus
+(MQTT QoS 1, or in-process) -> a subscriber turns it into tasks in its journal
+(coalesced, deduplicated) -> workers lease tasks and run the copy engine ->
+the task completes or is retried with backoff, ending as a dead letter after
+too many attempts.
+
+Crash safety: an event is journaled before it is acknowledged; events still
+'new' (published to nobody) are re-published at start and periodically; tasks
+are leased, so a SIGKILL leaves leases that expire and return to the queue; a
+periodic reconcile per rule covers whatever webhooks the registries dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import uvicorn
+
+from replicator.blob_index import BlobIndex
+from replicator.clients import ClientPool
+from replicator.config import Config, Rule, load_config
+from replicator.copy import COPY_SOURCE, CopyEngine, CopyOptions
+from replicator.daemon.bus import EventBus, InProcessBus, MqttBus
+from replicator.daemon.dispatch import tasks_for_event
+from replicator.daemon.eventstore import events_by_state, mark_events
+from replicator.daemon.intake import SiteIntake, create_app
+from replicator.daemon.metrics import METRICS, Metrics
+from replicator.daemon.notify import Notifier
+from replicator.daemon.queue import Task, WorkQueue
+from replicator.daemon.schedule import Periodic
+from replicator.errors import ConfigError, ReplicatorError
+from replicator.events import RegistryEvent
+from replicator.journal import Journal
+from replicator.manifest import is_digest
+from replicator.registry.client import RegistryClient
+from replicator.registry.errors import RegistryError
+from replicator.sync import Reconciler, rules_in_force
+
+log = logging.getLogger("replicator.daemon")
+
+REDISPATCH_AFTER = 30.0     # an event still 'new' this long after arrival is re-published
+POLL_INTERVAL = 1.0         # how often workers look for tasks whose retry time has come
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns SIGTERM/SIGHUP."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # uvicorn >= 0.29
+        yield
+
+    def install_signal_handlers(self) -> None:  # older uvicorn
+        pass
+
+
+class Daemon:
+    def __init__(self, config_path: str | os.PathLike[str], *, instance_id: str | None = None,
+                 workers: int = 8, drain_timeout: float = 8.0, retry_base: float = 2.0,
+                 metrics: Metrics | None = None) -> None:
+        self.config_path = Path(config_path)
+        self.config: Config = load_config(self.config_path)
+        self.instance_id = instance_id or (self.config.mqtt.client_id if self.config.mqtt
+                                           and self.config.mqtt.client_id else
+                                           f"{socket.gethostname()}-{os.getpid()}")
+        self.workers = workers
+        self.drain_timeout = drain_timeout
+        self.metrics = metrics or METRICS
+        self.notifier = Notifier.from_env()
+        self.journal = Journal(self.config.journal)
+        self.queue = WorkQueue(self.journal, self.instance_id, backoff_base=retry_base)
+        self.pool = ClientPool(self.config)
+        self.engine = CopyEngine(BlobIndex(self.journal), before_manifest_put=self._before_put)
+        self.bus: EventBus = self._make_bus()
+        self.rules: list[Rule] = list(self.config.rules)
+        self._stop = asyncio.Event()
+        self._work_ready = asyncio.Event()
+        self._running: dict[int, asyncio.Task] = {}
+        self._periodic: dict[str, Periodic] = {}
+        self._background: list[asyncio.Task] = []
+        self._server: _Server | None = None
+        self.started = asyncio.Event()
+
+    # ------------------------------------------------------------------ set-up
+    def _make_bus(self) -> EventBus:
+        mqtt = self.config.mqtt
+        if mqtt is None:
+            return InProcessBus()
+        return MqttBus(mqtt.url, mqtt.topic, self.instance_id, group=mqtt.group,
+                       username=mqtt.username, password=mqtt.password(), qos=mqtt.qos)
+
+    def _intake_sites(self) -> dict[str, SiteIntake]:
+        return {name: SiteIntake(name, site.webhook_token())
+                for name, site in self.config.sites.items()}
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._background.append(
+            asyncio.create_task(self.reload(), name="reload")))
+        try:
+            await self._start()
+            self.notifier.ready(f"serving on {self.config.listen}")
+            self.started.set()
+            log.info("daemon %s ready on %s", self.instance_id, self.config.listen)
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+        return 0
+
+    async def _start(self) -> None:
+        requeued = await self.queue.arequeue_expired()
+        released = await self.queue.arelease_owned()
+        if requeued or released:
+            log.info("returned %d expired and %d own leases to the queue", requeued, released)
+        self.rules = await rules_in_force(self.config, self.journal)
+        self._install_metrics()
+        await self.bus.start(self._on_event)
+        # events journaled by a previous life but never handed to the bus go out first
+        leftover = await self.journal.run(events_by_state, self.journal, "new")
+        if leftover:
+            log.info("re-publishing %d events journaled before the last stop", len(leftover))
+            await self._publish(leftover)
+        app = create_app(sites=self._intake_sites(), journal=self.journal,
+                         on_events=self._publish, ready_check=self._ready,
+                         metrics=self.metrics)
+        host, port = self.config.listen_host, self.config.listen_port
+        self._server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None,
+                                              access_log=False, lifespan="off"))
+        serve = asyncio.create_task(self._server.serve(), name="http")
+        self._background.append(serve)
+        while not self._server.started:
+            if serve.done():
+                exc = serve.exception()
+                raise ReplicatorError(f"cannot listen on {self.config.listen}: "
+                                      f"{exc or 'server exited'}")
+            await asyncio.sleep(0.01)
+        self._background += [
+            asyncio.create_task(self._work_loop(), name="workers"),
+            asyncio.create_task(self._redispatch_loop(), name="redispatch"),
+            asyncio.create_task(self._watchdog_loop(), name="watchdog"),
+        ]
+        self._schedule_reconciles()
+        self._schedule_gc()
+
+    # --------------------------------------------------------------- shutdown
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("stopping: draining in-flight copies (at most %.0fs)", self.drain_timeout)
+            self.notifier.stopping()
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        for periodic in self._periodic.values():
+            periodic.task.cancel()  # type: ignore[attr-defined]
+        if self._running:
+            _done, pending = await asyncio.wait(list(self._running.values()),
+                                                timeout=self.drain_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.queue.arelease_owned()  # unfinished work goes back for the next start
+        with contextlib.suppress(Exception):
+            await self.bus.stop()
+        for task in self._background:
+            if task.get_name() != "http":
+                task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.pool.aclose()
+        self.journal.close()
+        self.notifier.close()
+
+    # ----------------------------------------------------------------- reload
+    async def reload(self) -> None:
+        """SIGHUP: re-read the configuration; queued work is kept. A bad file is refused
+        and the running configuration stays in force."""
+        self.notifier.reloading()
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            self.notifier.ready("reload refused: configuration invalid")
+            return
+        old_pool = self.pool
+        self.config = config
+        self.pool = ClientPool(config)
+        self.rules = await rules_in_force(config, self.journal)
+        for periodic in self._periodic.values():
+            periodic.task.cancel()  # type: ignore[attr-defined]
+        self._periodic.clear()
+        self._schedule_reconciles()
+        self._schedule_gc()
+        # in-flight copies keep the old clients until they finish
+        self._background.append(asyncio.create_task(
+            self._close_later(old_pool, list(self._running.values())), name="close-old-pool"))
+        log.info("configuration reloaded: %d rules", len(self.rules))
+        self.notifier.ready("configuration reloaded")
+
+    async def _close_later(self, pool: ClientPool, users: list[asyncio.Task]) -> None:
+        await asyncio.gather(*users, return_exceptions=True)
+        await pool.aclose()
+
+    # ----------------------------------------------------------- event intake
+    async def _publish(self, events: list[RegistryEvent]) -> None:
+        """Intake hook: an event is handed to the bus before the webhook is answered."""
+        for event in events:
+            await self.bus.publish(event)
+        await self.journal.run(mark_events, self.journal, [e.id for e in events], "dispatched")
+
+    async def _redispatch_loop(self) -> None:
+        """Events journaled but never published (a crash, a broker outage) go out again."""
+        while True:
+            try:
+                stale = await self.journal.run(self._stale_events)
+                if stale:
+                    log.info("re-publishing %d journaled events", len(stale))
+                    await self._publish(stale)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("re-publishing journaled events failed: %s", exc)
+            await asyncio.sleep(REDISPATCH_AFTER / 3)
+
+    def _stale_events(self) -> list[RegistryEvent]:
+        cutoff = time.time() - REDISPATCH_AFTER
+        rows = self.journal.query("SELECT id FROM events WHERE state = 'new' AND "
+                                  "received_at < ? LIMIT 500", (cutoff,))
+        if not rows:
+            return []
+        wanted = {r["id"] for r in rows}
+        return [e for e in events_by_state(self.journal, "new", limit=1000) if e.id in wanted]
+
+    async def _on_event(self, event: RegistryEvent, trace_context: Mapping[str, str]) -> None:
+        """Bus handler: turn one event into tasks (durably) and wake the workers."""
+        if event.action in ("push", "mount") and event.digest and not event.is_manifest:
+            # a blob landed in that repository: a future mount source on that registry
+            site = self.config.sites.get(event.site)
+            if site is not None:
+                await self.engine.blob_index.record(site.url, event.digest, event.repository)
+            return
+        if event.action == "push" and event.digest:
+            source = await self.queue.awas_replicated_here(event.site, event.repository,
+                                                           event.digest, event.tag)
+            if source is not None:
+                log.debug("event %s at %s is our own replication from %s; not bounced back",
+                          event.id, event.site, source)
+                return
+        specs = tasks_for_event(self.config, self.rules, event, trace_context)
+        if specs:
+            await self.queue.aenqueue(specs)
+            self._work_ready.set()
+
+    # ----------------------------------------------------------------- workers
+    async def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            free = self.workers - len(self._running)
+            if free > 0:
+                limits = {name: site.limits.concurrency
+                          for name, site in self.config.sites.items()}
+                try:
+                    tasks = await self.queue.alease(free, None, limits)
+                except Exception as exc:
+                    log.error("leasing tasks failed: %s", exc)
+                    tasks = []
+                for task in tasks:
+                    runner = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
+                    self._running[task.id] = runner
+                    runner.add_done_callback(lambda _t, i=task.id: self._finished(i))
+                if tasks:
+                    continue
+            self._work_ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work_ready.wait(), POLL_INTERVAL)
+
+    def _finished(self, task_id: int) -> None:
+        self._running.pop(task_id, None)
+        self._work_ready.set()
+
+    def _rule(self, name: str) -> Rule | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+    async def _execute(self, task: Task) -> None:
+        rule = self._rule(task.rule)
+        try:
+            if rule is None:
+                await self.queue.afail(task.id, f"rule {task.rule!r} is no longer configured",
+                                       retryable=False)
+                return
+            src, dst = self.pool[task.source_site], self.pool[task.target_site]
+            if task.action == "copy":
+                await self._copy(task, rule, src, dst)
+            else:
+                await self._delete(task, dst)
+        except asyncio.CancelledError:
+            raise  # shutdown: the lease is released and the task runs again next time
+        except (RegistryError, ConfigError) as exc:
+            await self._failed(task, str(exc), retryable=True)
+        except Exception as exc:
+            log.exception("task %d crashed", task.id)
+            await self._failed(task, f"{type(exc).__name__}: {exc}", retryable=True)
+
+    async def _copy(self, task: Task, rule: Rule, src: RegistryClient,
+                    dst: RegistryClient) -> None:
+        options = CopyOptions(platforms=rule.platform_list or None, referrers=rule.referrers,
+                              overwrite=rule.overwrite)
+        result = await self.engine.copy(src, task.repository, task.reference, dst,
+                                        task.target_repository, tag=task.tag, options=options)
+        stats = result.stats
+        m = self.metrics
+        m.bytes_uploaded.inc(stats.bytes_uploaded, target=task.target_site)
+        m.blobs.inc(stats.blobs_uploaded, target=task.target_site, outcome="uploaded")
+        m.blobs.inc(stats.blobs_mounted, target=task.target_site, outcome="mounted")
+        m.blobs.inc(stats.blobs_existing, target=task.target_site, outcome="existing")
+        if result.status == "failed":
+            await self._failed(task, result.error or "copy failed", result.retryable)
+        elif result.status == "conflict":
+            await self._failed(task, f"{result.target} differs from the source and the rule "
+                                     "says overwrite: false", retryable=False)
+        else:
+            await self.queue.acomplete(task.id)
+
+    async def _delete(self, task: Task, dst: RegistryClient) -> None:
+        digest = task.digest
+        if digest is None and task.tag:
+            head = await dst.head_manifest(task.target_repository, task.tag)
+            if head is None:
+                await self.queue.acomplete(task.id)
+                return
+            digest = head.digest
+        await self.queue.arecord_replicated(task.target_site, task.target_repository,
+                                            digest, task.source_site)
+        await dst.delete_manifest(task.target_repository, digest)
+        await self.queue.acomplete(task.id)
+
+    async def _failed(self, task: Task, error: str, retryable: bool) -> None:
+        self.metrics.retries.inc(target=task.target_site)
+        await self.queue.afail(task.id, error[:2000], retryable)
+        row = await self.journal.run(self.queue.get, task.id)
+        if row is not None and row.state == "dead":
+            self.metrics.dead_letters.inc(rule=task.rule, target=task.target_site)
+        log.warning("task %d (%s %s -> %s/%s) failed: %s", task.id, task.action,
+                    task.reference, task.target_site, task.target_repository, error[:500])
+
+    async def _before_put(self, dst: RegistryClient, repo: str, digest: str, ref: str) -> None:
+        """Loop guard: remember our own push before the target can tell us about it."""
+        tag = None if is_digest(ref) else ref
+        await self.queue.arecord_replicated(dst.site.name, repo, digest,
+                                            COPY_SOURCE.get() or "?", tag)
+
+    # --------------------------------------------------------------- schedules
+    def _schedule_reconciles(self) -> None:
+        for rule in self.rules:
+            if rule.interval is None and rule.schedule is None:
+                continue
+            name = f"reconcile:{rule.name}"
+            periodic = Periodic(name, lambda r=rule.name: self.reconcile([r]),
+                                interval=rule.interval, cron=rule.schedule,
+                                jitter=min(5.0, (rule.interval or 60) / 10))
+            periodic.task = asyncio.create_task(periodic.loop(), name=name)  # type: ignore
+            self._periodic[name] = periodic
+
+    async def reconcile(self, rule_names: list[str] | None = None) -> None:
+        reconciler = Reconciler(self.config, self.journal, self.pool, self.engine)
+        report = await reconciler.run(rule_names, rules=self.rules if not rule_names else
+                                      [r for r in self.rules if r.name in rule_names])
+        counts = report.counts()
+        log.info("reconcile %s: %s", ",".join(rule_names or ["all"]), counts)
+        if report.failures:
+            raise ReplicatorError("; ".join(report.failures[:5]))
+
+    def _schedule_gc(self) -> None:
+        if not self.config.gc.schedule or not self.config.gc.policies:
+            return
+        periodic = Periodic("gc", self.collect_garbage, cron=self.config.gc.schedule)
+        periodic.task = asyncio.create_task(periodic.loop(), name="gc")  # type: ignore
+        self._periodic["gc"] = periodic
+
+    async def collect_garbage(self) -> None:
+        from replicator.gc.scheduled import run_policies
+
+        await run_policies(self.config, self.journal, self.pool, dry_run=False)
+
+    # ----------------------------------------------------------------- health
+    async def _ready(self) -> dict:
+        checks: dict = {"bus": {"ok": self.bus.connected,
+                                "detail": type(self.bus).__name__}}
+        return checks
+
+    async def _watchdog_loop(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        while True:
+            if interval:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval or 30)
+
+    def _install_metrics(self) -> None:
+        journal = self.journal
+
+        def tasks_by_state() -> dict:
+            rows = journal.query("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+            return {(r["state"],): r["n"] for r in rows}
+
+        def lag() -> dict:
+            rows = journal.query(
+                "SELECT rule, target_site, MIN(created_at) AS oldest FROM tasks "
+                "WHERE state IN ('pending', 'leased') GROUP BY rule, target_site")
+            now = time.time()
+            return {(r["rule"], r["target_site"]): max(0.0, now - r["oldest"]) for r in rows}
+
+        with contextlib.suppress(Exception):
+            self.metrics.tasks.set_function(tasks_by_state)
+            self.metrics.replication_lag.set_function(lag)

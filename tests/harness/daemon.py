@@ -1,0 +1,106 @@
+"""Run `registry-replicator run` as a real subprocess, with registries that notify it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from tests.harness.registry import Registry
+from tests.harness.util import free_port, wait_until
+
+TOKEN = "hook-token-for-tests"
+
+
+def notify_kwargs(daemon_port: int, site: str) -> dict[str, Any]:
+    """Registry(...) arguments that make a registry post its events to the daemon."""
+    return {"notify_url": f"http://127.0.0.1:{daemon_port}/events/{site}",
+            "notify_headers": {"Authorization": [f"Bearer {TOKEN}"]}}
+
+
+@dataclass
+class DaemonProcess:
+    root: Path
+    config: dict[str, Any]
+    port: int = field(default_factory=free_port)
+    instance_id: str = "test-daemon"
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "daemon.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / f"{self.instance_id}.log"
+
+    def write_config(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cfg = dict(self.config)
+        cfg["listen"] = f"127.0.0.1:{self.port}"
+        cfg.setdefault("journal", str(self.root / f"{self.instance_id}.db"))
+        self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def start(self, wait: bool = True) -> DaemonProcess:
+        self.write_config()
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "replicator", "run", "-c", str(self.config_path),
+             "--instance-id", self.instance_id, "--retry-base", "0.2", *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "HOOK_TOKEN": TOKEN, **self.env})
+        log.close()
+        if wait:
+            wait_until(self.healthy, timeout=20, what=f"daemon on {self.url}")
+        return self
+
+    def healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()[-3000:]}")
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=5).text
+
+
+def site_config(reg: Registry, **extra: Any) -> dict[str, Any]:
+    return {"url": reg.url, "insecure": True, "webhook_token_env": "HOOK_TOKEN", **extra}

@@ -1,0 +1,197 @@
+"""The daemon end to end: real registries notify a real daemon process, which replicates.
+
+Completion is always polled with a deadline, never slept for.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config
+from tests.harness.images import Pusher, assert_image_complete, layer_bytes
+from tests.harness.util import free_port, wait_until
+
+
+def complete(reg, repo, ref, digest=None) -> bool:
+    try:
+        got = assert_image_complete(reg.url, repo, ref)
+    except AssertionError:
+        return False
+    return digest is None or got == digest
+
+
+@pytest.fixture
+def hub(registry_factory, tmp_path):
+    """Primary A notifying a daemon that replicates team/** to B and C."""
+    port = free_port()
+    a = registry_factory("a", **notify_kwargs(port, "a"))
+    b = registry_factory("b", **notify_kwargs(port, "b"))
+    c = registry_factory("c", **notify_kwargs(port, "c"))
+    daemon = DaemonProcess(tmp_path / "d", port=port, config={
+        "sites": {"a": site_config(a), "b": site_config(b), "c": site_config(c)},
+        "rules": [{"name": "hub", "from": "a", "to": ["b", "c"],
+                   "repositories": ["team/**"], "deletes": True}],
+    })
+    yield a, b, c, daemon
+    daemon.stop()
+
+
+def test_push_to_primary_arrives_complete_on_both_replicas(hub):
+    a, b, c, daemon = hub
+    daemon.start()
+    with Pusher(a.url) as p:
+        img = p.push_image("team/app", "v1", [layer_bytes("base", 50_000),
+                                              layer_bytes("app", 1000)])
+        idx = p.push_multiarch("team/multi", "v2", "m")
+        p.push_image("other/skip", "v1", [layer_bytes("x", 10)])
+    for reg in (b, c):
+        wait_until(lambda r=reg: complete(r, "team/app", "v1", img.digest), timeout=30,
+                   what=f"team/app:v1 on {reg.url}")
+        wait_until(lambda r=reg: complete(r, "team/multi", "v2", idx.digest), timeout=30,
+                   what=f"team/multi:v2 on {reg.url}")
+    with Pusher(b.url) as p:
+        assert p.tags("other/skip") == []
+    # a manifest delete at the primary propagates (rule has deletes: true)
+    with Pusher(a.url) as p:
+        assert p.http.delete(f"{a.url}/v2/team/app/manifests/{img.digest}").status_code == 202
+    for reg in (b, c):
+        wait_until(lambda r=reg: Pusher(r.url).get_manifest("team/app", "v1").status_code
+                   == 404, timeout=30, what="delete propagated")
+    metrics = daemon.metrics()
+    assert 'replicator_events_received_total{site="a",action="push"}' in metrics
+    assert 'replicator_blobs_total{target="b",outcome="uploaded"}' in metrics
+    assert daemon.stop() == 0
+
+
+def test_sigkill_mid_stream_then_restart_loses_nothing(hub):
+    a, b, c, daemon = hub
+    daemon.start()
+    pushed = {}
+    with Pusher(a.url) as p:
+        for i in range(12):
+            if i == 4:
+                daemon.kill()  # registries keep retrying their notifications meanwhile
+            pushed[f"v{i}"] = p.push_image("team/burst", f"v{i}",
+                                           [layer_bytes(f"burst{i}", 200_000)]).digest
+    daemon.start()
+    for reg in (b, c):
+        for tag, digest in pushed.items():
+            wait_until(lambda r=reg, t=tag, d=digest: complete(r, "team/burst", t, d),
+                       timeout=60, what=f"team/burst:{tag} on {reg.url}")
+
+
+def test_target_down_for_a_while_then_everything_arrives(hub):
+    a, b, c, daemon = hub
+    daemon.start()
+    b.stop()
+    with Pusher(a.url) as p:
+        img = p.push_image("team/late", "v1", [layer_bytes("late", 1000)])
+    wait_until(lambda: complete(c, "team/late", "v1", img.digest), timeout=30, what="c")
+    b.start()
+    wait_until(lambda: complete(b, "team/late", "v1", img.digest), timeout=60,
+               what="b after it came back")
+
+
+def test_mesh_does_not_loop(registry_factory, tmp_path):
+    port = free_port()
+    a = registry_factory("a", **notify_kwargs(port, "a"))
+    b = registry_factory("b", **notify_kwargs(port, "b"))
+    daemon = DaemonProcess(tmp_path / "d", port=port, config={
+        "sites": {"a": site_config(a), "b": site_config(b)},
+        "rules": [{"name": "ab", "from": "a", "to": ["b"]},
+                  {"name": "ba", "from": "b", "to": ["a"]}],
+    })
+    daemon.start()
+    try:
+        with Pusher(a.url) as p:
+            from_a = p.push_image("team/x", "v1", [layer_bytes("from-a", 100)])
+        with Pusher(b.url) as p:
+            from_b = p.push_image("team/y", "v1", [layer_bytes("from-b", 100)])
+        wait_until(lambda: complete(b, "team/x", "v1", from_a.digest), timeout=30)
+        wait_until(lambda: complete(a, "team/y", "v1", from_b.digest), timeout=30)
+        # settle: no task keeps bouncing between the sites
+        db = daemon.root / f"{daemon.instance_id}.db"
+        import sqlite3
+
+        def quiet() -> bool:
+            with sqlite3.connect(db) as conn:
+                return conn.execute("SELECT COUNT(*) FROM tasks WHERE state IN "
+                                    "('pending','leased')").fetchone()[0] == 0
+
+        wait_until(quiet, timeout=20, what="queue drained")
+        with sqlite3.connect(db) as conn:
+            total = conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+        assert total == 2, f"{total} tasks: replication bounced between the sites"
+    finally:
+        daemon.stop()
+
+
+def test_sigterm_exits_zero_within_10s_and_notify_protocol(hub, tmp_path):
+    *_, daemon = hub
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(20)
+    daemon.env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
+    try:
+        daemon.start(wait=False)
+        messages = []
+        deadline = time.monotonic() + 20
+        while not any("READY=1" in m for m in messages) and time.monotonic() < deadline:
+            messages.append(sock.recv(4096).decode())
+        assert any("READY=1" in m for m in messages), messages
+        # the watchdog pings at half of WATCHDOG_USEC
+        while not any("WATCHDOG=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        start = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=10) == 0
+        assert time.monotonic() - start < 10
+        sock.settimeout(1)
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        assert any("STOPPING=1" in m for m in messages)
+    finally:
+        sock.close()
+
+
+def test_bad_webhooks_get_4xx_and_daemon_stays_healthy(hub):
+    *_, daemon = hub
+    daemon.start()
+    url = f"{daemon.url}/events/a"
+    good = {"Authorization": "Bearer hook-token-for-tests",
+            "Content-Type": "application/vnd.docker.distribution.events.v1+json"}
+    cases = [
+        (url, {**good, "Authorization": "Bearer wrong"}, b'{"events":[]}', 401),
+        (f"{daemon.url}/events/nope", good, b'{"events":[]}', 404),
+        (url, good, b"{not json", 400),
+        (url, {**good, "Content-Type": "text/plain"}, b"hello", 415),
+        (url, good, b'{"events":[' + b"0," * 600_000 + b"0]}", 413),
+    ]
+    for target, headers, body, status in cases:
+        assert httpx.post(target, headers=headers, content=body).status_code == status
+    assert httpx.get(f"{daemon.url}/healthz").status_code == 200
+    assert httpx.get(f"{daemon.url}/readyz").status_code == 200
+
+
+def test_sighup_reload_keeps_running_and_refuses_a_bad_file(hub):
+    a, b, _c, daemon = hub
+    daemon.start()
+    good = daemon.config_path.read_text()
+    daemon.config_path.write_text(good + "\nbogus_key: 1\n")
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in daemon.log(), timeout=10, what="refusal logged")
+    daemon.config_path.write_text(good.replace("team/**", "other/**"))
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded" in daemon.log(), timeout=10)
+    with Pusher(a.url) as p:
+        img = p.push_image("other/now", "v1", [layer_bytes("now", 100)])
+    wait_until(lambda: complete(b, "other/now", "v1", img.digest), timeout=30)
