@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule
 from replicator.copy import CopyEngine, CopyOptions, CopyStats
+from replicator.daemon.queue import record_replicated
 from replicator.journal import Journal
 from replicator.manifest import Descriptor
 from replicator.planner import Action, plan_target, selected_tags
@@ -279,12 +280,8 @@ class Reconciler:
     async def _record_replicated(self, action: Action, digest: str | None) -> None:
         if self.journal is None or not digest:
             return
-        await self.journal.run(
-            self.journal.execute,
-            "INSERT OR REPLACE INTO replicated(target_site, repository, digest, source_site, at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (action.target_site, action.target_repository, digest, action.source_site,
-             time.time()))
+        await self.journal.run(record_replicated, self.journal, action.target_site,
+                               action.target_repository, digest, action.source_site, action.tag)
 
     async def _start_run(self, rule_names: Sequence[str] | None, dry_run: bool) -> int | None:
         if self.journal is None:

@@ -142,6 +142,29 @@ class Task:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
+def record_replicated(journal: Journal, target_site: str, repository: str, digest: str,
+                      source_site: str, tag: str | None = None, *,
+                      now: float | None = None) -> None:
+    """Record that we pushed `digest` (by `tag`) into `repository` at `target_site`,
+    merging the tag into those already recorded for the same source (loop guard,
+    failover knowledge, immutable-tag fast path)."""
+    with journal.transaction() as conn:
+        now = time.time() if now is None else now
+        row = conn.execute(
+            "SELECT source_site, tags FROM replicated WHERE target_site=? AND "
+            "repository=? AND digest=?", (target_site, repository, digest)).fetchone()
+        tags: list[str] = []
+        if row is not None and row[0] == source_site and row[1]:
+            tags = json.loads(row[1])
+        if tag is not None and tag not in tags:
+            tags = [*tags, tag][-_MAX_TAGS:]
+        conn.execute(
+            "INSERT OR REPLACE INTO replicated (target_site, repository, digest, "
+            "source_site, at, tags) VALUES (?,?,?,?,?,?)",
+            (target_site, repository, digest, source_site, now,
+             json.dumps(tags) if tags else None))
+
+
 def task_key(rule: str, target_site: str, target_repository: str, reference: str | None) -> str:
     """The coalescing key: one pending task per (rule, target, repository, tag-or-digest)."""
     return f"{rule}|{target_site}|{target_repository}|{reference or ''}"
@@ -424,21 +447,8 @@ class WorkQueue:
         """Remember that we are about to push `digest` (by `tag`, if any) into `repository`
         at `target_site`. Call it BEFORE the manifest PUT: the target's webhook can arrive
         before the PUT returns."""
-        with self.journal.transaction() as conn:
-            now = self._clock()
-            row = conn.execute(
-                "SELECT source_site, tags FROM replicated WHERE target_site=? AND "
-                "repository=? AND digest=?", (target_site, repository, digest)).fetchone()
-            tags: list[str] = []
-            if row is not None and row[0] == source_site and row[1]:
-                tags = json.loads(row[1])
-            if tag is not None and tag not in tags:
-                tags = [*tags, tag][-_MAX_TAGS:]
-            conn.execute(
-                "INSERT OR REPLACE INTO replicated (target_site, repository, digest, "
-                "source_site, at, tags) VALUES (?,?,?,?,?,?)",
-                (target_site, repository, digest, source_site, now,
-                 json.dumps(tags) if tags else None))
+        record_replicated(self.journal, target_site, repository, digest, source_site, tag,
+                          now=self._clock())
 
     def was_replicated_here(self, site: str, repository: str, digest: str,
                             tag: str | None = None,
