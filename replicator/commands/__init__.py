@@ -8,6 +8,7 @@ arguments and returning the process exit code.
 COMMAND_MODULES = [
     "check",
     "config_schema",
+    "demo",
     "copy",
     "sync",
     "run",
