@@ -31,6 +31,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, S
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
+from replicator import telemetry
 from replicator.blob_index import BlobIndex
 from replicator.manifest import (
     OCI_INDEX,
@@ -147,8 +148,10 @@ class CopyEngine:
         target_name = f"{dst.site.name}/{dst_repo}" + (f":{tag}" if tag else "")
         stats = CopyStats()
         try:
-            status, digest = await self._copy(src, src_repo, ref, dst, dst_repo, tag, options,
-                                              stats, target_current)
+            with telemetry.span("copy", source=source_name, target=target_name) as span:
+                status, digest = await self._copy(src, src_repo, ref, dst, dst_repo, tag,
+                                                  options, stats, target_current)
+                span.set_attribute("replicator.status", status)
         except (RegistryError, ManifestError) as exc:
             stats.failed += 1
             message = f"{source_name} -> {target_name}: {exc}"
@@ -222,17 +225,20 @@ class CopyEngine:
                              options: CopyOptions, stats: CopyStats) -> Manifest:
         """Copy everything `manifest` needs, then the manifest itself; returns what was written."""
         to_write = self._as_written(manifest, options)
-        if manifest.is_index:
-            await self._gather(
-                (self._copy_child(src, src_repo, c, dst, dst_repo, options, stats)
-                 for c in to_write.children), options.blob_parallelism * 2)
-        else:
-            await self._gather(
-                (self._ensure_blob(src, src_repo, dst, dst_repo, b, options, stats)
-                 for b in manifest.blobs), options.blob_parallelism)
-        await self._put_manifest(dst, dst_repo, tag or to_write.digest, to_write, stats)
-        if options.referrers:
-            await self._copy_referrers(src, src_repo, manifest, dst, dst_repo, options, stats)
+        with telemetry.span("copy manifest", digest=to_write.digest, media_type=to_write.media_type,
+                            target=dst.site.name, repository=dst_repo, tag=tag):
+            if manifest.is_index:
+                await self._gather(
+                    (self._copy_child(src, src_repo, c, dst, dst_repo, options, stats)
+                     for c in to_write.children), options.blob_parallelism * 2)
+            else:
+                await self._gather(
+                    (self._ensure_blob(src, src_repo, dst, dst_repo, b, options, stats)
+                     for b in manifest.blobs), options.blob_parallelism)
+            await self._put_manifest(dst, dst_repo, tag or to_write.digest, to_write, stats)
+            if options.referrers:
+                await self._copy_referrers(src, src_repo, manifest, dst, dst_repo, options,
+                                           stats)
         return to_write
 
     async def _copy_child(self, src: RegistryClient, src_repo: str, child: Descriptor,
@@ -294,15 +300,18 @@ class CopyEngine:
                            stats: CopyStats) -> None:
         """Make `blob` present in `dst_repo`, once, however many copies need it right now."""
         key = (dst.site.url, blob.digest, dst_repo)
-        running = self._repo_inflight.get(key)
-        if running is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(running)
-            if not running.cancelled():
-                stats.blobs_existing += 1
-                return
-        await _single_flight(self._repo_inflight, key, self._obtain_blob(
-            src, src_repo, dst, dst_repo, blob, options, stats))
+        with telemetry.span("blob", digest=blob.digest, bytes=blob.size, target=dst.site.name,
+                            repository=dst_repo):
+            running = self._repo_inflight.get(key)
+            if running is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(running)
+                if not running.cancelled():
+                    stats.blobs_existing += 1
+                    telemetry.set_attributes(outcome="existing")
+                    return
+            await _single_flight(self._repo_inflight, key, self._obtain_blob(
+                src, src_repo, dst, dst_repo, blob, options, stats))
 
     async def _obtain_blob(self, src: RegistryClient, src_repo: str, dst: RegistryClient,
                            dst_repo: str, blob: Descriptor, options: CopyOptions,
@@ -310,6 +319,7 @@ class CopyEngine:
         registry = dst.site.url
         if await dst.head_blob(dst_repo, blob.digest) is not None:
             stats.blobs_existing += 1
+            telemetry.set_attributes(outcome="existing")
             await self.blob_index.record(registry, blob.digest, dst_repo)
             return dst_repo
         key = (registry, blob.digest)
@@ -333,6 +343,7 @@ class CopyEngine:
             mounted = await dst.mount_blob(dst_repo, blob.digest, candidate)
             if mounted is None:
                 stats.blobs_mounted += 1
+                telemetry.set_attributes(outcome="mounted", mounted_from=candidate)
                 await self.blob_index.record(registry, blob.digest, dst_repo)
                 return dst_repo
             # 202: the index was stale; keep the upload session the registry opened.
@@ -348,10 +359,12 @@ class CopyEngine:
                          stats: CopyStats) -> bool:
         if from_repo == dst_repo:
             stats.blobs_existing += 1
+            telemetry.set_attributes(outcome="existing")
             return True
         location = await dst.mount_blob(dst_repo, digest, from_repo)
         if location is None:
             stats.blobs_mounted += 1
+            telemetry.set_attributes(outcome="mounted", mounted_from=from_repo)
             await self.blob_index.record(dst.site.url, digest, dst_repo)
             return True
         await dst.cancel_upload(location)
@@ -376,6 +389,7 @@ class CopyEngine:
                     await dst.upload_blob(dst_repo, blob.digest, size, body, location=location)
                 stats.blobs_uploaded += 1
                 stats.bytes_uploaded += size
+                telemetry.set_attributes(outcome="uploaded", attempts=attempt)
                 return
             except DigestMismatch:
                 if location is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import uvicorn
 
+from replicator import telemetry
 from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule, load_config
@@ -76,6 +77,8 @@ class Daemon:
         self.workers = workers
         self.drain_timeout = drain_timeout
         self.metrics = metrics or METRICS
+        self.telemetry = telemetry.setup_telemetry(self.config, metrics=self.metrics,
+                                                   instance_id=self.instance_id)
         self.notifier = Notifier.from_env()
         self.journal = Journal(self.config.journal)
         self.queue = WorkQueue(self.journal, self.instance_id, backoff_base=retry_base)
@@ -219,7 +222,10 @@ class Daemon:
     async def _publish(self, events: list[RegistryEvent]) -> None:
         """Intake hook: an event is handed to the bus before the webhook is answered."""
         for event in events:
-            await self.bus.publish(event)
+            with telemetry.span("event", site=event.site, action=event.action, tag=event.tag,
+                                repository=event.repository, digest=event.digest,
+                                event_id=event.id):
+                await self.bus.publish(event)  # the bus carries this span's traceparent
         await self.journal.run(mark_events, self.journal, [e.id for e in events], "dispatched")
 
     async def _redispatch_loop(self) -> None:
@@ -295,6 +301,10 @@ class Daemon:
         return next((r for r in self.rules if r.name == name), None)
 
     async def _execute(self, task: Task) -> None:
+        with telemetry.replicate_span(task):  # child of the trace the task was journaled with
+            await self._execute_task(task)
+
+    async def _execute_task(self, task: Task) -> None:
         rule = self._rule(task.rule)
         try:
             if rule is None:
@@ -348,6 +358,7 @@ class Daemon:
         await self.queue.acomplete(task.id)
 
     async def _failed(self, task: Task, error: str, retryable: bool) -> None:
+        telemetry.record_failure(error, retryable=retryable)
         self.metrics.retries.inc(target=task.target_site)
         await self.queue.afail(task.id, error[:2000], retryable)
         row = await self.journal.run(self.queue.get, task.id)
