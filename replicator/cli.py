@@ -54,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReplicatorError as exc:
         print(f"registry-replicator: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # `registry-replicator config-schema | head`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("registry-replicator: interrupted", file=sys.stderr)
         return 130
