@@ -366,15 +366,19 @@ def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, o
         wait_until(lambda: _complete(b, "team/app", "v1"), timeout=30, what="copy to b")
 
         def journey():
+            """The push's trace, once every span of it has been exported (spans end, and
+            are exported in batches, innermost first)."""
             got = otlp.snapshot()
-            events = [s for s in got if s["name"] == "event" and s["instance"] == "intake"
-                      and s["attributes"].get("replicator.tag") == "v1"]
-            blobs = [s for s in got if s["name"] == "blob"]
-            return (events, got) if events and len(blobs) >= 2 else None
+            for event in (s for s in got if s["name"] == "event"
+                          and s["attributes"].get("replicator.tag") == "v1"):
+                trace = [s for s in got if s["trace_id"] == event["trace_id"]]
+                names = sorted(s["name"] for s in trace)
+                if names == ["blob", "blob", "copy", "copy manifest", "event", "replicate"]:
+                    return event, trace
+            return None
 
-        events, got = wait_until(journey, timeout=20, what="spans exported over OTLP")
-        event = events[0]
-        trace = [s for s in got if s["trace_id"] == event["trace_id"]]
+        event, trace = wait_until(journey, timeout=20, what="the push's trace over OTLP")
+        assert event["instance"] == "intake"
         by_id = {s["span_id"]: s for s in trace}
         replicate = next(s for s in trace if s["name"] == "replicate")
         assert replicate["instance"] == "worker"
