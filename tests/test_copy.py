@@ -94,7 +94,10 @@ async def test_second_copy_uploads_nothing_and_writes_no_manifest(src_dst, sink)
     engine = CopyEngine()
     items = [(f"team/app{r}", f"v{t}", f"team/app{r}") for r in range(2) for t in range(2)]
     await copy_all(engine, src, dst, items)
-    wait_until(lambda: any(e["action"] == "push" for e in sink.snapshot()), what="events")
+    # the registry delivers its events in order: once the four tag pushes (the last
+    # write of each copy) have arrived, every event of the first copy has
+    wait_until(lambda: len([e for e in sink.snapshot() if e["action"] == "push"
+                            and e["target"].get("tag")]) >= 4, what="first copy's events")
     count_before = len(dst.all_blob_digests())
     sink.clear()
     results = await copy_all(CopyEngine(), src, dst, items)
