@@ -144,11 +144,19 @@ class StoreLayout:
                     stack.append((Path(e.path), f"{name}/{e.name}" if name else e.name))
         return sorted(out)
 
-    def scan_repository(self, repo: str, *, with_uploads: bool = True) -> RepoSnapshot:
+    def scan_repository(self, repo: str, *, with_uploads: bool = True,
+                        stat_revisions: bool = True, with_tags: bool = True) -> RepoSnapshot:
+        """Layer links are listed without their mtimes (0.0: not looked at) — only the few
+        that matter are stat'ed later. A layer link directory counts as a link even if
+        emptied (over-counting is the safe side; planning sweeps old empty ones).
+        Revisions are always checked for their link file: distribution's manifest DELETE
+        leaves the directory behind, and a root must be a servable manifest."""
         snap = RepoSnapshot(repo)
         base = self.repo_dir(repo)
-        snap.layers = _scan_links(base / "_layers")
-        snap.revisions = _scan_links(base / "_manifests" / "revisions")
+        snap.layers = _scan_links(base / "_layers", stat=False)
+        snap.revisions = _scan_links(base / "_manifests" / "revisions", stat=stat_revisions)
+        if not with_tags:
+            return snap
         for entry in _scandir(base / "_manifests" / "tags"):
             link = os.path.join(entry.path, "current", "link")
             digest, mtime = read_link(link)
@@ -177,6 +185,20 @@ def read_link(path: str | Path) -> tuple[str | None, float]:
 def link_mtime(link_dir: Path) -> float | None:
     try:
         return os.stat(link_dir / "link").st_mtime
+    except OSError:
+        return None
+
+
+def link_or_dir_mtime(link_dir: Path) -> float | None:
+    """The link's mtime; for a directory left empty (distribution's DELETE removes the
+    link file, not its directory) the directory's mtime, which is when the file went.
+    None when neither exists."""
+    try:
+        return os.stat(link_dir / "link").st_mtime
+    except OSError:
+        pass
+    try:
+        return os.stat(link_dir).st_mtime
     except OSError:
         return None
 
@@ -221,12 +243,15 @@ def _scandir(path: Path | str) -> list[os.DirEntry]:
         return []
 
 
-def _scan_links(base: Path) -> dict[str, float]:
-    """<base>/<alg>/<hex>/link -> {alg:hex: mtime}."""
+def _scan_links(base: Path, stat: bool = True) -> dict[str, float]:
+    """<base>/<alg>/<hex>/link -> {alg:hex: mtime} (mtime 0.0 when not stat'ed)."""
     out: dict[str, float] = {}
     for alg in _scandir(base):
         for entry in _scandir(alg.path):
             if not _HEX_RE.match(entry.name):
+                continue
+            if not stat:
+                out[f"{alg.name}:{entry.name}"] = 0.0
                 continue
             try:
                 out[f"{alg.name}:{entry.name}"] = os.stat(

@@ -97,6 +97,8 @@ from replicator.gc.layout import (
     BlobEntry,
     RepoSnapshot,
     StoreLayout,
+    link_mtime,
+    link_or_dir_mtime,
     manifest_node,
     newest_mtime,
     read_link,
@@ -295,7 +297,7 @@ class ManifestCache:
     def load(self, digests: Iterable[str], pool: ThreadPoolExecutor) -> int:
         todo = [d for d in set(digests) if d not in self.nodes and ":" in d]
         found = 0
-        for digest, node in pool.map(self._read, todo, chunksize=64):
+        for digest, node in pmap(pool, self._read, todo):
             if node is not None:
                 self.nodes[digest] = node
                 found += 1
@@ -373,11 +375,21 @@ class StorageCollector:
                 out[e.digest] = e
         return out
 
-    def scan(self, with_uploads: bool = False) -> dict[str, RepoSnapshot]:
+    def scan(self, *, full: bool = False,
+             tags_for: set[str] | None = None) -> dict[str, RepoSnapshot]:
+        """full: what planning needs (uploads, revision mtimes, tags). Otherwise a light
+        listing for re-checks: names only, tags read only for `tags_for` repositories
+        (a tag can only be served through a revision link, so revisions are the roots)."""
         repos = self.layout.list_repositories()
-        snaps = self.pool.map(
-            lambda r: self.layout.scan_repository(r, with_uploads=with_uploads), repos)
-        return {s.name: s for s in snaps}
+
+        def one(r: str) -> RepoSnapshot:
+            if full:
+                return self.layout.scan_repository(r)
+            return self.layout.scan_repository(
+                r, with_uploads=False, stat_revisions=True,
+                with_tags=tags_for is not None and r in tags_for)
+
+        return {s.name: s for s in self.pool.map(one, repos)}
 
     def _mark_closure(self, roots_by_repo: dict[str, set[str]]) -> tuple[MarkSet, dict]:
         """Global mark (manifests count as blobs too) plus per-repo reached manifests."""
@@ -396,8 +408,9 @@ class StorageCollector:
 
     def live(self, exclude_revisions: set[tuple[str | None, str | None]],
              exclude_tags: set[tuple[str | None, str | None]],
-             extra_roots: Iterable[tuple[str | None, str | None]] = ()) -> Live:
-        snaps = self.scan()
+             extra_roots: Iterable[tuple[str | None, str | None]] = (),
+             tags_for: set[str] | None = None) -> Live:
+        snaps = self.scan(tags_for=tags_for)
         roots: dict[str, set[str]] = {}
         linked: set[str] = set()
         for repo, s in snaps.items():
@@ -421,7 +434,7 @@ class StorageCollector:
         t = time.monotonic()
         blobs = self.enumerate_blobs()                     # 1. candidates before marking
         t_enum = time.monotonic() - t
-        snaps = self.scan(with_uploads=True)               # 2. links, tags, uploads
+        snaps = self.scan(full=True)                       # 2. links, tags, uploads
         self.cache.load({d for s in snaps.values() for d in s.revisions}, self.pool)
         items: list[Item] = []
         roots: dict[str, set[str]] = {}
@@ -445,22 +458,29 @@ class StorageCollector:
             items += [Item("tag", repo, s.tags[t_][0], t_) for t_ in sorted(dec.deleted_tags)]
             items += [Item("manifest", repo, d) for d in sorted(dec.deleted_manifests)]
         marked, _ = self._mark_closure(roots)
-        layer_links: dict[str, list[tuple[str, float]]] = {}
+        layer_repos: dict[str, list[str]] = {}
         for repo, s in snaps.items():
-            for d, m in s.layers.items():
-                layer_links.setdefault(d, []).append((repo, m))
-        for d, e in blobs.items():
-            if e.mtime >= cutoff or d in marked.blobs:
+            for d in s.layers:
+                layer_repos.setdefault(d, []).append(repo)
+        # only links that may go need their mtime: those of unmarked or missing blobs
+        unmarked = [d for d, e in blobs.items() if e.mtime < cutoff and d not in marked.blobs]
+        missing = [d for d in layer_repos if d not in blobs]
+        to_stat = [(r, d) for d in unmarked + missing for r in layer_repos.get(d, ())]
+        mtimes = dict(zip(to_stat, pmap(
+            self.pool, lambda rd: link_or_dir_mtime(self.layout.layer_link_dir(*rd)), to_stat),
+            strict=True))
+        for d in unmarked:
+            links = sorted(r for r in layer_repos.get(d, ()) if mtimes[(r, d)] is not None)
+            # a fresh link (or one we cannot read) means a push or mount in progress
+            if any((mtimes[(r, d)] or cutoff) >= cutoff for r in links):
                 continue
-            links = layer_links.get(d, [])
-            if any(m >= cutoff for _r, m in links):
-                continue                                   # a push or mount in progress
-            items.append(Item("blob", None, d, bytes=e.size))
-            items += [Item("link", r, d) for r, _m in sorted(links)]
-        for d, links in layer_links.items():
-            if d in blobs or self.layout.blob_stat(d) is not None:
-                continue
-            items += [Item("link", r, d) for r, m in sorted(links) if m < cutoff]
+            items.append(Item("blob", None, d, bytes=blobs[d].size))
+            items += [Item("link", r, d) for r in links]
+        for d in missing:
+            if self.layout.blob_stat(d) is not None:
+                continue                                   # appeared after enumeration
+            items += [Item("link", r, d) for r in sorted(layer_repos[d])
+                      if mtimes[(r, d)] is not None and mtimes[(r, d)] < cutoff]
         for s in snaps.values():
             items += [Item("upload", u.repository, None, u.upload_id, bytes=u.size)
                       for u in s.uploads if u.newest_mtime < upload_cutoff]
@@ -475,11 +495,12 @@ class StorageCollector:
     def recheck(self, plan: Plan) -> int:
         """3. Batch re-check against a fresh scan; returns how many items were dropped."""
         drop: set[str] = set()
+        tags_for = {str(i.repository) for i in plan.items if i.kind in ("tag", "manifest")}
         while True:
             active = [i for i in plan.items if i.key not in drop]
             ex_rev = {(i.repository, i.digest) for i in active if i.kind == "manifest"}
             ex_tag = {(i.repository, i.name) for i in active if i.kind == "tag"}
-            live = self.live(ex_rev, ex_tag)
+            live = self.live(ex_rev, ex_tag, tags_for=tags_for)
             before = len(drop)
             for i in active:
                 snap = live.snaps.get(i.repository or "")
@@ -488,7 +509,8 @@ class StorageCollector:
                     if cur is None or cur[0] != i.digest or cur[1] >= plan.cutoff:
                         drop.add(i.key)
                 elif i.kind == "manifest":
-                    m = snap.revisions.get(i.digest or "") if snap else None
+                    m = link_mtime(self.layout.revision_link_dir(str(i.repository),
+                                                                 str(i.digest)))
                     if m is None or m >= plan.cutoff or i.digest in live.referenced.get(
                             i.repository or "", ()):
                         drop.add(i.key)
@@ -507,8 +529,8 @@ class StorageCollector:
         for i in plan.items:
             if i.kind != "blob" or i.key in drop:
                 continue
-            st = self.layout.blob_stat(str(i.digest))
-            if (st is None or st.st_mtime >= plan.cutoff or i.digest in live.protected
+            # (data mtime is re-checked per blob right before its move)
+            if (i.digest in live.protected
                     or links_now.get(str(i.digest), set()) - planned_links.get(i.digest, set())):
                 bad_blobs.add(str(i.digest))
                 drop.add(i.key)
@@ -534,10 +556,13 @@ class StorageCollector:
         for n, i in enumerate(items):
             if i.state != "candidate":
                 continue
+            # sharded like the blob store: one directory taking 10^4 renames serialises
+            # them on its inode lock
             if i.kind == "blob":
-                i.quarantine = base / "blobs" / str(i.digest).replace(":", "-")
+                hexd = str(i.digest).split(":", 1)[1]
+                i.quarantine = base / "blobs" / hexd[:2] / str(i.digest).replace(":", "-")
             elif i.kind != "upload":
-                i.quarantine = base / i.kind / str(n)
+                i.quarantine = base / i.kind / f"{n % 256:02x}" / str(n)
 
     def _changed(self, i: Item, cutoff: float, upload_cutoff: float) -> bool:
         """Right-before-the-move re-check of one item."""
@@ -545,7 +570,10 @@ class StorageCollector:
         try:
             if i.kind == "blob":
                 return os.stat(orig / "data").st_mtime >= cutoff
-            if i.kind in ("link", "manifest"):
+            if i.kind == "link":
+                m = link_or_dir_mtime(orig)
+                return m is None or m >= cutoff
+            if i.kind == "manifest":
                 return os.stat(orig / "link").st_mtime >= cutoff
             if i.kind == "tag":
                 d, m = read_link(orig / "current" / "link")
@@ -566,8 +594,7 @@ class StorageCollector:
                 i.state = "deleted"
                 return i
             assert i.quarantine is not None
-            i.quarantine.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(i.original(self.layout), i.quarantine)
+            os.rename(i.original(self.layout), i.quarantine)   # parents made in quarantine()
             i.state = "quarantined"
         except FileNotFoundError:
             i.state, i.error = "kept", "vanished before quarantine"
@@ -578,9 +605,11 @@ class StorageCollector:
     def quarantine(self, plan: Plan) -> None:
         """4. Tags, then manifests, then per blob: its links, then its data."""
         todo = [i for i in plan.items if i.state == "candidate"]
+        for parent in {i.quarantine.parent for i in todo if i.quarantine is not None}:
+            parent.mkdir(parents=True, exist_ok=True)
         for kind in ("tag", "manifest", "upload"):
-            list(self.pool.map(lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
-                               [i for i in todo if i.kind == kind]))
+            pmap(self.pool, lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
+                 [i for i in todo if i.kind == kind])
         by_digest: dict[str, list[Item]] = {}
         for i in todo:
             if i.kind in ("blob", "link"):
@@ -597,7 +626,7 @@ class StorageCollector:
                 else:
                     self._move(blob[0], plan.cutoff, plan.upload_cutoff)
 
-        list(self.pool.map(blob_group, by_digest.values()))
+        pmap(self.pool, blob_group, list(by_digest.values()))
 
     def finalize(self, items: list[Item], cutoff: float) -> None:
         """5 and 6: after the window, restore what is referenced again, delete the rest."""
@@ -659,7 +688,7 @@ class StorageCollector:
                     _restore(i, i.original(self.layout))
                     i.state, i.error = "restored", why.get(i.key)
                 else:
-                    shutil.rmtree(i.quarantine)  # type: ignore[arg-type]
+                    _remove_tree(i.quarantine)  # type: ignore[arg-type]
                     i.state = "deleted"
                     self._count_deletion()
             except _InjectedFault:
@@ -671,8 +700,8 @@ class StorageCollector:
         # restore first (shortest unavailability), then delete
         first = [i for i in pending if i.key in restore]
         rest = [i for i in pending if i.key not in restore]
-        list(self.pool.map(settle, first))
-        list(self.pool.map(settle, rest))
+        pmap(self.pool, settle, first)
+        pmap(self.pool, settle, rest)
 
     def _count_deletion(self) -> None:
         self._deletions += 1
@@ -707,6 +736,19 @@ class StorageCollector:
         return out
 
 
+def pmap(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Sequence[Any],
+         chunk: int = 128) -> list[Any]:
+    """pool.map in chunks: ThreadPoolExecutor ignores `chunksize`, and one future per
+    tiny filesystem operation costs more than the operation."""
+    if len(items) <= chunk:
+        return [fn(x) for x in items]
+    parts = [items[k:k + chunk] for k in range(0, len(items), chunk)]
+    out: list[Any] = []
+    for res in pool.map(lambda part: [fn(x) for x in part], parts):
+        out.extend(res)
+    return out
+
+
 class _InjectedFault(RuntimeError):
     pass
 
@@ -719,6 +761,22 @@ def _quarantined_mtime(i: Item) -> float:
         return os.stat(q / name).st_mtime
     except OSError:
         return 0.0
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree, with a fast path for the common one-file directory (blob data, a link):
+    two syscalls instead of a directory listing and a walk."""
+    for name in ("data", "link"):
+        try:
+            os.unlink(path / name)
+        except OSError:
+            continue
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            break
+    shutil.rmtree(path)
 
 
 def _restore(i: Item, orig: Path) -> None:

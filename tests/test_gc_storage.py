@@ -352,3 +352,18 @@ def test_layout_lists_nested_repositories(registry) -> None:
         p.push_image("x/y/z", "t", [b"2"])
     assert StoreLayout(registry.storage).list_repositories() == ["x", "x/y/z"]
     assert digest_of(b"1") in StoreLayout(registry.storage).scan_repository("x").layers
+
+
+def test_blob_deleted_through_the_api_is_collected_with_its_empty_link_dir(registry) -> None:
+    """distribution's blob DELETE removes the link file but leaves its directory."""
+    reg = registry
+    with Pusher(reg.url) as p:
+        d = p.push_blob("bd", layer_bytes("bd", 300))
+    assert httpx.delete(f"{reg.url}/v2/bd/blobs/{d}").status_code == 202
+    assert reg.layer_link("bd", d).parent.is_dir() and not reg.layer_link("bd", d).exists()
+    age_tree(reg.storage, 7200)
+    t = time.time() - 7200
+    os.utime(reg.layer_link("bd", d).parent, (t, t))
+    res = collect_storage_sync(reg.storage, None, opts(reg))
+    assert res.deleted_blobs == {d}
+    assert not reg.layer_link("bd", d).parent.exists()
