@@ -88,6 +88,8 @@ class Daemon:
         self.rules: list[Rule] = list(self.config.rules)
         self._stop = asyncio.Event()
         self._work_ready = asyncio.Event()
+        self._to_mark: list[str] = []          # event ids to mark 'dispatched', batched
+        self._mark_ready = asyncio.Event()
         self._running: dict[int, asyncio.Task] = {}
         self._periodic: dict[str, Periodic] = {}
         self._background: list[asyncio.Task] = []
@@ -153,6 +155,7 @@ class Daemon:
         self._background += [
             asyncio.create_task(self._work_loop(), name="workers"),
             asyncio.create_task(self._redispatch_loop(), name="redispatch"),
+            asyncio.create_task(self._mark_loop(), name="mark-dispatched"),
             asyncio.create_task(self._watchdog_loop(), name="watchdog"),
         ]
         self._schedule_reconciles()
@@ -180,6 +183,8 @@ class Daemon:
             await self.queue.arelease_owned()  # unfinished work goes back for the next start
         with contextlib.suppress(Exception):
             await self.bus.stop()
+        with contextlib.suppress(Exception):
+            await self._flush_marks()
         for task in self._background:
             if task.get_name() != "http":
                 task.cancel()
@@ -226,7 +231,33 @@ class Daemon:
                                 repository=event.repository, digest=event.digest,
                                 event_id=event.id):
                 await self.bus.publish(event)  # the bus carries this span's traceparent
-        await self.journal.run(mark_events, self.journal, [e.id for e in events], "dispatched")
+        if not isinstance(self.bus, InProcessBus):
+            self._mark_dispatched([e.id for e in events])  # durable in the broker now
+
+    def _mark_dispatched(self, ids: list[str]) -> None:
+        """Marking is kept off the webhook's critical path (the registry sends one event
+        at a time, so every journal round trip in the answer delays all later events) and
+        batched across concurrent webhooks. A crash before the mark only re-publishes the
+        event at the next start; handling is idempotent."""
+        self._to_mark += ids
+        self._mark_ready.set()
+
+    async def _flush_marks(self) -> None:
+        while self._to_mark:
+            ids, self._to_mark = self._to_mark, []
+            await self.journal.run(mark_events, self.journal, ids, "dispatched")
+
+    async def _mark_loop(self) -> None:
+        while True:
+            await self._mark_ready.wait()
+            self._mark_ready.clear()
+            try:
+                await self._flush_marks()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("marking events dispatched failed (they stay 'new' and are "
+                            "re-published later): %s", exc)
 
     async def _redispatch_loop(self) -> None:
         """Events journaled but never published (a crash, a broker outage) go out again."""
@@ -252,7 +283,15 @@ class Daemon:
         return [e for e in events_by_state(self.journal, "new", limit=1000) if e.id in wanted]
 
     async def _on_event(self, event: RegistryEvent, trace_context: Mapping[str, str]) -> None:
-        """Bus handler: turn one event into tasks (durably) and wake the workers."""
+        """Bus handler. The in-process bus is only memory, so its events count as
+        dispatched once handled (their tasks are in the journal), not once queued: a
+        SIGKILL with events still queued then re-publishes them at the next start."""
+        await self._plan(event, trace_context)
+        if isinstance(self.bus, InProcessBus):
+            self._mark_dispatched([event.id])
+
+    async def _plan(self, event: RegistryEvent, trace_context: Mapping[str, str]) -> None:
+        """Turn one event into tasks (durably) and wake the workers."""
         if event.action in ("push", "mount") and event.digest and not event.is_manifest:
             # a blob landed in that repository: a future mount source on that registry
             site = self.config.sites.get(event.site)
@@ -274,6 +313,8 @@ class Daemon:
     # ----------------------------------------------------------------- workers
     async def _work_loop(self) -> None:
         while not self._stop.is_set():
+            # cleared BEFORE leasing: a wake-up set while the lease runs is not lost
+            self._work_ready.clear()
             free = self.workers - len(self._running)
             if free > 0:
                 limits = {name: site.limits.concurrency
@@ -289,7 +330,6 @@ class Daemon:
                     runner.add_done_callback(lambda _t, i=task.id: self._finished(i))
                 if tasks:
                     continue
-            self._work_ready.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._work_ready.wait(), POLL_INTERVAL)
 
