@@ -7,7 +7,8 @@ the grace period. Manifests are then kept by marking (see `mark`) from:
 * the targets of kept tags,
 * every manifest younger than the grace (a push in progress uploads children
   and referrers before the index or tag that makes them reachable), and every
-  manifest whose age is unknown (we cannot prove it is old),
+  standalone manifest whose age is unknown (we cannot prove it is old; a child,
+  referrer or attached-tag target of unknown age follows its parent/subject),
 * with ``untagged: keep``, every *standalone* untagged manifest — one that is
   neither listed by an index nor a referrer. Children of an expired index and
   referrers of an expired image go with it; they were never independent images.
@@ -143,7 +144,8 @@ def decide(policy: RetentionPolicy, tags: Sequence[TagInfo], manifests: Graph,
     decision = Decision()
 
     def young(t: float | None) -> bool:
-        return t is None or now - t < policy.grace
+        """Known to be within the grace period. Unknown ages are handled per kind below."""
+        return t is not None and now - t < policy.grace
 
     regular = [t for t in tags if attached_subject(t.name) is None]
     attached = [t for t in tags if attached_subject(t.name) is not None]
@@ -177,12 +179,16 @@ def decide(policy: RetentionPolicy, tags: Sequence[TagInfo], manifests: Graph,
             decision.deleted_tags[t.name] = "no keep clause matched"
 
     tagged = {t.digest for t in tags}
+    attached_targets = {t.digest for t in attached}
     parents = parents_index(manifests)
     for digest, node in manifests.items():
+        standalone = (node.subject is None and digest not in parents
+                      and digest not in attached_targets)
         if young(node.pushed_at):
             roots.add(digest)
-        elif (policy.untagged == "keep" and digest not in tagged and node.subject is None
-              and digest not in parents):
+        elif node.pushed_at is None and standalone:
+            roots.add(digest)           # age unknown: cannot prove it is old
+        elif policy.untagged == "keep" and digest not in tagged and standalone:
             roots.add(digest)
 
     refs = referrers_index(manifests)
