@@ -190,17 +190,15 @@ def link_mtime(link_dir: Path) -> float | None:
 
 
 def link_or_dir_mtime(link_dir: Path) -> float | None:
-    """The link's mtime; for a directory left empty (distribution's DELETE removes the
-    link file, not its directory) the directory's mtime, which is when the file went.
-    None when neither exists."""
+    """The link file's mtime; 0.0 ("as old as can be") for a directory without a link
+    file — distribution's blob DELETE removes the file and leaves the directory, and
+    such a directory serves nothing (a push writing a link into it right now is caught
+    by the post-window re-check); None when the directory is gone."""
     try:
         return os.stat(link_dir / "link").st_mtime
     except OSError:
         pass
-    try:
-        return os.stat(link_dir).st_mtime
-    except OSError:
-        return None
+    return 0.0 if os.path.isdir(link_dir) else None
 
 
 def manifest_node(raw: bytes) -> Node | None:

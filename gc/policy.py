@@ -66,6 +66,7 @@ class RetentionPolicy:
     untagged: str = "delete"
     grace: float = 3600.0
     mode: str = "api"
+    referrers: str = "follow-subject"       # or "keep": referrers are never deleted
 
     def __post_init__(self) -> None:
         if self.untagged not in UNTAGGED_CHOICES:
@@ -76,6 +77,9 @@ class RetentionPolicy:
                              f"got {self.mode!r}")
         if self.grace < 0:
             raise ValueError(f"policy {self.name}: grace must not be negative")
+        if self.referrers not in ("follow-subject", "keep"):
+            raise ValueError(f"policy {self.name}: referrers must be follow-subject or keep, "
+                             f"got {self.referrers!r}")
 
     def applies_to_site(self, site: str) -> bool:
         return not self.sites or any(wfn.fnmatch(site, p, flags=_TAG_FLAGS) for p in self.sites)
@@ -109,6 +113,7 @@ class RetentionPolicy:
             untagged=str(getattr(get("untagged"), "value", get("untagged")) or "delete"),
             grace=_seconds(get("grace")) if get("grace") is not None else 3600.0,
             mode=str(getattr(get("mode"), "value", get("mode")) or "api"),
+            referrers=str(get("referrers") or "follow-subject"),
         )
 
 
@@ -189,6 +194,8 @@ def decide(policy: RetentionPolicy, tags: Sequence[TagInfo], manifests: Graph,
         elif node.pushed_at is None and standalone:
             roots.add(digest)           # age unknown: cannot prove it is old
         elif policy.untagged == "keep" and digest not in tagged and standalone:
+            roots.add(digest)
+        elif policy.referrers == "keep" and node.subject is not None:
             roots.add(digest)
 
     refs = referrers_index(manifests)

@@ -471,8 +471,8 @@ class StorageCollector:
             strict=True))
         for d in unmarked:
             links = sorted(r for r in layer_repos.get(d, ()) if mtimes[(r, d)] is not None)
-            # a fresh link (or one we cannot read) means a push or mount in progress
-            if any((mtimes[(r, d)] or cutoff) >= cutoff for r in links):
+            # a fresh link file means a push or mount in progress
+            if any(mtimes[(r, d)] >= cutoff for r in links):  # type: ignore[operator]
                 continue
             items.append(Item("blob", None, d, bytes=blobs[d].size))
             items += [Item("link", r, d) for r in links]

@@ -174,6 +174,14 @@ def test_referrers_live_and_die_with_their_subject() -> None:
     assert d("s2") in dec.marked.blobs and d("s3") not in dec.marked.blobs
 
 
+def test_referrers_keep_overrides_follow_subject() -> None:
+    tags, graph = repo(("drop", 5 * DAY))
+    graph[d("dsig")] = Node(blobs=(d("s3"),), subject=d("drop"), pushed_at=NOW - 5 * DAY)
+    dec = decide(policy(referrers="keep"), tags, graph, NOW)
+    assert set(dec.deleted_manifests) == {d("drop")}
+    assert d("dsig") in dec.kept_manifests
+
+
 def test_fallback_and_cosign_tags_follow_their_subject() -> None:
     tags, graph = [], {}
     for subj, tag in (("aa", "keep"), ("bb", "drop")):

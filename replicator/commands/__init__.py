@@ -14,4 +14,5 @@ COMMAND_MODULES = [
     "run",
     "failover",
     "status",
+    "gc",
 ]
