@@ -148,7 +148,8 @@ class GCResult:
     blobs_deleted: int = 0
     links_deleted: int = 0
     uploads_deleted: int = 0
-    bytes_reclaimed: int = 0
+    bytes_reclaimed: int = 0               # blob data removed from disk
+    upload_bytes_reclaimed: int = 0        # abandoned upload sessions removed
     quarantined: int = 0
     restored: int = 0
     kept_by_recheck: int = 0
@@ -167,6 +168,7 @@ class GCResult:
             "manifests_deleted": self.manifests_deleted, "tags_deleted": self.tags_deleted,
             "blobs_deleted": self.blobs_deleted, "links_deleted": self.links_deleted,
             "uploads_deleted": self.uploads_deleted, "bytes_reclaimed": self.bytes_reclaimed,
+            "upload_bytes_reclaimed": self.upload_bytes_reclaimed,
             "quarantined": self.quarantined, "restored": self.restored,
             "kept_by_recheck": self.kept_by_recheck, "errors": list(self.errors),
             "warnings": list(self.warnings), "resumed_runs": list(self.resumed_runs),
@@ -814,7 +816,7 @@ def _tally(result: GCResult, items: list[Item]) -> None:
                 result.links_deleted += 1
             elif i.kind == "upload":
                 result.uploads_deleted += 1
-                result.bytes_reclaimed += i.bytes
+                result.upload_bytes_reclaimed += i.bytes
         elif i.state == "restored":
             result.restored += 1
         elif i.state == "error":
@@ -940,7 +942,7 @@ def _prune_empty(path: Path) -> None:
 
 def _merge(into: GCResult, sub: GCResult) -> None:
     for f in ("manifests_deleted", "tags_deleted", "blobs_deleted", "links_deleted",
-              "uploads_deleted", "bytes_reclaimed", "restored"):
+              "uploads_deleted", "bytes_reclaimed", "upload_bytes_reclaimed", "restored"):
         setattr(into, f, getattr(into, f) + getattr(sub, f))
     into.errors += sub.errors
     into.deleted_blobs |= sub.deleted_blobs

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from replicator.config import add_config_argument, load_config
-from replicator.errors import ConfigError, UsageError
+from replicator.errors import UsageError
 
 DESCRIPTION = """\
 Run garbage collection for the sites the `gc.policies` cover (or one --site).
@@ -79,74 +79,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _gc(config: Any, args: argparse.Namespace, window: float) -> dict[str, Any]:
-    from replicator.gc.api import ApiGCOptions, collect_api
-    from replicator.gc.policy import RetentionPolicy
-    from replicator.gc.storage import StorageGCOptions, collect_storage
+    from replicator.clients import ClientPool
+    from replicator.gc.scheduled import run_policies
     from replicator.journal import Journal
-    from replicator.registry.client import RegistryClient
 
-    chosen = [config.policy(name) for name in args.policy] if args.policy \
-        else list(config.gc.policies)
-    if not chosen:
-        raise ConfigError("no GC policies configured", "gc.policies")
-    policies = [RetentionPolicy.from_config(p) for p in chosen]
-    if args.site:
-        config.site(args.site)                     # unknown site -> ConfigError
-        sites = [args.site]
-    else:
-        sites = [s for s in config.sites if any(p.applies_to_site(s) for p in policies)]
-    totals: dict[str, Any] = {"dry_run": bool(args.dry_run), "manifests_deleted": 0,
-                              "blobs_deleted": 0, "bytes_reclaimed": 0, "quarantined": 0,
-                              "restored": 0, "errors": [], "warnings": [], "sites": {}}
     journal = Journal(config.journal)
     try:
-        for site in sites:
-            mine = [p for p in policies if p.applies_to_site(site)]
-            api = [p for p in mine if p.mode in ("api", "both")]
-            storage = [p for p in mine if p.mode in ("storage", "both")]
-            if not mine:
-                continue
-            per_site: dict[str, Any] = {}
-            seen: dict[str, set[str]] = {"manifests": set(), "blobs": set()}
-            storage_bytes: int | None = None
-            api_bytes = 0
-            if api:
-                async with RegistryClient(config.site_endpoint(site)) as client:
-                    res = await collect_api(client, journal, ApiGCOptions(
-                        site=site, policies=api, dry_run=args.dry_run))
-                per_site["api"] = res.to_json()
-                _add(totals, res, site, seen)
-                api_bytes = res.bytes_reclaimed
-            if storage:
-                sc = config.site(site)
-                if sc.storage is None:
-                    names = ", ".join(p.name for p in storage)
-                    raise ConfigError(f"policy {names} has mode storage, which needs the "
-                                      "registry's storage directory", f"sites.{site}.storage")
-                res = await collect_storage(sc.storage, journal, StorageGCOptions(
-                    site=site, grace=max(p.grace for p in storage), quarantine_window=window,
-                    dry_run=args.dry_run, registry_config=sc.registry_config,
-                    assume_no_cache=args.assume_no_cache, policies=storage,
-                    workers=args.workers))
-                per_site["storage"] = res.to_json()
-                _add(totals, res, site, seen)
-                storage_bytes = res.bytes_reclaimed
-            # both passes may name the same manifest or blob (a dry run cannot let the API
-            # pass delete first): count each once; bytes are what left the disk if we saw it
-            totals["manifests_deleted"] += len(seen["manifests"])
-            totals["blobs_deleted"] += len(seen["blobs"])
-            totals["bytes_reclaimed"] += storage_bytes if storage_bytes is not None \
-                else api_bytes
-            totals["sites"][site] = per_site
+        async with ClientPool(config) as pool:
+            results = await run_policies(
+                config, journal, pool, dry_run=args.dry_run,
+                sites=[args.site] if args.site else None, policy_names=args.policy or None,
+                quarantine_window=window, assume_no_cache=args.assume_no_cache,
+                workers=args.workers)
     finally:
         journal.close()
+    totals: dict[str, Any] = {
+        "dry_run": bool(args.dry_run),
+        "manifests_deleted": sum(r.manifests_deleted for r in results),
+        "blobs_deleted": sum(r.blobs_deleted for r in results),
+        "bytes_reclaimed": sum(r.bytes_reclaimed for r in results),
+        "quarantined": sum(r.quarantined for r in results),
+        "restored": sum(r.restored for r in results),
+        "errors": [f"{r.site}: {e}" for r in results for e in r.errors],
+        "warnings": [f"{r.site}: {w}" for r in results for w in r.warnings],
+        "sites": {r.site: r.to_json() for r in results},
+    }
     return totals
-
-
-def _add(totals: dict[str, Any], res: Any, site: str, seen: dict[str, set[str]]) -> None:
-    seen["manifests"] |= res.deleted_manifests
-    seen["blobs"] |= res.deleted_blobs
-    for k in ("quarantined", "restored"):
-        totals[k] += getattr(res, k)
-    totals["errors"] += [f"{site}: {e}" for e in res.errors]
-    totals["warnings"] += [f"{site}: {w}" for w in res.warnings]

@@ -1,0 +1,120 @@
+"""Run the configured GC policies, site by site: the one entry point the CLI `gc`
+command, the daemon's schedule and the demo share.
+
+Per site: the API pass (api/both policies) first, so the registry itself deletes
+manifests and tells its listeners; then the storage pass (storage/both), which
+reclaims the bytes online-safely (see `storage`). The storage pass's blob grace
+is the longest grace of the site's storage policies: the most careful wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from replicator.errors import ConfigError
+from replicator.gc.api import ApiGCOptions, collect_api
+from replicator.gc.policy import RetentionPolicy
+from replicator.gc.storage import GCResult, StorageGCOptions, collect_storage
+from replicator.journal import Journal
+
+
+@dataclass
+class SiteGCResult:
+    """Both passes on one site. A manifest or blob both passes name counts once (a dry
+    run cannot let the API pass delete first); bytes are what left the disk when the
+    storage pass ran, else what the API pass unlinked."""
+
+    site: str
+    dry_run: bool
+    api: GCResult | None = None
+    storage: GCResult | None = None
+    deleted_manifests: set[str] = field(default_factory=set)
+    deleted_blobs: set[str] = field(default_factory=set)
+
+    @property
+    def manifests_deleted(self) -> int:
+        return len(self.deleted_manifests)
+
+    @property
+    def blobs_deleted(self) -> int:
+        return len(self.deleted_blobs)
+
+    @property
+    def bytes_reclaimed(self) -> int:
+        if self.storage is not None:
+            return self.storage.bytes_reclaimed
+        return self.api.bytes_reclaimed if self.api else 0
+
+    @property
+    def quarantined(self) -> int:
+        return self.storage.quarantined if self.storage else 0
+
+    @property
+    def restored(self) -> int:
+        return self.storage.restored if self.storage else 0
+
+    @property
+    def errors(self) -> list[str]:
+        return [e for r in (self.api, self.storage) if r for e in r.errors]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for r in (self.api, self.storage) if r for w in r.warnings]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"site": self.site, "dry_run": self.dry_run,
+                "manifests_deleted": self.manifests_deleted,
+                "blobs_deleted": self.blobs_deleted, "bytes_reclaimed": self.bytes_reclaimed,
+                "quarantined": self.quarantined, "restored": self.restored,
+                "errors": self.errors, "warnings": self.warnings,
+                "api": self.api.to_json() if self.api else None,
+                "storage": self.storage.to_json() if self.storage else None}
+
+
+async def run_policies(config: Any, journal: Journal, pool: Any, *, dry_run: bool = False,
+                       sites: Sequence[str] | None = None,
+                       policy_names: Sequence[str] | None = None,
+                       quarantine_window: float = 600.0, assume_no_cache: bool = False,
+                       workers: int = 8) -> list[SiteGCResult]:
+    """`pool[site]` gives that site's RegistryClient (replicator.clients.ClientPool)."""
+    chosen = [config.policy(n) for n in policy_names] if policy_names \
+        else list(config.gc.policies)
+    if not chosen:
+        raise ConfigError("no GC policies configured", "gc.policies")
+    policies = [RetentionPolicy.from_config(p) for p in chosen]
+    if sites:
+        for s in sites:
+            config.site(s)                     # unknown site -> ConfigError naming it
+        names = list(sites)
+    else:
+        names = [s for s in config.sites if any(p.applies_to_site(s) for p in policies)]
+    out: list[SiteGCResult] = []
+    for site in names:
+        mine = [p for p in policies if p.applies_to_site(site)]
+        api = [p for p in mine if p.mode in ("api", "both")]
+        storage = [p for p in mine if p.mode in ("storage", "both")]
+        if not mine:
+            continue
+        result = SiteGCResult(site=site, dry_run=dry_run)
+        if storage and config.site(site).storage is None:
+            raise ConfigError(f"policy {', '.join(p.name for p in storage)} has mode storage, "
+                              "which needs the registry's storage directory",
+                              f"sites.{site}.storage")
+        if api:
+            result.api = await collect_api(pool[site], journal, ApiGCOptions(
+                site=site, policies=api, dry_run=dry_run))
+        if storage:
+            sc = config.site(site)
+            result.storage = await collect_storage(sc.storage, journal, StorageGCOptions(
+                site=site, grace=max(p.grace for p in storage),
+                quarantine_window=quarantine_window, dry_run=dry_run,
+                registry_config=sc.registry_config, assume_no_cache=assume_no_cache,
+                policies=storage, workers=workers))
+        for r in (result.api, result.storage):
+            if r is not None:
+                result.deleted_manifests |= r.deleted_manifests
+                result.deleted_blobs |= r.deleted_blobs
+        out.append(result)
+    return out
