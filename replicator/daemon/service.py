@@ -170,7 +170,13 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         if self._server is not None:
+            # stop taking webhooks first: a registry whose POST is refused keeps the event
+            # and delivers it after the restart, so nothing arrives for a stopped bus
             self._server.should_exit = True
+            http = next((t for t in self._background if t.get_name() == "http"), None)
+            if http is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(http), 5)
         for periodic in self._periodic.values():
             periodic.task.cancel()  # type: ignore[attr-defined]
         if self._running:
