@@ -113,9 +113,10 @@ def test_events_travel_between_daemons_over_the_broker(intake_and_worker):
     done = rows(worker, "SELECT event_id, state, tag, digest FROM tasks")
     assert [(state, tag, digest) for _, state, tag, digest in done] == [
         ("done", "v1", img.digest)]
-    manifest_events = rows(intake, "SELECT id, state FROM events WHERE is_manifest=1 "
-                                   "AND tag='v1'")
-    assert manifest_events == [(done[0][0], "dispatched")]
+    # (marked 'dispatched' asynchronously after the broker's PUBACK, so poll)
+    wait_until(lambda: rows(intake, "SELECT id, state FROM events WHERE is_manifest=1 AND "
+                                    "tag='v1'") == [(done[0][0], "dispatched")], timeout=10,
+               what="the intake's event, published, is the one the worker copied")
     # and the intake, whose rules do not cover team/**, made no task of it
     assert rows(intake, "SELECT COUNT(*) FROM tasks") == [(0,)]
 
@@ -217,5 +218,7 @@ def test_broker_restarted_mid_stream_loses_nothing(registry_factory, mosquitto, 
                    what=f"team/restart:{tag} on b")
     assert sorted(rows(daemon, "SELECT DISTINCT tag FROM tasks WHERE state='done'")) == [
         (t,) for t in sorted(pushed)]
-    assert rows(daemon, "SELECT COUNT(*) FROM events WHERE state='new'") == [(0,)]
+    # every journaled event ends up published (marking is asynchronous, so poll)
+    wait_until(lambda: rows(daemon, "SELECT COUNT(*) FROM events WHERE state='new'")
+               == [(0,)], timeout=10, what="no event left unpublished")
     assert "reconnected to MQTT broker" in daemon.log()
