@@ -45,6 +45,11 @@ class BlobIndex:
         repos = self._mem[registry].get(digest, [])
         return [r for r in reversed(repos) if r != exclude][:MAX_MOUNT_CANDIDATES]
 
+    async def holders(self, registry: str, digest: str) -> list[str]:
+        """Every repository on `registry` believed to hold `digest` (most recent last)."""
+        await self._ensure_loaded(registry)
+        return list(self._mem[registry].get(digest, []))
+
     async def record(self, registry: str, digest: str, repository: str) -> None:
         await self._ensure_loaded(registry)
         repos = self._mem[registry].setdefault(digest, [])

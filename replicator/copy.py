@@ -182,7 +182,8 @@ class CopyEngine:
                 current = await dst.head_manifest(dst_repo, tag)
             else:
                 current = target_current  # type: ignore[assignment]
-            if source_digest is None:
+            if source_digest is None and current is not None:
+                # only worth a HEAD when it may spare the GET; else fetch by tag below
                 head = await src.head_manifest(src_repo, ref)
                 if head is None:
                     raise NotFound("manifest unknown",
@@ -317,6 +318,13 @@ class CopyEngine:
                            dst_repo: str, blob: Descriptor, options: CopyOptions,
                            stats: CopyStats) -> str:
         registry = dst.site.url
+        known = await self.blob_index.holders(registry, blob.digest)
+        if known and dst_repo not in known and (registry, blob.digest) not in self._inflight:
+            # another repository of this registry holds it: one mount instead of HEAD + mount
+            for candidate in list(reversed(known))[:3]:
+                if await self._try_mount(dst, dst_repo, blob.digest, candidate, stats):
+                    return dst_repo
+                await self.blob_index.forget(registry, blob.digest, candidate)
         if await dst.head_blob(dst_repo, blob.digest) is not None:
             stats.blobs_existing += 1
             telemetry.set_attributes(outcome="existing")

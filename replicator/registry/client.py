@@ -166,6 +166,7 @@ class RegistryClient:
             headers={"User-Agent": "registry-replicator/0.1"},
         )
         self._slots = asyncio.Semaphore(site.concurrency)
+        self._referrers_api: bool | None = None   # None: not known yet
         self._bucket = (TokenBucket(site.requests_per_second)
                         if site.requests_per_second else None)
         self._auth = Authenticator(site.name, self._http, site.resolve_credentials(),
@@ -395,12 +396,21 @@ class RegistryClient:
         """Manifests whose `subject` is `digest`: the referrers API when the registry has it,
         else the `sha256-<hex>` fallback tag's index; [] when neither exists."""
         target: Target = (repo, digest)
-        resp = await self._request("GET", self._url(f"/v2/{repo}/referrers/{digest}"), target,
-                                   scopes_for("GET", repo), headers={"Accept": OCI_INDEX},
-                                   ok=(200,), allow_404=True, pass_4xx=True)
         index: Manifest | None = None
-        if resp.status_code == 200 and _media_type(resp.headers.get("content-type")) in (
-                OCI_INDEX, "application/json"):
+        resp = None
+        if self._referrers_api is not False:
+            resp = await self._request("GET", self._url(f"/v2/{repo}/referrers/{digest}"),
+                                       target, scopes_for("GET", repo),
+                                       headers={"Accept": OCI_INDEX}, ok=(200,),
+                                       allow_404=True, pass_4xx=True)
+            if resp.status_code == 200:
+                self._referrers_api = True
+            elif resp.status_code in (404, 405) and "json" not in resp.headers.get(
+                    "content-type", ""):
+                # no such route (distribution 2.8 answers a plain-text 404): do not ask again
+                self._referrers_api = False
+        if resp is not None and resp.status_code == 200 and _media_type(
+                resp.headers.get("content-type")) in (OCI_INDEX, "application/json"):
             try:
                 index = parse_manifest(resp.content, OCI_INDEX)
             except ManifestError as exc:
