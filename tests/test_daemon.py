@@ -12,17 +12,9 @@ import time
 import httpx
 import pytest
 
-from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config
-from tests.harness.images import Pusher, assert_image_complete, layer_bytes
+from tests.harness.daemon import DaemonProcess, image_complete, notify_kwargs, site_config
+from tests.harness.images import Pusher, layer_bytes
 from tests.harness.util import free_port, wait_until
-
-
-def complete(reg, repo, ref, digest=None) -> bool:
-    try:
-        got = assert_image_complete(reg.url, repo, ref)
-    except AssertionError:
-        return False
-    return digest is None or got == digest
 
 
 @pytest.fixture
@@ -50,9 +42,9 @@ def test_push_to_primary_arrives_complete_on_both_replicas(hub):
         idx = p.push_multiarch("team/multi", "v2", "m")
         p.push_image("other/skip", "v1", [layer_bytes("x", 10)])
     for reg in (b, c):
-        wait_until(lambda r=reg: complete(r, "team/app", "v1", img.digest), timeout=30,
+        wait_until(lambda r=reg: image_complete(r, "team/app", "v1", img.digest), timeout=30,
                    what=f"team/app:v1 on {reg.url}")
-        wait_until(lambda r=reg: complete(r, "team/multi", "v2", idx.digest), timeout=30,
+        wait_until(lambda r=reg: image_complete(r, "team/multi", "v2", idx.digest), timeout=30,
                    what=f"team/multi:v2 on {reg.url}")
     with Pusher(b.url) as p:
         assert p.tags("other/skip") == []
@@ -81,7 +73,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(hub):
     daemon.start()
     for reg in (b, c):
         for tag, digest in pushed.items():
-            wait_until(lambda r=reg, t=tag, d=digest: complete(r, "team/burst", t, d),
+            wait_until(lambda r=reg, t=tag, d=digest: image_complete(r, "team/burst", t, d),
                        timeout=60, what=f"team/burst:{tag} on {reg.url}")
 
 
@@ -91,9 +83,9 @@ def test_target_down_for_a_while_then_everything_arrives(hub):
     b.stop()
     with Pusher(a.url) as p:
         img = p.push_image("team/late", "v1", [layer_bytes("late", 1000)])
-    wait_until(lambda: complete(c, "team/late", "v1", img.digest), timeout=30, what="c")
+    wait_until(lambda: image_complete(c, "team/late", "v1", img.digest), timeout=30, what="c")
     b.start()
-    wait_until(lambda: complete(b, "team/late", "v1", img.digest), timeout=60,
+    wait_until(lambda: image_complete(b, "team/late", "v1", img.digest), timeout=60,
                what="b after it came back")
 
 
@@ -112,20 +104,13 @@ def test_mesh_does_not_loop(registry_factory, tmp_path):
             from_a = p.push_image("team/x", "v1", [layer_bytes("from-a", 100)])
         with Pusher(b.url) as p:
             from_b = p.push_image("team/y", "v1", [layer_bytes("from-b", 100)])
-        wait_until(lambda: complete(b, "team/x", "v1", from_a.digest), timeout=30)
-        wait_until(lambda: complete(a, "team/y", "v1", from_b.digest), timeout=30)
+        wait_until(lambda: image_complete(b, "team/x", "v1", from_a.digest), timeout=30)
+        wait_until(lambda: image_complete(a, "team/y", "v1", from_b.digest), timeout=30)
         # settle: no task keeps bouncing between the sites
-        db = daemon.root / f"{daemon.instance_id}.db"
-        import sqlite3
-
-        def quiet() -> bool:
-            with sqlite3.connect(db) as conn:
-                return conn.execute("SELECT COUNT(*) FROM tasks WHERE state IN "
-                                    "('pending','leased')").fetchone()[0] == 0
-
-        wait_until(quiet, timeout=20, what="queue drained")
-        with sqlite3.connect(db) as conn:
-            total = conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+        wait_until(lambda: daemon.journal_rows("SELECT COUNT(*) FROM tasks WHERE state IN "
+                                               "('pending','leased')")[0][0] == 0,
+                   timeout=20, what="queue drained")
+        total = daemon.journal_rows("SELECT COUNT(*) FROM tasks")[0][0]
         assert total == 2, f"{total} tasks: replication bounced between the sites"
     finally:
         daemon.stop()
@@ -194,4 +179,4 @@ def test_sighup_reload_keeps_running_and_refuses_a_bad_file(hub):
     wait_until(lambda: "configuration reloaded" in daemon.log(), timeout=10)
     with Pusher(a.url) as p:
         img = p.push_image("other/now", "v1", [layer_bytes("now", 100)])
-    wait_until(lambda: complete(b, "other/now", "v1", img.digest), timeout=30)
+    wait_until(lambda: image_complete(b, "other/now", "v1", img.digest), timeout=30)

@@ -9,41 +9,22 @@ receives no webhooks at all holds the rule: only the broker can have told it.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config
-from tests.harness.images import Pusher, assert_image_complete, layer_bytes
+from tests.harness.daemon import DaemonProcess, image_complete, notify_kwargs, site_config
+from tests.harness.images import Pusher, layer_bytes
 from tests.harness.mosquitto import Mosquitto
 from tests.harness.util import free_port, wait_until
 
 TOPIC = "registry/events"
 
 
-def complete(reg, repo: str, ref: str, digest: str) -> bool:
-    try:
-        return assert_image_complete(reg.url, repo, ref) == digest
-    except AssertionError:
-        return False
-
-
 def rows(daemon: DaemonProcess, sql: str, params: tuple = ()) -> list[tuple]:
-    db = Path(daemon.config.get("journal") or daemon.root / f"{daemon.instance_id}.db")
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return conn.execute(sql, params).fetchall()
-    except sqlite3.OperationalError as exc:   # schema not created yet
-        if "no such table" in str(exc):
-            return []
-        raise
-    finally:
-        conn.close()
+    return daemon.journal_rows(sql, params)
 
 
 def ready(daemon: DaemonProcess) -> bool:
@@ -104,7 +85,7 @@ def test_events_travel_between_daemons_over_the_broker(intake_and_worker):
     start(intake)
     with Pusher(a.url) as p:
         img = p.push_image("team/app", "v1", [layer_bytes("mqtt-hop", 2000)])
-    wait_until(lambda: complete(b, "team/app", "v1", img.digest), timeout=30,
+    wait_until(lambda: image_complete(b, "team/app", "v1", img.digest), timeout=30,
                what="team/app:v1 replicated by the worker")
 
     # the worker never received a webhook: its events table is empty ...
@@ -143,7 +124,7 @@ def test_a_killed_daemon_gets_what_was_published_meanwhile_from_its_session(
         assert p.tags("team/missed") == []   # nobody replicated while the worker was down
     start(worker)   # same client id: resumes its session and drains the queued messages
     for tag, digest in pushed.items():
-        wait_until(lambda t=tag, d=digest: complete(b, "team/missed", t, d), timeout=30,
+        wait_until(lambda t=tag, d=digest: image_complete(b, "team/missed", t, d), timeout=30,
                    what=f"team/missed:{tag} after the worker came back")
     assert rows(worker, "SELECT COUNT(*) FROM events") == [(0,)]
     assert sorted(rows(worker, "SELECT tag, state FROM tasks")) == [
@@ -170,7 +151,7 @@ def test_a_shared_group_splits_the_work_without_duplicates(registry_factory, mos
             pushed[f"v{i}"] = p.push_image("team/shared", f"v{i}",
                                            [layer_bytes(f"shared{i}", 1200)]).digest
     for tag, digest in pushed.items():
-        wait_until(lambda t=tag, d=digest: complete(b, "team/shared", t, d), timeout=40,
+        wait_until(lambda t=tag, d=digest: image_complete(b, "team/shared", t, d), timeout=40,
                    what=f"team/shared:{tag} on b")
 
     share1 = rows(d1, "SELECT tag, state FROM tasks")
@@ -214,7 +195,7 @@ def test_broker_restarted_mid_stream_loses_nothing(registry_factory, mosquitto, 
         for i in range(8, 12):
             push(i)
     for tag, digest in pushed.items():
-        wait_until(lambda t=tag, d=digest: complete(b, "team/restart", t, d), timeout=45,
+        wait_until(lambda t=tag, d=digest: image_complete(b, "team/restart", t, d), timeout=45,
                    what=f"team/restart:{tag} on b")
     assert sorted(rows(daemon, "SELECT DISTINCT tag FROM tasks WHERE state='done'")) == [
         (t,) for t in sorted(pushed)]

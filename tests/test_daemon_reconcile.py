@@ -7,39 +7,16 @@ from __future__ import annotations
 
 import itertools
 import signal
-import sqlite3
 
 import pytest
 
-from tests.harness.daemon import DaemonProcess, site_config
-from tests.harness.images import Pusher, assert_image_complete, layer_bytes
+from tests.harness.daemon import DaemonProcess, image_complete, site_config
+from tests.harness.images import Pusher, layer_bytes
 from tests.harness.util import wait_until
 
 
-def complete(reg, repo: str, ref: str, digest: str) -> bool:
-    try:
-        return assert_image_complete(reg.url, repo, ref) == digest
-    except AssertionError:
-        return False
-
-
-def journal_rows(daemon: DaemonProcess, sql: str, params: tuple = ()) -> list[tuple]:
-    db = daemon.root / f"{daemon.instance_id}.db"
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return conn.execute(sql, params).fetchall()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return []
-        raise
-    finally:
-        conn.close()
-
-
 def runs(daemon: DaemonProcess, rule: str) -> list[tuple[float, float | None, str]]:
-    return journal_rows(daemon, "SELECT started_at, finished_at, state FROM sync_runs "
+    return daemon.journal_rows("SELECT started_at, finished_at, state FROM sync_runs "
                                 "WHERE rule = ? ORDER BY started_at, id", (rule,))
 
 
@@ -65,20 +42,20 @@ def test_a_push_nobody_announced_arrives_through_reconcile_alone(registry_factor
     with Pusher(a.url) as p:
         img = p.push_image("team/quiet", "v1", [layer_bytes("quiet", 3000)])
         p.push_image("other/ignored", "v1", [layer_bytes("ignored", 100)])
-    wait_until(lambda: complete(b, "team/quiet", "v1", img.digest), timeout=20,
+    wait_until(lambda: image_complete(b, "team/quiet", "v1", img.digest), timeout=20,
                what="team/quiet:v1 replicated by the periodic reconcile")
     with Pusher(b.url) as p:
         assert p.tags("other/ignored") == []
     # nothing came through the event path: no webhook, no task
-    assert journal_rows(daemon, "SELECT COUNT(*) FROM events") == [(0,)]
-    assert journal_rows(daemon, "SELECT COUNT(*) FROM tasks") == [(0,)]
+    assert daemon.journal_rows("SELECT COUNT(*) FROM events") == [(0,)]
+    assert daemon.journal_rows("SELECT COUNT(*) FROM tasks") == [(0,)]
     done = [r for r in runs(daemon, "team") if r[2] == "done"]
     assert done, "no finished reconcile run journaled"
     # a later re-tag at the source is picked up by a later pass as well
     with Pusher(a.url) as p:
         raw = p.get_manifest("team/quiet", "v1").content
         p.push_manifest("team/quiet", "v2", raw, "application/vnd.oci.image.manifest.v1+json")
-    wait_until(lambda: complete(b, "team/quiet", "v2", img.digest), timeout=20,
+    wait_until(lambda: image_complete(b, "team/quiet", "v2", img.digest), timeout=20,
                what="team/quiet:v2 replicated by a later reconcile")
 
 
@@ -110,7 +87,7 @@ def test_reconcile_of_a_rule_never_runs_twice_at_once(registry_factory, proxy_fa
     # then let several more runs (slow and fast) go by
     wait_until(lambda: sum(1 for r in runs(daemon, "team") if r[1] is not None) >= 6,
                timeout=40, what="six finished reconcile runs")
-    assert complete(b, "team/slow", "v1", img.digest)
+    assert image_complete(b, "team/slow", "v1", img.digest)
 
     history = runs(daemon, "team")
     finished = [r for r in history if r[1] is not None]

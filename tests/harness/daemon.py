@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import yaml
 
+from tests.harness.images import assert_image_complete
 from tests.harness.registry import Registry
 from tests.harness.util import free_port, wait_until
 
@@ -100,6 +102,33 @@ class DaemonProcess:
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=5).text
+
+    @property
+    def journal_path(self) -> Path:
+        return Path(self.config.get("journal") or self.root / f"{self.instance_id}.db")
+
+    def journal_rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Read the daemon's journal (read-only) while it runs; [] before it exists."""
+        if not self.journal_path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.journal_path}?mode=ro", uri=True, timeout=5)
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:   # schema not created yet
+            if "no such table" in str(exc):
+                return []
+            raise
+        finally:
+            conn.close()
+
+
+def image_complete(reg: Registry, repo: str, ref: str, digest: str | None = None) -> bool:
+    """Whether `repo:ref` is fetchable in full at `reg` (and is `digest`, when given)."""
+    try:
+        got = assert_image_complete(reg.url, repo, ref)
+    except AssertionError:
+        return False
+    return digest is None or got == digest
 
 
 def site_config(reg: Registry, **extra: Any) -> dict[str, Any]:
