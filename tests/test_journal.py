@@ -1,0 +1,108 @@
+"""The state journal: versioned migrations, refusal of a newer schema, crash safety,
+and no secrets in it."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from replicator.errors import JournalError
+from replicator.journal import MIGRATIONS, SCHEMA_VERSION, Journal
+from tests.harness.images import Pusher, layer_bytes
+from tests.harness.registry import write_htpasswd
+from tests.harness.util import wait_until
+
+
+def test_migrations_apply_once_and_reopen_is_idempotent(tmp_path):
+    path = tmp_path / "j.db"
+    j = Journal(path)
+    assert j.schema_version == SCHEMA_VERSION == MIGRATIONS[-1][0]
+    j.execute("INSERT INTO sync_runs(started_at, state) VALUES (1, 'done')")
+    j.close()
+    j = Journal(path)  # nothing re-applied, data kept
+    assert j.schema_version == SCHEMA_VERSION
+    assert j.query("SELECT COUNT(*) AS n FROM sync_runs")[0]["n"] == 1
+    assert j.query("PRAGMA journal_mode")[0]["journal_mode"] == "wal"
+    j.close()
+
+
+def test_a_journal_from_a_newer_version_is_refused(tmp_path):
+    path = tmp_path / "j.db"
+    Journal(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                     (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(JournalError, match="newer than this registry-replicator"):
+        Journal(path)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"journal": str(path), "sites": {
+        "a": {"url": "http://127.0.0.1:1", "insecure": True}}}))
+    out = subprocess.run([sys.executable, "-m", "replicator", "status", "-c", str(config)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "newer than this" in out.stderr
+
+
+def test_sigkill_during_writes_leaves_a_usable_journal(tmp_path):
+    path = tmp_path / "j.db"
+    Journal(path).close()
+    writer = textwrap.dedent(f"""
+        from replicator.journal import Journal
+        j = Journal({str(path)!r})
+        i = 0
+        while True:
+            with j.transaction() as conn:
+                for k in range(50):
+                    conn.execute("INSERT INTO sync_runs(started_at, state, result) "
+                                 "VALUES (?, 'done', ?)", (i, 'x' * 2000))
+                    i += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", writer], start_new_session=True)
+    try:
+        def written() -> bool:
+            try:
+                with sqlite3.connect(path, timeout=5) as conn:
+                    return conn.execute("SELECT COUNT(*) FROM sync_runs").fetchone()[0] > 2000
+            except sqlite3.OperationalError:
+                return False
+        wait_until(written, timeout=30, what="writes in progress")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    j = Journal(path)
+    assert j.query("PRAGMA integrity_check")[0]["integrity_check"] == "ok"
+    count = j.query("SELECT COUNT(*) AS n FROM sync_runs")[0]["n"]
+    assert count % 50 == 0, "a transaction was half applied"
+    j.close()
+
+
+def test_secrets_never_reach_the_journal(registry_factory, tmp_path):
+    password = "s3cret-Pa55word-xyz"
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"ci": password})
+    src = registry_factory("src", htpasswd=htpasswd)
+    dst = registry_factory("dst", htpasswd=htpasswd)
+    with Pusher(src.url, auth=("ci", password)) as p:
+        p.push_image("team/app", "v1", [layer_bytes("secret-test", 100)])
+    journal = tmp_path / "journal.db"
+    site = {"insecure": True, "auth": {"username": "ci", "password_env": "REG_PASS"}}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "journal": str(journal),
+        "sites": {"a": {"url": src.url, **site}, "b": {"url": dst.url, **site}},
+        "rules": [{"name": "r", "from": "a", "to": ["b"]}]}))
+    out = subprocess.run([sys.executable, "-m", "replicator", "-vv", "sync", "-c", str(config)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "REG_PASS": password})
+    assert out.returncode == 0, out.stderr
+    basic = base64.b64encode(f"ci:{password}".encode()).decode()
+    for secret in (password, basic):
+        assert secret not in out.stdout + out.stderr
+    for file in tmp_path.glob("journal.db*"):
+        assert password.encode() not in file.read_bytes()
