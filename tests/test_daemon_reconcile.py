@@ -96,5 +96,6 @@ def test_reconcile_of_a_rule_never_runs_twice_at_once(registry_factory, proxy_fa
     for (s1, e1, st1), (s2, _e2, _st2) in itertools.pairwise(history):
         assert e1 is not None, f"a run never finished ({st1}) yet another started: {history}"
         assert e1 <= s2, f"runs overlap: [{s1}, {e1}] and one started at {s2}"
-    # at most the newest run may still be going
+    # at most the newest run may still be going, and the reload interrupted none
     assert all(state != "running" for _, _, state in history[:-1])
+    assert all(state == "done" for _, end, state in history if end is not None), history

@@ -32,19 +32,27 @@ class Periodic:
 
     def __init__(self, name: str, job: Callable[[], Awaitable[object]], *,
                  interval: float | None = None, cron: str | None = None,
-                 run_at_start: bool = False, jitter: float = 0.0) -> None:
+                 run_at_start: bool = False, jitter: float = 0.0,
+                 lock: asyncio.Lock | None = None) -> None:
         self.name = name
         self.job = job
         self.interval = interval
         self.cron = cron
         self.run_at_start = run_at_start
         self.jitter = jitter
-        self.running = asyncio.Lock()
+        # shared with the Periodic this one replaces on reload: never two runs at once
+        self.running = lock or asyncio.Lock()
+        self._stopped = False
         self.last_started: float | None = None
         self.last_finished: float | None = None
         self.last_error: str | None = None
         self.runs = 0
         self._kick = asyncio.Event()
+
+    def stop(self) -> None:
+        """End the loop without interrupting a run in progress (it finishes first)."""
+        self._stopped = True
+        self._kick.set()
 
     def trigger(self) -> None:
         """Run as soon as possible (e.g. after a failover or a reload)."""
@@ -72,10 +80,11 @@ class Periodic:
     async def loop(self) -> None:
         if self.run_at_start:
             await self.run_once()
-        while True:
+        while not self._stopped:
             due = next_run(time.time(), interval=self.interval, cron=self.cron)
             due += random.uniform(0, self.jitter) if self.jitter else 0.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), max(0.0, due - time.time()))
             self._kick.clear()
-            await self.run_once()
+            if not self._stopped:
+                await self.run_once()

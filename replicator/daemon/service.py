@@ -214,11 +214,13 @@ class Daemon:
         self.config = config
         self.pool = ClientPool(config)
         self.rules = await rules_in_force(config, self.journal)
-        for periodic in self._periodic.values():
-            periodic.task.cancel()  # type: ignore[attr-defined]
-        self._periodic.clear()
-        self._schedule_reconciles()
-        self._schedule_gc()
+        # a reconcile or GC run in progress finishes; its successor shares its lock
+        previous = self._periodic
+        for periodic in previous.values():
+            periodic.stop()
+        self._periodic = {}
+        self._schedule_reconciles(previous)
+        self._schedule_gc(previous)
         # in-flight copies keep the old clients until they finish
         self._background.append(asyncio.create_task(
             self._close_later(old_pool, list(self._running.values())), name="close-old-pool"))
@@ -420,14 +422,16 @@ class Daemon:
                                             COPY_SOURCE.get() or "?", tag)
 
     # --------------------------------------------------------------- schedules
-    def _schedule_reconciles(self) -> None:
+    def _schedule_reconciles(self, previous: Mapping[str, Periodic] | None = None) -> None:
         for rule in self.rules:
             if rule.interval is None and rule.schedule is None:
                 continue
             name = f"reconcile:{rule.name}"
+            old = (previous or {}).get(name)
             periodic = Periodic(name, lambda r=rule.name: self.reconcile([r]),
                                 interval=rule.interval, cron=rule.schedule,
-                                jitter=min(5.0, (rule.interval or 60) / 10))
+                                jitter=min(5.0, (rule.interval or 60) / 10),
+                                lock=old.running if old else None)
             periodic.task = asyncio.create_task(periodic.loop(), name=name)  # type: ignore
             self._periodic[name] = periodic
 
@@ -440,10 +444,12 @@ class Daemon:
         if report.failures:
             raise ReplicatorError("; ".join(report.failures[:5]))
 
-    def _schedule_gc(self) -> None:
+    def _schedule_gc(self, previous: Mapping[str, Periodic] | None = None) -> None:
         if not self.config.gc.schedule or not self.config.gc.policies:
             return
-        periodic = Periodic("gc", self.collect_garbage, cron=self.config.gc.schedule)
+        old = (previous or {}).get("gc")
+        periodic = Periodic("gc", self.collect_garbage, cron=self.config.gc.schedule,
+                            lock=old.running if old else None)
         periodic.task = asyncio.create_task(periodic.loop(), name="gc")  # type: ignore
         self._periodic["gc"] = periodic
 
