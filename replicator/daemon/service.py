@@ -223,12 +223,19 @@ class Daemon:
         self._schedule_gc(previous)
         # in-flight copies keep the old clients until they finish
         self._background.append(asyncio.create_task(
-            self._close_later(old_pool, list(self._running.values())), name="close-old-pool"))
+            self._close_later(old_pool, list(self._running.values()), list(previous.values())),
+            name="close-old-pool"))
         log.info("configuration reloaded: %d rules", len(self.rules))
         self.notifier.ready("configuration reloaded")
 
-    async def _close_later(self, pool: ClientPool, users: list[asyncio.Task]) -> None:
+    async def _close_later(self, pool: ClientPool, users: list[asyncio.Task],
+                           periodics: list[Periodic]) -> None:
+        """Close the previous configuration's clients once nothing uses them: the copies
+        running at reload time and any reconcile or GC run then in progress."""
         await asyncio.gather(*users, return_exceptions=True)
+        for periodic in periodics:
+            async with periodic.running:
+                pass
         await pool.aclose()
 
     # ----------------------------------------------------------- event intake
