@@ -23,6 +23,7 @@ from replicator.clients import ClientPool
 from replicator.config import Config, Rule
 from replicator.copy import CopyEngine, CopyOptions, CopyStats
 from replicator.daemon.queue import record_replicated
+from replicator.inventory import record_tags
 from replicator.journal import Journal
 from replicator.manifest import Descriptor
 from replicator.planner import Action, plan_target, selected_tags
@@ -263,19 +264,7 @@ class Reconciler:
     async def _record_inventory(self, site: str, repo: str, tags: dict[str, str]) -> None:
         if self.journal is None or not tags:
             return
-        now = time.time()
-        journal = self.journal
-
-        def write() -> None:
-            with journal.transaction() as conn:
-                conn.executemany(
-                    "INSERT INTO inventory_tags(site, repository, tag, digest, first_seen) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(site, repository, tag) DO UPDATE SET "
-                    "digest = excluded.digest, first_seen = CASE WHEN inventory_tags.digest = "
-                    "excluded.digest THEN inventory_tags.first_seen ELSE excluded.first_seen END",
-                    [(site, repo, t, d, now) for t, d in tags.items()])
-
-        await journal.run(write)
+        await self.journal.run(record_tags, self.journal, site, repo, tags)
 
     async def _record_replicated(self, action: Action, digest: str | None) -> None:
         if self.journal is None or not digest:

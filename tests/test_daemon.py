@@ -48,12 +48,18 @@ def test_push_to_primary_arrives_complete_on_both_replicas(hub):
                    what=f"team/multi:v2 on {reg.url}")
     with Pusher(b.url) as p:
         assert p.tags("other/skip") == []
+    # the webhook's push time is in the inventory, for retention policies
+    rows = daemon.journal_rows("SELECT digest, pushed_at FROM inventory_tags WHERE site = 'a' "
+                               "AND repository = 'team/app' AND tag = 'v1'")
+    assert rows and rows[0][0] == img.digest and rows[0][1] is not None
     # a manifest delete at the primary propagates (rule has deletes: true)
     with Pusher(a.url) as p:
         assert p.http.delete(f"{a.url}/v2/team/app/manifests/{img.digest}").status_code == 202
     for reg in (b, c):
         wait_until(lambda r=reg: Pusher(r.url).get_manifest("team/app", "v1").status_code
                    == 404, timeout=30, what="delete propagated")
+    assert daemon.journal_rows("SELECT tag FROM inventory_tags WHERE site = 'a' AND "
+                               "repository = 'team/app'") == []
     metrics = daemon.metrics()
     assert 'replicator_events_received_total{site="a",action="push"}' in metrics
     assert 'replicator_blobs_total{target="b",outcome="uploaded"}' in metrics

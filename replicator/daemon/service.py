@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import uvicorn
 
-from replicator import telemetry
+from replicator import inventory, telemetry
 from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule, load_config
@@ -313,6 +314,7 @@ class Daemon:
             if site is not None:
                 await self.engine.blob_index.record(site.url, event.digest, event.repository)
             return
+        await self._remember(event)
         if event.action == "push" and event.digest:
             source = await self.queue.awas_replicated_here(event.site, event.repository,
                                                            event.digest, event.tag)
@@ -324,6 +326,17 @@ class Daemon:
         if specs:
             await self.queue.aenqueue(specs)
             self._work_ready.set()
+
+    async def _remember(self, event: RegistryEvent) -> None:
+        """Keep the inventory current from webhooks: push times feed retention policies."""
+        if event.action == "push" and event.is_manifest and event.tag and event.digest:
+            await self.journal.run(inventory.record_tags, self.journal, event.site,
+                                   event.repository, {event.tag: event.digest},
+                                   event.occurred_at or time.time())
+        elif event.action == "delete":
+            await self.journal.run(functools.partial(
+                inventory.forget, self.journal, event.site, event.repository, tag=event.tag,
+                digest=None if event.tag else event.digest))
 
     # ----------------------------------------------------------------- workers
     async def _work_loop(self) -> None:
