@@ -103,6 +103,7 @@ from replicator.gc.layout import (
     manifest_node,
     newest_mtime,
     read_link,
+    read_small_file,
 )
 from replicator.gc.mark import MarkSet, Node, mark
 from replicator.gc.policy import RetentionPolicy, TagInfo, decide, policies_for
@@ -303,13 +304,7 @@ class ManifestCache:
     def _read(self, digest: str) -> tuple[str, Node | None]:
         raw = self.layout.read_blob(digest, self.max_bytes)
         if raw is None and digest in self.quarantined:
-            try:
-                with open(self.quarantined[digest] + "/data", "rb") as f:
-                    raw = f.read(self.max_bytes + 1)
-            except OSError:
-                raw = None
-            if raw is not None and len(raw) > self.max_bytes:
-                raw = None
+            raw = read_small_file(self.quarantined[digest] + "/data", self.max_bytes)
         return digest, manifest_node(raw) if raw is not None else None
 
     def load(self, digests: Iterable[str], pool: ThreadPoolExecutor | None) -> int:
