@@ -38,7 +38,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.gen_store import generate  # noqa: E402
 from replicator.gc.layout import StoreLayout, manifest_node  # noqa: E402
 from replicator.gc.policy import KeepRules, RetentionPolicy  # noqa: E402
-from replicator.gc.storage import StorageGCOptions, collect_storage_sync  # noqa: E402
+from replicator.gc.storage import (  # noqa: E402
+    DEFAULT_WORKERS,
+    StorageGCOptions,
+    collect_storage_sync,
+)
 
 
 def blob_sizes(root: Path) -> dict[str, int]:
@@ -113,7 +117,7 @@ def main() -> None:
     ap.add_argument("--manifests", type=int, default=6000)
     ap.add_argument("--repos", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
     args = ap.parse_args()
 

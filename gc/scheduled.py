@@ -16,7 +16,7 @@ from typing import Any
 from replicator.errors import ConfigError
 from replicator.gc.api import ApiGCOptions, collect_api
 from replicator.gc.policy import RetentionPolicy
-from replicator.gc.storage import GCResult, StorageGCOptions, collect_storage
+from replicator.gc.storage import DEFAULT_WORKERS, GCResult, StorageGCOptions, collect_storage
 from replicator.journal import Journal
 
 
@@ -77,7 +77,7 @@ async def run_policies(config: Any, journal: Journal, pool: Any, *, dry_run: boo
                        sites: Sequence[str] | None = None,
                        policy_names: Sequence[str] | None = None,
                        quarantine_window: float = 600.0, assume_no_cache: bool = False,
-                       workers: int = 8) -> list[SiteGCResult]:
+                       workers: int = DEFAULT_WORKERS) -> list[SiteGCResult]:
     """`pool[site]` gives that site's RegistryClient (replicator.clients.ClientPool)."""
     chosen = [config.policy(n) for n in policy_names] if policy_names \
         else list(config.gc.policies)

@@ -70,6 +70,14 @@ times); clocks: mtimes and our clock come from the same host; no
 blob-descriptor cache (F4) unless the operator vouches (``assume_no_cache``)
 that the registry is read-only or stopped.
 
+Speed without giving any of that up: the read-only steps (1-3 and the re-mark
+in 5) run on one thread — they are ~3 us stats and reads plus JSON parsing
+under the GIL, which more threads only slow down — and every step re-reads what
+it needs (no step trusts an earlier scan: the re-mark in 5 costs ~5 % of its
+step, so skipping unchanged directories by mtime would save little and need a
+new argument). The renames of step 4 and the deletions of step 6 block in the
+filesystem, so they run on `workers` threads.
+
 Crash safety: every item's quarantine path is journalled before the rename, so
 an interrupted run is resumed by the next one: items found in quarantine are
 re-checked after a full window and deleted or restored (`runs`).
@@ -113,6 +121,9 @@ from replicator.journal import Journal
 log = logging.getLogger("replicator.gc.storage")
 
 QUARANTINE_SHARDS = 64     # directories per item kind under _quarantine/<run>/
+# unlink/rmdir throughput on ext4 (2 cores) plateaus at 16 threads: 8 -> 16 cut the
+# bench's delete phase ~20 %, 32 gained nothing measurable
+DEFAULT_WORKERS = 16
 
 
 class OnlineGCRefused(ReplicatorError):
@@ -131,7 +142,7 @@ class StorageGCOptions:
     grace: float = 3600.0                  # nothing modified more recently is deleted
     quarantine_window: float = 600.0       # how long removed items wait before deletion
     upload_grace: float | None = None      # idle time before an upload session is stale
-    workers: int = 8                       # threads for renames and deletions
+    workers: int = DEFAULT_WORKERS         # threads for renames and deletions
     scan_workers: int = 1                  # threads for read-only scanning (see below)
     dry_run: bool = False
     registry_config: str | Path | None = None
@@ -993,6 +1004,6 @@ def _merge(into: GCResult, sub: GCResult) -> None:
 
 
 __all__ = [
-    "GCLocked", "GCResult", "OnlineGCRefused", "StorageCollector", "StorageGCOptions",
-    "check_registry_config", "collect_storage", "collect_storage_sync",
+    "DEFAULT_WORKERS", "GCLocked", "GCResult", "OnlineGCRefused", "StorageCollector",
+    "StorageGCOptions", "check_registry_config", "collect_storage", "collect_storage_sync",
 ]
