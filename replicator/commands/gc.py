@@ -10,6 +10,7 @@ from typing import Any
 
 from replicator.config import add_config_argument, load_config
 from replicator.errors import UsageError
+from replicator.gc.storage import DEFAULT_WORKERS
 
 DESCRIPTION = """\
 Run garbage collection for the sites the `gc.policies` cover (or one --site).
@@ -47,8 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "read-only/stopped) when its config cannot be checked")
     p.add_argument("--quarantine-window", metavar="DURATION", default="10m",
                    help="how long removed storage items wait before deletion (default 10m)")
-    p.add_argument("--workers", type=int, default=8, metavar="N",
-                   help="filesystem threads for the storage pass (default 8)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
+                   help="threads that rename and delete in the storage pass "
+                        f"(default {DEFAULT_WORKERS})")
     p.set_defaults(handler=run)
 
 
