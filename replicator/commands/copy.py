@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def _endpoint(ref: ImageRef, insecure: bool, docker_config: str | None, role: str):
+def _endpoint(ref: ImageRef, insecure: bool, docker_config: str | None):
     from replicator.registry.site import SiteEndpoint
 
     site = SiteEndpoint.from_url(ref.registry, insecure=insecure, name=ref.registry)
@@ -87,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         payload = {"status": result.status, "digest": result.digest, **stats.as_dict()}
         print(json.dumps(payload, sort_keys=True))
-    elif result.status == "failed":
-        pass
-    else:
+    elif result.status != "failed":
         print(f"{result.status}: {result.source} -> {result.target} ({result.digest}); "
               f"blobs uploaded {stats.blobs_uploaded}, mounted {stats.blobs_mounted}, "
               f"existing {stats.blobs_existing}, {stats.bytes_uploaded} bytes")
@@ -116,8 +114,8 @@ async def _copy(src: ImageRef, dst: ImageRef, platforms: list[Platform],
     engine = CopyEngine(BlobIndex(journal), progress=progress)
     options = CopyOptions(platforms=platforms or None, referrers=not args.no_referrers,
                           overwrite=not args.no_overwrite)
-    src_site = _endpoint(src, args.insecure, docker_config, "source")
-    dst_site = _endpoint(dst, args.insecure, docker_config, "target")
+    src_site = _endpoint(src, args.insecure, docker_config)
+    dst_site = _endpoint(dst, args.insecure, docker_config)
     tag = dst.tag or src.tag
     if dst.digest and src.digest and dst.digest != src.digest:
         raise UsageError("DST names a different digest than SRC")
