@@ -561,6 +561,17 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else []
 
 
+def _check_unique(name: Any, index: int, seen: dict[Any, int], list_path: str, kind: str,
+                  problems: list[tuple[str, str]]) -> None:
+    """Record a problem when `name` was already used earlier in the same list."""
+    if not isinstance(name, str):
+        return
+    if name in seen:
+        problems.append((f"{list_path}[{index}].name", f"duplicate {kind} name {name!r} "
+                         f"(also {list_path}[{seen[name]}])"))
+    seen.setdefault(name, index)
+
+
 def _cross_problems(data: Mapping) -> list[tuple[str, str]]:
     """Checks that span fields (site references, unique names), on possibly invalid raw data."""
     sites = data.get("sites")
@@ -574,11 +585,7 @@ def _cross_problems(data: Mapping) -> list[tuple[str, str]]:
             continue
         where = f"rules[{i}]"
         name = rule.get("name")
-        if isinstance(name, str) and name in seen:
-            problems.append((f"{where}.name", f"duplicate rule name {name!r} "
-                             f"(also rules[{seen[name]}])"))
-        if isinstance(name, str):
-            seen.setdefault(name, i)
+        _check_unique(name, i, seen, "rules", "rule", problems)
         source = rule.get("from", rule.get("from_"))
         if isinstance(source, str) and source not in sites:
             problems.append((f"{where}.from", _unknown("site", source, known)))
@@ -603,11 +610,7 @@ def _cross_problems(data: Mapping) -> list[tuple[str, str]]:
             continue
         where = f"gc.policies[{i}]"
         name = policy.get("name")
-        if isinstance(name, str) and name in seen:
-            problems.append((f"{where}.name", f"duplicate policy name {name!r} "
-                             f"(also gc.policies[{seen[name]}])"))
-        if isinstance(name, str):
-            seen.setdefault(name, i)
+        _check_unique(name, i, seen, "gc.policies", "policy", problems)
         mode = policy.get("mode", "api")
         for j, site in enumerate(_as_list(policy.get("sites"))):
             if not isinstance(site, str):

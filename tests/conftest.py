@@ -65,3 +65,12 @@ def mosquitto(tmp_path: Path):
     broker = Mosquitto(root=tmp_path / "mosquitto").start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def daemons():
+    """Daemon processes a test starts (append them); each is stopped at teardown."""
+    started = []
+    yield started
+    for d in started:
+        d.stop()

@@ -54,14 +54,6 @@ def mqtt_daemon(tmp_path: Path, broker: Mosquitto, instance: str, sites: dict[st
 
 
 @pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.stop()
-
-
-@pytest.fixture
 def intake_and_worker(registry_factory, mosquitto, tmp_path, daemons):
     """Registry a notifies only `intake`, whose rule covers other/** alone; `worker` gets no
     webhooks but holds the rule for team/** (a -> b). Neither reconciles periodically."""

@@ -8,8 +8,6 @@ from __future__ import annotations
 import itertools
 import signal
 
-import pytest
-
 from tests.harness.daemon import DaemonProcess, image_complete, site_config
 from tests.harness.images import Pusher, layer_bytes
 from tests.harness.util import wait_until
@@ -18,14 +16,6 @@ from tests.harness.util import wait_until
 def runs(daemon: DaemonProcess, rule: str) -> list[tuple[float, float | None, str]]:
     return daemon.journal_rows("SELECT started_at, finished_at, state FROM sync_runs "
                                 "WHERE rule = ? ORDER BY started_at, id", (rule,))
-
-
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def test_a_push_nobody_announced_arrives_through_reconcile_alone(registry_factory, tmp_path,
