@@ -15,7 +15,7 @@ from replicator.manifest import (
     OCI_MANIFEST,
     digest_of,
 )
-from replicator.registry.client import RegistryClient
+from replicator.registry.client import RegistryClient, _with_digest
 from replicator.registry.errors import (
     DigestMismatch,
     InvalidManifest,
@@ -210,6 +210,33 @@ async def test_stream_feeding_upload_on_same_client_cannot_deadlock(registry):
                 await c.upload_blob("team/b", digest, len(data), stream)
         await asyncio.wait_for(copy(), timeout=10)
         assert await c.head_blob("team/b", digest) == len(data)
+
+
+async def test_more_streams_than_slots_feeding_uploads_all_finish(registry):
+    """Open downloads wait for their own slots, never for request slots held by
+    the uploads they feed: six copies through one request slot all complete."""
+    blobs = [layer_bytes(f"many{i}", 60_000) for i in range(6)]
+    with Pusher(registry.url) as p:
+        for data in blobs:
+            p.push_blob("team/a", data)
+    async with client_for(registry.url, concurrency=1) as c:
+        async def copy(data: bytes) -> None:
+            async with c.open_blob("team/a", digest_of(data)) as stream:
+                await c.upload_blob("team/b", digest_of(data), len(data), stream)
+        await asyncio.wait_for(asyncio.gather(*(copy(d) for d in blobs)), timeout=20)
+        for data in blobs:
+            assert await c.head_blob("team/b", digest_of(data)) == len(data)
+
+
+def test_digest_is_added_to_any_upload_location():
+    digest = "sha256:" + "ab" * 32
+    quoted = "sha256%3A" + "ab" * 32
+    assert _with_digest("http://r/v2/a/blobs/uploads/u?_state=x%3D", digest) == (
+        f"http://r/v2/a/blobs/uploads/u?_state=x%3D&digest={quoted}")
+    assert _with_digest("http://r/v2/a/blobs/uploads/u", digest) == (
+        f"http://r/v2/a/blobs/uploads/u?digest={quoted}")
+    assert _with_digest("http://r/v2/a/blobs/uploads/u?", digest) == (
+        f"http://r/v2/a/blobs/uploads/u?digest={quoted}")
 
 
 async def test_chunked_upload_sends_patches(registry, proxy_factory):

@@ -19,7 +19,9 @@ import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
 
+import httpcore
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
@@ -52,6 +54,13 @@ from replicator.registry.site import SiteEndpoint
 log = logging.getLogger("replicator.registry")
 
 CHUNK = 1 << 20                       # download chunks handed to callers
+
+# httpcore reads responses 64 KiB at a time, and every read costs the same
+# Python work whatever its size. Blob bodies are megabytes and asyncio hands
+# over up to 256 KiB per socket read, so take that much: about 10 % less CPU
+# copying the benchmark workload (benchmarks/bench_copy.py).
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = max(
+    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES, 256 * 1024)
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*(?:[^,]*;\s*)?rel="?next"?', re.I)
 _UPLOAD_PATH = re.compile(r"/v2/(.+)/blobs/uploads/")
 _MAX_ERROR_BODY = 64 * 1024
@@ -136,10 +145,13 @@ class RegistryClient:
     """Talks to one registry (`site`); use as `async with RegistryClient(site) as c:`.
 
     `site.concurrency` bounds requests being sent or awaiting their answer
-    (an upload holds its slot while its body streams). An open download
-    stream does not hold a slot: clients shared between sites that replicate
-    both ways would otherwise deadlock, each side's downloads waiting on
-    uploads that wait for the other side's slots.
+    (an upload holds its slot while its body streams), and separately the
+    open blob downloads. An open download does not hold a request slot:
+    clients shared between sites that replicate both ways would otherwise
+    deadlock, each side's downloads waiting on uploads that wait for the
+    other side's slots. (A download takes its stream slot before any request
+    slot, and an upload's source stream is open before its slot is taken, so
+    the two kinds cannot wait on each other in a cycle.)
     """
 
     def __init__(self, site: SiteEndpoint, *, retries: int = 5, timeout: float = 60.0,
@@ -161,11 +173,17 @@ class RegistryClient:
         self._http = httpx.AsyncClient(
             http1=True, http2=False, verify=_tls_verify(site), timeout=self._timeout,
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=site.concurrency + 4,
-                                max_keepalive_connections=site.concurrency),
+            # Room for every request slot and every open download, so requests
+            # do not queue inside httpcore's pool (which rescans every connection,
+            # a system call each, whenever its queue moves), and all of them kept
+            # alive (fewer keep-alive slots churned ~160 TCP connections per
+            # 60-image copy).
+            limits=httpx.Limits(max_connections=2 * site.concurrency + 2,
+                                max_keepalive_connections=2 * site.concurrency + 2),
             headers={"User-Agent": "registry-replicator/0.1"},
         )
         self._slots = asyncio.Semaphore(site.concurrency)
+        self._streams = asyncio.Semaphore(site.concurrency)   # open blob downloads
         self._referrers_api: bool | None = None   # None: not known yet
         self._bucket = (TokenBucket(site.requests_per_second)
                         if site.requests_per_second else None)
@@ -264,15 +282,16 @@ class RegistryClient:
                         verify: bool = True) -> AsyncIterator[BlobStream]:
         """Stream a blob (from `offset` with a Range request), following redirects."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        resp = await self._request("GET", self._blob_url(repo, digest), (repo, digest),
-                                   scopes_for("GET", repo), headers=headers,
-                                   ok=(200, 206), stream=True, follow_redirects=True,
-                                   timeout=self._blob_timeout)
-        try:
-            size, skip = _stream_extent(resp, offset)
-            yield BlobStream(self, resp, repo, digest, offset, size, skip, verify)
-        finally:
-            await resp.aclose()
+        async with self._streams:
+            resp = await self._request("GET", self._blob_url(repo, digest), (repo, digest),
+                                       scopes_for("GET", repo), headers=headers,
+                                       ok=(200, 206), stream=True, follow_redirects=True,
+                                       timeout=self._blob_timeout)
+            try:
+                size, skip = _stream_extent(resp, offset)
+                yield BlobStream(self, resp, repo, digest, offset, size, skip, verify)
+            finally:
+                await resp.aclose()
 
     async def get_blob(self, repo: str, digest: str) -> bytes:
         """A small blob (config, signature payload) in memory, digest-verified."""
@@ -443,7 +462,7 @@ class RegistryClient:
             raise RegistryError("upload answer has no Location header", site=self.site.name,
                                 repository=target[0], reference=target[1],
                                 status=resp.status_code)
-        return str(resp.url.join(loc))
+        return urljoin(str(resp.url), loc)
 
     def _json_list(self, resp: httpx.Response, key: str, target: Target) -> list[str]:
         try:
@@ -525,8 +544,6 @@ class RegistryClient:
                        timeout: httpx.Timeout | None = None) -> httpx.Response:
         """Send with auth, limits and retries; return responses in `ok` (and 404 when
         `allow_404`, any 4xx but 401/403 when `pass_4xx`), raise RegistryError otherwise."""
-        path = httpx.URL(url).path
-
         def before_sleep(state: RetryCallState) -> None:
             self.stats["retries"] += 1
             exc = state.outcome.exception() if state.outcome else None
@@ -534,7 +551,7 @@ class RegistryClient:
                       else _exc_text(exc))
             delay = state.next_action.sleep if state.next_action else 0.0
             log.warning("%s: %s %s failed (%s); retry %d/%d in %.2fs", self.site.name, method,
-                        path, reason, state.attempt_number, self.retries, delay)
+                        urlsplit(url).path, reason, state.attempt_number, self.retries, delay)
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(attempts or (self.retries + 1 if replayable else 1)),
@@ -605,8 +622,9 @@ class RegistryClient:
         async with self._slots:
             resp = await self._http.send(request, stream=stream,
                                          follow_redirects=follow_redirects)
-        log.debug("%s: %s %s -> %d", self.site.name, request.method, request.url.path,
-                  resp.status_code)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %s %s -> %d", self.site.name, request.method, request.url.path,
+                      resp.status_code)
         return resp
 
     def _status_error(self, status: int, message: str, body: bytes,
@@ -634,7 +652,7 @@ class RegistryClient:
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return RegistryUnavailable(f"cannot connect to {self.site.url}: {_exc_text(exc)}",
                                        **kw)
-        path = httpx.URL(url).path
+        path = urlsplit(url).path
         return RetryableError(f"{method} {path} failed: {_exc_text(exc)}", **kw)
 
 
@@ -785,11 +803,14 @@ def _next_link(resp: httpx.Response) -> str | None:
     return None
 
 
+# Plain string work on upload locations: they are long (a signed `_state`), and
+# httpx.URL validates every character in Python, twice per join or merge.
 def _with_digest(location: str, digest: str) -> str:
-    return str(httpx.URL(location).copy_merge_params({"digest": digest}))
+    sep = "&" if urlsplit(location).query else ("" if location.endswith("?") else "?")
+    return f"{location}{sep}digest={quote(digest, safe='')}"
 
 
 def _repo_of_upload(location: str) -> str | None:
-    m = _UPLOAD_PATH.search(httpx.URL(location).path)
+    m = _UPLOAD_PATH.search(urlsplit(location).path)
     return m.group(1) if m else None
 
