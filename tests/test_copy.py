@@ -170,3 +170,31 @@ async def test_missing_source_tag_fails_with_a_clear_error(two_registries):
     (r,) = await copy_all(CopyEngine(), src, dst, [("team/none", "v9", "team/none")])
     assert r.status == "failed"
     assert "team/none" in r.error and "v9" in r.error
+
+
+async def test_never_mounts_into_a_repository_that_already_holds_the_blob(src_dst, sink):
+    """The index names another holder, but the target repository has the blob
+    already (pushed there directly): HEAD finds it and nothing is mounted. A
+    mount would rewrite the blob's link in place, and pulls racing it fail."""
+    src, dst = src_dst
+    base = layer_bytes("base-held", 32 * 1024)
+    with Pusher(src.url) as p:
+        p.push_image("team/a", "v1", [base, layer_bytes("a", 100)])
+        p.push_image("team/b", "v1", [base, layer_bytes("b", 100)])
+    with Pusher(dst.url) as p:
+        p.push_blob("team/b", base)        # someone else put it there; the index cannot know
+    engine = CopyEngine(BlobIndex())
+    (first,) = await copy_all(engine, src, dst, [("team/a", "v1", "team/a")])
+    assert first.status == "copied"
+    assert await engine.blob_index.holders(dst.url, digest_of(base)) == ["team/a"]
+    sink.clear()
+    (second,) = await copy_all(engine, src, dst, [("team/b", "v1", "team/b")])
+    assert second.status == "copied"
+    assert second.stats.blobs_existing >= 1 and second.stats.blobs_mounted == 0
+    assert_image_complete(dst.url, "team/b", "v1")
+    wait_until(lambda: [e for e in sink.snapshot() if e["action"] == "push"
+                        and e["target"].get("repository") == "team/b"
+                        and e["target"].get("mediaType", "").endswith("json")
+                        and "manifest" in e["target"].get("mediaType", "")],
+               what="the manifest push event")
+    assert sink.blob_events("mount") == []
