@@ -3,15 +3,21 @@
 Workload (issue: foundation): R repositories x T tags, 4 layers each: a base
 layer shared by all, a layer shared per repository, two unique layers.
 Prints:
-  - wall time of our engine vs `skopeo sync` to a fresh registry (ratio);
-  - bytes the target registry received in blob uploads vs the unique blob bytes
-    (from the target's own notifications);
+  - wall time of our engine vs `skopeo sync`, each to a fresh registry configured
+    identically (no notifications on either: a webhook endpoint costs the
+    registry CPU). Rounds alternate which tool goes first; the ratio is of the
+    medians, and each round's ratio is listed, because this 2-core VM's speed
+    drifts by +-15 % between runs. CPU seconds of the client and both
+    registries are printed per round, to show where the time goes;
+  - bytes a target registry received in blob uploads vs the unique blob bytes,
+    counted from that registry's own notifications in a separate accounting
+    pass of our engine to one more fresh target;
   - a second pass with nothing changed: blobs uploaded, manifests written and
     requests per tag to the target;
   - one large blob: peak RSS of `registry-replicator copy` and its throughput vs
     `curl GET | curl PUT` of the same blob.
 
-Run: .venv/bin/python benchmarks/bench_copy.py [--small] [--big-mib 1024]
+Run: .venv/bin/python benchmarks/bench_copy.py [--small] [--rounds 3] [--big-mib 1024]
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,12 +98,52 @@ def run_skopeo(src: Registry, dst: Registry, items: list[tuple[str, str]], work:
     spec = {src.host: {"tls-verify": False, "images": images}}
     spec_path = work / "skopeo-sync.yaml"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "HOME": str(work / "skopeo-home")}  # fresh blob-info cache
+    home = work / "skopeo-home"
+    shutil.rmtree(home, ignore_errors=True)   # fresh blob-info cache every round
+    env = {**os.environ, "HOME": str(home)}
     start = time.perf_counter()
     subprocess.run(["skopeo", "sync", "--src", "yaml", "--dest", "docker",
                     "--dest-tls-verify=false", str(spec_path), dst.host],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def timed_round(work: Path, src: Registry, items: list[tuple[str, str]], n: int,
+                ours_first: bool) -> dict[str, dict[str, float]]:
+    """One timed copy by each tool to its own fresh, identically configured registry."""
+    result: dict[str, dict[str, float]] = {}
+    for tool in (("ours", "skopeo") if ours_first else ("skopeo", "ours")):
+        dst = Registry(root=work / f"round{n}-{tool}").start()
+        # Start each run with no dirty pages left by the previous one: writeback
+        # throttling otherwise bills one tool's target for the other's writes.
+        os.sync()
+        try:
+            src_cpu, dst_cpu = cpu_seconds(src.proc.pid), cpu_seconds(dst.proc.pid)
+            before = os.times()
+            if tool == "ours":
+                wall = asyncio.run(run_ours(src, dst, items))[0]
+            else:
+                wall = run_skopeo(src, dst, items, work)
+            after = os.times()
+            client = (after.user + after.system - before.user - before.system) if tool == "ours" \
+                else (after.children_user + after.children_system
+                      - before.children_user - before.children_system)
+            result[tool] = {"wall_s": round(wall, 3), "client_cpu_s": round(client, 2),
+                            "source_cpu_s": round(cpu_seconds(src.proc.pid) - src_cpu, 2),
+                            "target_cpu_s": round(cpu_seconds(dst.proc.pid) - dst_cpu, 2)}
+        finally:
+            dst.stop()
+            shutil.rmtree(dst.root, ignore_errors=True)
+    return result
 
 
 def uploaded_bytes(sink: WebhookSink) -> tuple[int, int]:
@@ -181,6 +229,10 @@ def main() -> int:
     ap.add_argument("--base-mb", type=float, default=20)
     ap.add_argument("--repo-mb", type=float, default=5)
     ap.add_argument("--unique-mb", type=float, default=1)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timed rounds per tool; the medians are compared")
+    ap.add_argument("--workdir", help="where the registries keep their storage (default: the "
+                    "system temp dir; /dev/shm keeps it in memory, out of the disk's way)")
     ap.add_argument("--big-mib", type=int, default=1024, help="0 skips the large-blob test")
     ap.add_argument("--small", action="store_true", help="a quick smoke-sized run")
     ap.add_argument("--only-big", action="store_true", help="run only the large-blob test")
@@ -188,12 +240,11 @@ def main() -> int:
     if args.small:
         args.repos, args.tags, args.base_mb, args.repo_mb, args.unique_mb = 3, 2, 1, 0.5, 0.1
         args.big_mib = min(args.big_mib, 32)
-    with tempfile.TemporaryDirectory(prefix="bench-copy-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-copy-", dir=args.workdir) as tmp:
         work = Path(tmp)
         sink = WebhookSink()
         src = Registry(root=work / "src").start()
-        ours_dst = Registry(root=work / "ours", notify_url=sink.url).start()
-        skopeo_dst = Registry(root=work / "skopeo").start()
+        counted_dst = Registry(root=work / "counted", notify_url=sink.url).start()
         try:
             if args.only_big:
                 print(json.dumps({"big_blob": big_blob(work, src, args.big_mib)}, indent=2))
@@ -201,22 +252,34 @@ def main() -> int:
             print(f"seeding {args.repos} repos x {args.tags} tags ...", flush=True)
             items, unique = seed(src, args.repos, args.tags, args.base_mb, args.repo_mb,
                                  args.unique_mb)
-            ours_s, stats, _ = asyncio.run(run_ours(src, ours_dst, items))
-            skopeo_s = run_skopeo(src, skopeo_dst, items, work)
+            rounds = []
+            for n in range(args.rounds):
+                rounds.append(timed_round(work, src, items, n, ours_first=n % 2 == 0))
+                print(f"round {n + 1}: ours {rounds[-1]['ours']['wall_s']:.2f} s, "
+                      f"skopeo {rounds[-1]['skopeo']['wall_s']:.2f} s", flush=True)
+            ours_s = statistics.median(r["ours"]["wall_s"] for r in rounds)
+            skopeo_s = statistics.median(r["skopeo"]["wall_s"] for r in rounds)
+
+            # accounting pass: what the target registry itself says it received
+            _, stats, _ = asyncio.run(run_ours(src, counted_dst, items))
             wait_until(lambda: uploaded_bytes(sink)[0] >= stats.blobs_uploaded, timeout=30,
                        what="upload notifications")
             n_up, bytes_up = uploaded_bytes(sink)
             sink.clear()
-            second_s, stats2, requests2 = asyncio.run(run_ours(src, ours_dst, items))
+            second_s, stats2, requests2 = asyncio.run(run_ours(src, counted_dst, items))
             report = {
                 "workload": f"{args.repos}x{args.tags} tags, base {args.base_mb} MB, "
                             f"repo {args.repo_mb} MB, 2x{args.unique_mb} MB unique",
-                "ours_s": round(ours_s, 2), "skopeo_s": round(skopeo_s, 2),
+                "ours_s": ours_s, "skopeo_s": skopeo_s,
                 "wall_ratio_ours_over_skopeo": round(ours_s / skopeo_s, 3),
+                "round_ratios": [round(r["ours"]["wall_s"] / r["skopeo"]["wall_s"], 3)
+                                 for r in rounds],
+                "rounds": rounds,
                 "unique_blob_bytes": unique, "target_received_bytes": bytes_up,
                 "target_received_blobs": n_up,
                 "bytes_ratio": round(bytes_up / unique, 4),
                 "blobs_mounted": stats.blobs_mounted, "blobs_uploaded": stats.blobs_uploaded,
+                "blobs_existing": stats.blobs_existing,
                 "second_pass_s": round(second_s, 3),
                 "second_pass_blobs_uploaded": stats2.blobs_uploaded,
                 "second_pass_manifests_written": stats2.manifests_written,
@@ -229,7 +292,7 @@ def main() -> int:
                 report["big_blob"] = big_blob(work, src, args.big_mib)
             print(json.dumps(report, indent=2))
         finally:
-            for reg in (src, ours_dst, skopeo_dst):
+            for reg in (src, counted_dst):
                 reg.stop()
             sink.close()
     return 0
