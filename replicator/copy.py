@@ -274,7 +274,7 @@ class CopyEngine:
                               dst: RegistryClient, dst_repo: str, options: CopyOptions,
                               stats: CopyStats) -> None:
         """Copy signatures, SBOMs … whose subject is `subject`, and the fallback tag index."""
-        referrers = await src.referrers(src_repo, subject.digest)
+        referrers, index = await src.referrers_and_fallback(src_repo, subject.digest)
         if not referrers:
             return
         for ref in referrers:
@@ -284,11 +284,14 @@ class CopyEngine:
                                           options, stats)
         # Targets without a referrers API find referrers through the fallback tag.
         fallback = "sha256-" + subject.digest.split(":", 1)[1]
-        head = await src.head_manifest(src_repo, fallback)
-        if head is not None:
-            current = await dst.head_manifest(dst_repo, fallback)
-            if current is None or current.digest != head.digest:
+        if index is None:
+            # the source answered through its referrers API; it may keep the tag as well
+            head = await src.head_manifest(src_repo, fallback)
+            if head is not None:
                 index = await src.get_manifest(src_repo, head.digest)
+        if index is not None:
+            current = await dst.head_manifest(dst_repo, fallback)
+            if current is None or current.digest != index.digest:
                 await self._put_manifest(dst, dst_repo, fallback, index, stats)
         else:
             current = await dst.head_manifest(dst_repo, fallback)

@@ -198,3 +198,21 @@ async def test_never_mounts_into_a_repository_that_already_holds_the_blob(src_ds
                         and "manifest" in e["target"].get("mediaType", "")],
                what="the manifest push event")
     assert sink.blob_events("mount") == []
+
+
+async def test_referrers_fallback_index_is_read_from_the_source_once(registry_factory,
+                                                                     proxy_factory):
+    src, dst = registry_factory("src"), registry_factory("dst")
+    with Pusher(src.url) as p:
+        img = p.push_image("team/signed", "v1", [layer_bytes("once", 1000)])
+        p.push_referrer("team/signed", img, b"signature-once")
+        plain = p.push_image("team/plain", "v1", [layer_bytes("plain", 1000)])
+    proxy = proxy_factory(src)
+    results = await copy_all(CopyEngine(), proxy, dst, [("team/signed", "v1", "team/signed"),
+                                                        ("team/plain", "v1", "team/plain")])
+    assert [r.status for r in results] == ["copied", "copied"], [r.error for r in results]
+    fallback = "sha256-" + img.digest.split(":")[1]
+    assert assert_image_complete(dst.url, "team/signed", fallback)
+    # one GET of each subject's fallback tag, whether it exists or not
+    assert proxy.count(None, f"/manifests/{fallback}") == 1
+    assert proxy.count(None, "/manifests/sha256-" + plain.digest.split(":")[1]) == 1

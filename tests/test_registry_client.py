@@ -331,9 +331,10 @@ async def test_referrers_fallback_tag(registry, proxy_factory):
         assert [d.digest for d in only] == [sbom.digest]
         assert await c.referrers("team/app", lonely.digest) == []
     # distribution has no referrers API: asked once (a plain 404: no such route), then
-    # remembered, and the fallback tag was used every time
+    # remembered, and the fallback tag was read every time, with one GET each
     assert proxy.count("GET", r"/referrers/") == 1
-    assert proxy.count("HEAD", r"/manifests/sha256-") == 3
+    assert proxy.count("GET", r"/manifests/sha256-") == 3
+    assert proxy.count("HEAD", r"/manifests/sha256-") == 0
 
 
 async def test_flipped_byte_is_a_digest_mismatch(registry, proxy_factory):

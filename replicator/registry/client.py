@@ -414,7 +414,16 @@ class RegistryClient:
                         artifact_type: str | None = None) -> list[Descriptor]:
         """Manifests whose `subject` is `digest`: the referrers API when the registry has it,
         else the `sha256-<hex>` fallback tag's index; [] when neither exists."""
+        found, _ = await self.referrers_and_fallback(repo, digest, artifact_type=artifact_type)
+        return found
+
+    async def referrers_and_fallback(self, repo: str, digest: str, *,
+                                     artifact_type: str | None = None
+                                     ) -> tuple[list[Descriptor], Manifest | None]:
+        """`referrers()`, plus the fallback tag's index when that is where they came from
+        (a copier needs the index itself, and reading it again costs two more requests)."""
         target: Target = (repo, digest)
+        fallback: Manifest | None = None
         index: Manifest | None = None
         resp = None
         if self._referrers_api is not False:
@@ -436,15 +445,17 @@ class RegistryClient:
                 raise InvalidManifest(f"referrers answer: {exc}", site=self.site.name,
                                       repository=repo, reference=digest) from exc
         else:
-            tag = digest.replace(":", "-", 1)
-            if await self.head_manifest(repo, tag) is not None:
-                index = await self.get_manifest(repo, tag)
+            # one GET: a 404 costs what a HEAD would, and a hit needs the body anyway
+            try:
+                index = fallback = await self.get_manifest(repo, digest.replace(":", "-", 1))
+            except NotFound:
+                pass
         if index is None or not index.is_index:
-            return []
+            return [], None
         found = index.children
         if artifact_type:
             found = [d for d in found if d.artifact_type == artifact_type]
-        return found
+        return found, fallback
 
     # ------------------------------------------------------------------ plumbing
     def _url(self, path: str) -> str:
