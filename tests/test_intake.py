@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,9 @@ def test_record_dedupes_and_roundtrips_every_field(journal):
     assert events_by_state(journal, "new") == [full]
     assert events_by_state(journal, "dispatched", site="eu") == [mount]
     assert events_by_state(journal, "new", site="other") == []
+    # the re-publisher's question: which new events have waited since before a time
+    assert events_by_state(journal, "new", received_before=time.time() + 60) == [full]
+    assert events_by_state(journal, "new", received_before=time.time() - 60) == []
     assert count_events(journal) == {"dispatched": 1, "ignored": 0, "new": 1}
     with pytest.raises(ValueError, match="unknown event state"):
         mark_events(journal, ["m"], "done")

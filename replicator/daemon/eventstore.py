@@ -58,14 +58,19 @@ def record_event_batches(journal: Journal, batches: Sequence[Sequence[RegistryEv
 
 
 def events_by_state(journal: Journal, state: str = "new", *, site: str | None = None,
+                    received_before: float | None = None,
                     limit: int | None = None) -> list[RegistryEvent]:
-    """Events in `state`, oldest received first (the order they must be dispatched in)."""
+    """Events in `state` (received before a time, if given), oldest received first:
+    the order they must be dispatched in."""
     _check_state(state)
     sql = "SELECT * FROM events WHERE state = ?"
     params: list[Any] = [state]
     if site is not None:
         sql += " AND site = ?"
         params.append(site)
+    if received_before is not None:
+        sql += " AND received_at < ?"
+        params.append(received_before)
     sql += " ORDER BY received_at, rowid"
     if limit is not None:
         sql += " LIMIT ?"

@@ -290,13 +290,8 @@ class Daemon:
             await asyncio.sleep(REDISPATCH_AFTER / 3)
 
     def _stale_events(self) -> list[RegistryEvent]:
-        cutoff = time.time() - REDISPATCH_AFTER
-        rows = self.journal.query("SELECT id FROM events WHERE state = 'new' AND "
-                                  "received_at < ? LIMIT 500", (cutoff,))
-        if not rows:
-            return []
-        wanted = {r["id"] for r in rows}
-        return [e for e in events_by_state(self.journal, "new", limit=1000) if e.id in wanted]
+        return events_by_state(self.journal, "new",
+                               received_before=time.time() - REDISPATCH_AFTER, limit=500)
 
     async def _on_event(self, event: RegistryEvent, trace_context: Mapping[str, str]) -> None:
         """Bus handler. The in-process bus is only memory, so its events count as
