@@ -309,7 +309,9 @@ class AuthConfig(_Model):
 
 class LimitsConfig(_Model):
     concurrency: int = Field(8, ge=1, le=1024,
-                             description="requests in flight to this registry at once")
+                             description="requests in flight to this registry at once; "
+                                         "as many blob downloads may stream besides, so "
+                                         "up to 2 x concurrency + 2 connections")
     requests_per_second: float | None = Field(None, gt=0,
                                               description="rate cap; null for none")
 
