@@ -16,6 +16,8 @@ for as long as its timeouts allow. Every step uses surviving sites only.
 Failback is the reverse once the old primary is back: copy to it everything
 its replacement received during the incident, then end the failover.
 
+Under `latest: N`, only the N newest tags (over every survivor) are caught up.
+
 Rules with `rename` are refused: the promoted replica holds the *target*
 names, and expressing a rule over those names (and inverting the rename for
 failback) is not something a rule can say today.
@@ -39,9 +41,10 @@ from replicator.copy import CopyEngine, CopyOptions
 from replicator.errors import UsageError
 from replicator.journal import Journal
 from replicator.manifest import Descriptor
+from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
-from replicator.rules import effective_rules, tag_passes
-from replicator.sync import Reconciler, SyncReport, active_failovers
+from replicator.rules import effective_rules, select_tags, tag_passes
+from replicator.sync import Reconciler, SyncReport, active_failovers, tag_push_times
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +276,13 @@ async def _catch_up(journal: Journal, pool: ClientPool, engine: CopyEngine,
                             holdings.setdefault(repo, {}).setdefault(tag, {})[replica] = digest
             except RegistryError as exc:
                 report.failures.append(f"rule {rule.name}: reading replica {replica}: {exc}")
+        if rule.tags is not None and rule.tags.latest is not None:
+            try:
+                await _keep_latest(journal, site, rule, lost, holdings)
+            except RegistryError as exc:
+                report.failures.append(f"rule {rule.name}: reading promoted site {promoted}: "
+                                       f"{exc}")
+                continue
         work = [(repo, tag, by_site) for repo, tags in sorted(holdings.items())
                 for tag, by_site in sorted(tags.items()) if (repo, tag) not in seen]
         seen.update((repo, tag) for repo, tag, _ in work)
@@ -319,6 +329,20 @@ async def _catch_up(journal: Journal, pool: ClientPool, engine: CopyEngine,
             await run(copy)
 
     await asyncio.gather(*(bounded(c) for c in report.copies))
+
+
+async def _keep_latest(journal: Journal, promoted: RegistryClient, rule: Rule, lost: str,
+                       holdings: dict[str, dict[str, dict[str, str]]]) -> None:
+    """Under `latest: N` only the N newest tags are the rule's: replicas keep older ones
+    (replication adds, retention removes), and those are not caught up. Newest is
+    ranked over the tags of every survivor, the promoted site's included, by version
+    or else by the lost primary's push times in the journal, as `sync` ranks them."""
+    for repo, tags in holdings.items():
+        own = await promoted.list_tags(repo)
+        pushed_at = await journal.run(tag_push_times, journal, lost, repo)
+        keep = set(select_tags(sorted({*tags, *own}), rule.tags, pushed_at))
+        for tag in [t for t in tags if t not in keep]:
+            del tags[tag]
 
 
 def _decide(rule: Rule, repo: str, tag: str, own: str | None, by_site: Mapping[str, str],

@@ -224,11 +224,7 @@ class Reconciler:
     async def _pushed_at(self, site: str, repo: str) -> dict[str, float]:
         if self.journal is None:
             return {}
-        rows = await self.journal.run(
-            self.journal.query,
-            "SELECT tag, COALESCE(pushed_at, first_seen) AS t FROM inventory_tags "
-            "WHERE site = ? AND repository = ?", (site, repo))
-        return {r["tag"]: r["t"] for r in rows}
+        return await self.journal.run(tag_push_times, self.journal, site, repo)
 
     async def _immutable_known(self, rule: Rule, target: str, target_repo: str,
                                source_tags: dict[str, str],
@@ -305,3 +301,11 @@ async def _bounded(coros: Iterable, limit: int) -> None:
             await coro
 
     await asyncio.gather(*(run(c) for c in coros))
+
+
+def tag_push_times(journal: Journal, site: str, repo: str) -> dict[str, float]:
+    """When each tag of `site`/`repo` was pushed (else first seen), from the inventory:
+    what `latest: N` ranks tags by when they are not all versions."""
+    rows = journal.query("SELECT tag, COALESCE(pushed_at, first_seen) AS t FROM inventory_tags "
+                         "WHERE site = ? AND repository = ?", (site, repo))
+    return {r["tag"]: r["t"] for r in rows}

@@ -253,3 +253,41 @@ def test_cli_refuses_failover_of_renaming_rules(registry_factory, tmp_path):
     journal = Journal(tmp_path / "journal.db")
     assert journal.query("SELECT * FROM failovers") == []
     journal.close()
+
+
+async def test_catch_up_under_latest_n_copies_only_the_newest_tags(registry_factory, tmp_path):
+    """A replica still holds v1 (replication adds, it does not remove), but under
+    `latest: 2` v1 is no longer the rule's: only v4 is caught up."""
+    primary, a, b = registry_factory("p"), registry_factory("a"), registry_factory("b")
+    data, _ = make_config(tmp_path, {"p": primary, "a": a, "b": b}, [
+        {"name": "apps", "from": "p", "to": ["a", "b"], "tags": {"latest": 2}}])
+    config = config_from_dict(data)
+    journal = Journal(config.journal)
+    pool = ClientPool(config, retries=1, backoff_base=0.01)
+    engine = CopyEngine(BlobIndex(journal))
+    rule = config.rules[0]
+    only_b = rule.model_copy(update={"to": ["b"]})
+    try:
+        with Pusher(primary.url) as p:
+            p.push_image("team/app", "v1", [layer_bytes("l1", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run(rules=[only_b])).failures == []
+        with Pusher(primary.url) as p:
+            for tag in ("v2", "v3"):
+                p.push_image("team/app", tag, [layer_bytes(f"l-{tag}", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        with Pusher(primary.url) as p:
+            v4 = p.push_image("team/app", "v4", [layer_bytes("l4", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run(rules=[only_b])).failures == []
+        assert tags_of(a, "team/app") == ["v2", "v3"]
+        assert tags_of(b, "team/app") == ["v1", "v2", "v3", "v4"]
+        primary.stop()
+
+        plan = await failover(config, journal, pool, engine, "a", dry_run=True)
+        assert [(c.tag, c.from_site) for c in plan.copies] == [("v4", "b")]
+        done = await failover(config, journal, pool, engine, "a")
+        assert done.failures == [] and done.recorded
+        assert tags_of(a, "team/app") == ["v2", "v3", "v4"]
+        assert assert_image_complete(a.url, "team/app", "v4") == v4.digest
+    finally:
+        await pool.aclose()
+        journal.close()
