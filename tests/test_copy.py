@@ -216,3 +216,25 @@ async def test_referrers_fallback_index_is_read_from_the_source_once(registry_fa
     # one GET of each subject's fallback tag, whether it exists or not
     assert proxy.count(None, f"/manifests/{fallback}") == 1
     assert proxy.count(None, "/manifests/sha256-" + plain.digest.split(":")[1]) == 1
+
+
+async def test_connections_are_kept_alive_and_bounded(registry_factory, proxy_factory):
+    """Many concurrent copies through concurrency-2 clients: each side opens at most
+    2 x concurrency + 2 connections and reuses them (no churn)."""
+    src, dst = registry_factory("src"), registry_factory("dst")
+    with Pusher(src.url) as p:
+        for r in range(6):
+            for t in range(2):
+                p.push_image(f"team/k{r}", f"v{t}",
+                             [layer_bytes(f"k{r}-{t}-{i}", 20_000) for i in range(3)])
+    src_proxy, dst_proxy = proxy_factory(src), proxy_factory(dst)
+    engine = CopyEngine()
+    async with RegistryClient(SiteEndpoint("src", src_proxy.url, insecure=True,
+                                           concurrency=2)) as s, \
+            RegistryClient(SiteEndpoint("dst", dst_proxy.url, insecure=True,
+                                        concurrency=2)) as d:
+        results = await asyncio.gather(*(engine.copy(s, f"team/k{r}", f"v{t}", d, f"team/k{r}")
+                                         for r in range(6) for t in range(2)))
+    assert all(r.status == "copied" for r in results), [r.error for r in results]
+    assert len(src_proxy.records) > 40 and len(dst_proxy.records) > 100
+    assert src_proxy.connections <= 6 and dst_proxy.connections <= 6

@@ -62,6 +62,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._inflight = 0
         self.max_inflight = 0
+        self.connections = 0            # client connections accepted so far
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -214,6 +215,8 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        with self._lock:
+            self.connections += 1
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
             while True:
