@@ -45,7 +45,7 @@ from replicator.registry.client import RegistryClient  # noqa: E402
 from replicator.registry.site import SiteEndpoint  # noqa: E402
 from tests.harness.images import Pusher, digest_of  # noqa: E402
 from tests.harness.registry import Registry  # noqa: E402
-from tests.harness.util import wait_until  # noqa: E402
+from tests.harness.util import cpu_seconds, wait_until  # noqa: E402
 from tests.harness.webhook_sink import WebhookSink  # noqa: E402
 
 MB = 1_000_000
@@ -106,15 +106,6 @@ def run_skopeo(src: Registry, dst: Registry, items: list[tuple[str, str]], work:
                     "--dest-tls-verify=false", str(spec_path), dst.host],
                    check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU a process has used so far (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def timed_round(work: Path, src: Registry, items: list[tuple[str, str]], n: int,

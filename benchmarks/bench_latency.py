@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import random
 import resource
 import sqlite3
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config  # noqa: E402
 from tests.harness.images import ACCEPT, Pusher, assert_image_complete  # noqa: E402
 from tests.harness.registry import Registry  # noqa: E402
-from tests.harness.util import free_port  # noqa: E402
+from tests.harness.util import cpu_seconds, free_port  # noqa: E402
 
 TARGETS = ("b", "c")
 GOAL_P50, GOAL_P99 = 0.300, 1.5
@@ -335,10 +334,9 @@ def _cpu_seconds(proc) -> float | None:
     if proc is None:
         return None
     try:
-        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return cpu_seconds(proc.pid)
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_seconds() -> float:
