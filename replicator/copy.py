@@ -286,9 +286,7 @@ class CopyEngine:
         fallback = "sha256-" + subject.digest.split(":", 1)[1]
         if index is None:
             # the source answered through its referrers API; it may keep the tag as well
-            head = await src.head_manifest(src_repo, fallback)
-            if head is not None:
-                index = await src.get_manifest(src_repo, head.digest)
+            index = await src.fallback_index(src_repo, subject.digest)
         if index is not None:
             current = await dst.head_manifest(dst_repo, fallback)
             if current is None or current.digest != index.digest:

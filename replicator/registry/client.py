@@ -445,17 +445,21 @@ class RegistryClient:
                 raise InvalidManifest(f"referrers answer: {exc}", site=self.site.name,
                                       repository=repo, reference=digest) from exc
         else:
-            # one GET: a 404 costs what a HEAD would, and a hit needs the body anyway
-            try:
-                index = fallback = await self.get_manifest(repo, digest.replace(":", "-", 1))
-            except NotFound:
-                pass
+            index = fallback = await self.fallback_index(repo, digest)
         if index is None or not index.is_index:
             return [], None
         found = index.children
         if artifact_type:
             found = [d for d in found if d.artifact_type == artifact_type]
         return found, fallback
+
+    async def fallback_index(self, repo: str, digest: str) -> Manifest | None:
+        """The referrers fallback tag (`sha256-<hex>`) of `digest`, or None. One GET:
+        a 404 costs what a HEAD would, and a hit needs the body anyway."""
+        try:
+            return await self.get_manifest(repo, digest.replace(":", "-", 1))
+        except NotFound:
+            return None
 
     # ------------------------------------------------------------------ plumbing
     def _url(self, path: str) -> str:
