@@ -51,8 +51,9 @@ from tests.harness.webhook_sink import WebhookSink  # noqa: E402
 MB = 1_000_000
 
 
-def seed(src: Registry, repos: int, tags: int, base_mb: float, repo_mb: float,
-         unique_mb: float) -> tuple[list[tuple[str, str]], int]:
+def seed(
+    src: Registry, repos: int, tags: int, base_mb: float, repo_mb: float, unique_mb: float
+) -> tuple[list[tuple[str, str]], int]:
     """Push the workload; returns (repo, tag) pairs and the unique blob bytes."""
     unique_bytes: dict[str, int] = {}
     items = []
@@ -61,8 +62,12 @@ def seed(src: Registry, repos: int, tags: int, base_mb: float, repo_mb: float,
         for r in range(repos):
             shared = os.urandom(int(repo_mb * MB))
             for t in range(tags):
-                layers = [base, shared, os.urandom(int(unique_mb * MB)),
-                          os.urandom(int(unique_mb * MB))]
+                layers = [
+                    base,
+                    shared,
+                    os.urandom(int(unique_mb * MB)),
+                    os.urandom(int(unique_mb * MB)),
+                ]
                 pushed = p.push_image(f"bench/app{r:02d}", f"v{t}", layers)
                 for layer in layers:
                     unique_bytes[digest_of(layer)] = len(layer)
@@ -72,13 +77,17 @@ def seed(src: Registry, repos: int, tags: int, base_mb: float, repo_mb: float,
     return items, sum(unique_bytes.values())
 
 
-async def run_ours(src: Registry, dst: Registry, items: list[tuple[str, str]],
-                   parallel: int = 8) -> tuple[float, CopyStats, int]:
+async def run_ours(
+    src: Registry, dst: Registry, items: list[tuple[str, str]], parallel: int = 8
+) -> tuple[float, CopyStats, int]:
     engine = CopyEngine(BlobIndex())
     total = CopyStats()
     sem = asyncio.Semaphore(parallel)
-    async with RegistryClient(SiteEndpoint("src", src.url, insecure=True)) as s, \
-            RegistryClient(SiteEndpoint("dst", dst.url, insecure=True)) as d:
+    async with (
+        RegistryClient(SiteEndpoint("src", src.url, insecure=True)) as s,
+        RegistryClient(SiteEndpoint("dst", dst.url, insecure=True)) as d,
+    ):
+
         async def one(repo: str, tag: str) -> None:
             async with sem:
                 result = await engine.copy(s, repo, tag, d, repo)
@@ -99,20 +108,35 @@ def run_skopeo(src: Registry, dst: Registry, items: list[tuple[str, str]], work:
     spec_path = work / "skopeo-sync.yaml"
     spec_path.write_text(json.dumps(spec))
     home = work / "skopeo-home"
-    shutil.rmtree(home, ignore_errors=True)   # fresh blob-info cache every round
+    shutil.rmtree(home, ignore_errors=True)  # fresh blob-info cache every round
     env = {**os.environ, "HOME": str(home)}
     start = time.perf_counter()
-    subprocess.run(["skopeo", "sync", "--src", "yaml", "--dest", "docker",
-                    "--dest-tls-verify=false", str(spec_path), dst.host],
-                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            "skopeo",
+            "sync",
+            "--src",
+            "yaml",
+            "--dest",
+            "docker",
+            "--dest-tls-verify=false",
+            str(spec_path),
+            dst.host,
+        ],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 
-def timed_round(work: Path, src: Registry, items: list[tuple[str, str]], n: int,
-                ours_first: bool) -> dict[str, dict[str, float]]:
+def timed_round(
+    work: Path, src: Registry, items: list[tuple[str, str]], n: int, ours_first: bool
+) -> dict[str, dict[str, float]]:
     """One timed copy by each tool to its own fresh, identically configured registry."""
     result: dict[str, dict[str, float]] = {}
-    for tool in (("ours", "skopeo") if ours_first else ("skopeo", "ours")):
+    for tool in ("ours", "skopeo") if ours_first else ("skopeo", "ours"):
         dst = Registry(root=work / f"round{n}-{tool}").start()
         # Start each run with no dirty pages left by the previous one: writeback
         # throttling otherwise bills one tool's target for the other's writes.
@@ -125,12 +149,22 @@ def timed_round(work: Path, src: Registry, items: list[tuple[str, str]], n: int,
             else:
                 wall = run_skopeo(src, dst, items, work)
             after = os.times()
-            client = (after.user + after.system - before.user - before.system) if tool == "ours" \
-                else (after.children_user + after.children_system
-                      - before.children_user - before.children_system)
-            result[tool] = {"wall_s": round(wall, 3), "client_cpu_s": round(client, 2),
-                            "source_cpu_s": round(cpu_seconds(src.proc.pid) - src_cpu, 2),
-                            "target_cpu_s": round(cpu_seconds(dst.proc.pid) - dst_cpu, 2)}
+            client = (
+                (after.user + after.system - before.user - before.system)
+                if tool == "ours"
+                else (
+                    after.children_user
+                    + after.children_system
+                    - before.children_user
+                    - before.children_system
+                )
+            )
+            result[tool] = {
+                "wall_s": round(wall, 3),
+                "client_cpu_s": round(client, 2),
+                "source_cpu_s": round(cpu_seconds(src.proc.pid) - src_cpu, 2),
+                "target_cpu_s": round(cpu_seconds(dst.proc.pid) - dst_cpu, 2),
+            }
         finally:
             dst.stop()
             shutil.rmtree(dst.root, ignore_errors=True)
@@ -144,8 +178,9 @@ def target_writes(sink: WebhookSink) -> list[dict]:
 
 def uploaded_bytes(sink: WebhookSink) -> tuple[int, int]:
     pushes = sink.blob_events("push")
-    return len(pushes), sum(int(e["target"].get("size") or e["target"].get("length") or 0)
-                            for e in pushes)
+    return len(pushes), sum(
+        int(e["target"].get("size") or e["target"].get("length") or 0) for e in pushes
+    )
 
 
 def big_blob(work: Path, src: Registry, mib: int) -> dict[str, float]:
@@ -165,36 +200,69 @@ def big_blob(work: Path, src: Registry, mib: int) -> dict[str, float]:
         loc = http.post(f"{src.url}/v2/big/blob/blobs/uploads/").headers["location"]
         loc = loc if loc.startswith("http") else src.url + loc
         with open(data_path, "rb") as f:
-            http.put(f"{loc}&digest={digest}", content=f,
-                     headers={"content-length": str(mib * 2**20)}).raise_for_status()
-        config = json.dumps({"architecture": "amd64", "os": "linux",
-                             "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode()
+            http.put(
+                f"{loc}&digest={digest}", content=f, headers={"content-length": str(mib * 2**20)}
+            ).raise_for_status()
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [digest]},
+            }
+        ).encode()
         cfg_loc = http.post(f"{src.url}/v2/big/blob/blobs/uploads/").headers["location"]
         cfg_loc = cfg_loc if cfg_loc.startswith("http") else src.url + cfg_loc
         http.put(f"{cfg_loc}&digest={digest_of(config)}", content=config).raise_for_status()
-        manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": digest_of(config), "size": len(config)},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": digest, "size": mib * 2**20}]}).encode()
-        http.put(f"{src.url}/v2/big/blob/manifests/v1", content=manifest,
-                 headers={"content-type": "application/vnd.oci.image.manifest.v1+json"}
-                 ).raise_for_status()
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": digest_of(config),
+                    "size": len(config),
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": digest,
+                        "size": mib * 2**20,
+                    }
+                ],
+            }
+        ).encode()
+        http.put(
+            f"{src.url}/v2/big/blob/manifests/v1",
+            content=manifest,
+            headers={"content-type": "application/vnd.oci.image.manifest.v1+json"},
+        ).raise_for_status()
     data_path.unlink()
 
     dst_ours = Registry(root=work / "big-ours").start()
     dst_curl = Registry(root=work / "big-curl").start()
     try:
         # the child reports its own peak RSS (RUSAGE_CHILDREN would include registries)
-        code = ("import resource, sys\nfrom replicator.cli import main\nrc = main(sys.argv[1:])\n"
-                "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-                "file=sys.stderr)\nsys.exit(rc)")
+        code = (
+            "import resource, sys\nfrom replicator.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+            "file=sys.stderr)\nsys.exit(rc)"
+        )
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-c", code, "copy", "--insecure", "--json",
-             f"{src.host}/big/blob:v1", f"{dst_ours.host}/big/blob:v1"],
-            capture_output=True, text=True, check=False)
+            [
+                sys.executable,
+                "-c",
+                code,
+                "copy",
+                "--insecure",
+                "--json",
+                f"{src.host}/big/blob:v1",
+                f"{dst_ours.host}/big/blob:v1",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         ours = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"our copy failed: {proc.stderr}")
@@ -206,29 +274,41 @@ def big_blob(work: Path, src: Registry, mib: int) -> dict[str, float]:
         subprocess.run(
             f"curl -sf {src.url}/v2/big/blob/blobs/{digest} | "
             f"curl -sf -T - -X PUT -H 'Content-Type: application/octet-stream' "
-            f"'{loc}&digest={digest}'", shell=True, check=True)
+            f"'{loc}&digest={digest}'",
+            shell=True,
+            check=True,
+        )
         curl = time.perf_counter() - start
         assert dst_curl.has_blob_data(digest) and dst_ours.has_blob_data(digest)
     finally:
         dst_ours.stop()
         dst_curl.stop()
-    return {"mib": mib, "ours_s": ours, "curl_s": curl,
-            "throughput_ratio": curl / ours,
-            "peak_rss_mb": round(peak_kib / 1024, 1)}
+    return {
+        "mib": mib,
+        "ours_s": ours,
+        "curl_s": curl,
+        "throughput_ratio": curl / ours,
+        "peak_rss_mb": round(peak_kib / 1024, 1),
+    }
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--repos", type=int, default=20)
     ap.add_argument("--tags", type=int, default=3)
     ap.add_argument("--base-mb", type=float, default=20)
     ap.add_argument("--repo-mb", type=float, default=5)
     ap.add_argument("--unique-mb", type=float, default=1)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="timed rounds per tool; the medians are compared")
-    ap.add_argument("--workdir", help="where the registries keep their storage (default: the "
-                    "system temp dir; /dev/shm keeps it in memory, out of the disk's way)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="timed rounds per tool; the medians are compared"
+    )
+    ap.add_argument(
+        "--workdir",
+        help="where the registries keep their storage (default: the "
+        "system temp dir; /dev/shm keeps it in memory, out of the disk's way)",
+    )
     ap.add_argument("--big-mib", type=int, default=1024, help="0 skips the large-blob test")
     ap.add_argument("--small", action="store_true", help="a quick smoke-sized run")
     ap.add_argument("--only-big", action="store_true", help="run only the large-blob test")
@@ -246,13 +326,17 @@ def main() -> int:
                 print(json.dumps({"big_blob": big_blob(work, src, args.big_mib)}, indent=2))
                 return 0
             print(f"seeding {args.repos} repos x {args.tags} tags ...", flush=True)
-            items, unique = seed(src, args.repos, args.tags, args.base_mb, args.repo_mb,
-                                 args.unique_mb)
+            items, unique = seed(
+                src, args.repos, args.tags, args.base_mb, args.repo_mb, args.unique_mb
+            )
             rounds = []
             for n in range(args.rounds):
                 rounds.append(timed_round(work, src, items, n, ours_first=n % 2 == 0))
-                print(f"round {n + 1}: ours {rounds[-1]['ours']['wall_s']:.2f} s, "
-                      f"skopeo {rounds[-1]['skopeo']['wall_s']:.2f} s", flush=True)
+                print(
+                    f"round {n + 1}: ours {rounds[-1]['ours']['wall_s']:.2f} s, "
+                    f"skopeo {rounds[-1]['skopeo']['wall_s']:.2f} s",
+                    flush=True,
+                )
             ours_s = statistics.median(r["ours"]["wall_s"] for r in rounds)
             skopeo_s = statistics.median(r["skopeo"]["wall_s"] for r in rounds)
 
@@ -261,24 +345,33 @@ def main() -> int:
             # every event of this pass (uploads, mounts, manifests) must be in before the
             # second pass starts, or a late one is counted as the second pass's
             writes = stats.blobs_uploaded + stats.blobs_mounted + stats.manifests_written
-            wait_until(lambda: uploaded_bytes(sink)[0] >= stats.blobs_uploaded
-                       and len(target_writes(sink)) >= writes, timeout=30,
-                       what="the accounting pass's notifications")
+            wait_until(
+                lambda: (
+                    uploaded_bytes(sink)[0] >= stats.blobs_uploaded
+                    and len(target_writes(sink)) >= writes
+                ),
+                timeout=30,
+                what="the accounting pass's notifications",
+            )
             n_up, bytes_up = uploaded_bytes(sink)
             sink.clear()
             second_s, stats2, requests2 = asyncio.run(run_ours(src, counted_dst, items))
             report = {
                 "workload": f"{args.repos}x{args.tags} tags, base {args.base_mb} MB, "
-                            f"repo {args.repo_mb} MB, 2x{args.unique_mb} MB unique",
-                "ours_s": ours_s, "skopeo_s": skopeo_s,
+                f"repo {args.repo_mb} MB, 2x{args.unique_mb} MB unique",
+                "ours_s": ours_s,
+                "skopeo_s": skopeo_s,
                 "wall_ratio_ours_over_skopeo": round(ours_s / skopeo_s, 3),
-                "round_ratios": [round(r["ours"]["wall_s"] / r["skopeo"]["wall_s"], 3)
-                                 for r in rounds],
+                "round_ratios": [
+                    round(r["ours"]["wall_s"] / r["skopeo"]["wall_s"], 3) for r in rounds
+                ],
                 "rounds": rounds,
-                "unique_blob_bytes": unique, "target_received_bytes": bytes_up,
+                "unique_blob_bytes": unique,
+                "target_received_bytes": bytes_up,
                 "target_received_blobs": n_up,
                 "bytes_ratio": round(bytes_up / unique, 4),
-                "blobs_mounted": stats.blobs_mounted, "blobs_uploaded": stats.blobs_uploaded,
+                "blobs_mounted": stats.blobs_mounted,
+                "blobs_uploaded": stats.blobs_uploaded,
                 "blobs_existing": stats.blobs_existing,
                 "second_pass_s": round(second_s, 3),
                 "second_pass_blobs_uploaded": stats2.blobs_uploaded,

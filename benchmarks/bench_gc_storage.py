@@ -66,28 +66,58 @@ def cpu_children() -> float:
 
 def run_theirs(store: Path, work: Path) -> tuple[float, float]:
     cfg = work / "registry.yml"
-    cfg.write_text(json.dumps({
-        "version": 0.1, "log": {"level": "error"},
-        "storage": {"filesystem": {"rootdirectory": str(store)}, "delete": {"enabled": True}},
-        "http": {"addr": "127.0.0.1:0"}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "version": 0.1,
+                "log": {"level": "error"},
+                "storage": {
+                    "filesystem": {"rootdirectory": str(store)},
+                    "delete": {"enabled": True},
+                },
+                "http": {"addr": "127.0.0.1:0"},
+            }
+        )
+    )
     t, c = time.monotonic(), cpu_children()
-    subprocess.run(["docker-registry", "garbage-collect", "--delete-untagged", str(cfg)],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        ["docker-registry", "garbage-collect", "--delete-untagged", str(cfg)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.monotonic() - t, cpu_children() - c
 
 
 def run_ours(store: Path, workers: int) -> tuple[float, float, dict]:
-    pol = RetentionPolicy(name="bench", keep=KeepRules(tags=("*",)), untagged="delete",
-                          grace=0, mode="storage")
+    pol = RetentionPolicy(
+        name="bench", keep=KeepRules(tags=("*",)), untagged="delete", grace=0, mode="storage"
+    )
     t, c = time.monotonic(), cpu_self()
-    res = collect_storage_sync(store, None, StorageGCOptions(
-        grace=0, quarantine_window=0, upload_grace=0, assume_no_cache=True, policies=[pol],
-        workers=workers))
+    res = collect_storage_sync(
+        store,
+        None,
+        StorageGCOptions(
+            grace=0,
+            quarantine_window=0,
+            upload_grace=0,
+            assume_no_cache=True,
+            policies=[pol],
+            workers=workers,
+        ),
+    )
     elapsed, cpu = time.monotonic() - t, cpu_self() - c
     assert not res.errors, res.errors
-    return elapsed, cpu, {"timings": {k: round(v, 3) for k, v in res.timings.items()},
-                     "manifests_deleted": res.manifests_deleted,
-                     "links_deleted": res.links_deleted, "uploads": res.uploads_deleted}
+    return (
+        elapsed,
+        cpu,
+        {
+            "timings": {k: round(v, 3) for k, v in res.timings.items()},
+            "manifests_deleted": res.manifests_deleted,
+            "links_deleted": res.links_deleted,
+            "uploads": res.uploads_deleted,
+        },
+    )
 
 
 def verify_complete(root: Path) -> int:
@@ -126,16 +156,18 @@ def main() -> None:
         base = work / "store"
         t = time.monotonic()
         st = generate(base, manifests=args.manifests, repos=args.repos)
-        print(f"store: {st.manifests} manifests ({st.tagged} tagged, {st.untagged} untagged, "
-              f"{st.deleted} deleted via API), {len(st.blobs)} blobs, {st.orphans} orphan "
-              f"blobs, {st.uploads} stale uploads; generated in {time.monotonic() - t:.1f}s")
+        print(
+            f"store: {st.manifests} manifests ({st.tagged} tagged, {st.untagged} untagged, "
+            f"{st.deleted} deleted via API), {len(st.blobs)} blobs, {st.orphans} orphan "
+            f"blobs, {st.uploads} stale uploads; generated in {time.monotonic() - t:.1f}s"
+        )
         before = blob_sizes(base)
         ours_t, theirs_t, ours_c, theirs_c = [], [], [], []
         verified = 0
         ours_left = theirs_left = None
         detail: dict = {}
         for n in range(args.repeat):
-            for side in (("ours", "theirs") if n % 2 == 0 else ("theirs", "ours")):
+            for side in ("ours", "theirs") if n % 2 == 0 else ("theirs", "ours"):
                 copy = work / f"{side}-{n}"
                 subprocess.run(["cp", "-a", str(base), str(copy)], check=True)
                 if side == "ours":
@@ -157,23 +189,31 @@ def main() -> None:
         mo, mt = statistics.median(ours_t), statistics.median(theirs_t)
         print(f"load average at end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         print(f"{'':24}{'ours':>12}{'distribution':>14}")
-        print(f"{'wall time (median)':24}{mo:>11.2f}s{mt:>13.2f}s   ratio ours/theirs "
-              f"= {mo / mt:.2f}")
+        print(
+            f"{'wall time (median)':24}{mo:>11.2f}s{mt:>13.2f}s   ratio ours/theirs = {mo / mt:.2f}"
+        )
         co, ct = statistics.median(ours_c), statistics.median(theirs_c)
-        print(f"{'cpu time user+sys (med)':24}{co:>11.2f}s{ct:>13.2f}s   ratio ours/theirs "
-              f"= {co / ct:.2f}")
-        print(f"all wall times: ours {[round(x, 2) for x in ours_t]}, "
-              f"distribution {[round(x, 2) for x in theirs_t]}")
+        print(
+            f"{'cpu time user+sys (med)':24}{co:>11.2f}s{ct:>13.2f}s   ratio ours/theirs "
+            f"= {co / ct:.2f}"
+        )
+        print(
+            f"all wall times: ours {[round(x, 2) for x in ours_t]}, "
+            f"distribution {[round(x, 2) for x in theirs_t]}"
+        )
         print(f"{'blobs reclaimed':24}{len(ours_del):>12}{len(theirs_del):>14}")
-        print(f"{'bytes reclaimed (blobs)':24}{sum(before[d] for d in ours_del):>12}"
-              f"{sum(before[d] for d in theirs_del):>14}")
-        print(f"ours also removed {detail['links_deleted']} dangling layer links, "
-              f"{detail['uploads']} stale uploads; deleted {detail['manifests_deleted']} "
-              f"untagged manifests; phases {detail['timings']}")
+        print(
+            f"{'bytes reclaimed (blobs)':24}{sum(before[d] for d in ours_del):>12}"
+            f"{sum(before[d] for d in theirs_del):>14}"
+        )
+        print(
+            f"ours also removed {detail['links_deleted']} dangling layer links, "
+            f"{detail['uploads']} stale uploads; deleted {detail['manifests_deleted']} "
+            f"untagged manifests; phases {detail['timings']}"
+        )
         missed = theirs_del - ours_del
         extra = ours_del - theirs_del
-        print(f"reclaimed by distribution but not by us: {len(missed)}; by us only: "
-              f"{len(extra)}")
+        print(f"reclaimed by distribution but not by us: {len(missed)}; by us only: {len(extra)}")
         print(f"after our run: {verified} revisions verified complete on disk")
         assert not missed, "we must reclaim at least what distribution reclaims"
     finally:

@@ -42,25 +42,32 @@ def _serve(journal_path: str, port: int, group_commit: bool, sync_full: bool) ->
     from replicator.daemon.metrics import Metrics
     from replicator.journal import Journal
 
-    if not group_commit:   # for comparison: one transaction per request
+    if not group_commit:  # for comparison: one transaction per request
+
         async def record(self, events):
             self.commits += 1
             return await self.journal.run(record_events, self.journal, events)
+
         GroupCommit.record = record
 
     logging.basicConfig(level=logging.WARNING)
     journal = Journal(journal_path)
-    if sync_full:   # fsync every commit: what power-loss durability would cost
+    if sync_full:  # fsync every commit: what power-loss durability would cost
         journal.db.conn.execute("PRAGMA synchronous=FULL")
     handed = 0
 
-    async def on_events(events):   # stands in for the event bus hand-over
+    async def on_events(events):  # stands in for the event bus hand-over
         nonlocal handed
         handed += len(events)
 
-    app = create_app(sites={"eu": SiteIntake("eu", TOKEN)}, journal=journal,
-                     on_events=on_events, metrics=Metrics())
-    async def with_stats(scope, receive, send):   # GET /bench-commits: transactions so far
+    app = create_app(
+        sites={"eu": SiteIntake("eu", TOKEN)},
+        journal=journal,
+        on_events=on_events,
+        metrics=Metrics(),
+    )
+
+    async def with_stats(scope, receive, send):  # GET /bench-commits: transactions so far
         if scope["type"] == "http" and scope["path"] == "/bench-commits":
             body = str(app.state.group_commit.commits).encode()
             await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -68,8 +75,14 @@ def _serve(journal_path: str, port: int, group_commit: bool, sync_full: bool) ->
             return
         await app(scope, receive, send)
 
-    uvicorn.run(with_stats, host="127.0.0.1", port=port, log_level="warning",
-                access_log=False, lifespan="off")
+    uvicorn.run(
+        with_stats,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
 
 
 async def _run(url: str, events: int, concurrency: int) -> tuple[float, list[float]]:
@@ -78,8 +91,10 @@ async def _run(url: str, events: int, concurrency: int) -> tuple[float, list[flo
     for i in range(events):
         template["events"][0]["id"] = f"bench-{i}"
         bodies.append(json.dumps(template).encode())
-    headers = {"authorization": f"Bearer {TOKEN}",
-               "content-type": "application/vnd.docker.distribution.events.v1+json"}
+    headers = {
+        "authorization": f"Bearer {TOKEN}",
+        "content-type": "application/vnd.docker.distribution.events.v1+json",
+    }
     latencies: list[float] = []
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for b in bodies:
@@ -96,11 +111,12 @@ async def _run(url: str, events: int, concurrency: int) -> tuple[float, list[flo
 
     # One client (one keep-alive connection) per sender, like separate registries; a
     # single shared httpx pool spends more CPU on its own bookkeeping than the server.
-    clients = [httpx.AsyncClient(base_url=url, timeout=30,
-                                 limits=httpx.Limits(max_connections=1))
-               for _ in range(concurrency)]
+    clients = [
+        httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=1))
+        for _ in range(concurrency)
+    ]
     try:
-        for client in clients:   # warm-up: connections open, server code paths hot
+        for client in clients:  # warm-up: connections open, server code paths hot
             await client.get("/healthz")
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for client in clients))
@@ -115,20 +131,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=4000)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--no-group-commit", action="store_true",
-                    help="one journal transaction per request, for comparison")
-    ap.add_argument("--sync-full", action="store_true",
-                    help="PRAGMA synchronous=FULL (fsync per commit) instead of the "
-                         "journal's NORMAL")
+    ap.add_argument(
+        "--no-group-commit",
+        action="store_true",
+        help="one journal transaction per request, for comparison",
+    )
+    ap.add_argument(
+        "--sync-full",
+        action="store_true",
+        help="PRAGMA synchronous=FULL (fsync per commit) instead of the journal's NORMAL",
+    )
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-intake-") as tmp:
         journal_path = str(Path(tmp) / "journal.db")
         port = _free_port()
         ctx = multiprocessing.get_context("spawn")
-        server = ctx.Process(target=_serve, args=(journal_path, port, not args.no_group_commit,
-                                                   args.sync_full),
-                             daemon=True)
+        server = ctx.Process(
+            target=_serve,
+            args=(journal_path, port, not args.no_group_commit, args.sync_full),
+            daemon=True,
+        )
         server.start()
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 20
@@ -150,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             server.join(10)
 
         from replicator.journal import Journal
+
         j = Journal(journal_path)
         stored = j.query("SELECT COUNT(*) AS n FROM events")[0]["n"]
         j.close()
@@ -157,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     rate = args.events / elapsed
     lat.sort()
     p99 = lat[int(len(lat) * 0.99) - 1] * 1000
-    print(f"intake: {args.events} single-event POSTs, concurrency {args.concurrency}, "
-          f"journal on disk: {rate:.0f} events/s "
-          f"(p50 {statistics.median(lat) * 1000:.1f} ms, p99 {p99:.1f} ms, "
-          f"journaled {stored} in {commits} commits)")
+    print(
+        f"intake: {args.events} single-event POSTs, concurrency {args.concurrency}, "
+        f"journal on disk: {rate:.0f} events/s "
+        f"(p50 {statistics.median(lat) * 1000:.1f} ms, p99 {p99:.1f} ms, "
+        f"journaled {stored} in {commits} commits)"
+    )
     return 0 if stored == args.events else 1
 
 

@@ -60,8 +60,10 @@ def pct(values: list[float], q: float) -> float:
 def summary(values: list[float]) -> str:
     if not values:
         return "n/a"
-    return (f"p50 {pct(values, .5) * 1000:7.1f}  p90 {pct(values, .9) * 1000:7.1f}  "
-            f"p99 {pct(values, .99) * 1000:7.1f}  max {max(values) * 1000:7.1f} ms")
+    return (
+        f"p50 {pct(values, 0.5) * 1000:7.1f}  p90 {pct(values, 0.9) * 1000:7.1f}  "
+        f"p99 {pct(values, 0.99) * 1000:7.1f}  max {max(values) * 1000:7.1f} ms"
+    )
 
 
 class RawHead:
@@ -75,12 +77,15 @@ class RawHead:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def status(self, path: str) -> int:
-        conn = self._idle.pop() if self._idle else await asyncio.open_connection(
-            self.host, self.port)
+        conn = (
+            self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
+        )
         reader, writer = conn
-        writer.write(f"HEAD {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                     f"Accept: {ACCEPT}\r\n\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")   # a HEAD answer has no body
+        writer.write(
+            f"HEAD {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Accept: {ACCEPT}\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")  # a HEAD answer has no body
         status = int(head.split(b" ", 2)[1])
         if b"\r\nconnection: close" in head.lower():
             writer.close()
@@ -93,8 +98,9 @@ class RawHead:
             writer.close()
 
 
-def push_process(url: str, images: int, rate: float, repos: int, layer_bytes: int,
-                 out: Connection) -> None:
+def push_process(
+    url: str, images: int, rate: float, repos: int, layer_bytes: int, out: Connection
+) -> None:
     """A separate process (its own GIL): one push every 1/rate s on a fixed schedule,
     sending (index, repo, tag, time the manifest PUT returned) for each."""
     rnd = random.Random(7)
@@ -103,7 +109,7 @@ def push_process(url: str, images: int, rate: float, repos: int, layer_bytes: in
         for i in range(images):
             delay = start + i / rate - time.monotonic()
             if delay > 0:
-                time.sleep(delay)    # pacing the load generator, not synchronisation
+                time.sleep(delay)  # pacing the load generator, not synchronisation
             repo, tag = f"bench/app{i % repos:02d}", f"v{i}"
             p.push_image(repo, tag, [rnd.randbytes(layer_bytes)])
             out.send((i, repo, tag, time.time()))
@@ -115,8 +121,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, urls: dict[str, str]) -> None:
         self.args = args
         self.urls = urls
-        self.pushed: dict[int, tuple[str, str, float]] = {}    # i -> (repo, tag, t_push)
-        self.seen: dict[tuple[int, str], float] = {}           # (i, target) -> t_seen
+        self.pushed: dict[int, tuple[str, str, float]] = {}  # i -> (repo, tag, t_push)
+        self.seen: dict[tuple[int, str], float] = {}  # (i, target) -> t_seen
         self.polls = 0
         self.failed: list[str] = []
 
@@ -135,8 +141,9 @@ class Bench:
                 return
             # bounded relative error instead of a fixed rate: a backlog must not turn the
             # pollers into the registries' main load (HEADs cost them CPU too)
-            await asyncio.sleep(max(self.args.poll_interval,
-                                    self.args.poll_error * (time.time() - t_push)))
+            await asyncio.sleep(
+                max(self.args.poll_interval, self.args.poll_error * (time.time() - t_push))
+            )
 
     async def run(self) -> float:
         loop = asyncio.get_running_loop()
@@ -145,8 +152,16 @@ class Bench:
         finished = asyncio.Event()
         receive, send = multiprocessing.Pipe(duplex=False)
         pusher = multiprocessing.get_context("spawn").Process(
-            target=push_process, args=(self.urls["a"], self.args.images, self.args.rate,
-                                       self.args.repos, self.args.layer_bytes, send))
+            target=push_process,
+            args=(
+                self.urls["a"],
+                self.args.images,
+                self.args.rate,
+                self.args.repos,
+                self.args.layer_bytes,
+                send,
+            ),
+        )
 
         def on_readable() -> None:
             while receive.poll():
@@ -175,11 +190,19 @@ class Bench:
 
 def stages(db: Path, bench: Bench) -> dict[str, list[float]]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    events = {(r[0], r[1]): r[2] for r in conn.execute(
-        "SELECT repository, tag, received_at FROM events WHERE site='a' AND is_manifest=1 "
-        "AND action='push' AND tag IS NOT NULL")}
-    tasks = {(r[0], r[1], r[2]): (r[3], r[4], r[5]) for r in conn.execute(
-        "SELECT repository, tag, target_site, created_at, updated_at, state FROM tasks")}
+    events = {
+        (r[0], r[1]): r[2]
+        for r in conn.execute(
+            "SELECT repository, tag, received_at FROM events WHERE site='a' AND is_manifest=1 "
+            "AND action='push' AND tag IS NOT NULL"
+        )
+    }
+    tasks = {
+        (r[0], r[1], r[2]): (r[3], r[4], r[5])
+        for r in conn.execute(
+            "SELECT repository, tag, target_site, created_at, updated_at, state FROM tasks"
+        )
+    }
     conn.close()
     out: dict[str, list[float]] = {"notify": [], "plan": [], "run": [], "seen": []}
     for i, (repo, tag, t_push) in bench.pushed.items():
@@ -205,25 +228,49 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repos", type=int, default=10, help="images spread over N repositories")
     ap.add_argument("--layer-bytes", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=8, help="daemon --workers")
-    ap.add_argument("--site-concurrency", type=int, default=8,
-                    help="sites' limits.concurrency (requests in flight per registry)")
+    ap.add_argument(
+        "--site-concurrency",
+        type=int,
+        default=8,
+        help="sites' limits.concurrency (requests in flight per registry)",
+    )
     ap.add_argument("--mqtt", action="store_true", help="event bus over a real Mosquitto")
-    ap.add_argument("--broker-save-every-change", action="store_true",
-                    help="keep the test harness's Mosquitto persistence (state saved after "
-                         "every change) instead of periodic saving")
-    ap.add_argument("--broker-nodelay", action=argparse.BooleanOptionalAction, default=True,
-                    help="Mosquitto set_tcp_nodelay (default on: with Nagle a PUBACK queued "
-                         "behind a delivery on the same connection waits for a delayed ACK)")
-    ap.add_argument("--quiet-targets", action="store_true",
-                    help="b and c send no webhooks (by default all three sites notify, "
-                         "so the daemon also filters the echo of its own copies)")
+    ap.add_argument(
+        "--broker-save-every-change",
+        action="store_true",
+        help="keep the test harness's Mosquitto persistence (state saved after "
+        "every change) instead of periodic saving",
+    )
+    ap.add_argument(
+        "--broker-nodelay",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Mosquitto set_tcp_nodelay (default on: with Nagle a PUBACK queued "
+        "behind a delivery on the same connection waits for a delayed ACK)",
+    )
+    ap.add_argument(
+        "--quiet-targets",
+        action="store_true",
+        help="b and c send no webhooks (by default all three sites notify, "
+        "so the daemon also filters the echo of its own copies)",
+    )
     ap.add_argument("--poll-interval", type=float, default=0.01, metavar="SECONDS")
-    ap.add_argument("--poll-error", type=float, default=0.05, metavar="FRACTION",
-                    help="poll no more often than this fraction of the time waited so far")
+    ap.add_argument(
+        "--poll-error",
+        type=float,
+        default=0.05,
+        metavar="FRACTION",
+        help="poll no more often than this fraction of the time waited so far",
+    )
     ap.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     ap.add_argument("--verify", type=int, default=20, help="images fully verified per target")
-    ap.add_argument("--daemon-env", action="append", default=[], metavar="NAME=VALUE",
-                    help="extra environment for the daemon process (experiments)")
+    ap.add_argument(
+        "--daemon-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the daemon process (experiments)",
+    )
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (logs, journal)")
     args = ap.parse_args(argv)
 
@@ -237,13 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in ("a", *TARGETS):
             notify = name == "a" or not args.quiet_targets
-            regs[name] = Registry(root=root / name,
-                                  **(notify_kwargs(port, name) if notify else {})).start()
+            regs[name] = Registry(
+                root=root / name, **(notify_kwargs(port, name) if notify else {})
+            ).start()
         config: dict = {
-            "sites": {n: site_config(r, limits={"concurrency": args.site_concurrency})
-                      for n, r in regs.items()},
-            "rules": [{"name": "hub", "from": "a", "to": list(TARGETS),
-                       "repositories": ["bench/**"]}],
+            "sites": {
+                n: site_config(r, limits={"concurrency": args.site_concurrency})
+                for n, r in regs.items()
+            },
+            "rules": [
+                {"name": "hub", "from": "a", "to": list(TARGETS), "repositories": ["bench/**"]}
+            ],
         }
         if args.mqtt:
             from tests.harness.mosquitto import Mosquitto
@@ -258,19 +309,23 @@ def main(argv: list[str] | None = None) -> int:
                     if args.broker_nodelay:
                         text += "set_tcp_nodelay true\n"
                     if not args.broker_save_every_change:
-                        text = text.replace("autosave_on_changes true", "autosave_on_changes "
-                                            "false").replace("autosave_interval 1\n",
-                                                             "autosave_interval 1800\n")
+                        text = text.replace(
+                            "autosave_on_changes true", "autosave_on_changes false"
+                        ).replace("autosave_interval 1\n", "autosave_interval 1800\n")
                     self.config_path.write_text(text)
 
             broker = BenchMosquitto(root=root / "mosquitto").start()
-            config["mqtt"] = {"url": broker.url, "topic": "registry/events",
-                              "client_id": "bench"}
-        daemon = DaemonProcess(root / "daemon", config=config, port=port, instance_id="bench",
-                               extra_args=["--workers", str(args.workers)],
-                               env=dict(e.split("=", 1) for e in args.daemon_env))
+            config["mqtt"] = {"url": broker.url, "topic": "registry/events", "client_id": "bench"}
+        daemon = DaemonProcess(
+            root / "daemon",
+            config=config,
+            port=port,
+            instance_id="bench",
+            extra_args=["--workers", str(args.workers)],
+            env=dict(e.split("=", 1) for e in args.daemon_env),
+        )
         daemon.start()
-        if args.mqtt:   # readiness includes the broker connection and subscription
+        if args.mqtt:  # readiness includes the broker connection and subscription
             deadline = time.monotonic() + 20
             while httpx.get(f"{daemon.url}/readyz").status_code != 200:
                 if time.monotonic() > deadline:
@@ -280,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, {n: r.url for n, r in regs.items()})
         load_before = Path("/proc/loadavg").read_text().split()[0]
         push_wall = asyncio.run(bench.run())
-        cpu = {name: _cpu_seconds(proc) for name, proc in
-               [("daemon", daemon.proc), *((n, r.proc) for n, r in regs.items())]}
+        cpu = {
+            name: _cpu_seconds(proc)
+            for name, proc in [("daemon", daemon.proc), *((n, r.proc) for n, r in regs.items())]
+        }
         cpu["pollers"] = _own_cpu_seconds()
         hook_sum, hook_count = _webhook_seconds(daemon)
 
@@ -292,32 +349,43 @@ def main(argv: list[str] | None = None) -> int:
             for target in TARGETS:
                 assert_image_complete(regs[target].url, repo, tag)
 
-        print(f"bench_latency: {args.images} images at {args.rate:g}/s "
-              f"(pushed in {push_wall:.1f} s) to a, replicated to {', '.join(TARGETS)}; "
-              f"bus: {'MQTT (Mosquitto)' if args.mqtt else 'in-process'}; "
-              f"workers {args.workers}; poll every max({args.poll_interval * 1000:g} ms, "
-              f"{args.poll_error:.0%} of the wait) ({bench.polls} HEADs)")
+        print(
+            f"bench_latency: {args.images} images at {args.rate:g}/s "
+            f"(pushed in {push_wall:.1f} s) to a, replicated to {', '.join(TARGETS)}; "
+            f"bus: {'MQTT (Mosquitto)' if args.mqtt else 'in-process'}; "
+            f"workers {args.workers}; poll every max({args.poll_interval * 1000:g} ms, "
+            f"{args.poll_error:.0%} of the wait) ({bench.polls} HEADs)"
+        )
         ok = not bench.failed
         for target in TARGETS:
-            lat = [bench.seen[(i, target)] - bench.pushed[i][2] for i in bench.pushed
-                   if (i, target) in bench.seen]
+            lat = [
+                bench.seen[(i, target)] - bench.pushed[i][2]
+                for i in bench.pushed
+                if (i, target) in bench.seen
+            ]
             print(f"  push -> complete on {target}: n={len(lat)}  {summary(lat)}")
-            if lat and (pct(lat, .5) > GOAL_P50 or pct(lat, .99) > GOAL_P99):
+            if lat and (pct(lat, 0.5) > GOAL_P50 or pct(lat, 0.99) > GOAL_P99):
                 ok = False
         print("  stages (from the daemon's journal):")
         for name, values in stages(daemon.root / "bench.db", bench).items():
             print(f"    {name:6s} {summary(values)}")
         if hook_count:
-            print(f"  webhook POSTs answered by the daemon: {hook_count:.0f}, mean "
-                  f"{hook_sum / hook_count * 1000:.1f} ms each")
-        print("  CPU seconds over the run: " + ", ".join(
-            f"{name} {sec:.1f}" for name, sec in cpu.items() if sec is not None)
-            + f" (wall {push_wall:.1f} s + drain; load average before: {load_before})")
+            print(
+                f"  webhook POSTs answered by the daemon: {hook_count:.0f}, mean "
+                f"{hook_sum / hook_count * 1000:.1f} ms each"
+            )
+        print(
+            "  CPU seconds over the run: "
+            + ", ".join(f"{name} {sec:.1f}" for name, sec in cpu.items() if sec is not None)
+            + f" (wall {push_wall:.1f} s + drain; load average before: {load_before})"
+        )
         print(f"  verified complete: {len(sample)} images x {len(TARGETS)} targets")
         for line in bench.failed[:10]:
             print(f"  FAILED: {line}")
-        print(f"  goals p50 <= {GOAL_P50 * 1000:.0f} ms, p99 <= {GOAL_P99 * 1000:.0f} ms: "
-              f"{'met' if ok else 'MISSED'}")
+        print(
+            f"  goals p50 <= {GOAL_P50 * 1000:.0f} ms, p99 <= {GOAL_P99 * 1000:.0f} ms: "
+            f"{'met' if ok else 'MISSED'}"
+        )
         return 0 if ok else 1
     finally:
         if daemon is not None:

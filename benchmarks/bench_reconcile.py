@@ -65,10 +65,15 @@ async def sync_pass(data: dict, label: str) -> dict:
     finally:
         journal.close()
     counts = report.counts()
-    figures = {"pass": label, "wall_s": round(wall, 2),
-               "target_requests": report.target_requests.get("dst", 0),
-               "source_requests": source_requests, "copied": counts["copied"],
-               "up_to_date": counts["skipped"], "failed": counts["failed"]}
+    figures = {
+        "pass": label,
+        "wall_s": round(wall, 2),
+        "target_requests": report.target_requests.get("dst", 0),
+        "source_requests": source_requests,
+        "copied": counts["copied"],
+        "up_to_date": counts["skipped"],
+        "failed": counts["failed"],
+    }
     print(json.dumps(figures))
     if report.failures:
         print("  failures:", report.failures[:3])
@@ -76,8 +81,9 @@ async def sync_pass(data: dict, label: str) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--repos", type=int, default=40)
     ap.add_argument("--tags", type=int, default=50)
     args = ap.parse_args()
@@ -89,26 +95,43 @@ def main() -> int:
         try:
             t0 = time.perf_counter()
             seed(src, args.repos, args.tags)
-            print(f"seeded {args.repos} repos x {args.tags} tags = {n} tags in "
-                  f"{time.perf_counter() - t0:.1f} s")
+            print(
+                f"seeded {args.repos} repos x {args.tags} tags = {n} tags in "
+                f"{time.perf_counter() - t0:.1f} s"
+            )
             rule = {"name": "all", "from": "src", "to": ["dst"]}
-            data = {"journal": str(work / "journal.db"),
-                    "sites": {"src": {"url": src.url, "insecure": True},
-                              "dst": {"url": dst.url, "insecure": True}},
-                    "rules": [rule]}
+            data = {
+                "journal": str(work / "journal.db"),
+                "sites": {
+                    "src": {"url": src.url, "insecure": True},
+                    "dst": {"url": dst.url, "insecure": True},
+                },
+                "rules": [rule],
+            }
             first = asyncio.run(sync_pass(data, "seed (first sync)"))
             second = asyncio.run(sync_pass(data, "nothing changed"))
 
             config_path = work / "config.yaml"
             config_path.write_text(yaml.safe_dump(data, sort_keys=False))
             started = time.perf_counter()
-            out = subprocess.run([sys.executable, "-m", "replicator", "sync", "-c",
-                                  str(config_path), "--json"], capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, "-m", "replicator", "sync", "-c", str(config_path), "--json"],
+                capture_output=True,
+                text=True,
+            )
             cli_wall = time.perf_counter() - started
             cli = json.loads(out.stdout) if out.stdout else {}
-            print(json.dumps({"pass": "nothing changed, CLI process", "wall_s": round(cli_wall, 2),
-                              "exit": out.returncode, "copied": cli.get("copied"),
-                              "up_to_date": cli.get("skipped")}))
+            print(
+                json.dumps(
+                    {
+                        "pass": "nothing changed, CLI process",
+                        "wall_s": round(cli_wall, 2),
+                        "exit": out.returncode,
+                        "copied": cli.get("copied"),
+                        "up_to_date": cli.get("skipped"),
+                    }
+                )
+            )
 
             immutable = {**data, "rules": [{**rule, "immutable_tags": ["*"]}]}
             asyncio.run(sync_pass(immutable, "immutable: recording pass"))
@@ -118,14 +141,22 @@ def main() -> int:
             dst.stop()
     print()
     print(f"tags: {n}; first sync copied {first['copied']} in {first['wall_s']} s")
-    print(f"no-change reconcile: {second['wall_s']} s (goal < 10 s), target requests "
-          f"{second['target_requests']} = {second['target_requests'] / n:.3f}/tag "
-          f"(goal <= 1/tag + lists), source requests {second['source_requests']}")
+    print(
+        f"no-change reconcile: {second['wall_s']} s (goal < 10 s), target requests "
+        f"{second['target_requests']} = {second['target_requests'] / n:.3f}/tag "
+        f"(goal <= 1/tag + lists), source requests {second['source_requests']}"
+    )
     print(f"no-change reconcile via CLI: {cli_wall:.2f} s")
-    print(f"immutable fast path: {fast['wall_s']} s, target requests "
-          f"{fast['target_requests']} (goal 0)")
-    ok = (second["wall_s"] < 10 and second["target_requests"] <= n + args.repos
-          and fast["target_requests"] == 0 and second["failed"] == 0)
+    print(
+        f"immutable fast path: {fast['wall_s']} s, target requests "
+        f"{fast['target_requests']} (goal 0)"
+    )
+    ok = (
+        second["wall_s"] < 10
+        and second["target_requests"] <= n + args.repos
+        and fast["target_requests"] == 0
+        and second["failed"] == 0
+    )
     print("goals met" if ok else "GOALS NOT MET")
     return 0 if ok else 1
 

@@ -63,8 +63,9 @@ class Writer:
         self.link(self.v2 / "repositories" / repo / "_layers/sha256" / digest[7:], digest)
 
     def revision(self, repo: str, digest: str) -> None:
-        self.link(self.v2 / "repositories" / repo / "_manifests/revisions/sha256" / digest[7:],
-                  digest)
+        self.link(
+            self.v2 / "repositories" / repo / "_manifests/revisions/sha256" / digest[7:], digest
+        )
 
     def tag(self, repo: str, tag: str, digest: str) -> None:
         base = self.v2 / "repositories" / repo / "_manifests/tags" / tag
@@ -72,9 +73,17 @@ class Writer:
         self.link(base / "index/sha256" / digest[7:], digest)
 
 
-def generate(root: Path, manifests: int = 6000, repos: int = 100, pool: int = 3000,
-             orphans: int = 1000, uploads: int = 50, indexes: int = 0, seed: int = 1,
-             blob_size: int = 96) -> StoreStats:
+def generate(
+    root: Path,
+    manifests: int = 6000,
+    repos: int = 100,
+    pool: int = 3000,
+    orphans: int = 1000,
+    uploads: int = 50,
+    indexes: int = 0,
+    seed: int = 1,
+    blob_size: int = 96,
+) -> StoreStats:
     rng = random.Random(seed)
     w = Writer(root)
     st = StoreStats()
@@ -92,10 +101,15 @@ def generate(root: Path, manifests: int = 6000, repos: int = 100, pool: int = 30
             w.layer_link(repo, d)
             descs.append({"mediaType": OCI_LAYER, "digest": d, "size": len(layer)})
         w.layer_link(repo, cfg)
-        raw = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                          "config": {"mediaType": OCI_CONFIG, "digest": cfg,
-                                     "size": len(config)},
-                          "layers": descs}, indent=2).encode()
+        raw = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": cfg, "size": len(config)},
+                "layers": descs,
+            },
+            indent=2,
+        ).encode()
         md = w.blob(raw)
         st.manifests += 1
         r = rng.random()
@@ -113,25 +127,30 @@ def generate(root: Path, manifests: int = 6000, repos: int = 100, pool: int = 30
         repo = repo_names[i % repos]
         kids = images_by_repo.get(repo, [])[:2]
         children = []
-        for _ in range(2):   # untagged children, only reachable through the index
-            config = json.dumps({"architecture": "arm64", "os": "linux", "i": i,
-                                 "r": rng.random()}).encode()
+        for _ in range(2):  # untagged children, only reachable through the index
+            config = json.dumps(
+                {"architecture": "arm64", "os": "linux", "i": i, "r": rng.random()}
+            ).encode()
             cfg = w.blob(config)
             layer = rng.randbytes(blob_size)
             ld = w.blob(layer)
             w.layer_link(repo, cfg)
             w.layer_link(repo, ld)
-            raw = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                              "config": {"mediaType": OCI_CONFIG, "digest": cfg,
-                                         "size": len(config)},
-                              "layers": [{"mediaType": OCI_LAYER, "digest": ld,
-                                          "size": len(layer)}]}).encode()
+            raw = json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": OCI_MANIFEST,
+                    "config": {"mediaType": OCI_CONFIG, "digest": cfg, "size": len(config)},
+                    "layers": [{"mediaType": OCI_LAYER, "digest": ld, "size": len(layer)}],
+                }
+            ).encode()
             md = w.blob(raw)
             w.revision(repo, md)
             children.append({"mediaType": OCI_MANIFEST, "digest": md, "size": len(raw)})
         del kids
-        raw = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                          "manifests": children}).encode()
+        raw = json.dumps(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children}
+        ).encode()
         idx = w.blob(raw)
         w.revision(repo, idx)
         w.tag(repo, f"multi{i}", idx)
@@ -163,9 +182,11 @@ def main() -> None:
     ap.add_argument("--indexes", type=int, default=0)
     args = ap.parse_args()
     st = generate(args.dir, manifests=args.manifests, repos=args.repos, indexes=args.indexes)
-    print(f"{st.manifests} manifests ({st.tagged} tagged, {st.untagged} untagged, "
-          f"{st.deleted} deleted), {len(st.blobs)} blobs, {st.orphans} orphans, "
-          f"{st.uploads} uploads, {st.indexes} indexes")
+    print(
+        f"{st.manifests} manifests ({st.tagged} tagged, {st.untagged} untagged, "
+        f"{st.deleted} deleted), {len(st.blobs)} blobs, {st.orphans} orphans, "
+        f"{st.uploads} uploads, {st.indexes} indexes"
+    )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class ApiGCOptions:
     dry_run: bool = False
     concurrency: int = 8
     delete_blob_links: bool = True
-    repositories: Sequence[str] | None = None      # default: the catalog
+    repositories: Sequence[str] | None = None  # default: the catalog
 
 
 @dataclass
@@ -60,10 +60,10 @@ class RepoPlan:
     repository: str
     policy: RetentionPolicy
     manifests: dict[str, Manifest]
-    tags: dict[str, str]                           # tag -> digest
-    delete_manifests: list[str]                    # in deletion order
-    delete_tags: list[str]                         # tags whose digest stays
-    delete_blobs: dict[str, int]                   # digest -> size
+    tags: dict[str, str]  # tag -> digest
+    delete_manifests: list[str]  # in deletion order
+    delete_tags: list[str]  # tags whose digest stays
+    delete_blobs: dict[str, int]  # digest -> size
     reasons: dict[str, str]
 
 
@@ -80,8 +80,9 @@ class ApiCollector:
 
     # --- reading ---------------------------------------------------------------
     async def _tag_digests(self, repo: str, tags: list[str]) -> dict[str, str]:
-        descs = await asyncio.gather(*(self._limited(self.client.head_manifest(repo, t))
-                                       for t in tags))
+        descs = await asyncio.gather(
+            *(self._limited(self.client.head_manifest(repo, t)) for t in tags)
+        )
         return {t: d.digest for t, d in zip(tags, descs, strict=True) if d is not None}
 
     async def _fetch_graph(self, repo: str, roots: set[str]) -> dict[str, Manifest]:
@@ -92,7 +93,8 @@ class ApiCollector:
             todo = set()
             results = await asyncio.gather(
                 *(self._limited(self.client.get_manifest(repo, d)) for d in batch),
-                return_exceptions=True)
+                return_exceptions=True,
+            )
             for d, m in zip(batch, results, strict=True):
                 if isinstance(m, NotFound):
                     continue
@@ -102,33 +104,53 @@ class ApiCollector:
                 todo.update(c.digest for c in m.children)
             refs = await asyncio.gather(
                 *(self._limited(self.client.referrers(repo, d)) for d in batch if d in found),
-                return_exceptions=True)
+                return_exceptions=True,
+            )
             for r in refs:
                 if isinstance(r, list):
                     todo.update(x.digest for x in r)
             todo -= found.keys()
         return found
 
-    def _journal_times(self, repo: str) -> tuple[dict[str, float], dict[str, float],
-                                                 dict[str, float], set[str]]:
+    def _journal_times(
+        self, repo: str
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, float], set[str]]:
         """(tag push times, manifest push times, last pull per digest, known untagged)."""
         if self.journal is None:
             return {}, {}, {}, set()
         site = self.opts.site
-        tags = {r["tag"]: r["pushed_at"] or r["first_seen"] for r in self.journal.query(
-            "SELECT tag, pushed_at, first_seen FROM inventory_tags WHERE site=? AND "
-            "repository=?", (site, repo))}
-        mans = {r["digest"]: r["pushed_at"] or r["first_seen"] for r in self.journal.query(
-            "SELECT digest, pushed_at, first_seen FROM inventory_manifests WHERE site=? AND "
-            "repository=?", (site, repo))}
-        pulls = {r["digest"]: r["t"] for r in self.journal.query(
-            "SELECT digest, max(coalesce(occurred_at, received_at)) AS t FROM events WHERE "
-            "site=? AND repository=? AND action='pull' AND digest IS NOT NULL GROUP BY digest",
-            (site, repo))}
-        pushed = {r["digest"]: r["t"] for r in self.journal.query(
-            "SELECT digest, min(coalesce(occurred_at, received_at)) AS t FROM events WHERE "
-            "site=? AND repository=? AND action='push' AND digest IS NOT NULL GROUP BY digest",
-            (site, repo))}
+        tags = {
+            r["tag"]: r["pushed_at"] or r["first_seen"]
+            for r in self.journal.query(
+                "SELECT tag, pushed_at, first_seen FROM inventory_tags WHERE site=? AND "
+                "repository=?",
+                (site, repo),
+            )
+        }
+        mans = {
+            r["digest"]: r["pushed_at"] or r["first_seen"]
+            for r in self.journal.query(
+                "SELECT digest, pushed_at, first_seen FROM inventory_manifests WHERE site=? AND "
+                "repository=?",
+                (site, repo),
+            )
+        }
+        pulls = {
+            r["digest"]: r["t"]
+            for r in self.journal.query(
+                "SELECT digest, max(coalesce(occurred_at, received_at)) AS t FROM events WHERE "
+                "site=? AND repository=? AND action='pull' AND digest IS NOT NULL GROUP BY digest",
+                (site, repo),
+            )
+        }
+        pushed = {
+            r["digest"]: r["t"]
+            for r in self.journal.query(
+                "SELECT digest, min(coalesce(occurred_at, received_at)) AS t FROM events WHERE "
+                "site=? AND repository=? AND action='push' AND digest IS NOT NULL GROUP BY digest",
+                (site, repo),
+            )
+        }
         for d, t in pushed.items():
             mans.setdefault(d, t)
         return tags, mans, pulls, set(mans)
@@ -141,13 +163,15 @@ class ApiCollector:
         try:
             doc = json.loads(await self._limited(self.client.get_blob(repo, cfg.digest)))
             created = doc.get("created") if isinstance(doc, dict) else None
-            return datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp() \
-                if created else None
+            return (
+                datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp()
+                if created
+                else None
+            )
         except (RegistryError, ValueError, TypeError):
             return None
 
-    async def plan_repository(self, repo: str, policy: RetentionPolicy,
-                              now: float) -> RepoPlan:
+    async def plan_repository(self, repo: str, policy: RetentionPolicy, now: float) -> RepoPlan:
         tag_names = await self._limited(self.client.list_tags(repo))
         tags = await self._tag_digests(repo, tag_names)
         jt, jm, pulls, known = await self._run_journal(self._journal_times, repo)
@@ -157,12 +181,19 @@ class ApiCollector:
         created = await asyncio.gather(*(self._created(repo, graph_m[d]) for d in need_created))
         pushed.update(dict(zip(need_created, created, strict=True)))
         pushed.update({d: jm[d] for d in graph_m if d in jm})
-        graph = {d: Node(tuple(c.digest for c in m.children),
-                         tuple(b.digest for b in m.blobs),
-                         m.subject.digest if m.subject else None, pushed.get(d))
-                 for d, m in graph_m.items()}
-        infos = [TagInfo(t, d, pushed_at=jt.get(t, pushed.get(d)), pulled_at=pulls.get(d))
-                 for t, d in tags.items()]
+        graph = {
+            d: Node(
+                tuple(c.digest for c in m.children),
+                tuple(b.digest for b in m.blobs),
+                m.subject.digest if m.subject else None,
+                pushed.get(d),
+            )
+            for d, m in graph_m.items()
+        }
+        infos = [
+            TagInfo(t, d, pushed_at=jt.get(t, pushed.get(d)), pulled_at=pulls.get(d))
+            for t, d in tags.items()
+        ]
         dec = decide(policy, infos, graph, now)
         doomed = set(dec.deleted_manifests)
         # parents and referrers first: delete d only after everything pointing at it
@@ -192,8 +223,7 @@ class ApiCollector:
                 for b in graph_m[d].blobs:
                     if b.digest not in kept_blobs:
                         blobs[b.digest] = b.size
-        reasons = {**dec.deleted_manifests, **{f"tag:{t}": r
-                                               for t, r in dec.deleted_tags.items()}}
+        reasons = {**dec.deleted_manifests, **{f"tag:{t}": r for t, r in dec.deleted_tags.items()}}
         return RepoPlan(repo, policy, graph_m, tags, order, tag_only, blobs, reasons)
 
     async def _run_journal(self, fn, *args):
@@ -205,9 +235,11 @@ class ApiCollector:
         """Tags as they are now: a tag that appeared on or moved onto a doomed digest, or an
         index that now lists it, saves it."""
         now_tags = await self._tag_digests(
-            plan.repository, await self._limited(self.client.list_tags(plan.repository)))
-        saved = {d for t, d in now_tags.items()
-                 if d in plan.delete_manifests and plan.tags.get(t) != d}
+            plan.repository, await self._limited(self.client.list_tags(plan.repository))
+        )
+        saved = {
+            d for t, d in now_tags.items() if d in plan.delete_manifests and plan.tags.get(t) != d
+        }
         new_roots = {d for t, d in now_tags.items() if d not in plan.manifests}
         if new_roots:
             extra = await self._fetch_graph(plan.repository, new_roots)
@@ -217,14 +249,14 @@ class ApiCollector:
             plan.delete_manifests = [d for d in plan.delete_manifests if d not in saved]
             for d in saved:
                 m = plan.manifests.get(d)
-                for b in (m.blobs if m else []):
+                for b in m.blobs if m else []:
                     plan.delete_blobs.pop(b.digest, None)
 
     # --- sweeping ----------------------------------------------------------------
     async def sweep(self, plan: RepoPlan, result: GCResult, rec: RunRecorder) -> None:
         repo = plan.repository
         updates: list[tuple[str, str, str, str | None]] = []
-        for d in plan.delete_manifests:               # ordered: sequential on purpose
+        for d in plan.delete_manifests:  # ordered: sequential on purpose
             key = f"{repo}@{d}"
             try:
                 await self.client.delete_manifest(repo, d)
@@ -245,8 +277,10 @@ class ApiCollector:
                 result.deleted_tags.add(key)
                 updates.append(("tag", key, "deleted", None))
             except RegistryError as exc:
-                msg = (f"{repo}:{t}: the registry cannot delete a tag by name "
-                       f"(HTTP {exc.status}); left in place")
+                msg = (
+                    f"{repo}:{t}: the registry cannot delete a tag by name "
+                    f"(HTTP {exc.status}); left in place"
+                )
                 result.warnings.append(msg)
                 updates.append(("tag", key, "kept", msg))
 
@@ -268,26 +302,45 @@ class ApiCollector:
 
 def _rows(plan: RepoPlan) -> list[CandidateRow]:
     repo = plan.repository
-    rows = [CandidateRow("manifest", f"{repo}@{d}", repo, d, len(plan.manifests[d].raw),
-                         error=plan.reasons.get(d)) for d in plan.delete_manifests]
-    rows += [CandidateRow("tag", f"{repo}:{t}", repo, plan.tags[t], 0,
-                          error=plan.reasons.get(f"tag:{t}")) for t in plan.delete_tags]
-    rows += [CandidateRow("blob", f"{repo}/_layers/{b}", repo, b, s)
-             for b, s in plan.delete_blobs.items()]
+    rows = [
+        CandidateRow(
+            "manifest",
+            f"{repo}@{d}",
+            repo,
+            d,
+            len(plan.manifests[d].raw),
+            error=plan.reasons.get(d),
+        )
+        for d in plan.delete_manifests
+    ]
+    rows += [
+        CandidateRow(
+            "tag", f"{repo}:{t}", repo, plan.tags[t], 0, error=plan.reasons.get(f"tag:{t}")
+        )
+        for t in plan.delete_tags
+    ]
+    rows += [
+        CandidateRow("blob", f"{repo}/_layers/{b}", repo, b, s)
+        for b, s in plan.delete_blobs.items()
+    ]
     return rows
 
 
-async def collect_api(client: Any, journal: Journal | None,
-                      options: ApiGCOptions) -> GCResult:
+async def collect_api(client: Any, journal: Journal | None, options: ApiGCOptions) -> GCResult:
     """One API-mode GC run over the repositories the policies cover."""
     col = ApiCollector(client, journal, options)
-    rec = RunRecorder(journal, site=options.site, mode="api",
-                      policy=",".join(p.name for p in options.policies) or None,
-                      dry_run=options.dry_run)
+    rec = RunRecorder(
+        journal,
+        site=options.site,
+        mode="api",
+        policy=",".join(p.name for p in options.policies) or None,
+        dry_run=options.dry_run,
+    )
     run_id = await col._run_journal(rec.start)
     result = GCResult(run_id=run_id, dry_run=options.dry_run)
-    repos = list(options.repositories) if options.repositories is not None \
-        else await client.catalog()
+    repos = (
+        list(options.repositories) if options.repositories is not None else await client.catalog()
+    )
     now = time.time()
     plans: list[RepoPlan] = []
     try:
@@ -299,12 +352,17 @@ async def collect_api(client: Any, journal: Journal | None,
             await col.recheck(plan)
             plans.append(plan)
         await col._run_journal(rec.add_candidates, [r for p in plans for r in _rows(p)])
-        summary = {"repositories": len(plans),
-                   "manifests_seen": sum(len(p.manifests) for p in plans),
-                   "tags_seen": sum(len(p.tags) for p in plans)}
+        summary = {
+            "repositories": len(plans),
+            "manifests_seen": sum(len(p.manifests) for p in plans),
+            "tags_seen": sum(len(p.tags) for p in plans),
+        }
         result.mark_summary = summary
-        await col._run_journal(lambda: rec.set_state(
-            "marking" if options.dry_run else "sweeping", mark_summary=summary))
+        await col._run_journal(
+            lambda: rec.set_state(
+                "marking" if options.dry_run else "sweeping", mark_summary=summary
+            )
+        )
         if options.dry_run:
             for p in plans:
                 result.manifests_deleted += len(p.delete_manifests)

@@ -123,8 +123,11 @@ class StoreLayout:
         out: list[tuple[str, Path]] = []
         for alg_entry in _scandir(self.blobs):
             if alg_entry.is_dir():
-                out.extend((alg_entry.name, Path(p.path)) for p in _scandir(Path(alg_entry.path))
-                           if p.is_dir())
+                out.extend(
+                    (alg_entry.name, Path(p.path))
+                    for p in _scandir(Path(alg_entry.path))
+                    if p.is_dir()
+                )
         return out
 
     @staticmethod
@@ -165,8 +168,14 @@ class StoreLayout:
                     stack.append((Path(e.path), f"{name}/{e.name}" if name else e.name))
         return sorted(out)
 
-    def scan_repository(self, repo: str, *, with_uploads: bool = True,
-                        stat_revisions: bool = True, with_tags: bool = True) -> RepoSnapshot:
+    def scan_repository(
+        self,
+        repo: str,
+        *,
+        with_uploads: bool = True,
+        stat_revisions: bool = True,
+        with_tags: bool = True,
+    ) -> RepoSnapshot:
         """Layer links are listed without their mtimes (0.0: not looked at) — only the few
         that matter are stat'ed later. A layer link directory counts as a link even if
         emptied (over-counting is the safe side; planning sweeps old empty ones).
@@ -187,8 +196,9 @@ class StoreLayout:
             for entry in _scandir(base + "/_uploads"):
                 if entry.is_dir():
                     newest, size = newest_mtime(Path(entry.path))
-                    snap.uploads.append(UploadEntry(repo, entry.name, Path(entry.path),
-                                                    newest, size))
+                    snap.uploads.append(
+                        UploadEntry(repo, entry.name, Path(entry.path), newest, size)
+                    )
         return snap
 
 
@@ -277,12 +287,13 @@ def manifest_node(raw: bytes) -> Node | None:
     for d in doc.get("layers") or doc.get("blobs") or []:
         if isinstance(d, dict) and isinstance(d.get("digest"), str):
             blobs.append(d["digest"])
-    for d in doc.get("fsLayers") or []:            # schema 1
+    for d in doc.get("fsLayers") or []:  # schema 1
         if isinstance(d, dict) and isinstance(d.get("blobSum"), str):
             blobs.append(d["blobSum"])
     sub = doc.get("subject")
-    subject = sub["digest"] if isinstance(sub, dict) and isinstance(sub.get("digest"), str) \
-        else None
+    subject = (
+        sub["digest"] if isinstance(sub, dict) and isinstance(sub.get("digest"), str) else None
+    )
     return Node(children=tuple(children), blobs=tuple(blobs), subject=subject)
 
 
@@ -324,7 +335,7 @@ def newest_mtime(path: Path) -> tuple[float, int]:
             newest = max(newest, st.st_mtime)
             size += st.st_size
             seen = True
-    if not seen:                    # an empty session: only the directory says when
+    if not seen:  # an empty session: only the directory says when
         try:
             newest = path.stat().st_mtime
         except OSError:

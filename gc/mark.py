@@ -61,8 +61,13 @@ def referrers_index(graph: Graph) -> dict[str, list[str]]:
     return out
 
 
-def mark(graph: Graph, roots: Iterable[str], *, follow_referrers: bool = True,
-         referrers: Mapping[str, list[str]] | None = None) -> MarkSet:
+def mark(
+    graph: Graph,
+    roots: Iterable[str],
+    *,
+    follow_referrers: bool = True,
+    referrers: Mapping[str, list[str]] | None = None,
+) -> MarkSet:
     """Mark every manifest and blob reachable from `roots`.
 
     `referrers` may be passed in when marking the same graph repeatedly.

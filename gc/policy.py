@@ -40,10 +40,10 @@ ATTACHED_TAG_RE = re.compile(r"^(sha256|sha512)-([a-f0-9]{64}|[a-f0-9]{128})(\.[
 
 @dataclass(frozen=True)
 class KeepRules:
-    tags: tuple[str, ...] = ()              # glob patterns on tag names
-    most_recent: int | None = None          # the N most recently pushed tags
-    pushed_within: float | None = None      # seconds
-    pulled_within: float | None = None      # seconds; applies only where pull times are known
+    tags: tuple[str, ...] = ()  # glob patterns on tag names
+    most_recent: int | None = None  # the N most recently pushed tags
+    pushed_within: float | None = None  # seconds
+    pulled_within: float | None = None  # seconds; applies only where pull times are known
 
     def __post_init__(self) -> None:
         if self.most_recent is not None and self.most_recent < 0:
@@ -59,38 +59,42 @@ class RetentionPolicy:
     """A `gc.policies[]` entry with durations in seconds."""
 
     name: str
-    sites: tuple[str, ...] = ()             # empty: every site
+    sites: tuple[str, ...] = ()  # empty: every site
     repositories: tuple[str, ...] = ("**",)
     exclude_repositories: tuple[str, ...] = ()
     keep: KeepRules = field(default_factory=KeepRules)
     untagged: str = "delete"
     grace: float = 3600.0
     mode: str = "api"
-    referrers: str = "follow-subject"       # or "keep": referrers are never deleted
+    referrers: str = "follow-subject"  # or "keep": referrers are never deleted
 
     def __post_init__(self) -> None:
         if self.untagged not in UNTAGGED_CHOICES:
-            raise ValueError(f"policy {self.name}: untagged must be delete or keep, "
-                             f"got {self.untagged!r}")
+            raise ValueError(
+                f"policy {self.name}: untagged must be delete or keep, got {self.untagged!r}"
+            )
         if self.mode not in MODES:
-            raise ValueError(f"policy {self.name}: mode must be api, storage or both, "
-                             f"got {self.mode!r}")
+            raise ValueError(
+                f"policy {self.name}: mode must be api, storage or both, got {self.mode!r}"
+            )
         if self.grace < 0:
             raise ValueError(f"policy {self.name}: grace must not be negative")
         if self.referrers not in ("follow-subject", "keep"):
-            raise ValueError(f"policy {self.name}: referrers must be follow-subject or keep, "
-                             f"got {self.referrers!r}")
+            raise ValueError(
+                f"policy {self.name}: referrers must be follow-subject or keep, "
+                f"got {self.referrers!r}"
+            )
 
     def applies_to_site(self, site: str) -> bool:
         return not self.sites or any(wfn.fnmatch(site, p, flags=_TAG_FLAGS) for p in self.sites)
 
     def applies_to(self, repository: str) -> bool:
         """Repository globs: `*` stays within one path segment, `**` crosses them."""
-        if not any(wglob.globmatch(repository, p, flags=_GLOB_FLAGS)
-                   for p in self.repositories):
+        if not any(wglob.globmatch(repository, p, flags=_GLOB_FLAGS) for p in self.repositories):
             return False
-        return not any(wglob.globmatch(repository, p, flags=_GLOB_FLAGS)
-                       for p in self.exclude_repositories)
+        return not any(
+            wglob.globmatch(repository, p, flags=_GLOB_FLAGS) for p in self.exclude_repositories
+        )
 
     @classmethod
     def from_config(cls, obj: Any) -> RetentionPolicy:
@@ -121,8 +125,8 @@ class RetentionPolicy:
 class TagInfo:
     name: str
     digest: str
-    pushed_at: float | None = None          # when the tag was (last) pushed or first seen
-    pulled_at: float | None = None          # last pull, when known
+    pushed_at: float | None = None  # when the tag was (last) pushed or first seen
+    pulled_at: float | None = None  # last pull, when known
 
 
 @dataclass
@@ -142,8 +146,9 @@ def attached_subject(tag: str) -> str | None:
     return f"{m.group(1)}:{m.group(2)}" if m else None
 
 
-def decide(policy: RetentionPolicy, tags: Sequence[TagInfo], manifests: Graph,
-           now: float) -> Decision:
+def decide(
+    policy: RetentionPolicy, tags: Sequence[TagInfo], manifests: Graph, now: float
+) -> Decision:
     """Apply `policy` to one repository: its tags and its manifest graph."""
     keep = policy.keep
     decision = Decision()
@@ -163,15 +168,22 @@ def decide(policy: RetentionPolicy, tags: Sequence[TagInfo], manifests: Graph,
             r.append("within grace")
         if keep.tags and any(wfn.fnmatch(t.name, p, flags=_TAG_FLAGS) for p in keep.tags):
             r.append("matches keep.tags")
-        if (keep.pushed_within is not None and t.pushed_at is not None
-                and now - t.pushed_at <= keep.pushed_within):
+        if (
+            keep.pushed_within is not None
+            and t.pushed_at is not None
+            and now - t.pushed_at <= keep.pushed_within
+        ):
             r.append("pushed within keep.pushed_within")
-        if (keep.pulled_within is not None and t.pulled_at is not None
-                and now - t.pulled_at <= keep.pulled_within):
+        if (
+            keep.pulled_within is not None
+            and t.pulled_at is not None
+            and now - t.pulled_at <= keep.pulled_within
+        ):
             r.append("pulled within keep.pulled_within")
     if keep.most_recent:
-        by_push = sorted(regular, key=lambda t: (t.pushed_at is None,
-                                                  -(t.pushed_at or 0.0), t.name))
+        by_push = sorted(
+            regular, key=lambda t: (t.pushed_at is None, -(t.pushed_at or 0.0), t.name)
+        )
         for t in by_push[: keep.most_recent]:
             reasons[t.name].append(f"among {keep.most_recent} most recently pushed")
 
@@ -187,12 +199,13 @@ def decide(policy: RetentionPolicy, tags: Sequence[TagInfo], manifests: Graph,
     attached_targets = {t.digest for t in attached}
     parents = parents_index(manifests)
     for digest, node in manifests.items():
-        standalone = (node.subject is None and digest not in parents
-                      and digest not in attached_targets)
+        standalone = (
+            node.subject is None and digest not in parents and digest not in attached_targets
+        )
         if young(node.pushed_at):
             roots.add(digest)
         elif node.pushed_at is None and standalone:
-            roots.add(digest)           # age unknown: cannot prove it is old
+            roots.add(digest)  # age unknown: cannot prove it is old
         elif policy.untagged == "keep" and digest not in tagged and standalone:
             roots.add(digest)
         elif policy.referrers == "keep" and node.subject is not None:
@@ -240,8 +253,9 @@ def decide(policy: RetentionPolicy, tags: Sequence[TagInfo], manifests: Graph,
     return decision
 
 
-def policies_for(policies: Iterable[RetentionPolicy], site: str, repository: str,
-                 mode: str) -> RetentionPolicy | None:
+def policies_for(
+    policies: Iterable[RetentionPolicy], site: str, repository: str, mode: str
+) -> RetentionPolicy | None:
     """The first policy (config order) that covers this site, repository and mode."""
     for p in policies:
         if p.applies_to_site(site) and p.applies_to(repository) and p.mode in (mode, "both"):

@@ -25,7 +25,7 @@ UNFINISHED = ("marking", "sweeping")
 
 @dataclass
 class CandidateRow:
-    kind: str                      # blob | manifest | tag | link | upload
+    kind: str  # blob | manifest | tag | link | upload
     key: str
     repository: str | None
     digest: str | None
@@ -38,8 +38,16 @@ class CandidateRow:
 class RunRecorder:
     """Writes one run's progress; batched, because a sweep can touch 10^5 items."""
 
-    def __init__(self, journal: Journal | None, *, site: str, mode: str,
-                 policy: str | None, dry_run: bool, run_id: int | None = None) -> None:
+    def __init__(
+        self,
+        journal: Journal | None,
+        *,
+        site: str,
+        mode: str,
+        policy: str | None,
+        dry_run: bool,
+        run_id: int | None = None,
+    ) -> None:
         self.journal = journal
         self.site, self.mode, self.policy, self.dry_run = site, mode, policy, dry_run
         self.run_id = run_id
@@ -52,7 +60,8 @@ class RunRecorder:
             cur = conn.execute(
                 "INSERT INTO gc_runs(site, mode, policy, dry_run, state, started_at) "
                 "VALUES (?, ?, ?, ?, 'marking', ?)",
-                (self.site, self.mode, self.policy, int(self.dry_run), time.time()))
+                (self.site, self.mode, self.policy, int(self.dry_run), time.time()),
+            )
             self.run_id = int(cur.lastrowid)
         return self.run_id
 
@@ -60,8 +69,10 @@ class RunRecorder:
         if self.journal is None:
             return
         if mark_summary is not None:
-            self.journal.execute("UPDATE gc_runs SET state=?, mark_summary=? WHERE id=?",
-                                 (state, json.dumps(mark_summary), self.run_id))
+            self.journal.execute(
+                "UPDATE gc_runs SET state=?, mark_summary=? WHERE id=?",
+                (state, json.dumps(mark_summary), self.run_id),
+            )
         else:
             self.journal.execute("UPDATE gc_runs SET state=? WHERE id=?", (state, self.run_id))
 
@@ -72,8 +83,21 @@ class RunRecorder:
             conn.executemany(
                 "INSERT OR REPLACE INTO gc_candidates(run_id, kind, key, repository, digest, "
                 "bytes, state, quarantine_path, error) VALUES (?,?,?,?,?,?,?,?,?)",
-                [(self.run_id, r.kind, r.key, r.repository, r.digest, r.bytes, r.state,
-                  r.quarantine_path, r.error) for r in rows])
+                [
+                    (
+                        self.run_id,
+                        r.kind,
+                        r.key,
+                        r.repository,
+                        r.digest,
+                        r.bytes,
+                        r.state,
+                        r.quarantine_path,
+                        r.error,
+                    )
+                    for r in rows
+                ],
+            )
 
     def update_states(self, updates: Iterable[tuple[str, str, str, str | None]]) -> None:
         """(kind, key, state, error) for many candidates in one transaction."""
@@ -82,29 +106,35 @@ class RunRecorder:
         with self.journal.transaction() as conn:
             conn.executemany(
                 "UPDATE gc_candidates SET state=?, error=? WHERE run_id=? AND kind=? AND key=?",
-                [(state, error, self.run_id, kind, key) for kind, key, state, error in updates])
+                [(state, error, self.run_id, kind, key) for kind, key, state, error in updates],
+            )
 
     def finish(self, state: str, stats: dict[str, Any]) -> None:
         if self.journal is None:
             return
-        self.journal.execute("UPDATE gc_runs SET state=?, finished_at=?, stats=? WHERE id=?",
-                             (state, time.time(), json.dumps(stats), self.run_id))
+        self.journal.execute(
+            "UPDATE gc_runs SET state=?, finished_at=?, stats=? WHERE id=?",
+            (state, time.time(), json.dumps(stats), self.run_id),
+        )
 
 
 def unfinished_runs(journal: Journal, site: str, mode: str) -> list[dict[str, Any]]:
     """Real (not dry) runs of this site and mode that never reached done/failed."""
     return journal.query(
         "SELECT * FROM gc_runs WHERE site=? AND mode=? AND dry_run=0 AND state IN (?, ?) "
-        "ORDER BY id", (site, mode, *UNFINISHED))
+        "ORDER BY id",
+        (site, mode, *UNFINISHED),
+    )
 
 
-def run_candidates(journal: Journal, run_id: int,
-                   states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+def run_candidates(
+    journal: Journal, run_id: int, states: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
     if states:
         marks = ",".join("?" * len(states))
         return journal.query(
-            f"SELECT * FROM gc_candidates WHERE run_id=? AND state IN ({marks})",
-            (run_id, *states))
+            f"SELECT * FROM gc_candidates WHERE run_id=? AND state IN ({marks})", (run_id, *states)
+        )
     return journal.query("SELECT * FROM gc_candidates WHERE run_id=?", (run_id,))
 
 

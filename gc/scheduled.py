@@ -64,29 +64,41 @@ class SiteGCResult:
         return [w for r in (self.api, self.storage) if r for w in r.warnings]
 
     def to_json(self) -> dict[str, Any]:
-        return {"site": self.site, "dry_run": self.dry_run,
-                "manifests_deleted": self.manifests_deleted,
-                "blobs_deleted": self.blobs_deleted, "bytes_reclaimed": self.bytes_reclaimed,
-                "quarantined": self.quarantined, "restored": self.restored,
-                "errors": self.errors, "warnings": self.warnings,
-                "api": self.api.to_json() if self.api else None,
-                "storage": self.storage.to_json() if self.storage else None}
+        return {
+            "site": self.site,
+            "dry_run": self.dry_run,
+            "manifests_deleted": self.manifests_deleted,
+            "blobs_deleted": self.blobs_deleted,
+            "bytes_reclaimed": self.bytes_reclaimed,
+            "quarantined": self.quarantined,
+            "restored": self.restored,
+            "errors": self.errors,
+            "warnings": self.warnings,
+            "api": self.api.to_json() if self.api else None,
+            "storage": self.storage.to_json() if self.storage else None,
+        }
 
 
-async def run_policies(config: Any, journal: Journal, pool: Any, *, dry_run: bool = False,
-                       sites: Sequence[str] | None = None,
-                       policy_names: Sequence[str] | None = None,
-                       quarantine_window: float = 600.0, assume_no_cache: bool = False,
-                       workers: int = DEFAULT_WORKERS) -> list[SiteGCResult]:
+async def run_policies(
+    config: Any,
+    journal: Journal,
+    pool: Any,
+    *,
+    dry_run: bool = False,
+    sites: Sequence[str] | None = None,
+    policy_names: Sequence[str] | None = None,
+    quarantine_window: float = 600.0,
+    assume_no_cache: bool = False,
+    workers: int = DEFAULT_WORKERS,
+) -> list[SiteGCResult]:
     """`pool[site]` gives that site's RegistryClient (replicator.clients.ClientPool)."""
-    chosen = [config.policy(n) for n in policy_names] if policy_names \
-        else list(config.gc.policies)
+    chosen = [config.policy(n) for n in policy_names] if policy_names else list(config.gc.policies)
     if not chosen:
         raise ConfigError("no GC policies configured", "gc.policies")
     policies = [RetentionPolicy.from_config(p) for p in chosen]
     if sites:
         for s in sites:
-            config.site(s)                     # unknown site -> ConfigError naming it
+            config.site(s)  # unknown site -> ConfigError naming it
         names = list(sites)
     else:
         names = [s for s in config.sites if any(p.applies_to_site(s) for p in policies)]
@@ -99,19 +111,31 @@ async def run_policies(config: Any, journal: Journal, pool: Any, *, dry_run: boo
             continue
         result = SiteGCResult(site=site, dry_run=dry_run)
         if storage and config.site(site).storage is None:
-            raise ConfigError(f"policy {', '.join(p.name for p in storage)} has mode storage, "
-                              "which needs the registry's storage directory",
-                              f"sites.{site}.storage")
+            raise ConfigError(
+                f"policy {', '.join(p.name for p in storage)} has mode storage, "
+                "which needs the registry's storage directory",
+                f"sites.{site}.storage",
+            )
         if api:
-            result.api = await collect_api(pool[site], journal, ApiGCOptions(
-                site=site, policies=api, dry_run=dry_run))
+            result.api = await collect_api(
+                pool[site], journal, ApiGCOptions(site=site, policies=api, dry_run=dry_run)
+            )
         if storage:
             sc = config.site(site)
-            result.storage = await collect_storage(sc.storage, journal, StorageGCOptions(
-                site=site, grace=max(p.grace for p in storage),
-                quarantine_window=quarantine_window, dry_run=dry_run,
-                registry_config=sc.registry_config, assume_no_cache=assume_no_cache,
-                policies=storage, workers=workers))
+            result.storage = await collect_storage(
+                sc.storage,
+                journal,
+                StorageGCOptions(
+                    site=site,
+                    grace=max(p.grace for p in storage),
+                    quarantine_window=quarantine_window,
+                    dry_run=dry_run,
+                    registry_config=sc.registry_config,
+                    assume_no_cache=assume_no_cache,
+                    policies=storage,
+                    workers=workers,
+                ),
+            )
         for r in (result.api, result.storage):
             if r is not None:
                 result.deleted_manifests |= r.deleted_manifests

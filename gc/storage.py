@@ -120,7 +120,7 @@ from replicator.journal import Journal
 
 log = logging.getLogger("replicator.gc.storage")
 
-QUARANTINE_SHARDS = 64     # directories per item kind under _quarantine/<run>/
+QUARANTINE_SHARDS = 64  # directories per item kind under _quarantine/<run>/
 # unlink/rmdir throughput on ext4 (2 cores) plateaus at 16 threads: 8 -> 16 cut the
 # bench's delete phase ~20 %, 32 gained nothing measurable
 DEFAULT_WORKERS = 16
@@ -139,14 +139,14 @@ class GCLocked(ReplicatorError):
 @dataclass
 class StorageGCOptions:
     site: str = "local"
-    grace: float = 3600.0                  # nothing modified more recently is deleted
-    quarantine_window: float = 600.0       # how long removed items wait before deletion
-    upload_grace: float | None = None      # idle time before an upload session is stale
-    workers: int = DEFAULT_WORKERS         # threads for renames and deletions
-    scan_workers: int = 1                  # threads for read-only scanning (see below)
+    grace: float = 3600.0  # nothing modified more recently is deleted
+    quarantine_window: float = 600.0  # how long removed items wait before deletion
+    upload_grace: float | None = None  # idle time before an upload session is stale
+    workers: int = DEFAULT_WORKERS  # threads for renames and deletions
+    scan_workers: int = 1  # threads for read-only scanning (see below)
     dry_run: bool = False
     registry_config: str | Path | None = None
-    assume_no_cache: bool = False          # operator vouches: no blob-descriptor cache
+    assume_no_cache: bool = False  # operator vouches: no blob-descriptor cache
     policies: Sequence[RetentionPolicy] = ()
     pull_times: Callable[[str, str], float | None] | None = None  # (repo, tag) -> last pull
     max_manifest_bytes: int = 4 << 20
@@ -164,8 +164,8 @@ class GCResult:
     blobs_deleted: int = 0
     links_deleted: int = 0
     uploads_deleted: int = 0
-    bytes_reclaimed: int = 0               # blob data removed from disk
-    upload_bytes_reclaimed: int = 0        # abandoned upload sessions removed
+    bytes_reclaimed: int = 0  # blob data removed from disk
+    upload_bytes_reclaimed: int = 0  # abandoned upload sessions removed
     quarantined: int = 0
     restored: int = 0
     kept_by_recheck: int = 0
@@ -174,20 +174,27 @@ class GCResult:
     mark_summary: dict[str, Any] = field(default_factory=dict)
     resumed_runs: list[int] = field(default_factory=list)
     deleted_blobs: set[str] = field(default_factory=set)
-    deleted_manifests: set[str] = field(default_factory=set)   # "repo@digest"
-    deleted_tags: set[str] = field(default_factory=set)        # "repo:tag"
+    deleted_manifests: set[str] = field(default_factory=set)  # "repo@digest"
+    deleted_tags: set[str] = field(default_factory=set)  # "repo:tag"
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "run_id": self.run_id, "dry_run": self.dry_run,
-            "manifests_deleted": self.manifests_deleted, "tags_deleted": self.tags_deleted,
-            "blobs_deleted": self.blobs_deleted, "links_deleted": self.links_deleted,
-            "uploads_deleted": self.uploads_deleted, "bytes_reclaimed": self.bytes_reclaimed,
+            "run_id": self.run_id,
+            "dry_run": self.dry_run,
+            "manifests_deleted": self.manifests_deleted,
+            "tags_deleted": self.tags_deleted,
+            "blobs_deleted": self.blobs_deleted,
+            "links_deleted": self.links_deleted,
+            "uploads_deleted": self.uploads_deleted,
+            "bytes_reclaimed": self.bytes_reclaimed,
             "upload_bytes_reclaimed": self.upload_bytes_reclaimed,
-            "quarantined": self.quarantined, "restored": self.restored,
-            "kept_by_recheck": self.kept_by_recheck, "errors": list(self.errors),
-            "warnings": list(self.warnings), "resumed_runs": list(self.resumed_runs),
+            "quarantined": self.quarantined,
+            "restored": self.restored,
+            "kept_by_recheck": self.kept_by_recheck,
+            "errors": list(self.errors),
+            "warnings": list(self.warnings),
+            "resumed_runs": list(self.resumed_runs),
         }
 
 
@@ -195,10 +202,10 @@ class GCResult:
 class Item:
     """One thing a run may remove. Identity (`key`) is stable across a crash."""
 
-    kind: str                  # blob | link | manifest | tag | upload
+    kind: str  # blob | link | manifest | tag | upload
     repository: str | None
     digest: str | None
-    name: str | None = None    # tag name or upload id
+    name: str | None = None  # tag name or upload id
     bytes: int = 0
     quarantine: str | None = None
     state: str = "candidate"
@@ -242,8 +249,16 @@ class Item:
         return layout.upload_dir_str(str(self.repository), str(self.name))
 
     def row(self) -> CandidateRow:
-        return CandidateRow(self.kind, self.key, self.repository, self.digest, self.bytes,
-                            self.state, self.quarantine, self.error)
+        return CandidateRow(
+            self.kind,
+            self.key,
+            self.repository,
+            self.digest,
+            self.bytes,
+            self.state,
+            self.quarantine,
+            self.error,
+        )
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Item:
@@ -254,8 +269,16 @@ class Item:
         elif kind == "upload":
             name = key.split("/_uploads/", 1)[1]
         q = row.get("quarantine_path")
-        return cls(kind, row.get("repository"), row.get("digest"), name, row.get("bytes") or 0,
-                   str(q) if q else None, row["state"], row.get("error"))
+        return cls(
+            kind,
+            row.get("repository"),
+            row.get("digest"),
+            name,
+            row.get("bytes") or 0,
+            str(q) if q else None,
+            row["state"],
+            row.get("error"),
+        )
 
 
 @dataclass
@@ -267,8 +290,9 @@ class Plan:
     mark_summary: dict[str, Any]
 
 
-def check_registry_config(path: str | Path | None, root: str | Path | None = None, *,
-                          assume_no_cache: bool = False) -> None:
+def check_registry_config(
+    path: str | Path | None, root: str | Path | None = None, *, assume_no_cache: bool = False
+) -> None:
     """Refuse an online sweep the registry could undo (blob-descriptor cache, F4)."""
     if assume_no_cache:
         return
@@ -276,12 +300,12 @@ def check_registry_config(path: str | Path | None, root: str | Path | None = Non
         raise OnlineGCRefused(
             "cannot tell whether the registry caches blob descriptors: set the site's "
             "registry_config to the registry's config.yml, or, if the cache is off or the "
-            "registry is read-only/stopped, say so with assume_no_cache (--assume-no-cache)")
+            "registry is read-only/stopped, say so with assume_no_cache (--assume-no-cache)"
+        )
     try:
         cfg = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read registry config {path}: {exc}",
-                          "registry_config") from exc
+        raise ConfigError(f"cannot read registry config {path}: {exc}", "registry_config") from exc
     storage = cfg.get("storage") or {} if isinstance(cfg, dict) else {}
     cache = (storage.get("cache") or {}) if isinstance(storage, dict) else {}
     setting = cache.get("blobdescriptor") if isinstance(cache, dict) else None
@@ -291,13 +315,15 @@ def check_registry_config(path: str | Path | None, root: str | Path | None = Non
             "registry would keep answering 'exists' for blobs this collector deletes, clients "
             "would skip uploading them and images would break (distribution #2966). Disable "
             "the cache and restart the registry, or make the registry read-only/stop it and "
-            "run with assume_no_cache (--assume-no-cache)")
+            "run with assume_no_cache (--assume-no-cache)"
+        )
     fs = storage.get("filesystem") if isinstance(storage, dict) else None
     configured = fs.get("rootdirectory") if isinstance(fs, dict) else None
     if root is not None and configured and Path(configured).resolve() != Path(root).resolve():
         raise ConfigError(
-            f"registry config {path} serves {configured}, not the storage {root} being "
-            "collected", "storage")
+            f"registry config {path} serves {configured}, not the storage {root} being collected",
+            "storage",
+        )
 
 
 class ManifestCache:
@@ -334,16 +360,20 @@ class Live:
     """Everything that exists now and what it references."""
 
     snaps: dict[str, RepoSnapshot]
-    protected: set[str]                      # global: manifest and blob digests
-    referenced: dict[str, set[str]]          # repo -> manifests its roots reach
-    linked: set[str]                         # digests with any layer or revision link
+    protected: set[str]  # global: manifest and blob digests
+    referenced: dict[str, set[str]]  # repo -> manifests its roots reach
+    linked: set[str]  # digests with any layer or revision link
 
 
 class StorageCollector:
     """One storage GC run (plus finishing any interrupted earlier run)."""
 
-    def __init__(self, root: str | Path, journal: Journal | None = None,
-                 options: StorageGCOptions | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        journal: Journal | None = None,
+        options: StorageGCOptions | None = None,
+    ) -> None:
         self.layout = StoreLayout(root)
         self.journal = journal
         self.opts = options or StorageGCOptions()
@@ -353,11 +383,14 @@ class StorageCollector:
         # one), while scanning is many ~3 us stats and reads plus JSON parsing under the
         # GIL, where extra threads only add GIL hand-offs (4 threads: 2x slower than one).
         # scan_workers > 1 pays off only when metadata reads really wait for a device.
-        self.pool = ThreadPoolExecutor(max_workers=max(1, self.opts.workers),
-                                       thread_name_prefix="gc-fs")
-        self.scan_pool = (ThreadPoolExecutor(max_workers=self.opts.scan_workers,
-                                             thread_name_prefix="gc-scan")
-                          if self.opts.scan_workers > 1 else None)
+        self.pool = ThreadPoolExecutor(
+            max_workers=max(1, self.opts.workers), thread_name_prefix="gc-fs"
+        )
+        self.scan_pool = (
+            ThreadPoolExecutor(max_workers=self.opts.scan_workers, thread_name_prefix="gc-scan")
+            if self.opts.scan_workers > 1
+            else None
+        )
         self.cache = ManifestCache(self.layout, self.opts.max_manifest_bytes)
         self._lock_fd: int | None = None
         self._deletions = 0
@@ -365,25 +398,36 @@ class StorageCollector:
     # --- setup ---------------------------------------------------------------
     def preflight(self) -> list[str]:
         if not self.layout.v2.is_dir():
-            raise ConfigError(f"{self.layout.root} is not a distribution filesystem store "
-                              f"(no {self.layout.v2})", "storage")
+            raise ConfigError(
+                f"{self.layout.root} is not a distribution filesystem store (no {self.layout.v2})",
+                "storage",
+            )
         warnings = []
         if self.opts.dry_run:
             try:
-                check_registry_config(self.opts.registry_config, self.layout.root,
-                                      assume_no_cache=self.opts.assume_no_cache)
+                check_registry_config(
+                    self.opts.registry_config,
+                    self.layout.root,
+                    assume_no_cache=self.opts.assume_no_cache,
+                )
             except OnlineGCRefused as exc:
                 warnings.append(f"a real run would be refused: {exc}")
         else:
-            check_registry_config(self.opts.registry_config, self.layout.root,
-                                  assume_no_cache=self.opts.assume_no_cache)
+            check_registry_config(
+                self.opts.registry_config,
+                self.layout.root,
+                assume_no_cache=self.opts.assume_no_cache,
+            )
         return warnings
 
     def lock(self) -> None:
         self.layout.quarantine.mkdir(parents=True, exist_ok=True)
         if os.stat(self.layout.quarantine).st_dev != os.stat(self.layout.v2).st_dev:
-            raise ConfigError(f"{self.layout.quarantine} is on another filesystem than the "
-                              "blobs; quarantine needs an atomic rename", "storage")
+            raise ConfigError(
+                f"{self.layout.quarantine} is on another filesystem than the "
+                "blobs; quarantine needs an atomic rename",
+                "storage",
+            )
         fd = os.open(self.layout.quarantine / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -405,14 +449,16 @@ class StorageCollector:
     def enumerate_blobs(self) -> dict[str, BlobEntry]:
         prefixes = self.layout.blob_prefix_dirs()
         out: dict[str, BlobEntry] = {}
-        for entries in pmap(self.scan_pool, lambda p: StoreLayout.scan_blob_prefix(*p),
-                            prefixes, chunk=8):
+        for entries in pmap(
+            self.scan_pool, lambda p: StoreLayout.scan_blob_prefix(*p), prefixes, chunk=8
+        ):
             for e in entries:
                 out[e.digest] = e
         return out
 
-    def scan(self, *, full: bool = False,
-             tags_for: set[str] | None = None) -> dict[str, RepoSnapshot]:
+    def scan(
+        self, *, full: bool = False, tags_for: set[str] | None = None
+    ) -> dict[str, RepoSnapshot]:
         """full: what planning needs (uploads, revision mtimes, tags). Otherwise a light
         listing for re-checks: names only, tags read only for `tags_for` repositories
         (a tag can only be served through a revision link, so revisions are the roots)."""
@@ -422,15 +468,17 @@ class StorageCollector:
             if full:
                 return self.layout.scan_repository(r)
             return self.layout.scan_repository(
-                r, with_uploads=False, stat_revisions=True,
-                with_tags=tags_for is not None and r in tags_for)
+                r,
+                with_uploads=False,
+                stat_revisions=True,
+                with_tags=tags_for is not None and r in tags_for,
+            )
 
         return {s.name: s for s in pmap(self.scan_pool, one, repos, chunk=4)}
 
     def _mark_closure(self, roots_by_repo: dict[str, set[str]]) -> tuple[MarkSet, dict]:
         """Global mark (manifests count as blobs too) plus per-repo reached manifests."""
-        self.cache.load({d for roots in roots_by_repo.values() for d in roots},
-                        self.scan_pool)
+        self.cache.load({d for roots in roots_by_repo.values() for d in roots}, self.scan_pool)
         while True:
             total, per_repo = MarkSet(), {}
             for repo, roots in roots_by_repo.items():
@@ -443,10 +491,13 @@ class StorageCollector:
         total.blobs |= total.manifests
         return total, per_repo
 
-    def live(self, exclude_revisions: set[tuple[str | None, str | None]],
-             exclude_tags: set[tuple[str | None, str | None]],
-             extra_roots: Iterable[tuple[str | None, str | None]] = (),
-             tags_for: set[str] | None = None) -> Live:
+    def live(
+        self,
+        exclude_revisions: set[tuple[str | None, str | None]],
+        exclude_tags: set[tuple[str | None, str | None]],
+        extra_roots: Iterable[tuple[str | None, str | None]] = (),
+        tags_for: set[str] | None = None,
+    ) -> Live:
         snaps = self.scan(tags_for=tags_for)
         roots: dict[str, set[str]] = {}
         linked: set[str] = set()
@@ -469,9 +520,9 @@ class StorageCollector:
         ug = self.opts.upload_grace if self.opts.upload_grace is not None else self.opts.grace
         upload_cutoff = started - ug
         t = time.monotonic()
-        blobs = self.enumerate_blobs()                     # 1. candidates before marking
+        blobs = self.enumerate_blobs()  # 1. candidates before marking
         t_enum = time.monotonic() - t
-        snaps = self.scan(full=True)                       # 2. links, tags, uploads
+        snaps = self.scan(full=True)  # 2. links, tags, uploads
         self.cache.load({d for s in snaps.values() for d in s.revisions}, self.scan_pool)
         items: list[Item] = []
         roots: dict[str, set[str]] = {}
@@ -486,12 +537,19 @@ class StorageCollector:
             for d, mtime in s.revisions.items():
                 n = self.cache.nodes.get(d) or Node()
                 graph[d] = Node(n.children, n.blobs, n.subject, pushed_at=mtime)
-            tags = [TagInfo(t_, d, pushed_at=m,
-                            pulled_at=self.opts.pull_times(repo, t_) if self.opts.pull_times
-                            else None) for t_, (d, m) in s.tags.items()]
+            tags = [
+                TagInfo(
+                    t_,
+                    d,
+                    pushed_at=m,
+                    pulled_at=self.opts.pull_times(repo, t_) if self.opts.pull_times else None,
+                )
+                for t_, (d, m) in s.tags.items()
+            ]
             dec = decide(pol, tags, graph, started)
             roots[repo] = set(dec.kept_manifests) | {
-                d for t_, (d, _m) in s.tags.items() if t_ in dec.kept_tags}
+                d for t_, (d, _m) in s.tags.items() if t_ in dec.kept_tags
+            }
             items += [Item("tag", repo, s.tags[t_][0], t_) for t_ in sorted(dec.deleted_tags)]
             items += [Item("manifest", repo, d) for d in sorted(dec.deleted_manifests)]
         marked, _ = self._mark_closure(roots)
@@ -503,9 +561,17 @@ class StorageCollector:
         unmarked = [d for d, e in blobs.items() if e.mtime < cutoff and d not in marked.blobs]
         missing = [d for d in layer_repos if d not in blobs]
         to_stat = [(r, d) for d in unmarked + missing for r in layer_repos.get(d, ())]
-        mtimes = dict(zip(to_stat, pmap(
-            self.scan_pool, lambda rd: link_or_dir_mtime(self.layout.layer_link_dir_str(*rd)),
-            to_stat), strict=True))
+        mtimes = dict(
+            zip(
+                to_stat,
+                pmap(
+                    self.scan_pool,
+                    lambda rd: link_or_dir_mtime(self.layout.layer_link_dir_str(*rd)),
+                    to_stat,
+                ),
+                strict=True,
+            )
+        )
         for d in unmarked:
             links = sorted(r for r in layer_repos.get(d, ()) if mtimes[(r, d)] is not None)
             # a fresh link file means a push or mount in progress
@@ -515,17 +581,27 @@ class StorageCollector:
             items += [Item("link", r, d) for r in links]
         for d in missing:
             if self.layout.blob_stat(d) is not None:
-                continue                                   # appeared after enumeration
-            items += [Item("link", r, d) for r in sorted(layer_repos[d])
-                      if mtimes[(r, d)] is not None and mtimes[(r, d)] < cutoff]
+                continue  # appeared after enumeration
+            items += [
+                Item("link", r, d)
+                for r in sorted(layer_repos[d])
+                if mtimes[(r, d)] is not None and mtimes[(r, d)] < cutoff
+            ]
         for s in snaps.values():
-            items += [Item("upload", u.repository, None, u.upload_id, bytes=u.size)
-                      for u in s.uploads if u.newest_mtime < upload_cutoff]
+            items += [
+                Item("upload", u.repository, None, u.upload_id, bytes=u.size)
+                for u in s.uploads
+                if u.newest_mtime < upload_cutoff
+            ]
         summary = {
-            "cutoff": cutoff, "upload_cutoff": upload_cutoff, "repositories": len(snaps),
-            "policy_repositories": policy_repos, "blobs_total": len(blobs),
+            "cutoff": cutoff,
+            "upload_cutoff": upload_cutoff,
+            "repositories": len(snaps),
+            "policy_repositories": policy_repos,
+            "blobs_total": len(blobs),
             "blobs_marked": sum(1 for d in blobs if d in marked.blobs),
-            "manifests_parsed": self.cache.parsed, "enumerate_seconds": round(t_enum, 3),
+            "manifests_parsed": self.cache.parsed,
+            "enumerate_seconds": round(t_enum, 3),
         }
         return Plan(started, cutoff, upload_cutoff, items, summary)
 
@@ -546,10 +622,14 @@ class StorageCollector:
                     if cur is None or cur[0] != i.digest or cur[1] >= plan.cutoff:
                         drop.add(i.key)
                 elif i.kind == "manifest":
-                    m = link_mtime(self.layout.revision_link_dir_str(str(i.repository),
-                                                                     str(i.digest)))
-                    if m is None or m >= plan.cutoff or i.digest in live.referenced.get(
-                            i.repository or "", ()):
+                    m = link_mtime(
+                        self.layout.revision_link_dir_str(str(i.repository), str(i.digest))
+                    )
+                    if (
+                        m is None
+                        or m >= plan.cutoff
+                        or i.digest in live.referenced.get(i.repository or "", ())
+                    ):
                         drop.add(i.key)
             if len(drop) == before:
                 break
@@ -567,8 +647,9 @@ class StorageCollector:
             if i.kind != "blob" or i.key in drop:
                 continue
             # (data mtime is re-checked per blob right before its move)
-            if (i.digest in live.protected
-                    or links_now.get(str(i.digest), set()) - planned_links.get(i.digest, set())):
+            if i.digest in live.protected or links_now.get(
+                str(i.digest), set()
+            ) - planned_links.get(i.digest, set()):
                 bad_blobs.add(str(i.digest))
                 drop.add(i.key)
         for i in plan.items:
@@ -577,8 +658,7 @@ class StorageCollector:
             if i.digest in blob_keys:
                 if i.digest in bad_blobs:
                     drop.add(i.key)
-            elif (self.layout.blob_stat(str(i.digest)) is not None
-                  or i.digest in live.protected):
+            elif self.layout.blob_stat(str(i.digest)) is not None or i.digest in live.protected:
                 drop.add(i.key)
         dropped = 0
         for i in plan.items:
@@ -629,7 +709,7 @@ class StorageCollector:
                 i.state = "deleted"
                 return i
             assert i.quarantine is not None
-            os.rename(orig, i.quarantine)          # parents made in quarantine()
+            os.rename(orig, i.quarantine)  # parents made in quarantine()
             i.state = "quarantined"
         except FileNotFoundError:
             i.state, i.error = "kept", "vanished before quarantine"
@@ -645,8 +725,11 @@ class StorageCollector:
             os.makedirs(top, exist_ok=True)
         pmap(self.pool, _mkdir, sorted(shards), chunk=16)
         for kind in ("tag", "manifest", "upload"):
-            pmap(self.pool, lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
-                 [i for i in todo if i.kind == kind])
+            pmap(
+                self.pool,
+                lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
+                [i for i in todo if i.kind == kind],
+            )
         by_digest: dict[str, list[Item]] = {}
         for i in todo:
             if i.kind in ("blob", "link"):
@@ -670,8 +753,13 @@ class StorageCollector:
         pending = [i for i in items if i.state == "quarantined"]
         if not pending:
             return
-        self.cache.quarantined.update({str(i.digest): i.quarantine for i in pending
-                                       if i.kind == "blob" and i.quarantine is not None})
+        self.cache.quarantined.update(
+            {
+                str(i.digest): i.quarantine
+                for i in pending
+                if i.kind == "blob" and i.quarantine is not None
+            }
+        )
         restore: set[str] = set()
         why: dict[str, str] = {}
         q_mtime: dict[str, float] = {}
@@ -683,21 +771,32 @@ class StorageCollector:
                 orig = i.original(self.layout)
                 d, m = read_link(i.quarantine + "/current/link")
                 if not orig.exists() and (d != i.digest or m >= cutoff):
-                    restore.add(i.key)          # re-tagged just before our move
+                    restore.add(i.key)  # re-tagged just before our move
                     why[i.key] = "tag was re-pushed just before quarantine"
                     tag_targets.add((i.repository, d))
         while True:
-            extra = tag_targets | {(i.repository, i.digest) for i in pending
-                                   if i.kind == "manifest" and i.key in restore}
+            extra = tag_targets | {
+                (i.repository, i.digest)
+                for i in pending
+                if i.kind == "manifest" and i.key in restore
+            }
             live = self.live(set(), set(), extra)
             before = len(restore)
             for i in pending:
-                if i.kind == "manifest" and i.key not in restore and (
+                if (
+                    i.kind == "manifest"
+                    and i.key not in restore
+                    and (
                         q_mtime[i.key] >= cutoff
-                        or i.digest in live.referenced.get(i.repository or "", ())):
+                        or i.digest in live.referenced.get(i.repository or "", ())
+                    )
+                ):
                     restore.add(i.key)
-                    why[i.key] = ("re-pushed just before quarantine" if q_mtime[i.key] >= cutoff
-                                  else "referenced by an index or tag again")
+                    why[i.key] = (
+                        "re-pushed just before quarantine"
+                        if q_mtime[i.key] >= cutoff
+                        else "referenced by an index or tag again"
+                    )
             if len(restore) == before:
                 break
         blob_restore: set[str] = set()
@@ -707,16 +806,23 @@ class StorageCollector:
                 by_digest.setdefault(str(i.digest), []).append(i)
         for digest, group in by_digest.items():
             is_blob = any(i.kind == "blob" for i in group)
-            referenced = (digest in live.protected or digest in live.linked
-                          or any(q_mtime[i.key] >= cutoff for i in group))
+            referenced = (
+                digest in live.protected
+                or digest in live.linked
+                or any(q_mtime[i.key] >= cutoff for i in group)
+            )
             if not is_blob:
                 referenced = referenced or self.layout.blob_stat(digest) is not None
             if referenced:
                 blob_restore.add(digest)
                 restore.update(i.key for i in group)
-                reason = ("referenced by a manifest" if digest in live.protected
-                          else "linked again by a push or mount" if digest in live.linked
-                          else "changed just before quarantine")
+                reason = (
+                    "referenced by a manifest"
+                    if digest in live.protected
+                    else "linked again by a push or mount"
+                    if digest in live.linked
+                    else "changed just before quarantine"
+                )
                 why.update((i.key, reason) for i in group)
 
         def settle(i: Item) -> Item:
@@ -753,8 +859,14 @@ class StorageCollector:
             return []
         out = []
         for run in unfinished_runs(self.journal, self.opts.site, "storage"):
-            rec = RunRecorder(self.journal, site=self.opts.site, mode="storage",
-                              policy=run.get("policy"), dry_run=False, run_id=run["id"])
+            rec = RunRecorder(
+                self.journal,
+                site=self.opts.site,
+                mode="storage",
+                policy=run.get("policy"),
+                dry_run=False,
+                run_id=run["id"],
+            )
             info = get_run(self.journal, run["id"]) or {}
             cutoff = float((info.get("mark_summary") or {}).get("cutoff", run["started_at"]))
             items = [Item.from_row(r) for r in run_candidates(self.journal, run["id"])]
@@ -773,13 +885,17 @@ class StorageCollector:
         return out
 
 
-def pmap(pool: ThreadPoolExecutor | None, fn: Callable[[Any], Any], items: Sequence[Any],
-         chunk: int = 128) -> list[Any]:
+def pmap(
+    pool: ThreadPoolExecutor | None,
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    chunk: int = 128,
+) -> list[Any]:
     """pool.map in chunks: ThreadPoolExecutor ignores `chunksize`, and one future per
     tiny filesystem operation costs more than the operation. No pool: in this thread."""
     if pool is None or len(items) <= chunk:
         return [fn(x) for x in items]
-    parts = [items[k:k + chunk] for k in range(0, len(items), chunk)]
+    parts = [items[k : k + chunk] for k in range(0, len(items), chunk)]
     out: list[Any] = []
     for res in pool.map(lambda part: [fn(x) for x in part], parts):
         out.extend(res)
@@ -819,18 +935,18 @@ def _remove_tree(path: str, kind: str = "") -> None:
             os.rmdir(path)
             return
         except OSError:
-            pass                            # something else in there: the slow way
+            pass  # something else in there: the slow way
     shutil.rmtree(path)
 
 
 def _restore(i: Item, orig: Path) -> None:
     q = Path(i.quarantine) if i.quarantine is not None else None
     assert q is not None
-    if orig.exists():                       # recreated meanwhile: theirs is as good as ours
+    if orig.exists():  # recreated meanwhile: theirs is as good as ours
         shutil.rmtree(q)
         return
     if i.kind == "blob" and not (q / "data").exists():
-        shutil.rmtree(q)                    # a half-deleted copy is useless
+        shutil.rmtree(q)  # a half-deleted copy is useless
         return
     orig.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -838,7 +954,7 @@ def _restore(i: Item, orig: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-        shutil.rmtree(q)                    # the registry recreated it while we looked
+        shutil.rmtree(q)  # the registry recreated it while we looked
 
 
 def _tally(result: GCResult, items: list[Item]) -> None:
@@ -865,8 +981,12 @@ def _tally(result: GCResult, items: list[Item]) -> None:
             result.errors.append(i.error or f"{i.key}: error")
 
 
-async def collect_storage(root: str | Path, journal: Journal | None = None,
-                          options: StorageGCOptions | None = None, **kw: Any) -> GCResult:
+async def collect_storage(
+    root: str | Path,
+    journal: Journal | None = None,
+    options: StorageGCOptions | None = None,
+    **kw: Any,
+) -> GCResult:
     """Run one storage GC (finishing any interrupted run first). Blocking filesystem work
     runs on threads; the quarantine window is an asyncio sleep."""
     opts = options or StorageGCOptions(**kw)
@@ -877,8 +997,12 @@ async def collect_storage(root: str | Path, journal: Journal | None = None,
         await asyncio.to_thread(col.close)
 
 
-def collect_storage_sync(root: str | Path, journal: Journal | None = None,
-                         options: StorageGCOptions | None = None, **kw: Any) -> GCResult:
+def collect_storage_sync(
+    root: str | Path,
+    journal: Journal | None = None,
+    options: StorageGCOptions | None = None,
+    **kw: Any,
+) -> GCResult:
     """`collect_storage` for callers without an event loop (CLI, tests, benchmarks)."""
     return asyncio.run(collect_storage(root, journal, options, **kw))
 
@@ -902,8 +1026,9 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
             rec.finish("done", sub.to_json())
             _merge(result, sub)
 
-    rec = RunRecorder(col.journal, site=opts.site, mode="storage", policy=policy_names,
-                      dry_run=opts.dry_run)
+    rec = RunRecorder(
+        col.journal, site=opts.site, mode="storage", policy=policy_names, dry_run=opts.dry_run
+    )
     result.run_id = await asyncio.to_thread(rec.start)
     t = time.monotonic()
     sweeping = False
@@ -918,7 +1043,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
             await asyncio.to_thread(rec.add_candidates, [i.row() for i in plan.items])
             await asyncio.to_thread(rec.set_state, "marking", mark_summary=plan.mark_summary)
             for i in live:
-                i.state = "deleted"            # what the real run would do
+                i.state = "deleted"  # what the real run would do
             _tally(result, live)
             for i in live:
                 i.state = "candidate"
@@ -934,11 +1059,15 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         await asyncio.to_thread(col.quarantine, plan)
         result.timings["quarantine"] = time.monotonic() - t
         await asyncio.to_thread(
-            rec.update_states, [(i.kind, i.key, i.state, i.error) for i in plan.items
-                                if i.state != "candidate"])
+            rec.update_states,
+            [(i.kind, i.key, i.state, i.error) for i in plan.items if i.state != "candidate"],
+        )
         result.quarantined = sum(1 for i in plan.items if i.state == "quarantined")
-        result.kept_by_recheck += sum(1 for i in plan.items if i.state == "kept"
-                                      and i.error == "changed just before quarantine")
+        result.kept_by_recheck += sum(
+            1
+            for i in plan.items
+            if i.state == "kept" and i.error == "changed just before quarantine"
+        )
         if opts.on_phase:
             await asyncio.to_thread(opts.on_phase, "quarantined")
         if result.quarantined:
@@ -959,14 +1088,20 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         raise
 
 
-async def _settle(col: StorageCollector, rec: RunRecorder, items: list[Item], cutoff: float,
-                  result: GCResult) -> None:
+async def _settle(
+    col: StorageCollector, rec: RunRecorder, items: list[Item], cutoff: float, result: GCResult
+) -> None:
     try:
         await asyncio.to_thread(col.finalize, items, cutoff)
     finally:
         await asyncio.to_thread(
-            rec.update_states, [(i.kind, i.key, i.state, i.error) for i in items
-                                if i.state in ("deleted", "restored", "error")])
+            rec.update_states,
+            [
+                (i.kind, i.key, i.state, i.error)
+                for i in items
+                if i.state in ("deleted", "restored", "error")
+            ],
+        )
         await asyncio.to_thread(_prune_run_dir, col, rec, items)
 
 
@@ -996,14 +1131,29 @@ def _prune_empty(path: Path) -> None:
 
 
 def _merge(into: GCResult, sub: GCResult) -> None:
-    for f in ("manifests_deleted", "tags_deleted", "blobs_deleted", "links_deleted",
-              "uploads_deleted", "bytes_reclaimed", "upload_bytes_reclaimed", "restored"):
+    for f in (
+        "manifests_deleted",
+        "tags_deleted",
+        "blobs_deleted",
+        "links_deleted",
+        "uploads_deleted",
+        "bytes_reclaimed",
+        "upload_bytes_reclaimed",
+        "restored",
+    ):
         setattr(into, f, getattr(into, f) + getattr(sub, f))
     into.errors += sub.errors
     into.deleted_blobs |= sub.deleted_blobs
 
 
 __all__ = [
-    "DEFAULT_WORKERS", "GCLocked", "GCResult", "OnlineGCRefused", "StorageCollector",
-    "StorageGCOptions", "check_registry_config", "collect_storage", "collect_storage_sync",
+    "DEFAULT_WORKERS",
+    "GCLocked",
+    "GCResult",
+    "OnlineGCRefused",
+    "StorageCollector",
+    "StorageGCOptions",
+    "check_registry_config",
+    "collect_storage",
+    "collect_storage_sync",
 ]

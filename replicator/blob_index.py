@@ -30,8 +30,7 @@ class BlobIndex:
             return
         rows = await self._journal.run(
             self._journal.query,
-            "SELECT digest, repository FROM blob_locations WHERE registry = ? "
-            "ORDER BY verified_at",
+            "SELECT digest, repository FROM blob_locations WHERE registry = ? ORDER BY verified_at",
             (registry,),
         )
         table = self._mem[registry]

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 
 
 class ClientPool:
-    def __init__(self, config: Config, *, retries: int = 5,
-                 backoff_base: float | None = None) -> None:
+    def __init__(
+        self, config: Config, *, retries: int = 5, backoff_base: float | None = None
+    ) -> None:
         self.config = config
         self._retries = retries
         self._backoff_base = backoff_base

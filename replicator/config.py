@@ -76,22 +76,28 @@ _REPO_PREFIX_RE = re.compile(r"^(?:[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*/)*$")
 
 def _name(value: str) -> str:
     if not _NAME_RE.match(value):
-        raise ValueError(f"invalid name {value!r}: use letters, digits, '.', '_' or '-' "
-                         "(starting with a letter or digit, at most 63 characters)")
+        raise ValueError(
+            f"invalid name {value!r}: use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 63 characters)"
+        )
     return value
 
 
 def _env_name(value: str) -> str:
     if not _ENV_NAME_RE.match(value):
-        raise ValueError(f"{value!r} is not an environment variable name "
-                         "(letters, digits and '_', not starting with a digit)")
+        raise ValueError(
+            f"{value!r} is not an environment variable name "
+            "(letters, digits and '_', not starting with a digit)"
+        )
     return value
 
 
 def _duration(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        raise ValueError(f"a duration needs a unit, e.g. '{int(value)}s' or '10m' "
-                         f"(got the bare number {value!r})")
+        raise ValueError(
+            f"a duration needs a unit, e.g. '{int(value)}s' or '10m' "
+            f"(got the bare number {value!r})"
+        )
     return parse_duration(value)
 
 
@@ -104,8 +110,10 @@ def _positive(value: float) -> float:
 def _cron(value: str) -> str:
     value = value.strip()
     if not croniter.is_valid(value):
-        raise ValueError(f"invalid cron expression {value!r}: use five fields "
-                         "'minute hour day-of-month month day-of-week', e.g. '*/10 * * * *'")
+        raise ValueError(
+            f"invalid cron expression {value!r}: use five fields "
+            "'minute hour day-of-month month day-of-week', e.g. '*/10 * * * *'"
+        )
     return value
 
 
@@ -118,8 +126,10 @@ def _registry_url(value: str) -> str:
     parts = urllib.parse.urlsplit(value)
     if parts.username or parts.password:
         # Do not echo the URL: it carries a credential.
-        raise ValueError("the URL contains a user name or password; put credentials under "
-                         "auth (password_env or password_file) instead")
+        raise ValueError(
+            "the URL contains a user name or password; put credentials under "
+            "auth (password_env or password_file) instead"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"invalid registry URL {value!r}: expected http(s)://host[:port]")
     try:
@@ -127,8 +137,10 @@ def _registry_url(value: str) -> str:
     except ValueError:
         raise ValueError(f"invalid registry URL {value!r}: bad port") from None
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"invalid registry URL {value!r}: give only scheme://host[:port]; "
-                         "the API always lives under /v2/")
+        raise ValueError(
+            f"invalid registry URL {value!r}: give only scheme://host[:port]; "
+            "the API always lives under /v2/"
+        )
     return f"{parts.scheme}://{parts.netloc}"
 
 
@@ -151,8 +163,10 @@ def split_host_port(value: str) -> tuple[str, int]:
     """'127.0.0.1:8500' -> ('127.0.0.1', 8500); '[::1]:8500' -> ('::1', 8500)."""
     m = re.match(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^\s:\[\]]*)):(\d{1,5})$", value.strip())
     if not m:
-        raise ValueError(f"invalid listen address {value!r}: expected host:port, "
-                         "e.g. 127.0.0.1:8500 or [::1]:8500")
+        raise ValueError(
+            f"invalid listen address {value!r}: expected host:port, "
+            "e.g. 127.0.0.1:8500 or [::1]:8500"
+        )
     port = int(m.group(3))
     if port > 65535:
         raise ValueError(f"invalid listen address {value!r}: port {port} is above 65535")
@@ -161,8 +175,10 @@ def split_host_port(value: str) -> tuple[str, int]:
 
 def _rename_prefix(value: str) -> str:
     if value and not _REPO_PREFIX_RE.match(value):
-        raise ValueError(f"{value!r} is not a repository path prefix: lower-case path "
-                         "components ending with '/', e.g. 'mirror/'")
+        raise ValueError(
+            f"{value!r} is not a repository path prefix: lower-case path "
+            "components ending with '/', e.g. 'mirror/'"
+        )
     return value
 
 
@@ -175,8 +191,10 @@ def _docker_config(value: Any) -> bool | Path:
         return value
     if isinstance(value, (str, Path)) and str(value).strip():
         return Path(str(value).strip())
-    raise ValueError("docker_config must be true (use ~/.docker/config.json or "
-                     "$DOCKER_CONFIG/config.json) or the path of a Docker config.json")
+    raise ValueError(
+        "docker_config must be true (use ~/.docker/config.json or "
+        "$DOCKER_CONFIG/config.json) or the path of a Docker config.json"
+    )
 
 
 Name = Annotated[str, AfterValidator(_name)]
@@ -185,32 +203,44 @@ Duration = Annotated[
     float,
     PlainValidator(_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN,
-                    "description": "a duration with a unit: ms, s, m, h, d, w (e.g. 10m, 1h30m)",
-                    "examples": ["90s", "10m", "1h", "30d"]}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "description": "a duration with a unit: ms, s, m, h, d, w (e.g. 10m, 1h30m)",
+            "examples": ["90s", "10m", "1h", "30d"],
+        }
+    ),
 ]
 PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
-CronExpr = Annotated[str, AfterValidator(_cron),
-                     Field(description="cron expression, e.g. '*/10 * * * *'")]
+CronExpr = Annotated[
+    str, AfterValidator(_cron), Field(description="cron expression, e.g. '*/10 * * * *'")
+]
 RepoGlob = Annotated[str, AfterValidator(_rules.validate_repository_glob)]
 TagGlob = Annotated[str, AfterValidator(_rules.validate_tag_glob)]
 SemverRange = Annotated[str, AfterValidator(_rules.validate_semver_range)]
-PlatformStr = Annotated[str, AfterValidator(_platform),
-                        Field(description="os/arch[/variant], e.g. linux/arm64/v8")]
+PlatformStr = Annotated[
+    str, AfterValidator(_platform), Field(description="os/arch[/variant], e.g. linux/arm64/v8")
+]
 RegistryUrl = Annotated[str, AfterValidator(_registry_url)]
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 DockerConfig = Annotated[
     bool | Path,
     PlainValidator(_docker_config),
     PlainSerializer(lambda v: v if isinstance(v, bool) else str(v)),
-    WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "string"}],
-                    "description": "true for the default Docker config.json, or its path"}),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "boolean"}, {"type": "string"}],
+            "description": "true for the default Docker config.json, or its path",
+        }
+    ),
 ]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True,
-                              serialize_by_alias=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
 
 
 def _refused_inline(stem: str) -> Any:
@@ -219,6 +249,7 @@ def _refused_inline(stem: str) -> Any:
     The error names the field, never its value; the field is hidden from the
     JSON schema and from dumps.
     """
+
     def refuse(_value: Any) -> Any:
         raise ValueError(
             f"inline secrets are not allowed here: use {stem}_env or {stem}_file instead "
@@ -250,8 +281,9 @@ def read_secret(env: str | None, file: Path | None, where: str) -> str | None:
         try:
             value = file.read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
-            raise ConfigError(f"cannot read secret file {file}: {exc.strerror or exc}",
-                              path=where) from None
+            raise ConfigError(
+                f"cannot read secret file {file}: {exc.strerror or exc}", path=where
+            ) from None
         except UnicodeDecodeError:
             raise ConfigError(f"secret file {file} is not UTF-8 text", path=where) from None
         if not value:
@@ -261,6 +293,7 @@ def read_secret(env: str | None, file: Path | None, where: str) -> str | None:
 
 
 # ---- models -----------------------------------------------------------------------------------
+
 
 class TLSConfig(_Model):
     """Client TLS for a registry or broker: a private CA, and an optional client certificate."""
@@ -283,7 +316,8 @@ class AuthConfig(_Model):
     password_env: EnvName | None = None
     password_file: Path | None = None
     identity_token_env: EnvName | None = Field(
-        None, description="an OAuth2 refresh token (docker login identity token)")
+        None, description="an OAuth2 refresh token (docker login identity token)"
+    )
     identity_token_file: Path | None = None
     docker_config: DockerConfig = False
 
@@ -297,23 +331,29 @@ class AuthConfig(_Model):
         has_password = bool(self.password_env or self.password_file)
         has_token = bool(self.identity_token_env or self.identity_token_file)
         if self.docker_config and (self.username or has_password or has_token):
-            raise ValueError("docker_config supplies the credentials itself; do not combine it "
-                             "with username / password_* / identity_token_*")
+            raise ValueError(
+                "docker_config supplies the credentials itself; do not combine it "
+                "with username / password_* / identity_token_*"
+            )
         if has_password and not self.username:
             raise ValueError("a password needs a username")
         if self.username and not (has_password or has_token):
-            raise ValueError(f"username {self.username!r} given without password_env or "
-                             "password_file")
+            raise ValueError(
+                f"username {self.username!r} given without password_env or password_file"
+            )
         return self
 
 
 class LimitsConfig(_Model):
-    concurrency: int = Field(8, ge=1, le=1024,
-                             description="requests in flight to this registry at once; "
-                                         "as many blob downloads may stream besides, so "
-                                         "up to 2 x concurrency + 2 connections")
-    requests_per_second: float | None = Field(None, gt=0,
-                                              description="rate cap; null for none")
+    concurrency: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="requests in flight to this registry at once; "
+        "as many blob downloads may stream besides, so "
+        "up to 2 x concurrency + 2 connections",
+    )
+    requests_per_second: float | None = Field(None, gt=0, description="rate cap; null for none")
 
 
 class SiteConfig(_Model):
@@ -325,25 +365,30 @@ class SiteConfig(_Model):
     auth: AuthConfig | None = None
     webhook_token_env: EnvName | None = None
     webhook_token_file: Path | None = None
-    storage: Path | None = Field(None, description="the registry's storage rootdirectory "
-                                                   "(for storage-mode GC)")
+    storage: Path | None = Field(
+        None, description="the registry's storage rootdirectory (for storage-mode GC)"
+    )
     registry_config: Path | None = Field(None, description="the registry's own config.yml")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     _name: str = PrivateAttr(default="")
 
     inline_webhook_token: _refused_inline("webhook_token") = Field(
-        None, alias="webhook_token", exclude=True, repr=False)
+        None, alias="webhook_token", exclude=True, repr=False
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SiteConfig:
         _one_source(self, "webhook_token")
         if self.url.startswith("http://") and not self.insecure:
-            raise ValueError("plain http sends credentials and images unencrypted: set "
-                             "insecure: true to allow it, or use https")
+            raise ValueError(
+                "plain http sends credentials and images unencrypted: set "
+                "insecure: true to allow it, or use https"
+            )
         if self.insecure and self.tls and self.tls.ca:
-            raise ValueError("insecure: true skips verification, so tls.ca would be ignored; "
-                             "choose one")
+            raise ValueError(
+                "insecure: true skips verification, so tls.ca would be ignored; choose one"
+            )
         return self
 
     @property
@@ -352,8 +397,7 @@ class SiteConfig(_Model):
 
     def webhook_token(self) -> str | None:
         """The bearer token the site's webhooks must present (None: no token configured)."""
-        where = f"sites.{self._name}.webhook_token_" + ("env" if self.webhook_token_env
-                                                          else "file")
+        where = f"sites.{self._name}.webhook_token_" + ("env" if self.webhook_token_env else "file")
         return read_secret(self.webhook_token_env, self.webhook_token_file, where)
 
 
@@ -363,8 +407,9 @@ class MqttConfig(_Model):
     url: str
     topic: str = "registry/events"
     client_id: str | None = None
-    group: str | None = Field(None, description="shared-subscription group, so one member "
-                                                "of the group handles each event")
+    group: str | None = Field(
+        None, description="shared-subscription group, so one member of the group handles each event"
+    )
     username: str | None = None
     password_env: EnvName | None = None
     password_file: Path | None = None
@@ -372,18 +417,23 @@ class MqttConfig(_Model):
     tls: TLSConfig | None = None
 
     inline_password: _refused_inline("password") = Field(
-        None, alias="password", exclude=True, repr=False)
+        None, alias="password", exclude=True, repr=False
+    )
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
         parts = urllib.parse.urlsplit(value.strip())
         if parts.username or parts.password:
-            raise ValueError("the URL contains a user name or password; use username and "
-                             "password_env / password_file")
+            raise ValueError(
+                "the URL contains a user name or password; use username and "
+                "password_env / password_file"
+            )
         if parts.scheme not in ("mqtt", "mqtts", "ws", "wss") or not parts.hostname:
-            raise ValueError(f"invalid MQTT URL {value!r}: expected mqtt://host[:port] "
-                             "(or mqtts://, ws://, wss://)")
+            raise ValueError(
+                f"invalid MQTT URL {value!r}: expected mqtt://host[:port] "
+                "(or mqtts://, ws://, wss://)"
+            )
         try:
             parts.port  # noqa: B018
         except ValueError:
@@ -439,13 +489,16 @@ class TagFilter(_Model):
 
     include: list[TagGlob] = Field(default_factory=list)
     exclude: list[TagGlob] = Field(default_factory=list)
-    semver: SemverRange | None = Field(None, description="npm-style range, e.g. '>=1.2 <2', "
-                                                         "'^1.2', '1.x', 'a || b'")
-    latest: int | None = Field(None, ge=1, description="keep only the N highest versions "
-                                                       "(or N most recently pushed)")
+    semver: SemverRange | None = Field(
+        None, description="npm-style range, e.g. '>=1.2 <2', '^1.2', '1.x', 'a || b'"
+    )
+    latest: int | None = Field(
+        None, ge=1, description="keep only the N highest versions (or N most recently pushed)"
+    )
 
     _coerce = field_validator("include", "exclude", mode="before")(
-        classmethod(lambda cls, v: _one_or_many(v)))
+        classmethod(lambda cls, v: _one_or_many(v))
+    )
 
 
 class RenameConfig(_Model):
@@ -462,24 +515,27 @@ class Rule(_Model):
     repositories: list[RepoGlob] = Field(default_factory=lambda: ["**"], min_length=1)
     exclude_repositories: list[RepoGlob] = Field(default_factory=list)
     tags: TagFilter | None = None
-    platforms: list[PlatformStr] | None = Field(None, description="copy only these platforms "
-                                                                  "of multi-arch images")
+    platforms: list[PlatformStr] | None = Field(
+        None, description="copy only these platforms of multi-arch images"
+    )
     referrers: bool = Field(True, description="copy signatures, SBOMs and other referrers")
     deletes: bool = Field(False, description="propagate deletions to the targets")
-    overwrite: bool = Field(True, description="false: never replace a tag that differs at "
-                                              "the target")
+    overwrite: bool = Field(
+        True, description="false: never replace a tag that differs at the target"
+    )
     rename: RenameConfig | None = None
     immutable_tags: list[TagGlob] = Field(
         default_factory=list,
         description="tags that never move once pushed (e.g. 'v*'): when the journal already "
-                    "records the target holding the source digest, reconcile trusts it and "
-                    "sends the target no request for them")
+        "records the target holding the source digest, reconcile trusts it and "
+        "sends the target no request for them",
+    )
     interval: PositiveDuration | None = Field(None, description="periodic reconcile interval")
     schedule: CronExpr | None = Field(None, description="periodic reconcile as cron")
 
-    _coerce = field_validator("to", "repositories", "exclude_repositories", "immutable_tags",
-                              mode="before")(
-        classmethod(lambda cls, v: _one_or_many(v)))
+    _coerce = field_validator(
+        "to", "repositories", "exclude_repositories", "immutable_tags", mode="before"
+    )(classmethod(lambda cls, v: _one_or_many(v)))
 
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
@@ -516,14 +572,17 @@ class GcPolicy(_Model):
     exclude_repositories: list[RepoGlob] = Field(default_factory=list)
     keep: KeepConfig = Field(default_factory=KeepConfig)
     untagged: Literal["delete", "keep"] = Field(
-        "keep", description="what happens to manifests no kept tag or index references")
+        "keep", description="what happens to manifests no kept tag or index references"
+    )
     referrers: Literal["follow-subject", "keep"] = Field(
-        "follow-subject", description="follow-subject: a referrer lives as long as its subject")
+        "follow-subject", description="follow-subject: a referrer lives as long as its subject"
+    )
     grace: Duration = Field(3600.0, description="nothing younger than this is ever deleted")
     mode: Literal["api", "storage", "both"] = "api"
 
     _coerce = field_validator("sites", "repositories", "exclude_repositories", mode="before")(
-        classmethod(lambda cls, v: _one_or_many(v)))
+        classmethod(lambda cls, v: _one_or_many(v))
+    )
 
     def matches_repository(self, repo: str) -> bool:
         return _rules.repository_selected(self.repositories, self.exclude_repositories, repo)
@@ -554,7 +613,8 @@ def _unknown(kind: str, name: str, known: list[str]) -> str:
 
 
 _PENDING_CROSS: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar(
-    "config_cross_problems", default=None)
+    "config_cross_problems", default=None
+)
 
 
 def _as_list(value: Any) -> list:
@@ -563,14 +623,24 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else []
 
 
-def _check_unique(name: Any, index: int, seen: dict[Any, int], list_path: str, kind: str,
-                  problems: list[tuple[str, str]]) -> None:
+def _check_unique(
+    name: Any,
+    index: int,
+    seen: dict[Any, int],
+    list_path: str,
+    kind: str,
+    problems: list[tuple[str, str]],
+) -> None:
     """Record a problem when `name` was already used earlier in the same list."""
     if not isinstance(name, str):
         return
     if name in seen:
-        problems.append((f"{list_path}[{index}].name", f"duplicate {kind} name {name!r} "
-                         f"(also {list_path}[{seen[name]}])"))
+        problems.append(
+            (
+                f"{list_path}[{index}].name",
+                f"duplicate {kind} name {name!r} (also {list_path}[{seen[name]}])",
+            )
+        )
     seen.setdefault(name, index)
 
 
@@ -597,8 +667,9 @@ def _cross_problems(data: Mapping) -> list[tuple[str, str]]:
                 continue
             path = f"{where}.to[{j}]" if isinstance(rule.get("to"), list) else f"{where}.to"
             if target == source:
-                problems.append((path, f"rule {name!r} would replicate site {target!r} "
-                                 "onto itself"))
+                problems.append(
+                    (path, f"rule {name!r} would replicate site {target!r} onto itself")
+                )
             elif target not in sites:
                 problems.append((path, _unknown("site", target, known)))
             elif target in targets:
@@ -617,23 +688,33 @@ def _cross_problems(data: Mapping) -> list[tuple[str, str]]:
         for j, site in enumerate(_as_list(policy.get("sites"))):
             if not isinstance(site, str):
                 continue
-            path = (f"{where}.sites[{j}]" if isinstance(policy.get("sites"), list)
-                    else f"{where}.sites")
+            path = (
+                f"{where}.sites[{j}]" if isinstance(policy.get("sites"), list) else f"{where}.sites"
+            )
             if site not in sites:
                 problems.append((path, _unknown("site", site, known)))
             elif mode in ("storage", "both"):
                 site_data = sites[site]
                 if not (isinstance(site_data, Mapping) and site_data.get("storage")):
-                    problems.append((f"{where}.mode", f"mode {mode!r} needs "
-                                     f"sites.{site}.storage (the registry's rootdirectory)"))
+                    problems.append(
+                        (
+                            f"{where}.mode",
+                            f"mode {mode!r} needs "
+                            f"sites.{site}.storage (the registry's rootdirectory)",
+                        )
+                    )
     return problems
 
 
 class _EnvOverrides(PydanticBaseSettingsSource):
     """The environment source, with its dict keys matched to the file's (`US_EAST` ~ `us-east`)."""
 
-    def __init__(self, settings_cls: type[BaseSettings], env: PydanticBaseSettingsSource,
-                 init: PydanticBaseSettingsSource) -> None:
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        env: PydanticBaseSettingsSource,
+        init: PydanticBaseSettingsSource,
+    ) -> None:
         super().__init__(settings_cls)
         self._env = env
         self._init = init
@@ -660,8 +741,12 @@ def _norm(key: str) -> str:
 
 def _align_keys(env: Any, base: Any) -> Any:
     """Rename env keys to the file's spelling; turn `RULES__0__X` into an edit of list item 0."""
-    if (isinstance(env, dict) and isinstance(base, list) and env
-            and all(isinstance(k, str) and k.isdigit() and int(k) < len(base) for k in env)):
+    if (
+        isinstance(env, dict)
+        and isinstance(base, list)
+        and env
+        and all(isinstance(k, str) and k.isdigit() and int(k) < len(base) for k in env)
+    ):
         items = list(base)
         for key, value in env.items():
             items[int(key)] = _merge(base[int(key)], _align_keys(value, base[int(key)]))
@@ -685,13 +770,19 @@ class Config(BaseSettings):
     """The whole configuration. Build it with `load_config(path)`."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False,
-        extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="forbid",
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
     )
 
     journal: Path = Field(Path("replicator.db"), description="SQLite state journal")
     listen: Annotated[str, AfterValidator(_listen)] = Field(
-        "127.0.0.1:8500", description="host:port for webhooks, health and metrics")
+        "127.0.0.1:8500", description="host:port for webhooks, health and metrics"
+    )
     mqtt: MqttConfig | None = None
     sites: dict[Annotated[str, AfterValidator(_name)], SiteConfig] = Field(min_length=1)
     rules: list[Rule] = Field(default_factory=list)
@@ -702,8 +793,9 @@ class Config(BaseSettings):
     _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
-                                   dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         # Earlier sources win: the environment overrides the file.
         return (_EnvOverrides(settings_cls, env_settings, init_settings), init_settings)
 
@@ -761,8 +853,9 @@ class Config(BaseSettings):
         for policy in self.gc.policies:
             if policy.name == name:
                 return policy
-        raise ConfigError(_unknown("GC policy", name, [p.name for p in self.gc.policies]),
-                          path="gc.policies")
+        raise ConfigError(
+            _unknown("GC policy", name, [p.name for p in self.gc.policies]), path="gc.policies"
+        )
 
     def credentials(self, name: str) -> Credentials | None:
         """The site's explicit credentials, secrets read now; None when the site has no
@@ -774,12 +867,16 @@ class Config(BaseSettings):
         if auth is None or auth.docker_config:
             return None
         base = f"sites.{name}.auth"
-        password = read_secret(auth.password_env, auth.password_file,
-                               base + (".password_env" if auth.password_env
-                                       else ".password_file"))
-        token = read_secret(auth.identity_token_env, auth.identity_token_file,
-                            base + (".identity_token_env" if auth.identity_token_env
-                                    else ".identity_token_file"))
+        password = read_secret(
+            auth.password_env,
+            auth.password_file,
+            base + (".password_env" if auth.password_env else ".password_file"),
+        )
+        token = read_secret(
+            auth.identity_token_env,
+            auth.identity_token_file,
+            base + (".identity_token_env" if auth.identity_token_env else ".identity_token_file"),
+        )
         return Credentials(username=auth.username, password=password, identity_token=token)
 
     def site_endpoint(self, name: str) -> SiteEndpoint:
@@ -819,8 +916,10 @@ def default_docker_config() -> Path:
 
 # ---- loading ----------------------------------------------------------------------------------
 
-def _yaml_lines(node: yaml.Node | None, path: tuple = (), out: dict | None = None,
-                dupes: list | None = None) -> dict[tuple, int]:
+
+def _yaml_lines(
+    node: yaml.Node | None, path: tuple = (), out: dict | None = None, dupes: list | None = None
+) -> dict[tuple, int]:
     """Map each YAML path to its 1-based line, noting duplicate mapping keys on the way."""
     out = {} if out is None else out
     if isinstance(node, yaml.MappingNode):
@@ -854,9 +953,21 @@ def format_path(loc: tuple) -> str:
 
 def _all_field_names() -> list[str]:
     names: set[str] = set()
-    for model in (Config, TLSConfig, AuthConfig, LimitsConfig, SiteConfig, MqttConfig,
-                  TagFilter, RenameConfig, Rule, KeepConfig, GcPolicy, GcConfig,
-                  TelemetryConfig):
+    for model in (
+        Config,
+        TLSConfig,
+        AuthConfig,
+        LimitsConfig,
+        SiteConfig,
+        MqttConfig,
+        TagFilter,
+        RenameConfig,
+        Rule,
+        KeepConfig,
+        GcPolicy,
+        GcConfig,
+        TelemetryConfig,
+    ):
         for fname, info in model.model_fields.items():
             names.add(info.alias or fname)
     return sorted(names)
@@ -915,10 +1026,12 @@ def _env_warnings() -> list[str]:
     for key in os.environ:
         if not key.upper().startswith(ENV_PREFIX) or key.upper() == CONFIG_ENV:
             continue
-        first = key[len(ENV_PREFIX):].split("__", 1)[0].lower()
+        first = key[len(ENV_PREFIX) :].split("__", 1)[0].lower()
         if first not in fields:
-            out.append(f"environment variable {key} does not name a setting "
-                       f"(settings: {', '.join(sorted(fields))}); it is ignored")
+            out.append(
+                f"environment variable {key} does not name a setting "
+                f"(settings: {', '.join(sorted(fields))}); it is ignored"
+            )
     return out
 
 
@@ -937,8 +1050,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except IsADirectoryError:
         raise ConfigError(f"configuration path {file} is a directory, not a file") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read configuration file {file}: "
-                          f"{exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read configuration file {file}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"configuration file {file} is not UTF-8 text") from None
     try:
@@ -949,30 +1061,36 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
         # Only the parser's own words: its snippet of the line could show a secret.
         what = "; ".join(p for p in (exc.context, exc.problem) if p)
-        if exc.context_mark and exc.problem_mark and \
-                exc.context_mark.line != exc.problem_mark.line:
+        if exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
             what += f" (the construct opened on line {exc.context_mark.line + 1})"
         raise ConfigError(f"{where}: YAML syntax error: {what}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: YAML error: {type(exc).__name__}") from None
     if data is None:
-        raise ConfigError(f"configuration file {file} is empty; see "
-                          "`registry-replicator config-schema` for the format")
+        raise ConfigError(
+            f"configuration file {file} is empty; see "
+            "`registry-replicator config-schema` for the format"
+        )
     if not isinstance(data, dict):
-        raise ConfigError(f"configuration file {file} must be a YAML mapping at the top level "
-                          f"(found {type(data).__name__})")
+        raise ConfigError(
+            f"configuration file {file} must be a YAML mapping at the top level "
+            f"(found {type(data).__name__})"
+        )
     dupes: list[tuple[tuple, int]] = []
     lines = _yaml_lines(node, dupes=dupes)
-    early = [(format_path(p), n, "duplicate key; the earlier value would be lost")
-             for p, n in dupes]
+    early = [
+        (format_path(p), n, "duplicate key; the earlier value would be lost") for p, n in dupes
+    ]
     config = _build(data, label=str(file), lines=lines, early=early)
     _resolve_paths(config, file.resolve().parent)
     config._source_path = file.resolve()
     return config
 
 
-def config_from_dict(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | None = None,
-                     ) -> Config:
+def config_from_dict(
+    data: Mapping[str, Any],
+    base_dir: str | os.PathLike[str] | None = None,
+) -> Config:
     """Validate an in-memory configuration exactly like `load_config` (ConfigError on
     problems, environment overrides applied); relative paths resolve against `base_dir`."""
     config = _build(dict(data), label="(in memory)", lines={}, early=[])
@@ -981,11 +1099,15 @@ def config_from_dict(data: Mapping[str, Any], base_dir: str | os.PathLike[str] |
     return config
 
 
-def _build(data: dict, *, label: str, lines: dict[tuple, int],
-           early: list[tuple[str, int | None, str]]) -> Config:
+def _build(
+    data: dict, *, label: str, lines: dict[tuple, int], early: list[tuple[str, int | None, str]]
+) -> Config:
     problems = list(early)  # (path, line, message)
-    problems += [(str(k), lines.get((k,)), "unknown key") for k in data
-                 if not isinstance(k, str) or k.startswith("_")]
+    problems += [
+        (str(k), lines.get((k,)), "unknown key")
+        for k in data
+        if not isinstance(k, str) or k.startswith("_")
+    ]
     config: Config | None = None
     if not problems:
         _PENDING_CROSS.set(None)
@@ -1037,8 +1159,13 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
     """-c/--config for every sub-command that reads the configuration."""
     default = os.environ.get(CONFIG_ENV)
     parser.add_argument(
-        "-c", "--config", metavar="FILE", default=default, required=default is None,
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=default,
+        required=default is None,
         help=f"the YAML configuration file (default: ${CONFIG_ENV}"
-             + (f", now {default}" if default else "") + "); settings can be overridden with "
-             f"{ENV_PREFIX}<KEY> environment variables, '__' between nested keys",
+        + (f", now {default}" if default else "")
+        + "); settings can be overridden with "
+        f"{ENV_PREFIX}<KEY> environment variables, '__' between nested keys",
     )

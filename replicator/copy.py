@@ -99,16 +99,16 @@ class CopyResult:
     digest: str | None = None
     error: str | None = None
     stats: CopyStats = field(default_factory=CopyStats)
-    retryable: bool = False   # a failure that may succeed later (network, 5xx, auth)
+    retryable: bool = False  # a failure that may succeed later (network, 5xx, auth)
 
 
 @dataclass(frozen=True)
 class CopyOptions:
-    platforms: Sequence[Platform] | None = None   # None: every child of an index
+    platforms: Sequence[Platform] | None = None  # None: every child of an index
     referrers: bool = True
-    overwrite: bool = True                         # False: a differing target tag is a conflict
-    blob_attempts: int = 4                         # whole-blob transfer attempts
-    blob_parallelism: int = 4                      # concurrent blobs per manifest
+    overwrite: bool = True  # False: a differing target tag is a conflict
+    blob_attempts: int = 4  # whole-blob transfer attempts
+    blob_parallelism: int = 4  # concurrent blobs per manifest
 
 
 # Called with (target client, target repository, digest, reference: tag or digest)
@@ -120,10 +120,14 @@ BeforeManifestPut = Callable[[RegistryClient, str, str, str], Awaitable[None]]
 class CopyEngine:
     """Copies artifacts; one instance is shared so uploads to a registry are de-duplicated."""
 
-    def __init__(self, blob_index: BlobIndex | None = None, *,
-                 progress: Progress | None = None,
-                 before_manifest_put: BeforeManifestPut | None = None,
-                 retry_base_delay: float = 0.2) -> None:
+    def __init__(
+        self,
+        blob_index: BlobIndex | None = None,
+        *,
+        progress: Progress | None = None,
+        before_manifest_put: BeforeManifestPut | None = None,
+        retry_base_delay: float = 0.2,
+    ) -> None:
         self.blob_index = blob_index or BlobIndex()
         self.progress = progress
         self.before_manifest_put = before_manifest_put
@@ -134,10 +138,18 @@ class CopyEngine:
         self._repo_inflight: dict[tuple[str, str, str], asyncio.Future[str]] = {}
 
     # ------------------------------------------------------------------ public
-    async def copy(self, src: RegistryClient, src_repo: str, ref: str,
-                   dst: RegistryClient, dst_repo: str, *, tag: str | None = None,
-                   options: CopyOptions = CopyOptions(),
-                   target_current: Descriptor | object | None = UNKNOWN) -> CopyResult:
+    async def copy(
+        self,
+        src: RegistryClient,
+        src_repo: str,
+        ref: str,
+        dst: RegistryClient,
+        dst_repo: str,
+        *,
+        tag: str | None = None,
+        options: CopyOptions = CopyOptions(),
+        target_current: Descriptor | object | None = UNKNOWN,
+    ) -> CopyResult:
         """Copy `src_repo:ref` to `dst_repo`, tagging it `tag` (default: `ref` if it is a tag).
 
         `target_current` is what the caller already knows the target tag points
@@ -147,14 +159,18 @@ class CopyEngine:
         if tag is None and not is_digest(ref):
             tag = ref
         COPY_SOURCE.set(src.site.name)
-        source_name = f"{src.site.name}/{src_repo}:{ref}" if not is_digest(ref) \
+        source_name = (
+            f"{src.site.name}/{src_repo}:{ref}"
+            if not is_digest(ref)
             else f"{src.site.name}/{src_repo}@{ref}"
+        )
         target_name = f"{dst.site.name}/{dst_repo}" + (f":{tag}" if tag else "")
         stats = CopyStats()
         try:
             with telemetry.span("copy", source=source_name, target=target_name) as span:
-                status, digest = await self._copy(src, src_repo, ref, dst, dst_repo, tag,
-                                                  options, stats, target_current)
+                status, digest = await self._copy(
+                    src, src_repo, ref, dst, dst_repo, tag, options, stats, target_current
+                )
                 span.set_attribute("replicator.status", status)
         except (RegistryError, ManifestError) as exc:
             stats.failed += 1
@@ -163,8 +179,7 @@ class CopyEngine:
             log.warning("copy failed: %s", message)
             # a source that lacks the artifact, or a format we refuse, will not heal by itself
             retryable = not isinstance(exc, (NotFound, ManifestError))
-            return CopyResult(source_name, target_name, "failed", None, str(exc), stats,
-                              retryable)
+            return CopyResult(source_name, target_name, "failed", None, str(exc), stats, retryable)
         if status == "copied":
             stats.copied += 1
         elif status == "skipped":
@@ -174,10 +189,18 @@ class CopyEngine:
         return CopyResult(source_name, target_name, status, digest, None, stats)
 
     # --------------------------------------------------------------- manifests
-    async def _copy(self, src: RegistryClient, src_repo: str, ref: str, dst: RegistryClient,
-                    dst_repo: str, tag: str | None, options: CopyOptions,
-                    stats: CopyStats, target_current: Descriptor | object | None
-                    ) -> tuple[Status, str]:
+    async def _copy(
+        self,
+        src: RegistryClient,
+        src_repo: str,
+        ref: str,
+        dst: RegistryClient,
+        dst_repo: str,
+        tag: str | None,
+        options: CopyOptions,
+        stats: CopyStats,
+        target_current: Descriptor | object | None,
+    ) -> tuple[Status, str]:
         source_digest = ref if is_digest(ref) else None
         current: Descriptor | None = None
         if tag is not None:
@@ -190,25 +213,33 @@ class CopyEngine:
                 # only worth a HEAD when it may spare the GET; else fetch by tag below
                 head = await src.head_manifest(src_repo, ref)
                 if head is None:
-                    raise NotFound("manifest unknown",
-                                   site=src.site.name, repository=src_repo, reference=ref,
-                                   status=404)
+                    raise NotFound(
+                        "manifest unknown",
+                        site=src.site.name,
+                        repository=src_repo,
+                        reference=ref,
+                        status=404,
+                    )
                 source_digest = head.digest
             if current is not None and current.digest == source_digest:
                 return "skipped", source_digest
         manifest = await src.get_manifest(src_repo, source_digest or ref)
         if source_digest and manifest.digest != source_digest:
             raise DigestMismatch(
-                f"content hashes to {manifest.digest}", site=src.site.name, repository=src_repo,
-                reference=source_digest)
+                f"content hashes to {manifest.digest}",
+                site=src.site.name,
+                repository=src_repo,
+                reference=source_digest,
+            )
         if current is not None:
             expected = self._as_written(manifest, options)
             if current.digest == expected.digest:
-                return "skipped", expected.digest   # platform-filtered index already there
+                return "skipped", expected.digest  # platform-filtered index already there
             if not options.overwrite:
                 return "conflict", current.digest
-        written = await self._copy_manifest(src, src_repo, manifest, dst, dst_repo, tag,
-                                            options, stats)
+        written = await self._copy_manifest(
+            src, src_repo, manifest, dst, dst_repo, tag, options, stats
+        )
         return "copied", written.digest
 
     @staticmethod
@@ -221,58 +252,95 @@ class CopyEngine:
         if not selected and children:
             raise ManifestError(
                 f"index {manifest.digest}: no child matches platforms "
-                f"{', '.join(map(str, options.platforms or []))}")
-        return manifest if len(selected) == len(children) else _filtered_index(manifest,
-                                                                               selected)
+                f"{', '.join(map(str, options.platforms or []))}"
+            )
+        return manifest if len(selected) == len(children) else _filtered_index(manifest, selected)
 
-    async def _copy_manifest(self, src: RegistryClient, src_repo: str, manifest: Manifest,
-                             dst: RegistryClient, dst_repo: str, tag: str | None,
-                             options: CopyOptions, stats: CopyStats) -> Manifest:
+    async def _copy_manifest(
+        self,
+        src: RegistryClient,
+        src_repo: str,
+        manifest: Manifest,
+        dst: RegistryClient,
+        dst_repo: str,
+        tag: str | None,
+        options: CopyOptions,
+        stats: CopyStats,
+    ) -> Manifest:
         """Copy everything `manifest` needs, then the manifest itself; returns what was written."""
         to_write = self._as_written(manifest, options)
-        with telemetry.span("copy manifest", digest=to_write.digest, media_type=to_write.media_type,
-                            target=dst.site.name, repository=dst_repo, tag=tag):
+        with telemetry.span(
+            "copy manifest",
+            digest=to_write.digest,
+            media_type=to_write.media_type,
+            target=dst.site.name,
+            repository=dst_repo,
+            tag=tag,
+        ):
             if manifest.is_index:
                 await self._gather(
-                    (self._copy_child(src, src_repo, c, dst, dst_repo, options, stats)
-                     for c in to_write.children), options.blob_parallelism * 2)
+                    (
+                        self._copy_child(src, src_repo, c, dst, dst_repo, options, stats)
+                        for c in to_write.children
+                    ),
+                    options.blob_parallelism * 2,
+                )
             else:
                 await self._gather(
-                    (self._ensure_blob(src, src_repo, dst, dst_repo, b, options, stats)
-                     for b in manifest.blobs), options.blob_parallelism)
+                    (
+                        self._ensure_blob(src, src_repo, dst, dst_repo, b, options, stats)
+                        for b in manifest.blobs
+                    ),
+                    options.blob_parallelism,
+                )
             await self._put_manifest(dst, dst_repo, tag or to_write.digest, to_write, stats)
             if options.referrers:
-                await self._copy_referrers(src, src_repo, manifest, dst, dst_repo, options,
-                                           stats)
+                await self._copy_referrers(src, src_repo, manifest, dst, dst_repo, options, stats)
         return to_write
 
-    async def _copy_child(self, src: RegistryClient, src_repo: str, child: Descriptor,
-                          dst: RegistryClient, dst_repo: str, options: CopyOptions,
-                          stats: CopyStats) -> None:
+    async def _copy_child(
+        self,
+        src: RegistryClient,
+        src_repo: str,
+        child: Descriptor,
+        dst: RegistryClient,
+        dst_repo: str,
+        options: CopyOptions,
+        stats: CopyStats,
+    ) -> None:
         if await dst.head_manifest(dst_repo, child.digest) is not None:
             if options.referrers:
                 manifest = await src.get_manifest(src_repo, child.digest)
-                await self._copy_referrers(src, src_repo, manifest, dst, dst_repo, options,
-                                           stats)
+                await self._copy_referrers(src, src_repo, manifest, dst, dst_repo, options, stats)
             return
         manifest = await src.get_manifest(src_repo, child.digest)
-        await self._copy_manifest(src, src_repo, manifest, dst, dst_repo, None, options,
-                                  stats)
+        await self._copy_manifest(src, src_repo, manifest, dst, dst_repo, None, options, stats)
 
-    async def _put_manifest(self, dst: RegistryClient, dst_repo: str, ref: str,
-                            manifest: Manifest, stats: CopyStats) -> None:
+    async def _put_manifest(
+        self, dst: RegistryClient, dst_repo: str, ref: str, manifest: Manifest, stats: CopyStats
+    ) -> None:
         if self.before_manifest_put is not None:
             await self.before_manifest_put(dst, dst_repo, manifest.digest, ref)
         digest = await dst.put_manifest(dst_repo, ref, manifest.raw, manifest.media_type)
         if digest and digest != manifest.digest:
             raise DigestMismatch(
                 f"registry stored digest {digest}, expected {manifest.digest}",
-                site=dst.site.name, repository=dst_repo, reference=ref)
+                site=dst.site.name,
+                repository=dst_repo,
+                reference=ref,
+            )
         stats.manifests_written += 1
 
-    async def _copy_referrers(self, src: RegistryClient, src_repo: str, subject: Manifest,
-                              dst: RegistryClient, dst_repo: str, options: CopyOptions,
-                              stats: CopyStats) -> None:
+    async def _copy_referrers(
+        self,
+        src: RegistryClient,
+        src_repo: str,
+        subject: Manifest,
+        dst: RegistryClient,
+        dst_repo: str,
+        options: CopyOptions,
+        stats: CopyStats,
+    ) -> None:
         """Copy signatures, SBOMs … whose subject is `subject`, and the fallback tag index."""
         referrers, index = await src.referrers_and_fallback(src_repo, subject.digest)
         if not referrers:
@@ -280,8 +348,9 @@ class CopyEngine:
         for ref in referrers:
             if await dst.head_manifest(dst_repo, ref.digest) is None:
                 manifest = await src.get_manifest(src_repo, ref.digest)
-                await self._copy_manifest(src, src_repo, manifest, dst, dst_repo, None,
-                                          options, stats)
+                await self._copy_manifest(
+                    src, src_repo, manifest, dst, dst_repo, None, options, stats
+                )
         # Targets without a referrers API find referrers through the fallback tag.
         fallback = "sha256-" + subject.digest.split(":", 1)[1]
         if index is None:
@@ -294,20 +363,34 @@ class CopyEngine:
         else:
             current = await dst.head_manifest(dst_repo, fallback)
             if current is None:
-                raw = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                                  "manifests": [r.to_json() for r in referrers]},
-                                 indent=2).encode()
-                await self._put_manifest(dst, dst_repo, fallback,
-                                         parse_manifest(raw, OCI_INDEX), stats)
+                raw = json.dumps(
+                    {
+                        "schemaVersion": 2,
+                        "mediaType": OCI_INDEX,
+                        "manifests": [r.to_json() for r in referrers],
+                    },
+                    indent=2,
+                ).encode()
+                await self._put_manifest(
+                    dst, dst_repo, fallback, parse_manifest(raw, OCI_INDEX), stats
+                )
 
     # ------------------------------------------------------------------- blobs
-    async def _ensure_blob(self, src: RegistryClient, src_repo: str, dst: RegistryClient,
-                           dst_repo: str, blob: Descriptor, options: CopyOptions,
-                           stats: CopyStats) -> None:
+    async def _ensure_blob(
+        self,
+        src: RegistryClient,
+        src_repo: str,
+        dst: RegistryClient,
+        dst_repo: str,
+        blob: Descriptor,
+        options: CopyOptions,
+        stats: CopyStats,
+    ) -> None:
         """Make `blob` present in `dst_repo`, once, however many copies need it right now."""
         key = (dst.site.url, blob.digest, dst_repo)
-        with telemetry.span("blob", digest=blob.digest, bytes=blob.size, target=dst.site.name,
-                            repository=dst_repo):
+        with telemetry.span(
+            "blob", digest=blob.digest, bytes=blob.size, target=dst.site.name, repository=dst_repo
+        ):
             running = self._repo_inflight.get(key)
             if running is not None:
                 with contextlib.suppress(asyncio.CancelledError):
@@ -316,12 +399,22 @@ class CopyEngine:
                     stats.blobs_existing += 1
                     telemetry.set_attributes(outcome="existing")
                     return
-            await _single_flight(self._repo_inflight, key, self._obtain_blob(
-                src, src_repo, dst, dst_repo, blob, options, stats))
+            await _single_flight(
+                self._repo_inflight,
+                key,
+                self._obtain_blob(src, src_repo, dst, dst_repo, blob, options, stats),
+            )
 
-    async def _obtain_blob(self, src: RegistryClient, src_repo: str, dst: RegistryClient,
-                           dst_repo: str, blob: Descriptor, options: CopyOptions,
-                           stats: CopyStats) -> str:
+    async def _obtain_blob(
+        self,
+        src: RegistryClient,
+        src_repo: str,
+        dst: RegistryClient,
+        dst_repo: str,
+        blob: Descriptor,
+        options: CopyOptions,
+        stats: CopyStats,
+    ) -> str:
         registry = dst.site.url
         # HEAD first, even when the index names a holder to mount from: a mount
         # into a repository that already has the blob makes distribution rewrite
@@ -340,12 +433,22 @@ class CopyEngine:
                 if landed and await self._try_mount(dst, dst_repo, blob.digest, landed, stats):
                     return dst_repo
             return await self._obtain_blob(src, src_repo, dst, dst_repo, blob, options, stats)
-        return await _single_flight(self._inflight, key, self._mount_or_upload(
-            src, src_repo, dst, dst_repo, blob, options, stats))
+        return await _single_flight(
+            self._inflight,
+            key,
+            self._mount_or_upload(src, src_repo, dst, dst_repo, blob, options, stats),
+        )
 
-    async def _mount_or_upload(self, src: RegistryClient, src_repo: str, dst: RegistryClient,
-                               dst_repo: str, blob: Descriptor, options: CopyOptions,
-                               stats: CopyStats) -> str:
+    async def _mount_or_upload(
+        self,
+        src: RegistryClient,
+        src_repo: str,
+        dst: RegistryClient,
+        dst_repo: str,
+        blob: Descriptor,
+        options: CopyOptions,
+        stats: CopyStats,
+    ) -> str:
         registry = dst.site.url
         location = None
         for candidate in await self.blob_index.candidates(registry, blob.digest, dst_repo):
@@ -364,8 +467,9 @@ class CopyEngine:
         await self.blob_index.record(registry, blob.digest, dst_repo)
         return dst_repo
 
-    async def _try_mount(self, dst: RegistryClient, dst_repo: str, digest: str, from_repo: str,
-                         stats: CopyStats) -> bool:
+    async def _try_mount(
+        self, dst: RegistryClient, dst_repo: str, digest: str, from_repo: str, stats: CopyStats
+    ) -> bool:
         if from_repo == dst_repo:
             stats.blobs_existing += 1
             telemetry.set_attributes(outcome="existing")
@@ -379,9 +483,17 @@ class CopyEngine:
         await dst.cancel_upload(location)
         return False
 
-    async def _upload(self, src: RegistryClient, src_repo: str, dst: RegistryClient,
-                      dst_repo: str, blob: Descriptor, options: CopyOptions, stats: CopyStats,
-                      location: str | None) -> None:
+    async def _upload(
+        self,
+        src: RegistryClient,
+        src_repo: str,
+        dst: RegistryClient,
+        dst_repo: str,
+        blob: Descriptor,
+        options: CopyOptions,
+        stats: CopyStats,
+        location: str | None,
+    ) -> None:
         """Stream one blob, retrying the whole transfer on transient failures."""
         attempt = 0
         while True:
@@ -393,7 +505,10 @@ class CopyEngine:
                     if blob.size and size != blob.size:
                         raise DigestMismatch(
                             f"source reports {size} bytes, manifest says {blob.size}",
-                            site=src.site.name, repository=src_repo, reference=blob.digest)
+                            site=src.site.name,
+                            repository=src_repo,
+                            reference=blob.digest,
+                        )
                     body = self._verified(stream, blob.digest, size, src.site.name, src_repo)
                     await dst.upload_blob(dst_repo, blob.digest, size, body, location=location)
                 stats.blobs_uploaded += 1
@@ -411,12 +526,20 @@ class CopyEngine:
                 if not getattr(exc, "retryable", False) or attempt >= options.blob_attempts:
                     raise
                 delay = self.retry_base_delay * (2 ** (attempt - 1))
-                log.info("blob %s to %s/%s failed (%s); retry %d in %.1fs", blob.digest,
-                         dst.site.name, dst_repo, exc, attempt, delay)
+                log.info(
+                    "blob %s to %s/%s failed (%s); retry %d in %.1fs",
+                    blob.digest,
+                    dst.site.name,
+                    dst_repo,
+                    exc,
+                    attempt,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
-    async def _verified(self, chunks: AsyncIterable[bytes], digest: str, size: int,
-                        site: str, repo: str) -> AsyncIterator[bytes]:
+    async def _verified(
+        self, chunks: AsyncIterable[bytes], digest: str, size: int, site: str, repo: str
+    ) -> AsyncIterator[bytes]:
         """Yield `chunks`, holding the last one back until the digest is proven.
 
         Large blobs are hashed on a worker thread (hashlib releases the GIL), so
@@ -442,7 +565,10 @@ class CopyEngine:
             if actual != digest or seen != size:
                 raise DigestMismatch(
                     f"received {seen} bytes hashing to {actual}; refusing to write it",
-                    site=site, repository=repo, reference=digest)
+                    site=site,
+                    repository=repo,
+                    reference=digest,
+                )
             if pending is not None:
                 yield pending
                 if self.progress:
@@ -481,8 +607,7 @@ class _Hasher:
     def __init__(self, digest: str, threaded: bool) -> None:
         self._algorithm = digest.split(":", 1)[0]
         self._hash = hasher_for(digest)
-        self._executor = (concurrent.futures.ThreadPoolExecutor(1, "blob-hash")
-                          if threaded else None)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "blob-hash") if threaded else None
         self._backlog: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def update(self, chunk: bytes) -> None:
@@ -528,7 +653,9 @@ def _platform_selected(desc: Descriptor, platforms: Sequence[Platform] | None) -
     if not platforms:
         return True
     if desc.platform is None or (desc.platform.os, desc.platform.architecture) == (
-            "unknown", "unknown"):
+        "unknown",
+        "unknown",
+    ):
         # attestation manifests carry no real platform: keep them with the images they describe
         return True
     return any(desc.platform.matches(p) for p in platforms)

@@ -27,9 +27,7 @@ _FULL_RE = re.compile(DURATION_PATTERN)
 def parse_duration(text: str) -> float:
     """'1h30m' -> 5400.0. Raises ValueError with an example of the accepted form."""
     if isinstance(text, bool) or not isinstance(text, str):
-        raise ValueError(
-            f"a duration needs a unit, e.g. '90s', '10m', '1h', '30d' (got {text!r})"
-        )
+        raise ValueError(f"a duration needs a unit, e.g. '90s', '10m', '1h', '30d' (got {text!r})")
     s = text.strip().lower()
     if not s or not _FULL_RE.match(s):
         raise ValueError(

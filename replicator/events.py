@@ -62,10 +62,17 @@ CLOUDEVENTS_BATCH_JSON = "application/cloudevents-batch+json"
 
 # Media types whose target is a manifest (schema1 included: it is still a manifest,
 # the copy engine refuses it with its own message).
-MANIFEST_TYPES: frozenset[str] = frozenset({
-    OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, DOCKER_SCHEMA1,
-    DOCKER_SCHEMA1_SIGNED, "application/vnd.oci.artifact.manifest.v1+json",
-})
+MANIFEST_TYPES: frozenset[str] = frozenset(
+    {
+        OCI_MANIFEST,
+        OCI_INDEX,
+        DOCKER_MANIFEST,
+        DOCKER_LIST,
+        DOCKER_SCHEMA1,
+        DOCKER_SCHEMA1_SIGNED,
+        "application/vnd.oci.artifact.manifest.v1+json",
+    }
+)
 
 _DISTRIBUTION_CT = re.compile(r"^application/vnd\.docker\.distribution\.events\.v\d+\+json$")
 _JSON_CT = frozenset({"application/json", "text/json"})
@@ -85,11 +92,20 @@ HARBOR_ACTIONS: dict[str, Action] = {
     "DELETE_TAG": "delete",
 }
 # Known Harbor types that say nothing about registry content.
-HARBOR_IGNORED: frozenset[str] = frozenset({
-    "SCANNING_COMPLETED", "SCANNING_STOPPED", "SCANNING_FAILED", "QUOTA_EXCEED",
-    "QUOTA_WARNING", "REPLICATION", "TAG_RETENTION", "UPLOAD_CHART", "DOWNLOAD_CHART",
-    "DELETE_CHART",
-})
+HARBOR_IGNORED: frozenset[str] = frozenset(
+    {
+        "SCANNING_COMPLETED",
+        "SCANNING_STOPPED",
+        "SCANNING_FAILED",
+        "QUOTA_EXCEED",
+        "QUOTA_WARNING",
+        "REPLICATION",
+        "TAG_RETENTION",
+        "UPLOAD_CHART",
+        "DOWNLOAD_CHART",
+        "DELETE_CHART",
+    }
+)
 CLOUDEVENT_HARBOR_ACTIONS: dict[str, Action] = {
     "harbor.artifact.pushed": "push",
     "harbor.artifact.pulled": "pull",
@@ -100,11 +116,19 @@ CLOUDEVENT_ZOT_ACTIONS: dict[str, Action] = {
     "zotregistry.image.updated": "push",
     "zotregistry.image.deleted": "delete",
 }
-CLOUDEVENT_IGNORED: frozenset[str] = frozenset({
-    "zotregistry.repository.created", "zotregistry.image.lint_failed",
-})
-_CLOUDEVENT_IGNORED_PREFIXES = ("harbor.scan.", "harbor.quota.", "harbor.replication.",
-                                "harbor.tag_retention.", "harbor.chart.")
+CLOUDEVENT_IGNORED: frozenset[str] = frozenset(
+    {
+        "zotregistry.repository.created",
+        "zotregistry.image.lint_failed",
+    }
+)
+_CLOUDEVENT_IGNORED_PREFIXES = (
+    "harbor.scan.",
+    "harbor.quota.",
+    "harbor.replication.",
+    "harbor.tag_retention.",
+    "harbor.chart.",
+)
 
 
 class WebhookError(ReplicatorError):
@@ -129,7 +153,7 @@ class RegistryEvent:
     media_type: str | None = None
     size: int | None = None
     from_repository: str | None = None
-    occurred_at: float | None = None      # epoch seconds, from the sender's clock
+    occurred_at: float | None = None  # epoch seconds, from the sender's clock
     source_format: SourceFormat = "distribution"
     # True when the target is a manifest: a manifest media type, a tag, or a Harbor/zot
     # artifact. A distribution delete by digest carries no media type, so it is False
@@ -146,25 +170,32 @@ class RegistryEvent:
 
 # --- entry point -----------------------------------------------------------------
 
-def parse_webhook(body: bytes, content_type: str | None, headers: Mapping[str, str],
-                  site: str) -> list[RegistryEvent]:
+
+def parse_webhook(
+    body: bytes, content_type: str | None, headers: Mapping[str, str], site: str
+) -> list[RegistryEvent]:
     """Parse one webhook request body into events, or raise WebhookError (400/415)."""
     hdrs = {str(k).lower(): str(v) for k, v in headers.items()}
     media = _media_type(content_type if content_type is not None else hdrs.get("content-type"))
 
     if "ce-specversion" in hdrs:
         if media is not None and not _is_json_media(media):
-            raise WebhookError(415, f"unsupported CloudEvents data content type {media!r}; "
-                               "expected JSON")
+            raise WebhookError(
+                415, f"unsupported CloudEvents data content type {media!r}; expected JSON"
+            )
         attrs = {k[3:]: v for k, v in hdrs.items() if k.startswith("ce-")}
         data = _load_json(body) if body.strip() else None
         return _cloudevent(attrs, data, site, body)
 
-    if media is not None and not (_is_json_media(media) or media in (CLOUDEVENTS_JSON,
-                                                                       CLOUDEVENTS_BATCH_JSON)):
-        raise WebhookError(415, f"unsupported content type {media!r}; expected "
-                           f"{DISTRIBUTION_EVENTS_V1}, {DISTRIBUTION_EVENTS_V2}, "
-                           f"{CLOUDEVENTS_JSON} or application/json")
+    if media is not None and not (
+        _is_json_media(media) or media in (CLOUDEVENTS_JSON, CLOUDEVENTS_BATCH_JSON)
+    ):
+        raise WebhookError(
+            415,
+            f"unsupported content type {media!r}; expected "
+            f"{DISTRIBUTION_EVENTS_V1}, {DISTRIBUTION_EVENTS_V2}, "
+            f"{CLOUDEVENTS_JSON} or application/json",
+        )
     doc = _load_json(body)
 
     if media == CLOUDEVENTS_BATCH_JSON:
@@ -186,11 +217,15 @@ def parse_webhook(body: bytes, content_type: str | None, headers: Mapping[str, s
         return _harbor(doc, site, body)
     if "action" in doc and "target" in doc:
         return [_distribution_event(doc, site, "event")]
-    raise WebhookError(415, "unrecognised webhook format: expected a distribution envelope "
-                       "{\"events\": [...]}, a Harbor payload or a CloudEvent")
+    raise WebhookError(
+        415,
+        "unrecognised webhook format: expected a distribution envelope "
+        '{"events": [...]}, a Harbor payload or a CloudEvent',
+    )
 
 
 # --- distribution ----------------------------------------------------------------
+
 
 def _distribution_envelope(doc: dict[str, Any], site: str) -> list[RegistryEvent]:
     items = doc["events"]
@@ -207,8 +242,10 @@ def _distribution_event(item: Any, site: str, where: str) -> RegistryEvent:
     if not isinstance(action, str) or not action:
         raise WebhookError(400, f"{where}.action: required")
     if action not in ACTIONS:
-        raise WebhookError(400, f"{where}.action: unknown action {_show(action)}; "
-                           "expected push, pull, mount or delete")
+        raise WebhookError(
+            400,
+            f"{where}.action: unknown action {_show(action)}; expected push, pull, mount or delete",
+        )
     target = item.get("target")
     if not isinstance(target, dict):
         raise WebhookError(400, f"{where}.target: required object")
@@ -221,8 +258,7 @@ def _distribution_event(item: Any, site: str, where: str) -> RegistryEvent:
         size = _opt_size(target.get("length"), f"{where}.target.length")
     from_repository = None
     if target.get("fromRepository") not in (None, ""):
-        from_repository = _repository(target["fromRepository"],
-                                      f"{where}.target.fromRepository")
+        from_repository = _repository(target["fromRepository"], f"{where}.target.fromRepository")
     if action in ("push", "mount") and digest is None:
         raise WebhookError(400, f"{where}.target.digest: required for {action} events")
     if digest is None and tag is None:
@@ -230,19 +266,30 @@ def _distribution_event(item: Any, site: str, where: str) -> RegistryEvent:
     actor = item.get("actor")
     source = item.get("source")
     return RegistryEvent(
-        id=event_id, site=site, action=action, repository=repository, tag=tag, digest=digest,
-        media_type=media_type, size=size, from_repository=from_repository,
+        id=event_id,
+        site=site,
+        action=action,
+        repository=repository,
+        tag=tag,
+        digest=digest,
+        media_type=media_type,
+        size=size,
+        from_repository=from_repository,
         occurred_at=_opt_time(item.get("timestamp"), f"{where}.timestamp"),
         source_format="distribution",
         is_manifest=(media_type in MANIFEST_TYPES) or tag is not None,
-        actor=_opt_text(actor.get("name") if isinstance(actor, dict) else None,
-                        f"{where}.actor.name"),
-        source_instance=_opt_text(source.get("instanceID") if isinstance(source, dict)
-                                  else None, f"{where}.source.instanceID"),
+        actor=_opt_text(
+            actor.get("name") if isinstance(actor, dict) else None, f"{where}.actor.name"
+        ),
+        source_instance=_opt_text(
+            source.get("instanceID") if isinstance(source, dict) else None,
+            f"{where}.source.instanceID",
+        ),
     )
 
 
 # --- Harbor default payload ------------------------------------------------------
+
 
 def _harbor(doc: dict[str, Any], site: str, body: bytes) -> list[RegistryEvent]:
     kind = doc.get("type")
@@ -257,8 +304,9 @@ def _harbor(doc: dict[str, Any], site: str, body: bytes) -> list[RegistryEvent]:
     actor = _opt_text(doc.get("operator"), "operator")
     body_hash = hashlib.sha256(body).hexdigest()[:32]
     ids = [f"harbor-{body_hash}-{i}" for i in range(_harbor_resource_count(doc, "event_data"))]
-    return _harbor_resources(doc.get("event_data"), "event_data", site, action, ids,
-                             occurred, actor, None, "harbor")
+    return _harbor_resources(
+        doc.get("event_data"), "event_data", site, action, ids, occurred, actor, None, "harbor"
+    )
 
 
 def _harbor_resource_count(doc: dict[str, Any], where: str) -> int:
@@ -267,17 +315,28 @@ def _harbor_resource_count(doc: dict[str, Any], where: str) -> int:
     return len(resources) if isinstance(resources, list) else 0
 
 
-def _harbor_resources(data: Any, where: str, site: str, action: Action, ids: list[str],
-                      occurred: float | None, actor: str | None, source: str | None,
-                      source_format: SourceFormat) -> list[RegistryEvent]:
+def _harbor_resources(
+    data: Any,
+    where: str,
+    site: str,
+    action: Action,
+    ids: list[str],
+    occurred: float | None,
+    actor: str | None,
+    source: str | None,
+    source_format: SourceFormat,
+) -> list[RegistryEvent]:
     if not isinstance(data, dict):
         raise WebhookError(400, f"{where}: required object")
     repo_doc = data.get("repository")
     if not isinstance(repo_doc, dict):
         raise WebhookError(400, f"{where}.repository: required object")
     full = repo_doc.get("repo_full_name")
-    if full in (None, "") and isinstance(repo_doc.get("namespace"), str) \
-            and isinstance(repo_doc.get("name"), str):
+    if (
+        full in (None, "")
+        and isinstance(repo_doc.get("namespace"), str)
+        and isinstance(repo_doc.get("name"), str)
+    ):
         full = f"{repo_doc['namespace']}/{repo_doc['name']}"
     repository = _repository(full, f"{where}.repository.repo_full_name")
     resources = data.get("resources")
@@ -294,15 +353,26 @@ def _harbor_resources(data: Any, where: str, site: str, action: Action, ids: lis
             raise WebhookError(400, f"{rw}.digest: required for push events")
         if digest is None and tag is None:
             raise WebhookError(400, f"{rw}: needs a digest or a tag")
-        events.append(RegistryEvent(
-            id=ids[i], site=site, action=action, repository=repository, tag=tag,
-            digest=digest, occurred_at=occurred, source_format=source_format,
-            is_manifest=True, actor=actor, source_instance=source,
-        ))
+        events.append(
+            RegistryEvent(
+                id=ids[i],
+                site=site,
+                action=action,
+                repository=repository,
+                tag=tag,
+                digest=digest,
+                occurred_at=occurred,
+                source_format=source_format,
+                is_manifest=True,
+                actor=actor,
+                source_instance=source,
+            )
+        )
     return events
 
 
 # --- CloudEvents -----------------------------------------------------------------
+
 
 def _structured_cloudevent(doc: Any, site: str, body: bytes, where: str) -> list[RegistryEvent]:
     if not isinstance(doc, dict):
@@ -321,12 +391,12 @@ def _structured_cloudevent(doc: Any, site: str, body: bytes, where: str) -> list
     return _cloudevent(attrs, data, site, body, where)
 
 
-def _cloudevent(attrs: Mapping[str, Any], data: Any, site: str, body: bytes,
-                where: str = "") -> list[RegistryEvent]:
+def _cloudevent(
+    attrs: Mapping[str, Any], data: Any, site: str, body: bytes, where: str = ""
+) -> list[RegistryEvent]:
     spec = attrs.get("specversion")
     if spec != "1.0":
-        raise WebhookError(400, f"CloudEvent{where}.specversion: expected \"1.0\", got "
-                           f"{_show(spec)}")
+        raise WebhookError(400, f'CloudEvent{where}.specversion: expected "1.0", got {_show(spec)}')
     event_id = _event_id(attrs.get("id"), f"CloudEvent{where}.id")
     kind = attrs.get("type")
     if not isinstance(kind, str) or not kind:
@@ -338,30 +408,58 @@ def _cloudevent(attrs: Mapping[str, Any], data: Any, site: str, body: bytes,
     if dct is not None:
         media = _media_type(dct if isinstance(dct, str) else None)
         if media is None or not _is_json_media(media):
-            raise WebhookError(415, f"CloudEvent{where}.datacontenttype: unsupported "
-                               f"{_show(dct)}; expected JSON")
+            raise WebhookError(
+                415, f"CloudEvent{where}.datacontenttype: unsupported {_show(dct)}; expected JSON"
+            )
     occurred = _opt_time(attrs.get("time"), f"CloudEvent{where}.time")
     if kind in CLOUDEVENT_IGNORED or kind.startswith(_CLOUDEVENT_IGNORED_PREFIXES):
         return []
     if kind in CLOUDEVENT_HARBOR_ACTIONS:
         actor = _opt_text(attrs.get("operator"), f"CloudEvent{where}.operator")
-        if isinstance(data, dict) and "event_data" in data:   # Default payload wrapped in data
+        if isinstance(data, dict) and "event_data" in data:  # Default payload wrapped in data
             actor = actor or _opt_text(data.get("operator"), f"CloudEvent{where}.data.operator")
             data = data["event_data"]
-        count = len(data["resources"]) if isinstance(data, dict) and isinstance(
-            data.get("resources"), list) else 0
+        count = (
+            len(data["resources"])
+            if isinstance(data, dict) and isinstance(data.get("resources"), list)
+            else 0
+        )
         ids = [event_id] if count == 1 else [f"{event_id}#{i}" for i in range(count)]
-        return _harbor_resources(data, f"CloudEvent{where}.data", site,
-                                 CLOUDEVENT_HARBOR_ACTIONS[kind], ids, occurred, actor, source,
-                                 "cloudevents")
+        return _harbor_resources(
+            data,
+            f"CloudEvent{where}.data",
+            site,
+            CLOUDEVENT_HARBOR_ACTIONS[kind],
+            ids,
+            occurred,
+            actor,
+            source,
+            "cloudevents",
+        )
     if kind in CLOUDEVENT_ZOT_ACTIONS:
-        return [_zot(data, f"CloudEvent{where}.data", site, CLOUDEVENT_ZOT_ACTIONS[kind],
-                     event_id, occurred, source)]
+        return [
+            _zot(
+                data,
+                f"CloudEvent{where}.data",
+                site,
+                CLOUDEVENT_ZOT_ACTIONS[kind],
+                event_id,
+                occurred,
+                source,
+            )
+        ]
     raise WebhookError(400, f"CloudEvent{where}.type: unsupported event type {_show(kind)}")
 
 
-def _zot(data: Any, where: str, site: str, action: Action, event_id: str,
-         occurred: float | None, source: str | None) -> RegistryEvent:
+def _zot(
+    data: Any,
+    where: str,
+    site: str,
+    action: Action,
+    event_id: str,
+    occurred: float | None,
+    source: str | None,
+) -> RegistryEvent:
     if not isinstance(data, dict):
         raise WebhookError(400, f"{where}: required object")
     repository = _repository(data.get("name"), f"{where}.name")
@@ -372,8 +470,9 @@ def _zot(data: Any, where: str, site: str, action: Action, event_id: str,
         if isinstance(reference, str) and ":" in reference:
             ref_digest = _opt_digest(reference, f"{where}.reference")
             if digest is not None and ref_digest != digest:
-                raise WebhookError(400, f"{where}: reference {reference} does not match "
-                                   f"digest {digest}")
+                raise WebhookError(
+                    400, f"{where}: reference {reference} does not match digest {digest}"
+                )
             digest = ref_digest
         else:
             tag = _opt_tag(reference, f"{where}.reference")
@@ -388,18 +487,28 @@ def _zot(data: Any, where: str, site: str, action: Action, event_id: str,
     if isinstance(manifest, str) and manifest:
         size = len(manifest.encode("utf-8", "surrogatepass"))
     return RegistryEvent(
-        id=event_id, site=site, action=action, repository=repository, tag=tag, digest=digest,
-        media_type=media_type, size=size, occurred_at=occurred, source_format="cloudevents",
-        is_manifest=True, source_instance=source,
+        id=event_id,
+        site=site,
+        action=action,
+        repository=repository,
+        tag=tag,
+        digest=digest,
+        media_type=media_type,
+        size=size,
+        occurred_at=occurred,
+        source_format="cloudevents",
+        is_manifest=True,
+        source_instance=source,
     )
 
 
 # --- field validation ------------------------------------------------------------
 
+
 def _load_json(body: bytes) -> Any:
     try:
         return json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:   # UnicodeDecodeError is a ValueError
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise WebhookError(400, f"malformed JSON body: {_short(str(exc))}") from None
 
 
@@ -415,17 +524,22 @@ def _media_type(value: str | None) -> str | None:
 
 
 def _is_json_media(media: str) -> bool:
-    return media in _JSON_CT or bool(_DISTRIBUTION_CT.fullmatch(media)) or (
-        media.startswith("application/") and media.endswith("+json")
-        and media not in (CLOUDEVENTS_JSON, CLOUDEVENTS_BATCH_JSON))
+    return (
+        media in _JSON_CT
+        or bool(_DISTRIBUTION_CT.fullmatch(media))
+        or (
+            media.startswith("application/")
+            and media.endswith("+json")
+            and media not in (CLOUDEVENTS_JSON, CLOUDEVENTS_BATCH_JSON)
+        )
+    )
 
 
 def _event_id(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise WebhookError(400, f"{where}: required")
     if not _ID_RE.fullmatch(value):
-        raise WebhookError(400, f"{where}: must be 1-200 printable ASCII characters "
-                           "without spaces")
+        raise WebhookError(400, f"{where}: must be 1-200 printable ASCII characters without spaces")
     return value
 
 
@@ -450,8 +564,10 @@ def _opt_digest(value: Any, where: str) -> str | None:
         return None
     # is_digest's `$` would let a trailing newline through
     if not isinstance(value, str) or not is_digest(value) or "\n" in value:
-        raise WebhookError(400, f"{where}: invalid digest {_show(value)}; expected "
-                           "sha256:<64 hex> or sha512:<128 hex>")
+        raise WebhookError(
+            400,
+            f"{where}: invalid digest {_show(value)}; expected sha256:<64 hex> or sha512:<128 hex>",
+        )
     return value
 
 
@@ -477,13 +593,12 @@ def _opt_text(value: Any, where: str) -> str | None:
         return None
     if isinstance(value, str) and len(value) <= _MAX_TEXT and value.isprintable():
         try:
-            value.encode("utf-8")   # a lone surrogate (valid in JSON) cannot be stored
+            value.encode("utf-8")  # a lone surrogate (valid in JSON) cannot be stored
         except UnicodeEncodeError:
             pass
         else:
             return value
-    raise WebhookError(400, f"{where}: must be printable text of at most {_MAX_TEXT} "
-                       "characters")
+    raise WebhookError(400, f"{where}: must be printable text of at most {_MAX_TEXT} characters")
 
 
 def _opt_time(value: Any, where: str) -> float | None:
@@ -499,11 +614,12 @@ def _opt_time(value: Any, where: str) -> float | None:
     frac = (m.group(2) or "")[:7].ljust(7, "0") if m.group(2) else ""
     zone = "+00:00" if m.group(3) in ("Z", "z") else m.group(3)
     try:
-        parsed = datetime.fromisoformat(m.group(1).replace("t", "T").replace(" ", "T")
-                                        + frac + zone)
+        parsed = datetime.fromisoformat(
+            m.group(1).replace("t", "T").replace(" ", "T") + frac + zone
+        )
     except ValueError:
         raise WebhookError(400, f"{where}: invalid timestamp {_show(value)}") from None
-    if parsed.year < 1970:   # Go's zero time means "not set"
+    if parsed.year < 1970:  # Go's zero time means "not set"
         return None
     return parsed.timestamp()
 
@@ -511,8 +627,7 @@ def _opt_time(value: Any, where: str) -> float | None:
 def _opt_epoch(value: Any, where: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) \
-            or not 0 <= value < 2**40:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 2**40:
         raise WebhookError(400, f"{where}: must be epoch seconds")
     return float(value)
 

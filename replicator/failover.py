@@ -51,22 +51,29 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- pure decisions
 
+
 def lost_site_for(rules: Sequence[Rule], promoted: str, lost: str | None = None) -> str:
     """The lost primary: `lost` when given, else the one `from` of the rules into `promoted`."""
     if lost is not None:
         if lost == promoted:
             raise UsageError(f"--lost and --promote name the same site {lost!r}")
         if not any(r.from_ == lost for r in rules):
-            raise UsageError(f"no rule in force replicates from {lost!r}; nothing to fail over "
-                             f"(sources: {', '.join(sorted({r.from_ for r in rules})) or '-'})")
+            raise UsageError(
+                f"no rule in force replicates from {lost!r}; nothing to fail over "
+                f"(sources: {', '.join(sorted({r.from_ for r in rules})) or '-'})"
+            )
         return lost
     sources = sorted({r.from_ for r in rules if promoted in r.to})
     if not sources:
-        raise UsageError(f"no rule in force replicates to {promoted!r}, so the lost site cannot "
-                         "be inferred; give --lost SITE")
+        raise UsageError(
+            f"no rule in force replicates to {promoted!r}, so the lost site cannot "
+            "be inferred; give --lost SITE"
+        )
     if len(sources) > 1:
-        raise UsageError(f"rules replicate to {promoted!r} from several sites "
-                         f"({', '.join(sources)}); say which one is lost with --lost SITE")
+        raise UsageError(
+            f"rules replicate to {promoted!r} from several sites "
+            f"({', '.join(sources)}); say which one is lost with --lost SITE"
+        )
     return sources[0]
 
 
@@ -80,12 +87,12 @@ def refusals(rules: Sequence[Rule], lost: str, promoted: str) -> list[str]:
             problems.append(
                 f"rule {rule.name!r} renames repositories, so {promoted!r} holds them under the "
                 "target names; failover of renaming rules is not supported - remove the "
-                "rename or fail over by hand")
+                "rename or fail over by hand"
+            )
     return problems
 
 
-def choose_digest(candidates: Iterable[str], knowledge: Iterable[tuple[float, str]]
-                  ) -> str | None:
+def choose_digest(candidates: Iterable[str], knowledge: Iterable[tuple[float, str]]) -> str | None:
     """The candidate digest the journal knows most recently as the primary's, or None.
 
     `knowledge` is (time, digest) pairs: when the primary was seen holding the
@@ -102,6 +109,7 @@ def choose_digest(candidates: Iterable[str], knowledge: Iterable[tuple[float, st
 
 # ---------------------------------------------------------------------------- reports
 
+
 @dataclass(frozen=True)
 class CatchUp:
     """One tag copied (or to copy) from a surviving replica to the promoted site."""
@@ -111,14 +119,16 @@ class CatchUp:
     tag: str
     from_site: str
     digest: str
-    replaces: str | None      # the promoted site's digest, None when it lacked the tag
+    replaces: str | None  # the promoted site's digest, None when it lacked the tag
     reason: str
 
     def describe(self, promoted: str) -> str:
         was = "new" if self.replaces is None else f"was {self.replaces[:19]}"
-        return (f"copy     {self.from_site}/{self.repository}:{self.tag} -> "
-                f"{promoted}/{self.repository}:{self.tag} ({self.digest[:19]}, {was}; "
-                f"{self.reason})")
+        return (
+            f"copy     {self.from_site}/{self.repository}:{self.tag} -> "
+            f"{promoted}/{self.repository}:{self.tag} ({self.digest[:19]}, {was}; "
+            f"{self.reason})"
+        )
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,7 @@ class Conflict:
     rule: str
     repository: str
     tag: str
-    digests: dict[str, str | None]   # site -> digest
+    digests: dict[str, str | None]  # site -> digest
     kept: str | None
     reason: str
 
@@ -140,7 +150,7 @@ class FailoverReport:
     lost: str
     promoted: str
     dry_run: bool
-    rules: list[dict] = field(default_factory=list)        # before/after per affected rule
+    rules: list[dict] = field(default_factory=list)  # before/after per affected rule
     copies: list[CatchUp] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -149,11 +159,14 @@ class FailoverReport:
 
     def as_dict(self) -> dict:
         return {
-            "lost": self.lost, "promoted": self.promoted, "dry_run": self.dry_run,
+            "lost": self.lost,
+            "promoted": self.promoted,
+            "dry_run": self.dry_run,
             "rules": self.rules,
             "copies": [asdict(c) for c in self.copies],
             "conflicts": [asdict(c) for c in self.conflicts],
-            "failures": self.failures, "recorded": self.recorded,
+            "failures": self.failures,
+            "recorded": self.recorded,
             "failover_id": self.failover_id,
         }
 
@@ -162,39 +175,55 @@ class FailoverReport:
 class FailbackReport:
     site: str
     dry_run: bool
-    sources: dict[str, str] = field(default_factory=dict)   # rule -> site synced from
+    sources: dict[str, str] = field(default_factory=dict)  # rule -> site synced from
     sync: SyncReport | None = None
     failures: list[str] = field(default_factory=list)
-    ended: list[int] = field(default_factory=list)           # failover ids made inactive
+    ended: list[int] = field(default_factory=list)  # failover ids made inactive
 
     def as_dict(self) -> dict:
         sync = self.sync
         return {
-            "site": self.site, "dry_run": self.dry_run, "sources": self.sources,
+            "site": self.site,
+            "dry_run": self.dry_run,
+            "sources": self.sources,
             "counts": sync.counts() if sync else {},
-            "plan": [a.describe() for a in sync.actions if a.kind != "up-to-date"]
-            if sync else [],
-            "failures": self.failures, "ended_failovers": self.ended,
+            "plan": [a.describe() for a in sync.actions if a.kind != "up-to-date"] if sync else [],
+            "failures": self.failures,
+            "ended_failovers": self.ended,
         }
 
 
 def _rule_summary(before: Rule, after: Rule | None) -> dict:
-    return {"name": before.name, "from": before.from_, "to": list(before.to),
-            "new_from": after.from_ if after else None,
-            "new_to": list(after.to) if after else [],
-            "dropped": after is None}
+    return {
+        "name": before.name,
+        "from": before.from_,
+        "to": list(before.to),
+        "new_from": after.from_ if after else None,
+        "new_to": list(after.to) if after else [],
+        "dropped": after is None,
+    }
 
 
 # ---------------------------------------------------------------------------- failover
+
 
 async def _in_force(config: Config, journal: Journal) -> tuple[list[tuple[str, str]], list[Rule]]:
     failovers = await journal.run(active_failovers, journal)
     return failovers, effective_rules(config, failovers)
 
 
-async def failover(config: Config, journal: Journal, pool: ClientPool, engine: CopyEngine,
-                   promoted: str, lost: str | None = None, *, dry_run: bool = False,
-                   force: bool = False, parallel: int = 16) -> FailoverReport:
+async def failover(
+    config: Config,
+    journal: Journal,
+    pool: ClientPool,
+    engine: CopyEngine,
+    promoted: str,
+    lost: str | None = None,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    parallel: int = 16,
+) -> FailoverReport:
     """Promote `promoted` in place of the lost primary; see the module docstring.
 
     Raises UsageError (nothing changed) for a bad request. Catch-up failures are
@@ -206,11 +235,14 @@ async def failover(config: Config, journal: Journal, pool: ClientPool, engine: C
     failovers, rules = await _in_force(config, journal)
     lost_already = {lo: p for lo, p in failovers}
     if promoted in lost_already:
-        raise UsageError(f"{promoted!r} is itself failed over to {lost_already[promoted]!r}; "
-                         f"run failback --site {promoted} first")
+        raise UsageError(
+            f"{promoted!r} is itself failed over to {lost_already[promoted]!r}; "
+            f"run failback --site {promoted} first"
+        )
     if lost in lost_already:
-        raise UsageError(f"{lost!r} is already failed over: {lost_already[lost]!r} was promoted "
-                         "in its place")
+        raise UsageError(
+            f"{lost!r} is already failed over: {lost_already[lost]!r} was promoted in its place"
+        )
     lost = lost_site_for(rules, promoted, lost)
     problems = refusals(rules, lost, promoted)
     if problems:
@@ -218,22 +250,32 @@ async def failover(config: Config, journal: Journal, pool: ClientPool, engine: C
 
     affected = [r for r in rules if r.from_ == lost]
     after = {r.name: r for r in effective_rules(config, [*failovers, (lost, promoted)])}
-    report = FailoverReport(lost, promoted, dry_run,
-                            rules=[_rule_summary(r, after.get(r.name)) for r in affected])
+    report = FailoverReport(
+        lost, promoted, dry_run, rules=[_rule_summary(r, after.get(r.name)) for r in affected]
+    )
 
     await _catch_up(journal, pool, engine, affected, lost, promoted, report, parallel)
     if dry_run:
         return report
     if report.failures and not force:
         return report
-    detail = {"rules": report.rules,
-              "catch_up": {"copied": [asdict(c) for c in report.copies],
-                           "conflicts": [asdict(c) for c in report.conflicts],
-                           "failures": report.failures}}
+    detail = {
+        "rules": report.rules,
+        "catch_up": {
+            "copied": [asdict(c) for c in report.copies],
+            "conflicts": [asdict(c) for c in report.conflicts],
+            "failures": report.failures,
+        },
+    }
     report.failover_id = await journal.run(_record_failover, journal, lost, promoted, detail)
     report.recorded = True
-    log.warning("failover recorded: %s promoted in place of %s (%d rules rewritten, "
-                "%d catch-up copies)", promoted, lost, len(affected), len(report.copies))
+    log.warning(
+        "failover recorded: %s promoted in place of %s (%d rules rewritten, %d catch-up copies)",
+        promoted,
+        lost,
+        len(affected),
+        len(report.copies),
+    )
     return report
 
 
@@ -241,17 +283,26 @@ def _record_failover(journal: Journal, lost: str, promoted: str, detail: dict) -
     with journal.transaction() as conn:
         cur = conn.execute(
             "INSERT INTO failovers(lost_site, promoted_site, started_at, active, detail) "
-            "VALUES (?, ?, ?, 1, ?)", (lost, promoted, time.time(), json.dumps(detail)))
+            "VALUES (?, ?, ?, 1, ?)",
+            (lost, promoted, time.time(), json.dumps(detail)),
+        )
         return int(cur.lastrowid)
 
 
-async def _catch_up(journal: Journal, pool: ClientPool, engine: CopyEngine,
-                    rules: Sequence[Rule], lost: str, promoted: str, report: FailoverReport,
-                    parallel: int) -> None:
+async def _catch_up(
+    journal: Journal,
+    pool: ClientPool,
+    engine: CopyEngine,
+    rules: Sequence[Rule],
+    lost: str,
+    promoted: str,
+    report: FailoverReport,
+    parallel: int,
+) -> None:
     """Compare the promoted site with every other surviving replica; copy what it lacks."""
     lookups = asyncio.Semaphore(parallel)
     site = pool[promoted]
-    seen: set[tuple[str, str]] = set()   # (repo, tag) already decided by an earlier rule
+    seen: set[tuple[str, str]] = set()  # (repo, tag) already decided by an earlier rule
 
     async def head(client, repo: str, tag: str) -> str | None:
         async with lookups:
@@ -280,11 +331,14 @@ async def _catch_up(journal: Journal, pool: ClientPool, engine: CopyEngine,
             try:
                 await _keep_latest(journal, site, rule, lost, holdings)
             except RegistryError as exc:
-                report.failures.append(f"rule {rule.name}: reading promoted site {promoted}: "
-                                       f"{exc}")
+                report.failures.append(f"rule {rule.name}: reading promoted site {promoted}: {exc}")
                 continue
-        work = [(repo, tag, by_site) for repo, tags in sorted(holdings.items())
-                for tag, by_site in sorted(tags.items()) if (repo, tag) not in seen]
+        work = [
+            (repo, tag, by_site)
+            for repo, tags in sorted(holdings.items())
+            for tag, by_site in sorted(tags.items())
+            if (repo, tag) not in seen
+        ]
         seen.update((repo, tag) for repo, tag, _ in work)
         try:
             mine = await asyncio.gather(*(head(site, repo, tag) for repo, tag, _ in work))
@@ -293,8 +347,9 @@ async def _catch_up(journal: Journal, pool: ClientPool, engine: CopyEngine,
             continue
         knowledge = await journal.run(_knowledge, journal, lost, {r for r, _, _ in work})
         for (repo, tag, by_site), own in zip(work, mine, strict=True):
-            decision = _decide(rule, repo, tag, own, by_site, replicas, promoted,
-                               knowledge.get(repo, tag))
+            decision = _decide(
+                rule, repo, tag, own, by_site, replicas, promoted, knowledge.get(repo, tag)
+            )
             for item in decision if isinstance(decision, list) else [decision]:
                 if isinstance(item, Conflict):
                     report.conflicts.append(item)
@@ -306,21 +361,36 @@ async def _catch_up(journal: Journal, pool: ClientPool, engine: CopyEngine,
 
     async def run(copy: CatchUp) -> None:
         rule = rules_by_name[copy.rule]
-        options = CopyOptions(platforms=rule.platform_list or None, referrers=rule.referrers,
-                              overwrite=True)
+        options = CopyOptions(
+            platforms=rule.platform_list or None, referrers=rule.referrers, overwrite=True
+        )
         current = Descriptor("", copy.replaces, 0) if copy.replaces else None
-        result = await engine.copy(pool[copy.from_site], copy.repository, copy.digest, site,
-                                   copy.repository, tag=copy.tag, options=options,
-                                   target_current=current)
+        result = await engine.copy(
+            pool[copy.from_site],
+            copy.repository,
+            copy.digest,
+            site,
+            copy.repository,
+            tag=copy.tag,
+            options=options,
+            target_current=current,
+        )
         if result.status == "failed":
-            report.failures.append(f"catch-up {result.source} -> {result.target}: "
-                                   f"{result.error}")
+            report.failures.append(f"catch-up {result.source} -> {result.target}: {result.error}")
         elif result.digest:
-            await journal.run(journal.execute,
-                              "INSERT OR REPLACE INTO replicated(target_site, repository, digest,"
-                              " source_site, at, tags) VALUES (?, ?, ?, ?, ?, ?)",
-                              (promoted, copy.repository, result.digest, copy.from_site,
-                               time.time(), json.dumps([copy.tag])))
+            await journal.run(
+                journal.execute,
+                "INSERT OR REPLACE INTO replicated(target_site, repository, digest,"
+                " source_site, at, tags) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    promoted,
+                    copy.repository,
+                    result.digest,
+                    copy.from_site,
+                    time.time(),
+                    json.dumps([copy.tag]),
+                ),
+            )
 
     semaphore = asyncio.Semaphore(parallel)
 
@@ -331,8 +401,13 @@ async def _catch_up(journal: Journal, pool: ClientPool, engine: CopyEngine,
     await asyncio.gather(*(bounded(c) for c in report.copies))
 
 
-async def _keep_latest(journal: Journal, promoted: RegistryClient, rule: Rule, lost: str,
-                       holdings: dict[str, dict[str, dict[str, str]]]) -> None:
+async def _keep_latest(
+    journal: Journal,
+    promoted: RegistryClient,
+    rule: Rule,
+    lost: str,
+    holdings: dict[str, dict[str, dict[str, str]]],
+) -> None:
     """Under `latest: N` only the N newest tags are the rule's: replicas keep older ones
     (replication adds, retention removes), and those are not caught up. Newest is
     ranked over the tags of every survivor, the promoted site's included, by version
@@ -345,14 +420,20 @@ async def _keep_latest(journal: Journal, promoted: RegistryClient, rule: Rule, l
             del tags[tag]
 
 
-def _decide(rule: Rule, repo: str, tag: str, own: str | None, by_site: Mapping[str, str],
-            replicas: Sequence[str], promoted: str,
-            knowledge: Sequence[tuple[float, str]]
-            ) -> CatchUp | Conflict | list[CatchUp | Conflict] | None:
+def _decide(
+    rule: Rule,
+    repo: str,
+    tag: str,
+    own: str | None,
+    by_site: Mapping[str, str],
+    replicas: Sequence[str],
+    promoted: str,
+    knowledge: Sequence[tuple[float, str]],
+) -> CatchUp | Conflict | list[CatchUp | Conflict] | None:
     """What to do about one tag that at least one replica holds."""
     others = {d for d in by_site.values() if d != own}
     if not others:
-        return None                                        # everyone agrees (or only we have it)
+        return None  # everyone agrees (or only we have it)
     candidates = others | ({own} if own else set())
     digests = {promoted: own, **{s: by_site.get(s) for s in replicas}}
 
@@ -361,24 +442,53 @@ def _decide(rule: Rule, repo: str, tag: str, own: str | None, by_site: Mapping[s
 
     if own is None and len(others) == 1:
         digest = next(iter(others))
-        return CatchUp(rule.name, repo, tag, source_of(digest), digest, None,
-                       "missing on the promoted site")
+        return CatchUp(
+            rule.name, repo, tag, source_of(digest), digest, None, "missing on the promoted site"
+        )
     winner = choose_digest(candidates, knowledge)
     if winner is None:
         if own is None:
             # Replicas disagree and nothing says which is newer: take the first, say so.
             digest = by_site[next(s for s in replicas if s in by_site)]
-            return [Conflict(rule.name, repo, tag, digests, digest,
-                             f"replicas disagree and the journal does not say which is "
-                             f"newer; copied {source_of(digest)}'s"),
-                    CatchUp(rule.name, repo, tag, source_of(digest), digest, None,
-                            "missing on the promoted site; replicas disagree")]
-        return Conflict(rule.name, repo, tag, digests, own,
-                        "the journal does not say which is newer; kept the promoted site's")
+            return [
+                Conflict(
+                    rule.name,
+                    repo,
+                    tag,
+                    digests,
+                    digest,
+                    f"replicas disagree and the journal does not say which is "
+                    f"newer; copied {source_of(digest)}'s",
+                ),
+                CatchUp(
+                    rule.name,
+                    repo,
+                    tag,
+                    source_of(digest),
+                    digest,
+                    None,
+                    "missing on the promoted site; replicas disagree",
+                ),
+            ]
+        return Conflict(
+            rule.name,
+            repo,
+            tag,
+            digests,
+            own,
+            "the journal does not say which is newer; kept the promoted site's",
+        )
     if winner == own:
         return None
-    return CatchUp(rule.name, repo, tag, source_of(winner), winner, own,
-                   "newer per the journal" if own else "missing on the promoted site")
+    return CatchUp(
+        rule.name,
+        repo,
+        tag,
+        source_of(winner),
+        winner,
+        own,
+        "newer per the journal" if own else "missing on the promoted site",
+    )
 
 
 class _Knowledge:
@@ -401,12 +511,15 @@ def _knowledge(journal: Journal, lost: str, repos: set[str]) -> _Knowledge:
     known = _Knowledge()
     for repo in repos:
         for row in journal.query(
-                "SELECT tag, digest, MAX(COALESCE(pushed_at, 0), first_seen) AS t "
-                "FROM inventory_tags WHERE site = ? AND repository = ?", (lost, repo)):
+            "SELECT tag, digest, MAX(COALESCE(pushed_at, 0), first_seen) AS t "
+            "FROM inventory_tags WHERE site = ? AND repository = ?",
+            (lost, repo),
+        ):
             known.by_tag.setdefault((repo, row["tag"]), []).append((row["t"], row["digest"]))
         for row in journal.query(
-                "SELECT digest, at, tags FROM replicated WHERE source_site = ? AND "
-                "repository = ?", (lost, repo)):
+            "SELECT digest, at, tags FROM replicated WHERE source_site = ? AND repository = ?",
+            (lost, repo),
+        ):
             if row["tags"]:
                 for tag in json.loads(row["tags"]):
                     known.by_tag.setdefault((repo, tag), []).append((row["at"], row["digest"]))
@@ -417,13 +530,23 @@ def _knowledge(journal: Journal, lost: str, repos: set[str]) -> _Knowledge:
 
 # ---------------------------------------------------------------------------- failback
 
-async def failback(config: Config, journal: Journal, pool: ClientPool, engine: CopyEngine,
-                   site: str, *, dry_run: bool = False, parallel: int = 16) -> FailbackReport:
+
+async def failback(
+    config: Config,
+    journal: Journal,
+    pool: ClientPool,
+    engine: CopyEngine,
+    site: str,
+    *,
+    dry_run: bool = False,
+    parallel: int = 16,
+) -> FailbackReport:
     """Bring `site` (a recovered lost primary) up to date, then end its failover(s)."""
     config.site(site)
-    rows = await journal.run(journal.query,
-                             "SELECT id, lost_site, promoted_site FROM failovers "
-                             "WHERE active = 1 ORDER BY id")
+    rows = await journal.run(
+        journal.query,
+        "SELECT id, lost_site, promoted_site FROM failovers WHERE active = 1 ORDER BY id",
+    )
     mine = [r for r in rows if r["lost_site"] == site]
     if not mine:
         active = ", ".join(f"{r['lost_site']} -> {r['promoted_site']}" for r in rows) or "none"
@@ -438,12 +561,21 @@ async def failback(config: Config, journal: Journal, pool: ClientPool, engine: C
         if source == site:
             continue
         report.sources[rule.name] = source
-        sync_rules.append(rule.model_copy(update={
-            "from_": source, "to": [site], "overwrite": True, "deletes": False,
-            "immutable_tags": []}))
+        sync_rules.append(
+            rule.model_copy(
+                update={
+                    "from_": source,
+                    "to": [site],
+                    "overwrite": True,
+                    "deletes": False,
+                    "immutable_tags": [],
+                }
+            )
+        )
     if sync_rules:
-        reconciler = Reconciler(config, None if dry_run else journal, pool, engine,
-                                parallel=parallel)
+        reconciler = Reconciler(
+            config, None if dry_run else journal, pool, engine, parallel=parallel
+        )
         report.sync = await reconciler.run(rules=sync_rules, dry_run=dry_run)
         report.failures.extend(report.sync.failures)
     if dry_run or report.failures:
@@ -465,5 +597,6 @@ def _current_source(source: str, chain: Sequence[tuple[str, str]]) -> str:
 def _end_failovers(journal: Journal, ids: Sequence[int]) -> None:
     with journal.transaction() as conn:
         now = time.time()
-        conn.executemany("UPDATE failovers SET active = 0, ended_at = ? WHERE id = ?",
-                         [(now, i) for i in ids])
+        conn.executemany(
+            "UPDATE failovers SET active = 0, ended_at = ? WHERE id = ?", [(now, i) for i in ids]
+        )

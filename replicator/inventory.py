@@ -13,8 +13,13 @@ from collections.abc import Mapping
 from replicator.journal import Journal
 
 
-def record_tags(journal: Journal, site: str, repository: str, tags: Mapping[str, str],
-                pushed_at: float | None = None) -> None:
+def record_tags(
+    journal: Journal,
+    site: str,
+    repository: str,
+    tags: Mapping[str, str],
+    pushed_at: float | None = None,
+) -> None:
     """Upsert tag -> digest; first_seen restarts when a tag moves to another digest,
     and a known push time is kept unless a newer one is given."""
     if not tags:
@@ -30,15 +35,26 @@ def record_tags(journal: Journal, site: str, repository: str, tags: Mapping[str,
             "first_seen = CASE WHEN inventory_tags.digest = excluded.digest "
             "  THEN inventory_tags.first_seen ELSE excluded.first_seen END, "
             "digest = excluded.digest",
-            [(site, repository, t, d, pushed_at, now) for t, d in tags.items()])
+            [(site, repository, t, d, pushed_at, now) for t, d in tags.items()],
+        )
 
 
-def forget(journal: Journal, site: str, repository: str, *, tag: str | None = None,
-           digest: str | None = None) -> None:
+def forget(
+    journal: Journal,
+    site: str,
+    repository: str,
+    *,
+    tag: str | None = None,
+    digest: str | None = None,
+) -> None:
     """A tag (or every tag pointing at a digest) was deleted at `site`."""
     if tag is not None:
-        journal.execute("DELETE FROM inventory_tags WHERE site = ? AND repository = ? AND "
-                        "tag = ?", (site, repository, tag))
+        journal.execute(
+            "DELETE FROM inventory_tags WHERE site = ? AND repository = ? AND tag = ?",
+            (site, repository, tag),
+        )
     elif digest is not None:
-        journal.execute("DELETE FROM inventory_tags WHERE site = ? AND repository = ? AND "
-                        "digest = ?", (site, repository, digest))
+        journal.execute(
+            "DELETE FROM inventory_tags WHERE site = ? AND repository = ? AND digest = ?",
+            (site, repository, digest),
+        )

@@ -69,8 +69,11 @@ class Platform:
 
     def matches(self, wanted: Platform) -> bool:
         """`wanted` without a variant matches every variant."""
-        return (self.os == wanted.os and self.architecture == wanted.architecture
-                and (wanted.variant is None or self.variant == wanted.variant))
+        return (
+            self.os == wanted.os
+            and self.architecture == wanted.architecture
+            and (wanted.variant is None or self.variant == wanted.variant)
+        )
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class Descriptor:
                 digest=str(d["digest"]),
                 size=int(d.get("size", 0)),
                 platform=Platform(plat["os"], plat["architecture"], plat.get("variant"))
-                if isinstance(plat, dict) and "os" in plat and "architecture" in plat else None,
+                if isinstance(plat, dict) and "os" in plat and "architecture" in plat
+                else None,
                 artifact_type=d.get("artifactType"),
                 annotations=d.get("annotations"),
             )
@@ -99,15 +103,17 @@ class Descriptor:
             raise ManifestError(f"malformed descriptor {d!r}: {exc}") from exc
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest,
-                               "size": self.size}
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": self.size,
+        }
         if self.artifact_type:
             out["artifactType"] = self.artifact_type
         if self.annotations:
             out["annotations"] = self.annotations
         if self.platform:
-            out["platform"] = {"os": self.platform.os,
-                               "architecture": self.platform.architecture}
+            out["platform"] = {"os": self.platform.os, "architecture": self.platform.architecture}
             if self.platform.variant:
                 out["platform"]["variant"] = self.platform.variant
         return out
@@ -177,8 +183,9 @@ class Manifest:
         return dict(self.doc.get("annotations") or {})
 
     def descriptor(self) -> Descriptor:
-        return Descriptor(self.media_type, self.digest, len(self.raw),
-                          artifact_type=self.doc.get("artifactType"))
+        return Descriptor(
+            self.media_type, self.digest, len(self.raw), artifact_type=self.doc.get("artifactType")
+        )
 
 
 def parse_manifest(raw: bytes, media_type: str | None, digest: str | None = None) -> Manifest:
@@ -200,8 +207,9 @@ def parse_manifest(raw: bytes, media_type: str | None, digest: str | None = None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"manifest {computed} is not JSON: {exc}") from exc
     if mt in ("", "application/json", "text/plain", "application/octet-stream"):
-        mt = body_mt or (OCI_INDEX if isinstance(doc, dict) and "manifests" in doc
-                         else OCI_MANIFEST)
+        mt = body_mt or (
+            OCI_INDEX if isinstance(doc, dict) and "manifests" in doc else OCI_MANIFEST
+        )
     if mt in (DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED):
         raise ManifestError(
             f"manifest {computed} is Docker schema 1, which is obsolete and not supported; "

@@ -24,7 +24,7 @@ class Action:
     rule: str
     source_site: str
     target_site: str
-    repository: str           # at the source
+    repository: str  # at the source
     target_repository: str
     tag: str
     source_digest: str | None  # None for deletes
@@ -40,8 +40,10 @@ class Action:
         if self.kind == "delete":
             return f"delete   {dst} ({_short(self.target_digest)}; {self.reason})"
         if self.kind == "conflict":
-            return (f"conflict {dst} is {_short(self.target_digest)}, source has "
-                    f"{_short(self.source_digest)} (overwrite: false)")
+            return (
+                f"conflict {dst} is {_short(self.target_digest)}, source has "
+                f"{_short(self.source_digest)} (overwrite: false)"
+            )
         return f"ok       {dst}"
 
 
@@ -49,16 +51,23 @@ def _short(digest: str | None) -> str:
     return digest[:19] if digest else "-"
 
 
-def selected_tags(rule: Rule, source_tags: Mapping[str, str],
-                  pushed_at: Mapping[str, float] | None = None) -> list[str]:
+def selected_tags(
+    rule: Rule, source_tags: Mapping[str, str], pushed_at: Mapping[str, float] | None = None
+) -> list[str]:
     """The source tags the rule replicates (include/exclude/semver/latest-N)."""
     return select_tags(list(source_tags), rule.tags, dict(pushed_at) if pushed_at else None)
 
 
-def plan_target(rule: Rule, target_site: str, repository: str, target_repository: str,
-                source_tags: Mapping[str, str], selected: list[str],
-                target_tags: Mapping[str, str | None],
-                target_all_tags: Mapping[str, str] | None = None) -> list[Action]:
+def plan_target(
+    rule: Rule,
+    target_site: str,
+    repository: str,
+    target_repository: str,
+    source_tags: Mapping[str, str],
+    selected: list[str],
+    target_tags: Mapping[str, str | None],
+    target_all_tags: Mapping[str, str] | None = None,
+) -> list[Action]:
     """Plan one (rule, repository, target).
 
     `target_tags` maps each selected tag to the target's digest (None: absent).
@@ -69,10 +78,21 @@ def plan_target(rule: Rule, target_site: str, repository: str, target_repository
     """
     actions: list[Action] = []
 
-    def act(kind: ActionKind, tag: str, src: str | None, dst: str | None,
-            reason: str = "") -> None:
-        actions.append(Action(kind, rule.name, rule.from_, target_site, repository,
-                              target_repository, tag, src, dst, reason))
+    def act(kind: ActionKind, tag: str, src: str | None, dst: str | None, reason: str = "") -> None:
+        actions.append(
+            Action(
+                kind,
+                rule.name,
+                rule.from_,
+                target_site,
+                repository,
+                target_repository,
+                tag,
+                src,
+                dst,
+                reason,
+            )
+        )
 
     for tag in selected:
         src_digest = source_tags[tag]
@@ -85,15 +105,23 @@ def plan_target(rule: Rule, target_site: str, repository: str, target_repository
             act("conflict", tag, src_digest, dst_digest)
 
     if rule.deletes and target_all_tags:
-        gone = [t for t, d in target_all_tags.items()
-                if t not in source_tags and tag_passes(rule.tags, t)]
+        gone = [
+            t
+            for t, d in target_all_tags.items()
+            if t not in source_tags and tag_passes(rule.tags, t)
+        ]
         staying_digests = {d for t, d in target_all_tags.items() if t not in gone}
         staying_digests |= {source_tags[t] for t in selected}
         for tag in sorted(gone):
             digest = target_all_tags[tag]
             if digest in staying_digests:
-                act("conflict", tag, None, digest,
-                    "not deleted: another tag that stays points at the same digest")
+                act(
+                    "conflict",
+                    tag,
+                    None,
+                    digest,
+                    "not deleted: another tag that stays points at the same digest",
+                )
             else:
                 act("delete", tag, None, digest, "gone from the source")
     return actions

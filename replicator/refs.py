@@ -20,7 +20,7 @@ TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 
 @dataclass(frozen=True)
 class ImageRef:
-    registry: str        # host[:port]
+    registry: str  # host[:port]
     repository: str
     tag: str | None = None
     digest: str | None = None
@@ -50,8 +50,9 @@ def validate_repository(name: str) -> str:
 
 def validate_tag(tag: str) -> str:
     if not TAG_RE.fullmatch(tag):
-        raise UsageError(f"invalid tag {tag!r}: up to 128 of [A-Za-z0-9_.-], not starting "
-                         "with . or -")
+        raise UsageError(
+            f"invalid tag {tag!r}: up to 128 of [A-Za-z0-9_.-], not starting with . or -"
+        )
     return tag
 
 
@@ -59,21 +60,27 @@ def parse_ref(text: str, default_tag: str | None = "latest") -> ImageRef:
     """Parse `registry/repo[:tag][@digest]`; the registry host needs '.' or ':' or localhost."""
     original = text
     if "://" in text:
-        raise UsageError(f"invalid reference {original!r}: give host:port/repo:tag, "
-                         "without a scheme")
+        raise UsageError(
+            f"invalid reference {original!r}: give host:port/repo:tag, without a scheme"
+        )
     digest = None
     if "@" in text:
         text, digest = text.split("@", 1)
         if not is_digest(digest):
-            raise UsageError(f"invalid reference {original!r}: {digest!r} is not a "
-                             "sha256:<64 hex> digest")
+            raise UsageError(
+                f"invalid reference {original!r}: {digest!r} is not a sha256:<64 hex> digest"
+            )
     if "/" not in text:
-        raise UsageError(f"invalid reference {original!r}: expected REGISTRY/REPOSITORY[:TAG], "
-                         "e.g. 127.0.0.1:5000/team/app:v1")
+        raise UsageError(
+            f"invalid reference {original!r}: expected REGISTRY/REPOSITORY[:TAG], "
+            "e.g. 127.0.0.1:5000/team/app:v1"
+        )
     registry, rest = text.split("/", 1)
     if not ("." in registry or ":" in registry or registry == "localhost"):
-        raise UsageError(f"invalid reference {original!r}: {registry!r} does not look like a "
-                         "registry host (host:port or a domain name)")
+        raise UsageError(
+            f"invalid reference {original!r}: {registry!r} does not look like a "
+            "registry host (host:port or a domain name)"
+        )
     tag = None
     last = rest.rsplit("/", 1)[-1]
     if ":" in last:

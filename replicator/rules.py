@@ -34,6 +34,7 @@ _TAG_GLOB_CHARS = re.compile(r"^[A-Za-z0-9_.\-*?\[\]{},^]+$")
 
 # ---- glob validation and matching -------------------------------------------------------------
 
+
 def _check_balanced(pattern: str) -> None:
     depth_brace = 0
     in_bracket = False
@@ -68,23 +69,31 @@ def validate_repository_glob(pattern: str) -> str:
     if not isinstance(pattern, str) or not pattern:
         raise ValueError("a repository glob must be a non-empty string")
     if pattern.startswith("!"):
-        raise ValueError(f"glob {pattern!r}: '!' negation is not supported; "
-                         "use exclude_repositories")
+        raise ValueError(
+            f"glob {pattern!r}: '!' negation is not supported; use exclude_repositories"
+        )
     if pattern != pattern.strip() or any(c.isspace() for c in pattern):
         raise ValueError(f"glob {pattern!r} contains whitespace")
     if any(c.isupper() for c in pattern):
-        raise ValueError(f"glob {pattern!r} has upper-case letters, but repository names are "
-                         "always lower-case, so it could never match")
+        raise ValueError(
+            f"glob {pattern!r} has upper-case letters, but repository names are "
+            "always lower-case, so it could never match"
+        )
     if not _REPO_GLOB_CHARS.match(pattern):
-        raise ValueError(f"glob {pattern!r} has characters that cannot appear in repository "
-                         "names (allowed: a-z 0-9 . _ - / and the glob characters * ? [] {})")
+        raise ValueError(
+            f"glob {pattern!r} has characters that cannot appear in repository "
+            "names (allowed: a-z 0-9 . _ - / and the glob characters * ? [] {})"
+        )
     if pattern.startswith("/") or pattern.endswith("/") or "//" in pattern:
-        raise ValueError(f"glob {pattern!r}: repository names have no leading, trailing or "
-                         "doubled '/'")
+        raise ValueError(
+            f"glob {pattern!r}: repository names have no leading, trailing or doubled '/'"
+        )
     for segment in pattern.split("/"):
         if "**" in segment and segment != "**":
-            raise ValueError(f"glob {pattern!r}: '**' must be a whole path segment "
-                             "(like 'team/**'); use '*' inside a segment")
+            raise ValueError(
+                f"glob {pattern!r}: '**' must be a whole path segment "
+                "(like 'team/**'); use '*' inside a segment"
+            )
     _check_balanced(pattern)
     _check_compiles(pattern)
     return pattern
@@ -98,8 +107,10 @@ def validate_tag_glob(pattern: str) -> str:
     if "/" in pattern:
         raise ValueError(f"tag glob {pattern!r} contains '/', which tags never do")
     if not _TAG_GLOB_CHARS.match(pattern):
-        raise ValueError(f"tag glob {pattern!r} has characters that cannot appear in tags "
-                         "(allowed: A-Z a-z 0-9 _ . - and the glob characters * ? [] {})")
+        raise ValueError(
+            f"tag glob {pattern!r} has characters that cannot appear in tags "
+            "(allowed: A-Z a-z 0-9 _ . - and the glob characters * ? [] {})"
+        )
     _check_balanced(pattern)
     _check_compiles(pattern)
     return pattern
@@ -128,6 +139,7 @@ def repository_selected(include: Sequence[str], exclude: Sequence[str], repo: st
 
 # ---- tags -------------------------------------------------------------------------------------
 
+
 def tag_passes(tag_filter: TagFilter | None, tag: str) -> bool:
     """Include/exclude globs and the semver range, for one tag (everything but `latest`).
 
@@ -150,8 +162,9 @@ def _range(text: str):
     return parse_range(text)
 
 
-def select_tags(tags: Iterable[str], tag_filter: TagFilter | None,
-                pushed_at: dict[str, float] | None = None) -> list[str]:
+def select_tags(
+    tags: Iterable[str], tag_filter: TagFilter | None, pushed_at: dict[str, float] | None = None
+) -> list[str]:
     """The tags a filter selects, in input order (duplicates dropped).
 
     `latest: N` keeps the N highest versions when every remaining tag is a
@@ -175,13 +188,17 @@ def select_tags(tags: Iterable[str], tag_filter: TagFilter | None,
     elif pushed_at is not None:
         ranked = sorted(passed, key=lambda t: (pushed_at.get(t, float("-inf")), t), reverse=True)
     else:
-        ranked = sorted(passed, key=lambda t: (1, versions[t], t) if versions[t] is not None
-                        else (0, t), reverse=True)
+        ranked = sorted(
+            passed,
+            key=lambda t: (1, versions[t], t) if versions[t] is not None else (0, t),
+            reverse=True,
+        )
     keep = set(ranked[: tag_filter.latest])
     return [t for t in passed if t in keep]
 
 
 # ---- platforms --------------------------------------------------------------------------------
+
 
 def platform_selected(rule: Rule, platform: Platform | None) -> bool:
     """Whether an index child with `platform` is copied under `rule`.
@@ -200,6 +217,7 @@ def platform_selected(rule: Rule, platform: Platform | None) -> bool:
 
 
 # ---- repositories and rules -------------------------------------------------------------------
+
 
 class RenameError(ConfigError):
     """A rule's rename produced something that is not a repository name."""
@@ -222,7 +240,7 @@ def map_repository(rule: Rule, repo: str) -> str:
         return repo
     result = repo
     if rename.strip_prefix and result.startswith(rename.strip_prefix):
-        result = result[len(rename.strip_prefix):]
+        result = result[len(rename.strip_prefix) :]
     result = rename.prefix + result
     if not REPOSITORY_RE.fullmatch(result) or len(result) > 255:
         raise RenameError(rule.name, repo, result)
@@ -235,8 +253,9 @@ class RuleTarget(NamedTuple):
     target_repo: str
 
 
-def rules_for(config: Config, site: str, repo: str,
-              rules: Sequence[Rule] | None = None) -> list[RuleTarget]:
+def rules_for(
+    config: Config, site: str, repo: str, rules: Sequence[Rule] | None = None
+) -> list[RuleTarget]:
     """Every (rule, target site, target repository) that an event on `site`/`repo` fans out to.
 
     Pass `rules=effective_rules(config, failovers)` while a failover is active;
@@ -252,8 +271,7 @@ def rules_for(config: Config, site: str, repo: str,
     return out
 
 
-def effective_rules(config: Config,
-                    failovers: Sequence[tuple[str, str]] = ()) -> list[Rule]:
+def effective_rules(config: Config, failovers: Sequence[tuple[str, str]] = ()) -> list[Rule]:
     """The rules in force while sites are failed over; `failovers` is [(lost, promoted), ...].
 
     A rule from a lost site is rewritten to come from its promoted site, with

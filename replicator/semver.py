@@ -51,8 +51,10 @@ class Version:
         if not self.prerelease:
             pre: tuple = (1,)
         else:
-            pre = (0, tuple((0, p, "") if isinstance(p, int) else (1, 0, p)
-                            for p in self.prerelease))
+            pre = (
+                0,
+                tuple((0, p, "") if isinstance(p, int) else (1, 0, p) for p in self.prerelease),
+            )
         return (*self.core, pre)
 
     def __lt__(self, other: object) -> bool:
@@ -131,8 +133,9 @@ def _satisfies(comparators: tuple[Comparator, ...], v: Version) -> bool:
         return False
     if not v.prerelease:
         return True
-    return any(c.version.prerelease and not c.synthetic and c.version.core == v.core
-               for c in comparators)
+    return any(
+        c.version.prerelease and not c.synthetic and c.version.core == v.core for c in comparators
+    )
 
 
 def _v(major: int, minor: int = 0, patch: int = 0, pre: tuple = ()) -> Version:

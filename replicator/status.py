@@ -28,10 +28,10 @@ UNREPLICATED = ("pending", "leased")
 @dataclass(frozen=True)
 class RunInfo:
     id: int
-    rules: str | None          # comma-separated rule names; None: every rule
+    rules: str | None  # comma-separated rule names; None: every rule
     started_at: float
     finished_at: float | None
-    state: str                 # running | done | failed
+    state: str  # running | done | failed
     counts: dict[str, Any]
 
 
@@ -40,19 +40,19 @@ class TargetStatus:
     rule: str
     source: str
     target: str
-    pending: int               # pending + leased tasks
+    pending: int  # pending + leased tasks
     dead: int
     oldest_unreplicated_at: float | None
-    lag_seconds: float         # 0 when nothing is waiting
+    lag_seconds: float  # 0 when nothing is waiting
     last_replicated_at: float | None
-    in_force: bool             # False: not a target while a failover is active
+    in_force: bool  # False: not a target while a failover is active
     note: str = ""
 
 
 @dataclass(frozen=True)
 class RuleStatus:
     name: str
-    source: str                # in force (after failovers)
+    source: str  # in force (after failovers)
     configured_source: str
     targets: list[TargetStatus]
     last_run: RunInfo | None
@@ -77,8 +77,9 @@ class StatusReport:
     @property
     def recovery_point_seconds(self) -> float:
         """The largest lag of any target in force: the recent work a loss would cost."""
-        return max((t.lag_seconds for r in self.rules for t in r.targets if t.in_force),
-                   default=0.0)
+        return max(
+            (t.lag_seconds for r in self.rules for t in r.targets if t.in_force), default=0.0
+        )
 
     @property
     def pending(self) -> int:
@@ -103,10 +104,10 @@ class StatusReport:
 class StatusRows:
     """What `compute_status` needs from the journal."""
 
-    tasks: list[Mapping[str, Any]]        # rule, target_site, state, n, oldest
-    runs: list[Mapping[str, Any]]         # sync_runs rows, newest first, no dry runs
-    failovers: list[Mapping[str, Any]]    # active failovers rows, oldest first
-    replicated: list[Mapping[str, Any]]   # source_site, target_site, last_at
+    tasks: list[Mapping[str, Any]]  # rule, target_site, state, n, oldest
+    runs: list[Mapping[str, Any]]  # sync_runs rows, newest first, no dry runs
+    failovers: list[Mapping[str, Any]]  # active failovers rows, oldest first
+    replicated: list[Mapping[str, Any]]  # source_site, target_site, last_at
 
 
 def read_rows(journal: Journal, recent_runs: int = 500) -> StatusRows:
@@ -115,16 +116,21 @@ def read_rows(journal: Journal, recent_runs: int = 500) -> StatusRows:
         tasks=journal.query(
             "SELECT rule, target_site, state, COUNT(*) AS n, MIN(created_at) AS oldest "
             "FROM tasks WHERE state IN ('pending', 'leased', 'dead') "
-            "GROUP BY rule, target_site, state"),
+            "GROUP BY rule, target_site, state"
+        ),
         runs=journal.query(
             "SELECT id, rule, started_at, finished_at, state, result FROM sync_runs "
-            "WHERE dry_run = 0 ORDER BY id DESC LIMIT ?", (recent_runs,)),
+            "WHERE dry_run = 0 ORDER BY id DESC LIMIT ?",
+            (recent_runs,),
+        ),
         failovers=journal.query(
             "SELECT id, lost_site, promoted_site, started_at, detail FROM failovers "
-            "WHERE active = 1 ORDER BY id"),
+            "WHERE active = 1 ORDER BY id"
+        ),
         replicated=journal.query(
             "SELECT source_site, target_site, MAX(at) AS last_at FROM replicated "
-            "GROUP BY source_site, target_site"),
+            "GROUP BY source_site, target_site"
+        ),
     )
 
 
@@ -143,7 +149,7 @@ def compute_status(config: Config, rows: StatusRows, now: float | None = None) -
         source = current.from_ if current else rule.from_
         targets: list[TargetStatus] = []
         listed: list[str] = list(current.to) if current else []
-        extra = [t for t in rule.to if t not in listed]      # dropped by a failover
+        extra = [t for t in rule.to if t not in listed]  # dropped by a failover
         extra += [t for (name, t) in tasks if name == rule.name and t not in listed + extra]
         for target in listed + extra:
             counts = tasks.get((rule.name, target), {})
@@ -151,28 +157,50 @@ def compute_status(config: Config, rows: StatusRows, now: float | None = None) -
             oldest = _min(counts.get(s, (0, None))[1] for s in UNREPLICATED)
             note = ""
             if target not in listed:
-                note = ("lost site, failed over" if target in lost else
-                        "now the source (promoted)" if target == source else "not in force")
-            targets.append(TargetStatus(
-                rule=rule.name, source=source, target=target, pending=pending,
-                dead=counts.get("dead", (0, None))[0], oldest_unreplicated_at=oldest,
-                lag_seconds=max(0.0, now - oldest) if oldest is not None else 0.0,
-                last_replicated_at=last_copy.get((source, target)),
-                in_force=target in listed, note=note))
+                note = (
+                    "lost site, failed over"
+                    if target in lost
+                    else "now the source (promoted)"
+                    if target == source
+                    else "not in force"
+                )
+            targets.append(
+                TargetStatus(
+                    rule=rule.name,
+                    source=source,
+                    target=target,
+                    pending=pending,
+                    dead=counts.get("dead", (0, None))[0],
+                    oldest_unreplicated_at=oldest,
+                    lag_seconds=max(0.0, now - oldest) if oldest is not None else 0.0,
+                    last_replicated_at=last_copy.get((source, target)),
+                    in_force=target in listed,
+                    note=note,
+                )
+            )
         covering = [r for r in runs if r.rules is None or rule.name in r.rules.split(",")]
-        report.rules.append(RuleStatus(
-            name=rule.name, source=source, configured_source=rule.from_, targets=targets,
-            last_run=covering[0] if covering else None,
-            last_ok_run=next((r for r in covering if r.state == "done"), None)))
+        report.rules.append(
+            RuleStatus(
+                name=rule.name,
+                source=source,
+                configured_source=rule.from_,
+                targets=targets,
+                last_run=covering[0] if covering else None,
+                last_ok_run=next((r for r in covering if r.state == "done"), None),
+            )
+        )
     return report
 
 
-def _task_index(rows: Iterable[Mapping[str, Any]]
-                ) -> dict[tuple[str, str], dict[str, tuple[int, float | None]]]:
+def _task_index(
+    rows: Iterable[Mapping[str, Any]],
+) -> dict[tuple[str, str], dict[str, tuple[int, float | None]]]:
     index: dict[tuple[str, str], dict[str, tuple[int, float | None]]] = {}
     for row in rows:
         index.setdefault((row["rule"], row["target_site"]), {})[row["state"]] = (
-            int(row["n"]), row["oldest"])
+            int(row["n"]),
+            row["oldest"],
+        )
     return index
 
 
@@ -186,8 +214,14 @@ def _run(row: Mapping[str, Any]) -> RunInfo:
         counts = json.loads(row["result"]) if row["result"] else {}
     except ValueError:
         counts = {}
-    return RunInfo(id=row["id"], rules=row["rule"], started_at=row["started_at"],
-                   finished_at=row["finished_at"], state=row["state"], counts=counts)
+    return RunInfo(
+        id=row["id"],
+        rules=row["rule"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        state=row["state"],
+        counts=counts,
+    )
 
 
 def _failover(row: Mapping[str, Any]) -> FailoverInfo:
@@ -195,12 +229,17 @@ def _failover(row: Mapping[str, Any]) -> FailoverInfo:
         detail = json.loads(row["detail"]) if row["detail"] else {}
     except ValueError:
         detail = {}
-    return FailoverInfo(id=row["id"], lost=row["lost_site"], promoted=row["promoted_site"],
-                        started_at=row["started_at"],
-                        rules=[r.get("name", "?") for r in detail.get("rules", [])])
+    return FailoverInfo(
+        id=row["id"],
+        lost=row["lost_site"],
+        promoted=row["promoted_site"],
+        started_at=row["started_at"],
+        rules=[r.get("name", "?") for r in detail.get("rules", [])],
+    )
 
 
 # ---------------------------------------------------------------------------- text
+
 
 def human_age(seconds: float) -> str:
     """'0 s', '45 s', '2 min', '3 h', '2 d': precise enough to read at a glance."""
@@ -246,23 +285,39 @@ def format_status(report: StatusReport) -> list[str]:
     now = report.generated_at
     lines: list[str] = []
     for f in report.failovers:
-        lines.append(f"FAILOVER active: {f.promoted} replaces lost {f.lost} since "
-                     f"{human_age(now - f.started_at)} ago (rules: {', '.join(f.rules) or '-'})")
+        lines.append(
+            f"FAILOVER active: {f.promoted} replaces lost {f.lost} since "
+            f"{human_age(now - f.started_at)} ago (rules: {', '.join(f.rules) or '-'})"
+        )
     for rule in report.rules:
-        moved = (f" (configured from {rule.configured_source})"
-                 if rule.source != rule.configured_source else "")
+        moved = (
+            f" (configured from {rule.configured_source})"
+            if rule.source != rule.configured_source
+            else ""
+        )
         lines.append(f"rule {rule.name}{moved}:")
         if not rule.targets:
             lines.append("  no targets")
         for t in rule.targets:
             lines.append(f"  {describe_target(t, rule, now)}")
-    lines.append(f"recovery point: {human_age(report.recovery_point_seconds)} "
-                 f"({report.pending} changes pending, {report.dead} dead letters)")
+    lines.append(
+        f"recovery point: {human_age(report.recovery_point_seconds)} "
+        f"({report.pending} changes pending, {report.dead} dead letters)"
+    )
     return lines
 
 
 __all__: Sequence[str] = [
-    "FailoverInfo", "RuleStatus", "RunInfo", "StatusReport", "StatusRows", "TargetStatus",
-    "compute_status", "describe_run", "describe_target", "format_status", "human_age",
+    "FailoverInfo",
+    "RuleStatus",
+    "RunInfo",
+    "StatusReport",
+    "StatusRows",
+    "TargetStatus",
+    "compute_status",
+    "describe_run",
+    "describe_target",
+    "format_status",
+    "human_age",
     "read_rows",
 ]

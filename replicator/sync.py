@@ -61,8 +61,9 @@ class SyncReport:
 
 
 def active_failovers(journal: Journal) -> list[tuple[str, str]]:
-    rows = journal.query("SELECT lost_site, promoted_site FROM failovers WHERE active = 1 "
-                         "ORDER BY id")
+    rows = journal.query(
+        "SELECT lost_site, promoted_site FROM failovers WHERE active = 1 ORDER BY id"
+    )
     return [(r["lost_site"], r["promoted_site"]) for r in rows]
 
 
@@ -77,9 +78,16 @@ async def rules_in_force(config: Config, journal: Journal | None) -> list[Rule]:
 class Reconciler:
     """Runs sync passes; holds the shared clients and copy engine."""
 
-    def __init__(self, config: Config, journal: Journal | None, pool: ClientPool,
-                 engine: CopyEngine, *, parallel: int = 16,
-                 on_action: Callable[[Action, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        journal: Journal | None,
+        pool: ClientPool,
+        engine: CopyEngine,
+        *,
+        parallel: int = 16,
+        on_action: Callable[[Action, str], None] | None = None,
+    ) -> None:
         self.config = config
         self.journal = journal
         self.pool = pool
@@ -88,8 +96,13 @@ class Reconciler:
         self.on_action = on_action
         self._lookups = asyncio.Semaphore(parallel)
 
-    async def run(self, rule_names: Sequence[str] | None = None, *, dry_run: bool = False,
-                  rules: Sequence[Rule] | None = None) -> SyncReport:
+    async def run(
+        self,
+        rule_names: Sequence[str] | None = None,
+        *,
+        dry_run: bool = False,
+        rules: Sequence[Rule] | None = None,
+    ) -> SyncReport:
         report = SyncReport(dry_run=dry_run)
         if rules is None:
             rules = await rules_in_force(self.config, self.journal)
@@ -98,8 +111,10 @@ class Reconciler:
             if unknown:
                 from replicator.errors import UsageError
 
-                raise UsageError(f"unknown rule(s): {', '.join(sorted(unknown))}; known: "
-                                 f"{', '.join(r.name for r in rules)}")
+                raise UsageError(
+                    f"unknown rule(s): {', '.join(sorted(unknown))}; known: "
+                    f"{', '.join(r.name for r in rules)}"
+                )
             rules = [r for r in rules if r.name in rule_names]
         run_id = await self._start_run(rule_names, dry_run)
         targets_before = self._request_counts(rules)
@@ -138,43 +153,62 @@ class Reconciler:
         selected = [t for t in wanted if t in source_tags]  # a tag may vanish meanwhile
         all_source = dict.fromkeys(tags, "") | source_tags  # for delete decisions
         await self._record_inventory(rule.from_, repo, source_tags)
-        await asyncio.gather(*(self._sync_target(rule, repo, target, all_source, source_tags,
-                                                 selected, report) for target in rule.to))
+        await asyncio.gather(
+            *(
+                self._sync_target(rule, repo, target, all_source, source_tags, selected, report)
+                for target in rule.to
+            )
+        )
 
-    async def _sync_target(self, rule: Rule, repo: str, target: str,
-                           all_source: dict[str, str], source_tags: dict[str, str],
-                           selected: list[str], report: SyncReport) -> None:
+    async def _sync_target(
+        self,
+        rule: Rule,
+        repo: str,
+        target: str,
+        all_source: dict[str, str],
+        source_tags: dict[str, str],
+        selected: list[str],
+        report: SyncReport,
+    ) -> None:
         dst = self.pool[target]
         try:
             target_repo = rule.map_repository(repo)
-            trusted = await self._immutable_known(rule, target, target_repo, source_tags,
-                                                  selected)
-            observed = await self._head_all(dst, target_repo,
-                                            [t for t in selected if t not in trusted])
+            trusted = await self._immutable_known(rule, target, target_repo, source_tags, selected)
+            observed = await self._head_all(
+                dst, target_repo, [t for t in selected if t not in trusted]
+            )
             target_tags = {**trusted, **observed}
             if rule.immutable_tags:
-                await self._record_inventory(target, target_repo,
-                                             {t: d for t, d in observed.items() if d})
+                await self._record_inventory(
+                    target, target_repo, {t: d for t, d in observed.items() if d}
+                )
             everything = None
             if rule.deletes:
                 listed = await dst.list_tags(target_repo)
                 rest = [t for t in listed if t not in target_tags]
-                everything = {t: d for t, d in
-                              ({**target_tags, **await self._head_all(dst, target_repo, rest)}
-                               ).items() if d is not None}
+                everything = {
+                    t: d
+                    for t, d in (
+                        {**target_tags, **await self._head_all(dst, target_repo, rest)}
+                    ).items()
+                    if d is not None
+                }
         except RegistryError as exc:
             report.failures.append(f"rule {rule.name}: {target}/{repo}: {exc}")
             return
         plan_source = {t: source_tags.get(t) or all_source[t] for t in all_source}
-        actions = plan_target(rule, target, repo, target_repo, plan_source, selected,
-                              target_tags, everything)
+        actions = plan_target(
+            rule, target, repo, target_repo, plan_source, selected, target_tags, everything
+        )
         report.actions.extend(actions)
         for action in actions:
             if self.on_action and action.kind != "up-to-date":
                 self.on_action(action, "planned")
         if not report.dry_run:
-            await _bounded((self._execute(rule, a, report) for a in actions
-                            if a.kind in ("copy", "delete")), self.parallel)
+            await _bounded(
+                (self._execute(rule, a, report) for a in actions if a.kind in ("copy", "delete")),
+                self.parallel,
+            )
 
     async def _head_all(self, client, repo: str, tags: Iterable[str]) -> dict[str, str | None]:
         async def one(tag: str) -> tuple[str, str | None]:
@@ -193,26 +227,36 @@ class Reconciler:
                 report.deleted += 1
                 status = "deleted"
             except RegistryError as exc:
-                report.failures.append(f"delete {action.target_site}/"
-                                       f"{action.target_repository}:{action.tag}: {exc}")
+                report.failures.append(
+                    f"delete {action.target_site}/{action.target_repository}:{action.tag}: {exc}"
+                )
                 status = "failed"
             if self.on_action:
                 self.on_action(action, status)
             return
-        current = (Descriptor("", action.target_digest, 0) if action.target_digest else None)
-        options = CopyOptions(platforms=rule.platform_list or None, referrers=rule.referrers,
-                              overwrite=rule.overwrite)
-        result = await self.engine.copy(src, action.repository, action.source_digest, dst,
-                                        action.target_repository, tag=action.tag,
-                                        options=options, target_current=current)
+        current = Descriptor("", action.target_digest, 0) if action.target_digest else None
+        options = CopyOptions(
+            platforms=rule.platform_list or None, referrers=rule.referrers, overwrite=rule.overwrite
+        )
+        result = await self.engine.copy(
+            src,
+            action.repository,
+            action.source_digest,
+            dst,
+            action.target_repository,
+            tag=action.tag,
+            options=options,
+            target_current=current,
+        )
         report.stats.add(result.stats)
         if result.status == "failed":
             report.failures.append(f"{result.source} -> {result.target}: {result.error}")
         elif result.status == "copied":
             await self._record_replicated(action, result.digest)
             if rule.immutable_tags and result.digest:
-                await self._record_inventory(action.target_site, action.target_repository,
-                                             {action.tag: result.digest})
+                await self._record_inventory(
+                    action.target_site, action.target_repository, {action.tag: result.digest}
+                )
         if self.on_action:
             self.on_action(action, result.status)
 
@@ -226,9 +270,14 @@ class Reconciler:
             return {}
         return await self.journal.run(tag_push_times, self.journal, site, repo)
 
-    async def _immutable_known(self, rule: Rule, target: str, target_repo: str,
-                               source_tags: dict[str, str],
-                               selected: list[str]) -> dict[str, str]:
+    async def _immutable_known(
+        self,
+        rule: Rule,
+        target: str,
+        target_repo: str,
+        source_tags: dict[str, str],
+        selected: list[str],
+    ) -> dict[str, str]:
         """Immutable tags the journal already records at the target with the source digest.
 
         Such a tag never moves, so asking the target again is wasted requests
@@ -244,12 +293,18 @@ class Reconciler:
         journal = self.journal
 
         def read() -> dict[str, str]:
-            known = {r["tag"]: r["digest"] for r in journal.query(
-                "SELECT tag, digest FROM inventory_tags WHERE site = ? AND repository = ?",
-                (target, target_repo))}
+            known = {
+                r["tag"]: r["digest"]
+                for r in journal.query(
+                    "SELECT tag, digest FROM inventory_tags WHERE site = ? AND repository = ?",
+                    (target, target_repo),
+                )
+            }
             for r in journal.query(
-                    "SELECT digest, tags FROM replicated WHERE target_site = ? AND "
-                    "repository = ? AND tags IS NOT NULL ORDER BY at", (target, target_repo)):
+                "SELECT digest, tags FROM replicated WHERE target_site = ? AND "
+                "repository = ? AND tags IS NOT NULL ORDER BY at",
+                (target, target_repo),
+            ):
                 for tag in json.loads(r["tags"]):
                     known[tag] = r["digest"]
             return known
@@ -265,8 +320,15 @@ class Reconciler:
     async def _record_replicated(self, action: Action, digest: str | None) -> None:
         if self.journal is None or not digest:
             return
-        await self.journal.run(record_replicated, self.journal, action.target_site,
-                               action.target_repository, digest, action.source_site, action.tag)
+        await self.journal.run(
+            record_replicated,
+            self.journal,
+            action.target_site,
+            action.target_repository,
+            digest,
+            action.source_site,
+            action.tag,
+        )
 
     async def _start_run(self, rule_names: Sequence[str] | None, dry_run: bool) -> int | None:
         if self.journal is None:
@@ -278,7 +340,8 @@ class Reconciler:
                 cur = conn.execute(
                     "INSERT INTO sync_runs(rule, started_at, dry_run, state) "
                     "VALUES (?, ?, ?, 'running')",
-                    (",".join(rule_names) if rule_names else None, time.time(), int(dry_run)))
+                    (",".join(rule_names) if rule_names else None, time.time(), int(dry_run)),
+                )
                 return int(cur.lastrowid)
 
         return await journal.run(insert)
@@ -290,7 +353,8 @@ class Reconciler:
         await self.journal.run(
             self.journal.execute,
             "UPDATE sync_runs SET finished_at = ?, state = ?, result = ? WHERE id = ?",
-            (time.time(), state, json.dumps(report.counts()), run_id))
+            (time.time(), state, json.dumps(report.counts()), run_id),
+        )
 
 
 async def _bounded(coros: Iterable, limit: int) -> None:
@@ -306,6 +370,9 @@ async def _bounded(coros: Iterable, limit: int) -> None:
 def tag_push_times(journal: Journal, site: str, repo: str) -> dict[str, float]:
     """When each tag of `site`/`repo` was pushed (else first seen), from the inventory:
     what `latest: N` ranks tags by when they are not all versions."""
-    rows = journal.query("SELECT tag, COALESCE(pushed_at, first_seen) AS t FROM inventory_tags "
-                         "WHERE site = ? AND repository = ?", (site, repo))
+    rows = journal.query(
+        "SELECT tag, COALESCE(pushed_at, first_seen) AS t FROM inventory_tags "
+        "WHERE site = ? AND repository = ?",
+        (site, repo),
+    )
     return {r["tag"]: r["t"] for r in rows}

@@ -60,8 +60,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCOPE = "replicator"
-OTLP_EXTRA_HINT = ("install the OTLP exporter: pip install 'registry-replicator[otlp]' "
-                   "(the package opentelemetry-exporter-otlp-proto-http)")
+OTLP_EXTRA_HINT = (
+    "install the OTLP exporter: pip install 'registry-replicator[otlp]' "
+    "(the package opentelemetry-exporter-otlp-proto-http)"
+)
 
 _NOOP: AbstractContextManager[Span] = contextlib.nullcontext(trace.INVALID_SPAN)
 
@@ -95,11 +97,15 @@ _current: Telemetry | None = None
 
 # ---------------------------------------------------------------------------- set-up
 
-def setup_telemetry(config: Config | TelemetryConfig | None = None, *,
-                    span_exporter: SpanExporter | None = None,
-                    metric_reader: MetricReader | None = None,
-                    metrics: Metrics | None = None,
-                    instance_id: str | None = None) -> Telemetry:
+
+def setup_telemetry(
+    config: Config | TelemetryConfig | None = None,
+    *,
+    span_exporter: SpanExporter | None = None,
+    metric_reader: MetricReader | None = None,
+    metrics: Metrics | None = None,
+    instance_id: str | None = None,
+) -> Telemetry:
     """Enable tracing (and metrics) as configured; returns the handle, also kept globally.
 
     `config` is the whole Config or its `telemetry` section. Exporters, in order:
@@ -117,16 +123,18 @@ def setup_telemetry(config: Config | TelemetryConfig | None = None, *,
     service_name = getattr(section, "service_name", None) or "registry-replicator"
     console = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console"
 
-    span_exporters: list[tuple[SpanExporter, bool]] = []   # (exporter, batched)
+    span_exporters: list[tuple[SpanExporter, bool]] = []  # (exporter, batched)
     readers: list[MetricReader] = []
     if endpoint:
         trace_exporter_cls, metric_exporter_cls = _otlp_classes()
-        span_exporters.append((trace_exporter_cls(endpoint=otlp_url(endpoint, "traces")),
-                               True))
+        span_exporters.append((trace_exporter_cls(endpoint=otlp_url(endpoint, "traces")), True))
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        readers.append(PeriodicExportingMetricReader(
-            metric_exporter_cls(endpoint=otlp_url(endpoint, "metrics"))))
+        readers.append(
+            PeriodicExportingMetricReader(
+                metric_exporter_cls(endpoint=otlp_url(endpoint, "metrics"))
+            )
+        )
     if console:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -148,8 +156,7 @@ def setup_telemetry(config: Config | TelemetryConfig | None = None, *,
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    attributes: dict[str, str] = {"service.name": service_name,
-                                  "service.version": __version__}
+    attributes: dict[str, str] = {"service.name": service_name, "service.version": __version__}
     if instance_id:
         attributes["service.instance.id"] = instance_id
     resource = Resource.create(attributes)
@@ -157,8 +164,9 @@ def setup_telemetry(config: Config | TelemetryConfig | None = None, *,
     if span_exporters:
         provider = TracerProvider(resource=resource)
         for exporter, batched in span_exporters:
-            provider.add_span_processor(BatchSpanProcessor(exporter) if batched
-                                        else SimpleSpanProcessor(exporter))
+            provider.add_span_processor(
+                BatchSpanProcessor(exporter) if batched else SimpleSpanProcessor(exporter)
+            )
         handle.tracer_provider = provider
     if readers:
         from opentelemetry.sdk.metrics import MeterProvider
@@ -168,8 +176,11 @@ def setup_telemetry(config: Config | TelemetryConfig | None = None, *,
             from replicator.daemon.metrics import METRICS as metrics
         bridge_metrics(metrics, handle.meter_provider)
     _current = handle
-    _tracer = (handle.tracer_provider.get_tracer(SCOPE, __version__)
-               if handle.tracer_provider is not None else None)
+    _tracer = (
+        handle.tracer_provider.get_tracer(SCOPE, __version__)
+        if handle.tracer_provider is not None
+        else None
+    )
     if endpoint:
         log.info("telemetry: exporting traces and metrics to %s", endpoint)
     return handle
@@ -205,13 +216,16 @@ def _otlp_classes() -> tuple[type, type]:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
-        raise ConfigError(f"telemetry.otlp_endpoint is set, but the OTLP exporter is not "
-                          f"installed; {OTLP_EXTRA_HINT}",
-                          path="telemetry.otlp_endpoint") from None
+        raise ConfigError(
+            f"telemetry.otlp_endpoint is set, but the OTLP exporter is not "
+            f"installed; {OTLP_EXTRA_HINT}",
+            path="telemetry.otlp_endpoint",
+        ) from None
     return OTLPSpanExporter, OTLPMetricExporter
 
 
 # --------------------------------------------------------------------------- spans
+
 
 def enabled() -> bool:
     return _tracer is not None
@@ -228,8 +242,9 @@ def _attrs(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def span(name: str, parent: Mapping[str, str] | None = None,
-         **attributes: Any) -> AbstractContextManager[Span]:
+def span(
+    name: str, parent: Mapping[str, str] | None = None, **attributes: Any
+) -> AbstractContextManager[Span]:
     """A span around a block: `with telemetry.span("copy manifest", digest=d) as s:`.
 
     `parent` is a W3C carrier ({'traceparent': ...}) to continue a trace from
@@ -267,11 +282,20 @@ def replicate_span(task: Any) -> AbstractContextManager[Span]:
     trace context journaled with it, so one push's journey across sites is one trace."""
     if _tracer is None:
         return _NOOP
-    return span("replicate", parent=getattr(task, "trace_context", None),
-                rule=task.rule, action=task.action, source=task.source_site,
-                target=task.target_site, repository=task.repository,
-                target_repository=task.target_repository, tag=task.tag, digest=task.digest,
-                task_id=task.id, attempt=task.attempts)
+    return span(
+        "replicate",
+        parent=getattr(task, "trace_context", None),
+        rule=task.rule,
+        action=task.action,
+        source=task.source_site,
+        target=task.target_site,
+        repository=task.repository,
+        target_repository=task.target_repository,
+        tag=task.tag,
+        digest=task.digest,
+        task_id=task.id,
+        attempt=task.attempts,
+    )
 
 
 def gc_span(name: str, **attributes: Any) -> AbstractContextManager[Span]:
@@ -300,6 +324,7 @@ def trace_context() -> dict[str, str]:
 
 # -------------------------------------------------------------------------- metrics
 
+
 def bridge_metrics(metrics: Metrics, meter_provider: MeterProvider) -> None:
     """Mirror every metric of `metrics` as an observable OTel instrument, read at export.
 
@@ -322,36 +347,48 @@ def bridge_metrics(metrics: Metrics, meter_provider: MeterProvider) -> None:
                 return
             for key, value in items:
                 yield Observation(value, dict(zip(labelnames, key, strict=False)))
+
         return callback
 
     for metric in list(metrics._metrics):
         name, labels = metric.name, metric.labelnames
         if isinstance(metric, Counter):
             meter.create_observable_counter(
-                name.removesuffix("_total"), [observe(_counter_values(metric), labels)],
-                description=metric.help)
+                name.removesuffix("_total"),
+                [observe(_counter_values(metric), labels)],
+                description=metric.help,
+            )
         elif isinstance(metric, Gauge):
-            meter.create_observable_gauge(name, [observe(metric._snapshot, labels)],
-                                          description=metric.help)
+            meter.create_observable_gauge(
+                name, [observe(metric._snapshot, labels)], description=metric.help
+            )
         elif isinstance(metric, Histogram):
             meter.create_observable_counter(
-                f"{name}_count", [observe(_histogram_values(metric, 0), labels)],
-                description=metric.help)
+                f"{name}_count",
+                [observe(_histogram_values(metric, 0), labels)],
+                description=metric.help,
+            )
             meter.create_observable_counter(
-                f"{name}_sum", [observe(_histogram_values(metric, 1), labels)],
-                description=metric.help)
+                f"{name}_sum",
+                [observe(_histogram_values(metric, 1), labels)],
+                description=metric.help,
+            )
 
 
 def _counter_values(metric: Any):
     def read() -> dict:
         with metric._lock:
             return dict(metric._values)
+
     return read
 
 
 def _histogram_values(metric: Any, which: int):
     def read() -> dict:
         with metric._lock:
-            return {key: (counts[-1] if which == 0 else total[0])
-                    for key, (counts, total) in metric._data.items()}
+            return {
+                key: (counts[-1] if which == 0 else total[0])
+                for key, (counts, total) in metric._data.items()
+            }
+
     return read

@@ -17,14 +17,15 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
-                          text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=180
+    )
 
 
 def test_bench_copy_small():
     proc = run("bench_copy.py", "--small", "--rounds", "1", "--big-mib", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert report["bytes_ratio"] == 1.0
     assert report["second_pass_blobs_uploaded"] == 0
     assert report["second_pass_manifests_written"] == 0

@@ -26,16 +26,27 @@ from tests.harness.mosquitto import Mosquitto
 from tests.harness.util import async_wait_until, free_port
 
 DIGEST = "sha256:" + "ab" * 32
-TRACE = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-         "tracestate": "vendor=1"}
+TRACE = {
+    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "tracestate": "vendor=1",
+}
 
 
 def event(i: int = 0, site: str = "eu", repository: str = "team/app") -> RegistryEvent:
-    return RegistryEvent(id=f"ev-{i}", site=site, action="push", repository=repository,
-                         tag=f"v{i}", digest=DIGEST, media_type=(
-                             "application/vnd.oci.image.manifest.v1+json"),
-                         size=1234, occurred_at=1_700_000_000.5, is_manifest=True,
-                         actor="ci", source_instance="inst-1")
+    return RegistryEvent(
+        id=f"ev-{i}",
+        site=site,
+        action="push",
+        repository=repository,
+        tag=f"v{i}",
+        digest=DIGEST,
+        media_type=("application/vnd.oci.image.manifest.v1+json"),
+        size=1234,
+        occurred_at=1_700_000_000.5,
+        is_manifest=True,
+        actor="ci",
+        source_instance="inst-1",
+    )
 
 
 class Collector:
@@ -54,6 +65,7 @@ class Collector:
     async def wait_for(self, n: int, timeout: float = 10.0) -> None:
         async def enough() -> bool:
             return len(set(self.ids)) >= n
+
         await async_wait_until(enough, timeout=timeout, what=f"{n} events")
 
 
@@ -65,28 +77,35 @@ def mqtt(broker: Mosquitto, client_id: str, **kw) -> MqttBus:
 
 # --- wire format ---------------------------------------------------------------------
 
+
 def test_event_json_round_trip_and_validation():
     ev = event(3)
     assert event_from_json(event_to_json(ev)) == ev
     assert event_from_json(event_to_json(ev).encode()) == ev
     minimal = RegistryEvent(id="x", site="s", action="delete", repository="r", tag="t")
     assert event_from_json(event_to_json(minimal)) == minimal
-    assert event_from_json('{"id":"x","site":"s","action":"pull","repository":"r",'
-                           '"new_field":1}').action == "pull"
-    for bad, field in [('{"site":"s","action":"push","repository":"r"}', "event.id"),
-                       ('{"id":"x","site":"s","action":"copy","repository":"r"}', "action"),
-                       ('{"id":"x","site":"s","action":"push","repository":"Bad Repo"}',
-                        "repository"),
-                       ('{"id":"x","site":"s","action":"push","repository":"r",'
-                        '"digest":"md5:1"}', "digest"),
-                       ('{"id":"x","site":"s","action":"push","repository":"r","size":-1}',
-                        "size"),
-                       ('{"v":2,"id":"x"}', "version"), ("[1]", "object"), ("{", "JSON")]:
+    assert (
+        event_from_json(
+            '{"id":"x","site":"s","action":"pull","repository":"r","new_field":1}'
+        ).action
+        == "pull"
+    )
+    for bad, field in [
+        ('{"site":"s","action":"push","repository":"r"}', "event.id"),
+        ('{"id":"x","site":"s","action":"copy","repository":"r"}', "action"),
+        ('{"id":"x","site":"s","action":"push","repository":"Bad Repo"}', "repository"),
+        ('{"id":"x","site":"s","action":"push","repository":"r","digest":"md5:1"}', "digest"),
+        ('{"id":"x","site":"s","action":"push","repository":"r","size":-1}', "size"),
+        ('{"v":2,"id":"x"}', "version"),
+        ("[1]", "object"),
+        ("{", "JSON"),
+    ]:
         with pytest.raises(BusError, match=field):
             event_from_json(bad)
 
 
 # --- in process ------------------------------------------------------------------------
+
 
 async def test_in_process_bus_delivers_in_order_with_trace_context_and_retries():
     bus = InProcessBus(handler_backoff_base=0.01, handler_backoff_max=0.02)
@@ -114,6 +133,7 @@ async def test_in_process_bus_delivers_in_order_with_trace_context_and_retries()
 
 # --- MQTT ------------------------------------------------------------------------------
 
+
 async def test_publish_reaches_handler_with_trace_context_on_site_repository_topic(mosquitto):
     watcher_got: list[aiomqtt.Message] = []
     async with aiomqtt.Client("127.0.0.1", mosquitto.port) as watcher:
@@ -134,8 +154,10 @@ async def test_publish_reaches_handler_with_trace_context_on_site_repository_top
         await bus.stop()
     assert got.got[0] == (event(1), TRACE)
     assert got.got[1] == (event(2, site="us", repository="a/b/c"), {})
-    assert [str(m.topic) for m in watcher_got] == ["registry/events/eu/team/app",
-                                                   "registry/events/us/a/b/c"]
+    assert [str(m.topic) for m in watcher_got] == [
+        "registry/events/eu/team/app",
+        "registry/events/us/a/b/c",
+    ]
     assert event_from_json(watcher_got[0].payload) == event(1)
     with pytest.raises(BusClosed):
         await bus.publish(event(3))
@@ -228,6 +250,7 @@ async def test_shared_subscription_splits_the_stream_without_duplicates_or_loss(
 
     async def all_in() -> bool:
         return len(a.ids) + len(b.ids) >= n
+
     await async_wait_until(all_in, timeout=10, what="all events delivered")
     await bus_a.stop()
     await bus_b.stop()
@@ -261,9 +284,10 @@ async def test_broker_restart_mid_stream_loses_nothing(mosquitto):
 
     async def retried() -> bool:
         return pub.connect_attempts >= attempts + 2
+
     await async_wait_until(retried, timeout=10, what="publisher reconnect attempts")
     blocked_at = published
-    assert blocked_at < n and not task.done()   # publish blocks while the broker is down
+    assert blocked_at < n and not task.done()  # publish blocks while the broker is down
     await asyncio.to_thread(mosquitto.start)
     await asyncio.wait_for(task, 30)
     await got.wait_for(n, timeout=20)
@@ -275,13 +299,19 @@ async def test_broker_restart_mid_stream_loses_nothing(mosquitto):
 
 async def test_reconnect_backoff_grows_and_does_not_spin(tmp_path):
     port = free_port()  # nothing listens here
-    bus = MqttBus(f"mqtt://127.0.0.1:{port}", "registry/events", "lonely",
-                  reconnect_base=0.1, reconnect_max=0.4)
+    bus = MqttBus(
+        f"mqtt://127.0.0.1:{port}",
+        "registry/events",
+        "lonely",
+        reconnect_base=0.1,
+        reconnect_max=0.4,
+    )
     started = time.monotonic()
     await bus.start(Collector())
 
     async def tried() -> bool:
         return bus.connect_attempts >= 5
+
     await async_wait_until(tried, timeout=10, what="5 connection attempts")
     elapsed = time.monotonic() - started
     delays = bus.reconnect_delays[:4]
@@ -300,15 +330,26 @@ async def test_credentials_work_and_the_password_is_never_logged(tmp_path, caplo
     caplog.set_level(logging.DEBUG)
     try:
         got = Collector()
-        good = MqttBus(f"mqtt://replicator:s3cret-pw@127.0.0.1:{broker.port}", "ev", "good",
-                       reconnect_base=0.05)
+        good = MqttBus(
+            f"mqtt://replicator:s3cret-pw@127.0.0.1:{broker.port}",
+            "ev",
+            "good",
+            reconnect_base=0.05,
+        )
         await good.start(got)
         await good.publish(event(1))
         await got.wait_for(1)
         await good.stop()
 
-        bad = MqttBus(broker.url, "ev", "bad", username="replicator", password="wr0ng-pw",
-                      reconnect_base=0.05, reconnect_max=0.1)
+        bad = MqttBus(
+            broker.url,
+            "ev",
+            "bad",
+            username="replicator",
+            password="wr0ng-pw",
+            reconnect_base=0.05,
+            reconnect_max=0.1,
+        )
         with pytest.raises(BusUnavailable) as info:
             await bad.publish(event(2), timeout=0.5)
         await bad.stop()
@@ -336,16 +377,19 @@ async def test_a_publish_the_broker_refuses_is_an_error_not_a_success(tmp_path):
         broker.stop()
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"url": "http://127.0.0.1:1"}, "bus.url"),
-    ({"url": "mqtt://"}, "bus.url"),
-    ({"topic": "events/+/x"}, "bus.topic"),
-    ({"topic": "$SYS/x"}, "bus.topic"),
-    ({"group": "a/b"}, "bus.group"),
-    ({"qos": 0}, "bus.qos"),
-    ({"client_id": ""}, "bus.client_id"),
-    ({"session_expiry": 0}, "bus.session_expiry"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"url": "http://127.0.0.1:1"}, "bus.url"),
+        ({"url": "mqtt://"}, "bus.url"),
+        ({"topic": "events/+/x"}, "bus.topic"),
+        ({"topic": "$SYS/x"}, "bus.topic"),
+        ({"group": "a/b"}, "bus.group"),
+        ({"qos": 0}, "bus.qos"),
+        ({"client_id": ""}, "bus.client_id"),
+        ({"session_expiry": 0}, "bus.session_expiry"),
+    ],
+)
 async def test_bad_settings_are_refused_naming_the_field(kwargs, field):
     args = {"url": "mqtt://127.0.0.1:1883", "topic": "events", "client_id": "x", **kwargs}
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -11,8 +11,9 @@ from tests.harness.util import free_port
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "replicator", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_copy_json_then_second_run_skips(two_registries):
@@ -22,23 +23,39 @@ def test_copy_json_then_second_run_skips(two_registries):
     out = cli("copy", "--insecure", "--json", f"{src.host}/team/app:v1", f"{dst.host}/mirror/app")
     assert out.returncode == 0, out.stderr
     first = json.loads(out.stdout)
-    for key in ("copied", "skipped", "failed", "blobs_uploaded", "blobs_mounted",
-                "blobs_existing", "bytes_uploaded"):
+    for key in (
+        "copied",
+        "skipped",
+        "failed",
+        "blobs_uploaded",
+        "blobs_mounted",
+        "blobs_existing",
+        "bytes_uploaded",
+    ):
         assert key in first
     assert first["copied"] == 1 and first["blobs_uploaded"] == 3
     assert assert_image_complete(dst.url, "mirror/app", "v1") == img.digest
-    again = json.loads(cli("copy", "--insecure", "--json", f"{src.host}/team/app:v1",
-                           f"{dst.host}/mirror/app").stdout)
+    again = json.loads(
+        cli(
+            "copy", "--insecure", "--json", f"{src.host}/team/app:v1", f"{dst.host}/mirror/app"
+        ).stdout
+    )
     assert again["skipped"] == 1 and again["blobs_uploaded"] == 0 and again["bytes_uploaded"] == 0
-    by_digest = cli("copy", "--insecure", f"{src.host}/team/app@{img.digest}",
-                    f"{dst.host}/other/app")
+    by_digest = cli(
+        "copy", "--insecure", f"{src.host}/team/app@{img.digest}", f"{dst.host}/other/app"
+    )
     assert by_digest.returncode == 0, by_digest.stderr
     assert assert_image_complete(dst.url, "other/app", img.digest) == img.digest
 
 
 def test_bad_reference_is_a_usage_error():
-    for bad in ("not a ref", "127.0.0.1:5000/UPPER/case:v1", "127.0.0.1:5000/app@sha256:xyz",
-                "http://127.0.0.1:5000/app:v1", "app:v1"):
+    for bad in (
+        "not a ref",
+        "127.0.0.1:5000/UPPER/case:v1",
+        "127.0.0.1:5000/app@sha256:xyz",
+        "http://127.0.0.1:5000/app:v1",
+        "app:v1",
+    ):
         out = cli("copy", "--insecure", bad, "127.0.0.1:5000/x/y")
         assert out.returncode == 2, (bad, out.stderr)
         assert "invalid reference" in out.stderr or "invalid repository" in out.stderr, out.stderr
@@ -46,8 +63,14 @@ def test_bad_reference_is_a_usage_error():
 
 def test_unknown_registry_fails_naming_it(registry):
     port = free_port()
-    out = cli("copy", "--insecure", "--retries", "1", f"127.0.0.1:{port}/team/app:v1",
-              f"{registry.host}/team/app")
+    out = cli(
+        "copy",
+        "--insecure",
+        "--retries",
+        "1",
+        f"127.0.0.1:{port}/team/app:v1",
+        f"{registry.host}/team/app",
+    )
     assert out.returncode == 1
     assert f"127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr

@@ -101,6 +101,7 @@ def problems_of(tmp_path: Path, text: str) -> ConfigError:
 
 # ---- the good config --------------------------------------------------------------------------
 
+
 def test_good_config_loads(tmp_path):
     config = load_config(write(tmp_path, GOOD))
     assert config.source_path == (tmp_path / "config.yaml").resolve()
@@ -153,7 +154,8 @@ def test_config_from_dict(tmp_path):
 def test_json_schema_describes_the_file():
     schema = Config.model_json_schema()
     assert {"journal", "listen", "mqtt", "sites", "rules", "gc", "telemetry"} <= set(
-        schema["properties"])
+        schema["properties"]
+    )
     rule = schema["$defs"]["Rule"]["properties"]
     assert "from" in rule and "from_" not in rule
     assert rule["interval"]["anyOf"][0]["pattern"]
@@ -163,14 +165,19 @@ def test_json_schema_describes_the_file():
 
 
 def test_config_schema_command_prints_json():
-    out = subprocess.run([sys.executable, "-m", "replicator", "config-schema"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "replicator", "config-schema"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     schema = json.loads(out)
     assert schema["title"] == "registry-replicator configuration"
     assert "sites" in schema["properties"]
 
 
 # ---- bad configs: each names the YAML path -------------------------------------------------------
+
 
 def _set(path: str, value):
     def change(data):
@@ -183,6 +190,7 @@ def _set(path: str, value):
             node[int(last)] = value
         else:
             node[last] = value
+
     return change
 
 
@@ -192,8 +200,11 @@ BAD_CASES = [
     (_set("rules.0.to", ["eu-west", "mars"]), "rules[0].to[1]", "unknown site 'mars'"),
     (_set("gc.policies.0.sites", ["venus"]), "gc.policies[0].sites[0]", "unknown site"),
     (_set("rules.0.repositories", ["Team/**"]), "rules[0].repositories[0]", "lower-case"),
-    (_set("rules.0.exclude_repositories", ["team**"]), "rules[0].exclude_repositories[0]",
-     "whole path segment"),
+    (
+        _set("rules.0.exclude_repositories", ["team**"]),
+        "rules[0].exclude_repositories[0]",
+        "whole path segment",
+    ),
     (_set("rules.0.tags.exclude", ["v[1"]), "rules[0].tags.exclude[0]", "']'"),
     (_set("rules.0.tags.semver", ">=1.2 <<2"), "rules[0].tags.semver", "invalid version"),
     (_set("rules.0.tags.semver", "banana"), "rules[0].tags.semver", "banana"),
@@ -203,26 +214,44 @@ BAD_CASES = [
     (_set("rules.0.interval", 10), "rules[0].interval", "needs a unit"),
     (_set("rules.0.interval", "0s"), "rules[0].interval", "longer than 0s"),
     (_set("gc.policies.0.grace", "1y"), "gc.policies[0].grace", "duration"),
-    (_set("gc.policies.0.keep.pushed_within", "soon"), "gc.policies[0].keep.pushed_within",
-     "duration"),
+    (
+        _set("gc.policies.0.keep.pushed_within", "soon"),
+        "gc.policies[0].keep.pushed_within",
+        "duration",
+    ),
     (_set("rules.1.interval", "5m"), "rules[1]", "mutually exclusive"),
     (_set("rules.0.to", ["eu-west", "us-east"]), "rules[0].to[1]", "onto itself"),
     (_set("rules.0.to", ["eu-west", "eu-west"]), "rules[0].to[1]", "listed twice"),
     (_set("rules.1.name", "apps"), "rules[1].name", "duplicate rule name 'apps'"),
-    (lambda d: d["gc"]["policies"].append(dict(d["gc"]["policies"][0])),
-     "gc.policies[1].name", "duplicate policy name"),
-    (_set("sites.us-east.auth", {"username": "ci", "password": "hunter2"}),
-     "sites.us-east.auth.password", "password_env or password_file"),
-    (_set("sites.us-east.webhook_token", "hunter2"), "sites.us-east.webhook_token",
-     "webhook_token_env"),
+    (
+        lambda d: d["gc"]["policies"].append(dict(d["gc"]["policies"][0])),
+        "gc.policies[1].name",
+        "duplicate policy name",
+    ),
+    (
+        _set("sites.us-east.auth", {"username": "ci", "password": "hunter2"}),
+        "sites.us-east.auth.password",
+        "password_env or password_file",
+    ),
+    (
+        _set("sites.us-east.webhook_token", "hunter2"),
+        "sites.us-east.webhook_token",
+        "webhook_token_env",
+    ),
     (_set("mqtt.password", "hunter2"), "mqtt.password", "password_env"),
-    (_set("sites.us-east.auth", {"username": "ci", "password_env": "P", "password_file": "f"}),
-     "sites.us-east.auth", "not both"),
+    (
+        _set("sites.us-east.auth", {"username": "ci", "password_env": "P", "password_file": "f"}),
+        "sites.us-east.auth",
+        "not both",
+    ),
     (_set("sites.ap-south.webhook_token_env", "HOOK"), "sites.ap-south", "not both"),
     (_set("sites.us-east.auth", {"password_env": "P"}), "sites.us-east.auth", "needs a username"),
     (_set("sites.us-east.auth", {"username": "ci"}), "sites.us-east.auth", "without password"),
-    (_set("sites.us-east.auth.password_env", "US-PASS"), "sites.us-east.auth.password_env",
-     "environment variable name"),
+    (
+        _set("sites.us-east.auth.password_env", "US-PASS"),
+        "sites.us-east.auth.password_env",
+        "environment variable name",
+    ),
     (_set("sites.us-east.url", "ftp://x"), "sites.us-east.url", "http(s)://host"),
     (_set("sites.us-east.url", "127.0.0.1:5000"), "sites.us-east.url", "registry URL"),
     (_set("sites.us-east.url", "https://r.example/v2/"), "sites.us-east.url", "/v2/"),
@@ -231,13 +260,22 @@ BAD_CASES = [
     (_set("mqtt.url", "http://broker"), "mqtt.url", "MQTT URL"),
     (_set("telemetry.otlp_endpoint", "collector:4318"), "telemetry.otlp_endpoint", "URL"),
     (_set("listen", "8500"), "listen", "host:port"),
-    (_set("rules.0.platforms", ["linux/amd64", "linux"]), "rules[0].platforms[1]",
-     "os/arch[/variant]"),
+    (
+        _set("rules.0.platforms", ["linux/amd64", "linux"]),
+        "rules[0].platforms[1]",
+        "os/arch[/variant]",
+    ),
     (_set("rules.0.intreval", "10m"), "rules[0].intreval", "did you mean 'interval'"),
-    (_set("sites.us-east.limits.concurrency", 0), "sites.us-east.limits.concurrency",
-     "greater than or equal to 1"),
-    (lambda d: d["gc"]["policies"][0].update(mode="storage", sites=["eu-west"]),
-     "gc.policies[0].mode", "sites.eu-west.storage"),
+    (
+        _set("sites.us-east.limits.concurrency", 0),
+        "sites.us-east.limits.concurrency",
+        "greater than or equal to 1",
+    ),
+    (
+        lambda d: d["gc"]["policies"][0].update(mode="storage", sites=["eu-west"]),
+        "gc.policies[0].mode",
+        "sites.eu-west.storage",
+    ),
     (_set("gc.policies.0.untagged", "purge"), "gc.policies[0].untagged", "'delete' or 'keep'"),
     (_set("rules.0.rename", {"prefix": "Mirror"}), "rules[0].rename.prefix", "prefix"),
     (_set("sites.bad name", {"url": "https://x.example"}), "sites.bad name", "invalid name"),
@@ -245,8 +283,9 @@ BAD_CASES = [
     (lambda d: d.pop("sites"), "sites", "required"),
     (_set("rules.0.to", []), "rules[0].to", "at least 1"),
 ]
-@pytest.mark.parametrize("change,path,words", BAD_CASES,
-                         ids=[c[1] + ":" + c[2] for c in BAD_CASES])
+
+
+@pytest.mark.parametrize("change,path,words", BAD_CASES, ids=[c[1] + ":" + c[2] for c in BAD_CASES])
 def test_bad_config_names_the_field(tmp_path, change, path, words):
     err = problems_of(tmp_path, edited(change))
     text = str(err)
@@ -266,10 +305,16 @@ def test_all_problems_reported_at_once(tmp_path):
         d["rules"][0]["intreval"] = "10m"
         d["gc"]["policies"][0]["grace"] = "1y"
         d["sites"]["us-east"]["auth"]["password"] = "hunter2"
+
     err = problems_of(tmp_path, edited(change))
     paths = {p for p, _ in err.problems}
-    assert paths == {"rules[0].from", "rules[0].tags.semver", "rules[0].intreval",
-                     "gc.policies[0].grace", "sites.us-east.auth.password"}
+    assert paths == {
+        "rules[0].from",
+        "rules[0].tags.semver",
+        "rules[0].intreval",
+        "gc.policies[0].grace",
+        "sites.us-east.auth.password",
+    }
     assert "5 problems" in str(err)
     assert len(str(err).splitlines()) == 6
     assert err.path in paths
@@ -282,8 +327,9 @@ def test_yaml_line_numbers_point_at_the_field(tmp_path):
 
 
 def test_yaml_syntax_error_gives_line_without_echoing_content(tmp_path):
-    text = ("sites:\n  a:\n    url: https://a.example\n"
-            "    auth: {username: x, password_env: [hunter2\n")
+    text = (
+        "sites:\n  a:\n    url: https://a.example\n    auth: {username: x, password_env: [hunter2\n"
+    )
     err = problems_of(tmp_path, text)
     assert "YAML syntax error" in str(err)
     assert "config.yaml:5:1:" in str(err)  # where the parser noticed (end of the open list)
@@ -298,12 +344,15 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
     assert "sites.a (line 3): duplicate key" in str(err)
 
 
-@pytest.mark.parametrize("text,words", [
-    ("", "is empty"),
-    ("# only a comment\n", "is empty"),
-    ("- a\n- b\n", "mapping at the top level"),
-    ("just text\n", "mapping at the top level"),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("", "is empty"),
+        ("# only a comment\n", "is empty"),
+        ("- a\n- b\n", "mapping at the top level"),
+        ("just text\n", "mapping at the top level"),
+    ],
+)
 def test_empty_or_wrong_shape(tmp_path, text, words):
     assert words in str(problems_of(tmp_path, text))
 
@@ -322,17 +371,28 @@ def test_url_with_credentials_is_refused_without_echoing_them(tmp_path):
 
 # ---- through the CLI (subprocess): exit 2, message on stderr ---------------------------------
 
+
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "replicator", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
 
 
-@pytest.mark.parametrize("change,path", [
-    (_set("rules.0.to", ["eu-west", "mars"]), "rules[0].to[1]"),
-    (_set("sites.us-east.auth", {"username": "ci", "password": "hunter2"}),
-     "sites.us-east.auth.password"),
-    (_set("rules.0.tags.semver", "=>1"), "rules[0].tags.semver"),
-])
+@pytest.mark.parametrize(
+    "change,path",
+    [
+        (_set("rules.0.to", ["eu-west", "mars"]), "rules[0].to[1]"),
+        (
+            _set("sites.us-east.auth", {"username": "ci", "password": "hunter2"}),
+            "sites.us-east.auth.password",
+        ),
+        (_set("rules.0.tags.semver", "=>1"), "rules[0].tags.semver"),
+    ],
+)
 def test_check_offline_bad_config_exits_2(tmp_path, change, path):
     cfg = write(tmp_path, edited(change))
     proc = run_cli("check", "-c", str(cfg), "--offline")
@@ -364,6 +424,7 @@ def test_check_help_explains():
 
 # ---- environment overrides ---------------------------------------------------------------------
 
+
 def test_env_overrides_win_over_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("REGISTRY_REPLICATOR_LISTEN", "0.0.0.0:9000")
     monkeypatch.setenv("REGISTRY_REPLICATOR_SITES__US_EAST__URL", "http://10.0.0.1:5000")
@@ -381,8 +442,10 @@ def test_env_overrides_win_over_the_file(tmp_path, monkeypatch):
 
 
 def test_env_can_replace_a_whole_list_as_json(tmp_path, monkeypatch):
-    monkeypatch.setenv("REGISTRY_REPLICATOR_RULES", json.dumps(
-        [{"name": "only", "from": "eu-west", "to": ["ap-south"]}]))
+    monkeypatch.setenv(
+        "REGISTRY_REPLICATOR_RULES",
+        json.dumps([{"name": "only", "from": "eu-west", "to": ["ap-south"]}]),
+    )
     config = load_config(write(tmp_path, GOOD))
     assert [r.name for r in config.rules] == ["only"]
 
@@ -414,8 +477,9 @@ def test_bad_env_value_is_reported_at_its_path(tmp_path, monkeypatch):
 
 def test_env_override_through_cli(tmp_path):
     cfg = write(tmp_path, GOOD)
-    proc = run_cli("check", "-c", str(cfg), "--offline",
-                   env={"REGISTRY_REPLICATOR_LISTEN": "nonsense"})
+    proc = run_cli(
+        "check", "-c", str(cfg), "--offline", env={"REGISTRY_REPLICATOR_LISTEN": "nonsense"}
+    )
     assert proc.returncode == 2 and "listen" in proc.stderr
 
 
@@ -433,6 +497,7 @@ def test_config_path_from_env(tmp_path):
 
 
 # ---- secrets: read at call time, never echoed ---------------------------------------------------
+
 
 def test_site_endpoint_reads_secrets_now(tmp_path, monkeypatch):
     (tmp_path / "secrets").mkdir()
@@ -459,8 +524,10 @@ def test_tls_and_docker_config_reach_the_endpoint(tmp_path, monkeypatch):
     eu = config.site_endpoint("eu-west")
     base = tmp_path.resolve()
     assert eu.ca_file == str(base / "certs/ca.pem")
-    assert (eu.cert_file, eu.key_file) == (str(base / "certs/client.pem"),
-                                           str(base / "certs/client.key"))
+    assert (eu.cert_file, eu.key_file) == (
+        str(base / "certs/client.pem"),
+        str(base / "certs/client.key"),
+    )
     assert eu.credentials is None
     assert eu.docker_config == str(tmp_path / "dockercfg/config.json")
 
@@ -490,6 +557,7 @@ def test_mqtt_password_from_file(tmp_path):
 
 
 # ---- check against real registries --------------------------------------------------------------
+
 
 def site_yaml(sites: dict[str, str], auth: dict | None = None) -> str:
     data = {"sites": {name: {"url": url, "insecure": True} for name, url in sites.items()}}
@@ -522,10 +590,16 @@ def test_check_uses_credentials(tmp_path, registry_factory, capsys, monkeypatch)
     reg: Registry = registry_factory("auth", htpasswd=htpasswd)
     (tmp_path / "good.pass").write_text("right-pass\n")
     monkeypatch.setenv("WRONG_PASS", "wrong-pass")
-    cfg = write(tmp_path, site_yaml(
-        {"good": reg.url, "bad": reg.url, "anon": reg.url},
-        {"good": {"username": "ci", "password_file": "good.pass"},
-         "bad": {"username": "ci", "password_env": "WRONG_PASS"}}))
+    cfg = write(
+        tmp_path,
+        site_yaml(
+            {"good": reg.url, "bad": reg.url, "anon": reg.url},
+            {
+                "good": {"username": "ci", "password_file": "good.pass"},
+                "bad": {"username": "ci", "password_env": "WRONG_PASS"},
+            },
+        ),
+    )
     assert main(["check", "-c", str(cfg)]) == 1
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines()}

@@ -43,9 +43,12 @@ def client(reg, name):
 async def copy_all(engine, src, dst, items, options=CopyOptions()):
     """items: (src_repo, tag, dst_repo)"""
     async with client(src, "src") as s, client(dst, "dst") as d:
-        return await asyncio.gather(*[
-            engine.copy(s, repo, tag, d, dst_repo, options=options)
-            for repo, tag, dst_repo in items])
+        return await asyncio.gather(
+            *[
+                engine.copy(s, repo, tag, d, dst_repo, options=options)
+                for repo, tag, dst_repo in items
+            ]
+        )
 
 
 def seed_shared(src, repos=3, tags=2):
@@ -54,13 +57,13 @@ def seed_shared(src, repos=3, tags=2):
         for r in range(repos):
             per_repo = layer_bytes(f"repo{r}", 16 * 1024)
             for t in range(tags):
-                p.push_image(f"team/app{r}", f"v{t}",
-                             [base, per_repo, layer_bytes(f"u{r}-{t}", 4096)])
+                p.push_image(
+                    f"team/app{r}", f"v{t}", [base, per_repo, layer_bytes(f"u{r}-{t}", 4096)]
+                )
     return base
 
 
-async def test_copy_is_complete_digest_identical_and_mounts_shared_layers(src_dst, sink,
-                                                                         tmp_path):
+async def test_copy_is_complete_digest_identical_and_mounts_shared_layers(src_dst, sink, tmp_path):
     src, dst = src_dst
     base = seed_shared(src)
     journal = Journal(tmp_path / "j.db")
@@ -72,13 +75,17 @@ async def test_copy_is_complete_digest_identical_and_mounts_shared_layers(src_ds
         src_digest = assert_image_complete(src.url, repo, tag)
         assert assert_image_complete(dst.url, dst_repo, tag) == src_digest
     # unique blobs: base(1) + per-repo(3) + unique(6) + configs(6) = 16, each uploaded once
-    pushes = wait_until(lambda: len(sink.blob_events("push")) >= 16 and sink.blob_events("push"),
-                        what="blob push notifications")
+    pushes = wait_until(
+        lambda: len(sink.blob_events("push")) >= 16 and sink.blob_events("push"),
+        what="blob push notifications",
+    )
     pushed = [e["target"]["digest"] for e in pushes]
     assert len(pushed) == len(set(pushed)) == 16, "a blob was uploaded twice"
     # the base layer is uploaded to one repository and mounted into the two others
-    mounts = wait_until(lambda: len(sink.blob_events("mount")) >= 2
-                        and sink.blob_events("mount"), what="mount notifications")
+    mounts = wait_until(
+        lambda: len(sink.blob_events("mount")) >= 2 and sink.blob_events("mount"),
+        what="mount notifications",
+    )
     assert [e["target"]["digest"] for e in mounts] == [digest_of(base)] * 2
     assert sum(r.stats.blobs_uploaded for r in results) == 16
     assert sum(r.stats.blobs_mounted for r in results) == 2
@@ -96,8 +103,13 @@ async def test_second_copy_uploads_nothing_and_writes_no_manifest(src_dst, sink)
     await copy_all(engine, src, dst, items)
     # the registry delivers its events in order: once the four tag pushes (the last
     # write of each copy) have arrived, every event of the first copy has
-    wait_until(lambda: len([e for e in sink.snapshot() if e["action"] == "push"
-                            and e["target"].get("tag")]) >= 4, what="first copy's events")
+    wait_until(
+        lambda: (
+            len([e for e in sink.snapshot() if e["action"] == "push" and e["target"].get("tag")])
+            >= 4
+        ),
+        what="first copy's events",
+    )
     count_before = len(dst.all_blob_digests())
     sink.clear()
     results = await copy_all(CopyEngine(), src, dst, items)
@@ -108,15 +120,17 @@ async def test_second_copy_uploads_nothing_and_writes_no_manifest(src_dst, sink)
 
 
 async def test_multiarch_index_referrers_and_platform_filter(registry_factory):
-    src, dst, dst2 = (registry_factory("src"), registry_factory("dst"),
-                      registry_factory("dst2"))
+    src, dst, dst2 = (registry_factory("src"), registry_factory("dst"), registry_factory("dst2"))
     with Pusher(src.url) as p:
         idx = p.push_multiarch("team/multi", "v1", "m")
         img = p.push_image("team/signed", "v1", [layer_bytes("s", 1000)])
         sig = p.push_referrer("team/signed", img, b"signature-bytes")
-    results = await copy_all(CopyEngine(), src, dst,
-                             [("team/multi", "v1", "team/multi"),
-                              ("team/signed", "v1", "team/signed")])
+    results = await copy_all(
+        CopyEngine(),
+        src,
+        dst,
+        [("team/multi", "v1", "team/multi"), ("team/signed", "v1", "team/signed")],
+    )
     assert [r.status for r in results] == ["copied", "copied"], [r.error for r in results]
     assert assert_image_complete(dst.url, "team/multi", "v1") == idx.digest
     assert assert_image_complete(dst.url, "team/signed", "v1") == img.digest
@@ -125,15 +139,17 @@ async def test_multiarch_index_referrers_and_platform_filter(registry_factory):
     assert assert_image_complete(dst.url, "team/signed", fallback)
 
     options = CopyOptions(platforms=[Platform.parse("linux/arm64")])
-    (result,) = await copy_all(CopyEngine(), src, dst2, [("team/multi", "v1", "team/multi")],
-                               options)
+    (result,) = await copy_all(
+        CopyEngine(), src, dst2, [("team/multi", "v1", "team/multi")], options
+    )
     assert result.status == "copied"
     digest = assert_image_complete(dst2.url, "team/multi", "v1")
     with Pusher(dst2.url) as p:
         doc = json.loads(p.get_manifest("team/multi", "v1").content)
     assert [m["platform"]["architecture"] for m in doc["manifests"]] == ["arm64"]
-    (again,) = await copy_all(CopyEngine(), src, dst2, [("team/multi", "v1", "team/multi")],
-                              options)
+    (again,) = await copy_all(
+        CopyEngine(), src, dst2, [("team/multi", "v1", "team/multi")], options
+    )
     assert again.status == "skipped" and again.digest == digest
 
 
@@ -144,8 +160,9 @@ async def test_concurrent_copies_upload_a_shared_blob_once(src_dst, sink):
         for r in range(4):
             p.push_image(f"team/c{r}", "v1", [big, layer_bytes(f"c{r}", 100)])
     engine = CopyEngine()  # no journal: the in-flight table alone must de-duplicate
-    results = await copy_all(engine, src, dst, [(f"team/c{r}", "v1", f"team/c{r}")
-                                                for r in range(4)])
+    results = await copy_all(
+        engine, src, dst, [(f"team/c{r}", "v1", f"team/c{r}") for r in range(4)]
+    )
     assert all(r.status == "copied" for r in results)
     big_digest = digest_of(big)
     wait_until(lambda: len(sink.blob_events("mount")) >= 3, what="mount events")
@@ -159,8 +176,9 @@ async def test_overwrite_false_reports_conflict_and_leaves_target(registry_facto
         p.push_image("team/app", "v1", [layer_bytes("new", 100)])
     with Pusher(dst.url) as p:
         old = p.push_image("team/app", "v1", [layer_bytes("old", 100)])
-    (r,) = await copy_all(CopyEngine(), src, dst, [("team/app", "v1", "team/app")],
-                          CopyOptions(overwrite=False))
+    (r,) = await copy_all(
+        CopyEngine(), src, dst, [("team/app", "v1", "team/app")], CopyOptions(overwrite=False)
+    )
     assert r.status == "conflict"
     assert assert_image_complete(dst.url, "team/app", "v1") == old.digest
 
@@ -182,7 +200,7 @@ async def test_never_mounts_into_a_repository_that_already_holds_the_blob(src_ds
         p.push_image("team/a", "v1", [base, layer_bytes("a", 100)])
         p.push_image("team/b", "v1", [base, layer_bytes("b", 100)])
     with Pusher(dst.url) as p:
-        p.push_blob("team/b", base)        # someone else put it there; the index cannot know
+        p.push_blob("team/b", base)  # someone else put it there; the index cannot know
     engine = CopyEngine(BlobIndex())
     (first,) = await copy_all(engine, src, dst, [("team/a", "v1", "team/a")])
     assert first.status == "copied"
@@ -192,24 +210,35 @@ async def test_never_mounts_into_a_repository_that_already_holds_the_blob(src_ds
     assert second.status == "copied"
     assert second.stats.blobs_existing >= 1 and second.stats.blobs_mounted == 0
     assert_image_complete(dst.url, "team/b", "v1")
-    wait_until(lambda: [e for e in sink.snapshot() if e["action"] == "push"
-                        and e["target"].get("repository") == "team/b"
-                        and e["target"].get("mediaType", "").endswith("json")
-                        and "manifest" in e["target"].get("mediaType", "")],
-               what="the manifest push event")
+    wait_until(
+        lambda: [
+            e
+            for e in sink.snapshot()
+            if e["action"] == "push"
+            and e["target"].get("repository") == "team/b"
+            and e["target"].get("mediaType", "").endswith("json")
+            and "manifest" in e["target"].get("mediaType", "")
+        ],
+        what="the manifest push event",
+    )
     assert sink.blob_events("mount") == []
 
 
-async def test_referrers_fallback_index_is_read_from_the_source_once(registry_factory,
-                                                                     proxy_factory):
+async def test_referrers_fallback_index_is_read_from_the_source_once(
+    registry_factory, proxy_factory
+):
     src, dst = registry_factory("src"), registry_factory("dst")
     with Pusher(src.url) as p:
         img = p.push_image("team/signed", "v1", [layer_bytes("once", 1000)])
         p.push_referrer("team/signed", img, b"signature-once")
         plain = p.push_image("team/plain", "v1", [layer_bytes("plain", 1000)])
     proxy = proxy_factory(src)
-    results = await copy_all(CopyEngine(), proxy, dst, [("team/signed", "v1", "team/signed"),
-                                                        ("team/plain", "v1", "team/plain")])
+    results = await copy_all(
+        CopyEngine(),
+        proxy,
+        dst,
+        [("team/signed", "v1", "team/signed"), ("team/plain", "v1", "team/plain")],
+    )
     assert [r.status for r in results] == ["copied", "copied"], [r.error for r in results]
     fallback = "sha256-" + img.digest.split(":")[1]
     assert assert_image_complete(dst.url, "team/signed", fallback)
@@ -225,16 +254,22 @@ async def test_connections_are_kept_alive_and_bounded(registry_factory, proxy_fa
     with Pusher(src.url) as p:
         for r in range(6):
             for t in range(2):
-                p.push_image(f"team/k{r}", f"v{t}",
-                             [layer_bytes(f"k{r}-{t}-{i}", 20_000) for i in range(3)])
+                p.push_image(
+                    f"team/k{r}", f"v{t}", [layer_bytes(f"k{r}-{t}-{i}", 20_000) for i in range(3)]
+                )
     src_proxy, dst_proxy = proxy_factory(src), proxy_factory(dst)
     engine = CopyEngine()
-    async with RegistryClient(SiteEndpoint("src", src_proxy.url, insecure=True,
-                                           concurrency=2)) as s, \
-            RegistryClient(SiteEndpoint("dst", dst_proxy.url, insecure=True,
-                                        concurrency=2)) as d:
-        results = await asyncio.gather(*(engine.copy(s, f"team/k{r}", f"v{t}", d, f"team/k{r}")
-                                         for r in range(6) for t in range(2)))
+    async with (
+        RegistryClient(SiteEndpoint("src", src_proxy.url, insecure=True, concurrency=2)) as s,
+        RegistryClient(SiteEndpoint("dst", dst_proxy.url, insecure=True, concurrency=2)) as d,
+    ):
+        results = await asyncio.gather(
+            *(
+                engine.copy(s, f"team/k{r}", f"v{t}", d, f"team/k{r}")
+                for r in range(6)
+                for t in range(2)
+            )
+        )
     assert all(r.status == "copied" for r in results), [r.error for r in results]
     assert len(src_proxy.records) > 40 and len(dst_proxy.records) > 100
     assert src_proxy.connections <= 6 and dst_proxy.connections <= 6

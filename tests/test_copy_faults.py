@@ -17,11 +17,14 @@ def endpoint(url: str, name: str, creds: Credentials | None = None) -> SiteEndpo
     return SiteEndpoint(name=name, url=url, insecure=True, credentials=creds)
 
 
-async def copy_one(src_url, dst_url, repo="team/app", tag="v1", src_creds=None, dst_creds=None,
-                   engine=None):
+async def copy_one(
+    src_url, dst_url, repo="team/app", tag="v1", src_creds=None, dst_creds=None, engine=None
+):
     engine = engine or CopyEngine(retry_base_delay=0.05)
-    async with RegistryClient(endpoint(src_url, "src", src_creds), backoff_base=0.05) as s, \
-            RegistryClient(endpoint(dst_url, "dst", dst_creds), backoff_base=0.05) as d:
+    async with (
+        RegistryClient(endpoint(src_url, "src", src_creds), backoff_base=0.05) as s,
+        RegistryClient(endpoint(dst_url, "dst", dst_creds), backoff_base=0.05) as d,
+    ):
         return await engine.copy(s, repo, tag, d, repo)
 
 
@@ -64,8 +67,7 @@ async def test_429_retry_after_is_honoured(registry_factory, proxy_factory):
     assert assert_image_complete(dst.url, "team/app", "v1") == img.digest
 
 
-async def test_connection_cut_mid_blob_is_retried_and_completes(registry_factory,
-                                                                proxy_factory):
+async def test_connection_cut_mid_blob_is_retried_and_completes(registry_factory, proxy_factory):
     src, dst = registry_factory("src"), registry_factory("dst")
     layer = layer_bytes("big", 2 * 2**20)
     with Pusher(src.url) as p:
@@ -85,14 +87,14 @@ async def test_copy_with_basic_auth_on_both_sides(registry_factory, tmp_path):
     with Pusher(src.url, auth=("ci", "s3cret-pw")) as p:
         img = p.push_image("team/app", "v1", [layer_bytes("auth", 1000)])
     creds = Credentials("ci", "s3cret-pw")
-    denied = await copy_one(src.url, dst.url, src_creds=creds,
-                            dst_creds=Credentials("ci", "wrong-pw"))
+    denied = await copy_one(
+        src.url, dst.url, src_creds=creds, dst_creds=Credentials("ci", "wrong-pw")
+    )
     assert denied.status == "failed" and "s3cret" not in denied.error
     assert "wrong-pw" not in denied.error
     result = await copy_one(src.url, dst.url, src_creds=creds, dst_creds=creds)
     assert result.status == "copied", result.error
-    assert assert_image_complete(dst.url, "team/app", "v1", auth=("ci", "s3cret-pw")) == \
-        img.digest
+    assert assert_image_complete(dst.url, "team/app", "v1", auth=("ci", "s3cret-pw")) == img.digest
 
 
 async def test_copy_with_token_auth_mounts_across_repositories(registry_factory, tmp_path):
@@ -111,7 +113,9 @@ async def test_copy_with_token_auth_mounts_across_repositories(registry_factory,
         assert first.status == second.status == "copied", (first.error, second.error)
         assert second.stats.blobs_mounted == 1
         # the mount asked for push on the target and pull on the source repository at once
-        assert any(sorted(s) == ["repository:team/a:pull", "repository:team/b:pull,push"]
-                   for s in ts.scope_sets())
+        assert any(
+            sorted(s) == ["repository:team/a:pull", "repository:team/b:pull,push"]
+            for s in ts.scope_sets()
+        )
     finally:
         ts.stop()

@@ -24,11 +24,22 @@ def hub(registry_factory, tmp_path):
     a = registry_factory("a", **notify_kwargs(port, "a"))
     b = registry_factory("b", **notify_kwargs(port, "b"))
     c = registry_factory("c", **notify_kwargs(port, "c"))
-    daemon = DaemonProcess(tmp_path / "d", port=port, config={
-        "sites": {"a": site_config(a), "b": site_config(b), "c": site_config(c)},
-        "rules": [{"name": "hub", "from": "a", "to": ["b", "c"],
-                   "repositories": ["team/**"], "deletes": True}],
-    })
+    daemon = DaemonProcess(
+        tmp_path / "d",
+        port=port,
+        config={
+            "sites": {"a": site_config(a), "b": site_config(b), "c": site_config(c)},
+            "rules": [
+                {
+                    "name": "hub",
+                    "from": "a",
+                    "to": ["b", "c"],
+                    "repositories": ["team/**"],
+                    "deletes": True,
+                }
+            ],
+        },
+    )
     yield a, b, c, daemon
     daemon.stop()
 
@@ -37,29 +48,45 @@ def test_push_to_primary_arrives_complete_on_both_replicas(hub):
     a, b, c, daemon = hub
     daemon.start()
     with Pusher(a.url) as p:
-        img = p.push_image("team/app", "v1", [layer_bytes("base", 50_000),
-                                              layer_bytes("app", 1000)])
+        img = p.push_image(
+            "team/app", "v1", [layer_bytes("base", 50_000), layer_bytes("app", 1000)]
+        )
         idx = p.push_multiarch("team/multi", "v2", "m")
         p.push_image("other/skip", "v1", [layer_bytes("x", 10)])
     for reg in (b, c):
-        wait_until(lambda r=reg: image_complete(r, "team/app", "v1", img.digest), timeout=30,
-                   what=f"team/app:v1 on {reg.url}")
-        wait_until(lambda r=reg: image_complete(r, "team/multi", "v2", idx.digest), timeout=30,
-                   what=f"team/multi:v2 on {reg.url}")
+        wait_until(
+            lambda r=reg: image_complete(r, "team/app", "v1", img.digest),
+            timeout=30,
+            what=f"team/app:v1 on {reg.url}",
+        )
+        wait_until(
+            lambda r=reg: image_complete(r, "team/multi", "v2", idx.digest),
+            timeout=30,
+            what=f"team/multi:v2 on {reg.url}",
+        )
     with Pusher(b.url) as p:
         assert p.tags("other/skip") == []
     # the webhook's push time is in the inventory, for retention policies
-    rows = daemon.journal_rows("SELECT digest, pushed_at FROM inventory_tags WHERE site = 'a' "
-                               "AND repository = 'team/app' AND tag = 'v1'")
+    rows = daemon.journal_rows(
+        "SELECT digest, pushed_at FROM inventory_tags WHERE site = 'a' "
+        "AND repository = 'team/app' AND tag = 'v1'"
+    )
     assert rows and rows[0][0] == img.digest and rows[0][1] is not None
     # a manifest delete at the primary propagates (rule has deletes: true)
     with Pusher(a.url) as p:
         assert p.http.delete(f"{a.url}/v2/team/app/manifests/{img.digest}").status_code == 202
     for reg in (b, c):
-        wait_until(lambda r=reg: Pusher(r.url).get_manifest("team/app", "v1").status_code
-                   == 404, timeout=30, what="delete propagated")
-    assert daemon.journal_rows("SELECT tag FROM inventory_tags WHERE site = 'a' AND "
-                               "repository = 'team/app'") == []
+        wait_until(
+            lambda r=reg: Pusher(r.url).get_manifest("team/app", "v1").status_code == 404,
+            timeout=30,
+            what="delete propagated",
+        )
+    assert (
+        daemon.journal_rows(
+            "SELECT tag FROM inventory_tags WHERE site = 'a' AND repository = 'team/app'"
+        )
+        == []
+    )
     metrics = daemon.metrics()
     assert 'replicator_events_received_total{site="a",action="push"}' in metrics
     assert 'replicator_blobs_total{target="b",outcome="uploaded"}' in metrics
@@ -74,13 +101,17 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(hub):
         for i in range(12):
             if i == 4:
                 daemon.kill()  # registries keep retrying their notifications meanwhile
-            pushed[f"v{i}"] = p.push_image("team/burst", f"v{i}",
-                                           [layer_bytes(f"burst{i}", 200_000)]).digest
+            pushed[f"v{i}"] = p.push_image(
+                "team/burst", f"v{i}", [layer_bytes(f"burst{i}", 200_000)]
+            ).digest
     daemon.start()
     for reg in (b, c):
         for tag, digest in pushed.items():
-            wait_until(lambda r=reg, t=tag, d=digest: image_complete(r, "team/burst", t, d),
-                       timeout=60, what=f"team/burst:{tag} on {reg.url}")
+            wait_until(
+                lambda r=reg, t=tag, d=digest: image_complete(r, "team/burst", t, d),
+                timeout=60,
+                what=f"team/burst:{tag} on {reg.url}",
+            )
 
 
 def test_target_down_for_a_while_then_everything_arrives(hub):
@@ -91,19 +122,28 @@ def test_target_down_for_a_while_then_everything_arrives(hub):
         img = p.push_image("team/late", "v1", [layer_bytes("late", 1000)])
     wait_until(lambda: image_complete(c, "team/late", "v1", img.digest), timeout=30, what="c")
     b.start()
-    wait_until(lambda: image_complete(b, "team/late", "v1", img.digest), timeout=60,
-               what="b after it came back")
+    wait_until(
+        lambda: image_complete(b, "team/late", "v1", img.digest),
+        timeout=60,
+        what="b after it came back",
+    )
 
 
 def test_mesh_does_not_loop(registry_factory, tmp_path):
     port = free_port()
     a = registry_factory("a", **notify_kwargs(port, "a"))
     b = registry_factory("b", **notify_kwargs(port, "b"))
-    daemon = DaemonProcess(tmp_path / "d", port=port, config={
-        "sites": {"a": site_config(a), "b": site_config(b)},
-        "rules": [{"name": "ab", "from": "a", "to": ["b"]},
-                  {"name": "ba", "from": "b", "to": ["a"]}],
-    })
+    daemon = DaemonProcess(
+        tmp_path / "d",
+        port=port,
+        config={
+            "sites": {"a": site_config(a), "b": site_config(b)},
+            "rules": [
+                {"name": "ab", "from": "a", "to": ["b"]},
+                {"name": "ba", "from": "b", "to": ["a"]},
+            ],
+        },
+    )
     daemon.start()
     try:
         with Pusher(a.url) as p:
@@ -113,9 +153,16 @@ def test_mesh_does_not_loop(registry_factory, tmp_path):
         wait_until(lambda: image_complete(b, "team/x", "v1", from_a.digest), timeout=30)
         wait_until(lambda: image_complete(a, "team/y", "v1", from_b.digest), timeout=30)
         # settle: no task keeps bouncing between the sites
-        wait_until(lambda: daemon.journal_rows("SELECT COUNT(*) FROM tasks WHERE state IN "
-                                               "('pending','leased')")[0][0] == 0,
-                   timeout=20, what="queue drained")
+        wait_until(
+            lambda: (
+                daemon.journal_rows(
+                    "SELECT COUNT(*) FROM tasks WHERE state IN ('pending','leased')"
+                )[0][0]
+                == 0
+            ),
+            timeout=20,
+            what="queue drained",
+        )
         total = daemon.journal_rows("SELECT COUNT(*) FROM tasks")[0][0]
         assert total == 2, f"{total} tasks: replication bounced between the sites"
     finally:
@@ -158,8 +205,10 @@ def test_bad_webhooks_get_4xx_and_daemon_stays_healthy(hub):
     *_, daemon = hub
     daemon.start()
     url = f"{daemon.url}/events/a"
-    good = {"Authorization": "Bearer hook-token-for-tests",
-            "Content-Type": "application/vnd.docker.distribution.events.v1+json"}
+    good = {
+        "Authorization": "Bearer hook-token-for-tests",
+        "Content-Type": "application/vnd.docker.distribution.events.v1+json",
+    }
     cases = [
         (url, {**good, "Authorization": "Bearer wrong"}, b'{"events":[]}', 401),
         (f"{daemon.url}/events/nope", good, b'{"events":[]}', 404),

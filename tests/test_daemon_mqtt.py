@@ -43,14 +43,25 @@ def start(daemon: DaemonProcess) -> DaemonProcess:
     return daemon
 
 
-def mqtt_daemon(tmp_path: Path, broker: Mosquitto, instance: str, sites: dict[str, Any],
-                rules: list[dict[str, Any]], *, group: str | None = None,
-                port: int | None = None) -> DaemonProcess:
+def mqtt_daemon(
+    tmp_path: Path,
+    broker: Mosquitto,
+    instance: str,
+    sites: dict[str, Any],
+    rules: list[dict[str, Any]],
+    *,
+    group: str | None = None,
+    port: int | None = None,
+) -> DaemonProcess:
     mqtt: dict[str, Any] = {"url": broker.url, "topic": TOPIC, "client_id": instance}
     if group:
         mqtt["group"] = group
-    return DaemonProcess(tmp_path / instance, port=port or free_port(), instance_id=instance,
-                         config={"sites": sites, "rules": rules, "mqtt": mqtt})
+    return DaemonProcess(
+        tmp_path / instance,
+        port=port or free_port(),
+        instance_id=instance,
+        config={"sites": sites, "rules": rules, "mqtt": mqtt},
+    )
 
 
 @pytest.fixture
@@ -61,12 +72,21 @@ def intake_and_worker(registry_factory, mosquitto, tmp_path, daemons):
     a = registry_factory("a", **notify_kwargs(intake_port, "a"))
     b = registry_factory("b")
     sites = {"a": site_config(a), "b": site_config(b)}
-    intake = mqtt_daemon(tmp_path, mosquitto, "intake", sites,
-                         [{"name": "elsewhere", "from": "a", "to": ["b"],
-                           "repositories": ["other/**"]}], port=intake_port)
-    worker = mqtt_daemon(tmp_path, mosquitto, "worker", sites,
-                         [{"name": "team", "from": "a", "to": ["b"],
-                           "repositories": ["team/**"]}])
+    intake = mqtt_daemon(
+        tmp_path,
+        mosquitto,
+        "intake",
+        sites,
+        [{"name": "elsewhere", "from": "a", "to": ["b"], "repositories": ["other/**"]}],
+        port=intake_port,
+    )
+    worker = mqtt_daemon(
+        tmp_path,
+        mosquitto,
+        "worker",
+        sites,
+        [{"name": "team", "from": "a", "to": ["b"], "repositories": ["team/**"]}],
+    )
     daemons += [worker, intake]
     return a, b, intake, worker
 
@@ -77,61 +97,75 @@ def test_events_travel_between_daemons_over_the_broker(intake_and_worker):
     start(intake)
     with Pusher(a.url) as p:
         img = p.push_image("team/app", "v1", [layer_bytes("mqtt-hop", 2000)])
-    wait_until(lambda: image_complete(b, "team/app", "v1", img.digest), timeout=30,
-               what="team/app:v1 replicated by the worker")
+    wait_until(
+        lambda: image_complete(b, "team/app", "v1", img.digest),
+        timeout=30,
+        what="team/app:v1 replicated by the worker",
+    )
 
     # the worker never received a webhook: its events table is empty ...
     assert rows(worker, "SELECT COUNT(*) FROM events") == [(0,)]
     # ... yet it ran the copy, for the very event the intake journaled and published
     done = rows(worker, "SELECT event_id, state, tag, digest FROM tasks")
-    assert [(state, tag, digest) for _, state, tag, digest in done] == [
-        ("done", "v1", img.digest)]
+    assert [(state, tag, digest) for _, state, tag, digest in done] == [("done", "v1", img.digest)]
     # (marked 'dispatched' asynchronously after the broker's PUBACK, so poll)
-    wait_until(lambda: rows(intake, "SELECT id, state FROM events WHERE is_manifest=1 AND "
-                                    "tag='v1'") == [(done[0][0], "dispatched")], timeout=10,
-               what="the intake's event, published, is the one the worker copied")
+    wait_until(
+        lambda: (
+            rows(intake, "SELECT id, state FROM events WHERE is_manifest=1 AND tag='v1'")
+            == [(done[0][0], "dispatched")]
+        ),
+        timeout=10,
+        what="the intake's event, published, is the one the worker copied",
+    )
     # and the intake, whose rules do not cover team/**, made no task of it
     assert rows(intake, "SELECT COUNT(*) FROM tasks") == [(0,)]
 
 
-def test_a_killed_daemon_gets_what_was_published_meanwhile_from_its_session(
-        intake_and_worker):
+def test_a_killed_daemon_gets_what_was_published_meanwhile_from_its_session(intake_and_worker):
     a, b, intake, worker = intake_and_worker
     start(worker)
     start(intake)
-    worker.kill()   # SIGKILL: no goodbye to the broker; the persistent session stays
+    worker.kill()  # SIGKILL: no goodbye to the broker; the persistent session stays
     pushed = {}
     with Pusher(a.url) as p:
         for i in range(5):
-            pushed[f"v{i}"] = p.push_image("team/missed", f"v{i}",
-                                           [layer_bytes(f"missed{i}", 1500)]).digest
+            pushed[f"v{i}"] = p.push_image(
+                "team/missed", f"v{i}", [layer_bytes(f"missed{i}", 1500)]
+            ).digest
 
     def all_published() -> bool:
-        got = rows(intake, "SELECT COUNT(*) FROM events WHERE is_manifest=1 AND "
-                           "repository='team/missed' AND state='dispatched'")
+        got = rows(
+            intake,
+            "SELECT COUNT(*) FROM events WHERE is_manifest=1 AND "
+            "repository='team/missed' AND state='dispatched'",
+        )
         return got == [(len(pushed),)]
 
     wait_until(all_published, timeout=30, what="the intake published every push")
     with Pusher(b.url) as p:
-        assert p.tags("team/missed") == []   # nobody replicated while the worker was down
-    start(worker)   # same client id: resumes its session and drains the queued messages
+        assert p.tags("team/missed") == []  # nobody replicated while the worker was down
+    start(worker)  # same client id: resumes its session and drains the queued messages
     for tag, digest in pushed.items():
-        wait_until(lambda t=tag, d=digest: image_complete(b, "team/missed", t, d), timeout=30,
-                   what=f"team/missed:{tag} after the worker came back")
+        wait_until(
+            lambda t=tag, d=digest: image_complete(b, "team/missed", t, d),
+            timeout=30,
+            what=f"team/missed:{tag} after the worker came back",
+        )
     assert rows(worker, "SELECT COUNT(*) FROM events") == [(0,)]
     assert sorted(rows(worker, "SELECT tag, state FROM tasks")) == [
-        (tag, "done") for tag in sorted(pushed)]
+        (tag, "done") for tag in sorted(pushed)
+    ]
 
 
-def test_a_shared_group_splits_the_work_without_duplicates(registry_factory, mosquitto,
-                                                            tmp_path, daemons):
+def test_a_shared_group_splits_the_work_without_duplicates(
+    registry_factory, mosquitto, tmp_path, daemons
+):
     port1 = free_port()
     a = registry_factory("a", **notify_kwargs(port1, "a"))
     b = registry_factory("b")
     sites = {"a": site_config(a), "b": site_config(b)}
     rules = [{"name": "team", "from": "a", "to": ["b"], "repositories": ["team/**"]}]
-    d1 = mqtt_daemon(tmp_path, mosquitto, "member-1", sites, rules, group="replicators",
-                     port=port1)
+    d1 = mqtt_daemon(tmp_path, mosquitto, "member-1", sites, rules, group="replicators", port=port1)
     d2 = mqtt_daemon(tmp_path, mosquitto, "member-2", sites, rules, group="replicators")
     daemons += [d1, d2]
     start(d1)
@@ -140,11 +174,15 @@ def test_a_shared_group_splits_the_work_without_duplicates(registry_factory, mos
     pushed = {}
     with Pusher(a.url) as p:
         for i in range(n):
-            pushed[f"v{i}"] = p.push_image("team/shared", f"v{i}",
-                                           [layer_bytes(f"shared{i}", 1200)]).digest
+            pushed[f"v{i}"] = p.push_image(
+                "team/shared", f"v{i}", [layer_bytes(f"shared{i}", 1200)]
+            ).digest
     for tag, digest in pushed.items():
-        wait_until(lambda t=tag, d=digest: image_complete(b, "team/shared", t, d), timeout=40,
-                   what=f"team/shared:{tag} on b")
+        wait_until(
+            lambda t=tag, d=digest: image_complete(b, "team/shared", t, d),
+            timeout=40,
+            what=f"team/shared:{tag} on b",
+        )
 
     share1 = rows(d1, "SELECT tag, state FROM tasks")
     share2 = rows(d2, "SELECT tag, state FROM tasks")
@@ -158,40 +196,57 @@ def test_a_shared_group_splits_the_work_without_duplicates(registry_factory, mos
     assert rows(d2, "SELECT COUNT(*) FROM events") == [(0,)]
 
 
-def test_broker_restarted_mid_stream_loses_nothing(registry_factory, mosquitto, tmp_path,
-                                                   daemons):
+def test_broker_restarted_mid_stream_loses_nothing(registry_factory, mosquitto, tmp_path, daemons):
     port = free_port()
     a = registry_factory("a", **notify_kwargs(port, "a"))
     b = registry_factory("b")
     sites = {"a": site_config(a), "b": site_config(b)}
-    daemon = mqtt_daemon(tmp_path, mosquitto, "solo", sites,
-                         [{"name": "team", "from": "a", "to": ["b"],
-                           "repositories": ["team/**"]}], port=port)
+    daemon = mqtt_daemon(
+        tmp_path,
+        mosquitto,
+        "solo",
+        sites,
+        [{"name": "team", "from": "a", "to": ["b"], "repositories": ["team/**"]}],
+        port=port,
+    )
     daemons.append(daemon)
     start(daemon)
     pushed: dict[str, str] = {}
     with Pusher(a.url) as p:
+
         def push(i: int) -> None:
-            pushed[f"v{i}"] = p.push_image("team/restart", f"v{i}",
-                                           [layer_bytes(f"restart{i}", 1500)]).digest
+            pushed[f"v{i}"] = p.push_image(
+                "team/restart", f"v{i}", [layer_bytes(f"restart{i}", 1500)]
+            ).digest
+
         for i in range(4):
             push(i)
-        mosquitto.stop(kill=True)       # abrupt: in-flight PUBACKs and deliveries are lost
+        mosquitto.stop(kill=True)  # abrupt: in-flight PUBACKs and deliveries are lost
         for i in range(4, 8):
-            push(i)                     # webhooks arrive while there is no broker
+            push(i)  # webhooks arrive while there is no broker
         # the intake journals them but cannot publish: they stay 'new', unanswered
-        wait_until(lambda: rows(daemon, "SELECT COUNT(*) FROM events WHERE state='new'")
-                   [0][0] >= 1, timeout=20, what="an event journaled during the outage")
+        wait_until(
+            lambda: rows(daemon, "SELECT COUNT(*) FROM events WHERE state='new'")[0][0] >= 1,
+            timeout=20,
+            what="an event journaled during the outage",
+        )
         assert not ready(daemon)
-        mosquitto.restart()             # persistent state: sessions and queued messages
+        mosquitto.restart()  # persistent state: sessions and queued messages
         for i in range(8, 12):
             push(i)
     for tag, digest in pushed.items():
-        wait_until(lambda t=tag, d=digest: image_complete(b, "team/restart", t, d), timeout=45,
-                   what=f"team/restart:{tag} on b")
+        wait_until(
+            lambda t=tag, d=digest: image_complete(b, "team/restart", t, d),
+            timeout=45,
+            what=f"team/restart:{tag} on b",
+        )
     assert sorted(rows(daemon, "SELECT DISTINCT tag FROM tasks WHERE state='done'")) == [
-        (t,) for t in sorted(pushed)]
+        (t,) for t in sorted(pushed)
+    ]
     # every journaled event ends up published (marking is asynchronous, so poll)
-    wait_until(lambda: rows(daemon, "SELECT COUNT(*) FROM events WHERE state='new'")
-               == [(0,)], timeout=10, what="no event left unpublished")
+    wait_until(
+        lambda: rows(daemon, "SELECT COUNT(*) FROM events WHERE state='new'") == [(0,)],
+        timeout=10,
+        what="no event left unpublished",
+    )
     assert "reconnected to MQTT broker" in daemon.log()

@@ -20,16 +20,25 @@ from replicator.commands import COMMAND_MODULES
 from replicator.config import ENV_PREFIX, load_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-OURS = ["hub-and-spoke.yaml", "dr-pair.yaml", "mesh.yaml", "ci-cleanup.yaml",
-        "mqtt-fanout.yaml", "mqtt-fanout-2.yaml"]
+OURS = [
+    "hub-and-spoke.yaml",
+    "dr-pair.yaml",
+    "mesh.yaml",
+    "ci-cleanup.yaml",
+    "mqtt-fanout.yaml",
+    "mqtt-fanout-2.yaml",
+]
 ALL = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
 SECRET_WORDS = re.compile(r"password|token|secret|credential", re.IGNORECASE)
 
 
 def clean_env() -> dict[str, str]:
     """No REGISTRY_REPLICATOR_* overrides and none of the examples' secrets."""
-    return {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)
-            and not SECRET_WORDS.search(k)}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.upper().startswith(ENV_PREFIX) and not SECRET_WORDS.search(k)
+    }
 
 
 def test_every_promised_example_exists():
@@ -40,7 +49,11 @@ def test_every_promised_example_exists():
 def test_example_passes_offline_check(name):
     result = subprocess.run(
         [sys.executable, "-m", "replicator", "check", "-c", str(EXAMPLES / name), "--offline"],
-        capture_output=True, text=True, timeout=60, env=clean_env())
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert ": valid (" in result.stdout
     assert "warning" not in result.stderr
@@ -74,11 +87,12 @@ def test_secrets_only_by_reference_and_realistic_urls(name):
 
 def documented_commands(text: str) -> list[list[str]]:
     """`registry-replicator ...` command lines in the comments (with \\ continuations)."""
-    lines = [re.sub(r"^\s*#\s?", "", line) for line in text.splitlines()
-             if line.lstrip().startswith("#")]
+    lines = [
+        re.sub(r"^\s*#\s?", "", line) for line in text.splitlines() if line.lstrip().startswith("#")
+    ]
     commands, pending = [], ""
     for line in lines:
-        line = re.sub(r"\s+#.*$", "", line).strip()   # a trailing comment
+        line = re.sub(r"\s+#.*$", "", line).strip()  # a trailing comment
         if pending:
             pending += " " + line
         elif re.match(r"^(\d+\.\s+)?registry-replicator\s", line):
@@ -100,18 +114,23 @@ def test_commands_in_the_comments_are_real(name):
     parser = build_parser()
     for argv in commands:
         if argv[0] == "gc" and "gc" not in COMMAND_MODULES:
-            continue   # the gc sub-command is not registered yet
+            continue  # the gc sub-command is not registered yet
         # "..." stands for the configuration path in running text
         argv = [EXAMPLES / name if a == "..." else a for a in argv]
-        args = parser.parse_args([str(a) for a in argv])   # exits 2 on a wrong flag
+        args = parser.parse_args([str(a) for a in argv])  # exits 2 on a wrong flag
         assert args.command == argv[0]
 
 
 def test_dr_pair_runbook_covers_the_incident():
     text = (EXAMPLES / "dr-pair.yaml").read_text()
     commands = [" ".join(c) for c in documented_commands(text)]
-    for needed in ("status -c", "failover -c", "--promote us-west --dry-run",
-                   "failback -c", "--site us-east --dry-run"):
+    for needed in (
+        "status -c",
+        "failover -c",
+        "--promote us-west --dry-run",
+        "failback -c",
+        "--site us-east --dry-run",
+    ):
         assert any(needed in c for c in commands), needed
     config = load_config(EXAMPLES / "dr-pair.yaml")
     [rule] = config.rules

@@ -31,15 +31,20 @@ from tests.harness.images import Pusher, assert_image_complete, layer_bytes
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "replicator", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def make_config(tmp_path: Path, sites: dict, rules: list[dict]) -> tuple[dict, Path]:
-    data = {"journal": str(tmp_path / "journal.db"),
-            "sites": {name: {"url": reg.url if hasattr(reg, "url") else reg, "insecure": True}
-                      for name, reg in sites.items()},
-            "rules": rules}
+    data = {
+        "journal": str(tmp_path / "journal.db"),
+        "sites": {
+            name: {"url": reg.url if hasattr(reg, "url") else reg, "insecure": True}
+            for name, reg in sites.items()
+        },
+        "rules": rules,
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return data, path
@@ -56,14 +61,19 @@ SITES = {n: f"http://127.0.0.1:{5000 + i}" for i, n in enumerate(("p", "a", "b",
 
 
 def _config(rules: list[dict]):
-    return config_from_dict({"sites": {n: {"url": u, "insecure": True}
-                                       for n, u in SITES.items()}, "rules": rules})
+    return config_from_dict(
+        {"sites": {n: {"url": u, "insecure": True} for n, u in SITES.items()}, "rules": rules}
+    )
 
 
 def test_lost_site_is_inferred_or_must_be_named():
-    cfg = _config([{"name": "r1", "from": "p", "to": ["a", "b"]},
-                   {"name": "r2", "from": "c", "to": ["a"]},
-                   {"name": "r3", "from": "p", "to": ["b"]}])
+    cfg = _config(
+        [
+            {"name": "r1", "from": "p", "to": ["a", "b"]},
+            {"name": "r2", "from": "c", "to": ["a"]},
+            {"name": "r3", "from": "p", "to": ["b"]},
+        ]
+    )
     assert lost_site_for(cfg.rules, "b") == "p"
     with pytest.raises(UsageError, match=r"several sites .*--lost"):
         lost_site_for(cfg.rules, "a")
@@ -77,16 +87,20 @@ def test_lost_site_is_inferred_or_must_be_named():
 
 
 def test_renaming_rules_are_refused_with_the_rule_named():
-    cfg = _config([{"name": "plain", "from": "p", "to": ["a"]},
-                   {"name": "mirror", "from": "p", "to": ["a"], "rename": {"prefix": "m/"}},
-                   {"name": "other", "from": "c", "to": ["a"], "rename": {"prefix": "m/"}}])
+    cfg = _config(
+        [
+            {"name": "plain", "from": "p", "to": ["a"]},
+            {"name": "mirror", "from": "p", "to": ["a"], "rename": {"prefix": "m/"}},
+            {"name": "other", "from": "c", "to": ["a"], "rename": {"prefix": "m/"}},
+        ]
+    )
     problems = refusals(cfg.rules, "p", "a")
     assert len(problems) == 1 and "'mirror'" in problems[0] and "rename" in problems[0]
 
 
 def test_choose_digest_prefers_the_most_recent_knowledge_among_candidates():
     assert choose_digest({"d1", "d2"}, [(10, "d1"), (20, "d2")]) == "d2"
-    assert choose_digest({"d1", "d2"}, [(10, "d1"), (30, "d9")]) == "d1"   # d9 not held
+    assert choose_digest({"d1", "d2"}, [(10, "d1"), (30, "d9")]) == "d1"  # d9 not held
     assert choose_digest({"d1"}, []) is None
 
 
@@ -110,11 +124,14 @@ def test_decide_covers_missing_newer_kept_and_conflict():
 
 # ---------------------------------------------------------------------------- real registries
 
-async def test_failover_from_stopped_primary_catches_up_then_failback(registry_factory,
-                                                                      tmp_path):
+
+async def test_failover_from_stopped_primary_catches_up_then_failback(registry_factory, tmp_path):
     primary, a, b = registry_factory("p"), registry_factory("a"), registry_factory("b")
-    data, _ = make_config(tmp_path, {"p": primary, "a": a, "b": b}, [
-        {"name": "apps", "from": "p", "to": ["a", "b"], "repositories": ["team/**"]}])
+    data, _ = make_config(
+        tmp_path,
+        {"p": primary, "a": a, "b": b},
+        [{"name": "apps", "from": "p", "to": ["a", "b"], "repositories": ["team/**"]}],
+    )
     config = config_from_dict(data)
     journal = Journal(config.journal)
     pool = ClientPool(config, retries=1, backoff_base=0.01)
@@ -146,8 +163,16 @@ async def test_failover_from_stopped_primary_catches_up_then_failback(registry_f
         plan = await failover(config, journal, pool, engine, "a", dry_run=True)
         assert {(c.tag, c.from_site) for c in plan.copies} == {("v2", "b"), ("latest", "b")}
         assert [c.tag for c in plan.conflicts] == ["hotfix"]
-        assert plan.rules == [{"name": "apps", "from": "p", "to": ["a", "b"], "new_from": "a",
-                               "new_to": ["b"], "dropped": False}]
+        assert plan.rules == [
+            {
+                "name": "apps",
+                "from": "p",
+                "to": ["a", "b"],
+                "new_from": "a",
+                "new_to": ["b"],
+                "dropped": False,
+            }
+        ]
         assert tags_of(a, "team/app") == a_before and not plan.recorded
         assert journal.query("SELECT * FROM failovers") == []
 
@@ -175,7 +200,7 @@ async def test_failover_from_stopped_primary_catches_up_then_failback(registry_f
         assert during.failures == [], "sync during the incident must not touch the primary"
         assert "p" not in pool._clients
         assert assert_image_complete(b.url, "team/app", "v3") == v3.digest
-        assert during.stats.copied == 2   # v3, and a's hotfix over b's (a is the source now)
+        assert during.stats.copied == 2  # v3, and a's hotfix over b's (a is the source now)
 
         # Failback while the primary is still down: fails, failover stays active.
         down = await failback(config, journal, pool, engine, "p")
@@ -191,8 +216,9 @@ async def test_failover_from_stopped_primary_catches_up_then_failback(registry_f
         assert assert_image_complete(primary.url, "team/app", "v3") == v3.digest
         row = journal.query("SELECT active, ended_at FROM failovers")[0]
         assert row["active"] == 0 and row["ended_at"] is not None
-        assert [(r.from_, r.to) for r in await rules_in_force(config, journal)] == \
-            [("p", ["a", "b"])]
+        assert [(r.from_, r.to) for r in await rules_in_force(config, journal)] == [
+            ("p", ["a", "b"])
+        ]
         after = await Reconciler(config, journal, pool, engine).run()
         assert after.failures == [] and after.stats.copied == 0
     finally:
@@ -202,9 +228,14 @@ async def test_failover_from_stopped_primary_catches_up_then_failback(registry_f
 
 def test_cli_failover_and_failback_json_and_exit_codes(registry_factory, tmp_path):
     primary, a, b = registry_factory("p"), registry_factory("a"), registry_factory("b")
-    _, path = make_config(tmp_path, {"p": primary, "a": a, "b": b, "c": b}, [
-        {"name": "apps", "from": "p", "to": ["a", "b"]},
-        {"name": "more", "from": "c", "to": ["a"], "repositories": ["none/*"]}])
+    _, path = make_config(
+        tmp_path,
+        {"p": primary, "a": a, "b": b, "c": b},
+        [
+            {"name": "apps", "from": "p", "to": ["a", "b"]},
+            {"name": "more", "from": "c", "to": ["a"], "repositories": ["none/*"]},
+        ],
+    )
     with Pusher(primary.url) as p:
         img = p.push_image("team/app", "v1", [layer_bytes("cli", 200)])
     assert cli("sync", "-c", str(path), "--json").returncode == 0
@@ -217,8 +248,7 @@ def test_cli_failover_and_failback_json_and_exit_codes(registry_factory, tmp_pat
     unknown = cli("failover", "-c", str(path), "--promote", "nowhere")
     assert unknown.returncode == 2 and "nowhere" in unknown.stderr
 
-    dry = cli("failover", "-c", str(path), "--promote", "a", "--lost", "p", "--dry-run",
-              "--json")
+    dry = cli("failover", "-c", str(path), "--promote", "a", "--lost", "p", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     plan = json.loads(dry.stdout)
     assert plan["dry_run"] and not plan["recorded"]
@@ -245,8 +275,11 @@ def test_cli_failover_and_failback_json_and_exit_codes(registry_factory, tmp_pat
 
 def test_cli_refuses_failover_of_renaming_rules(registry_factory, tmp_path):
     primary, a = registry_factory("p"), registry_factory("a")
-    _, path = make_config(tmp_path, {"p": primary, "a": a}, [
-        {"name": "mirror", "from": "p", "to": ["a"], "rename": {"prefix": "mirror/"}}])
+    _, path = make_config(
+        tmp_path,
+        {"p": primary, "a": a},
+        [{"name": "mirror", "from": "p", "to": ["a"], "rename": {"prefix": "mirror/"}}],
+    )
     primary.stop()
     out = cli("failover", "-c", str(path), "--promote", "a")
     assert out.returncode == 2 and "'mirror'" in out.stderr and "rename" in out.stderr
@@ -259,8 +292,11 @@ async def test_catch_up_under_latest_n_copies_only_the_newest_tags(registry_fact
     """A replica still holds v1 (replication adds, it does not remove), but under
     `latest: 2` v1 is no longer the rule's: only v4 is caught up."""
     primary, a, b = registry_factory("p"), registry_factory("a"), registry_factory("b")
-    data, _ = make_config(tmp_path, {"p": primary, "a": a, "b": b}, [
-        {"name": "apps", "from": "p", "to": ["a", "b"], "tags": {"latest": 2}}])
+    data, _ = make_config(
+        tmp_path,
+        {"p": primary, "a": a, "b": b},
+        [{"name": "apps", "from": "p", "to": ["a", "b"], "tags": {"latest": 2}}],
+    )
     config = config_from_dict(data)
     journal = Journal(config.journal)
     pool = ClientPool(config, retries=1, backoff_base=0.01)

@@ -14,21 +14,20 @@ from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
 from tests.harness.images import ACCEPT, Pusher, assert_image_complete, layer_bytes
 
-POLICY = RetentionPolicy(name="keep-v", keep=KeepRules(tags=("v*",)), untagged="delete",
-                         grace=3600, mode="api")
+POLICY = RetentionPolicy(
+    name="keep-v", keep=KeepRules(tags=("v*",)), untagged="delete", grace=3600, mode="api"
+)
 
 
 def status(reg, ref: str) -> int:
-    return httpx.head(f"{reg.url}/v2/app/manifests/{ref}",
-                      headers={"accept": ACCEPT}).status_code
+    return httpx.head(f"{reg.url}/v2/app/manifests/{ref}", headers={"accept": ACCEPT}).status_code
 
 
 def scene(reg):
     s = {}
     with Pusher(reg.url) as p:
         s["v1"] = p.push_image("app", "v1", [layer_bytes("base", 900), layer_bytes("v1", 700)])
-        s["dev"] = p.push_image("app", "dev", [layer_bytes("base", 900),
-                                               layer_bytes("dev", 800)])
+        s["dev"] = p.push_image("app", "dev", [layer_bytes("base", 900), layer_bytes("dev", 800)])
         s["multi"] = p.push_multiarch("app", "v2", "ma")
         s["signed"] = p.push_image("app", "v3", [layer_bytes("v3", 500)])
         s["sig"] = p.push_referrer("app", s["signed"], b"sig-v3")
@@ -44,9 +43,16 @@ def run(reg, journal=None, **kw):
     async def go():
         site = SiteEndpoint(name="a", url=reg.url, insecure=True)
         async with RegistryClient(site) as client:
-            return await collect_api(client, journal, ApiGCOptions(
-                site="a", policies=[RetentionPolicy(**{**POLICY.__dict__,
-                                                       "repositories": ("app",)})], **kw))
+            return await collect_api(
+                client,
+                journal,
+                ApiGCOptions(
+                    site="a",
+                    policies=[RetentionPolicy(**{**POLICY.__dict__, "repositories": ("app",)})],
+                    **kw,
+                ),
+            )
+
     return asyncio.run(go())
 
 
@@ -56,31 +62,41 @@ def test_api_gc_applies_policy_and_dry_run_predicts_it(registry, tmp_path) -> No
     journal = Journal(tmp_path / "j.db")
     before = reg.all_blob_digests()
     fallback_old = "sha256-" + s["old"].digest.split(":")[1]
-    fallback_index = httpx.head(f"{reg.url}/v2/app/manifests/{fallback_old}", headers={
-        "accept": ACCEPT}).headers["docker-content-digest"]
+    fallback_index = httpx.head(
+        f"{reg.url}/v2/app/manifests/{fallback_old}", headers={"accept": ACCEPT}
+    ).headers["docker-content-digest"]
     dry = run(reg, journal, dry_run=True)
     assert reg.all_blob_digests() == before
     assert status(reg, "dev") == 200
     real = run(reg, journal)
     assert real.errors == []
     assert (dry.deleted_manifests, dry.deleted_tags, dry.deleted_blobs) == (
-        real.deleted_manifests, real.deleted_tags, real.deleted_blobs)
-    assert real.deleted_manifests == {f"app@{s['dev'].digest}", f"app@{s['old'].digest}",
-                                      f"app@{s['oldsig'].digest}", f"app@{fallback_index}"}
+        real.deleted_manifests,
+        real.deleted_tags,
+        real.deleted_blobs,
+    )
+    assert real.deleted_manifests == {
+        f"app@{s['dev'].digest}",
+        f"app@{s['old'].digest}",
+        f"app@{s['oldsig'].digest}",
+        f"app@{fallback_index}",
+    }
     assert {"app:dev", "app:old"} <= real.deleted_tags
     # fallback tag of the deleted subject goes too (its index is only kept with its subject)
     assert status(reg, fallback_old) == 404
     for tag in ("v1", "v2", "v3", "fresh"):
         assert_image_complete(reg.url, "app", tag)
-    assert_image_complete(reg.url, "app", s["sig"].digest)            # signature kept
-    assert_image_complete(reg.url, "untouched", "dev")                 # no policy there
+    assert_image_complete(reg.url, "app", s["sig"].digest)  # signature kept
+    assert_image_complete(reg.url, "untouched", "dev")  # no policy there
     assert status(reg, "dev") == 404
     dev_layer = s["dev"].blobs[2]
     assert dev_layer in real.deleted_blobs
     assert httpx.head(f"{reg.url}/v2/app/blobs/{dev_layer}").status_code == 404
-    assert s["v1"].blobs[1] not in real.deleted_blobs                  # shared base stays
-    rows = journal.query("SELECT state, count(*) AS n FROM gc_candidates WHERE run_id=? "
-                         "GROUP BY state", (real.run_id,))
+    assert s["v1"].blobs[1] not in real.deleted_blobs  # shared base stays
+    rows = journal.query(
+        "SELECT state, count(*) AS n FROM gc_candidates WHERE run_id=? GROUP BY state",
+        (real.run_id,),
+    )
     assert {r["state"] for r in rows} == {"deleted"}
     journal.close()
 
@@ -89,7 +105,7 @@ def test_tag_on_kept_digest_is_left_with_a_warning_on_distribution_2_8(registry)
     reg = registry
     with Pusher(reg.url) as p:
         p.push_image("app", "v9", [layer_bytes("x", 100)])
-        p.push_image("app", "nightly", [layer_bytes("x", 100)])       # same digest
+        p.push_image("app", "nightly", [layer_bytes("x", 100)])  # same digest
     res = run(reg)
     assert res.deleted_manifests == set()
     assert any("cannot delete a tag by name" in w for w in res.warnings)

@@ -15,11 +15,28 @@ from tests.harness.images import Pusher, assert_image_complete, layer_bytes
 def write_config(tmp_path, reg, mode: str = "both", **site_extra) -> str:
     cfg = {
         "journal": str(tmp_path / "journal.db"),
-        "sites": {"a": {"url": reg.url, "insecure": True, "storage": str(reg.storage),
-                        "registry_config": str(reg.config_path), **site_extra}},
-        "gc": {"policies": [{"name": "keep-v", "sites": ["a"], "repositories": ["app"],
-                             "keep": {"tags": ["v*"]}, "untagged": "delete",
-                             "grace": "1m", "mode": mode}]},
+        "sites": {
+            "a": {
+                "url": reg.url,
+                "insecure": True,
+                "storage": str(reg.storage),
+                "registry_config": str(reg.config_path),
+                **site_extra,
+            }
+        },
+        "gc": {
+            "policies": [
+                {
+                    "name": "keep-v",
+                    "sites": ["a"],
+                    "repositories": ["app"],
+                    "keep": {"tags": ["v*"]},
+                    "untagged": "delete",
+                    "grace": "1m",
+                    "mode": mode,
+                }
+            ]
+        },
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -45,8 +62,15 @@ def test_gc_command_dry_run_then_real(registry, tmp_path, capsys) -> None:
     dry = json.loads(capsys.readouterr().out)
     assert reg.all_blob_digests() == before
     assert dry["dry_run"] is True and dry["manifests_deleted"] == 1
-    assert set(dry) >= {"dry_run", "manifests_deleted", "blobs_deleted", "bytes_reclaimed",
-                        "quarantined", "restored", "errors"}
+    assert set(dry) >= {
+        "dry_run",
+        "manifests_deleted",
+        "blobs_deleted",
+        "bytes_reclaimed",
+        "quarantined",
+        "restored",
+        "errors",
+    }
     assert main(["gc", "-c", cfg, "--json", "--quarantine-window", "0s"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["errors"] == [] and out["manifests_deleted"] == 1
@@ -57,8 +81,9 @@ def test_gc_command_dry_run_then_real(registry, tmp_path, capsys) -> None:
 
 
 def test_gc_command_refuses_blob_descriptor_cache(registry_factory, tmp_path, capsys) -> None:
-    reg = registry_factory("cached", extra_config={
-        "storage": {"cache": {"blobdescriptor": "inmemory"}}})
+    reg = registry_factory(
+        "cached", extra_config={"storage": {"cache": {"blobdescriptor": "inmemory"}}}
+    )
     with Pusher(reg.url) as p:
         p.push_image("app", "v1", [b"x"])
     cfg = write_config(tmp_path, reg, mode="storage")
@@ -67,8 +92,7 @@ def test_gc_command_refuses_blob_descriptor_cache(registry_factory, tmp_path, ca
     assert main(["gc", "-c", cfg, "--assume-no-cache", "--quarantine-window", "0s"]) == 0
 
 
-def test_gc_command_names_missing_storage_and_unknown_policy(registry, tmp_path,
-                                                             capsys) -> None:
+def test_gc_command_names_missing_storage_and_unknown_policy(registry, tmp_path, capsys) -> None:
     cfg = write_config(tmp_path, registry, mode="storage")
     data = yaml.safe_load(open(cfg))
     del data["sites"]["a"]["storage"]

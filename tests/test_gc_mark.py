@@ -34,7 +34,7 @@ def test_referrers_follow_kept_subject_transitively() -> None:
         d("a"): IMG,
         d("sbom"): Node(blobs=(d("e"), d("sb")), subject=d("a")),
         d("sig"): Node(blobs=(d("e"), d("sg")), subject=d("sbom")),
-        d("other"): Node(blobs=(d("x"),), subject=d("zz")),   # subject gone
+        d("other"): Node(blobs=(d("x"),), subject=d("zz")),  # subject gone
     }
     m = mark(graph, [d("a")])
     assert m.manifests == {d("a"), d("sbom"), d("sig")}
@@ -65,8 +65,7 @@ def test_cycles_terminate() -> None:
 
 
 def test_indexes() -> None:
-    graph = {d("i"): Node(children=(d("a"),)), d("a"): IMG,
-             d("s"): Node(subject=d("a"))}
+    graph = {d("i"): Node(children=(d("a"),)), d("a"): IMG, d("s"): Node(subject=d("a"))}
     assert parents_index(graph) == {d("a"): [d("i")]}
     assert referrers_index(graph) == {d("a"): [d("s")]}
 

@@ -52,8 +52,9 @@ def test_no_keep_clause_deletes_old_tags_and_their_manifests() -> None:
 
 
 def test_keep_tags_glob_patterns() -> None:
-    tags, graph = repo(("v1.0", 10 * DAY), ("v1.1", 9 * DAY), ("dev-1", 8 * DAY),
-                       ("latest", 7 * DAY))
+    tags, graph = repo(
+        ("v1.0", 10 * DAY), ("v1.1", 9 * DAY), ("dev-1", 8 * DAY), ("latest", 7 * DAY)
+    )
     dec = decide(policy(keep={"tags": ("v1.*", "lat{e,o}st")}), tags, graph, NOW)
     assert set(dec.kept_tags) == {"v1.0", "v1.1", "latest"}
     assert dec.kept_tags["v1.0"] == ["matches keep.tags"]
@@ -82,9 +83,11 @@ def test_pushed_within() -> None:
 
 def test_pulled_within_applies_only_where_pull_time_known() -> None:
     _, graph = repo(("a", 40 * DAY), ("b", 40 * DAY), ("c", 40 * DAY))
-    tags = [TagInfo("a", d("a"), NOW - 40 * DAY, pulled_at=NOW - DAY),
-            TagInfo("b", d("b"), NOW - 40 * DAY, pulled_at=NOW - 30 * DAY),
-            TagInfo("c", d("c"), NOW - 40 * DAY, pulled_at=None)]
+    tags = [
+        TagInfo("a", d("a"), NOW - 40 * DAY, pulled_at=NOW - DAY),
+        TagInfo("b", d("b"), NOW - 40 * DAY, pulled_at=NOW - 30 * DAY),
+        TagInfo("c", d("c"), NOW - 40 * DAY, pulled_at=None),
+    ]
     dec = decide(policy(keep={"pulled_within": 7 * DAY}), tags, graph, NOW)
     assert set(dec.kept_tags) == {"a"}
     assert set(dec.deleted_tags) == {"b", "c"}
@@ -92,8 +95,7 @@ def test_pulled_within_applies_only_where_pull_time_known() -> None:
 
 def test_any_clause_keeps() -> None:
     tags, graph = repo(("release-1", 90 * DAY), ("x", 1 * DAY), ("y", 50 * DAY))
-    dec = decide(policy(keep={"tags": ("release-*",), "pushed_within": 7 * DAY}), tags,
-                 graph, NOW)
+    dec = decide(policy(keep={"tags": ("release-*",), "pushed_within": 7 * DAY}), tags, graph, NOW)
     assert set(dec.kept_tags) == {"release-1", "x"}
 
 
@@ -141,14 +143,19 @@ def test_children_of_expired_index_go_with_it_even_with_untagged_keep() -> None:
     graph = {a: na, d("idx"): Node(children=(a,), pushed_at=NOW - 5 * DAY)}
     tags = [TagInfo("old", d("idx"), NOW - 5 * DAY)]
     dec = decide(policy(untagged="keep"), tags, graph, NOW)
-    assert dec.deleted_manifests == {d("idx"): "all its tags expired: old",
-                                     a: "only listed by indexes that are not kept"}
+    assert dec.deleted_manifests == {
+        d("idx"): "all its tags expired: old",
+        a: "only listed by indexes that are not kept",
+    }
 
 
 def test_child_shared_with_kept_index_survives() -> None:
     a, na = img("amd64", 5 * DAY)
-    graph = {a: na, d("i1"): Node(children=(a,), pushed_at=NOW - 5 * DAY),
-             d("i2"): Node(children=(a,), pushed_at=NOW - 5 * DAY)}
+    graph = {
+        a: na,
+        d("i1"): Node(children=(a,), pushed_at=NOW - 5 * DAY),
+        d("i2"): Node(children=(a,), pushed_at=NOW - 5 * DAY),
+    }
     tags = [TagInfo("keep", d("i1"), NOW - 5 * DAY), TagInfo("drop", d("i2"), NOW - 5 * DAY)]
     dec = decide(policy(keep={"tags": ("keep",)}), tags, graph, NOW)
     assert set(dec.deleted_manifests) == {d("i2")}
@@ -212,8 +219,12 @@ def test_attached_subject() -> None:
 
 
 def test_repository_and_site_matching() -> None:
-    p = RetentionPolicy(name="p", sites=("eu-*",), repositories=("team/*", "ci/**"),
-                        exclude_repositories=("team/keep",))
+    p = RetentionPolicy(
+        name="p",
+        sites=("eu-*",),
+        repositories=("team/*", "ci/**"),
+        exclude_repositories=("team/keep",),
+    )
     assert p.applies_to("team/app") and p.applies_to("ci/a/b")
     assert not p.applies_to("team/a/b") and not p.applies_to("team/keep")
     assert p.applies_to_site("eu-west") and not p.applies_to_site("us-east")
@@ -235,11 +246,21 @@ def test_bad_policy_values_are_refused_with_the_field_name() -> None:
 
 
 def test_from_config_dict_with_duration_strings() -> None:
-    p = RetentionPolicy.from_config({
-        "name": "ci", "repositories": ["ci/**"], "grace": "2h", "untagged": "keep",
-        "keep": {"tags": ["v*"], "most_recent": 3, "pushed_within": "30d",
-                 "pulled_within": 86400},
-        "mode": "storage"})
+    p = RetentionPolicy.from_config(
+        {
+            "name": "ci",
+            "repositories": ["ci/**"],
+            "grace": "2h",
+            "untagged": "keep",
+            "keep": {
+                "tags": ["v*"],
+                "most_recent": 3,
+                "pushed_within": "30d",
+                "pulled_within": 86400,
+            },
+            "mode": "storage",
+        }
+    )
     assert p.grace == 7200 and p.keep.pushed_within == 30 * DAY
     assert p.keep.pulled_within == DAY and p.keep.most_recent == 3
     assert p.repositories == ("ci/**",) and p.mode == "storage" and p.untagged == "keep"
@@ -249,23 +270,36 @@ def test_from_config_dict_with_duration_strings() -> None:
 
 names = st.sampled_from([d(f"m{i}") for i in range(10)])
 ages = st.one_of(st.none(), st.floats(0, 50 * DAY))
-nodes = st.builds(Node, children=st.lists(names, max_size=2).map(tuple),
-                  blobs=st.lists(st.sampled_from([d(f"b{i}") for i in range(8)]),
-                                 max_size=3).map(tuple),
-                  subject=st.one_of(st.none(), st.none(), names),
-                  pushed_at=ages.map(lambda a: None if a is None else NOW - a))
+nodes = st.builds(
+    Node,
+    children=st.lists(names, max_size=2).map(tuple),
+    blobs=st.lists(st.sampled_from([d(f"b{i}") for i in range(8)]), max_size=3).map(tuple),
+    subject=st.one_of(st.none(), st.none(), names),
+    pushed_at=ages.map(lambda a: None if a is None else NOW - a),
+)
 graphs = st.dictionaries(names, nodes, max_size=10)
-tag_lists = st.lists(st.builds(TagInfo, name=st.sampled_from([f"t{i}" for i in range(8)]),
-                               digest=names,
-                               pushed_at=ages.map(lambda a: None if a is None else NOW - a)),
-                     max_size=8, unique_by=lambda t: t.name)
+tag_lists = st.lists(
+    st.builds(
+        TagInfo,
+        name=st.sampled_from([f"t{i}" for i in range(8)]),
+        digest=names,
+        pushed_at=ages.map(lambda a: None if a is None else NOW - a),
+    ),
+    max_size=8,
+    unique_by=lambda t: t.name,
+)
 policies = st.builds(
-    RetentionPolicy, name=st.just("p"),
-    keep=st.builds(KeepRules, tags=st.lists(st.sampled_from(["t1", "t[2-3]", "x*"]),
-                                            max_size=2).map(tuple),
-                   most_recent=st.one_of(st.none(), st.integers(0, 4)),
-                   pushed_within=st.one_of(st.none(), st.floats(0, 30 * DAY))),
-    untagged=st.sampled_from(["keep", "delete"]), grace=st.floats(0, 10 * DAY))
+    RetentionPolicy,
+    name=st.just("p"),
+    keep=st.builds(
+        KeepRules,
+        tags=st.lists(st.sampled_from(["t1", "t[2-3]", "x*"]), max_size=2).map(tuple),
+        most_recent=st.one_of(st.none(), st.integers(0, 4)),
+        pushed_within=st.one_of(st.none(), st.floats(0, 30 * DAY)),
+    ),
+    untagged=st.sampled_from(["keep", "delete"]),
+    grace=st.floats(0, 10 * DAY),
+)
 
 
 @settings(max_examples=300, deadline=None)

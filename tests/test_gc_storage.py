@@ -88,7 +88,8 @@ def scene(registry):
     # what must go: the deleted manifest, its config; its unique layer is still used by `other`
     s["garbage"] = {s["gone"].digest, s["gone"].blobs[0], s["loose"]}
     s["garbage_bytes"] = len(s["gone"].raw) + sum(
-        reg.blob_path(d).stat().st_size for d in (s["gone"].blobs[0], s["loose"]))
+        reg.blob_path(d).stat().st_size for d in (s["gone"].blobs[0], s["loose"])
+    )
     return s
 
 
@@ -112,9 +113,8 @@ def test_store_level_sweep_removes_exactly_the_garbage(scene, tmp_path) -> None:
     assert reg.all_blob_digests() == before - scene["garbage"]
     assert res.bytes_reclaimed == scene["garbage_bytes"]
     assert res.uploads_deleted == 1 and res.manifests_deleted == 0
-    assert res.upload_bytes_reclaimed >= len(b"half an upload")   # + startedat, hashstates
-    assert not list((reg.storage / "docker/registry/v2/repositories/team/app/_uploads")
-                    .iterdir())
+    assert res.upload_bytes_reclaimed >= len(b"half an upload")  # + startedat, hashstates
+    assert not list((reg.storage / "docker/registry/v2/repositories/team/app/_uploads").iterdir())
     for d in scene["garbage"] - {scene["gone"].digest}:
         assert not reg.layer_link("team/app", d).exists()
     assert_all_complete(scene)
@@ -124,8 +124,9 @@ def test_store_level_sweep_removes_exactly_the_garbage(scene, tmp_path) -> None:
     states = {(c["kind"], c["key"]): c["state"] for c in run_candidates(journal, res.run_id)}
     assert states[("blob", scene["loose"])] == "deleted"
     # quarantine is empty afterwards, and a second run finds nothing
-    assert not [p for p in (reg.storage / "docker/registry/v2/_quarantine").iterdir()
-                if p.name != ".lock"]
+    assert not [
+        p for p in (reg.storage / "docker/registry/v2/_quarantine").iterdir() if p.name != ".lock"
+    ]
     again = collect_storage_sync(reg.storage, journal, opts(reg))
     assert again.deleted_blobs == set() and again.bytes_reclaimed == 0
     journal.close()
@@ -140,9 +141,12 @@ def test_dry_run_changes_nothing_and_predicts_the_real_run(scene, tmp_path) -> N
     assert dry.dry_run and dry.deleted_blobs == scene["garbage"]
     real = collect_storage_sync(reg.storage, journal, opts(reg))
     assert real.deleted_blobs == dry.deleted_blobs
-    assert (real.bytes_reclaimed, real.blobs_deleted, real.links_deleted,
-            real.uploads_deleted) == (dry.bytes_reclaimed, dry.blobs_deleted,
-                                      dry.links_deleted, dry.uploads_deleted)
+    assert (real.bytes_reclaimed, real.blobs_deleted, real.links_deleted, real.uploads_deleted) == (
+        dry.bytes_reclaimed,
+        dry.blobs_deleted,
+        dry.links_deleted,
+        dry.uploads_deleted,
+    )
     assert get_run(journal, dry.run_id)["dry_run"] == 1
     assert_all_complete(scene)
     journal.close()
@@ -168,30 +172,38 @@ def test_shared_blob_survives_deletion_in_one_repository(registry) -> None:
         delete_manifest(reg, "a/nested/deep", a.digest)
     age_tree(reg.storage, 7200)
     res = collect_storage_sync(reg.storage, None, opts(reg))
-    assert res.deleted_blobs == {a.digest, a.blobs[0], a.blobs[2]}   # not the shared layer
+    assert res.deleted_blobs == {a.digest, a.blobs[0], a.blobs[2]}  # not the shared layer
     assert_image_complete(reg.url, "b", "t")
     assert reg.has_blob_data(b.blobs[1])
 
 
 def test_policy_mode_keeps_indexes_children_and_signatures(scene) -> None:
     reg = scene["reg"]
-    pol = RetentionPolicy(name="keep-v", keep=KeepRules(tags=("v*",)), untagged="delete",
-                          grace=60, mode="storage", repositories=("team/**", "signed"))
+    pol = RetentionPolicy(
+        name="keep-v",
+        keep=KeepRules(tags=("v*",)),
+        untagged="delete",
+        grace=60,
+        mode="storage",
+        repositories=("team/**", "signed"),
+    )
     with Pusher(reg.url) as p:
         dev = p.push_image("team/app", "dev", [layer_bytes("dev-only", 700)])
     age_tree(reg.storage, 7200)
     res = collect_storage_sync(reg.storage, None, opts(reg, policies=[pol]))
     assert res.errors == []
     assert res.deleted_tags == {"team/app:dev"}
-    assert res.deleted_manifests == {f"team/app@{dev.digest}",
-                                     f"team/app@{scene['untagged'].digest}"}
+    assert res.deleted_manifests == {
+        f"team/app@{dev.digest}",
+        f"team/app@{scene['untagged'].digest}",
+    }
     assert set(dev.blobs[1:]) <= res.deleted_blobs
     assert httpx.get(f"{reg.url}/v2/team/app/manifests/dev").status_code == 404
     assert_image_complete(reg.url, "team/app", "v1")
-    assert_image_complete(reg.url, "team/app/multi", "v1")      # untagged children kept
+    assert_image_complete(reg.url, "team/app/multi", "v1")  # untagged children kept
     assert_image_complete(reg.url, "signed", "v1")
-    assert_image_complete(reg.url, "signed", scene["sig"].digest)   # signature kept
-    assert_image_complete(reg.url, "other", "x")                     # no policy: untouched
+    assert_image_complete(reg.url, "signed", scene["sig"].digest)  # signature kept
+    assert_image_complete(reg.url, "other", "x")  # no policy: untouched
     fallback = "sha256-" + scene["signed"].digest.split(":")[1]
     assert_image_complete(reg.url, "signed", fallback)
 
@@ -202,8 +214,7 @@ def test_signature_of_deleted_image_is_garbage(registry) -> None:
         img = p.push_image("s", "tmp", [layer_bytes("img", 600)])
         sig = p.push_referrer("s", img, b"sig-of-tmp")
     age_tree(reg.storage, 7200)
-    pol = RetentionPolicy(name="p", keep=KeepRules(tags=("release*",)), grace=60,
-                          mode="storage")
+    pol = RetentionPolicy(name="p", keep=KeepRules(tags=("release*",)), grace=60, mode="storage")
     res = collect_storage_sync(reg.storage, None, opts(reg, policies=[pol]))
     assert f"s@{sig.digest}" in res.deleted_manifests
     assert f"s@{img.digest}" in res.deleted_manifests
@@ -212,8 +223,9 @@ def test_signature_of_deleted_image_is_garbage(registry) -> None:
 
 
 def test_blob_descriptor_cache_is_refused(registry_factory, tmp_path) -> None:
-    reg = registry_factory("cached", extra_config={
-        "storage": {"cache": {"blobdescriptor": "inmemory"}}})
+    reg = registry_factory(
+        "cached", extra_config={"storage": {"cache": {"blobdescriptor": "inmemory"}}}
+    )
     with Pusher(reg.url) as p:
         p.push_image("c", "t", [b"cached"])
     with pytest.raises(OnlineGCRefused, match=r"blobdescriptor.*#2966"):
@@ -226,7 +238,8 @@ def test_blob_descriptor_cache_is_refused(registry_factory, tmp_path) -> None:
     res = collect_storage_sync(reg.storage, None, opts(reg, assume_no_cache=True))
     assert res.errors == []
     assert store_files(reg.storage).keys() >= before.keys() - {
-        p for p in before if "_quarantine" in p}
+        p for p in before if "_quarantine" in p
+    }
 
 
 def test_registry_config_for_another_store_is_refused(registry, tmp_path) -> None:
@@ -249,13 +262,13 @@ def test_head_race_image_pushed_just_before_quarantine_is_restored(registry) -> 
         plan = col.plan()
         col.recheck(plan)
         assert {i.digest for i in plan.items if i.kind == "blob"} >= set(img.blobs)
-        with Pusher(reg.url) as p:                       # every HEAD answers 200: skipped
+        with Pusher(reg.url) as p:  # every HEAD answers 200: skipped
             again = p.push_image("race", "t", [layer_bytes("race", 1200)])
         assert again.digest == img.digest
         col.assign_quarantine(1, plan.items)
         col.quarantine(plan)
         moved = {i.digest for i in plan.items if i.kind == "blob" and i.state == "quarantined"}
-        assert set(img.blobs) <= moved           # the image is unavailable for the window...
+        assert set(img.blobs) <= moved  # the image is unavailable for the window...
         assert httpx.get(f"{reg.url}/v2/race/blobs/{img.blobs[1]}").status_code == 404
         col.finalize(plan.items, plan.cutoff)
     finally:
@@ -319,9 +332,11 @@ def test_sigkill_during_quarantine_window_then_rerun_finishes(scene, tmp_path) -
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT)
     journal = Journal(jpath)
     try:
-        wait_until(lambda: journal.query(
-            "SELECT 1 FROM gc_candidates WHERE state='quarantined'"), timeout=30,
-            what="the subprocess to quarantine candidates")
+        wait_until(
+            lambda: journal.query("SELECT 1 FROM gc_candidates WHERE state='quarantined'"),
+            timeout=30,
+            what="the subprocess to quarantine candidates",
+        )
         # mid-window the garbage is invisible to the registry but still on disk
         assert not reg.has_blob_data(scene["loose"])
     finally:

@@ -29,10 +29,10 @@ def test_online_gc_torture(registry, tmp_path) -> None:
     stop = threading.Event()
     stats: Counter[str] = Counter()
     lock = threading.Lock()
-    deleted: list[tuple[float, str, list[str]]] = []     # (when, repo, layer seeds)
+    deleted: list[tuple[float, str, list[str]]] = []  # (when, repo, layer seeds)
     failures: list[BaseException] = []
 
-    pushed: dict[str, list[str]] = {}                   # manifest digest -> layer seeds
+    pushed: dict[str, list[str]] = {}  # manifest digest -> layer seeds
     counter = iter(range(10**9))
 
     def push(p: Pusher, repo: str, tag: str, seeds: list[str]) -> None:
@@ -54,8 +54,10 @@ def test_online_gc_torture(registry, tmp_path) -> None:
                         push(p, repo, rng.choice(TAGS), seeds)
                         stats["push"] += 1
                     elif op < 0.6:
-                        r = p.http.head(f"{reg.url}/v2/{repo}/manifests/{rng.choice(TAGS)}",
-                                        headers={"accept": ACCEPT})
+                        r = p.http.head(
+                            f"{reg.url}/v2/{repo}/manifests/{rng.choice(TAGS)}",
+                            headers={"accept": ACCEPT},
+                        )
                         if r.status_code == 200:
                             digest = r.headers["docker-content-digest"]
                             d = p.http.delete(f"{reg.url}/v2/{repo}/manifests/{digest}")
@@ -99,9 +101,18 @@ def test_online_gc_torture(registry, tmp_path) -> None:
     def collector() -> None:
         try:
             while not stop.is_set():
-                res = collect_storage_sync(reg.storage, journal, StorageGCOptions(
-                    grace=0.5, quarantine_window=0.3, upload_grace=5,
-                    registry_config=reg.config_path, workers=4, on_phase=widen_the_race))
+                res = collect_storage_sync(
+                    reg.storage,
+                    journal,
+                    StorageGCOptions(
+                        grace=0.5,
+                        quarantine_window=0.3,
+                        upload_grace=5,
+                        registry_config=reg.config_path,
+                        workers=4,
+                        on_phase=widen_the_race,
+                    ),
+                )
                 gc_totals["runs"] += 1
                 gc_totals["blobs_deleted"] += res.blobs_deleted
                 gc_totals["restored"] += res.restored
@@ -110,7 +121,7 @@ def test_online_gc_torture(registry, tmp_path) -> None:
         except Exception as exc:
             failures.append(exc)
 
-    with Pusher(reg.url) as p:                  # a store to start from
+    with Pusher(reg.url) as p:  # a store to start from
         for repo in REPOS:
             p.push_image(repo, "v1", [layer_bytes(SEEDS[0], 600)])
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
@@ -125,13 +136,20 @@ def test_online_gc_torture(registry, tmp_path) -> None:
         t.join(timeout=60)
     assert not failures, failures
     print(f"\ntorture: workers {dict(stats)}; gc {dict(gc_totals)}")
-    print("torture: restore reasons", journal.query(
-        "SELECT kind, error, count(*) AS n FROM gc_candidates WHERE state='restored' "
-        "GROUP BY kind, error"))
+    print(
+        "torture: restore reasons",
+        journal.query(
+            "SELECT kind, error, count(*) AS n FROM gc_candidates WHERE state='restored' "
+            "GROUP BY kind, error"
+        ),
+    )
 
     # quiescent final run, then the verdict from the registry itself
-    collect_storage_sync(reg.storage, journal, StorageGCOptions(
-        grace=0.5, quarantine_window=0.1, registry_config=reg.config_path))
+    collect_storage_sync(
+        reg.storage,
+        journal,
+        StorageGCOptions(grace=0.5, quarantine_window=0.1, registry_config=reg.config_path),
+    )
     layout = StoreLayout(reg.storage)
     refs = []
     for repo in layout.list_repositories():

@@ -16,14 +16,31 @@ async def test_second_pass_sends_no_request_for_immutable_tags(two_registries, t
     with Pusher(src.url) as p:
         for tag in ("v1", "v2", "latest"):
             p.push_image("team/app", tag, [layer_bytes(tag, 200)])
-    config = config_from_dict({
-        "journal": str(tmp_path / "journal.db"),
-        "sites": {"a": {"url": src.url, "insecure": True}, "b": {"url": dst.url,
-                                                                "insecure": True}},
-        "rules": [{"name": "releases", "from": "a", "to": "b", "tags": {"include": "v*"},
-                   "immutable_tags": ["v*"]},
-                  {"name": "moving", "from": "a", "to": "b", "tags": {"include": "latest"},
-                   "immutable_tags": ["v*"]}]})
+    config = config_from_dict(
+        {
+            "journal": str(tmp_path / "journal.db"),
+            "sites": {
+                "a": {"url": src.url, "insecure": True},
+                "b": {"url": dst.url, "insecure": True},
+            },
+            "rules": [
+                {
+                    "name": "releases",
+                    "from": "a",
+                    "to": "b",
+                    "tags": {"include": "v*"},
+                    "immutable_tags": ["v*"],
+                },
+                {
+                    "name": "moving",
+                    "from": "a",
+                    "to": "b",
+                    "tags": {"include": "latest"},
+                    "immutable_tags": ["v*"],
+                },
+            ],
+        }
+    )
     journal = Journal(config.journal)
     try:
         async with ClientPool(config) as pool:
@@ -39,7 +56,7 @@ async def test_second_pass_sends_no_request_for_immutable_tags(two_registries, t
             again = await run("releases")
             assert again.target_requests == {"b": 0}
             assert [a.kind for a in again.actions] == ["up-to-date", "up-to-date"]
-            assert (await run("moving")).target_requests == {"b": 1}   # one HEAD for latest
+            assert (await run("moving")).target_requests == {"b": 1}  # one HEAD for latest
 
             # A tag the target never reported (pushed there by someone else) is HEADed once,
             # then trusted; a source that moves an "immutable" tag anyway is still noticed.

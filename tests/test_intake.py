@@ -67,12 +67,14 @@ class Intake:
             self.handed.extend(events)
 
         kw.setdefault("on_events", on_events)
-        self.app = create_app(sites=kw.pop("sites", SITES), journal=journal,
-                              metrics=self.metrics, **kw)
+        self.app = create_app(
+            sites=kw.pop("sites", SITES), journal=journal, metrics=self.metrics, **kw
+        )
 
     def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
-                                 base_url="http://intake")
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://intake"
+        )
 
 
 @pytest.fixture
@@ -98,8 +100,11 @@ class UvicornThread:
 
     def __init__(self, app: Any) -> None:
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -118,10 +123,20 @@ class UvicornThread:
 
 # --- eventstore --------------------------------------------------------------------
 
+
 def test_record_dedupes_and_roundtrips_every_field(journal):
     full = parse_webhook(PUSH_BODY, DISTRIBUTION_EVENTS_V1, {}, "eu")[0]
-    mount = RegistryEvent(id="m", site="eu", action="mount", repository="b/app", digest=D1,
-                          from_repository="a/app", size=5, occurred_at=1.5, actor="ci")
+    mount = RegistryEvent(
+        id="m",
+        site="eu",
+        action="mount",
+        repository="b/app",
+        digest=D1,
+        from_repository="a/app",
+        size=5,
+        occurred_at=1.5,
+        actor="ci",
+    )
     assert record_events(journal, [full, mount, full]) == [full, mount]
     assert record_events(journal, [mount]) == []
     assert events_by_state(journal, "new") == [full, mount]
@@ -146,14 +161,17 @@ def test_record_is_one_transaction(journal):
 
 
 def test_mark_many_ids_at_once(journal):
-    evs = [RegistryEvent(id=f"e{i}", site="eu", action="delete", repository="a/b", tag="t")
-           for i in range(1200)]
+    evs = [
+        RegistryEvent(id=f"e{i}", site="eu", action="delete", repository="a/b", tag="t")
+        for i in range(1200)
+    ]
     record_events(journal, evs)
     assert mark_events(journal, (e.id for e in evs), "ignored") == 1200
     assert count_events(journal)["ignored"] == 1200
 
 
 # --- accepted, durable, deduplicated -----------------------------------------------
+
 
 async def test_push_is_journaled_then_handed_on(intake, client, journal):
     r = await client.post("/events/eu", content=PUSH_BODY, headers=AUTH)
@@ -174,16 +192,20 @@ async def test_redelivery_is_200_and_not_handed_on_again(intake, client, journal
 
 async def test_whole_recorded_sequence_and_open_site(intake, client, journal):
     for req in SEQUENCE:
-        r = await client.post("/events/open", content=req["body"].encode(),
-                              headers={"content-type": req["content_type"]})
+        r = await client.post(
+            "/events/open",
+            content=req["body"].encode(),
+            headers={"content-type": req["content_type"]},
+        )
         assert r.status_code == 202
     assert journaled(journal) == len(SEQUENCE) == len(intake.handed)
 
 
 async def test_concurrent_posts_share_commits(intake, client, journal):
     n = 60
-    rs = await asyncio.gather(*(client.post("/events/eu", content=body_with_id(f"c{i}"),
-                                            headers=AUTH) for i in range(n)))
+    rs = await asyncio.gather(
+        *(client.post("/events/eu", content=body_with_id(f"c{i}"), headers=AUTH) for i in range(n))
+    )
     assert all(r.status_code == 202 for r in rs)
     assert journaled(journal) == n == len(intake.handed)
     assert intake.app.state.group_commit.commits < n
@@ -191,14 +213,17 @@ async def test_concurrent_posts_share_commits(intake, client, journal):
 
 async def test_group_commit_isolates_a_failing_request(journal):
     gc = GroupCommit(journal)
-    good = [RegistryEvent(id=f"g{i}", site="eu", action="push", repository="a/b", digest=D1)
-            for i in range(2)]
+    good = [
+        RegistryEvent(id=f"g{i}", site="eu", action="push", repository="a/b", digest=D1)
+        for i in range(2)
+    ]
     broken = RegistryEvent(id="b", site=None, action="push", repository="a/b")  # type: ignore[arg-type]
-    results = await asyncio.gather(gc.record([good[0]]), gc.record([broken]),
-                                   gc.record([good[1]]), return_exceptions=True)
+    results = await asyncio.gather(
+        gc.record([good[0]]), gc.record([broken]), gc.record([good[1]]), return_exceptions=True
+    )
     assert results[0] == [good[0]] and results[2] == [good[1]]
     assert isinstance(results[1], Exception) and "NOT NULL" in str(results[1])
-    assert journaled(journal) == 2 and gc.commits == 2   # batch failed, then one by one
+    assert journaled(journal) == 2 and gc.commits == 2  # batch failed, then one by one
 
 
 def test_site_intake_refuses_empty_token_and_hides_it():
@@ -210,18 +235,29 @@ def test_site_intake_refuses_empty_token_and_hides_it():
 
 
 async def test_concurrent_duplicates_hand_on_exactly_once(intake, client, journal):
-    rs = await asyncio.gather(*(client.post("/events/eu", content=PUSH_BODY, headers=AUTH)
-                                for _ in range(20)))
+    rs = await asyncio.gather(
+        *(client.post("/events/eu", content=PUSH_BODY, headers=AUTH) for _ in range(20))
+    )
     assert sorted(r.status_code for r in rs) == [200] * 19 + [202]
     assert len(intake.handed) == 1
 
 
 async def test_ignored_event_types_answer_200_and_journal_nothing(client, journal):
-    doc = {"specversion": "1.0", "id": "z", "source": "zot",
-           "type": "zotregistry.repository.created", "data": {"name": "app"}}
-    r = await client.post("/events/eu", json=doc,
-                          headers={"authorization": f"Bearer {TOKEN}",
-                                   "content-type": "application/cloudevents+json"})
+    doc = {
+        "specversion": "1.0",
+        "id": "z",
+        "source": "zot",
+        "type": "zotregistry.repository.created",
+        "data": {"name": "app"},
+    }
+    r = await client.post(
+        "/events/eu",
+        json=doc,
+        headers={
+            "authorization": f"Bearer {TOKEN}",
+            "content-type": "application/cloudevents+json",
+        },
+    )
     assert r.status_code == 200 and r.json()["ignored"] is True
     assert journaled(journal) == 0
 
@@ -230,8 +266,9 @@ async def test_failed_hand_over_is_503_and_event_stays_new(intake, client, journ
     intake.fail_hand_over = True
     r = await client.post("/events/eu", content=PUSH_BODY, headers=AUTH)
     assert r.status_code == 503 and "journaled" in r.json()["error"]
-    assert [e.id for e in events_by_state(journal, "new")] == [json.loads(PUSH_BODY)[
-        "events"][0]["id"]]
+    assert [e.id for e in events_by_state(journal, "new")] == [
+        json.loads(PUSH_BODY)["events"][0]["id"]
+    ]
     intake.fail_hand_over = False
     # the sender retries: already durable, so 200; dispatch happens from the journal
     assert (await client.post("/events/eu", content=PUSH_BODY, headers=AUTH)).status_code == 200
@@ -241,14 +278,15 @@ async def test_journal_failure_is_503_never_2xx(intake, client, journal):
     journal.execute("DROP TABLE events")
     r = await client.post("/events/eu", content=PUSH_BODY, headers=AUTH)
     assert r.status_code == 503 and intake.handed == []
-    assert "events" not in r.text.replace("events journaled", "")   # no SQL detail leaks
+    assert "events" not in r.text.replace("events journaled", "")  # no SQL detail leaks
 
 
 # --- bad input: clear 4xx, nothing journaled, service still healthy -----------------
 
+
 async def _chunks(data: bytes, size: int = 512) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
 BAD = [
@@ -256,24 +294,35 @@ BAD = [
     ("wrong token", "/events/eu", PUSH_BODY, {**V1, "authorization": "Bearer nope"}, 401),
     ("token prefix", "/events/eu", PUSH_BODY, {**V1, "authorization": "Bearer s3cret-Tq"}, 401),
     ("basic scheme", "/events/eu", PUSH_BODY, {**V1, "authorization": "Basic dG9rOg=="}, 401),
-    ("non-ascii token", "/events/eu", PUSH_BODY, {**V1, "authorization": "Bearer tök".encode()},
-     401),
+    (
+        "non-ascii token",
+        "/events/eu",
+        PUSH_BODY,
+        {**V1, "authorization": "Bearer tök".encode()},
+        401,
+    ),
     ("unknown site", "/events/mars", PUSH_BODY, AUTH, 404),
     ("malformed json", "/events/eu", b'{"events": [', AUTH, 400),
-    ("bad repository", "/events/eu", PUSH_BODY.replace(b'"team/app"', b'"Team/App"'), AUTH,
-     400),
+    ("bad repository", "/events/eu", PUSH_BODY.replace(b'"team/app"', b'"Team/App"'), AUTH, 400),
     ("unknown action", "/events/eu", PUSH_BODY.replace(b'"push"', b'"explode"'), AUTH, 400),
     ("unsupported type", "/events/eu", PUSH_BODY, {**AUTH, "content-type": "text/plain"}, 415),
-    ("unknown format", "/events/eu", b'{"hello": 1}', {**AUTH, "content-type":
-                                                      "application/json"}, 415),
+    (
+        "unknown format",
+        "/events/eu",
+        b'{"hello": 1}',
+        {**AUTH, "content-type": "application/json"},
+        415,
+    ),
     ("oversize", "/events/eu", b" " * 5000 + PUSH_BODY, AUTH, 413),
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "headers", "status"), [b[1:] for b in BAD],
-                         ids=[b[0] for b in BAD])
-async def test_bad_input_is_refused_and_changes_nothing(intake, client, journal, path, body,
-                                                        headers, status):
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status"), [b[1:] for b in BAD], ids=[b[0] for b in BAD]
+)
+async def test_bad_input_is_refused_and_changes_nothing(
+    intake, client, journal, path, body, headers, status
+):
     r = await client.post(path, content=body, headers=headers)
     assert r.status_code == status
     assert r.json()["error"]
@@ -285,8 +334,7 @@ async def test_bad_input_is_refused_and_changes_nothing(intake, client, journal,
     assert (await client.get("/healthz")).json() == {"status": "ok"}
 
 
-async def test_oversize_without_content_length_stops_reading_at_the_limit(intake, client,
-                                                                          journal):
+async def test_oversize_without_content_length_stops_reading_at_the_limit(intake, client, journal):
     pulled = 0
 
     async def endless() -> AsyncIterator[bytes]:
@@ -297,7 +345,7 @@ async def test_oversize_without_content_length_stops_reading_at_the_limit(intake
 
     r = await client.post("/events/eu", content=endless(), headers=AUTH)
     assert r.status_code == 413 and "content-length" not in r.request.headers
-    assert pulled <= 5 + 1          # 4096-byte limit, 1 KiB chunks
+    assert pulled <= 5 + 1  # 4096-byte limit, 1 KiB chunks
     assert journaled(journal) == 0
 
 
@@ -310,9 +358,10 @@ def test_oversize_content_length_is_refused_before_any_body_is_sent(journal):
     """Real uvicorn, raw socket: a 1 GB declared body is refused without reading it."""
     app = Intake(journal).app
     with UvicornThread(app) as srv, socket.create_connection(("127.0.0.1", srv.port), 5) as s:
-        s.sendall(f"POST /events/eu HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                  "Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n"
-                  .encode())
+        s.sendall(
+            f"POST /events/eu HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n".encode()
+        )
         s.settimeout(5)
         reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.1 413"), reply
@@ -321,6 +370,7 @@ def test_oversize_content_length_is_refused_before_any_body_is_sent(journal):
 
 
 # --- health, readiness, metrics ---------------------------------------------------
+
 
 async def test_readyz_checks_journal_and_extra_checks(journal):
     state: dict[str, Any] = {"broker": True}
@@ -334,9 +384,14 @@ async def test_readyz_checks_journal_and_extra_checks(journal):
     async with app.client() as c:
         r = await c.get("/readyz")
         assert r.status_code == 200
-        assert r.json() == {"status": "ready", "checks": {"journal": {"ok": True},
-                                                          "broker": {"ok": True},
-                                                          "lag": {"ok": True, "detail": "3s"}}}
+        assert r.json() == {
+            "status": "ready",
+            "checks": {
+                "journal": {"ok": True},
+                "broker": {"ok": True},
+                "lag": {"ok": True, "detail": "3s"},
+            },
+        }
         state["broker"] = False
         r = await c.get("/readyz")
         assert r.status_code == 503 and r.json()["checks"]["broker"] == {"ok": False}
@@ -403,13 +458,14 @@ def test_metric_misuse_is_refused():
         Counter("x_total", "x", ["le"])
     g = Gauge("g", "g")
     g.set_function(lambda: 1 / 0)
-    assert g.render() == ["# HELP g g", "# TYPE g gauge"]   # a broken callback, not a crash
+    assert g.render() == ["# HELP g g", "# TYPE g gauge"]  # a broken callback, not a crash
     h = Histogram("h", "h", buckets=[1, 0.5])
     h.observe(0.7)
     assert 'h_bucket{le="0.5"} 0' in h.render() and 'h_bucket{le="1"} 1' in h.render()
 
 
 # --- fuzz: any body/headers from anyone: never a 5xx, bad input never journaled -------
+
 
 @pytest.fixture(scope="module")
 def fuzz_intake(tmp_path_factory) -> Iterator[Intake]:
@@ -421,23 +477,51 @@ def fuzz_intake(tmp_path_factory) -> Iterator[Intake]:
 header_text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
 fuzz_bodies = st.one_of(
     st.binary(max_size=300),
-    st.sampled_from([PUSH_BODY, PUSH_BODY[:-10], PUSH_BODY.replace(b"push", b"pull"),
-                     PUSH_BODY * 2, b"{}", b'{"events":[]}']),
-    st.builds(lambda i, v: body_with_id(i if i else "x").replace(b'"v1"', json.dumps(v).encode()),
-              header_text, st.one_of(st.text(max_size=10), st.integers(), st.none())),
+    st.sampled_from(
+        [
+            PUSH_BODY,
+            PUSH_BODY[:-10],
+            PUSH_BODY.replace(b"push", b"pull"),
+            PUSH_BODY * 2,
+            b"{}",
+            b'{"events":[]}',
+        ]
+    ),
+    st.builds(
+        lambda i, v: body_with_id(i if i else "x").replace(b'"v1"', json.dumps(v).encode()),
+        header_text,
+        st.one_of(st.text(max_size=10), st.integers(), st.none()),
+    ),
 )
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(site=st.sampled_from(["open", "eu", "open", "eu", "open", "nope", "e%20u"]),
-       body=fuzz_bodies,
-       auth=st.sampled_from([f"Bearer {TOKEN}", None, "x"]) | header_text,
-       ct=st.one_of(st.none(), st.sampled_from([DISTRIBUTION_EVENTS_V1, "application/json",
-                                                "application/cloudevents+json", "text/plain"]),
-                    header_text),
-       extra=st.dictionaries(st.sampled_from(["ce-specversion", "ce-id", "ce-type", "ce-source",
-                                              "x-anything"]), header_text, max_size=3))
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    site=st.sampled_from(["open", "eu", "open", "eu", "open", "nope", "e%20u"]),
+    body=fuzz_bodies,
+    auth=st.sampled_from([f"Bearer {TOKEN}", None, "x"]) | header_text,
+    ct=st.one_of(
+        st.none(),
+        st.sampled_from(
+            [
+                DISTRIBUTION_EVENTS_V1,
+                "application/json",
+                "application/cloudevents+json",
+                "text/plain",
+            ]
+        ),
+        header_text,
+    ),
+    extra=st.dictionaries(
+        st.sampled_from(["ce-specversion", "ce-id", "ce-type", "ce-source", "x-anything"]),
+        header_text,
+        max_size=3,
+    ),
+)
 def test_fuzz_never_5xx_and_bad_input_never_journaled(fuzz_intake, site, body, auth, ct, extra):
     headers = dict(extra)
     if auth is not None:
@@ -463,11 +547,12 @@ def test_fuzz_never_5xx_and_bad_input_never_journaled(fuzz_intake, site, body, a
 
 # --- the real thing: distribution 2.8 notifying real uvicorn -----------------------
 
+
 def test_real_registry_events_land_in_the_journal(journal, registry_factory):
     captured: list[tuple[str, bytes]] = []
     app = Intake(journal).app
 
-    async def recording_app(scope, receive, send):   # keeps raw bodies for the sample file
+    async def recording_app(scope, receive, send):  # keeps raw bodies for the sample file
         chunks: list[bytes] = []
 
         async def tap():
@@ -478,11 +563,15 @@ def test_real_registry_events_land_in_the_journal(journal, registry_factory):
                     ct = dict(scope["headers"]).get(b"content-type", b"").decode()
                     captured.append((ct, b"".join(chunks)))
             return message
+
         await app(scope, tap if scope["type"] == "http" else receive, send)
 
     with UvicornThread(recording_app) as srv:
-        reg = registry_factory("notifying", notify_url=f"{srv.url}/events/eu",
-                               notify_headers={"Authorization": [f"Bearer {TOKEN}"]})
+        reg = registry_factory(
+            "notifying",
+            notify_url=f"{srv.url}/events/eu",
+            notify_headers={"Authorization": [f"Bearer {TOKEN}"]},
+        )
         with Pusher(reg.url) as p:
             img = p.push_image("team/app", "v1", [layer_bytes("intake", 100)])
 
@@ -490,12 +579,20 @@ def test_real_registry_events_land_in_the_journal(journal, registry_factory):
             return journal.query("SELECT * FROM events WHERE tag = 'v1'")
 
         [row] = wait_until(manifest_event, timeout=15, what="manifest push event journaled")
-        assert (row["site"], row["action"], row["repository"], row["digest"], row["media_type"],
-                row["is_manifest"], row["state"]) == \
-            ("eu", "push", "team/app", img.digest, img.media_type, 1, "new")
+        assert (
+            row["site"],
+            row["action"],
+            row["repository"],
+            row["digest"],
+            row["media_type"],
+            row["is_manifest"],
+            row["state"],
+        ) == ("eu", "push", "team/app", img.digest, img.media_type, 1, "new")
+
         def blob_digests() -> set[str] | None:
-            rows = journal.query("SELECT digest FROM events WHERE action = 'push' "
-                                 "AND is_manifest = 0")
+            rows = journal.query(
+                "SELECT digest FROM events WHERE action = 'push' AND is_manifest = 0"
+            )
             return {r["digest"] for r in rows} if len(rows) >= len(img.blobs) else None
 
         assert wait_until(blob_digests, timeout=15, what="blob push events") == set(img.blobs)
@@ -510,8 +607,7 @@ async def test_real_uvicorn_serves_every_route(journal):
     app = Intake(journal).app
     with UvicornThread(app) as srv:
         async with httpx.AsyncClient(base_url=srv.url) as c:
-            assert (await c.post("/events/eu", content=PUSH_BODY, headers=AUTH)).status_code \
-                == 202
+            assert (await c.post("/events/eu", content=PUSH_BODY, headers=AUTH)).status_code == 202
             assert (await c.get("/readyz")).status_code == 200
             assert "replicator_events_received_total" in (await c.get("/metrics")).text
             assert (await c.get("/events/eu")).status_code == 405

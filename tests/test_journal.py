@@ -38,15 +38,23 @@ def test_a_journal_from_a_newer_version_is_refused(tmp_path):
     path = tmp_path / "j.db"
     Journal(path).close()
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
-                     (str(SCHEMA_VERSION + 1),))
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),)
+        )
     with pytest.raises(JournalError, match="newer than this registry-replicator"):
         Journal(path)
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"journal": str(path), "sites": {
-        "a": {"url": "http://127.0.0.1:1", "insecure": True}}}))
-    out = subprocess.run([sys.executable, "-m", "replicator", "status", "-c", str(config)],
-                         capture_output=True, text=True, timeout=60)
+    config.write_text(
+        yaml.safe_dump(
+            {"journal": str(path), "sites": {"a": {"url": "http://127.0.0.1:1", "insecure": True}}}
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "replicator", "status", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "newer than this" in out.stderr
 
 
@@ -66,12 +74,14 @@ def test_sigkill_during_writes_leaves_a_usable_journal(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", writer], start_new_session=True)
     try:
+
         def written() -> bool:
             try:
                 with sqlite3.connect(path, timeout=5) as conn:
                     return conn.execute("SELECT COUNT(*) FROM sync_runs").fetchone()[0] > 2000
             except sqlite3.OperationalError:
                 return False
+
         wait_until(written, timeout=30, what="writes in progress")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -93,13 +103,22 @@ def test_secrets_never_reach_the_journal(registry_factory, tmp_path):
     journal = tmp_path / "journal.db"
     site = {"insecure": True, "auth": {"username": "ci", "password_env": "REG_PASS"}}
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "journal": str(journal),
-        "sites": {"a": {"url": src.url, **site}, "b": {"url": dst.url, **site}},
-        "rules": [{"name": "r", "from": "a", "to": ["b"]}]}))
-    out = subprocess.run([sys.executable, "-m", "replicator", "-vv", "sync", "-c", str(config)],
-                         capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "REG_PASS": password})
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "journal": str(journal),
+                "sites": {"a": {"url": src.url, **site}, "b": {"url": dst.url, **site}},
+                "rules": [{"name": "r", "from": "a", "to": ["b"]}],
+            }
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "replicator", "-vv", "sync", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "REG_PASS": password},
+    )
     assert out.returncode == 0, out.stderr
     basic = base64.b64encode(f"ci:{password}".encode()).decode()
     for secret in (password, basic):

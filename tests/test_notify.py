@@ -74,19 +74,22 @@ def test_unreachable_socket_reports_false_without_raising():
 def test_full_receiver_never_blocks(receiver):
     path, _ = receiver
     n = Notifier.from_env({"NOTIFY_SOCKET": path})
-    results = [n.status("x" * 1000) for _ in range(5000)]   # nobody reads: queue fills up
+    results = [n.status("x" * 1000) for _ in range(5000)]  # nobody reads: queue fills up
     assert results[0] is True and results[-1] is False
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    ({"WATCHDOG_USEC": "30000000"}, 15.0),
-    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
-    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),
-    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "x"}, None),
-    ({"WATCHDOG_USEC": "0"}, None),
-    ({"WATCHDOG_USEC": "soon"}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"WATCHDOG_USEC": "30000000"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "x"}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({}, None),
+    ],
+)
 def test_watchdog_interval(receiver, env, expected):
     path, _ = receiver
     assert Notifier.from_env({"NOTIFY_SOCKET": path, **env}).watchdog_interval() == expected

@@ -17,9 +17,20 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SKIP = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
-                              ".pytest_cache", ".ruff_cache", ".hypothesis", "*.db",
-                              "*.db-wal", "*.db-shm")
+SKIP = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    "*.db",
+    "*.db-wal",
+    "*.db-shm",
+)
 IMPORT_CHECK = """
 import gc, importlib.resources, json, replicator, replicator.gc
 assert gc.collect and gc.__name__ == "gc" and not hasattr(gc, "__file__"), gc  # CPython's
@@ -30,10 +41,12 @@ print(json.dumps({"replicator": replicator.__file__, "collector": replicator.gc.
 
 
 def run(*argv, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, f"{argv} failed:\n{result.stdout[-3000:]}\n" \
-                                   f"{result.stderr[-3000:]}"
+    result = subprocess.run(
+        [str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, (
+        f"{argv} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -48,15 +61,18 @@ def installed(venv: Path, cwd: Path) -> dict:
 
 def test_build_then_install_wheel_and_editable(tmp_path):
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    src = tmp_path / "src"     # a copy: building writes egg-info/build dirs into the tree
+    src = tmp_path / "src"  # a copy: building writes egg-info/build dirs into the tree
     shutil.copytree(ROOT, src, ignore=SKIP, symlinks=True)
     dist, venv, elsewhere = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
 
     # sdist, then the wheel built *from the sdist*: proves the sdist is complete
     build = run(sys.executable, "-m", "build", "--outdir", dist, src, cwd=tmp_path)
-    noise = [line for line in (build.stdout + build.stderr).splitlines()
-             if re.search(r"[Dd]eprecat|SetuptoolsWarning|^WARNING", line)]
+    noise = [
+        line
+        for line in (build.stdout + build.stderr).splitlines()
+        if re.search(r"[Dd]eprecat|SetuptoolsWarning|^WARNING", line)
+    ]
     assert noise == [], "\n".join(noise)
     wheel = dist / f"registry_replicator-{version}-py3-none-any.whl"
     sdist = dist / f"registry_replicator-{version}.tar.gz"
@@ -65,8 +81,11 @@ def test_build_then_install_wheel_and_editable(tmp_path):
     assert "replicator/gc/__init__.py" in names and "replicator/gc/storage.py" in names
     assert "replicator/demo/demo.yaml" in names and "replicator/py.typed" in names
     assert not [n for n in names if n.startswith(("gc/", "tests/"))], "stray top-level package"
-    entry_points = zipfile.ZipFile(wheel).read(
-        f"registry_replicator-{version}.dist-info/entry_points.txt").decode()
+    entry_points = (
+        zipfile.ZipFile(wheel)
+        .read(f"registry_replicator-{version}.dist-info/entry_points.txt")
+        .decode()
+    )
     assert "registry-replicator = replicator.cli:main" in entry_points
 
     # a fresh venv without this one's packages: pip must resolve every dependency

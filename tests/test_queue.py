@@ -50,24 +50,50 @@ def queue(journal: Journal, clock: Clock) -> WorkQueue:
     return WorkQueue(journal, "worker-1", clock=clock, rng=lambda: 1.0)
 
 
-def copy(tag: str | None = "v1", digest: str | None = D1, repo: str = "app", target: str = "b",
-         event_id: str | None = None, **kw) -> TaskSpec:
-    return TaskSpec(rule="r", action="copy", source_site="a", target_site=target,
-                    repository=repo, tag=tag, digest=digest, event_id=event_id, **kw)
+def copy(
+    tag: str | None = "v1",
+    digest: str | None = D1,
+    repo: str = "app",
+    target: str = "b",
+    event_id: str | None = None,
+    **kw,
+) -> TaskSpec:
+    return TaskSpec(
+        rule="r",
+        action="copy",
+        source_site="a",
+        target_site=target,
+        repository=repo,
+        tag=tag,
+        digest=digest,
+        event_id=event_id,
+        **kw,
+    )
 
 
-def delete(tag: str | None = "v1", digest: str | None = None, repo: str = "app",
-           target: str = "b") -> TaskSpec:
-    return TaskSpec(rule="r", action="delete", source_site="a", target_site=target,
-                    repository=repo, tag=tag, digest=digest)
+def delete(
+    tag: str | None = "v1", digest: str | None = None, repo: str = "app", target: str = "b"
+) -> TaskSpec:
+    return TaskSpec(
+        rule="r",
+        action="delete",
+        source_site="a",
+        target_site=target,
+        repository=repo,
+        tag=tag,
+        digest=digest,
+    )
 
 
 def states(journal: Journal) -> list[tuple[str, str, str | None]]:
-    return [(r["action"], r["state"], r["digest"])
-            for r in journal.query("SELECT action, state, digest FROM tasks ORDER BY id")]
+    return [
+        (r["action"], r["state"], r["digest"])
+        for r in journal.query("SELECT action, state, digest FROM tasks ORDER BY id")
+    ]
 
 
 # --- coalescing ----------------------------------------------------------------------
+
 
 def test_ten_pushes_of_one_tag_make_one_copy_of_the_newest_digest(queue, journal):
     digests = [f"sha256:{i:064x}" for i in range(10)]
@@ -83,8 +109,15 @@ def test_ten_pushes_of_one_tag_make_one_copy_of_the_newest_digest(queue, journal
 
 
 def test_other_tags_targets_and_repositories_do_not_coalesce(queue, journal):
-    queue.enqueue([copy(tag="v1"), copy(tag="v2"), copy(target="c"), copy(repo="other"),
-                   copy(tag=None, digest=D2)])
+    queue.enqueue(
+        [
+            copy(tag="v1"),
+            copy(tag="v2"),
+            copy(target="c"),
+            copy(repo="other"),
+            copy(tag=None, digest=D2),
+        ]
+    )
     assert len(journal.query("SELECT id FROM tasks WHERE state='pending'")) == 5
 
 
@@ -113,18 +146,26 @@ def test_push_after_delete_cancels_the_delete(queue, journal):
 
 
 def test_delete_by_digest_cancels_pending_copies_of_that_digest(queue, journal):
-    queue.enqueue([copy(tag="v1", digest=D1), copy(tag="v2", digest=D1),
-                   copy(tag="v3", digest=D2)])
+    queue.enqueue([copy(tag="v1", digest=D1), copy(tag="v2", digest=D1), copy(tag="v3", digest=D2)])
     queue.enqueue([delete(tag=None, digest=D1)])
     rows = journal.query("SELECT tag, action, state FROM tasks ORDER BY id")
     assert [(r["tag"], r["action"], r["state"]) for r in rows] == [
-        ("v1", "copy", "cancelled"), ("v2", "copy", "cancelled"), ("v3", "copy", "pending"),
-        (None, "delete", "pending")]
+        ("v1", "copy", "cancelled"),
+        ("v2", "copy", "cancelled"),
+        ("v3", "copy", "pending"),
+        (None, "delete", "pending"),
+    ]
 
 
 def test_bad_spec_is_refused_and_changes_nothing(queue, journal):
-    bad = TaskSpec(rule="r", action="move", source_site="a", target_site="b",  # type: ignore[arg-type]
-                   repository="app", tag="v1")
+    bad = TaskSpec(
+        rule="r",
+        action="move",
+        source_site="a",
+        target_site="b",  # type: ignore[arg-type]
+        repository="app",
+        tag="v1",
+    )
     with pytest.raises(QueueError, match=r"tasks\[1\]\.action"):
         queue.enqueue([copy(), bad])
     with pytest.raises(QueueError, match=r"tasks\[0\]: needs a tag or a digest"):
@@ -134,9 +175,12 @@ def test_bad_spec_is_refused_and_changes_nothing(queue, journal):
 
 # --- leasing -------------------------------------------------------------------------
 
+
 def test_lease_takes_only_ready_tasks_and_respects_target_limits(queue, journal, clock):
-    queue.enqueue([copy(tag=f"t{i}", target="b") for i in range(5)]
-                  + [copy(tag=f"t{i}", target="c") for i in range(5)])
+    queue.enqueue(
+        [copy(tag=f"t{i}", target="b") for i in range(5)]
+        + [copy(tag=f"t{i}", target="c") for i in range(5)]
+    )
     first = queue.lease(10, target_limits={"b": 2})
     assert sorted(t.target_site for t in first) == ["b", "b"] + ["c"] * 5
     assert all(t.state == "leased" and t.lease_owner == "worker-1" for t in first)
@@ -213,8 +257,12 @@ def test_two_processes_never_lease_the_same_task(tmp_path):
     path = tmp_path / "journal.db"
     j = Journal(path)
     WorkQueue(j, "setup").enqueue([copy(tag=f"t{i}") for i in range(200)])
-    procs = [subprocess.Popen([sys.executable, "-c", LEASER, str(path), f"p{i}"],
-                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LEASER, str(path), f"p{i}"], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=60)[0].split() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     ids = [int(x) for out in outs for x in out]
@@ -225,6 +273,7 @@ def test_two_processes_never_lease_the_same_task(tmp_path):
 
 # --- failures, backoff, dead letters -------------------------------------------------
 
+
 def test_backoff_grows_exponentially_is_capped_and_jittered():
     hi = [backoff_delay(n, base=2, cap=60, rng=lambda: 1.0) for n in range(1, 9)]
     assert hi == [2, 4, 8, 16, 32, 60, 60, 60]
@@ -234,8 +283,9 @@ def test_backoff_grows_exponentially_is_capped_and_jittered():
 
 
 def test_fail_schedules_retries_with_growing_waits_then_dead_letters(journal, clock):
-    q = WorkQueue(journal, "w", max_attempts=4, backoff_base=1, backoff_max=3,
-                  clock=clock, rng=lambda: 1.0)
+    q = WorkQueue(
+        journal, "w", max_attempts=4, backoff_base=1, backoff_max=3, clock=clock, rng=lambda: 1.0
+    )
     [tid] = q.enqueue([copy()])
     waits = []
     for _ in range(3):
@@ -287,13 +337,14 @@ def test_retry_dead_is_superseded_by_newer_pending_work(queue):
 
 # --- leases: expiry, loss, crashes ---------------------------------------------------
 
+
 def test_expired_leases_return_to_pending_and_the_old_owner_loses_them(journal, clock):
     old = WorkQueue(journal, "old", clock=clock)
     new = WorkQueue(journal, "new", clock=clock)
     [tid] = old.enqueue([copy()])
     old.lease(1, lease_seconds=30)
     clock.t += 10
-    assert old.renew(tid, 30)          # now valid until +40
+    assert old.renew(tid, 30)  # now valid until +40
     clock.t += 29
     assert new.requeue_expired() == 0
     clock.t += 2
@@ -336,8 +387,9 @@ def test_sigkill_while_holding_leases_loses_nothing(tmp_path):
     j = Journal(path)
     q = WorkQueue(j, "survivor")
     q.enqueue([copy(tag=f"t{i}") for i in range(5)])
-    proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(path)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHER, str(path)], stdout=subprocess.PIPE, text=True
+    )
     leased = [int(x) for x in proc.stdout.readline().split()]  # type: ignore[union-attr]
     assert len(leased) == 3
     os.kill(proc.pid, signal.SIGKILL)
@@ -372,8 +424,9 @@ ENQUEUER = textwrap.dedent("""
 def test_sigkill_during_enqueue_keeps_whole_batches(tmp_path):
     path = tmp_path / "journal.db"
     Journal(path).close()
-    proc = subprocess.Popen([sys.executable, "-c", ENQUEUER, str(path)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ENQUEUER, str(path)], stdout=subprocess.PIPE, text=True
+    )
     for _ in range(5):
         committed = int(proc.stdout.readline())  # type: ignore[union-attr]
     os.kill(proc.pid, signal.SIGKILL)
@@ -388,6 +441,7 @@ def test_sigkill_during_enqueue_keeps_whole_batches(tmp_path):
 
 # --- metrics and loop prevention ------------------------------------------------------
 
+
 def test_counts_and_replication_lag(queue, clock):
     assert queue.oldest_pending_age() is None
     queue.enqueue([copy(tag="a", target="b")])
@@ -401,8 +455,13 @@ def test_counts_and_replication_lag(queue, clock):
     assert queue.oldest_pending_age(target="b") == 40  # leased still counts as lag
     queue.complete(t.id)
     assert queue.oldest_pending_age(target="b") is None
-    assert queue.counts_by_state() == {"pending": 2, "leased": 0, "done": 1, "cancelled": 0,
-                                       "dead": 0}
+    assert queue.counts_by_state() == {
+        "pending": 2,
+        "leased": 0,
+        "done": 1,
+        "cancelled": 0,
+        "dead": 0,
+    }
 
 
 def test_loop_prevention_recognises_our_own_pushes(queue, clock):
@@ -424,8 +483,9 @@ def test_loop_prevention_recognises_our_own_pushes(queue, clock):
 
 
 async def test_async_twins_run_on_the_journal_thread(queue):
-    [tid] = await queue.aenqueue([copy(trace_context={"traceparent": "00-" + "a" * 32
-                                                       + "-" + "b" * 16 + "-01"})])
+    [tid] = await queue.aenqueue(
+        [copy(trace_context={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"})]
+    )
     [task] = await queue.alease(1)
     assert task.trace_context and task.trace_context["traceparent"].startswith("00-a")
     assert await queue.arenew(tid)

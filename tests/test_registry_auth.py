@@ -47,10 +47,18 @@ def client(url: str, retries: int = 5, **kw) -> RegistryClient:
 
 # ----------------------------------------------------------------------------- pure parts
 def test_parse_challenges():
-    [ch] = parse_challenges(['Bearer realm="https://auth.example/token",'
-                             'service="registry.example",scope="repository:a/b:pull,push"'])
+    [ch] = parse_challenges(
+        [
+            'Bearer realm="https://auth.example/token",'
+            'service="registry.example",scope="repository:a/b:pull,push"'
+        ]
+    )
     assert (ch.scheme, ch.realm, ch.service, ch.scopes) == (
-        "bearer", "https://auth.example/token", "registry.example", ["repository:a/b:pull,push"])
+        "bearer",
+        "https://auth.example/token",
+        "registry.example",
+        ["repository:a/b:pull,push"],
+    )
     both = parse_challenges(['Basic realm="x", Bearer realm="y",error="invalid_token"'])
     assert [(c.scheme, c.realm) for c in both] == [("basic", "x"), ("bearer", "y")]
     assert both[1].params["error"] == "invalid_token"
@@ -62,10 +70,14 @@ def test_scopes_inferred_per_request_and_merged():
     assert scopes_for("PUT", "a") == ("repository:a:pull,push",)
     assert scopes_for("DELETE", "a") == ("repository:a:delete",)
     assert scopes_for("POST", "dst", mount_from="src") == (
-        "repository:dst:pull,push", "repository:src:pull")
+        "repository:dst:pull,push",
+        "repository:src:pull",
+    )
     assert scopes_for("GET", None, catalog=True) == ("registry:catalog:*",)
     assert merge_scopes(["repository:a:push", "repository:a:pull", "repository:b:pull"]) == (
-        "repository:a:pull,push", "repository:b:pull")
+        "repository:a:pull,push",
+        "repository:b:pull",
+    )
 
 
 def test_credentials_and_site_repr_hide_secrets():
@@ -100,7 +112,7 @@ async def test_basic_auth(basic_registry):
     digest = digest_of(data)
     async with client(basic_registry.url, credentials=Credentials("bob", BOB_PW)) as c:
         await c.ping()
-        assert c.stats["requests"] == 2                  # 401 challenge, then with basic
+        assert c.stats["requests"] == 2  # 401 challenge, then with basic
         await c.upload_blob("team/app", digest, len(data), pieces(data))
         assert await c.head_blob("team/app", digest) == len(data)
         assert c.stats["token_requests"] == 0
@@ -129,8 +141,10 @@ def _docker_config(tmp_path: Path, entry: dict, key: str) -> str:
 
 async def test_docker_config_credentials(tmp_path, basic_registry):
     auth = base64.b64encode(f"bob:{BOB_PW}".encode()).decode()
-    forms = [({"auth": auth}, basic_registry.host),
-             ({"username": "bob", "password": BOB_PW}, f"http://{basic_registry.host}/v2/")]
+    forms = [
+        ({"auth": auth}, basic_registry.host),
+        ({"username": "bob", "password": BOB_PW}, f"http://{basic_registry.host}/v2/"),
+    ]
     for entry, key in forms:
         cfg = _docker_config(tmp_path, entry, key)
         async with client(basic_registry.url, docker_config=cfg) as c:
@@ -140,10 +154,12 @@ async def test_docker_config_credentials(tmp_path, basic_registry):
         with pytest.raises(Unauthorized):
             await c.ping()
     # explicit credentials win over the file
-    cfg = _docker_config(tmp_path, {"auth": base64.b64encode(b"bob:nope").decode()},
-                         basic_registry.host)
-    async with client(basic_registry.url, docker_config=cfg,
-                      credentials=Credentials("bob", BOB_PW)) as c:
+    cfg = _docker_config(
+        tmp_path, {"auth": base64.b64encode(b"bob:nope").decode()}, basic_registry.host
+    )
+    async with client(
+        basic_registry.url, docker_config=cfg, credentials=Credentials("bob", BOB_PW)
+    ) as c:
         await c.ping()
 
 
@@ -156,16 +172,20 @@ def test_docker_config_errors_are_clear_and_hide_content(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_docker_credentials(str(tmp_path / "missing.json"), "reg.example")
     creds = load_docker_credentials(
-        _docker_config(tmp_path, {"identitytoken": ID_TOKEN}, "reg.example"), "reg.example")
+        _docker_config(tmp_path, {"identitytoken": ID_TOKEN}, "reg.example"), "reg.example"
+    )
     assert creds is not None and creds.identity_token == ID_TOKEN
 
 
 # ----------------------------------------------------------------------------- token auth
 @pytest.fixture
 def token_setup(tmp_path, registry_factory):
-    ts = TokenServer(tmp_path / "token", users={"alice": ALICE_PW, "reader": READER_PW},
-                     permissions={"reader": {"team/*": {"pull"}}},
-                     identity_tokens={ID_TOKEN: "alice"}).start()
+    ts = TokenServer(
+        tmp_path / "token",
+        users={"alice": ALICE_PW, "reader": READER_PW},
+        permissions={"reader": {"team/*": {"pull"}}},
+        identity_tokens={ID_TOKEN: "alice"},
+    ).start()
     try:
         reg = registry_factory("tok", token=ts.token_auth())
         yield ts, reg
@@ -183,12 +203,12 @@ async def test_token_flow_scopes_and_cache(token_setup, proxy_factory):
     digest = digest_of(data)
     async with client(proxy.url, credentials=ALICE) as c:
         await c.upload_blob("team/src", digest, len(data), pieces(data))
-        assert ts.scope_sets() == [[], ["repository:team/src:pull,push"]]   # ping, then push
+        assert ts.scope_sets() == [[], ["repository:team/src:pull,push"]]  # ping, then push
 
         ts.clear()
         for _ in range(3):
             assert await c.head_blob("team/src", digest) == len(data)
-        assert ts.scope_sets() == [["repository:team/src:pull"]]           # cached after one
+        assert ts.scope_sets() == [["repository:team/src:pull"]]  # cached after one
 
         ts.clear()
         assert await c.mount_blob("team/dst", digest, from_repo="team/src") is None
@@ -211,8 +231,8 @@ async def test_stale_token_is_refreshed_on_401(token_setup, proxy_factory):
         p.push_image("team/app", "v1", [layer_bytes("stale", 100)])
     ts.clear()
     async with client(proxy.url, credentials=ALICE) as c:
-        await c.ping()                       # learns the Bearer challenge
-        ts.stale_next = 1                    # the next token is already expired
+        await c.ping()  # learns the Bearer challenge
+        ts.stale_next = 1  # the next token is already expired
         proxy.reset_counts()
         ts.clear()
         desc = await c.head_manifest("team/app", "v1")
@@ -222,14 +242,14 @@ async def test_stale_token_is_refreshed_on_401(token_setup, proxy_factory):
         assert [r.status for r in proxy.records] == [401, 200]
         ts.clear()
         await c.head_manifest("team/app", "v1")
-        assert ts.scope_sets() == []                 # the refreshed token is cached
+        assert ts.scope_sets() == []  # the refreshed token is cached
 
 
 async def test_token_scope_denied_is_unauthorized_without_looping(token_setup):
     ts, reg = token_setup
     data = b"denied"
     async with client(reg.url, credentials=Credentials("reader", READER_PW)) as c:
-        assert await c.head_blob("team/app", digest_of(data)) is None     # pull is allowed
+        assert await c.head_blob("team/app", digest_of(data)) is None  # pull is allowed
         with pytest.raises(Unauthorized) as err:
             await c.start_upload("team/app")
     assert str(err.value).startswith("us-east: team/app: authentication required")
@@ -242,8 +262,7 @@ async def test_token_server_rejects_bad_password(token_setup, caplog):
     async with client(reg.url, credentials=Credentials("alice", "bad-" + ALICE_PW)) as c:
         with pytest.raises(Unauthorized) as err:
             await c.ping()
-    assert str(err.value) == (f"us-east: token server {ts.realm} refused user 'alice' "
-                              "(HTTP 401)")
+    assert str(err.value) == (f"us-east: token server {ts.realm} refused user 'alice' (HTTP 401)")
     assert ALICE_PW not in caplog.text + repr(err.value)
 
 
@@ -273,7 +292,7 @@ async def test_secrets_and_tokens_never_logged(token_setup, caplog):
     everything = caplog.text + "".join(errors) + repr(c) + repr(c.site)
     for secret in [ALICE_PW, *ts.issued]:
         assert secret not in everything
-    assert "us-east" in caplog.text                   # the logs do say what happened
+    assert "us-east" in caplog.text  # the logs do say what happened
 
 
 class _TokenAuthForPusher(httpx.Auth):
@@ -303,24 +322,35 @@ class Pki:
 
 
 def _write_key(key, path: Path) -> Path:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return path
 
 
-def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool = False,
-          server: bool = False) -> x509.Certificate:
+def _cert(
+    subject: str, key, issuer_name, issuer_key, *, ca: bool = False, server: bool = False
+) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
-    b = (x509.CertificateBuilder()
-         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-         .issuer_name(issuer_name).public_key(key.public_key())
-         .serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=2))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if server:
-        b = b.add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
     elif not ca:
         b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
@@ -368,9 +398,19 @@ class TlsRegistry(Registry):
 
 @pytest.fixture
 def tls_registry(tmp_path, pki):
-    reg = TlsRegistry(root=tmp_path / "tls", pki=pki, extra_config={"http": {"tls": {
-        "certificate": str(pki.server_cert), "key": str(pki.server_key),
-        "clientcas": [str(pki.ca)]}}})
+    reg = TlsRegistry(
+        root=tmp_path / "tls",
+        pki=pki,
+        extra_config={
+            "http": {
+                "tls": {
+                    "certificate": str(pki.server_cert),
+                    "key": str(pki.server_key),
+                    "clientcas": [str(pki.ca)],
+                }
+            }
+        },
+    )
     reg.start()
     yield reg
     reg.stop()
@@ -387,13 +427,23 @@ async def test_tls_verification_custom_ca_and_client_cert(tls_registry, pki):
     assert "CERTIFICATE_VERIFY_FAILED" in str(err.value)
 
     # custom CA and client certificate
-    good = SiteEndpoint(name="tls", url=url, ca_file=str(pki.ca),
-                        cert_file=str(pki.client_cert), key_file=str(pki.client_key))
+    good = SiteEndpoint(
+        name="tls",
+        url=url,
+        ca_file=str(pki.ca),
+        cert_file=str(pki.client_cert),
+        key_file=str(pki.client_key),
+    )
     async with RegistryClient(good) as c:
         await c.ping()
     # insecure skips verification (the client certificate is still presented)
-    loose = SiteEndpoint(name="tls", url=url, insecure=True,
-                         cert_file=str(pki.client_cert), key_file=str(pki.client_key))
+    loose = SiteEndpoint(
+        name="tls",
+        url=url,
+        insecure=True,
+        cert_file=str(pki.client_cert),
+        key_file=str(pki.client_key),
+    )
     async with RegistryClient(loose) as c:
         await c.ping()
     # without the client certificate the registry refuses the connection

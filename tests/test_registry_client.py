@@ -33,24 +33,29 @@ def site_for(url: str, **kw) -> SiteEndpoint:
 
 
 def client_for(url: str, **kw) -> RegistryClient:
-    site_kw = {k: kw.pop(k) for k in list(kw) if k in ("concurrency", "requests_per_second",
-                                                        "credentials", "docker_config")}
+    site_kw = {
+        k: kw.pop(k)
+        for k in list(kw)
+        if k in ("concurrency", "requests_per_second", "credentials", "docker_config")
+    }
     kw.setdefault("backoff_base", 0.01)
     return RegistryClient(site_for(url, **site_kw), **kw)
 
 
 async def pieces(data: bytes, size: int = 256 * 1024):
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
 def source_of(data: bytes, opened: list[int] | None = None, piece: int = 200 * 1024):
     """open_source for upload_blob_chunked: re-openable at any offset, records offsets."""
+
     @asynccontextmanager
     async def open_source(offset: int):
         if opened is not None:
             opened.append(offset)
         yield pieces(data[offset:], piece)
+
     return open_source
 
 
@@ -68,8 +73,7 @@ async def test_manifest_head_get_put_delete(registry):
     async with client_for(registry.url) as c:
         desc = await c.head_manifest("team/app", "v1")
         assert desc is not None
-        assert (desc.media_type, desc.digest, desc.size) == (OCI_MANIFEST, img.digest,
-                                                             len(img.raw))
+        assert (desc.media_type, desc.digest, desc.size) == (OCI_MANIFEST, img.digest, len(img.raw))
         by_tag = await c.get_manifest("team/app", "v1")
         by_digest = await c.get_manifest("team/app", img.digest)
         assert by_tag.raw == by_digest.raw == img.raw
@@ -109,7 +113,11 @@ async def test_missing_manifest_error_names_site_repo_and_ref(registry):
             await c.get_manifest("team/app", "v9")
     assert str(err.value) == "us-east: team/app:v9: manifest unknown (HTTP 404)"
     assert (err.value.site, err.value.repository, err.value.reference, err.value.status) == (
-        "us-east", "team/app", "v9", 404)
+        "us-east",
+        "team/app",
+        "v9",
+        404,
+    )
     assert err.value.retryable is False
 
 
@@ -120,7 +128,7 @@ async def test_invalid_manifest_put_is_a_clear_400(registry, proxy_factory):
             await c.put_manifest("team/app", "bad", b"not json", OCI_MANIFEST)
     assert err.value.status == 400 and not err.value.retryable
     assert str(err.value).startswith("us-east: team/app:bad: manifest invalid")
-    assert proxy.count("PUT") == 1                 # 4xx is not retried
+    assert proxy.count("PUT") == 1  # 4xx is not retried
 
 
 async def test_put_manifest_refuses_digest_that_does_not_match(registry):
@@ -171,9 +179,9 @@ async def test_upload_blob_with_wrong_digest_is_refused(registry):
     assert err.value.status == 400 and "team/app@" in str(err.value)
 
 
-async def test_source_errors_propagate_unchanged_and_session_is_cancelled(registry,
-                                                                         proxy_factory):
+async def test_source_errors_propagate_unchanged_and_session_is_cancelled(registry, proxy_factory):
     proxy = proxy_factory(registry)
+
     class SourceBroke(Exception):
         pass
 
@@ -191,7 +199,7 @@ async def test_source_errors_propagate_unchanged_and_session_is_cancelled(regist
             await c.upload_blob("team/app", digest, 5000, broken())
         with pytest.raises(SourceBroke):
             await c.upload_blob_chunked("team/app", digest, 5000, open_broken, chunk_size=2000)
-        await c.ping()                                  # the client is still usable
+        await c.ping()  # the client is still usable
     # both sessions were cancelled (distribution's own clean-up of an aborted request races
     # with the DELETE, so count what we sent rather than inspecting its storage)
     assert proxy.count("DELETE", r"/blobs/uploads/") == 2
@@ -205,9 +213,11 @@ async def test_stream_feeding_upload_on_same_client_cannot_deadlock(registry):
     with Pusher(registry.url) as p:
         p.push_blob("team/a", data)
     async with client_for(registry.url, concurrency=1) as c:
+
         async def copy() -> None:
             async with c.open_blob("team/a", digest) as stream:
                 await c.upload_blob("team/b", digest, len(data), stream)
+
         await asyncio.wait_for(copy(), timeout=10)
         assert await c.head_blob("team/b", digest) == len(data)
 
@@ -220,9 +230,11 @@ async def test_more_streams_than_slots_feeding_uploads_all_finish(registry):
         for data in blobs:
             p.push_blob("team/a", data)
     async with client_for(registry.url, concurrency=1) as c:
+
         async def copy(data: bytes) -> None:
             async with c.open_blob("team/a", digest_of(data)) as stream:
                 await c.upload_blob("team/b", digest_of(data), len(data), stream)
+
         await asyncio.wait_for(asyncio.gather(*(copy(d) for d in blobs)), timeout=20)
         for data in blobs:
             assert await c.head_blob("team/b", digest_of(data)) == len(data)
@@ -232,11 +244,14 @@ def test_digest_is_added_to_any_upload_location():
     digest = "sha256:" + "ab" * 32
     quoted = "sha256%3A" + "ab" * 32
     assert _with_digest("http://r/v2/a/blobs/uploads/u?_state=x%3D", digest) == (
-        f"http://r/v2/a/blobs/uploads/u?_state=x%3D&digest={quoted}")
+        f"http://r/v2/a/blobs/uploads/u?_state=x%3D&digest={quoted}"
+    )
     assert _with_digest("http://r/v2/a/blobs/uploads/u", digest) == (
-        f"http://r/v2/a/blobs/uploads/u?digest={quoted}")
+        f"http://r/v2/a/blobs/uploads/u?digest={quoted}"
+    )
     assert _with_digest("http://r/v2/a/blobs/uploads/u?", digest) == (
-        f"http://r/v2/a/blobs/uploads/u?digest={quoted}")
+        f"http://r/v2/a/blobs/uploads/u?digest={quoted}"
+    )
 
 
 async def test_chunked_upload_sends_patches(registry, proxy_factory):
@@ -245,8 +260,9 @@ async def test_chunked_upload_sends_patches(registry, proxy_factory):
     digest = digest_of(data)
     opened: list[int] = []
     async with client_for(proxy.url) as c:
-        await c.upload_blob_chunked("team/app", digest, len(data), source_of(data, opened),
-                                    chunk_size=1024 * 1024)
+        await c.upload_blob_chunked(
+            "team/app", digest, len(data), source_of(data, opened), chunk_size=1024 * 1024
+        )
         assert await c.head_blob("team/app", digest) == len(data)
     patches = [r for r in proxy.records if r.method == "PATCH"]
     assert [r.request_bytes for r in patches] == [1 << 20, 1 << 20, 1234]
@@ -271,8 +287,7 @@ async def test_mount_201_and_202(registry):
         other_digest = digest_of(other)
         location = await c.mount_blob("team/dst", other_digest, from_repo="team/src")
         assert location is not None and location.startswith(registry.url + "/v2/team/dst/")
-        await c.upload_blob("team/dst", other_digest, len(other), pieces(other),
-                            location=location)
+        await c.upload_blob("team/dst", other_digest, len(other), pieces(other), location=location)
         assert await c.head_blob("team/dst", other_digest) == len(other)
 
 
@@ -287,7 +302,7 @@ async def test_start_and_cancel_upload(registry):
         assert not (session / "startedat").exists() and not (session / "data").exists()
         async with httpx.AsyncClient() as http:
             assert (await http.get(location)).status_code == 404
-        await c.cancel_upload(location)          # already gone: ignored
+        await c.cancel_upload(location)  # already gone: ignored
 
 
 async def test_list_tags_complete_with_small_pages(registry, proxy_factory):
@@ -350,13 +365,13 @@ async def test_flipped_byte_is_a_digest_mismatch(registry, proxy_factory):
                 await s.read()
         assert f"us-east: team/app@{digest}: blob content hashes to sha256:" in str(err.value)
         assert err.value.retryable is True
-        assert await c.get_blob("team/app", digest) == data       # fault was one-shot
+        assert await c.get_blob("team/app", digest) == data  # fault was one-shot
 
         proxy.flip_byte(position=30, method="GET", path=r"/manifests/")
         with pytest.raises(DigestMismatch):
             await c.get_manifest("team/app", img.digest)
         proxy.flip_byte(position=30, method="GET", path=r"/manifests/")
-        with pytest.raises(DigestMismatch):       # by tag: checked against the header
+        with pytest.raises(DigestMismatch):  # by tag: checked against the header
             await c.get_manifest("team/app", "v1")
 
 

@@ -64,7 +64,7 @@ def test_parse_retry_after_forms():
     now = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
     assert parse_retry_after("7", now) == 7.0
     assert parse_retry_after("Wed, 01 May 2024 12:00:30 GMT", now) == 30.0
-    assert parse_retry_after("Wed, 01 May 2024 11:00:00 GMT", now) == 0.0   # past: go now
+    assert parse_retry_after("Wed, 01 May 2024 11:00:00 GMT", now) == 0.0  # past: go now
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after(None) is None
 
@@ -83,8 +83,9 @@ async def test_5xx_exhausted_names_site_and_is_retryable(fault_proxy, pushed):
     async with client_for(fault_proxy.url, retries=2) as c:
         with pytest.raises(RetryableError) as err:
             await c.head_blob("team/app", pushed.blobs[1])
-    assert str(err.value) == (f"us-east: team/app@{pushed.blobs[1]}: internal server error "
-                              "(HTTP 500)")
+    assert str(err.value) == (
+        f"us-east: team/app@{pushed.blobs[1]}: internal server error (HTTP 500)"
+    )
     assert err.value.status == 500 and err.value.retryable
     assert fault_proxy.count("HEAD") == 3
 
@@ -93,8 +94,9 @@ async def test_404_and_other_4xx_are_not_retried(fault_proxy, pushed):
     async with client_for(fault_proxy.url) as c:
         with pytest.raises(NotFound):
             await c.get_manifest("team/app", "nope")
-        fault_proxy.respond(400, path=r"/manifests/v1$",
-                            body=b'{"errors":[{"code":"X","message":"bad thing"}]}')
+        fault_proxy.respond(
+            400, path=r"/manifests/v1$", body=b'{"errors":[{"code":"X","message":"bad thing"}]}'
+        )
         with pytest.raises(Exception) as err:
             await c.get_manifest("team/app", "v1")
         assert c.stats["retries"] == 0
@@ -139,9 +141,9 @@ async def test_monolithic_upload_cut_is_retryable_for_the_caller(fault_proxy):
         with pytest.raises(RetryableError) as err:
             await c.upload_blob("team/app", digest, len(data), pieces(data))
         assert err.value.retryable and "team/app@sha256:" in str(err.value)
-        assert fault_proxy.count("PUT") == 1            # a streamed body is never replayed
-        assert fault_proxy.count("DELETE", r"/blobs/uploads/") == 1   # session cleaned up
-        await c.upload_blob("team/app", digest, len(data), pieces(data))   # caller's retry
+        assert fault_proxy.count("PUT") == 1  # a streamed body is never replayed
+        assert fault_proxy.count("DELETE", r"/blobs/uploads/") == 1  # session cleaned up
+        await c.upload_blob("team/app", digest, len(data), pieces(data))  # caller's retry
         assert await c.head_blob("team/app", digest) == len(data)
 
 
@@ -153,22 +155,22 @@ async def test_chunked_upload_resumes_from_server_offset(registry, fault_proxy):
     fault_proxy.cut_request(300_000, method="PATCH", skip=1)
     opened: list[int] = []
     async with client_for(fault_proxy.url) as c:
-        await c.upload_blob_chunked("team/app", digest, len(data), source_of(data, opened),
-                                    chunk_size=MIB)
+        await c.upload_blob_chunked(
+            "team/app", digest, len(data), source_of(data, opened), chunk_size=MIB
+        )
         assert (c.stats["upload_resumes"], c.stats["upload_restarts"]) == (1, 0)
         assert await c.head_blob("team/app", digest) == len(data)
     assert opened == [0, MIB]
     patches = [r for r in fault_proxy.records if r.method == "PATCH"]
     delivered = sum(r.request_bytes for r in patches if r.fault is None)
-    assert delivered == len(data)                       # every byte reached the registry once
+    assert delivered == len(data)  # every byte reached the registry once
     assert [r.request_bytes for r in patches] == [MIB, 300_000, MIB, MIB]
-    assert fault_proxy.count("GET", r"/blobs/uploads/") == 1     # the status query
+    assert fault_proxy.count("GET", r"/blobs/uploads/") == 1  # the status query
     with Pusher(registry.url) as p:
         assert p.http.get(f"{registry.url}/v2/team/app/blobs/{digest}").content == data
 
 
-async def test_chunked_upload_restarts_when_registry_dropped_partial_session(
-        registry, fault_proxy):
+async def test_chunked_upload_restarts_when_registry_dropped_partial_session(registry, fault_proxy):
     """When part of a chunk reached distribution, its upload state no longer matches and it
     drops the session on the status query; the client starts a new session from byte 0."""
     data = layer_bytes("restart", 2 * MIB + 10)
@@ -176,8 +178,9 @@ async def test_chunked_upload_restarts_when_registry_dropped_partial_session(
     fault_proxy.cut_request(300_000, method="PATCH", skip=1, forward=True)
     opened: list[int] = []
     async with client_for(fault_proxy.url) as c:
-        await c.upload_blob_chunked("team/app", digest, len(data), source_of(data, opened),
-                                    chunk_size=MIB)
+        await c.upload_blob_chunked(
+            "team/app", digest, len(data), source_of(data, opened), chunk_size=MIB
+        )
         assert (c.stats["upload_resumes"], c.stats["upload_restarts"]) == (0, 1)
     assert opened == [0, 0]
     with Pusher(registry.url) as p:
@@ -190,8 +193,9 @@ async def test_chunked_upload_survives_5xx_on_a_patch(registry, fault_proxy):
     fault_proxy.respond(503, method="PATCH", skip=1)
     opened: list[int] = []
     async with client_for(fault_proxy.url) as c:
-        await c.upload_blob_chunked("team/app", digest, len(data), source_of(data, opened),
-                                    chunk_size=MIB)
+        await c.upload_blob_chunked(
+            "team/app", digest, len(data), source_of(data, opened), chunk_size=MIB
+        )
         assert await c.head_blob("team/app", digest) == len(data)
     assert opened == [0, MIB]
 
@@ -200,8 +204,7 @@ async def test_concurrency_limit_bounds_requests_in_flight(fault_proxy, pushed):
     fault_proxy.delay(0.2, count=6, method="HEAD")
     async with client_for(fault_proxy.url, concurrency=2) as c:
         start = time.monotonic()
-        sizes = await asyncio.gather(*[c.head_blob("team/app", pushed.blobs[1])
-                                       for _ in range(6)])
+        sizes = await asyncio.gather(*[c.head_blob("team/app", pushed.blobs[1]) for _ in range(6)])
         elapsed = time.monotonic() - start
     assert sizes == [300_000] * 6
     assert fault_proxy.max_inflight == 2
@@ -220,4 +223,4 @@ async def test_token_bucket_spacing():
     bucket = TokenBucket(50)
     start = time.monotonic()
     await asyncio.gather(*[bucket.acquire() for _ in range(6)])
-    assert time.monotonic() - start >= 0.09          # 5 waits of 20 ms after the first
+    assert time.monotonic() - start >= 0.09  # 5 waits of 20 ms after the first

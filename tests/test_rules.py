@@ -38,46 +38,53 @@ def rule(**kw):
 
 # ---- globs ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pattern,name,expected", [
-    ("team/**", "team/a", True),
-    ("team/**", "team/a/b/c", True),
-    ("team/**", "team", False),
-    ("team/**", "teams/a", False),
-    ("team/*", "team/a", True),
-    ("team/*", "team/a/b", False),
-    ("*", "app", True),
-    ("*", "team/app", False),
-    ("**", "team/app/x", True),
-    ("**/app", "app", True),
-    ("**/app", "x/y/app", True),
-    ("**/app", "x/y/app2", False),
-    ("team/app-?", "team/app-1", True),
-    ("team/app-?", "team/app-12", False),
-    ("team/{api,web}", "team/web", True),
-    ("team/{api,web}", "team/db", False),
-    ("team/[ab]*", "team/bee", True),
-    ("team/[ab]*", "team/cat", False),
-])
+
+@pytest.mark.parametrize(
+    "pattern,name,expected",
+    [
+        ("team/**", "team/a", True),
+        ("team/**", "team/a/b/c", True),
+        ("team/**", "team", False),
+        ("team/**", "teams/a", False),
+        ("team/*", "team/a", True),
+        ("team/*", "team/a/b", False),
+        ("*", "app", True),
+        ("*", "team/app", False),
+        ("**", "team/app/x", True),
+        ("**/app", "app", True),
+        ("**/app", "x/y/app", True),
+        ("**/app", "x/y/app2", False),
+        ("team/app-?", "team/app-1", True),
+        ("team/app-?", "team/app-12", False),
+        ("team/{api,web}", "team/web", True),
+        ("team/{api,web}", "team/db", False),
+        ("team/[ab]*", "team/bee", True),
+        ("team/[ab]*", "team/cat", False),
+    ],
+)
 def test_doublestar_globs(pattern, name, expected):
     assert validate_repository_glob(pattern) == pattern
     assert glob_match([pattern], name) is expected
 
 
-@pytest.mark.parametrize("pattern,why", [
-    ("", "non-empty"),
-    ("Team/*", "lower-case"),
-    ("team**", "whole path segment"),
-    ("team/**x/y", "whole path segment"),
-    ("/team/*", "leading"),
-    ("team/", "trailing"),
-    ("team//x", "doubled"),
-    ("!team/*", "exclude_repositories"),
-    ("team/[ab", "closing ']'"),
-    ("team/{a,b", "closing '}'"),
-    ("team/a}", "without a matching"),
-    ("team /x", "whitespace"),
-    ("team/a:b", "characters"),
-])
+@pytest.mark.parametrize(
+    "pattern,why",
+    [
+        ("", "non-empty"),
+        ("Team/*", "lower-case"),
+        ("team**", "whole path segment"),
+        ("team/**x/y", "whole path segment"),
+        ("/team/*", "leading"),
+        ("team/", "trailing"),
+        ("team//x", "doubled"),
+        ("!team/*", "exclude_repositories"),
+        ("team/[ab", "closing ']'"),
+        ("team/{a,b", "closing '}'"),
+        ("team/a}", "without a matching"),
+        ("team /x", "whitespace"),
+        ("team/a:b", "characters"),
+    ],
+)
 def test_bad_repository_globs_are_refused(pattern, why):
     with pytest.raises(ValueError, match=None) as info:
         validate_repository_glob(pattern)
@@ -118,8 +125,18 @@ def test_property_star_never_crosses_slash(repo):
 
 # ---- tag selection ----------------------------------------------------------------------------
 
-TAGS = ["latest", "v1.0.0", "v1.2.0", "v1.2.1-rc1", "v1.3.0", "1.10.0", "v2.0.0", "2.1.0-rc.1",
-        "main", "sha-abc"]
+TAGS = [
+    "latest",
+    "v1.0.0",
+    "v1.2.0",
+    "v1.2.1-rc1",
+    "v1.3.0",
+    "1.10.0",
+    "v2.0.0",
+    "2.1.0-rc.1",
+    "main",
+    "sha-abc",
+]
 
 
 def tf(**kw) -> TagFilter:
@@ -177,9 +194,13 @@ def test_tag_passes_ignores_latest():
     assert tag_passes(None, "anything")
 
 
-@given(st.lists(st.from_regex(r"v?[0-9]{1,2}\.[0-9]{1,2}\.[0-9]{1,2}|[a-z]{1,5}",
-                              fullmatch=True), max_size=20),
-       st.integers(min_value=1, max_value=5))
+@given(
+    st.lists(
+        st.from_regex(r"v?[0-9]{1,2}\.[0-9]{1,2}\.[0-9]{1,2}|[a-z]{1,5}", fullmatch=True),
+        max_size=20,
+    ),
+    st.integers(min_value=1, max_value=5),
+)
 def test_property_latest_n_is_a_bounded_subset(tags, n):
     chosen = select_tags(tags, tf(latest=n))
     assert len(chosen) == min(n, len(set(tags)))
@@ -188,6 +209,7 @@ def test_property_latest_n_is_a_bounded_subset(tags, n):
 
 
 # ---- semver -----------------------------------------------------------------------------------
+
 
 def test_version_parsing():
     assert parse_version("v1.2.3") == Version(1, 2, 3)
@@ -199,40 +221,57 @@ def test_version_parsing():
 
 
 def test_precedence_follows_semver_spec():
-    ordered = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta",
-               "1.0.0-beta.2", "1.0.0-beta.11", "1.0.0-rc.1", "1.0.0", "1.0.1", "1.1.0", "2.0.0"]
+    ordered = [
+        "1.0.0-alpha",
+        "1.0.0-alpha.1",
+        "1.0.0-alpha.beta",
+        "1.0.0-beta",
+        "1.0.0-beta.2",
+        "1.0.0-beta.11",
+        "1.0.0-rc.1",
+        "1.0.0",
+        "1.0.1",
+        "1.1.0",
+        "2.0.0",
+    ]
     versions = [parse_version(t) for t in ordered]
     assert sorted(reversed(versions)) == versions
 
 
-@pytest.mark.parametrize("rng,inside,outside", [
-    (">=1.2", ["1.2.0", "1.2", "v1.9.9", "2.0.0"], ["1.1.9", "1.3.0-rc.1", "latest"]),
-    ("<2.0.0", ["0.1.0", "1.9.9"], ["2.0.0", "2.0.0-rc.1", "1.5.0-beta"]),
-    ("^1.2", ["1.2.0", "1.9.0"], ["1.1.0", "2.0.0", "2.0.0-alpha"]),
-    ("^1.2.3", ["1.2.3", "1.99.0"], ["1.2.2", "2.0.0"]),
-    ("^0.2.3", ["0.2.3", "0.2.9"], ["0.3.0", "0.2.2"]),
-    ("^0.0.3", ["0.0.3"], ["0.0.4"]),
-    ("~1.2", ["1.2.0", "1.2.9"], ["1.3.0", "1.1.0"]),
-    ("~1.2.3", ["1.2.3", "1.2.8"], ["1.3.0", "1.2.2"]),
-    ("~> 1.2", ["1.2.5"], ["1.3.0"]),
-    ("~1", ["1.0.0", "1.9.0"], ["2.0.0"]),
-    ("1.x", ["1.0.0", "1.99.0"], ["2.0.0", "0.9.0"]),
-    ("1.2.x", ["1.2.0", "1.2.99"], ["1.3.0"]),
-    ("1.2", ["1.2.0", "1.2.5"], ["1.3.0"]),
-    ("*", ["0.0.1", "99.0.0"], ["1.0.0-rc.1", "main"]),
-    (">=1.2 <1.4", ["1.2.0", "1.3.9"], ["1.4.0", "1.1.0"]),
-    (">= 1.2, < 1.4", ["1.2.0", "1.3.9"], ["1.4.0", "1.1.0"]),
-    (">=1.2,<1.4", ["1.3.0"], ["1.4.0"]),
-    ("^1.2 || ^3", ["1.5.0", "3.0.1"], ["2.0.0", "4.0.0"]),
-    ("<1.0.0 || >=2.0.0", ["0.9.0", "2.1.0"], ["1.5.0"]),
-    ("1.2 - 1.4", ["1.2.0", "1.4.9"], ["1.5.0", "1.1.9"]),
-    (">1.2", ["1.3.0"], ["1.2.9"]),
-    (">1.2.3", ["1.2.4"], ["1.2.3"]),
-    ("<=1.2", ["1.2.9"], ["1.3.0"]),
-    ("=1.2.3", ["1.2.3", "v1.2.3"], ["1.2.4"]),
-    (">=1.3.0-rc.1 <2", ["1.3.0-rc.1", "1.3.0-rc.2", "1.3.0", "1.9.0"],
-     ["1.3.0-beta", "1.4.0-rc.1", "1.3.0-rc.0"]),
-])
+@pytest.mark.parametrize(
+    "rng,inside,outside",
+    [
+        (">=1.2", ["1.2.0", "1.2", "v1.9.9", "2.0.0"], ["1.1.9", "1.3.0-rc.1", "latest"]),
+        ("<2.0.0", ["0.1.0", "1.9.9"], ["2.0.0", "2.0.0-rc.1", "1.5.0-beta"]),
+        ("^1.2", ["1.2.0", "1.9.0"], ["1.1.0", "2.0.0", "2.0.0-alpha"]),
+        ("^1.2.3", ["1.2.3", "1.99.0"], ["1.2.2", "2.0.0"]),
+        ("^0.2.3", ["0.2.3", "0.2.9"], ["0.3.0", "0.2.2"]),
+        ("^0.0.3", ["0.0.3"], ["0.0.4"]),
+        ("~1.2", ["1.2.0", "1.2.9"], ["1.3.0", "1.1.0"]),
+        ("~1.2.3", ["1.2.3", "1.2.8"], ["1.3.0", "1.2.2"]),
+        ("~> 1.2", ["1.2.5"], ["1.3.0"]),
+        ("~1", ["1.0.0", "1.9.0"], ["2.0.0"]),
+        ("1.x", ["1.0.0", "1.99.0"], ["2.0.0", "0.9.0"]),
+        ("1.2.x", ["1.2.0", "1.2.99"], ["1.3.0"]),
+        ("1.2", ["1.2.0", "1.2.5"], ["1.3.0"]),
+        ("*", ["0.0.1", "99.0.0"], ["1.0.0-rc.1", "main"]),
+        (">=1.2 <1.4", ["1.2.0", "1.3.9"], ["1.4.0", "1.1.0"]),
+        (">= 1.2, < 1.4", ["1.2.0", "1.3.9"], ["1.4.0", "1.1.0"]),
+        (">=1.2,<1.4", ["1.3.0"], ["1.4.0"]),
+        ("^1.2 || ^3", ["1.5.0", "3.0.1"], ["2.0.0", "4.0.0"]),
+        ("<1.0.0 || >=2.0.0", ["0.9.0", "2.1.0"], ["1.5.0"]),
+        ("1.2 - 1.4", ["1.2.0", "1.4.9"], ["1.5.0", "1.1.9"]),
+        (">1.2", ["1.3.0"], ["1.2.9"]),
+        (">1.2.3", ["1.2.4"], ["1.2.3"]),
+        ("<=1.2", ["1.2.9"], ["1.3.0"]),
+        ("=1.2.3", ["1.2.3", "v1.2.3"], ["1.2.4"]),
+        (
+            ">=1.3.0-rc.1 <2",
+            ["1.3.0-rc.1", "1.3.0-rc.2", "1.3.0", "1.9.0"],
+            ["1.3.0-beta", "1.4.0-rc.1", "1.3.0-rc.0"],
+        ),
+    ],
+)
 def test_ranges(rng, inside, outside):
     r = parse_range(rng)
     for tag in inside:
@@ -241,8 +280,9 @@ def test_ranges(rng, inside, outside):
         assert not r.matches(tag), f"{tag} should not satisfy {rng}"
 
 
-@pytest.mark.parametrize("bad", ["", "   ", ">=", ">=1.2 <<2", "abc", "1.2.3.4", "^1 ||",
-                                 ">=1.2 || ", "v1.x.2.3"])
+@pytest.mark.parametrize(
+    "bad", ["", "   ", ">=", ">=1.2 <<2", "abc", "1.2.3.4", "^1 ||", ">=1.2 || ", "v1.x.2.3"]
+)
 def test_bad_ranges_are_refused(bad):
     with pytest.raises(ValueError):
         parse_range(bad)
@@ -263,10 +303,22 @@ def test_property_version_round_trip_and_caret(major, minor, patch):
 
 # ---- durations --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,seconds", [
-    ("10m", 600), ("30d", 30 * 86400), ("1h", 3600), ("90s", 90), ("1h30m", 5400),
-    ("2w", 14 * 86400), ("250ms", 0.25), ("0s", 0), ("1.5h", 5400), (" 10M ", 600),
-])
+
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("10m", 600),
+        ("30d", 30 * 86400),
+        ("1h", 3600),
+        ("90s", 90),
+        ("1h30m", 5400),
+        ("2w", 14 * 86400),
+        ("250ms", 0.25),
+        ("0s", 0),
+        ("1.5h", 5400),
+        (" 10M ", 600),
+    ],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -284,6 +336,7 @@ def test_property_duration_round_trip(ms):
 
 
 # ---- renames, rules_for, platforms --------------------------------------------------------------
+
 
 def test_map_repository():
     r = rule(rename={"strip_prefix": "team/", "prefix": "mirror/"})
@@ -303,14 +356,23 @@ def test_map_repository_refuses_an_invalid_result():
 
 def test_rules_for_fans_out_to_every_target():
     config = make_config(
-        {"name": "apps", "from": "a", "to": ["b", "c"], "repositories": ["team/**"],
-         "exclude_repositories": ["team/tmp-*"], "rename": {"prefix": "mirror/"}},
+        {
+            "name": "apps",
+            "from": "a",
+            "to": ["b", "c"],
+            "repositories": ["team/**"],
+            "exclude_repositories": ["team/tmp-*"],
+            "rename": {"prefix": "mirror/"},
+        },
         {"name": "all", "from": "a", "to": "d"},
         {"name": "back", "from": "b", "to": ["a"]},
     )
     got = [(t.rule.name, t.target_site, t.target_repo) for t in rules_for(config, "a", "team/x")]
-    assert got == [("apps", "b", "mirror/team/x"), ("apps", "c", "mirror/team/x"),
-                   ("all", "d", "team/x")]
+    assert got == [
+        ("apps", "b", "mirror/team/x"),
+        ("apps", "c", "mirror/team/x"),
+        ("all", "d", "team/x"),
+    ]
     assert [t.rule.name for t in rules_for(config, "a", "team/tmp-1")] == ["all"]
     assert [(t.target_site, t.target_repo) for t in rules_for(config, "b", "x")] == [("a", "x")]
     assert rules_for(config, "c", "team/x") == []
@@ -334,6 +396,7 @@ def test_platform_selected():
 
 # ---- failover -----------------------------------------------------------------------------------
 
+
 def test_effective_rules_reroute_from_the_promoted_site():
     config = make_config(
         {"name": "fanout", "from": "a", "to": ["b", "c"]},
@@ -343,10 +406,10 @@ def test_effective_rules_reroute_from_the_promoted_site():
     )
     eff = {r.name: (r.from_, r.to) for r in effective_rules(config, [("a", "b")])}
     assert eff == {
-        "fanout": ("b", ["c"]),          # promoted site now the source, no longer a target
-        "into-a": ("c", ["d"]),          # the lost site takes no writes
+        "fanout": ("b", ["c"]),  # promoted site now the source, no longer a target
+        "into-a": ("c", ["d"]),  # the lost site takes no writes
         "other": ("c", ["d"]),
-    }                                     # "only-a" had no target left
+    }  # "only-a" had no target left
     # the configured rules are untouched
     assert (config.rules[0].from_, config.rules[0].to) == ("a", ["b", "c"])
     assert effective_rules(config, []) == config.rules
@@ -362,5 +425,6 @@ def test_effective_rules_feed_rules_for():
     config = make_config({"name": "fanout", "from": "a", "to": ["b", "c"]})
     eff = effective_rules(config, [("a", "b")])
     assert rules_for(config, "a", "x", rules=eff) == []
-    assert [(t.target_site, t.target_repo) for t in rules_for(config, "b", "x", rules=eff)] \
-        == [("c", "x")]
+    assert [(t.target_site, t.target_repo) for t in rules_for(config, "b", "x", rules=eff)] == [
+        ("c", "x")
+    ]

@@ -35,12 +35,12 @@ async def test_periodic_never_overlaps_and_stop_lets_the_run_finish():
     periodic = Periodic("job", job, interval=0.01, run_at_start=True)
     loop = asyncio.create_task(periodic.loop())
     await asyncio.wait_for(started.wait(), 5)
-    assert await periodic.run_once() is False          # a run is in progress: skipped
+    assert await periodic.run_once() is False  # a run is in progress: skipped
     successor = Periodic("job", job, interval=0.01, lock=periodic.running)
-    assert await successor.run_once() is False         # the lock is shared across reloads
+    assert await successor.run_once() is False  # the lock is shared across reloads
     periodic.stop()
     release.set()
-    await asyncio.wait_for(loop, 5)                     # the loop ends after its run
+    await asyncio.wait_for(loop, 5)  # the loop ends after its run
     assert runs == ["start", "end"]
     assert periodic.runs == 1 and periodic.last_error is None
 

@@ -19,11 +19,17 @@ NOW = 1_700_000_000.0
 
 def write_config(tmp_path: Path) -> tuple[dict, Path]:
     # Nothing listens on these ports: status must not need any registry.
-    data = {"journal": str(tmp_path / "journal.db"),
-            "sites": {n: {"url": f"http://127.0.0.1:{free_port()}", "insecure": True}
-                      for n in ("us-east", "eu-west", "ap-south")},
-            "rules": [{"name": "apps", "from": "us-east", "to": ["eu-west", "ap-south"]},
-                      {"name": "db", "from": "eu-west", "to": ["ap-south"]}]}
+    data = {
+        "journal": str(tmp_path / "journal.db"),
+        "sites": {
+            n: {"url": f"http://127.0.0.1:{free_port()}", "insecure": True}
+            for n in ("us-east", "eu-west", "ap-south")
+        },
+        "rules": [
+            {"name": "apps", "from": "us-east", "to": ["eu-west", "ap-south"]},
+            {"name": "db", "from": "eu-west", "to": ["ap-south"]},
+        ],
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return data, path
@@ -35,23 +41,29 @@ def seed(journal: Journal, now: float) -> None:
             "INSERT INTO tasks(key, rule, action, source_site, target_site, repository, "
             "target_repository, tag, state, next_try, created_at, updated_at) "
             "VALUES (?, ?, 'copy', ?, ?, 'team/app', 'team/app', 'v1', ?, ?, ?, ?)",
-            (f"{rule}|{target}|{created}", rule, source, target, state, created, created,
-             created))
+            (f"{rule}|{target}|{created}", rule, source, target, state, created, created, created),
+        )
 
     task("apps", "eu-west", "pending", now - 30)
-    task("apps", "eu-west", "leased", now - 95)       # the oldest unreplicated change
-    task("apps", "eu-west", "done", now - 4000)        # replicated: does not count
+    task("apps", "eu-west", "leased", now - 95)  # the oldest unreplicated change
+    task("apps", "eu-west", "done", now - 4000)  # replicated: does not count
     task("apps", "eu-west", "dead", now - 5000)
     task("apps", "ap-south", "dead", now - 100)
-    for rule, started, state, dry in (("apps", now - 600, "done", 0),
-                                      (None, now - 300, "failed", 0),
-                                      ("apps", now - 10, "done", 1)):   # dry runs don't count
+    for rule, started, state, dry in (
+        ("apps", now - 600, "done", 0),
+        (None, now - 300, "failed", 0),
+        ("apps", now - 10, "done", 1),
+    ):  # dry runs don't count
         journal.execute(
             "INSERT INTO sync_runs(rule, started_at, finished_at, dry_run, state, result) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (rule, started, started + 5, dry, state, json.dumps({"copied": 3, "failed": 0})))
-    journal.execute("INSERT INTO replicated(target_site, repository, digest, source_site, at) "
-                    "VALUES ('eu-west', 'team/app', 'sha256:aa', 'us-east', ?)", (now - 130,))
+            (rule, started, started + 5, dry, state, json.dumps({"copied": 3, "failed": 0})),
+        )
+    journal.execute(
+        "INSERT INTO replicated(target_site, repository, digest, source_site, at) "
+        "VALUES ('eu-west', 'team/app', 'sha256:aa', 'us-east', ?)",
+        (now - 130,),
+    )
 
 
 def test_lag_pending_dead_and_last_run_per_rule_and_target(tmp_path):
@@ -72,8 +84,10 @@ def test_lag_pending_dead_and_last_run_per_rule_and_target(tmp_path):
     assert db.targets[0].pending == 0 and db.last_run.state == "failed"
     assert report.recovery_point_seconds == 95 and report.pending == 2 and report.dead == 2
     lines = format_status(report)
-    assert ("  us-east -> eu-west: lag 1 min, 2 pending, 1 dead, last copy 2 min ago, "
-            "last reconcile 4 min ago failed (last ok 9 min ago)") in lines
+    assert (
+        "  us-east -> eu-west: lag 1 min, 2 pending, 1 dead, last copy 2 min ago, "
+        "last reconcile 4 min ago failed (last ok 9 min ago)"
+    ) in lines
     assert lines[-1] == "recovery point: 1 min (2 changes pending, 2 dead letters)"
 
 
@@ -81,19 +95,26 @@ def test_active_failover_rewrites_what_is_shown(tmp_path):
     data, _ = write_config(tmp_path)
     config = config_from_dict(data)
     journal = Journal(config.journal)
-    journal.execute("INSERT INTO failovers(lost_site, promoted_site, started_at, active, detail)"
-                    " VALUES ('us-east', 'eu-west', ?, 1, ?)",
-                    (NOW - 120, json.dumps({"rules": [{"name": "apps"}]})))
-    journal.execute("INSERT INTO failovers(lost_site, promoted_site, started_at, ended_at, "
-                    "active) VALUES ('eu-west', 'ap-south', 1, 2, 0)")   # ended: ignored
+    journal.execute(
+        "INSERT INTO failovers(lost_site, promoted_site, started_at, active, detail)"
+        " VALUES ('us-east', 'eu-west', ?, 1, ?)",
+        (NOW - 120, json.dumps({"rules": [{"name": "apps"}]})),
+    )
+    journal.execute(
+        "INSERT INTO failovers(lost_site, promoted_site, started_at, ended_at, "
+        "active) VALUES ('eu-west', 'ap-south', 1, 2, 0)"
+    )  # ended: ignored
     report = compute_status(config, read_rows(journal), now=NOW)
     journal.close()
-    assert [(f.lost, f.promoted, f.rules) for f in report.failovers] == \
-        [("us-east", "eu-west", ["apps"])]
+    assert [(f.lost, f.promoted, f.rules) for f in report.failovers] == [
+        ("us-east", "eu-west", ["apps"])
+    ]
     apps = report.rules[0]
     assert (apps.source, apps.configured_source) == ("eu-west", "us-east")
-    assert [(t.target, t.in_force) for t in apps.targets] == [("ap-south", True),
-                                                              ("eu-west", False)]
+    assert [(t.target, t.in_force) for t in apps.targets] == [
+        ("ap-south", True),
+        ("eu-west", False),
+    ]
     lines = format_status(report)
     assert lines[0].startswith("FAILOVER active: eu-west replaces lost us-east since 2 min ago")
     assert "rule apps (configured from us-east):" in lines
@@ -101,29 +122,55 @@ def test_active_failover_rewrites_what_is_shown(tmp_path):
 
 
 def test_human_age():
-    assert [human_age(s) for s in (0, 59, 89, 90, 3599, 5400, 7200, 200000)] == \
-        ["0 s", "59 s", "89 s", "1 min", "59 min", "1 h", "2 h", "2 d"]
+    assert [human_age(s) for s in (0, 59, 89, 90, 3599, 5400, 7200, 200000)] == [
+        "0 s",
+        "59 s",
+        "89 s",
+        "1 min",
+        "59 min",
+        "1 h",
+        "2 h",
+        "2 d",
+    ]
 
 
 def test_cli_status_json_and_text_without_any_registry(tmp_path):
     data, path = write_config(tmp_path)
     journal = Journal(data["journal"])
     import time
+
     seed(journal, time.time())
     journal.close()
-    out = subprocess.run([sys.executable, "-m", "replicator", "status", "-c", str(path),
-                          "--json"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "replicator", "status", "-c", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     payload = json.loads(out.stdout)
-    assert set(payload) == {"generated_at", "recovery_point_seconds", "pending", "dead",
-                            "failovers", "rules"}
+    assert set(payload) == {
+        "generated_at",
+        "recovery_point_seconds",
+        "pending",
+        "dead",
+        "failovers",
+        "rules",
+    }
     assert 90 <= payload["recovery_point_seconds"] < 120
     eu = payload["rules"][0]["targets"][0]
     assert eu["target"] == "eu-west" and eu["pending"] == 2 and eu["dead"] == 1
-    text = subprocess.run([sys.executable, "-m", "replicator", "status", "-c", str(path)],
-                          capture_output=True, text=True, timeout=60)
+    text = subprocess.run(
+        [sys.executable, "-m", "replicator", "status", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert text.returncode == 0 and "us-east -> eu-west: lag 1 min, 2 pending" in text.stdout
-    bad = subprocess.run([sys.executable, "-m", "replicator", "status", "-c",
-                          str(tmp_path / "missing.yaml")], capture_output=True, text=True,
-                         timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "replicator", "status", "-c", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "missing.yaml" in bad.stderr

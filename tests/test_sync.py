@@ -30,8 +30,13 @@ def write_config(tmp_path: Path, sites: dict, rules: list[dict]) -> Path:
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "replicator", *args], capture_output=True,
-                          text=True, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kw,
+    )
 
 
 def sync_json(config: Path, *extra: str) -> dict:
@@ -42,21 +47,35 @@ def sync_json(config: Path, *extra: str) -> dict:
     return result
 
 
-def test_multi_rule_config_syncs_one_source_to_two_targets_with_filters(registry_factory,
-                                                                         tmp_path):
+def test_multi_rule_config_syncs_one_source_to_two_targets_with_filters(registry_factory, tmp_path):
     src, eu, ap = registry_factory("src"), registry_factory("eu"), registry_factory("ap")
     with Pusher(src.url) as p:
         base = layer_bytes("base", 3000)
         for repo in ("team/api", "team/web", "team/tmp-x", "other/db"):
             for tag in ("v1.0.0", "v1.3.0", "v2.0.0-rc1", "latest", "dev"):
                 p.push_image(repo, tag, [base, layer_bytes(f"{repo}{tag}", 200)])
-    config = write_config(tmp_path, {"us": src, "eu": eu, "ap": ap}, [
-        {"name": "apps", "from": "us", "to": ["eu", "ap"], "repositories": ["team/**"],
-         "exclude_repositories": ["team/tmp-*"],
-         "tags": {"include": ["v*", "latest"], "exclude": ["*-rc*"]}},
-        {"name": "db", "from": "us", "to": ["eu"], "repositories": ["other/*"],
-         "tags": {"semver": ">=1.2"}, "rename": {"prefix": "mirror/"}},
-    ])
+    config = write_config(
+        tmp_path,
+        {"us": src, "eu": eu, "ap": ap},
+        [
+            {
+                "name": "apps",
+                "from": "us",
+                "to": ["eu", "ap"],
+                "repositories": ["team/**"],
+                "exclude_repositories": ["team/tmp-*"],
+                "tags": {"include": ["v*", "latest"], "exclude": ["*-rc*"]},
+            },
+            {
+                "name": "db",
+                "from": "us",
+                "to": ["eu"],
+                "repositories": ["other/*"],
+                "tags": {"semver": ">=1.2"},
+                "rename": {"prefix": "mirror/"},
+            },
+        ],
+    )
     first = sync_json(config)
     assert first["_rc"] == 0 and first["failed"] == 0
     # apps: 2 repos x 3 tags x 2 targets = 12; db: 1 repo x 1 tag (v1.3.0; rc excluded) = 1
@@ -65,8 +84,9 @@ def test_multi_rule_config_syncs_one_source_to_two_targets_with_filters(registry
         with Pusher(reg.url) as p:
             assert sorted(p.tags("team/api")) == ["latest", "v1.0.0", "v1.3.0"]
             assert p.tags("team/tmp-x") == []
-        assert assert_image_complete(reg.url, "team/web", "v1.3.0") == \
-            assert_image_complete(src.url, "team/web", "v1.3.0")
+        assert assert_image_complete(reg.url, "team/web", "v1.3.0") == assert_image_complete(
+            src.url, "team/web", "v1.3.0"
+        )
     with Pusher(eu.url) as p:
         assert p.tags("mirror/other/db") == ["v1.3.0"]
     with Pusher(ap.url) as p:
@@ -82,8 +102,9 @@ def test_dry_run_changes_nothing_and_predicts_the_run(two_registries, tmp_path):
             p.push_image("team/app", tag, [layer_bytes(tag, 100)])
     with Pusher(dst.url) as p:
         p.push_image("team/app", "old", [layer_bytes("old", 100)])
-    config = write_config(tmp_path, {"a": src, "b": dst}, [
-        {"name": "r", "from": "a", "to": ["b"], "deletes": True}])
+    config = write_config(
+        tmp_path, {"a": src, "b": dst}, [{"name": "r", "from": "a", "to": ["b"], "deletes": True}]
+    )
     before = sorted(p.name for p in dst.storage.rglob("*"))
     plan = sync_json(config, "--dry-run")
     assert plan["dry_run"] and plan["planned_copies"] == 2 and plan["planned_deletes"] == 1
@@ -99,8 +120,11 @@ def test_delete_propagation_and_overwrite_protection(two_registries, tmp_path):
     with Pusher(src.url) as p:
         p.push_image("team/app", "v1", [layer_bytes("one", 100)])
         v2 = p.push_image("team/app", "v2", [layer_bytes("two", 100)])
-    config = write_config(tmp_path, {"a": src, "b": dst}, [
-        {"name": "r", "from": "a", "to": ["b"], "deletes": True, "overwrite": False}])
+    config = write_config(
+        tmp_path,
+        {"a": src, "b": dst},
+        [{"name": "r", "from": "a", "to": ["b"], "deletes": True, "overwrite": False}],
+    )
     assert sync_json(config)["copied"] == 2
     # v1 deleted at the source; v2 changed at the target by someone else
     with Pusher(src.url) as p:
@@ -121,8 +145,7 @@ def test_deletes_false_leaves_target_tags(two_registries, tmp_path):
         p.push_image("team/app", "v1", [layer_bytes("one", 100)])
     with Pusher(dst.url) as p:
         p.push_image("team/app", "extra", [layer_bytes("x", 100)])
-    config = write_config(tmp_path, {"a": src, "b": dst}, [{"name": "r", "from": "a",
-                                                            "to": ["b"]}])
+    config = write_config(tmp_path, {"a": src, "b": dst}, [{"name": "r", "from": "a", "to": ["b"]}])
     assert sync_json(config)["deleted"] == 0
     with Pusher(dst.url) as p:
         assert sorted(p.tags("team/app")) == ["extra", "v1"]
@@ -135,16 +158,22 @@ def test_killed_sync_resumes_without_reuploading(registry_factory, tmp_path):
         dst = registry_factory("dst", notify_url=sink.url)
         with Pusher(src.url) as p:
             for r in range(6):
-                p.push_image(f"team/app{r}", "v1", [layer_bytes(f"big{r}", 3 * 2**20),
-                                                    layer_bytes(f"small{r}", 100)])
-        config = write_config(tmp_path, {"a": src, "b": dst},
-                              [{"name": "r", "from": "a", "to": ["b"]}])
-        proc = subprocess.Popen([sys.executable, "-m", "replicator", "sync", "-c", str(config),
-                                 "--parallel", "1"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+                p.push_image(
+                    f"team/app{r}",
+                    "v1",
+                    [layer_bytes(f"big{r}", 3 * 2**20), layer_bytes(f"small{r}", 100)],
+                )
+        config = write_config(
+            tmp_path, {"a": src, "b": dst}, [{"name": "r", "from": "a", "to": ["b"]}]
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "replicator", "sync", "-c", str(config), "--parallel", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         # kill it once some blobs have landed but not all
-        wait_until(lambda: len(sink.blob_events("push")) >= 3, timeout=60,
-                   what="first uploads")
+        wait_until(lambda: len(sink.blob_events("push")) >= 3, timeout=60, what="first uploads")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         landed = {e["target"]["digest"] for e in sink.blob_events("push")}
@@ -172,15 +201,22 @@ def test_unreachable_site_is_named_and_exit_1(registry, tmp_path):
 
 
 def test_planner_is_pure():
-    rule = config_from_dict({
-        "sites": {"a": {"url": "http://x:1", "insecure": True},
-                  "b": {"url": "http://y:1", "insecure": True}},
-        "rules": [{"name": "r", "from": "a", "to": ["b"], "deletes": True,
-                   "overwrite": False}]}).rules[0]
+    rule = config_from_dict(
+        {
+            "sites": {
+                "a": {"url": "http://x:1", "insecure": True},
+                "b": {"url": "http://y:1", "insecure": True},
+            },
+            "rules": [{"name": "r", "from": "a", "to": ["b"], "deletes": True, "overwrite": False}],
+        }
+    ).rules[0]
     src = {"v1": "sha256:" + "1" * 64, "v2": "sha256:" + "2" * 64}
     target = {"v1": "sha256:" + "1" * 64, "v2": "sha256:" + "9" * 64}
-    every = dict(target) | {"gone": "sha256:" + "3" * 64, "alias": "sha256:" + "1" * 64,
-                            "old": "sha256:" + "1" * 64}
+    every = dict(target) | {
+        "gone": "sha256:" + "3" * 64,
+        "alias": "sha256:" + "1" * 64,
+        "old": "sha256:" + "1" * 64,
+    }
     every.pop("alias")
     actions = plan_target(rule, "b", "repo", "repo", src, ["v1", "v2"], target, every)
     kinds = {(a.tag, a.kind) for a in actions}

@@ -17,15 +17,19 @@ from replicator.commands import COMMAND_MODULES
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = ROOT / "systemd"
-UNITS = ["registry-replicator.service", "registry-replicator-gc.service",
-         "registry-replicator-gc.timer"]
+UNITS = [
+    "registry-replicator.service",
+    "registry-replicator-gc.service",
+    "registry-replicator-gc.timer",
+]
 INSTALLED_BINARY = "/usr/bin/registry-replicator"
 VENV_BINARY = Path(sys.executable).parent / "registry-replicator"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
 needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None and not Path("/usr/bin/systemd-analyze").exists(),
-    reason="systemd-analyze missing: install Debian's systemd package (.ci/setup does)")
+    reason="systemd-analyze missing: install Debian's systemd package (.ci/setup does)",
+)
 
 
 def parse_unit(path: Path) -> dict[str, list[tuple[str, str]]]:
@@ -67,9 +71,13 @@ def verify(tmp_path: Path, texts: dict[str, str]) -> subprocess.CompletedProcess
         path = tmp_path / name
         path.write_text(text.replace(INSTALLED_BINARY, str(VENV_BINARY)))
         paths.append(str(path))
-    return subprocess.run([SYSTEMD_ANALYZE or "/usr/bin/systemd-analyze", "verify", "--man=no",
-                           *paths], capture_output=True, text=True, timeout=60,
-                          cwd=tmp_path)
+    return subprocess.run(
+        [SYSTEMD_ANALYZE or "/usr/bin/systemd-analyze", "verify", "--man=no", *paths],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
 
 
 def our_complaints(result: subprocess.CompletedProcess, where: Path) -> list[str]:
@@ -90,8 +98,9 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
 def test_verify_would_catch_a_broken_unit(tmp_path):
     """The check above is not vacuous: verify reports typos, which exit 0 but print."""
     text = (UNIT_DIR / "registry-replicator.service").read_text()
-    broken = text.replace("PrivateTmp=yes", "PrivatTmp=yes").replace("WatchdogSec=30",
-                                                                      "WatchdogSec=thirty")
+    broken = text.replace("PrivateTmp=yes", "PrivatTmp=yes").replace(
+        "WatchdogSec=30", "WatchdogSec=thirty"
+    )
     result = verify(tmp_path, {"bad.service": broken})
     complaints = "\n".join(our_complaints(result, tmp_path))
     assert "PrivatTmp" in complaints
@@ -101,16 +110,24 @@ def test_verify_would_catch_a_broken_unit(tmp_path):
 @needs_systemd_analyze
 def test_daemon_unit_exposure_is_low(tmp_path):
     path = tmp_path / "registry-replicator.service"
-    path.write_text((UNIT_DIR / path.name).read_text().replace(INSTALLED_BINARY,
-                                                               str(VENV_BINARY)))
-    result = subprocess.run([SYSTEMD_ANALYZE or "systemd-analyze", "security",
-                             "--offline=yes", "--no-pager", str(path)],
-                            capture_output=True, text=True, timeout=60)
+    path.write_text((UNIT_DIR / path.name).read_text().replace(INSTALLED_BINARY, str(VENV_BINARY)))
+    result = subprocess.run(
+        [
+            SYSTEMD_ANALYZE or "systemd-analyze",
+            "security",
+            "--offline=yes",
+            "--no-pager",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout)
     if match is None and "offline" in result.stderr:
         pytest.skip(f"this systemd-analyze cannot assess units offline: {result.stderr}")
     assert match, result.stdout + result.stderr
-    assert float(match.group(1)) <= 2.5, result.stdout   # 10 is unprotected; 1.6 at writing
+    assert float(match.group(1)) <= 2.5, result.stdout  # 10 is unprotected; 1.6 at writing
 
 
 def exec_argv(unit_name: str) -> list[str]:
@@ -119,35 +136,51 @@ def exec_argv(unit_name: str) -> list[str]:
     return argv[1:]
 
 
-@pytest.mark.parametrize("unit_name", ["registry-replicator.service",
-                                       "registry-replicator-gc.service"])
+@pytest.mark.parametrize(
+    "unit_name", ["registry-replicator.service", "registry-replicator-gc.service"]
+)
 def test_exec_start_is_a_command_line_the_cli_accepts(unit_name):
     args = exec_argv(unit_name)
     command = args[0]
     if command == "gc" and "gc" not in COMMAND_MODULES:
         pytest.skip("the gc sub-command is not registered yet (replicator/commands/gc.py)")
-    parsed = build_parser().parse_args(args)       # exits 2 on an unknown flag
+    parsed = build_parser().parse_args(args)  # exits 2 on an unknown flag
     assert parsed.command == command
     assert parsed.config == "/etc/registry-replicator/config.yaml"
     # and every flag is documented in the sub-command's --help
-    help_text = subprocess.run([str(VENV_BINARY), command, "--help"], capture_output=True,
-                               text=True, timeout=60, check=True).stdout
+    help_text = subprocess.run(
+        [str(VENV_BINARY), command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     for flag in (a for a in args[1:] if a.startswith("-")):
-        assert re.search(rf"(^|[\s,]){re.escape(flag)}\b", help_text), \
+        assert re.search(rf"(^|[\s,]){re.escape(flag)}\b", help_text), (
             f"{flag} used in {unit_name} is not in `{command} --help`"
+        )
 
 
 def test_daemon_unit_settings():
     unit = parse_unit(UNIT_DIR / "registry-replicator.service")
     expected = {
-        "Type": "notify", "NotifyAccess": "main", "Restart": "on-failure",
-        "WatchdogSec": "30", "ExecReload": "/bin/kill -HUP $MAINPID",
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "Restart": "on-failure",
+        "WatchdogSec": "30",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
         "StateDirectory": "registry-replicator",
         "ConfigurationDirectory": "registry-replicator",
-        "DynamicUser": "yes", "EnvironmentFile": "-/etc/registry-replicator/env",
-        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
-        "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
-        "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes",
+        "DynamicUser": "yes",
+        "EnvironmentFile": "-/etc/registry-replicator/env",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
     }
     for key, want in expected.items():
@@ -184,7 +217,11 @@ def test_gc_service_and_timer_settings():
 
 @needs_systemd_analyze
 def test_timer_calendar_is_nightly_at_three():
-    result = subprocess.run([SYSTEMD_ANALYZE or "systemd-analyze", "calendar",
-                             "*-*-* 03:00"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE or "systemd-analyze", "calendar", "*-*-* 03:00"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     assert "Normalized form: *-*-* 03:00:00" in result.stdout

@@ -41,11 +41,26 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 
 def make_task(**overrides) -> Task:
-    fields = dict(id=7, key="k", rule="apps", action="copy", source_site="src",
-                  target_site="dst", repository="team/b", target_repository="team/b",
-                  tag="v1", digest=None, state="leased", attempts=1, next_try=0.0,
-                  lease_owner="me", lease_until=None, last_error=None, event_id="e1",
-                  trace_context=None)
+    fields = dict(
+        id=7,
+        key="k",
+        rule="apps",
+        action="copy",
+        source_site="src",
+        target_site="dst",
+        repository="team/b",
+        target_repository="team/b",
+        tag="v1",
+        digest=None,
+        state="leased",
+        attempts=1,
+        next_try=0.0,
+        lease_owner="me",
+        lease_until=None,
+        last_error=None,
+        event_id="e1",
+        trace_context=None,
+    )
     fields.update(overrides)
     return Task(**fields)
 
@@ -55,8 +70,9 @@ def client(reg, name: str) -> RegistryClient:
 
 
 def children(all_spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
-    return [s for s in all_spans
-            if s.parent is not None and s.parent.span_id == parent.context.span_id]
+    return [
+        s for s in all_spans if s.parent is not None and s.parent.span_id == parent.context.span_id
+    ]
 
 
 def one(all_spans: list[ReadableSpan], name: str) -> ReadableSpan:
@@ -67,18 +83,22 @@ def one(all_spans: list[ReadableSpan], name: str) -> ReadableSpan:
 
 # ------------------------------------------------------------------ in process
 
+
 async def test_copy_span_tree_with_blob_outcomes(two_registries, spans):
     src, dst = two_registries
-    base, own, preplaced = (layer_bytes("base", 20_000), layer_bytes("own-b", 3000),
-                            layer_bytes("pre", 2000))
+    base, own, preplaced = (
+        layer_bytes("base", 20_000),
+        layer_bytes("own-b", 3000),
+        layer_bytes("pre", 2000),
+    )
     with Pusher(src.url) as p:
         p.push_image("team/a", "v1", [base])
         image = p.push_image("team/b", "v1", [base, own, preplaced])
     with Pusher(dst.url) as p:
-        p.push_blob("team/b", preplaced)       # already at the target: "existing"
+        p.push_blob("team/b", preplaced)  # already at the target: "existing"
     engine = CopyEngine(BlobIndex())
     async with client(src, "src") as s, client(dst, "dst") as d:
-        first = await engine.copy(s, "team/a", "v1", d, "team/a")   # base lands in team/a
+        first = await engine.copy(s, "team/a", "v1", d, "team/a")  # base lands in team/a
         assert first.status == "copied"
         spans.clear()
         with telemetry.replicate_span(make_task()):
@@ -104,11 +124,10 @@ async def test_copy_span_tree_with_blob_outcomes(two_registries, spans):
     assert manifest.attributes["replicator.tag"] == "v1"
 
     blobs = children(finished, manifest)
-    assert sorted(s.name for s in blobs) == ["blob"] * 4   # config + 3 layers
+    assert sorted(s.name for s in blobs) == ["blob"] * 4  # config + 3 layers
     by_digest = {s.attributes["replicator.digest"]: s.attributes for s in blobs}
     config_digest = image.blobs[0]
-    assert set(by_digest) == {config_digest, digest_of(base), digest_of(own),
-                              digest_of(preplaced)}
+    assert set(by_digest) == {config_digest, digest_of(base), digest_of(own), digest_of(preplaced)}
     assert by_digest[digest_of(base)]["replicator.outcome"] == "mounted"
     assert by_digest[digest_of(base)]["replicator.mounted_from"] == "team/a"
     assert by_digest[digest_of(own)]["replicator.outcome"] == "uploaded"
@@ -173,7 +192,7 @@ def test_gc_span_names_and_attributes(spans):
 
 def test_off_is_a_shared_noop():
     telemetry.shutdown_telemetry()
-    telemetry.setup_telemetry(None)            # nothing configured: stays off
+    telemetry.setup_telemetry(None)  # nothing configured: stays off
     assert not telemetry.enabled()
     first = telemetry.span("copy", target="x")
     assert first is telemetry.span("blob") is telemetry.replicate_span(make_task())
@@ -185,7 +204,7 @@ def test_off_is_a_shared_noop():
 
 
 def test_unconfigured_setup_keeps_an_embedding_programs_setup(spans):
-    telemetry.setup_telemetry(None)             # what Daemon.__init__ does without config
+    telemetry.setup_telemetry(None)  # what Daemon.__init__ does without config
     with telemetry.span("still traced"):
         pass
     assert [s.name for s in spans.get_finished_spans()] == ["still traced"]
@@ -201,18 +220,18 @@ def test_metrics_bridge_mirrors_prometheus_metrics():
         metrics.tasks.set_function(lambda: {("pending",): 5, ("dead",): 1})
         metrics.webhook_seconds.observe(0.25)
         metrics.webhook_seconds.observe(0.5)
-        metrics.replication_lag.set_function(lambda: 1 / 0)   # a failing read: skipped
+        metrics.replication_lag.set_function(lambda: 1 / 0)  # a failing read: skipped
         points = _points(reader)
         assert points["replicator_blobs"] == {(("outcome", "mounted"), ("target", "eu")): 3}
         assert points["replicator_bytes_uploaded"] == {(("target", "eu"),): 4096}
-        assert points["replicator_tasks"] == {(("state", "pending"),): 5,
-                                              (("state", "dead"),): 1}
+        assert points["replicator_tasks"] == {(("state", "pending"),): 5, (("state", "dead"),): 1}
         assert points["replicator_webhook_duration_seconds_count"] == {(): 2}
         assert points["replicator_webhook_duration_seconds_sum"] == {(): 0.75}
         assert "replicator_replication_lag_seconds" not in points
         metrics.blobs.inc(2, target="eu", outcome="mounted")
         assert _points(reader)["replicator_blobs"] == {
-            (("outcome", "mounted"), ("target", "eu")): 5}
+            (("outcome", "mounted"), ("target", "eu")): 5
+        }
     finally:
         handle.shutdown()
 
@@ -232,8 +251,7 @@ def _points(reader: InMemoryMetricReader) -> dict[str, dict[tuple, float]]:
 
 
 def test_otlp_without_the_extra_is_a_clear_config_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-                        None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
     with pytest.raises(ConfigError) as err:
         telemetry.setup_telemetry(_TelemetryConfig("http://127.0.0.1:4318"))
     assert err.value.path == "telemetry.otlp_endpoint"
@@ -244,8 +262,7 @@ def test_otlp_without_the_extra_is_a_clear_config_error(monkeypatch):
 def test_otlp_url():
     assert telemetry.otlp_url("http://c:4318", "traces") == "http://c:4318/v1/traces"
     assert telemetry.otlp_url("https://c/otel/", "metrics") == "https://c/otel/v1/metrics"
-    assert telemetry.otlp_url("http://c:4318/v1/traces", "metrics") == \
-        "http://c:4318/v1/metrics"
+    assert telemetry.otlp_url("http://c:4318/v1/traces", "metrics") == "http://c:4318/v1/metrics"
 
 
 class _TelemetryConfig:
@@ -255,6 +272,7 @@ class _TelemetryConfig:
 
 
 # ------------------------------------------------- real daemons, real OTLP export
+
 
 class OtlpReceiver:
     """A minimal OTLP/HTTP (protobuf) receiver: keeps every span and metric name posted."""
@@ -283,9 +301,12 @@ class OtlpReceiver:
                 elif self.path == "/v1/metrics":
                     request = ExportMetricsServiceRequest.FromString(body)
                     with receiver.lock:
-                        receiver.metric_names |= {m.name for rm in request.resource_metrics
-                                                  for sm in rm.scope_metrics
-                                                  for m in sm.metrics}
+                        receiver.metric_names |= {
+                            m.name
+                            for rm in request.resource_metrics
+                            for sm in rm.scope_metrics
+                            for m in sm.metrics
+                        }
                 else:
                     self.send_response(404)
                     self.end_headers()
@@ -314,14 +335,18 @@ class OtlpReceiver:
                     attrs = {}
                     for a in s.attributes:
                         v = a.value
-                        attrs[a.key] = json.loads(json.dumps(
-                            getattr(v, v.WhichOneof("value"))))
+                        attrs[a.key] = json.loads(json.dumps(getattr(v, v.WhichOneof("value"))))
                     with self.lock:
-                        self.spans.append({
-                            "name": s.name, "trace_id": s.trace_id.hex(),
-                            "span_id": s.span_id.hex(), "parent": s.parent_span_id.hex(),
-                            "instance": resource.get("service.instance.id"),
-                            "attributes": attrs})
+                        self.spans.append(
+                            {
+                                "name": s.name,
+                                "trace_id": s.trace_id.hex(),
+                                "span_id": s.span_id.hex(),
+                                "parent": s.parent_span_id.hex(),
+                                "instance": resource.get("service.instance.id"),
+                                "attributes": attrs,
+                            }
+                        )
 
     def snapshot(self) -> list[dict]:
         with self.lock:
@@ -339,8 +364,7 @@ def otlp():
     receiver.close()
 
 
-def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, otlp,
-                                                  tmp_path):
+def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, otlp, tmp_path):
     """Registry A notifies daemon 'intake', which publishes on MQTT; daemon 'worker'
     (another process) copies to B. Both export OTLP: the worker's spans continue the
     intake's trace, carried in the MQTT message and the task row."""
@@ -350,14 +374,29 @@ def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, o
     sites = {"a": site_config(a), "b": site_config(b)}
     env = {"OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "300"}
     telemetry_cfg = {"otlp_endpoint": otlp.url}
-    intake = DaemonProcess(tmp_path / "intake", port=intake_port, instance_id="intake",
-                           env=env, config={
-                               "sites": sites, "rules": [], "telemetry": telemetry_cfg,
-                               "mqtt": {"url": mosquitto.url, "client_id": "intake"}})
-    worker = DaemonProcess(tmp_path / "worker", instance_id="worker", env=env, config={
-        "sites": sites, "telemetry": telemetry_cfg,
-        "rules": [{"name": "ab", "from": "a", "to": ["b"], "repositories": ["team/**"]}],
-        "mqtt": {"url": mosquitto.url, "client_id": "worker"}})
+    intake = DaemonProcess(
+        tmp_path / "intake",
+        port=intake_port,
+        instance_id="intake",
+        env=env,
+        config={
+            "sites": sites,
+            "rules": [],
+            "telemetry": telemetry_cfg,
+            "mqtt": {"url": mosquitto.url, "client_id": "intake"},
+        },
+    )
+    worker = DaemonProcess(
+        tmp_path / "worker",
+        instance_id="worker",
+        env=env,
+        config={
+            "sites": sites,
+            "telemetry": telemetry_cfg,
+            "rules": [{"name": "ab", "from": "a", "to": ["b"], "repositories": ["team/**"]}],
+            "mqtt": {"url": mosquitto.url, "client_id": "worker"},
+        },
+    )
     try:
         worker.start()
         intake.start()
@@ -369,8 +408,11 @@ def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, o
             """The push's trace, once every span of it has been exported (spans end, and
             are exported in batches, innermost first)."""
             got = otlp.snapshot()
-            for event in (s for s in got if s["name"] == "event"
-                          and s["attributes"].get("replicator.tag") == "v1"):
+            for event in (
+                s
+                for s in got
+                if s["name"] == "event" and s["attributes"].get("replicator.tag") == "v1"
+            ):
                 trace = [s for s in got if s["trace_id"] == event["trace_id"]]
                 names = sorted(s["name"] for s in trace)
                 if names == ["blob", "blob", "copy", "copy manifest", "event", "replicate"]:
@@ -389,14 +431,17 @@ def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, o
         blob_spans = [s for s in trace if s["name"] == "blob"]
         assert {s["attributes"]["replicator.digest"] for s in blob_spans} == set(image.blobs)
         assert {s["attributes"]["replicator.outcome"] for s in blob_spans} == {"uploaded"}
-        for blob in blob_spans:    # blob -> copy manifest -> copy -> replicate
+        for blob in blob_spans:  # blob -> copy manifest -> copy -> replicate
             chain = [by_id[blob["parent"]]]
             while chain[-1]["name"] != "replicate":
                 chain.append(by_id[chain[-1]["parent"]])
             assert [s["name"] for s in chain] == ["copy manifest", "copy", "replicate"]
         # and the counters reach the collector through the metrics bridge
-        wait_until(lambda: "replicator_blobs" in otlp.metric_names, timeout=10,
-                   what="metrics exported over OTLP")
+        wait_until(
+            lambda: "replicator_blobs" in otlp.metric_names,
+            timeout=10,
+            what="metrics exported over OTLP",
+        )
     finally:
         intake.stop()
         worker.stop()

@@ -40,13 +40,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="Exit codes: 0 all good, 1 a site failed, 2 the configuration is invalid.",
     )
     add_config_argument(parser)
-    parser.add_argument("--offline", action="store_true",
-                        help="only validate the file: contact no registry and read no "
-                             "secrets (for CI, where the secrets are not present)")
-    parser.add_argument("--json", action="store_true",
-                        help="print the result as one JSON object on stdout")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="give up on a site after this long (default 10)")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="only validate the file: contact no registry and read no "
+        "secrets (for CI, where the secrets are not present)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the result as one JSON object on stdout"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up on a site after this long (default 10)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -56,8 +65,15 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         if args.json:
             problems = getattr(exc, "problems", None) or [(exc.path, str(exc))]
-            print(json.dumps({"config": args.config, "valid": False,
-                              "errors": [{"path": p, "message": m} for p, m in problems]}))
+            print(
+                json.dumps(
+                    {
+                        "config": args.config,
+                        "valid": False,
+                        "errors": [{"path": p, "message": m} for p, m in problems],
+                    }
+                )
+            )
         raise
     for warning in config.warnings:
         print(f"registry-replicator: warning: {warning}", file=sys.stderr)
@@ -66,16 +82,24 @@ def run(args: argparse.Namespace) -> int:
         results = asyncio.run(ping_all(config, args.timeout))
     failed = [r for r in results if not r.ok]
     if args.json:
-        print(json.dumps({
-            "config": str(config.source_path), "valid": True, "offline": args.offline,
-            "sites": [r.__dict__ for r in results],
-            "warnings": config.warnings,
-        }))
+        print(
+            json.dumps(
+                {
+                    "config": str(config.source_path),
+                    "valid": True,
+                    "offline": args.offline,
+                    "sites": [r.__dict__ for r in results],
+                    "warnings": config.warnings,
+                }
+            )
+        )
     else:
         if args.offline:
-            print(f"{config.source_path}: valid ({_count(len(config.sites), 'site')}, "
-                  f"{_count(len(config.rules), 'rule')}, "
-                  f"{_count(len(config.gc.policies), 'GC policy', 'GC policies')})")
+            print(
+                f"{config.source_path}: valid ({_count(len(config.sites), 'site')}, "
+                f"{_count(len(config.rules), 'rule')}, "
+                f"{_count(len(config.gc.policies), 'GC policy', 'GC policies')})"
+            )
         width = max((len(r.name) for r in results), default=0)
         for r in results:
             if r.ok:
@@ -91,8 +115,7 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 
 async def ping_all(config: Config, timeout: float) -> list[SiteResult]:
     """Ping every site concurrently; results in configuration order."""
-    return list(await asyncio.gather(*(ping_site(config, name, timeout)
-                                       for name in config.sites)))
+    return list(await asyncio.gather(*(ping_site(config, name, timeout) for name in config.sites)))
 
 
 async def ping_site(config: Config, name: str, timeout: float) -> SiteResult:

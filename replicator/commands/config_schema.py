@@ -23,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "names) are checked by `registry-replicator check`."
         ),
     )
-    parser.add_argument("--indent", type=int, default=2,
-                        help="JSON indentation (0 for one line; default 2)")
+    parser.add_argument(
+        "--indent", type=int, default=2, help="JSON indentation (0 for one line; default 2)"
+    )
     parser.set_defaults(handler=run)
 
 

@@ -28,25 +28,51 @@ Exit status: 0 copied or already up to date, 1 failed (or a conflict with
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("copy", help="copy one image between registries",
-                       description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "copy",
+        help="copy one image between registries",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("source", metavar="SRC", help="source reference, host:port/repo:tag")
     p.add_argument("target", metavar="DST", help="target reference, host:port/repo[:tag]")
-    p.add_argument("--insecure", action="store_true",
-                   help="use plain http / skip TLS verification for both registries")
-    p.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VARIANT]",
-                   help="copy only these platforms of a multi-arch index (repeatable)")
-    p.add_argument("--no-referrers", action="store_true",
-                   help="do not copy signatures, SBOMs and other referrers")
-    p.add_argument("--no-overwrite", action="store_true",
-                   help="leave a target tag that points at different content alone (exit 1)")
-    p.add_argument("--docker-config", metavar="FILE",
-                   help="docker config.json with credentials (auths)")
-    p.add_argument("--journal", metavar="FILE",
-                   help="SQLite journal whose blob index enables mounts across runs")
-    p.add_argument("--retries", type=int, default=5, metavar="N",
-                   help="retries of a failed request (connection errors, 5xx, 429; default 5)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="use plain http / skip TLS verification for both registries",
+    )
+    p.add_argument(
+        "--platform",
+        action="append",
+        default=[],
+        metavar="OS/ARCH[/VARIANT]",
+        help="copy only these platforms of a multi-arch index (repeatable)",
+    )
+    p.add_argument(
+        "--no-referrers",
+        action="store_true",
+        help="do not copy signatures, SBOMs and other referrers",
+    )
+    p.add_argument(
+        "--no-overwrite",
+        action="store_true",
+        help="leave a target tag that points at different content alone (exit 1)",
+    )
+    p.add_argument(
+        "--docker-config", metavar="FILE", help="docker config.json with credentials (auths)"
+    )
+    p.add_argument(
+        "--journal",
+        metavar="FILE",
+        help="SQLite journal whose blob index enables mounts across runs",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        metavar="N",
+        help="retries of a failed request (connection errors, 5xx, 429; default 5)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the counts")
     p.set_defaults(handler=run)
 
@@ -88,21 +114,31 @@ def run(args: argparse.Namespace) -> int:
         payload = {"status": result.status, "digest": result.digest, **stats.as_dict()}
         print(json.dumps(payload, sort_keys=True))
     elif result.status != "failed":
-        print(f"{result.status}: {result.source} -> {result.target} ({result.digest}); "
-              f"blobs uploaded {stats.blobs_uploaded}, mounted {stats.blobs_mounted}, "
-              f"existing {stats.blobs_existing}, {stats.bytes_uploaded} bytes")
+        print(
+            f"{result.status}: {result.source} -> {result.target} ({result.digest}); "
+            f"blobs uploaded {stats.blobs_uploaded}, mounted {stats.blobs_mounted}, "
+            f"existing {stats.blobs_existing}, {stats.bytes_uploaded} bytes"
+        )
     if result.status == "failed":
         print(f"registry-replicator: copy failed: {result.error}", file=sys.stderr)
         return 1
     if result.status == "conflict":
-        print(f"registry-replicator: {result.target} points at {result.digest}, which differs "
-              "from the source; left alone (--no-overwrite)", file=sys.stderr)
+        print(
+            f"registry-replicator: {result.target} points at {result.digest}, which differs "
+            "from the source; left alone (--no-overwrite)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
-async def _copy(src: ImageRef, dst: ImageRef, platforms: list[Platform],
-                args: argparse.Namespace, docker_config: str | None):
+async def _copy(
+    src: ImageRef,
+    dst: ImageRef,
+    platforms: list[Platform],
+    args: argparse.Namespace,
+    docker_config: str | None,
+):
     from replicator.blob_index import BlobIndex
     from replicator.copy import CopyEngine, CopyOptions
     from replicator.journal import Journal
@@ -112,20 +148,32 @@ async def _copy(src: ImageRef, dst: ImageRef, platforms: list[Platform],
     journal = Journal(args.journal) if args.journal else None
     progress = None if args.json else terminal_progress()
     engine = CopyEngine(BlobIndex(journal), progress=progress)
-    options = CopyOptions(platforms=platforms or None, referrers=not args.no_referrers,
-                          overwrite=not args.no_overwrite)
+    options = CopyOptions(
+        platforms=platforms or None,
+        referrers=not args.no_referrers,
+        overwrite=not args.no_overwrite,
+    )
     src_site = _endpoint(src, args.insecure, docker_config)
     dst_site = _endpoint(dst, args.insecure, docker_config)
     tag = dst.tag or src.tag
     if dst.digest and src.digest and dst.digest != src.digest:
         raise UsageError("DST names a different digest than SRC")
     try:
-        async with RegistryClient(src_site, retries=args.retries) as src_client, \
-                RegistryClient(dst_site, retries=args.retries) as dst_client:
+        async with (
+            RegistryClient(src_site, retries=args.retries) as src_client,
+            RegistryClient(dst_site, retries=args.retries) as dst_client,
+        ):
             cm = progress if progress is not None else contextlib.nullcontext()
             with cm:
-                return await engine.copy(src_client, src.repository, src.reference,
-                                         dst_client, dst.repository, tag=tag, options=options)
+                return await engine.copy(
+                    src_client,
+                    src.repository,
+                    src.reference,
+                    dst_client,
+                    dst.repository,
+                    tag=tag,
+                    options=options,
+                )
     finally:
         if journal is not None:
             journal.close()

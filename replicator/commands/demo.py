@@ -20,13 +20,18 @@ Exit status 0 only if replication and GC did what was printed.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run a local demo on three real registries",
-                       description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smaller images, for CI and a first look")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the working directory (registry storage, journal, logs)")
+    p = sub.add_parser(
+        "demo",
+        help="run a local demo on three real registries",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="smaller images, for CI and a first look")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the working directory (registry storage, journal, logs)",
+    )
     p.set_defaults(handler=run)
 
 

@@ -40,30 +40,52 @@ failover stays active; run again), 2 bad configuration or usage.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("failover", help="promote a replica in place of a lost primary",
-                       description=FAILOVER_DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "failover",
+        help="promote a replica in place of a lost primary",
+        description=FAILOVER_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_argument(p)
     p.add_argument("--promote", required=True, metavar="SITE", help="the site to promote")
-    p.add_argument("--lost", metavar="SITE",
-                   help="the lost primary (default: the source of the rules into SITE)")
+    p.add_argument(
+        "--lost",
+        metavar="SITE",
+        help="the lost primary (default: the source of the rules into SITE)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    p.add_argument("--force", action="store_true",
-                   help="record the failover even if some catch-up copies failed")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="record the failover even if some catch-up copies failed",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--parallel", type=int, default=16, metavar="N",
-                   help="concurrent lookups and copies (default 16)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=16,
+        metavar="N",
+        help="concurrent lookups and copies (default 16)",
+    )
     p.set_defaults(handler=run_failover)
 
-    b = sub.add_parser("failback", help="return the rules to a recovered primary",
-                       description=FAILBACK_DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b = sub.add_parser(
+        "failback",
+        help="return the rules to a recovered primary",
+        description=FAILBACK_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_argument(b)
     b.add_argument("--site", required=True, metavar="SITE", help="the recovered primary")
     b.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--parallel", type=int, default=16, metavar="N",
-                   help="concurrent lookups and copies (default 16)")
+    b.add_argument(
+        "--parallel",
+        type=int,
+        default=16,
+        metavar="N",
+        help="concurrent lookups and copies (default 16)",
+    )
     b.set_defaults(handler=run_failback)
 
 
@@ -85,32 +107,59 @@ def run_failover(args: argparse.Namespace) -> int:
     from replicator.failover import failover
 
     config = load_config(args.config)
-    report = asyncio.run(_with_parts(config, lambda journal, pool, engine: failover(
-        config, journal, pool, engine, args.promote, args.lost, dry_run=args.dry_run,
-        force=args.force, parallel=args.parallel)))
+    report = asyncio.run(
+        _with_parts(
+            config,
+            lambda journal, pool, engine: failover(
+                config,
+                journal,
+                pool,
+                engine,
+                args.promote,
+                args.lost,
+                dry_run=args.dry_run,
+                force=args.force,
+                parallel=args.parallel,
+            ),
+        )
+    )
     if args.json:
         print(json.dumps(report.as_dict(), sort_keys=True))
     else:
         verb = "would copy" if report.dry_run else "copied"
         for rule in report.rules:
-            after = (f"{rule['new_from']} -> {', '.join(rule['new_to'])}" if not rule["dropped"]
-                     else "dropped (no target left)")
-            print(f"rule {rule['name']}: {rule['from']} -> {', '.join(rule['to'])}  becomes  "
-                  f"{after}")
+            after = (
+                f"{rule['new_from']} -> {', '.join(rule['new_to'])}"
+                if not rule["dropped"]
+                else "dropped (no target left)"
+            )
+            print(
+                f"rule {rule['name']}: {rule['from']} -> {', '.join(rule['to'])}  becomes  {after}"
+            )
         for copy in report.copies:
             print(copy.describe(report.promoted))
         for conflict in report.conflicts:
             print(conflict.describe())
-        state = ("dry run: nothing changed" if report.dry_run else
-                 "failover recorded" if report.recorded else "failover NOT recorded")
-        print(f"{state}: {report.promoted} replaces {report.lost}; {verb} "
-              f"{len(report.copies)}, {len(report.conflicts)} conflicts, "
-              f"{len(report.failures)} failed")
+        state = (
+            "dry run: nothing changed"
+            if report.dry_run
+            else "failover recorded"
+            if report.recorded
+            else "failover NOT recorded"
+        )
+        print(
+            f"{state}: {report.promoted} replaces {report.lost}; {verb} "
+            f"{len(report.copies)}, {len(report.conflicts)} conflicts, "
+            f"{len(report.failures)} failed"
+        )
     for failure in report.failures:
         print(f"registry-replicator: failed: {failure}", file=sys.stderr)
     if report.failures and not report.dry_run and not report.recorded:
-        print("registry-replicator: catch-up incomplete, failover not recorded; run again, or "
-              "use --force to fail over anyway", file=sys.stderr)
+        print(
+            "registry-replicator: catch-up incomplete, failover not recorded; run again, or "
+            "use --force to fail over anyway",
+            file=sys.stderr,
+        )
     return 1 if report.failures else 0
 
 
@@ -118,9 +167,20 @@ def run_failback(args: argparse.Namespace) -> int:
     from replicator.failover import failback
 
     config = load_config(args.config)
-    report = asyncio.run(_with_parts(config, lambda journal, pool, engine: failback(
-        config, journal, pool, engine, args.site, dry_run=args.dry_run,
-        parallel=args.parallel)))
+    report = asyncio.run(
+        _with_parts(
+            config,
+            lambda journal, pool, engine: failback(
+                config,
+                journal,
+                pool,
+                engine,
+                args.site,
+                dry_run=args.dry_run,
+                parallel=args.parallel,
+            ),
+        )
+    )
     if args.json:
         print(json.dumps(report.as_dict(), sort_keys=True))
     else:
@@ -131,11 +191,15 @@ def run_failback(args: argparse.Namespace) -> int:
         for rule, source in report.sources.items():
             print(f"rule {rule}: {args.site} <- {source}")
         if report.dry_run:
-            print(f"dry run: would copy {counts.get('planned_copies', 0)} to {args.site}; "
-                  "nothing changed")
+            print(
+                f"dry run: would copy {counts.get('planned_copies', 0)} to {args.site}; "
+                "nothing changed"
+            )
         elif report.ended:
-            print(f"failback done: copied {counts.get('copied', 0)} to {args.site}; rules run "
-                  f"from {args.site} again")
+            print(
+                f"failback done: copied {counts.get('copied', 0)} to {args.site}; rules run "
+                f"from {args.site} again"
+            )
         else:
             print(f"failback incomplete: the failover of {args.site} stays active")
     for failure in report.failures:

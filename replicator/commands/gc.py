@@ -28,29 +28,52 @@ mode both     the API pass, then the storage pass.
 Exit status: 0 done, 1 some deletions failed, 2 configuration or usage error.
 """
 
-JSON_FIELDS = ("dry_run", "manifests_deleted", "blobs_deleted", "bytes_reclaimed",
-               "quarantined", "restored", "errors")
+JSON_FIELDS = (
+    "dry_run",
+    "manifests_deleted",
+    "blobs_deleted",
+    "bytes_reclaimed",
+    "quarantined",
+    "restored",
+    "errors",
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("gc", help="apply retention policies and reclaim storage",
-                       description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "gc",
+        help="apply retention policies and reclaim storage",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_argument(p)
     p.add_argument("--site", metavar="S", help="only this site")
-    p.add_argument("--policy", metavar="P", action="append", default=[],
-                   help="only this policy (repeatable)")
+    p.add_argument(
+        "--policy", metavar="P", action="append", default=[], help="only this policy (repeatable)"
+    )
     p.add_argument("--dry-run", action="store_true", help="report, change nothing")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object: " + ", ".join(JSON_FIELDS))
-    p.add_argument("--assume-no-cache", action="store_true",
-                   help="vouch that the registry has no blob-descriptor cache (or is "
-                        "read-only/stopped) when its config cannot be checked")
-    p.add_argument("--quarantine-window", metavar="DURATION", default="10m",
-                   help="how long removed storage items wait before deletion (default 10m)")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
-                   help="threads that rename and delete in the storage pass "
-                        f"(default {DEFAULT_WORKERS})")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object: " + ", ".join(JSON_FIELDS)
+    )
+    p.add_argument(
+        "--assume-no-cache",
+        action="store_true",
+        help="vouch that the registry has no blob-descriptor cache (or is "
+        "read-only/stopped) when its config cannot be checked",
+    )
+    p.add_argument(
+        "--quarantine-window",
+        metavar="DURATION",
+        default="10m",
+        help="how long removed storage items wait before deletion (default 10m)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        metavar="N",
+        help=f"threads that rename and delete in the storage pass (default {DEFAULT_WORKERS})",
+    )
     p.set_defaults(handler=run)
 
 
@@ -66,13 +89,18 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     totals = asyncio.run(_gc(config, args, window))
     if args.json:
-        print(json.dumps({k: totals[k] for k in JSON_FIELDS} | {"sites": totals["sites"]},
-                         sort_keys=True))
+        print(
+            json.dumps(
+                {k: totals[k] for k in JSON_FIELDS} | {"sites": totals["sites"]}, sort_keys=True
+            )
+        )
     else:
         verb = "would delete" if args.dry_run else "deleted"
-        print(f"gc: {verb} {totals['manifests_deleted']} manifests, "
-              f"{totals['blobs_deleted']} blobs, {totals['bytes_reclaimed']} bytes; "
-              f"quarantined {totals['quarantined']}, restored {totals['restored']}")
+        print(
+            f"gc: {verb} {totals['manifests_deleted']} manifests, "
+            f"{totals['blobs_deleted']} blobs, {totals['bytes_reclaimed']} bytes; "
+            f"quarantined {totals['quarantined']}, restored {totals['restored']}"
+        )
         for w in totals["warnings"]:
             print(f"warning: {w}", file=sys.stderr)
         for e in totals["errors"]:
@@ -89,10 +117,16 @@ async def _gc(config: Any, args: argparse.Namespace, window: float) -> dict[str,
     try:
         async with ClientPool(config) as pool:
             results = await run_policies(
-                config, journal, pool, dry_run=args.dry_run,
-                sites=[args.site] if args.site else None, policy_names=args.policy or None,
-                quarantine_window=window, assume_no_cache=args.assume_no_cache,
-                workers=args.workers)
+                config,
+                journal,
+                pool,
+                dry_run=args.dry_run,
+                sites=[args.site] if args.site else None,
+                policy_names=args.policy or None,
+                quarantine_window=window,
+                assume_no_cache=args.assume_no_cache,
+                workers=args.workers,
+            )
     finally:
         journal.close()
     totals: dict[str, Any] = {

@@ -29,21 +29,42 @@ lines when stderr is not a terminal.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run the daemon (webhooks, MQTT, workers, schedules)",
-                       description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "run",
+        help="run the daemon (webhooks, MQTT, workers, schedules)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_argument(p)
-    p.add_argument("--workers", type=int, default=8, metavar="N",
-                   help="replication tasks run at once (default 8; each site's "
-                        "limits.concurrency still applies)")
-    p.add_argument("--drain-timeout", type=float, default=8.0, metavar="SECONDS",
-                   help="on SIGTERM, wait this long for in-flight copies (default 8)")
-    p.add_argument("--retry-base", type=float, default=2.0, metavar="SECONDS",
-                   help="first retry delay of a failed task; doubles per attempt up to 10 "
-                        "minutes, with jitter (default 2)")
-    p.add_argument("--instance-id", metavar="ID",
-                   help="this instance's name for task leases and the MQTT session "
-                        "(default: mqtt.client_id, else hostname-pid)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=8,
+        metavar="N",
+        help="replication tasks run at once (default 8; each site's "
+        "limits.concurrency still applies)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=8.0,
+        metavar="SECONDS",
+        help="on SIGTERM, wait this long for in-flight copies (default 8)",
+    )
+    p.add_argument(
+        "--retry-base",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="first retry delay of a failed task; doubles per attempt up to 10 "
+        "minutes, with jitter (default 2)",
+    )
+    p.add_argument(
+        "--instance-id",
+        metavar="ID",
+        help="this instance's name for task leases and the MQTT session "
+        "(default: mqtt.client_id, else hostname-pid)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -56,8 +77,13 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.INFO)  # a daemon reports what it does
 
     async def main() -> int:
-        daemon = Daemon(args.config, instance_id=args.instance_id, workers=args.workers,
-                        drain_timeout=args.drain_timeout, retry_base=args.retry_base)
+        daemon = Daemon(
+            args.config,
+            instance_id=args.instance_id,
+            workers=args.workers,
+            drain_timeout=args.drain_timeout,
+            retry_base=args.retry_base,
+        )
         return await daemon.run()
 
     return asyncio.run(main())

@@ -25,19 +25,40 @@ listed), 2 bad configuration or usage.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sync", help="reconcile the rules once (or --dry-run to see the plan)",
-                       description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "sync",
+        help="reconcile the rules once (or --dry-run to see the plan)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_argument(p)
-    p.add_argument("--rule", action="append", default=[], metavar="NAME",
-                   help="only this rule (repeatable); default all rules")
+    p.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only this rule (repeatable); default all rules",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object with the counts (and the plan with --dry-run)")
-    p.add_argument("--parallel", type=int, default=16, metavar="N",
-                   help="concurrent lookups and copies (default 16)")
-    p.add_argument("--retries", type=int, default=5, metavar="N",
-                   help="retries of a failed request (connection errors, 5xx, 429; default 5)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object with the counts (and the plan with --dry-run)",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=16,
+        metavar="N",
+        help="concurrent lookups and copies (default 16)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        metavar="N",
+        help="retries of a failed request (connection errors, 5xx, 429; default 5)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -64,12 +85,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _summary(c: dict) -> str:
     if c["dry_run"]:
-        return (f"dry run: would copy {c['planned_copies']}, delete {c['planned_deletes']}; "
-                f"{c['skipped']} up to date, {c['conflicts']} conflicts, {c['failed']} failed")
-    return (f"copied {c['copied']}, deleted {c['deleted']}, {c['skipped']} up to date, "
-            f"{c['conflicts']} conflicts, {c['failed']} failed; blobs uploaded "
-            f"{c['blobs_uploaded']}, mounted {c['blobs_mounted']}, "
-            f"{c['bytes_uploaded']} bytes")
+        return (
+            f"dry run: would copy {c['planned_copies']}, delete {c['planned_deletes']}; "
+            f"{c['skipped']} up to date, {c['conflicts']} conflicts, {c['failed']} failed"
+        )
+    return (
+        f"copied {c['copied']}, deleted {c['deleted']}, {c['skipped']} up to date, "
+        f"{c['conflicts']} conflicts, {c['failed']} failed; blobs uploaded "
+        f"{c['blobs_uploaded']}, mounted {c['blobs_mounted']}, "
+        f"{c['bytes_uploaded']} bytes"
+    )
 
 
 async def _sync(config, args: argparse.Namespace):

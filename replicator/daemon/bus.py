@@ -96,10 +96,14 @@ class BusRefused(BusError):
 
 # --- wire format -------------------------------------------------------------------
 
+
 def event_to_json(event: RegistryEvent) -> str:
     """The normalized event as compact JSON (all RegistryEvent fields plus `v`)."""
-    return json.dumps({"v": EVENT_JSON_VERSION, **dataclasses.asdict(event)},
-                      separators=(",", ":"), sort_keys=True)
+    return json.dumps(
+        {"v": EVENT_JSON_VERSION, **dataclasses.asdict(event)},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
 
 
 def event_from_json(data: str | bytes) -> RegistryEvent:
@@ -113,14 +117,16 @@ def event_from_json(data: str | bytes) -> RegistryEvent:
         raise BusError("event payload must be a JSON object")
     version = doc.get("v", EVENT_JSON_VERSION)
     if version != EVENT_JSON_VERSION:
-        raise BusError(f"event payload version {version!r} is not supported "
-                       f"(expected {EVENT_JSON_VERSION})")
+        raise BusError(
+            f"event payload version {version!r} is not supported (expected {EVENT_JSON_VERSION})"
+        )
     for name in ("id", "site", "repository"):
         if not isinstance(doc.get(name), str) or not doc[name]:
             raise BusError(f"event.{name}: required non-empty string")
     if doc.get("action") not in ACTIONS:
-        raise BusError(f"event.action: expected push, pull, mount or delete, got "
-                       f"{doc.get('action')!r:.60}")
+        raise BusError(
+            f"event.action: expected push, pull, mount or delete, got {doc.get('action')!r:.60}"
+        )
     for name in _OPTIONAL_TEXT:
         if doc.get(name) is not None and not isinstance(doc[name], str):
             raise BusError(f"event.{name}: must be a string or null")
@@ -135,8 +141,9 @@ def event_from_json(data: str | bytes) -> RegistryEvent:
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
         raise BusError("event.size: must be a non-negative integer or null")
     occurred = doc.get("occurred_at")
-    if occurred is not None and (isinstance(occurred, bool)
-                                 or not isinstance(occurred, int | float)):
+    if occurred is not None and (
+        isinstance(occurred, bool) or not isinstance(occurred, int | float)
+    ):
         raise BusError("event.occurred_at: must be epoch seconds or null")
     source_format = doc.get("source_format", "distribution")
     if source_format not in _SOURCE_FORMATS:
@@ -144,12 +151,20 @@ def event_from_json(data: str | bytes) -> RegistryEvent:
     if not isinstance(doc.get("is_manifest", False), bool):
         raise BusError("event.is_manifest: must be a boolean")
     return RegistryEvent(
-        id=doc["id"], site=doc["site"], action=doc["action"], repository=doc["repository"],
-        tag=doc.get("tag"), digest=doc.get("digest"), media_type=doc.get("media_type"),
-        size=size, from_repository=doc.get("from_repository"),
+        id=doc["id"],
+        site=doc["site"],
+        action=doc["action"],
+        repository=doc["repository"],
+        tag=doc.get("tag"),
+        digest=doc.get("digest"),
+        media_type=doc.get("media_type"),
+        size=size,
+        from_repository=doc.get("from_repository"),
         occurred_at=None if occurred is None else float(occurred),
-        source_format=source_format, is_manifest=doc.get("is_manifest", False),
-        actor=doc.get("actor"), source_instance=doc.get("source_instance"),
+        source_format=source_format,
+        is_manifest=doc.get("is_manifest", False),
+        actor=doc.get("actor"),
+        source_instance=doc.get("source_instance"),
     )
 
 
@@ -172,11 +187,13 @@ def _jittered(attempt: int, base: float, cap: float) -> float:
 
 # --- the interface -----------------------------------------------------------------
 
+
 class EventBus(abc.ABC):
     """Where normalized registry events travel from intake to the planner."""
 
-    def __init__(self, *, handler_backoff_base: float = 0.2,
-                 handler_backoff_max: float = 30.0) -> None:
+    def __init__(
+        self, *, handler_backoff_base: float = 0.2, handler_backoff_max: float = 30.0
+    ) -> None:
         self._handler: Handler | None = None
         self._stopping = asyncio.Event()
         self._handler_backoff_base = handler_backoff_base
@@ -188,8 +205,9 @@ class EventBus(abc.ABC):
         """True while the bus can accept and deliver events."""
 
     @abc.abstractmethod
-    async def publish(self, event: RegistryEvent,
-                      trace_context: Mapping[str, str] | None = None) -> None:
+    async def publish(
+        self, event: RegistryEvent, trace_context: Mapping[str, str] | None = None
+    ) -> None:
         """Return once `event` is durable in the bus; raise BusError otherwise."""
 
     @abc.abstractmethod
@@ -204,8 +222,9 @@ class EventBus(abc.ABC):
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until `connected` (readiness); TimeoutError after `timeout` seconds."""
 
-    async def _deliver(self, handler: Handler, event: RegistryEvent,
-                       context: dict[str, str]) -> bool:
+    async def _deliver(
+        self, handler: Handler, event: RegistryEvent, context: dict[str, str]
+    ) -> bool:
         """Call the handler until it succeeds (True) or the bus stops (False)."""
         attempt = 0
         while True:
@@ -216,11 +235,18 @@ class EventBus(abc.ABC):
                 raise
             except Exception as exc:
                 attempt += 1
-                delay = _jittered(attempt, self._handler_backoff_base,
-                                  self._handler_backoff_max)
-                log.warning("event handler failed for event %s (%s %s at %s), attempt %d; "
-                            "retrying in %.1fs: %s", event.id, event.action, event.repository,
-                            event.site, attempt, delay, redact(str(exc))[:300])
+                delay = _jittered(attempt, self._handler_backoff_base, self._handler_backoff_max)
+                log.warning(
+                    "event handler failed for event %s (%s %s at %s), attempt %d; "
+                    "retrying in %.1fs: %s",
+                    event.id,
+                    event.action,
+                    event.repository,
+                    event.site,
+                    attempt,
+                    delay,
+                    redact(str(exc))[:300],
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             if self._stopping.is_set():
@@ -237,13 +263,21 @@ def _trace_dict(trace_context: Mapping[str, str] | None) -> dict[str, str]:
 
 # --- in process ----------------------------------------------------------------------
 
+
 class InProcessBus(EventBus):
     """The embedded bus: an asyncio.Queue consumed by one task in this process."""
 
-    def __init__(self, maxsize: int = 0, *, stop_timeout: float = 10.0,
-                 handler_backoff_base: float = 0.2, handler_backoff_max: float = 30.0) -> None:
-        super().__init__(handler_backoff_base=handler_backoff_base,
-                         handler_backoff_max=handler_backoff_max)
+    def __init__(
+        self,
+        maxsize: int = 0,
+        *,
+        stop_timeout: float = 10.0,
+        handler_backoff_base: float = 0.2,
+        handler_backoff_max: float = 30.0,
+    ) -> None:
+        super().__init__(
+            handler_backoff_base=handler_backoff_base, handler_backoff_max=handler_backoff_max
+        )
         self._queue: asyncio.Queue[tuple[RegistryEvent, dict[str, str]]] = asyncio.Queue(maxsize)
         self._worker: asyncio.Task[None] | None = None
         self._stop_timeout = stop_timeout
@@ -256,8 +290,9 @@ class InProcessBus(EventBus):
         if self._stopping.is_set():
             raise BusClosed("event bus is stopped")
 
-    async def publish(self, event: RegistryEvent,
-                      trace_context: Mapping[str, str] | None = None) -> None:
+    async def publish(
+        self, event: RegistryEvent, trace_context: Mapping[str, str] | None = None
+    ) -> None:
         if self._stopping.is_set():
             raise BusClosed("event bus is stopped")
         await self._queue.put((event, _trace_dict(trace_context)))
@@ -291,9 +326,10 @@ class InProcessBus(EventBus):
 
 # --- MQTT --------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(eq=False)
 class _Connection:
-    client: Any                      # aiomqtt.Client
+    client: Any  # aiomqtt.Client
     lost: asyncio.Event
     manual_ack: bool
     subscribed: bool = False
@@ -309,19 +345,35 @@ class MqttBus(EventBus):
     credentials may be given as arguments or in the URL's userinfo (never logged).
     """
 
-    def __init__(self, url: str, topic: str, client_id: str, group: str | None = None,
-                 username: str | None = None, password: str | None = None, qos: int = 1,
-                 session_expiry: int = 7 * 24 * 3600, *, keepalive: int = 30,
-                 reconnect_base: float = 0.5, reconnect_max: float = 30.0,
-                 publish_timeout: float = 30.0, connect_timeout: float = 10.0,
-                 stop_timeout: float = 5.0, tls_context: ssl.SSLContext | None = None,
-                 handler_backoff_base: float = 0.2, handler_backoff_max: float = 30.0) -> None:
-        super().__init__(handler_backoff_base=handler_backoff_base,
-                         handler_backoff_max=handler_backoff_max)
+    def __init__(
+        self,
+        url: str,
+        topic: str,
+        client_id: str,
+        group: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        qos: int = 1,
+        session_expiry: int = 7 * 24 * 3600,
+        *,
+        keepalive: int = 30,
+        reconnect_base: float = 0.5,
+        reconnect_max: float = 30.0,
+        publish_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+        tls_context: ssl.SSLContext | None = None,
+        handler_backoff_base: float = 0.2,
+        handler_backoff_max: float = 30.0,
+    ) -> None:
+        super().__init__(
+            handler_backoff_base=handler_backoff_base, handler_backoff_max=handler_backoff_max
+        )
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ConfigError(f"unsupported scheme {parts.scheme!r}; expected mqtt:// or "
-                              "mqtts://", "bus.url")
+            raise ConfigError(
+                f"unsupported scheme {parts.scheme!r}; expected mqtt:// or mqtts://", "bus.url"
+            )
         try:
             port = parts.port
         except ValueError:
@@ -332,10 +384,16 @@ class MqttBus(EventBus):
         self.host = parts.hostname
         self.port = port or (8883 if self._tls else 1883)
         self._tls_context = tls_context or (ssl.create_default_context() if self._tls else None)
-        self.username = username if username is not None else (
-            unquote(parts.username) if parts.username else None)
-        self._password = password if password is not None else (
-            unquote(parts.password) if parts.password else None)
+        self.username = (
+            username
+            if username is not None
+            else (unquote(parts.username) if parts.username else None)
+        )
+        self._password = (
+            password
+            if password is not None
+            else (unquote(parts.password) if parts.password else None)
+        )
         self.topic = topic.strip("/")
         _check_topic_part(self.topic, "bus.topic", allow_slash=True)
         if self.topic.startswith("$"):
@@ -347,12 +405,15 @@ class MqttBus(EventBus):
             _check_topic_part(group, "bus.group", allow_slash=False)
         self.group = group
         if qos not in (1, 2):
-            raise ConfigError(f"must be 1 or 2 (QoS 0 cannot make events durable), got {qos}",
-                              "bus.qos")
+            raise ConfigError(
+                f"must be 1 or 2 (QoS 0 cannot make events durable), got {qos}", "bus.qos"
+            )
         self.qos = qos
         if session_expiry <= 0:
-            raise ConfigError("must be positive: the broker must keep the session while the "
-                              "daemon is down", "bus.session_expiry")
+            raise ConfigError(
+                "must be positive: the broker must keep the session while the daemon is down",
+                "bus.session_expiry",
+            )
         self.session_expiry = int(session_expiry)
         self.keepalive = keepalive
         self.reconnect_base = reconnect_base
@@ -370,11 +431,13 @@ class MqttBus(EventBus):
         # observability (and tests): how the connection loop behaves
         self.connect_attempts = 0
         self.reconnect_delays: list[float] = []
-        self.manual_ack: bool | None = None   # known after the first connection
+        self.manual_ack: bool | None = None  # known after the first connection
 
     def __repr__(self) -> str:
-        return (f"MqttBus({'mqtts' if self._tls else 'mqtt'}://{self.host}:{self.port}, "
-                f"topic={self.topic!r}, client_id={self.client_id!r}, group={self.group!r})")
+        return (
+            f"MqttBus({'mqtts' if self._tls else 'mqtt'}://{self.host}:{self.port}, "
+            f"topic={self.topic!r}, client_id={self.client_id!r}, group={self.group!r})"
+        )
 
     @property
     def subscription(self) -> str:
@@ -384,8 +447,7 @@ class MqttBus(EventBus):
     def topic_for(self, event: RegistryEvent) -> str:
         """`<topic>/<site>/<repository>`; repository slashes become topic levels."""
         _check_topic_part(event.site, "event.site", allow_slash=False, error=BusError)
-        _check_topic_part(event.repository, "event.repository", allow_slash=True,
-                          error=BusError)
+        _check_topic_part(event.repository, "event.repository", allow_slash=True, error=BusError)
         return f"{self.topic}/{event.site}/{event.repository}"
 
     @property
@@ -399,9 +461,13 @@ class MqttBus(EventBus):
             await self._conn_changed.wait_for(lambda: self.connected)
 
     # --- publishing ------------------------------------------------------------
-    async def publish(self, event: RegistryEvent,
-                      trace_context: Mapping[str, str] | None = None,
-                      *, timeout: float | None = None) -> None:
+    async def publish(
+        self,
+        event: RegistryEvent,
+        trace_context: Mapping[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
         """Return once the broker acknowledged the event (PUBACK). Retries across
         reconnects; raises BusUnavailable after `timeout` (default publish_timeout)."""
         if self._stopping.is_set():
@@ -423,7 +489,8 @@ class MqttBus(EventBus):
             try:
                 async with asyncio.timeout(remaining), self._conn_changed:
                     await self._conn_changed.wait_for(
-                        lambda: self.connected or self._stopping.is_set())
+                        lambda: self.connected or self._stopping.is_set()
+                    )
             except TimeoutError:
                 break
             conn = self._conn
@@ -432,9 +499,11 @@ class MqttBus(EventBus):
             sending = asyncio.ensure_future(self._send(conn, topic, payload, properties))
             lost = asyncio.ensure_future(conn.lost.wait())
             try:
-                done, _ = await asyncio.wait({sending, lost},
-                                             timeout=max(0.0, deadline - loop.time()),
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {sending, lost},
+                    timeout=max(0.0, deadline - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
             finally:
                 for fut in (sending, lost):
                     if not fut.done():
@@ -444,8 +513,10 @@ class MqttBus(EventBus):
                 if exc is None:
                     return
                 if isinstance(exc, BusRefused):
-                    raise BusRefused(f"event {event.id} ({event.action} {event.repository} "
-                                     f"at {event.site}): {exc}") from None
+                    raise BusRefused(
+                        f"event {event.id} ({event.action} {event.repository} "
+                        f"at {event.site}): {exc}"
+                    ) from None
                 last_error = str(exc)
                 # the connection is broken; let the runner notice and reconnect
                 await asyncio.sleep(0)
@@ -458,31 +529,34 @@ class MqttBus(EventBus):
         raise BusUnavailable(
             f"event {event.id} ({event.action} {event.repository} at {event.site}) not "
             f"acknowledged by MQTT broker {self.host}:{self.port} within {limit:g}s: "
-            f"{redact(last_error)[:200]}")
+            f"{redact(last_error)[:200]}"
+        )
 
-    async def _send(self, conn: _Connection, topic: str, payload: bytes,
-                    properties: Any) -> None:
+    async def _send(self, conn: _Connection, topic: str, payload: bytes, properties: Any) -> None:
         """One QoS 1/2 publish on `conn`, returning at the broker's acknowledgement.
 
         aiomqtt 2.x ignores the PUBACK reason code, so a publish the broker refused
         (ACL, quota) would look durable. When paho is reachable we publish through it
         and check the code; otherwise aiomqtt's publish is used as is."""
         if conn.acks is None:
-            await conn.client.publish(topic, payload, qos=self.qos, properties=properties,
-                                      timeout=math.inf)
+            await conn.client.publish(
+                topic, payload, qos=self.qos, properties=properties, timeout=math.inf
+            )
             return
         info = conn.client._client.publish(topic, payload, self.qos, False, properties)
         if info.rc != 0:
             raise BusError(f"publish not accepted by the MQTT client (rc={info.rc})")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        conn.acks[info.mid] = future   # no await since publish(): the ack cannot be missed
+        conn.acks[info.mid] = future  # no await since publish(): the ack cannot be missed
         try:
             reason = await future
         finally:
             conn.acks.pop(info.mid, None)
         if getattr(reason, "is_failure", False):
-            raise BusRefused(f"MQTT broker {self.host}:{self.port} refused the publish to "
-                             f"{topic[:200]}: {reason}")
+            raise BusRefused(
+                f"MQTT broker {self.host}:{self.port} refused the publish to "
+                f"{topic[:200]}: {reason}"
+            )
 
     # --- consuming -------------------------------------------------------------
     async def start(self, handler: Handler) -> None:
@@ -496,8 +570,8 @@ class MqttBus(EventBus):
         if conn is not None and not conn.lost.is_set():
             # already connected for publishing: subscribe on the live connection
             async with self._conn_changed:
-                self._conn = None       # not "connected" until the subscription is made
-            with contextlib.suppress(Exception):   # a failure here is a lost connection
+                self._conn = None  # not "connected" until the subscription is made
+            with contextlib.suppress(Exception):  # a failure here is a lost connection
                 await self._subscribe(conn)
             if not conn.lost.is_set():
                 await self._set_connection(conn)
@@ -518,8 +592,9 @@ class MqttBus(EventBus):
             try:
                 event = event_from_json(message.payload)
             except BusError as exc:
-                log.error("dropping undecodable message on topic %s: %s",
-                          str(message.topic)[:200], exc)
+                log.error(
+                    "dropping undecodable message on topic %s: %s", str(message.topic)[:200], exc
+                )
                 self._ack(conn, message)
                 continue
             context = _user_properties(message)
@@ -569,29 +644,46 @@ class MqttBus(EventBus):
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry
         client = aiomqtt.Client(
-            self.host, self.port, username=self.username, password=self._password,
-            identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False, properties=props, keepalive=self.keepalive,
-            timeout=self.connect_timeout, tls_context=self._tls_context,
-            logger=logging.getLogger("replicator.bus.mqtt"))
-        client.pending_calls_threshold = 10_000   # many concurrent publishes are normal
+            self.host,
+            self.port,
+            username=self.username,
+            password=self._password,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            keepalive=self.keepalive,
+            timeout=self.connect_timeout,
+            tls_context=self._tls_context,
+            logger=logging.getLogger("replicator.bus.mqtt"),
+        )
+        client.pending_calls_threshold = 10_000  # many concurrent publishes are normal
         paho = getattr(client, "_client", None)
-        manual = paho is not None and callable(getattr(paho, "manual_ack_set", None)) \
+        manual = (
+            paho is not None
+            and callable(getattr(paho, "manual_ack_set", None))
             and callable(getattr(paho, "ack", None))
+        )
         if manual:
             paho.manual_ack_set(True)
         elif self.manual_ack is None:
-            log.warning("aiomqtt does not expose paho's manual ack; messages are acked on "
-                        "receipt, so an event received but unhandled at a crash is left to "
-                        "the journal/reconcile backstop")
+            log.warning(
+                "aiomqtt does not expose paho's manual ack; messages are acked on "
+                "receipt, so an event received but unhandled at a crash is left to "
+                "the journal/reconcile backstop"
+            )
         conn = _Connection(client, asyncio.Event(), manual)
         aiomqtt_on_publish = getattr(paho, "on_publish", None)
-        if paho is not None and callable(getattr(paho, "publish", None)) \
-                and callable(aiomqtt_on_publish):
+        if (
+            paho is not None
+            and callable(getattr(paho, "publish", None))
+            and callable(aiomqtt_on_publish)
+        ):
             acks: dict[int, asyncio.Future[Any]] = {}
 
-            def on_publish(client_: Any, userdata: Any, mid: int, reason: Any,
-                           properties: Any) -> None:
+            def on_publish(
+                client_: Any, userdata: Any, mid: int, reason: Any, properties: Any
+            ) -> None:
                 future = acks.pop(mid, None)
                 if future is not None and not future.done():
                     future.set_result(reason)
@@ -615,19 +707,30 @@ class MqttBus(EventBus):
                     _no_delay(client)
                     await self._subscribe(conn)
                     if attempt:
-                        log.info("reconnected to MQTT broker %s:%d as %s after %d attempts",
-                                 self.host, self.port, self.client_id, attempt)
+                        log.info(
+                            "reconnected to MQTT broker %s:%d as %s after %d attempts",
+                            self.host,
+                            self.port,
+                            self.client_id,
+                            attempt,
+                        )
                     else:
-                        log.info("connected to MQTT broker %s:%d as %s", self.host,
-                                 self.port, self.client_id)
+                        log.info(
+                            "connected to MQTT broker %s:%d as %s",
+                            self.host,
+                            self.port,
+                            self.client_id,
+                        )
                     attempt = 0
                     await self._set_connection(conn)
-                    await self._subscribe(conn)   # in case start() came meanwhile
+                    await self._subscribe(conn)  # in case start() came meanwhile
                     async for message in client.messages:
                         if self._handler is None:
                             if not self._warned_no_handler:
-                                log.warning("message on %s but no handler started; it stays "
-                                            "unacknowledged", str(message.topic)[:200])
+                                log.warning(
+                                    "message on %s but no handler started; it stays unacknowledged",
+                                    str(message.topic)[:200],
+                                )
                                 self._warned_no_handler = True
                             continue
                         self._inbox.put_nowait((conn, message))
@@ -635,8 +738,14 @@ class MqttBus(EventBus):
                 if not self._stopping.is_set():
                     # first failure and every 10th retry at warning: visible, not a flood
                     level = logging.WARNING if attempt % 10 == 0 else logging.DEBUG
-                    log.log(level, "MQTT broker %s:%d (attempt %d): %s", self.host,
-                            self.port, attempt + 1, redact(str(exc))[:300])
+                    log.log(
+                        level,
+                        "MQTT broker %s:%d (attempt %d): %s",
+                        self.host,
+                        self.port,
+                        attempt + 1,
+                        redact(str(exc))[:300],
+                    )
             finally:
                 conn.lost.set()
                 await self._set_connection(None)
@@ -663,8 +772,9 @@ def _no_delay(client: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _check_topic_part(value: str, where: str, *, allow_slash: bool,
-                      error: type[ReplicatorError] = ConfigError) -> None:
+def _check_topic_part(
+    value: str, where: str, *, allow_slash: bool, error: type[ReplicatorError] = ConfigError
+) -> None:
     bad = {"+", "#", "\0"} | (set() if allow_slash else {"/"})
     if not isinstance(value, str) or not value or any(c in value for c in bad):
         chars = "'+', '#', NUL" + ("" if allow_slash else " or '/'")

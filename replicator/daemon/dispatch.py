@@ -31,8 +31,12 @@ def _covers_tag(rule: Rule, tag: str) -> bool:
     return tag_passes(rule.tags, tag)
 
 
-def tasks_for_event(config: Config, rules: Sequence[Rule], event: RegistryEvent,
-                    trace_context: Mapping[str, str] | None = None) -> list[TaskSpec]:
+def tasks_for_event(
+    config: Config,
+    rules: Sequence[Rule],
+    event: RegistryEvent,
+    trace_context: Mapping[str, str] | None = None,
+) -> list[TaskSpec]:
     """The task specs an event fans out to under `rules` (the rules in force)."""
     if event.action == "push":
         if not event.is_manifest or not event.tag:
@@ -51,9 +55,18 @@ def tasks_for_event(config: Config, rules: Sequence[Rule], event: RegistryEvent,
             continue
         if event.tag and not _covers_tag(rule, event.tag):
             continue
-        specs.append(TaskSpec(
-            rule=rule.name, action=action, source_site=event.site,
-            target_site=target.target_site, repository=event.repository,
-            target_repository=target.target_repo, tag=event.tag, digest=event.digest,
-            event_id=event.id, trace_context=dict(trace_context) if trace_context else None))
+        specs.append(
+            TaskSpec(
+                rule=rule.name,
+                action=action,
+                source_site=event.site,
+                target_site=target.target_site,
+                repository=event.repository,
+                target_repository=target.target_repo,
+                tag=event.tag,
+                digest=event.digest,
+                event_id=event.id,
+                trace_context=dict(trace_context) if trace_context else None,
+            )
+        )
     return specs

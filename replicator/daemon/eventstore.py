@@ -18,18 +18,36 @@ from replicator.journal import Journal, now
 
 EVENT_STATES: frozenset[str] = frozenset({"new", "dispatched", "ignored"})
 
-_COLUMNS = ("id", "site", "received_at", "occurred_at", "action", "repository", "tag",
-            "digest", "media_type", "source_format", "state", "size", "from_repository",
-            "is_manifest", "actor", "source_instance")
-_INSERT = (f"INSERT INTO events ({', '.join(_COLUMNS)}) "
-           f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ON CONFLICT(id) DO NOTHING")
+_COLUMNS = (
+    "id",
+    "site",
+    "received_at",
+    "occurred_at",
+    "action",
+    "repository",
+    "tag",
+    "digest",
+    "media_type",
+    "source_format",
+    "state",
+    "size",
+    "from_repository",
+    "is_manifest",
+    "actor",
+    "source_instance",
+)
+_INSERT = (
+    f"INSERT INTO events ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ON CONFLICT(id) DO NOTHING"
+)
 # Not INSERT OR IGNORE: that would also swallow NOT NULL/CHECK failures and report a
 # broken event as a harmless duplicate.
-_CHUNK = 500   # stay far below SQLite's bound-parameter limit
+_CHUNK = 500  # stay far below SQLite's bound-parameter limit
 
 
-def record_events(journal: Journal, events: Sequence[RegistryEvent],
-                  received_at: float | None = None) -> list[RegistryEvent]:
+def record_events(
+    journal: Journal, events: Sequence[RegistryEvent], received_at: float | None = None
+) -> list[RegistryEvent]:
     """Insert `events` in ONE transaction; return those not seen before (in order).
 
     A repeated id is skipped (ON CONFLICT DO NOTHING); any other failure rolls back
@@ -38,8 +56,9 @@ def record_events(journal: Journal, events: Sequence[RegistryEvent],
     return record_event_batches(journal, [events], received_at)[0]
 
 
-def record_event_batches(journal: Journal, batches: Sequence[Sequence[RegistryEvent]],
-                         received_at: float | None = None) -> list[list[RegistryEvent]]:
+def record_event_batches(
+    journal: Journal, batches: Sequence[Sequence[RegistryEvent]], received_at: float | None = None
+) -> list[list[RegistryEvent]]:
     """Group commit: several requests' events in one transaction, new ones per batch.
 
     Earlier batches win a duplicate id, so two concurrent deliveries of the same
@@ -57,9 +76,14 @@ def record_event_batches(journal: Journal, batches: Sequence[Sequence[RegistryEv
     return fresh
 
 
-def events_by_state(journal: Journal, state: str = "new", *, site: str | None = None,
-                    received_before: float | None = None,
-                    limit: int | None = None) -> list[RegistryEvent]:
+def events_by_state(
+    journal: Journal,
+    state: str = "new",
+    *,
+    site: str | None = None,
+    received_before: float | None = None,
+    limit: int | None = None,
+) -> list[RegistryEvent]:
     """Events in `state` (received before a time, if given), oldest received first:
     the order they must be dispatched in."""
     _check_state(state)
@@ -85,10 +109,11 @@ def mark_events(journal: Journal, ids: Iterable[str], state: str) -> int:
     changed = 0
     with journal.transaction() as conn:
         for i in range(0, len(ids), _CHUNK):
-            chunk = ids[i:i + _CHUNK]
+            chunk = ids[i : i + _CHUNK]
             changed += conn.execute(
                 f"UPDATE events SET state = ? WHERE id IN ({', '.join('?' for _ in chunk)})",
-                [state, *chunk]).rowcount
+                [state, *chunk],
+            ).rowcount
     return changed
 
 
@@ -102,22 +127,46 @@ def count_events(journal: Journal) -> dict[str, int]:
 
 def _check_state(state: str) -> None:
     if state not in EVENT_STATES:
-        raise ValueError(f"unknown event state {state!r}; expected one of "
-                         f"{', '.join(sorted(EVENT_STATES))}")
+        raise ValueError(
+            f"unknown event state {state!r}; expected one of {', '.join(sorted(EVENT_STATES))}"
+        )
 
 
 def _row(ev: RegistryEvent, received_at: float) -> tuple[Any, ...]:
-    return (ev.id, ev.site, received_at, ev.occurred_at, ev.action, ev.repository, ev.tag,
-            ev.digest, ev.media_type, ev.source_format, "new", ev.size, ev.from_repository,
-            int(ev.is_manifest), ev.actor, ev.source_instance)
+    return (
+        ev.id,
+        ev.site,
+        received_at,
+        ev.occurred_at,
+        ev.action,
+        ev.repository,
+        ev.tag,
+        ev.digest,
+        ev.media_type,
+        ev.source_format,
+        "new",
+        ev.size,
+        ev.from_repository,
+        int(ev.is_manifest),
+        ev.actor,
+        ev.source_instance,
+    )
 
 
 def _event(row: dict[str, Any]) -> RegistryEvent:
     return RegistryEvent(
-        id=row["id"], site=row["site"], action=row["action"], repository=row["repository"],
-        tag=row["tag"], digest=row["digest"], media_type=row["media_type"], size=row["size"],
-        from_repository=row["from_repository"], occurred_at=row["occurred_at"],
+        id=row["id"],
+        site=row["site"],
+        action=row["action"],
+        repository=row["repository"],
+        tag=row["tag"],
+        digest=row["digest"],
+        media_type=row["media_type"],
+        size=row["size"],
+        from_repository=row["from_repository"],
+        occurred_at=row["occurred_at"],
         source_format=row["source_format"] or "distribution",
-        is_manifest=bool(row["is_manifest"]), actor=row["actor"],
+        is_manifest=bool(row["is_manifest"]),
+        actor=row["actor"],
         source_instance=row["source_instance"],
     )

@@ -63,7 +63,7 @@ class SiteIntake:
             # an empty token would let a bare "Authorization: Bearer" through
             raise ValueError(f"site {self.name}: empty webhook token; use None for no auth")
 
-    def __repr__(self) -> str:   # never print the token
+    def __repr__(self) -> str:  # never print the token
         return f"SiteIntake(name={self.name!r}, token={'***' if self.token else None})"
 
 
@@ -74,7 +74,7 @@ class GroupCommit:
         self.journal = journal
         self._pending: list[tuple[Sequence[RegistryEvent], asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
-        self.commits = 0     # transactions made, for tests and the benchmark
+        self.commits = 0  # transactions made, for tests and the benchmark
 
     async def record(self, events: Sequence[RegistryEvent]) -> list[RegistryEvent]:
         """Commit `events`; return the ones never seen before."""
@@ -89,7 +89,7 @@ class GroupCommit:
             batch, self._pending = self._pending, []
             try:
                 await self._commit(batch)
-            except BaseException:   # cancelled: nobody may wait forever
+            except BaseException:  # cancelled: nobody may wait forever
                 for _, future in batch + self._pending:
                     future.cancel()
                 self._pending = []
@@ -97,8 +97,9 @@ class GroupCommit:
 
     async def _commit(self, batch: list[tuple[Sequence[RegistryEvent], asyncio.Future]]) -> None:
         try:
-            results = await self.journal.run(record_event_batches, self.journal,
-                                             [events for events, _ in batch])
+            results = await self.journal.run(
+                record_event_batches, self.journal, [events for events, _ in batch]
+            )
         except Exception as exc:
             if len(batch) == 1:
                 if not batch[0][1].done():
@@ -114,17 +115,23 @@ class GroupCommit:
                 future.set_result(fresh)
 
 
-def create_app(*, sites: Mapping[str, SiteIntake], journal: Journal,
-               on_events: OnEvents | None = None, max_body: int = DEFAULT_MAX_BODY,
-               ready_check: ReadyCheck | None = None,
-               metrics: Metrics | None = None) -> Starlette:
+def create_app(
+    *,
+    sites: Mapping[str, SiteIntake],
+    journal: Journal,
+    on_events: OnEvents | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+    ready_check: ReadyCheck | None = None,
+    metrics: Metrics | None = None,
+) -> Starlette:
     """The intake ASGI app: POST /events/{site}, GET /healthz, /readyz, /metrics."""
     metrics = metrics if metrics is not None else METRICS
     recorder = GroupCommit(journal)
     by_name = dict(sites)
 
-    def reject(status: int, message: str, site: str | None = None,
-               headers: Mapping[str, str] | None = None) -> Response:
+    def reject(
+        status: int, message: str, site: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> Response:
         metrics.webhook_rejections.inc(status=str(status))
         log.info("webhook refused: status=%s site=%s %s", status, _short(site or "-"), message)
         return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -135,18 +142,24 @@ def create_app(*, sites: Mapping[str, SiteIntake], journal: Journal,
         site = by_name.get(site_name)
         if site is None:
             return reject(404, f"unknown site {_short(site_name)!r}", site_name)
-        if site.token is not None and not _bearer_matches(request.headers.get("authorization"),
-                                                          site.token):
-            return reject(401, "missing or wrong bearer token", site.name,
-                          {"WWW-Authenticate": 'Bearer realm="registry-replicator"'})
+        if site.token is not None and not _bearer_matches(
+            request.headers.get("authorization"), site.token
+        ):
+            return reject(
+                401,
+                "missing or wrong bearer token",
+                site.name,
+                {"WWW-Authenticate": 'Bearer realm="registry-replicator"'},
+            )
 
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
                 return reject(400, "invalid Content-Length", site.name)
             if int(declared) > max_body:
-                return reject(413, f"body of {declared} bytes exceeds the {max_body} byte "
-                              "limit", site.name)
+                return reject(
+                    413, f"body of {declared} bytes exceeds the {max_body} byte limit", site.name
+                )
         body = bytearray()
         try:
             async for chunk in request.stream():
@@ -157,11 +170,12 @@ def create_app(*, sites: Mapping[str, SiteIntake], journal: Journal,
             return reject(400, "client disconnected before the body was complete", site.name)
 
         try:
-            events = parse_webhook(bytes(body), request.headers.get("content-type"),
-                                   request.headers, site.name)
+            events = parse_webhook(
+                bytes(body), request.headers.get("content-type"), request.headers, site.name
+            )
         except WebhookError as exc:
             return reject(exc.status, exc.message, site.name)
-        except Exception:   # a parser bug must still not turn bad input into a 5xx
+        except Exception:  # a parser bug must still not turn bad input into a 5xx
             log.exception("webhook parser failed on input from site %s", site.name)
             return reject(400, "could not parse the webhook body", site.name)
         if not events:
@@ -178,16 +192,22 @@ def create_app(*, sites: Mapping[str, SiteIntake], journal: Journal,
             try:
                 await on_events(fresh)
             except Exception:
-                log.exception("event hand-over failed for site %s; %d event(s) stay 'new' in "
-                              "the journal", site.name, len(fresh))
+                log.exception(
+                    "event hand-over failed for site %s; %d event(s) stay 'new' in the journal",
+                    site.name,
+                    len(fresh),
+                )
                 metrics.webhook_rejections.inc(status="503")
-                return JSONResponse({"error": "events journaled but not dispatched; retry "
-                                     "later"}, status_code=503)
+                return JSONResponse(
+                    {"error": "events journaled but not dispatched; retry later"}, status_code=503
+                )
         for ev in fresh:
             metrics.events_received.inc(site=ev.site, action=ev.action)
         metrics.webhook_seconds.observe(time.perf_counter() - started)
-        return JSONResponse({"accepted": len(fresh), "duplicates": len(events) - len(fresh)},
-                            status_code=202 if fresh else 200)
+        return JSONResponse(
+            {"accepted": len(fresh), "duplicates": len(events) - len(fresh)},
+            status_code=202 if fresh else 200,
+        )
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -204,21 +224,25 @@ def create_app(*, sites: Mapping[str, SiteIntake], journal: Journal,
                 extra = await asyncio.wait_for(ready_check(), READY_TIMEOUT)
                 for name, value in extra.items():
                     checks[str(name)] = _normalise_check(value)
-            except Exception as exc:   # type only: messages may carry URLs or hostnames
+            except Exception as exc:  # type only: messages may carry URLs or hostnames
                 checks["ready_check"] = {"ok": False, "detail": type(exc).__name__}
         ready = all(c["ok"] for c in checks.values())
-        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
-                            status_code=200 if ready else 503)
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
 
-    app = Starlette(routes=[
-        Route("/events/{site}", post_events, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-    ])
+    app = Starlette(
+        routes=[
+            Route("/events/{site}", post_events, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ]
+    )
     app.state.group_commit = recorder
     return app
 
@@ -227,8 +251,7 @@ def probe_journal(journal: Journal) -> None:
     """A tiny write and read-back: proves the journal is open, writable and not stuck."""
     stamp = repr(now())
     with journal.transaction() as conn:
-        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('readyz_probe', ?)",
-                     (stamp,))
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('readyz_probe', ?)", (stamp,))
     row = journal.query("SELECT value FROM meta WHERE key = 'readyz_probe'")
     if not row or row[0]["value"] != stamp:
         raise RuntimeError("journal read-back did not return the probe just written")
@@ -241,8 +264,7 @@ def _bearer_matches(header: str | None, token: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     # Headers arrive latin-1 decoded; compare bytes so any content is comparable.
-    return hmac.compare_digest(provided.strip().encode("latin-1", "replace"),
-                               token.encode("utf-8"))
+    return hmac.compare_digest(provided.strip().encode("latin-1", "replace"), token.encode("utf-8"))
 
 
 def _normalise_check(value: Any) -> dict[str, Any]:

@@ -23,8 +23,7 @@ _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 LabelValues = tuple[str, ...]
 _M = TypeVar("_M", bound="_Metric")
-DEFAULT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                   10.0)
+DEFAULT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def escape_label_value(value: str) -> str:
@@ -61,8 +60,9 @@ class _Metric:
 
     def _key(self, labels: Mapping[str, object]) -> LabelValues:
         if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {list(self.labelnames)}, got "
-                             f"{sorted(labels)}")
+            raise ValueError(
+                f"{self.name} takes labels {list(self.labelnames)}, got {sorted(labels)}"
+            )
         return tuple(str(labels[n]) for n in self.labelnames)
 
     def _labels_text(self, key: LabelValues, extra: tuple[tuple[str, str], ...] = ()) -> str:
@@ -123,8 +123,9 @@ class Counter(_Metric):
     def render(self) -> list[str]:
         with self._lock:
             items = sorted(self._values.items())
-        return self._header() + [f"{self.name}{self._labels_text(k)} {format_value(v)}"
-                                 for k, v in items]
+        return self._header() + [
+            f"{self.name}{self._labels_text(k)} {format_value(v)}" for k, v in items
+        ]
 
 
 class Gauge(_Metric):
@@ -177,8 +178,10 @@ class Gauge(_Metric):
             for key, v in got.items():
                 k = (key,) if isinstance(key, str) else tuple(str(x) for x in key)
                 if len(k) != len(self.labelnames):
-                    raise ValueError(f"{self.name}: callback label key {key!r} does not "
-                                     f"match labels {list(self.labelnames)}")
+                    raise ValueError(
+                        f"{self.name}: callback label key {key!r} does not "
+                        f"match labels {list(self.labelnames)}"
+                    )
                 out[k] = float(v)
             return out
         with self._lock:
@@ -187,17 +190,23 @@ class Gauge(_Metric):
     def render(self) -> list[str]:
         try:
             items = sorted(self._snapshot().items())
-        except Exception:   # a failing callback must not break the whole scrape
+        except Exception:  # a failing callback must not break the whole scrape
             items = []
-        return self._header() + [f"{self.name}{self._labels_text(k)} {format_value(v)}"
-                                 for k, v in items]
+        return self._header() + [
+            f"{self.name}{self._labels_text(k)} {format_value(v)}" for k, v in items
+        ]
 
 
 class Histogram(_Metric):
     kind = "histogram"
 
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = (),
-                 buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labelnames: Sequence[str] = (),
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+    ) -> None:
         super().__init__(name, help_text, labelnames)
         self.buckets = tuple(sorted(float(b) for b in buckets if not math.isinf(b)))
         # per label set: [bucket counts..., +Inf count], sum
@@ -244,30 +253,52 @@ class Metrics:
         self._metrics: list[_Metric] = []
         c, g, h = self.counter, self.gauge, self.histogram
         # webhook intake
-        self.events_received = c("replicator_events_received_total",
-                                 "New (non-duplicate) registry events journaled by intake.",
-                                 ["site", "action"])
-        self.events_duplicate = c("replicator_events_duplicate_total",
-                                  "Redelivered events answered 200 and not passed on.",
-                                  ["site"])
-        self.webhook_rejections = c("replicator_webhook_rejections_total",
-                                    "Webhook requests refused, by HTTP status.", ["status"])
-        self.webhook_seconds = h("replicator_webhook_duration_seconds",
-                                 "Time from request to durable answer for accepted webhooks.")
+        self.events_received = c(
+            "replicator_events_received_total",
+            "New (non-duplicate) registry events journaled by intake.",
+            ["site", "action"],
+        )
+        self.events_duplicate = c(
+            "replicator_events_duplicate_total",
+            "Redelivered events answered 200 and not passed on.",
+            ["site"],
+        )
+        self.webhook_rejections = c(
+            "replicator_webhook_rejections_total",
+            "Webhook requests refused, by HTTP status.",
+            ["status"],
+        )
+        self.webhook_seconds = h(
+            "replicator_webhook_duration_seconds",
+            "Time from request to durable answer for accepted webhooks.",
+        )
         # work queue and replication
         self.tasks = g("replicator_tasks", "Tasks in the journal by state.", ["state"])
-        self.replication_lag = g("replicator_replication_lag_seconds",
-                                 "Age of the oldest event not yet replicated, per rule and "
-                                 "target (0 when caught up).", ["rule", "target"])
-        self.bytes_uploaded = c("replicator_bytes_uploaded_total",
-                                "Blob bytes uploaded to a target registry.", ["target"])
-        self.blobs = c("replicator_blobs_total",
-                       "Blobs handled per target: outcome is uploaded, mounted or existing.",
-                       ["target", "outcome"])
-        self.retries = c("replicator_task_retries_total",
-                         "Task attempts that failed and were scheduled again.", ["target"])
-        self.dead_letters = c("replicator_dead_letters_total",
-                              "Tasks given up after their last attempt.", ["rule", "target"])
+        self.replication_lag = g(
+            "replicator_replication_lag_seconds",
+            "Age of the oldest event not yet replicated, per rule and target (0 when caught up).",
+            ["rule", "target"],
+        )
+        self.bytes_uploaded = c(
+            "replicator_bytes_uploaded_total",
+            "Blob bytes uploaded to a target registry.",
+            ["target"],
+        )
+        self.blobs = c(
+            "replicator_blobs_total",
+            "Blobs handled per target: outcome is uploaded, mounted or existing.",
+            ["target", "outcome"],
+        )
+        self.retries = c(
+            "replicator_task_retries_total",
+            "Task attempts that failed and were scheduled again.",
+            ["target"],
+        )
+        self.dead_letters = c(
+            "replicator_dead_letters_total",
+            "Tasks given up after their last attempt.",
+            ["rule", "target"],
+        )
 
     def counter(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Counter:
         return self._add(Counter(name, help_text, labelnames))
@@ -275,8 +306,13 @@ class Metrics:
     def gauge(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Gauge:
         return self._add(Gauge(name, help_text, labelnames))
 
-    def histogram(self, name: str, help_text: str, labelnames: Sequence[str] = (),
-                  buckets: Sequence[float] = DEFAULT_BUCKETS) -> Histogram:
+    def histogram(
+        self,
+        name: str,
+        help_text: str,
+        labelnames: Sequence[str] = (),
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+    ) -> Histogram:
         return self._add(Histogram(name, help_text, labelnames, buckets))
 
     def _add(self, metric: _M) -> _M:
@@ -290,5 +326,6 @@ class Metrics:
         for metric in self._metrics:
             lines += metric.render()
         return "\n".join(lines) + "\n"
+
 
 METRICS = Metrics()

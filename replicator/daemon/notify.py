@@ -34,9 +34,12 @@ class Notifier:
                 address = "\0" + raw[1:]
             elif raw.startswith("/"):
                 address = raw
-            else:   # vsock:..., relative paths: not for us
-                log.warning("NOTIFY_SOCKET %r is not an AF_UNIX path or @name; systemd "
-                            "notifications disabled", raw)
+            else:  # vsock:..., relative paths: not for us
+                log.warning(
+                    "NOTIFY_SOCKET %r is not an AF_UNIX path or @name; systemd "
+                    "notifications disabled",
+                    raw,
+                )
         return cls(address, watchdog_usec=_watchdog_usec(env))
 
     @property
@@ -49,7 +52,7 @@ class Notifier:
             return False
         lines = []
         for key, value in fields.items():
-            text = str(value).replace("\n", " ")   # one field per line in the protocol
+            text = str(value).replace("\n", " ")  # one field per line in the protocol
             lines.append(f"{key.upper()}={text}")
         try:
             if self._sock is None:

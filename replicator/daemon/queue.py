@@ -52,8 +52,8 @@ TASK_ACTIONS: frozenset[str] = frozenset({"copy", "delete"})
 TASK_STATES: tuple[str, ...] = ("pending", "leased", "done", "cancelled", "dead")
 
 DEFAULT_MAX_ATTEMPTS = 10
-DEFAULT_BACKOFF_BASE = 2.0       # seconds before the first retry (before jitter)
-DEFAULT_BACKOFF_MAX = 600.0      # cap on one wait
+DEFAULT_BACKOFF_BASE = 2.0  # seconds before the first retry (before jitter)
+DEFAULT_BACKOFF_MAX = 600.0  # cap on one wait
 DEFAULT_LEASE_SECONDS = 60.0
 DEFAULT_REPLICATED_WINDOW = 3600.0
 _MAX_ERROR = 2000
@@ -72,11 +72,11 @@ class TaskSpec:
     action: TaskAction
     source_site: str
     target_site: str
-    repository: str                       # at the source
+    repository: str  # at the source
     target_repository: str | None = None  # defaults to `repository`
     tag: str | None = None
     digest: str | None = None
-    event_id: str | None = None           # the RegistryEvent that caused it, if any
+    event_id: str | None = None  # the RegistryEvent that caused it, if any
     trace_context: Mapping[str, str] | None = None
 
     @property
@@ -97,10 +97,12 @@ class TaskSpec:
         if self.action not in TASK_ACTIONS:
             raise QueueError(f"{where}.action: must be 'copy' or 'delete', got {self.action!r}")
         if not self.tag and not self.digest:
-            raise QueueError(f"{where}: needs a tag or a digest "
-                             f"({self.repository} -> {self.target_site})")
+            raise QueueError(
+                f"{where}: needs a tag or a digest ({self.repository} -> {self.target_site})"
+            )
         if self.trace_context is not None and not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in self.trace_context.items()):
+            isinstance(k, str) and isinstance(v, str) for k, v in self.trace_context.items()
+        ):
             raise QueueError(f"{where}.trace_context: keys and values must be strings")
 
 
@@ -142,9 +144,16 @@ class Task:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
-def record_replicated(journal: Journal, target_site: str, repository: str, digest: str,
-                      source_site: str, tag: str | None = None, *,
-                      now: float | None = None) -> None:
+def record_replicated(
+    journal: Journal,
+    target_site: str,
+    repository: str,
+    digest: str,
+    source_site: str,
+    tag: str | None = None,
+    *,
+    now: float | None = None,
+) -> None:
     """Record that we pushed `digest` (by `tag`) into `repository` at `target_site`,
     merging the tag into those already recorded for the same source (loop guard,
     failover knowledge, immutable-tag fast path)."""
@@ -152,7 +161,9 @@ def record_replicated(journal: Journal, target_site: str, repository: str, diges
         now = time.time() if now is None else now
         row = conn.execute(
             "SELECT source_site, tags FROM replicated WHERE target_site=? AND "
-            "repository=? AND digest=?", (target_site, repository, digest)).fetchone()
+            "repository=? AND digest=?",
+            (target_site, repository, digest),
+        ).fetchone()
         tags: list[str] = []
         if row is not None and row[0] == source_site and row[1]:
             tags = json.loads(row[1])
@@ -161,8 +172,8 @@ def record_replicated(journal: Journal, target_site: str, repository: str, diges
         conn.execute(
             "INSERT OR REPLACE INTO replicated (target_site, repository, digest, "
             "source_site, at, tags) VALUES (?,?,?,?,?,?)",
-            (target_site, repository, digest, source_site, now,
-             json.dumps(tags) if tags else None))
+            (target_site, repository, digest, source_site, now, json.dumps(tags) if tags else None),
+        )
 
 
 def task_key(rule: str, target_site: str, target_repository: str, reference: str | None) -> str:
@@ -170,9 +181,12 @@ def task_key(rule: str, target_site: str, target_repository: str, reference: str
     return f"{rule}|{target_site}|{target_repository}|{reference or ''}"
 
 
-def backoff_delay(attempt: int, base: float = DEFAULT_BACKOFF_BASE,
-                  cap: float = DEFAULT_BACKOFF_MAX,
-                  rng: Callable[[], float] = random.random) -> float:
+def backoff_delay(
+    attempt: int,
+    base: float = DEFAULT_BACKOFF_BASE,
+    cap: float = DEFAULT_BACKOFF_MAX,
+    rng: Callable[[], float] = random.random,
+) -> float:
     """Wait before retry number `attempt` (1-based): base*2^(attempt-1), capped, then
     "equal jitter" -- uniformly within [half, full] -- so retries of many tasks that
     failed together spread out, yet the wait still grows with every attempt."""
@@ -183,13 +197,18 @@ def backoff_delay(attempt: int, base: float = DEFAULT_BACKOFF_BASE,
 class WorkQueue:
     """The replication task queue of one daemon process (`owner_id` names its leases)."""
 
-    def __init__(self, journal: Journal, owner_id: str, *,
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                 backoff_base: float = DEFAULT_BACKOFF_BASE,
-                 backoff_max: float = DEFAULT_BACKOFF_MAX,
-                 lease_seconds: float = DEFAULT_LEASE_SECONDS,
-                 clock: Callable[[], float] = time.time,
-                 rng: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        owner_id: str,
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff_base: float = DEFAULT_BACKOFF_BASE,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         if not owner_id:
             raise QueueError("owner_id: required")
         if max_attempts < 1:
@@ -221,16 +240,25 @@ class WorkQueue:
         key = spec.key
         tc = json.dumps(dict(spec.trace_context)) if spec.trace_context else None
         pending = conn.execute(
-            "SELECT id, action, digest FROM tasks WHERE key=? AND state='pending' "
-            "ORDER BY id", (key,)).fetchall()
+            "SELECT id, action, digest FROM tasks WHERE key=? AND state='pending' ORDER BY id",
+            (key,),
+        ).fetchall()
         if spec.action == "delete" and spec.digest and not spec.tag:
             # Copies of the deleted digest (by tag) into this repository are moot now.
             conn.execute(
                 "UPDATE tasks SET state='cancelled', updated_at=?, last_error=? "
                 "WHERE state='pending' AND action='copy' AND rule=? AND target_site=? "
                 "AND target_repository=? AND digest=? AND key<>?",
-                (now, f"superseded by delete of {spec.digest}", spec.rule, spec.target_site,
-                 spec.target_repo, spec.digest, key))
+                (
+                    now,
+                    f"superseded by delete of {spec.digest}",
+                    spec.rule,
+                    spec.target_site,
+                    spec.target_repo,
+                    spec.digest,
+                    key,
+                ),
+            )
         for row_id, action, digest in pending:
             if action == spec.action:
                 # Same kind of work on the same key: carry the newest event in this row.
@@ -241,24 +269,56 @@ class WorkQueue:
                     "attempts=CASE WHEN ? THEN 0 ELSE attempts END, "
                     "next_try=CASE WHEN ? THEN MIN(next_try, ?) ELSE next_try END "
                     "WHERE id=?",
-                    (spec.digest, spec.tag, spec.source_site, spec.repository, spec.event_id,
-                     tc, now, reset, reset, now, row_id))
+                    (
+                        spec.digest,
+                        spec.tag,
+                        spec.source_site,
+                        spec.repository,
+                        spec.event_id,
+                        tc,
+                        now,
+                        reset,
+                        reset,
+                        now,
+                        row_id,
+                    ),
+                )
                 return int(row_id)
             conn.execute(
                 "UPDATE tasks SET state='cancelled', updated_at=?, last_error=? WHERE id=?",
-                (now, f"superseded by {spec.action}", row_id))
+                (now, f"superseded by {spec.action}", row_id),
+            )
         cur = conn.execute(
             "INSERT INTO tasks (key, rule, action, source_site, target_site, repository, "
             "target_repository, tag, digest, state, attempts, next_try, event_id, "
             "trace_context, created_at, updated_at) "
             "VALUES (?,?,?,?,?,?,?,?,?,'pending',0,?,?,?,?,?)",
-            (key, spec.rule, spec.action, spec.source_site, spec.target_site, spec.repository,
-             spec.target_repo, spec.tag, spec.digest, now, spec.event_id, tc, now, now))
+            (
+                key,
+                spec.rule,
+                spec.action,
+                spec.source_site,
+                spec.target_site,
+                spec.repository,
+                spec.target_repo,
+                spec.tag,
+                spec.digest,
+                now,
+                spec.event_id,
+                tc,
+                now,
+                now,
+            ),
+        )
         return int(cur.lastrowid)
 
     # --- leasing ----------------------------------------------------------------
-    def lease(self, n: int, lease_seconds: float | None = None,
-              target_limits: Mapping[str, int] | None = None) -> list[Task]:
+    def lease(
+        self,
+        n: int,
+        lease_seconds: float | None = None,
+        target_limits: Mapping[str, int] | None = None,
+    ) -> list[Task]:
         """Claim up to `n` ready tasks (pending, next_try <= now, no leased task with the
         same key), never exceeding `target_limits[target_site]` concurrently leased
         tasks per target (targets not listed are unlimited). Atomic across threads and
@@ -269,9 +329,12 @@ class WorkQueue:
         limits = dict(target_limits or {})
         with self.journal.transaction() as conn:
             now = self._clock()
-            busy = dict(conn.execute(
-                "SELECT target_site, COUNT(*) FROM tasks WHERE state='leased' "
-                "GROUP BY target_site").fetchall())
+            busy = dict(
+                conn.execute(
+                    "SELECT target_site, COUNT(*) FROM tasks WHERE state='leased' "
+                    "GROUP BY target_site"
+                ).fetchall()
+            )
             chosen: list[int] = []
             keys: set[str] = set()
             page, offset, full = max(4 * n, 64), 0, []
@@ -286,7 +349,8 @@ class WorkQueue:
                     + (f"AND target_site NOT IN ({marks}) " if full else "")
                     + "AND NOT EXISTS (SELECT 1 FROM tasks l WHERE l.key = t.key "
                     "AND l.state='leased') ORDER BY next_try, id LIMIT ? OFFSET ?",
-                    (now, *full, page, offset)).fetchall()
+                    (now, *full, page, offset),
+                ).fetchall()
                 for row_id, key, target in rows:
                     if len(chosen) >= n:
                         break
@@ -305,9 +369,11 @@ class WorkQueue:
             conn.execute(
                 f"UPDATE tasks SET state='leased', lease_owner=?, lease_until=?, "
                 f"attempts=attempts+1, updated_at=? WHERE id IN ({marks})",
-                (self.owner_id, now + seconds, now, *chosen))
-            rows = conn.execute(f"SELECT * FROM tasks WHERE id IN ({marks}) "
-                                "ORDER BY next_try, id", chosen)
+                (self.owner_id, now + seconds, now, *chosen),
+            )
+            rows = conn.execute(
+                f"SELECT * FROM tasks WHERE id IN ({marks}) ORDER BY next_try, id", chosen
+            )
             cols = [d[0] for d in rows.description]
             return [Task.from_row(dict(zip(cols, r, strict=True))) for r in rows.fetchall()]
 
@@ -320,11 +386,14 @@ class WorkQueue:
     def complete(self, task_id: int) -> bool:
         """Mark our leased task done; False when the lease was lost meanwhile."""
         return self._owned_update(
-            task_id, "state='done', lease_owner=NULL, lease_until=NULL, last_error=NULL, "
-            "updated_at=?", (self._clock(),))
+            task_id,
+            "state='done', lease_owner=NULL, lease_until=NULL, last_error=NULL, updated_at=?",
+            (self._clock(),),
+        )
 
-    def fail(self, task_id: int, error: str, retryable: bool = True,
-             retry_after: float | None = None) -> bool:
+    def fail(
+        self, task_id: int, error: str, retryable: bool = True, retry_after: float | None = None
+    ) -> bool:
         """Record a failed attempt: back to pending after a capped, jittered exponential
         wait (at least `retry_after` seconds, e.g. a 429's Retry-After), or `dead` when
         not retryable or after `max_attempts`. False when the lease was lost meanwhile."""
@@ -333,14 +402,17 @@ class WorkQueue:
             now = self._clock()
             row = conn.execute(
                 "SELECT attempts FROM tasks WHERE id=? AND state='leased' AND lease_owner=?",
-                (task_id, self.owner_id)).fetchone()
+                (task_id, self.owner_id),
+            ).fetchone()
             if row is None:
                 return False
             attempts = int(row[0])
             if not retryable or attempts >= self.max_attempts:
                 conn.execute(
                     "UPDATE tasks SET state='dead', lease_owner=NULL, lease_until=NULL, "
-                    "last_error=?, updated_at=? WHERE id=?", (message, now, task_id))
+                    "last_error=?, updated_at=? WHERE id=?",
+                    (message, now, task_id),
+                )
                 return True
             delay = backoff_delay(attempts, self.backoff_base, self.backoff_max, self._rng)
             if retry_after is not None:
@@ -348,7 +420,8 @@ class WorkQueue:
             conn.execute(
                 "UPDATE tasks SET state='pending', lease_owner=NULL, lease_until=NULL, "
                 "last_error=?, next_try=?, updated_at=? WHERE id=?",
-                (message, now + delay, now, task_id))
+                (message, now + delay, now, task_id),
+            )
             return True
 
     def requeue_expired(self) -> int:
@@ -361,12 +434,15 @@ class WorkQueue:
                 "'lease expired (owner ' || COALESCE(lease_owner, '?') || ')', "
                 "lease_owner=NULL, lease_until=NULL, updated_at=? "
                 "WHERE state='leased' AND lease_until <= ? AND attempts >= ?",
-                (now, now, self.max_attempts)).rowcount
+                (now, now, self.max_attempts),
+            ).rowcount
             back = conn.execute(
                 "UPDATE tasks SET state='pending', next_try=?, "
                 "last_error='lease expired (owner ' || COALESCE(lease_owner, '?') || ')', "
                 "lease_owner=NULL, lease_until=NULL, updated_at=? "
-                "WHERE state='leased' AND lease_until <= ?", (now, now, now)).rowcount
+                "WHERE state='leased' AND lease_until <= ?",
+                (now, now, now),
+            ).rowcount
             return dead + back
 
     def release_owned(self) -> int:
@@ -376,12 +452,18 @@ class WorkQueue:
         return self.journal.execute(
             "UPDATE tasks SET state='pending', next_try=?, attempts=MAX(attempts-1, 0), "
             "lease_owner=NULL, lease_until=NULL, updated_at=? "
-            "WHERE state='leased' AND lease_owner=?", (now, now, self.owner_id))
+            "WHERE state='leased' AND lease_owner=?",
+            (now, now, self.owner_id),
+        )
 
     def _owned_update(self, task_id: int, assignments: str, params: tuple[Any, ...]) -> bool:
-        return self.journal.execute(
-            f"UPDATE tasks SET {assignments} WHERE id=? AND state='leased' AND lease_owner=?",
-            (*params, task_id, self.owner_id)) == 1
+        return (
+            self.journal.execute(
+                f"UPDATE tasks SET {assignments} WHERE id=? AND state='leased' AND lease_owner=?",
+                (*params, task_id, self.owner_id),
+            )
+            == 1
+        )
 
     # --- inspection -------------------------------------------------------------
     def get(self, task_id: int) -> Task | None:
@@ -394,8 +476,9 @@ class WorkQueue:
             counts[row["state"]] = row["n"]
         return counts
 
-    def oldest_pending_age(self, rule: str | None = None,
-                           target: str | None = None) -> float | None:
+    def oldest_pending_age(
+        self, rule: str | None = None, target: str | None = None
+    ) -> float | None:
         """Replication lag: seconds since the oldest unfinished (pending or leased) task
         was first queued, optionally for one rule and/or target site; None when idle."""
         sql = "SELECT MIN(created_at) AS t FROM tasks WHERE state IN ('pending','leased')"
@@ -412,7 +495,8 @@ class WorkQueue:
     def dead_letters(self, limit: int = 100) -> list[Task]:
         rows = self.journal.query(
             "SELECT * FROM tasks WHERE state='dead' ORDER BY updated_at DESC, id DESC LIMIT ?",
-            (limit,))
+            (limit,),
+        )
         return [Task.from_row(r) for r in rows]
 
     def retry_dead(self, task_id: int) -> bool:
@@ -421,38 +505,56 @@ class WorkQueue:
         returned; False too when the task is not dead."""
         with self.journal.transaction() as conn:
             now = self._clock()
-            row = conn.execute("SELECT key FROM tasks WHERE id=? AND state='dead'",
-                               (task_id,)).fetchone()
+            row = conn.execute(
+                "SELECT key FROM tasks WHERE id=? AND state='dead'", (task_id,)
+            ).fetchone()
             if row is None:
                 return False
-            newer = conn.execute("SELECT 1 FROM tasks WHERE key=? AND state='pending'",
-                                 (row[0],)).fetchone()
+            newer = conn.execute(
+                "SELECT 1 FROM tasks WHERE key=? AND state='pending'", (row[0],)
+            ).fetchone()
             if newer:
-                conn.execute("UPDATE tasks SET state='cancelled', updated_at=? WHERE id=?",
-                             (now, task_id))
+                conn.execute(
+                    "UPDATE tasks SET state='cancelled', updated_at=? WHERE id=?", (now, task_id)
+                )
                 return False
-            conn.execute("UPDATE tasks SET state='pending', attempts=0, next_try=?, "
-                         "updated_at=? WHERE id=?", (now, now, task_id))
+            conn.execute(
+                "UPDATE tasks SET state='pending', attempts=0, next_try=?, updated_at=? WHERE id=?",
+                (now, now, task_id),
+            )
             return True
 
     def purge_finished(self, older_than: float) -> int:
         """Delete done/cancelled rows last touched more than `older_than` seconds ago."""
         return self.journal.execute(
             "DELETE FROM tasks WHERE state IN ('done','cancelled') AND updated_at < ?",
-            (self._clock() - older_than,))
+            (self._clock() - older_than,),
+        )
 
     # --- loop prevention --------------------------------------------------------
-    def record_replicated(self, target_site: str, repository: str, digest: str,
-                          source_site: str, tag: str | None = None) -> None:
+    def record_replicated(
+        self,
+        target_site: str,
+        repository: str,
+        digest: str,
+        source_site: str,
+        tag: str | None = None,
+    ) -> None:
         """Remember that we are about to push `digest` (by `tag`, if any) into `repository`
         at `target_site`. Call it BEFORE the manifest PUT: the target's webhook can arrive
         before the PUT returns."""
-        record_replicated(self.journal, target_site, repository, digest, source_site, tag,
-                          now=self._clock())
+        record_replicated(
+            self.journal, target_site, repository, digest, source_site, tag, now=self._clock()
+        )
 
-    def was_replicated_here(self, site: str, repository: str, digest: str,
-                            tag: str | None = None,
-                            within: float | None = DEFAULT_REPLICATED_WINDOW) -> str | None:
+    def was_replicated_here(
+        self,
+        site: str,
+        repository: str,
+        digest: str,
+        tag: str | None = None,
+        within: float | None = DEFAULT_REPLICATED_WINDOW,
+    ) -> str | None:
         """The site we replicated `repository@digest` from into `site`, if our own push
         explains an event there, else None. With `tag`, the record must name that tag
         (a re-tag of the same digest at `site` is a genuine change to replicate); the
@@ -460,7 +562,9 @@ class WorkQueue:
         genuine later push of the same content."""
         rows = self.journal.query(
             "SELECT source_site, at, tags FROM replicated WHERE target_site=? AND "
-            "repository=? AND digest=?", (site, repository, digest))
+            "repository=? AND digest=?",
+            (site, repository, digest),
+        )
         if not rows:
             return None
         row = rows[0]
@@ -474,8 +578,12 @@ class WorkQueue:
     async def aenqueue(self, tasks: Iterable[TaskSpec]) -> list[int]:
         return await self.journal.run(self.enqueue, list(tasks))
 
-    async def alease(self, n: int, lease_seconds: float | None = None,
-                     target_limits: Mapping[str, int] | None = None) -> list[Task]:
+    async def alease(
+        self,
+        n: int,
+        lease_seconds: float | None = None,
+        target_limits: Mapping[str, int] | None = None,
+    ) -> list[Task]:
         return await self.journal.run(self.lease, n, lease_seconds, target_limits)
 
     async def arenew(self, task_id: int, lease_seconds: float | None = None) -> bool:
@@ -484,8 +592,9 @@ class WorkQueue:
     async def acomplete(self, task_id: int) -> bool:
         return await self.journal.run(self.complete, task_id)
 
-    async def afail(self, task_id: int, error: str, retryable: bool = True,
-                    retry_after: float | None = None) -> bool:
+    async def afail(
+        self, task_id: int, error: str, retryable: bool = True, retry_after: float | None = None
+    ) -> bool:
         return await self.journal.run(self.fail, task_id, error, retryable, retry_after)
 
     async def arequeue_expired(self) -> int:
@@ -497,8 +606,9 @@ class WorkQueue:
     async def acounts_by_state(self) -> dict[str, int]:
         return await self.journal.run(self.counts_by_state)
 
-    async def aoldest_pending_age(self, rule: str | None = None,
-                                  target: str | None = None) -> float | None:
+    async def aoldest_pending_age(
+        self, rule: str | None = None, target: str | None = None
+    ) -> float | None:
         return await self.journal.run(self.oldest_pending_age, rule, target)
 
     async def adead_letters(self, limit: int = 100) -> list[Task]:
@@ -507,14 +617,26 @@ class WorkQueue:
     async def aretry_dead(self, task_id: int) -> bool:
         return await self.journal.run(self.retry_dead, task_id)
 
-    async def arecord_replicated(self, target_site: str, repository: str, digest: str,
-                                 source_site: str, tag: str | None = None) -> None:
-        await self.journal.run(self.record_replicated, target_site, repository, digest,
-                               source_site, tag)
+    async def arecord_replicated(
+        self,
+        target_site: str,
+        repository: str,
+        digest: str,
+        source_site: str,
+        tag: str | None = None,
+    ) -> None:
+        await self.journal.run(
+            self.record_replicated, target_site, repository, digest, source_site, tag
+        )
 
-    async def awas_replicated_here(self, site: str, repository: str, digest: str,
-                                   tag: str | None = None,
-                                   within: float | None = DEFAULT_REPLICATED_WINDOW
-                                   ) -> str | None:
-        return await self.journal.run(self.was_replicated_here, site, repository, digest,
-                                      tag, within)
+    async def awas_replicated_here(
+        self,
+        site: str,
+        repository: str,
+        digest: str,
+        tag: str | None = None,
+        within: float | None = DEFAULT_REPLICATED_WINDOW,
+    ) -> str | None:
+        return await self.journal.run(
+            self.was_replicated_here, site, repository, digest, tag, within
+        )

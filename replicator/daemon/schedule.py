@@ -30,10 +30,17 @@ class Periodic:
     """Runs `job` on a schedule until stopped; a run still going when the next is due
     is not started twice (the next run waits for the schedule after it ends)."""
 
-    def __init__(self, name: str, job: Callable[[], Awaitable[object]], *,
-                 interval: float | None = None, cron: str | None = None,
-                 run_at_start: bool = False, jitter: float = 0.0,
-                 lock: asyncio.Lock | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        job: Callable[[], Awaitable[object]],
+        *,
+        interval: float | None = None,
+        cron: str | None = None,
+        run_at_start: bool = False,
+        jitter: float = 0.0,
+        lock: asyncio.Lock | None = None,
+    ) -> None:
         self.name = name
         self.job = job
         self.interval = interval

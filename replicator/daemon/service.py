@@ -51,8 +51,8 @@ from replicator.sync import Reconciler, rules_in_force
 
 log = logging.getLogger("replicator.daemon")
 
-REDISPATCH_AFTER = 30.0     # an event still 'new' this long after arrival is re-published
-POLL_INTERVAL = 1.0         # how often workers look for tasks whose retry time has come
+REDISPATCH_AFTER = 30.0  # an event still 'new' this long after arrival is re-published
+POLL_INTERVAL = 1.0  # how often workers look for tasks whose retry time has come
 
 
 class _Server(uvicorn.Server):
@@ -67,19 +67,29 @@ class _Server(uvicorn.Server):
 
 
 class Daemon:
-    def __init__(self, config_path: str | os.PathLike[str], *, instance_id: str | None = None,
-                 workers: int = 8, drain_timeout: float = 8.0, retry_base: float = 2.0,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config_path: str | os.PathLike[str],
+        *,
+        instance_id: str | None = None,
+        workers: int = 8,
+        drain_timeout: float = 8.0,
+        retry_base: float = 2.0,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config_path = Path(config_path)
         self.config: Config = load_config(self.config_path)
-        self.instance_id = instance_id or (self.config.mqtt.client_id if self.config.mqtt
-                                           and self.config.mqtt.client_id else
-                                           f"{socket.gethostname()}-{os.getpid()}")
+        self.instance_id = instance_id or (
+            self.config.mqtt.client_id
+            if self.config.mqtt and self.config.mqtt.client_id
+            else f"{socket.gethostname()}-{os.getpid()}"
+        )
         self.workers = workers
         self.drain_timeout = drain_timeout
         self.metrics = metrics or METRICS
-        self.telemetry = telemetry.setup_telemetry(self.config, metrics=self.metrics,
-                                                   instance_id=self.instance_id)
+        self.telemetry = telemetry.setup_telemetry(
+            self.config, metrics=self.metrics, instance_id=self.instance_id
+        )
         self.notifier = Notifier.from_env()
         self.journal = Journal(self.config.journal)
         self.queue = WorkQueue(self.journal, self.instance_id, backoff_base=retry_base)
@@ -89,7 +99,7 @@ class Daemon:
         self.rules: list[Rule] = list(self.config.rules)
         self._stop = asyncio.Event()
         self._work_ready = asyncio.Event()
-        self._to_mark: list[str] = []          # event ids to mark 'dispatched', batched
+        self._to_mark: list[str] = []  # event ids to mark 'dispatched', batched
         self._mark_ready = asyncio.Event()
         self._running: dict[int, asyncio.Task] = {}
         self._periodic: dict[str, Periodic] = {}
@@ -102,20 +112,30 @@ class Daemon:
         mqtt = self.config.mqtt
         if mqtt is None:
             return InProcessBus()
-        return MqttBus(mqtt.url, mqtt.topic, self.instance_id, group=mqtt.group,
-                       username=mqtt.username, password=mqtt.password(), qos=mqtt.qos)
+        return MqttBus(
+            mqtt.url,
+            mqtt.topic,
+            self.instance_id,
+            group=mqtt.group,
+            username=mqtt.username,
+            password=mqtt.password(),
+            qos=mqtt.qos,
+        )
 
     def _intake_sites(self) -> dict[str, SiteIntake]:
-        return {name: SiteIntake(name, site.webhook_token())
-                for name, site in self.config.sites.items()}
+        return {
+            name: SiteIntake(name, site.webhook_token()) for name, site in self.config.sites.items()
+        }
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._background.append(
-            asyncio.create_task(self.reload(), name="reload")))
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: self._background.append(asyncio.create_task(self.reload(), name="reload")),
+        )
         try:
             await self._start()
             self.notifier.ready(f"serving on {self.config.listen}")
@@ -139,19 +159,27 @@ class Daemon:
         if leftover:
             log.info("re-publishing %d events journaled before the last stop", len(leftover))
             await self._publish(leftover)
-        app = create_app(sites=self._intake_sites(), journal=self.journal,
-                         on_events=self._publish, ready_check=self._ready,
-                         metrics=self.metrics)
+        app = create_app(
+            sites=self._intake_sites(),
+            journal=self.journal,
+            on_events=self._publish,
+            ready_check=self._ready,
+            metrics=self.metrics,
+        )
         host, port = self.config.listen_host, self.config.listen_port
-        self._server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None,
-                                              access_log=False, lifespan="off"))
+        self._server = _Server(
+            uvicorn.Config(
+                app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
+            )
+        )
         serve = asyncio.create_task(self._server.serve(), name="http")
         self._background.append(serve)
         while not self._server.started:
             if serve.done():
                 exc = serve.exception()
-                raise ReplicatorError(f"cannot listen on {self.config.listen}: "
-                                      f"{exc or 'server exited'}")
+                raise ReplicatorError(
+                    f"cannot listen on {self.config.listen}: {exc or 'server exited'}"
+                )
             await asyncio.sleep(0.01)
         self._background += [
             asyncio.create_task(self._work_loop(), name="workers"),
@@ -181,8 +209,9 @@ class Daemon:
         for periodic in self._periodic.values():
             periodic.task.cancel()  # type: ignore[attr-defined]
         if self._running:
-            _done, pending = await asyncio.wait(list(self._running.values()),
-                                                timeout=self.drain_timeout)
+            _done, pending = await asyncio.wait(
+                list(self._running.values()), timeout=self.drain_timeout
+            )
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -223,14 +252,18 @@ class Daemon:
         self._schedule_reconciles(previous)
         self._schedule_gc(previous)
         # in-flight copies keep the old clients until they finish
-        self._background.append(asyncio.create_task(
-            self._close_later(old_pool, list(self._running.values()), list(previous.values())),
-            name="close-old-pool"))
+        self._background.append(
+            asyncio.create_task(
+                self._close_later(old_pool, list(self._running.values()), list(previous.values())),
+                name="close-old-pool",
+            )
+        )
         log.info("configuration reloaded: %d rules", len(self.rules))
         self.notifier.ready("configuration reloaded")
 
-    async def _close_later(self, pool: ClientPool, users: list[asyncio.Task],
-                           periodics: list[Periodic]) -> None:
+    async def _close_later(
+        self, pool: ClientPool, users: list[asyncio.Task], periodics: list[Periodic]
+    ) -> None:
         """Close the previous configuration's clients once nothing uses them: the copies
         running at reload time and any reconcile or GC run then in progress."""
         await asyncio.gather(*users, return_exceptions=True)
@@ -243,9 +276,15 @@ class Daemon:
     async def _publish(self, events: list[RegistryEvent]) -> None:
         """Intake hook: an event is handed to the bus before the webhook is answered."""
         for event in events:
-            with telemetry.span("event", site=event.site, action=event.action, tag=event.tag,
-                                repository=event.repository, digest=event.digest,
-                                event_id=event.id):
+            with telemetry.span(
+                "event",
+                site=event.site,
+                action=event.action,
+                tag=event.tag,
+                repository=event.repository,
+                digest=event.digest,
+                event_id=event.id,
+            ):
                 await self.bus.publish(event)  # the bus carries this span's traceparent
         if not isinstance(self.bus, InProcessBus):
             self._mark_dispatched([e.id for e in events])  # durable in the broker now
@@ -272,8 +311,11 @@ class Daemon:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("marking events dispatched failed (they stay 'new' and are "
-                            "re-published later): %s", exc)
+                log.warning(
+                    "marking events dispatched failed (they stay 'new' and are "
+                    "re-published later): %s",
+                    exc,
+                )
 
     async def _redispatch_loop(self) -> None:
         """Events journaled but never published (a crash, a broker outage) go out again."""
@@ -290,8 +332,9 @@ class Daemon:
             await asyncio.sleep(REDISPATCH_AFTER / 3)
 
     def _stale_events(self) -> list[RegistryEvent]:
-        return events_by_state(self.journal, "new",
-                               received_before=time.time() - REDISPATCH_AFTER, limit=500)
+        return events_by_state(
+            self.journal, "new", received_before=time.time() - REDISPATCH_AFTER, limit=500
+        )
 
     async def _on_event(self, event: RegistryEvent, trace_context: Mapping[str, str]) -> None:
         """Bus handler. The in-process bus is only memory, so its events count as
@@ -311,11 +354,16 @@ class Daemon:
             return
         await self._remember(event)
         if event.action == "push" and event.digest:
-            source = await self.queue.awas_replicated_here(event.site, event.repository,
-                                                           event.digest, event.tag)
+            source = await self.queue.awas_replicated_here(
+                event.site, event.repository, event.digest, event.tag
+            )
             if source is not None:
-                log.debug("event %s at %s is our own replication from %s; not bounced back",
-                          event.id, event.site, source)
+                log.debug(
+                    "event %s at %s is our own replication from %s; not bounced back",
+                    event.id,
+                    event.site,
+                    source,
+                )
                 return
         specs = tasks_for_event(self.config, self.rules, event, trace_context)
         if specs:
@@ -325,13 +373,25 @@ class Daemon:
     async def _remember(self, event: RegistryEvent) -> None:
         """Keep the inventory current from webhooks: push times feed retention policies."""
         if event.action == "push" and event.is_manifest and event.tag and event.digest:
-            await self.journal.run(inventory.record_tags, self.journal, event.site,
-                                   event.repository, {event.tag: event.digest},
-                                   event.occurred_at or time.time())
+            await self.journal.run(
+                inventory.record_tags,
+                self.journal,
+                event.site,
+                event.repository,
+                {event.tag: event.digest},
+                event.occurred_at or time.time(),
+            )
         elif event.action == "delete":
-            await self.journal.run(functools.partial(
-                inventory.forget, self.journal, event.site, event.repository, tag=event.tag,
-                digest=None if event.tag else event.digest))
+            await self.journal.run(
+                functools.partial(
+                    inventory.forget,
+                    self.journal,
+                    event.site,
+                    event.repository,
+                    tag=event.tag,
+                    digest=None if event.tag else event.digest,
+                )
+            )
 
     # ----------------------------------------------------------------- workers
     async def _work_loop(self) -> None:
@@ -340,8 +400,7 @@ class Daemon:
             self._work_ready.clear()
             free = self.workers - len(self._running)
             if free > 0:
-                limits = {name: site.limits.concurrency
-                          for name, site in self.config.sites.items()}
+                limits = {name: site.limits.concurrency for name, site in self.config.sites.items()}
                 try:
                     tasks = await self.queue.alease(free, None, limits)
                 except Exception as exc:
@@ -371,8 +430,9 @@ class Daemon:
         rule = self._rule(task.rule)
         try:
             if rule is None:
-                await self.queue.afail(task.id, f"rule {task.rule!r} is no longer configured",
-                                       retryable=False)
+                await self.queue.afail(
+                    task.id, f"rule {task.rule!r} is no longer configured", retryable=False
+                )
                 return
             src, dst = self.pool[task.source_site], self.pool[task.target_site]
             if task.action == "copy":
@@ -387,12 +447,19 @@ class Daemon:
             log.exception("task %d crashed", task.id)
             await self._failed(task, f"{type(exc).__name__}: {exc}", retryable=True)
 
-    async def _copy(self, task: Task, rule: Rule, src: RegistryClient,
-                    dst: RegistryClient) -> None:
-        options = CopyOptions(platforms=rule.platform_list or None, referrers=rule.referrers,
-                              overwrite=rule.overwrite)
-        result = await self.engine.copy(src, task.repository, task.reference, dst,
-                                        task.target_repository, tag=task.tag, options=options)
+    async def _copy(self, task: Task, rule: Rule, src: RegistryClient, dst: RegistryClient) -> None:
+        options = CopyOptions(
+            platforms=rule.platform_list or None, referrers=rule.referrers, overwrite=rule.overwrite
+        )
+        result = await self.engine.copy(
+            src,
+            task.repository,
+            task.reference,
+            dst,
+            task.target_repository,
+            tag=task.tag,
+            options=options,
+        )
         stats = result.stats
         m = self.metrics
         m.bytes_uploaded.inc(stats.bytes_uploaded, target=task.target_site)
@@ -402,8 +469,11 @@ class Daemon:
         if result.status == "failed":
             await self._failed(task, result.error or "copy failed", result.retryable)
         elif result.status == "conflict":
-            await self._failed(task, f"{result.target} differs from the source and the rule "
-                                     "says overwrite: false", retryable=False)
+            await self._failed(
+                task,
+                f"{result.target} differs from the source and the rule says overwrite: false",
+                retryable=False,
+            )
         else:
             await self.queue.acomplete(task.id)
 
@@ -415,8 +485,9 @@ class Daemon:
                 await self.queue.acomplete(task.id)
                 return
             digest = head.digest
-        await self.queue.arecord_replicated(task.target_site, task.target_repository,
-                                            digest, task.source_site)
+        await self.queue.arecord_replicated(
+            task.target_site, task.target_repository, digest, task.source_site
+        )
         await dst.delete_manifest(task.target_repository, digest)
         await self.queue.acomplete(task.id)
 
@@ -427,14 +498,22 @@ class Daemon:
         row = await self.journal.run(self.queue.get, task.id)
         if row is not None and row.state == "dead":
             self.metrics.dead_letters.inc(rule=task.rule, target=task.target_site)
-        log.warning("task %d (%s %s -> %s/%s) failed: %s", task.id, task.action,
-                    task.reference, task.target_site, task.target_repository, error[:500])
+        log.warning(
+            "task %d (%s %s -> %s/%s) failed: %s",
+            task.id,
+            task.action,
+            task.reference,
+            task.target_site,
+            task.target_repository,
+            error[:500],
+        )
 
     async def _before_put(self, dst: RegistryClient, repo: str, digest: str, ref: str) -> None:
         """Loop guard: remember our own push before the target can tell us about it."""
         tag = None if is_digest(ref) else ref
-        await self.queue.arecord_replicated(dst.site.name, repo, digest,
-                                            COPY_SOURCE.get() or "?", tag)
+        await self.queue.arecord_replicated(
+            dst.site.name, repo, digest, COPY_SOURCE.get() or "?", tag
+        )
 
     # --------------------------------------------------------------- schedules
     def _schedule_reconciles(self, previous: Mapping[str, Periodic] | None = None) -> None:
@@ -443,17 +522,23 @@ class Daemon:
                 continue
             name = f"reconcile:{rule.name}"
             old = (previous or {}).get(name)
-            periodic = Periodic(name, lambda r=rule.name: self.reconcile([r]),
-                                interval=rule.interval, cron=rule.schedule,
-                                jitter=min(5.0, (rule.interval or 60) / 10),
-                                lock=old.running if old else None)
+            periodic = Periodic(
+                name,
+                lambda r=rule.name: self.reconcile([r]),
+                interval=rule.interval,
+                cron=rule.schedule,
+                jitter=min(5.0, (rule.interval or 60) / 10),
+                lock=old.running if old else None,
+            )
             periodic.task = asyncio.create_task(periodic.loop(), name=name)  # type: ignore
             self._periodic[name] = periodic
 
     async def reconcile(self, rule_names: list[str] | None = None) -> None:
         reconciler = Reconciler(self.config, self.journal, self.pool, self.engine)
-        report = await reconciler.run(rule_names, rules=self.rules if not rule_names else
-                                      [r for r in self.rules if r.name in rule_names])
+        report = await reconciler.run(
+            rule_names,
+            rules=self.rules if not rule_names else [r for r in self.rules if r.name in rule_names],
+        )
         counts = report.counts()
         log.info("reconcile %s: %s", ",".join(rule_names or ["all"]), counts)
         if report.failures:
@@ -463,8 +548,12 @@ class Daemon:
         if not self.config.gc.schedule or not self.config.gc.policies:
             return
         old = (previous or {}).get("gc")
-        periodic = Periodic("gc", self.collect_garbage, cron=self.config.gc.schedule,
-                            lock=old.running if old else None)
+        periodic = Periodic(
+            "gc",
+            self.collect_garbage,
+            cron=self.config.gc.schedule,
+            lock=old.running if old else None,
+        )
         periodic.task = asyncio.create_task(periodic.loop(), name="gc")  # type: ignore
         self._periodic["gc"] = periodic
 
@@ -475,8 +564,7 @@ class Daemon:
 
     # ----------------------------------------------------------------- health
     async def _ready(self) -> dict:
-        checks: dict = {"bus": {"ok": self.bus.connected,
-                                "detail": type(self.bus).__name__}}
+        checks: dict = {"bus": {"ok": self.bus.connected, "detail": type(self.bus).__name__}}
         return checks
 
     async def _watchdog_loop(self) -> None:
@@ -496,7 +584,8 @@ class Daemon:
         def lag() -> dict:
             rows = journal.query(
                 "SELECT rule, target_site, MIN(created_at) AS oldest FROM tasks "
-                "WHERE state IN ('pending', 'leased') GROUP BY rule, target_site")
+                "WHERE state IN ('pending', 'leased') GROUP BY rule, target_site"
+            )
             now = time.time()
             return {(r["rule"], r["target_site"]): max(0.0, now - r["oldest"]) for r in rows}
 

@@ -25,9 +25,11 @@ def free_port() -> int:
 def registry_binary() -> str:
     found = shutil.which("docker-registry") or shutil.which("registry")
     if not found:
-        raise ReplicatorError("the demo needs Debian's docker-registry package (CNCF "
-                              "distribution); run `bash .ci/setup` or "
-                              "`apt-get install docker-registry`")
+        raise ReplicatorError(
+            "the demo needs Debian's docker-registry package (CNCF "
+            "distribution); run `bash .ci/setup` or "
+            "`apt-get install docker-registry`"
+        )
     return found
 
 
@@ -56,26 +58,39 @@ class LocalRegistry:
         config: dict = {
             "version": 0.1,
             "log": {"level": "error", "accesslog": {"disabled": True}},
-            "storage": {"filesystem": {"rootdirectory": str(self.storage)},
-                        "delete": {"enabled": True},
-                        "maintenance": {"uploadpurging": {"enabled": False}}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage)},
+                "delete": {"enabled": True},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
             "http": {"addr": f"127.0.0.1:{self.port}", "secret": "demo-only"},
         }
         if self.notify_url:
-            config["notifications"] = {"events": {"includereferences": True}, "endpoints": [{
-                "name": "replicator", "url": self.notify_url, "timeout": "2s",
-                "threshold": 3, "backoff": "500ms",
-                "headers": {"Authorization": [f"Bearer {self.notify_token}"]},
-            }]}
+            config["notifications"] = {
+                "events": {"includereferences": True},
+                "endpoints": [
+                    {
+                        "name": "replicator",
+                        "url": self.notify_url,
+                        "timeout": "2s",
+                        "threshold": 3,
+                        "backoff": "500ms",
+                        "headers": {"Authorization": [f"Bearer {self.notify_token}"]},
+                    }
+                ],
+            }
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(config))
 
     def spawn(self) -> None:
         self.write_config()
         with open(self.root / "registry.log", "ab") as log:
-            self.proc = subprocess.Popen([registry_binary(), "serve", str(self.config_path)],
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [registry_binary(), "serve", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     async def start(self) -> None:
         await asyncio.to_thread(self.spawn)
@@ -84,8 +99,9 @@ class LocalRegistry:
         async with httpx.AsyncClient() as http:
             while True:
                 if self.proc.poll() is not None:
-                    raise ReplicatorError(f"registry {self.name} exited; see "
-                                          f"{self.root / 'registry.log'}")
+                    raise ReplicatorError(
+                        f"registry {self.name} exited; see {self.root / 'registry.log'}"
+                    )
                 try:
                     if (await http.get(f"{self.url}/v2/", timeout=1)).status_code == 200:
                         return

@@ -50,7 +50,7 @@ def write_config(workdir: Path, registries: dict[str, LocalRegistry], port: int)
         site["registry_config"] = str(reg.config_path)
         site["webhook_token_env"] = "DEMO_WEBHOOK_TOKEN"
     for policy in config.get("gc", {}).get("policies", []):
-        policy["grace"] = "1s"          # the demo's images are seconds old
+        policy["grace"] = "1s"  # the demo's images are seconds old
         policy["mode"] = "storage"
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -67,8 +67,9 @@ async def _wait_for(check: Callable[[], object], what: str, timeout: float) -> N
         await asyncio.sleep(0.1)
 
 
-async def run_demo(*, quick: bool = False, keep: bool = False,
-                   say: Callable[[str], None] = print) -> int:
+async def run_demo(
+    *, quick: bool = False, keep: bool = False, say: Callable[[str], None] = print
+) -> int:
     import os
 
     from replicator.daemon.service import Daemon
@@ -77,9 +78,12 @@ async def run_demo(*, quick: bool = False, keep: bool = False,
     token = secrets.token_urlsafe(24)
     os.environ["DEMO_WEBHOOK_TOKEN"] = token
     port = free_port()
-    registries = {name: LocalRegistry(name, workdir / name, free_port(),
-                                      f"http://127.0.0.1:{port}/events/{name}", token)
-                  for name in SITES}
+    registries = {
+        name: LocalRegistry(
+            name, workdir / name, free_port(), f"http://127.0.0.1:{port}/events/{name}", token
+        )
+        for name in SITES
+    }
     daemon: Daemon | None = None
     daemon_task: asyncio.Task | None = None
     try:
@@ -88,15 +92,19 @@ async def run_demo(*, quick: bool = False, keep: bool = False,
         for r in registries.values():
             say(f"      {r.name:9} {r.url}")
         config_path = write_config(workdir, registries, port)
-        say(f"[2/6] starting the daemon with demo.yaml on 127.0.0.1:{port} "
-            "(webhooks, work queue, reconcile)")
+        say(
+            f"[2/6] starting the daemon with demo.yaml on 127.0.0.1:{port} "
+            "(webhooks, work queue, reconcile)"
+        )
         daemon = Daemon(config_path, instance_id="demo", retry_base=0.2)
         daemon_task = asyncio.create_task(daemon.run())
         await _wait_for(lambda: _started(daemon, daemon_task), "the daemon to start", 20)
 
         primary = registries[PRIMARY]
-        say("[3/6] pushing sample images to us-east: 3 apps x 2 versions sharing a base "
-            "layer, a multi-arch index, a signature")
+        say(
+            "[3/6] pushing sample images to us-east: 3 apps x 2 versions sharing a base "
+            "layer, a multi-arch index, a signature"
+        )
         async with _client(primary) as client:
             pushed = await push_samples(client, scale=1 if quick else 5)
         say(f"      pushed {len(pushed)} tags")
@@ -104,14 +112,17 @@ async def run_demo(*, quick: bool = False, keep: bool = False,
         say("[4/6] waiting for them to arrive in eu-west and ap-south")
         started = time.monotonic()
         for name in ("eu-west", "ap-south"):
-            await _wait_for(lambda n=name: _all_present(registries[n], pushed),
-                            f"every image in {name}", 60)
+            await _wait_for(
+                lambda n=name: _all_present(registries[n], pushed), f"every image in {name}", 60
+            )
         say(f"      complete in both replicas after {time.monotonic() - started:.1f}s")
         stats = _blob_stats(daemon)
         for name in ("eu-west", "ap-south"):
             s = stats.get(name, {})
-            say(f"      {name:9} blobs uploaded {s.get('uploaded', 0):3}, mounted "
-                f"{s.get('mounted', 0):3}, already there {s.get('existing', 0):3}")
+            say(
+                f"      {name:9} blobs uploaded {s.get('uploaded', 0):3}, mounted "
+                f"{s.get('mounted', 0):3}, already there {s.get('existing', 0):3}"
+            )
         if not all(stats.get(n, {}).get("mounted", 0) > 0 for n in ("eu-west", "ap-south")):
             raise DemoFailed("the shared base layer was not mounted across repositories")
 
@@ -120,8 +131,11 @@ async def run_demo(*, quick: bool = False, keep: bool = False,
         async with _client(primary) as client:
             await client.delete_manifest("demo/web", victim)
         for name in ("eu-west", "ap-south"):
-            await _wait_for(lambda n=name: _absent(registries[n], "demo/web", "v1.0"),
-                            f"the delete in {name}", 60)
+            await _wait_for(
+                lambda n=name: _absent(registries[n], "demo/web", "v1.0"),
+                f"the delete in {name}",
+                60,
+            )
         say("      gone from both replicas")
 
         say("[6/6] collecting garbage in the replicas' storage (online, journaled)")
@@ -132,11 +146,15 @@ async def run_demo(*, quick: bool = False, keep: bool = False,
             after = registries[name].blob_bytes()
             result = results.get(name)
             reclaimed = result.bytes_reclaimed if result else 0
-            say(f"      {name:9} reclaimed {reclaimed:,} bytes "
-                f"({before[name]:,} -> {after:,} bytes of blobs)")
+            say(
+                f"      {name:9} reclaimed {reclaimed:,} bytes "
+                f"({before[name]:,} -> {after:,} bytes of blobs)"
+            )
             if reclaimed <= 0 or before[name] - after != reclaimed:
-                raise DemoFailed(f"GC in {name} reported {reclaimed} bytes but storage went "
-                                 f"from {before[name]} to {after}")
+                raise DemoFailed(
+                    f"GC in {name} reported {reclaimed} bytes but storage went "
+                    f"from {before[name]} to {after}"
+                )
             if not await _all_present(registries[name], pushed):
                 raise DemoFailed(f"GC in {name} broke an image that is still tagged")
         say("done: replication and GC did what they printed")
@@ -185,14 +203,17 @@ async def _absent(reg: LocalRegistry, repo: str, tag: str) -> bool:
 def _blob_stats(daemon) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for name in ("eu-west", "ap-south"):
-        out[name] = {o: int(daemon.metrics.blobs.value(target=name, outcome=o))
-                     for o in ("uploaded", "mounted", "existing")}
+        out[name] = {
+            o: int(daemon.metrics.blobs.value(target=name, outcome=o))
+            for o in ("uploaded", "mounted", "existing")
+        }
     return out
 
 
 async def _collect(daemon) -> dict:
     from replicator.gc.scheduled import run_policies
 
-    results = await run_policies(daemon.config, daemon.journal, daemon.pool, dry_run=False,
-                                 quarantine_window=0.5)
+    results = await run_policies(
+        daemon.config, daemon.journal, daemon.pool, dry_run=False, quarantine_window=0.5
+    )
     return {r.site: r for r in results}

@@ -33,7 +33,7 @@ _ITEM_RE = re.compile(r'([A-Za-z0-9_.-]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*))?
 
 @dataclass(frozen=True)
 class Challenge:
-    scheme: str                       # lower case: "bearer", "basic"
+    scheme: str  # lower case: "bearer", "basic"
     params: dict[str, str] = field(default_factory=dict, hash=False)
 
     @property
@@ -80,8 +80,9 @@ def merge_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
     return tuple(f"{t}:{n}:{','.join(sorted(a))}" for (t, n), a in sorted(actions.items()))
 
 
-def scopes_for(method: str, repository: str | None, *, mount_from: str | None = None,
-               catalog: bool = False) -> tuple[str, ...]:
+def scopes_for(
+    method: str, repository: str | None, *, mount_from: str | None = None, catalog: bool = False
+) -> tuple[str, ...]:
     """The token scopes a request needs, inferred from its method (as distribution checks)."""
     scopes: list[str] = []
     if catalog:
@@ -102,20 +103,25 @@ def scopes_for(method: str, repository: str | None, *, mount_from: str | None = 
 @dataclass
 class _Token:
     value: str
-    expires_at: float            # time.monotonic()
+    expires_at: float  # time.monotonic()
 
 
 class Authenticator:
     """Per-registry auth state: the scheme learnt from challenges and cached tokens."""
 
-    def __init__(self, site: str, http: httpx.AsyncClient, credentials: Credentials | None,
-                 stats: dict[str, int]) -> None:
+    def __init__(
+        self,
+        site: str,
+        http: httpx.AsyncClient,
+        credentials: Credentials | None,
+        stats: dict[str, int],
+    ) -> None:
         self.site = site
         self._http = http
         self._creds = credentials
         self._stats = stats
-        self.scheme: str | None = None           # None until a challenge or success says
-        self.anonymous_ok = False                # a request without auth succeeded
+        self.scheme: str | None = None  # None until a challenge or success says
+        self.anonymous_ok = False  # a request without auth succeeded
         self._bearer: Challenge | None = None
         self._tokens: dict[tuple[str, ...], _Token] = {}
         self._locks: dict[tuple[str, ...], asyncio.Lock] = {}
@@ -192,8 +198,12 @@ class Authenticator:
         creds = self._creds
         try:
             if creds and creds.identity_token:
-                form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
-                        "client_id": "registry-replicator", "scope": " ".join(scopes)}
+                form = {
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.identity_token,
+                    "client_id": "registry-replicator",
+                    "scope": " ".join(scopes),
+                }
                 if service:
                     form["service"] = service
                 resp = await self._http.post(realm, data=form)
@@ -205,25 +215,34 @@ class Authenticator:
                 headers = {"Authorization": _basic(creds)} if creds and creds.has_basic else {}
                 resp = await self._http.get(realm, params=params, headers=headers)
         except httpx.TransportError as exc:
-            raise RegistryUnavailable(f"token server {_origin(realm)} unreachable: "
-                                      f"{type(exc).__name__}", site=self.site) from exc
+            raise RegistryUnavailable(
+                f"token server {_origin(realm)} unreachable: {type(exc).__name__}", site=self.site
+            ) from exc
         if resp.status_code in (401, 403):
             who = f"user {creds.username!r}" if creds and creds.username else "anonymous access"
-            raise Unauthorized(f"token server {_origin(realm)} refused {who}",
-                               site=self.site, status=resp.status_code)
+            raise Unauthorized(
+                f"token server {_origin(realm)} refused {who}",
+                site=self.site,
+                status=resp.status_code,
+            )
         if resp.status_code >= 500 or resp.status_code == 429:
-            raise RetryableError(f"token server {_origin(realm)} failed", site=self.site,
-                                 status=resp.status_code)
+            raise RetryableError(
+                f"token server {_origin(realm)} failed", site=self.site, status=resp.status_code
+            )
         if resp.status_code != 200:
-            raise Unauthorized(f"token server {_origin(realm)} answered unexpectedly",
-                               site=self.site, status=resp.status_code)
+            raise Unauthorized(
+                f"token server {_origin(realm)} answered unexpectedly",
+                site=self.site,
+                status=resp.status_code,
+            )
         try:
             body: dict[str, Any] = resp.json()
             value = str(body.get("token") or body.get("access_token") or "")
             expires_in = float(body.get("expires_in") or 60)
         except (ValueError, TypeError, AttributeError) as exc:
-            raise Unauthorized(f"token server {_origin(realm)} sent an unreadable answer",
-                               site=self.site) from exc
+            raise Unauthorized(
+                f"token server {_origin(realm)} sent an unreadable answer", site=self.site
+            ) from exc
         if not value:
             raise Unauthorized(f"token server {_origin(realm)} sent no token", site=self.site)
         # Renew a little early so a token never expires between check and use.

@@ -53,19 +53,20 @@ from replicator.registry.site import SiteEndpoint
 
 log = logging.getLogger("replicator.registry")
 
-CHUNK = 1 << 20                       # download chunks handed to callers
+CHUNK = 1 << 20  # download chunks handed to callers
 
 # httpcore reads responses 64 KiB at a time, and every read costs the same
 # Python work whatever its size. Blob bodies are megabytes and asyncio hands
 # over up to 256 KiB per socket read, so take that much: about 10 % less CPU
 # copying the benchmark workload (benchmarks/bench_copy.py).
 httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = max(
-    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES, 256 * 1024)
+    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES, 256 * 1024
+)
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*(?:[^,]*;\s*)?rel="?next"?', re.I)
 _UPLOAD_PATH = re.compile(r"/v2/(.+)/blobs/uploads/")
 _MAX_ERROR_BODY = 64 * 1024
 
-Target = tuple[str | None, str | None]      # (repository, reference) for messages
+Target = tuple[str | None, str | None]  # (repository, reference) for messages
 
 
 class _TransientStatus(Exception):
@@ -86,16 +87,25 @@ class BlobStream:
     a RetryableError naming the byte reached, so the caller can resume there.
     """
 
-    def __init__(self, client: RegistryClient, response: httpx.Response, repository: str,
-                 digest: str, offset: int, size: int | None, skip: int, verify: bool) -> None:
+    def __init__(
+        self,
+        client: RegistryClient,
+        response: httpx.Response,
+        repository: str,
+        digest: str,
+        offset: int,
+        size: int | None,
+        skip: int,
+        verify: bool,
+    ) -> None:
         self._client = client
         self._resp = response
         self.repository = repository
         self.digest = digest
         self.offset = offset
         self.size = size
-        self.received = 0             # bytes yielded so far (after `offset`)
-        self._skip = skip             # server ignored Range: drop the bytes before offset
+        self.received = 0  # bytes yielded so far (after `offset`)
+        self._skip = skip  # server ignored Range: drop the bytes before offset
         self._verify = verify and offset == 0
         self._consumed = False
 
@@ -125,16 +135,27 @@ class BlobStream:
             raise RetryableError(
                 f"blob download interrupted at byte {self.offset + self.received}"
                 f"{_of(self.size)}: {_exc_text(exc)}",
-                site=site, repository=self.repository, reference=self.digest) from exc
+                site=site,
+                repository=self.repository,
+                reference=self.digest,
+            ) from exc
         end = self.offset + self.received
         if self.size is not None and end != self.size:
-            raise RetryableError(f"blob download ended at byte {end}{_of(self.size)}",
-                                 site=site, repository=self.repository, reference=self.digest)
+            raise RetryableError(
+                f"blob download ended at byte {end}{_of(self.size)}",
+                site=site,
+                repository=self.repository,
+                reference=self.digest,
+            )
         if hasher:
             actual = f"{self.digest.split(':', 1)[0]}:{hasher.hexdigest()}"
             if actual != self.digest:
-                raise DigestMismatch(f"blob content hashes to {actual}", site=site,
-                                     repository=self.repository, reference=self.digest)
+                raise DigestMismatch(
+                    f"blob content hashes to {actual}",
+                    site=site,
+                    repository=self.repository,
+                    reference=self.digest,
+                )
 
     async def read(self) -> bytes:
         """The whole (remaining) content; for small blobs such as image configs."""
@@ -154,41 +175,60 @@ class RegistryClient:
     the two kinds cannot wait on each other in a cycle.)
     """
 
-    def __init__(self, site: SiteEndpoint, *, retries: int = 5, timeout: float = 60.0,
-                 backoff_base: float = 0.5, backoff_max: float = 30.0,
-                 max_retry_after: float = 120.0, blob_read_timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        site: SiteEndpoint,
+        *,
+        retries: int = 5,
+        timeout: float = 60.0,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        max_retry_after: float = 120.0,
+        blob_read_timeout: float = 300.0,
+    ) -> None:
         self.site = site
         self.retries = retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.max_retry_after = max_retry_after
         self.stats: dict[str, int] = {
-            "requests": 0, "retries": 0, "bytes_uploaded": 0, "bytes_downloaded": 0,
-            "token_requests": 0, "upload_resumes": 0, "upload_restarts": 0,
+            "requests": 0,
+            "retries": 0,
+            "bytes_uploaded": 0,
+            "bytes_downloaded": 0,
+            "token_requests": 0,
+            "upload_resumes": 0,
+            "upload_restarts": 0,
         }
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 15.0))
-        self._blob_timeout = httpx.Timeout(timeout, connect=min(timeout, 15.0),
-                                           read=max(timeout, blob_read_timeout),
-                                           write=max(timeout, blob_read_timeout))
+        self._blob_timeout = httpx.Timeout(
+            timeout,
+            connect=min(timeout, 15.0),
+            read=max(timeout, blob_read_timeout),
+            write=max(timeout, blob_read_timeout),
+        )
         self._http = httpx.AsyncClient(
-            http1=True, http2=False, verify=_tls_verify(site), timeout=self._timeout,
+            http1=True,
+            http2=False,
+            verify=_tls_verify(site),
+            timeout=self._timeout,
             follow_redirects=False,
             # Room for every request slot and every open download, so requests
             # do not queue inside httpcore's pool (which rescans every connection,
             # a system call each, whenever its queue moves), and all of them kept
             # alive (fewer keep-alive slots churned ~160 TCP connections per
             # 60-image copy).
-            limits=httpx.Limits(max_connections=2 * site.concurrency + 2,
-                                max_keepalive_connections=2 * site.concurrency + 2),
+            limits=httpx.Limits(
+                max_connections=2 * site.concurrency + 2,
+                max_keepalive_connections=2 * site.concurrency + 2,
+            ),
             headers={"User-Agent": "registry-replicator/0.1"},
         )
         self._slots = asyncio.Semaphore(site.concurrency)
-        self._streams = asyncio.Semaphore(site.concurrency)   # open blob downloads
-        self._referrers_api: bool | None = None   # None: not known yet
-        self._bucket = (TokenBucket(site.requests_per_second)
-                        if site.requests_per_second else None)
-        self._auth = Authenticator(site.name, self._http, site.resolve_credentials(),
-                                   self.stats)
+        self._streams = asyncio.Semaphore(site.concurrency)  # open blob downloads
+        self._referrers_api: bool | None = None  # None: not known yet
+        self._bucket = TokenBucket(site.requests_per_second) if site.requests_per_second else None
+        self._auth = Authenticator(site.name, self._http, site.resolve_credentials(), self.stats)
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> RegistryClient:
@@ -210,9 +250,14 @@ class RegistryClient:
 
     async def head_manifest(self, repo: str, ref: str) -> Descriptor | None:
         """Media type, digest and size of `repo:ref`, or None if absent. HEAD is not a pull."""
-        resp = await self._request("HEAD", self._manifest_url(repo, ref), (repo, ref),
-                                   scopes_for("HEAD", repo),
-                                   headers={"Accept": ACCEPT_MANIFESTS}, allow_404=True)
+        resp = await self._request(
+            "HEAD",
+            self._manifest_url(repo, ref),
+            (repo, ref),
+            scopes_for("HEAD", repo),
+            headers={"Accept": ACCEPT_MANIFESTS},
+            allow_404=True,
+        )
         if resp.status_code == 404:
             return None
         digest = resp.headers.get("docker-content-digest")
@@ -221,72 +266,118 @@ class RegistryClient:
         if not digest or not media_type or size is None or not size.isdigit():
             return (await self.get_manifest(repo, ref)).descriptor()
         if is_digest(ref) and digest != ref:
-            raise DigestMismatch(f"registry announces digest {digest}", site=self.site.name,
-                                 repository=repo, reference=ref)
+            raise DigestMismatch(
+                f"registry announces digest {digest}",
+                site=self.site.name,
+                repository=repo,
+                reference=ref,
+            )
         return Descriptor(media_type, digest, int(size))
 
     async def get_manifest(self, repo: str, ref: str) -> Manifest:
         """The manifest's exact bytes, digest-verified (against `ref` or Docker-Content-Digest)."""
-        resp = await self._request("GET", self._manifest_url(repo, ref), (repo, ref),
-                                   scopes_for("GET", repo), headers={"Accept": ACCEPT_MANIFESTS})
+        resp = await self._request(
+            "GET",
+            self._manifest_url(repo, ref),
+            (repo, ref),
+            scopes_for("GET", repo),
+            headers={"Accept": ACCEPT_MANIFESTS},
+        )
         raw = resp.content
         announced = resp.headers.get("docker-content-digest")
-        expected = ref if is_digest(ref) else (announced if announced and is_digest(announced)
-                                               else None)
+        expected = (
+            ref if is_digest(ref) else (announced if announced and is_digest(announced) else None)
+        )
         if expected:
             actual = digest_of(raw, expected.split(":", 1)[0])
             if actual != expected:
-                raise DigestMismatch(f"manifest content hashes to {actual}, expected {expected}",
-                                     site=self.site.name, repository=repo, reference=ref)
+                raise DigestMismatch(
+                    f"manifest content hashes to {actual}, expected {expected}",
+                    site=self.site.name,
+                    repository=repo,
+                    reference=ref,
+                )
         try:
             return parse_manifest(raw, resp.headers.get("content-type"), expected)
         except ManifestError as exc:
-            raise InvalidManifest(str(exc), site=self.site.name, repository=repo,
-                                  reference=ref) from exc
+            raise InvalidManifest(
+                str(exc), site=self.site.name, repository=repo, reference=ref
+            ) from exc
 
     async def put_manifest(self, repo: str, ref: str, raw: bytes, media_type: str) -> str:
         """Store `raw` under `ref` (tag or digest); returns its digest."""
         digest = digest_of(raw)
         if is_digest(ref) and digest_of(raw, ref.split(":", 1)[0]) != ref:
-            raise DigestMismatch(f"manifest content hashes to {digest}", site=self.site.name,
-                                 repository=repo, reference=ref)
-        resp = await self._request("PUT", self._manifest_url(repo, ref), (repo, ref),
-                                   scopes_for("PUT", repo), content=raw,
-                                   headers={"Content-Type": media_type},
-                                   ok=(200, 201, 202, 204))
+            raise DigestMismatch(
+                f"manifest content hashes to {digest}",
+                site=self.site.name,
+                repository=repo,
+                reference=ref,
+            )
+        resp = await self._request(
+            "PUT",
+            self._manifest_url(repo, ref),
+            (repo, ref),
+            scopes_for("PUT", repo),
+            content=raw,
+            headers={"Content-Type": media_type},
+            ok=(200, 201, 202, 204),
+        )
         announced = resp.headers.get("docker-content-digest")
         if announced and announced.startswith("sha256:") and announced != digest:
-            raise DigestMismatch(f"registry stored digest {announced}, we sent {digest}",
-                                 site=self.site.name, repository=repo, reference=ref)
+            raise DigestMismatch(
+                f"registry stored digest {announced}, we sent {digest}",
+                site=self.site.name,
+                repository=repo,
+                reference=ref,
+            )
         return digest
 
     async def delete_manifest(self, repo: str, digest: str) -> bool:
         """Delete a manifest by digest; False if it was already gone."""
-        resp = await self._request("DELETE", self._manifest_url(repo, digest), (repo, digest),
-                                   scopes_for("DELETE", repo), ok=(200, 202, 204),
-                                   allow_404=True)
+        resp = await self._request(
+            "DELETE",
+            self._manifest_url(repo, digest),
+            (repo, digest),
+            scopes_for("DELETE", repo),
+            ok=(200, 202, 204),
+            allow_404=True,
+        )
         return resp.status_code != 404
 
     async def head_blob(self, repo: str, digest: str) -> int | None:
         """Size of the blob in `repo`, or None when the repository does not hold it."""
-        resp = await self._request("HEAD", self._blob_url(repo, digest), (repo, digest),
-                                   scopes_for("HEAD", repo), allow_404=True,
-                                   follow_redirects=True)
+        resp = await self._request(
+            "HEAD",
+            self._blob_url(repo, digest),
+            (repo, digest),
+            scopes_for("HEAD", repo),
+            allow_404=True,
+            follow_redirects=True,
+        )
         if resp.status_code == 404:
             return None
         length = resp.headers.get("content-length")
         return int(length) if length and length.isdigit() else 0
 
     @asynccontextmanager
-    async def open_blob(self, repo: str, digest: str, offset: int = 0, *,
-                        verify: bool = True) -> AsyncIterator[BlobStream]:
+    async def open_blob(
+        self, repo: str, digest: str, offset: int = 0, *, verify: bool = True
+    ) -> AsyncIterator[BlobStream]:
         """Stream a blob (from `offset` with a Range request), following redirects."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         async with self._streams:
-            resp = await self._request("GET", self._blob_url(repo, digest), (repo, digest),
-                                       scopes_for("GET", repo), headers=headers,
-                                       ok=(200, 206), stream=True, follow_redirects=True,
-                                       timeout=self._blob_timeout)
+            resp = await self._request(
+                "GET",
+                self._blob_url(repo, digest),
+                (repo, digest),
+                scopes_for("GET", repo),
+                headers=headers,
+                ok=(200, 206),
+                stream=True,
+                follow_redirects=True,
+                timeout=self._blob_timeout,
+            )
             try:
                 size, skip = _stream_extent(resp, offset)
                 yield BlobStream(self, resp, repo, digest, offset, size, skip, verify)
@@ -300,56 +391,94 @@ class RegistryClient:
 
     async def delete_blob(self, repo: str, digest: str) -> bool:
         """Unlink a blob from `repo`; False if it was not there."""
-        resp = await self._request("DELETE", self._blob_url(repo, digest), (repo, digest),
-                                   scopes_for("DELETE", repo), ok=(200, 202, 204),
-                                   allow_404=True)
+        resp = await self._request(
+            "DELETE",
+            self._blob_url(repo, digest),
+            (repo, digest),
+            scopes_for("DELETE", repo),
+            ok=(200, 202, 204),
+            allow_404=True,
+        )
         return resp.status_code != 404
 
     async def mount_blob(self, repo: str, digest: str, from_repo: str) -> str | None:
         """Cross-repository mount. None when mounted (201); else the upload location (202)."""
-        resp = await self._request("POST", self._url(f"/v2/{repo}/blobs/uploads/"),
-                                   (repo, digest), scopes_for("POST", repo, mount_from=from_repo),
-                                   params={"mount": digest, "from": from_repo}, ok=(201, 202))
+        resp = await self._request(
+            "POST",
+            self._url(f"/v2/{repo}/blobs/uploads/"),
+            (repo, digest),
+            scopes_for("POST", repo, mount_from=from_repo),
+            params={"mount": digest, "from": from_repo},
+            ok=(201, 202),
+        )
         if resp.status_code == 201:
             return None
         return self._location(resp, (repo, digest))
 
     async def start_upload(self, repo: str) -> str:
         """Open an upload session; returns its absolute location."""
-        resp = await self._request("POST", self._url(f"/v2/{repo}/blobs/uploads/"),
-                                   (repo, None), scopes_for("POST", repo), ok=(202,))
+        resp = await self._request(
+            "POST",
+            self._url(f"/v2/{repo}/blobs/uploads/"),
+            (repo, None),
+            scopes_for("POST", repo),
+            ok=(202,),
+        )
         return self._location(resp, (repo, None))
 
     async def cancel_upload(self, location: str) -> None:
         """Best-effort DELETE of an upload session; errors are ignored."""
         repo = _repo_of_upload(location)
         try:
-            await self._request("DELETE", location, (repo, None), scopes_for("DELETE", repo),
-                                ok=(200, 202, 204), allow_404=True, attempts=1)
+            await self._request(
+                "DELETE",
+                location,
+                (repo, None),
+                scopes_for("DELETE", repo),
+                ok=(200, 202, 204),
+                allow_404=True,
+                attempts=1,
+            )
         except RegistryError as exc:
             log.debug("%s: cancelling upload failed (ignored): %s", self.site.name, exc)
 
-    async def upload_blob(self, repo: str, digest: str, size: int,
-                          chunks: AsyncIterable[bytes], location: str | None = None) -> None:
+    async def upload_blob(
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        chunks: AsyncIterable[bytes],
+        location: str | None = None,
+    ) -> None:
         """Monolithic streamed PUT of `size` bytes. Not retried here (the stream is spent):
         failures raise a RegistryError with `retryable` telling whether a new try may work."""
         await self._prime_auth()
         loc = location or await self.start_upload(repo)
         counted = self._counting(chunks)
         try:
-            await self._request("PUT", _with_digest(loc, digest), (repo, digest),
-                                scopes_for("PUT", repo), content=counted,
-                                headers={"Content-Type": "application/octet-stream",
-                                         "Content-Length": str(size)},
-                                ok=(201, 204), replayable=False, timeout=self._blob_timeout)
+            await self._request(
+                "PUT",
+                _with_digest(loc, digest),
+                (repo, digest),
+                scopes_for("PUT", repo),
+                content=counted,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                ok=(201, 204),
+                replayable=False,
+                timeout=self._blob_timeout,
+            )
         except BaseException:
             await self.cancel_upload(loc)
             raise
 
     async def upload_blob_chunked(
-        self, repo: str, digest: str, size: int,
+        self,
+        repo: str,
+        digest: str,
+        size: int,
         open_source: Callable[[int], AbstractAsyncContextManager[AsyncIterable[bytes]]],
-        chunk_size: int = 64 * 2**20, location: str | None = None,
+        chunk_size: int = 64 * 2**20,
+        location: str | None = None,
     ) -> None:
         """Upload in PATCH chunks; after a failure ask the registry how much it holds and
         resume there via `open_source(offset)` (or restart if it dropped the session)."""
@@ -372,15 +501,27 @@ class RegistryClient:
                     raise
                 failures += 1
                 delay = self._backoff(failures)
-                log.info("%s: %s: chunked upload failed at byte %d (%s); checking the "
-                         "server's offset in %.2fs", self.site.name, f"{repo}@{digest}",
-                         offset, exc, delay)
+                log.info(
+                    "%s: %s: chunked upload failed at byte %d (%s); checking the "
+                    "server's offset in %.2fs",
+                    self.site.name,
+                    f"{repo}@{digest}",
+                    offset,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 loc, offset = await self._resume_point(loc, repo)
         try:
-            await self._request("PUT", _with_digest(loc, digest), target, scopes_for("PUT", repo),
-                                content=b"", ok=(201, 204),
-                                headers={"Content-Type": "application/octet-stream"})
+            await self._request(
+                "PUT",
+                _with_digest(loc, digest),
+                target,
+                scopes_for("PUT", repo),
+                content=b"",
+                ok=(201, 204),
+                headers={"Content-Type": "application/octet-stream"},
+            )
         except NotFound:
             # A retried PUT whose first answer was lost finds its session already closed.
             if await self.head_blob(repo, digest) != size:
@@ -391,8 +532,9 @@ class RegistryClient:
         url: str | None = self._url(f"/v2/{repo}/tags/list?n={page_size}")
         tags: list[str] = []
         while url:
-            resp = await self._request("GET", url, (repo, None), scopes_for("GET", repo),
-                                       allow_404=True)
+            resp = await self._request(
+                "GET", url, (repo, None), scopes_for("GET", repo), allow_404=True
+            )
             if resp.status_code == 404:
                 return tags
             tags += self._json_list(resp, "tags", (repo, None))
@@ -404,22 +546,24 @@ class RegistryClient:
         url: str | None = self._url(f"/v2/_catalog?n={page_size}")
         repos: list[str] = []
         while url:
-            resp = await self._request("GET", url, (None, None), scopes_for("GET", None,
-                                                                             catalog=True))
+            resp = await self._request(
+                "GET", url, (None, None), scopes_for("GET", None, catalog=True)
+            )
             repos += self._json_list(resp, "repositories", (None, None))
             url = _next_link(resp)
         return repos
 
-    async def referrers(self, repo: str, digest: str, *,
-                        artifact_type: str | None = None) -> list[Descriptor]:
+    async def referrers(
+        self, repo: str, digest: str, *, artifact_type: str | None = None
+    ) -> list[Descriptor]:
         """Manifests whose `subject` is `digest`: the referrers API when the registry has it,
         else the `sha256-<hex>` fallback tag's index; [] when neither exists."""
         found, _ = await self.referrers_and_fallback(repo, digest, artifact_type=artifact_type)
         return found
 
-    async def referrers_and_fallback(self, repo: str, digest: str, *,
-                                     artifact_type: str | None = None
-                                     ) -> tuple[list[Descriptor], Manifest | None]:
+    async def referrers_and_fallback(
+        self, repo: str, digest: str, *, artifact_type: str | None = None
+    ) -> tuple[list[Descriptor], Manifest | None]:
         """`referrers()`, plus the fallback tag's index when that is where they came from
         (a copier needs the index itself, and reading it again costs two more requests)."""
         target: Target = (repo, digest)
@@ -427,23 +571,37 @@ class RegistryClient:
         index: Manifest | None = None
         resp = None
         if self._referrers_api is not False:
-            resp = await self._request("GET", self._url(f"/v2/{repo}/referrers/{digest}"),
-                                       target, scopes_for("GET", repo),
-                                       headers={"Accept": OCI_INDEX}, ok=(200,),
-                                       allow_404=True, pass_4xx=True)
+            resp = await self._request(
+                "GET",
+                self._url(f"/v2/{repo}/referrers/{digest}"),
+                target,
+                scopes_for("GET", repo),
+                headers={"Accept": OCI_INDEX},
+                ok=(200,),
+                allow_404=True,
+                pass_4xx=True,
+            )
             if resp.status_code == 200:
                 self._referrers_api = True
             elif resp.status_code in (404, 405) and "json" not in resp.headers.get(
-                    "content-type", ""):
+                "content-type", ""
+            ):
                 # no such route (distribution 2.8 answers a plain-text 404): do not ask again
                 self._referrers_api = False
-        if resp is not None and resp.status_code == 200 and _media_type(
-                resp.headers.get("content-type")) in (OCI_INDEX, "application/json"):
+        if (
+            resp is not None
+            and resp.status_code == 200
+            and _media_type(resp.headers.get("content-type")) in (OCI_INDEX, "application/json")
+        ):
             try:
                 index = parse_manifest(resp.content, OCI_INDEX)
             except ManifestError as exc:
-                raise InvalidManifest(f"referrers answer: {exc}", site=self.site.name,
-                                      repository=repo, reference=digest) from exc
+                raise InvalidManifest(
+                    f"referrers answer: {exc}",
+                    site=self.site.name,
+                    repository=repo,
+                    reference=digest,
+                ) from exc
         else:
             index = fallback = await self.fallback_index(repo, digest)
         if index is None or not index.is_index:
@@ -474,9 +632,13 @@ class RegistryClient:
     def _location(self, resp: httpx.Response, target: Target) -> str:
         loc = resp.headers.get("location")
         if not loc:
-            raise RegistryError("upload answer has no Location header", site=self.site.name,
-                                repository=target[0], reference=target[1],
-                                status=resp.status_code)
+            raise RegistryError(
+                "upload answer has no Location header",
+                site=self.site.name,
+                repository=target[0],
+                reference=target[1],
+                status=resp.status_code,
+            )
         return urljoin(str(resp.url), loc)
 
     def _json_list(self, resp: httpx.Response, key: str, target: Target) -> list[str]:
@@ -487,9 +649,13 @@ class RegistryClient:
                 raise TypeError(key)
             return [str(x) for x in items]
         except (ValueError, TypeError, AttributeError) as exc:
-            raise RegistryError(f"unreadable {key} list", site=self.site.name,
-                                repository=target[0], reference=target[1],
-                                status=resp.status_code) from exc
+            raise RegistryError(
+                f"unreadable {key} list",
+                site=self.site.name,
+                repository=target[0],
+                reference=target[1],
+                status=resp.status_code,
+            ) from exc
 
     async def _prime_auth(self) -> None:
         """Learn the auth scheme before a request whose body cannot be sent twice."""
@@ -501,32 +667,50 @@ class RegistryClient:
             self.stats["bytes_uploaded"] += len(chunk)
             yield chunk
 
-    async def _patch(self, loc: str, target: Target, offset: int, n: int,
-                     reader: _SourceReader) -> tuple[str, int]:
+    async def _patch(
+        self, loc: str, target: Target, offset: int, n: int, reader: _SourceReader
+    ) -> tuple[str, int]:
         repo = target[0]
         resp = await self._request(
-            "PATCH", loc, target, scopes_for("PATCH", repo),
+            "PATCH",
+            loc,
+            target,
+            scopes_for("PATCH", repo),
             content=self._counting(reader.take(n)),
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(n),
-                     "Content-Range": f"{offset}-{offset + n - 1}"},
-            ok=(202, 204), replayable=False, timeout=self._blob_timeout)
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(n),
+                "Content-Range": f"{offset}-{offset + n - 1}",
+            },
+            ok=(202, 204),
+            replayable=False,
+            timeout=self._blob_timeout,
+        )
         new_loc = self._location(resp, target)
         reported = _range_end(resp.headers.get("range"))
         if reported is not None and reported != offset + n:
-            raise RetryableError(f"registry holds {reported} bytes after a chunk ending at "
-                                 f"{offset + n}", site=self.site.name, repository=repo,
-                                 reference=target[1])
+            raise RetryableError(
+                f"registry holds {reported} bytes after a chunk ending at {offset + n}",
+                site=self.site.name,
+                repository=repo,
+                reference=target[1],
+            )
         return new_loc, offset + n
 
     async def _resume_point(self, loc: str, repo: str) -> tuple[str, int]:
         """Where to continue: the registry's offset for the session, else a new session."""
         try:
-            resp = await self._request("GET", loc, (repo, None), scopes_for("GET", repo),
-                                       ok=(200, 204))
+            resp = await self._request(
+                "GET", loc, (repo, None), scopes_for("GET", repo), ok=(200, 204)
+            )
             offset = _range_end(resp.headers.get("range")) or 0
             self.stats["upload_resumes"] += 1
-            log.info("%s: %s: upload session holds %d bytes; resuming there",
-                     self.site.name, repo, offset)
+            log.info(
+                "%s: %s: upload session holds %d bytes; resuming there",
+                self.site.name,
+                repo,
+                offset,
+            )
             return self._location(resp, (repo, None)), offset
         except RegistryError as exc:
             if exc.status not in (400, 404, 416):
@@ -534,8 +718,12 @@ class RegistryClient:
             # distribution drops a session whose size no longer matches its upload state
             # (a chunk was partly written): start over.
             self.stats["upload_restarts"] += 1
-            log.info("%s: %s: upload session lost (%s); restarting from byte 0",
-                     self.site.name, repo, exc.detail)
+            log.info(
+                "%s: %s: upload session lost (%s); restarting from byte 0",
+                self.site.name,
+                repo,
+                exc.detail,
+            )
             await self.cancel_upload(loc)
             return await self.start_upload(repo), 0
 
@@ -550,52 +738,111 @@ class RegistryClient:
             return min(exc.retry_after, self.max_retry_after)
         return self._backoff(state.attempt_number)
 
-    async def _request(self, method: str, url: str, target: Target, scopes: tuple[str, ...], *,
-                       headers: Mapping[str, str] | None = None, content: Any = None,
-                       params: Mapping[str, str] | None = None, ok: tuple[int, ...] = (200,),
-                       allow_404: bool = False, pass_4xx: bool = False, stream: bool = False,
-                       follow_redirects: bool = False,
-                       replayable: bool = True, attempts: int | None = None,
-                       timeout: httpx.Timeout | None = None) -> httpx.Response:
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        target: Target,
+        scopes: tuple[str, ...],
+        *,
+        headers: Mapping[str, str] | None = None,
+        content: Any = None,
+        params: Mapping[str, str] | None = None,
+        ok: tuple[int, ...] = (200,),
+        allow_404: bool = False,
+        pass_4xx: bool = False,
+        stream: bool = False,
+        follow_redirects: bool = False,
+        replayable: bool = True,
+        attempts: int | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
         """Send with auth, limits and retries; return responses in `ok` (and 404 when
         `allow_404`, any 4xx but 401/403 when `pass_4xx`), raise RegistryError otherwise."""
+
         def before_sleep(state: RetryCallState) -> None:
             self.stats["retries"] += 1
             exc = state.outcome.exception() if state.outcome else None
-            reason = (f"HTTP {exc.status}" if isinstance(exc, _TransientStatus)
-                      else _exc_text(exc))
+            reason = f"HTTP {exc.status}" if isinstance(exc, _TransientStatus) else _exc_text(exc)
             delay = state.next_action.sleep if state.next_action else 0.0
-            log.warning("%s: %s %s failed (%s); retry %d/%d in %.2fs", self.site.name, method,
-                        urlsplit(url).path, reason, state.attempt_number, self.retries, delay)
+            log.warning(
+                "%s: %s %s failed (%s); retry %d/%d in %.2fs",
+                self.site.name,
+                method,
+                urlsplit(url).path,
+                reason,
+                state.attempt_number,
+                self.retries,
+                delay,
+            )
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(attempts or (self.retries + 1 if replayable else 1)),
-            wait=self._wait, retry=retry_if_exception(_is_transient), reraise=True,
-            before_sleep=before_sleep, sleep=asyncio.sleep)
+            wait=self._wait,
+            retry=retry_if_exception(_is_transient),
+            reraise=True,
+            before_sleep=before_sleep,
+            sleep=asyncio.sleep,
+        )
         try:
             async for attempt in retrying:
                 with attempt:
                     return await self._attempt(
-                        method, url, target, scopes, headers, content, params, ok, allow_404,
-                        pass_4xx, stream, follow_redirects, replayable, timeout)
+                        method,
+                        url,
+                        target,
+                        scopes,
+                        headers,
+                        content,
+                        params,
+                        ok,
+                        allow_404,
+                        pass_4xx,
+                        stream,
+                        follow_redirects,
+                        replayable,
+                        timeout,
+                    )
         except _TransientStatus as exc:
-            raise RetryableError(exc.message, site=self.site.name, repository=target[0],
-                                 reference=target[1], status=exc.status) from None
+            raise RetryableError(
+                exc.message,
+                site=self.site.name,
+                repository=target[0],
+                reference=target[1],
+                status=exc.status,
+            ) from None
         except (httpx.TransportError, ssl.SSLError) as exc:
             raise self._transport_error(exc, method, url, target) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _attempt(self, method: str, url: str, target: Target, scopes: tuple[str, ...],
-                       headers: Mapping[str, str] | None, content: Any,
-                       params: Mapping[str, str] | None, ok: tuple[int, ...], allow_404: bool,
-                       pass_4xx: bool, stream: bool, follow_redirects: bool,
-                       replayable: bool, timeout: httpx.Timeout | None) -> httpx.Response:
+    async def _attempt(
+        self,
+        method: str,
+        url: str,
+        target: Target,
+        scopes: tuple[str, ...],
+        headers: Mapping[str, str] | None,
+        content: Any,
+        params: Mapping[str, str] | None,
+        ok: tuple[int, ...],
+        allow_404: bool,
+        pass_4xx: bool,
+        stream: bool,
+        follow_redirects: bool,
+        replayable: bool,
+        timeout: httpx.Timeout | None,
+    ) -> httpx.Response:
         key = self._auth.effective_scopes(scopes)
         for auth_round in (0, 1):
             auth = await self._auth.headers_for(key)
             request = self._http.build_request(
-                method, url, params=params, headers={**(headers or {}), **auth},
-                content=content, timeout=timeout or self._timeout)
+                method,
+                url,
+                params=params,
+                headers={**(headers or {}), **auth},
+                content=content,
+                timeout=timeout or self._timeout,
+            )
             resp = await self._send(request, stream, follow_redirects)
             if resp.status_code != 401:
                 break
@@ -605,68 +852,89 @@ class RegistryClient:
             if challenge.scheme == "bearer":
                 new_key = merge_scopes((*key, *challenge.scopes))
                 if auth and new_key == key:
-                    self._auth.invalidate(key)        # our cached token went stale
+                    self._auth.invalidate(key)  # our cached token went stale
                 self._auth.remember_scopes(scopes, new_key)
                 key = new_key
             elif auth or not self._auth.has_basic_credentials:
-                break                                 # basic credentials were wrong / missing
+                break  # basic credentials were wrong / missing
             if not replayable:
                 await resp.aclose()
-                raise Unauthorized("authorization expired during a streamed upload",
-                                   site=self.site.name, repository=target[0],
-                                   reference=target[1], status=401, retryable=True)
+                raise Unauthorized(
+                    "authorization expired during a streamed upload",
+                    site=self.site.name,
+                    repository=target[0],
+                    reference=target[1],
+                    status=401,
+                    retryable=True,
+                )
             await resp.aclose()
         status = resp.status_code
-        if status in ok or (status == 404 and allow_404) or (
-                pass_4xx and 400 <= status < 500 and status not in (401, 403, 429)):
+        if (
+            status in ok
+            or (status == 404 and allow_404)
+            or (pass_4xx and 400 <= status < 500 and status not in (401, 403, 429))
+        ):
             if not auth:
                 self._auth.note_success_without_auth()
             return resp
         body = await _read_bounded(resp)
         message = _registry_message(body, status)
         if status == 429 or status >= 500:
-            raise _TransientStatus(status, message,
-                                   parse_retry_after(resp.headers.get("retry-after")))
+            raise _TransientStatus(
+                status, message, parse_retry_after(resp.headers.get("retry-after"))
+            )
         raise self._status_error(status, message, body, target)
 
-    async def _send(self, request: httpx.Request, stream: bool,
-                    follow_redirects: bool) -> httpx.Response:
+    async def _send(
+        self, request: httpx.Request, stream: bool, follow_redirects: bool
+    ) -> httpx.Response:
         if self._bucket:
             await self._bucket.acquire()
         self.stats["requests"] += 1
         async with self._slots:
-            resp = await self._http.send(request, stream=stream,
-                                         follow_redirects=follow_redirects)
+            resp = await self._http.send(request, stream=stream, follow_redirects=follow_redirects)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: %s %s -> %d", self.site.name, request.method, request.url.path,
-                      resp.status_code)
+            log.debug(
+                "%s: %s %s -> %d",
+                self.site.name,
+                request.method,
+                request.url.path,
+                resp.status_code,
+            )
         return resp
 
-    def _status_error(self, status: int, message: str, body: bytes,
-                      target: Target) -> RegistryError:
-        kw: dict[str, Any] = dict(site=self.site.name, repository=target[0],
-                                  reference=target[1], status=status)
+    def _status_error(
+        self, status: int, message: str, body: bytes, target: Target
+    ) -> RegistryError:
+        kw: dict[str, Any] = dict(
+            site=self.site.name, repository=target[0], reference=target[1], status=status
+        )
         if status == 404:
             return NotFound(message, **kw)
         if status in (401, 403):
             creds = self._auth.credentials
-            who = (f" as user {creds.username!r}" if creds and creds.username
-                   else " (no credentials configured)" if not creds else "")
+            who = (
+                f" as user {creds.username!r}"
+                if creds and creds.username
+                else " (no credentials configured)"
+                if not creds
+                else ""
+            )
             return Unauthorized(message + who, **kw)
         if status == 400 and b"DIGEST_INVALID" in body:
             return DigestMismatch(message, **kw)
         return RegistryError(message, **kw)
 
-    def _transport_error(self, exc: httpx.TransportError | ssl.SSLError, method: str, url: str,
-                         target: Target) -> RegistryError:
-        kw: dict[str, Any] = dict(site=self.site.name, repository=target[0],
-                                  reference=target[1])
-        if isinstance(exc, ssl.SSLError):       # e.g. the registry refused our certificate
-            return RegistryUnavailable(f"TLS failure talking to {self.site.url}: "
-                                       f"{_exc_text(exc)}", **kw)
+    def _transport_error(
+        self, exc: httpx.TransportError | ssl.SSLError, method: str, url: str, target: Target
+    ) -> RegistryError:
+        kw: dict[str, Any] = dict(site=self.site.name, repository=target[0], reference=target[1])
+        if isinstance(exc, ssl.SSLError):  # e.g. the registry refused our certificate
+            return RegistryUnavailable(
+                f"TLS failure talking to {self.site.url}: {_exc_text(exc)}", **kw
+            )
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-            return RegistryUnavailable(f"cannot connect to {self.site.url}: {_exc_text(exc)}",
-                                       **kw)
+            return RegistryUnavailable(f"cannot connect to {self.site.url}: {_exc_text(exc)}", **kw)
         path = urlsplit(url).path
         return RetryableError(f"{method} {path} failed: {_exc_text(exc)}", **kw)
 
@@ -674,8 +942,15 @@ class RegistryClient:
 class _SourceReader:
     """Hands out exactly `n` bytes at a time from a source of arbitrary chunk sizes."""
 
-    def __init__(self, source: AsyncIterable[bytes], site: str, repo: str, digest: str,
-                 offset: int, size: int) -> None:
+    def __init__(
+        self,
+        source: AsyncIterable[bytes],
+        site: str,
+        repo: str,
+        digest: str,
+        offset: int,
+        size: int,
+    ) -> None:
         self._it = aiter(source)
         self._buf = b""
         self._pos = offset
@@ -689,8 +964,9 @@ class _SourceReader:
                 try:
                     self._buf = bytes(await anext(self._it))
                 except StopAsyncIteration:
-                    raise RetryableError(f"source ended at byte {self._pos} of {self._size}",
-                                         **self._where) from None
+                    raise RetryableError(
+                        f"source ended at byte {self._pos} of {self._size}", **self._where
+                    ) from None
             piece, self._buf = self._buf[:remaining], self._buf[remaining:]
             remaining -= len(piece)
             self._pos += len(piece)
@@ -752,8 +1028,11 @@ def _registry_message(body: bytes, status: int) -> str:
     """The registry's `errors[].message` texts, else the HTTP reason phrase."""
     try:
         doc = json.loads(body)
-        msgs = [str(e.get("message") or e.get("code") or "").strip()
-                for e in doc.get("errors") or [] if isinstance(e, dict)]
+        msgs = [
+            str(e.get("message") or e.get("code") or "").strip()
+            for e in doc.get("errors") or []
+            if isinstance(e, dict)
+        ]
         msgs = [m for m in msgs if m]
         if msgs:
             return redact("; ".join(dict.fromkeys(msgs)))
@@ -828,4 +1107,3 @@ def _with_digest(location: str, digest: str) -> str:
 def _repo_of_upload(location: str) -> str | None:
     m = _UPLOAD_PATH.search(urlsplit(location).path)
     return m.group(1) if m else None
-

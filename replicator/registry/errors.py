@@ -29,9 +29,16 @@ class RegistryError(ReplicatorError):
 
     retryable = False
 
-    def __init__(self, message: str, *, site: str, repository: str | None = None,
-                 reference: str | None = None, status: int | None = None,
-                 retryable: bool | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        site: str,
+        repository: str | None = None,
+        reference: str | None = None,
+        status: int | None = None,
+        retryable: bool | None = None,
+    ) -> None:
         self.site = site
         self.repository = repository
         self.reference = reference

@@ -28,7 +28,7 @@ class TokenBucket:
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:
-        async with self._lock:      # FIFO: waiters are served in arrival order
+        async with self._lock:  # FIFO: waiters are served in arrival order
             while True:
                 now = time.monotonic()
                 self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)

@@ -24,9 +24,11 @@ class Credentials:
 
     def __repr__(self) -> str:
         hidden = "'***'"
-        return (f"Credentials(username={self.username!r}, "
-                f"password={hidden if self.password else None}, "
-                f"identity_token={hidden if self.identity_token else None})")
+        return (
+            f"Credentials(username={self.username!r}, "
+            f"password={hidden if self.password else None}, "
+            f"identity_token={hidden if self.identity_token else None})"
+        )
 
     __str__ = __repr__
 
@@ -52,11 +54,14 @@ class SiteEndpoint:
         self.url = self.url.rstrip("/")
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"site {self.name!r}: url {self.url!r} must look like "
-                              "https://host[:port] or http://host:port")
+            raise ConfigError(
+                f"site {self.name!r}: url {self.url!r} must look like "
+                "https://host[:port] or http://host:port"
+            )
         if parts.scheme == "http" and not self.insecure:
-            raise ConfigError(f"site {self.name!r}: {self.url} uses plain http; "
-                              "set insecure: true to allow it")
+            raise ConfigError(
+                f"site {self.name!r}: {self.url} uses plain http; set insecure: true to allow it"
+            )
         if self.concurrency < 1:
             raise ConfigError(f"site {self.name!r}: concurrency must be at least 1")
         if self.requests_per_second is not None and self.requests_per_second <= 0:
@@ -65,8 +70,9 @@ class SiteEndpoint:
             raise ConfigError(f"site {self.name!r}: key_file given without cert_file")
 
     @classmethod
-    def from_url(cls, host_or_url: str, insecure: bool = False,
-                 name: str | None = None) -> SiteEndpoint:
+    def from_url(
+        cls, host_or_url: str, insecure: bool = False, name: str | None = None
+    ) -> SiteEndpoint:
         """`127.0.0.1:5000` -> http when insecure else https; full URLs are kept."""
         text = host_or_url.strip().rstrip("/")
         if "://" not in text:
@@ -106,8 +112,9 @@ def load_docker_credentials(path: str, host: str, *, site: str = "") -> Credenti
     except FileNotFoundError as exc:
         raise ConfigError(f"{label}docker config {path} does not exist") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{label}docker config {path} is not readable JSON: "
-                          f"{type(exc).__name__}") from exc
+        raise ConfigError(
+            f"{label}docker config {path} is not readable JSON: {type(exc).__name__}"
+        ) from exc
     auths = doc.get("auths") if isinstance(doc, dict) else None
     if not isinstance(auths, dict):
         return None
@@ -119,11 +126,15 @@ def load_docker_credentials(path: str, host: str, *, site: str = "") -> Credenti
             try:
                 decoded = base64.b64decode(str(entry["auth"]), validate=True).decode()
             except (binascii.Error, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{label}docker config {path}: auths[{key!r}].auth is not "
-                                  "base64 of user:password") from exc
+                raise ConfigError(
+                    f"{label}docker config {path}: auths[{key!r}].auth is not "
+                    "base64 of user:password"
+                ) from exc
             if ":" not in decoded:
-                raise ConfigError(f"{label}docker config {path}: auths[{key!r}].auth is not "
-                                  "base64 of user:password")
+                raise ConfigError(
+                    f"{label}docker config {path}: auths[{key!r}].auth is not "
+                    "base64 of user:password"
+                )
             creds.username, creds.password = decoded.split(":", 1)
         elif entry.get("username") is not None:
             creds.username = str(entry["username"])

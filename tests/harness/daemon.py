@@ -23,8 +23,10 @@ TOKEN = "hook-token-for-tests"
 
 def notify_kwargs(daemon_port: int, site: str) -> dict[str, Any]:
     """Registry(...) arguments that make a registry post its events to the daemon."""
-    return {"notify_url": f"http://127.0.0.1:{daemon_port}/events/{site}",
-            "notify_headers": {"Authorization": [f"Bearer {TOKEN}"]}}
+    return {
+        "notify_url": f"http://127.0.0.1:{daemon_port}/events/{site}",
+        "notify_headers": {"Authorization": [f"Bearer {TOKEN}"]},
+    }
 
 
 @dataclass
@@ -60,10 +62,24 @@ class DaemonProcess:
         self.write_config()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "replicator", "run", "-c", str(self.config_path),
-             "--instance-id", self.instance_id, "--retry-base", "0.2", *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "HOOK_TOKEN": TOKEN, **self.env})
+            [
+                sys.executable,
+                "-m",
+                "replicator",
+                "run",
+                "-c",
+                str(self.config_path),
+                "--instance-id",
+                self.instance_id,
+                "--retry-base",
+                "0.2",
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "HOOK_TOKEN": TOKEN, **self.env},
+        )
         log.close()
         if wait:
             wait_until(self.healthy, timeout=20, what=f"daemon on {self.url}")
@@ -114,7 +130,7 @@ class DaemonProcess:
         conn = sqlite3.connect(f"file:{self.journal_path}?mode=ro", uri=True, timeout=5)
         try:
             return conn.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:   # schema not created yet
+        except sqlite3.OperationalError as exc:  # schema not created yet
             if "no such table" in str(exc):
                 return []
             raise

@@ -21,7 +21,7 @@ from tests.harness.util import free_port
 
 @dataclass
 class Fault:
-    kind: str                       # respond | cut_request | cut_response | flip | delay
+    kind: str  # respond | cut_request | cut_response | flip | delay
     remaining: int
     method: str | None = None
     path: re.Pattern[str] | None = None
@@ -29,14 +29,17 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     after_bytes: int = 0
-    forward: bool = False           # cut_request: pass the partial body on to the registry
-    position: int = 0               # flip: body offset of the byte to flip
-    seconds: float = 0.0            # delay
-    skip: int = 0                   # let this many matching requests through first
+    forward: bool = False  # cut_request: pass the partial body on to the registry
+    position: int = 0  # flip: body offset of the byte to flip
+    seconds: float = 0.0  # delay
+    skip: int = 0  # let this many matching requests through first
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.remaining > 0 and (self.method is None or self.method == method)
-                and (self.path is None or bool(self.path.search(path))))
+        return (
+            self.remaining > 0
+            and (self.method is None or self.method == method)
+            and (self.path is None or bool(self.path.search(path)))
+        )
 
 
 @dataclass
@@ -44,8 +47,8 @@ class Record:
     method: str
     path: str
     status: int | None = None
-    request_bytes: int = 0          # request body bytes received from the client
-    response_bytes: int = 0         # response body bytes sent to the client
+    request_bytes: int = 0  # request body bytes received from the client
+    response_bytes: int = 0  # response body bytes sent to the client
     fault: str | None = None
 
 
@@ -62,7 +65,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._inflight = 0
         self.max_inflight = 0
-        self.connections = 0            # client connections accepted so far
+        self.connections = 0  # client connections accepted so far
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -86,7 +89,8 @@ class FaultProxy:
             asyncio.set_event_loop(loop)
             try:
                 self._server = loop.run_until_complete(
-                    asyncio.start_server(self._on_client, "127.0.0.1", self.port))
+                    asyncio.start_server(self._on_client, "127.0.0.1", self.port)
+                )
             except BaseException as exc:  # report bind errors to start()
                 errors.append(exc)
                 ready.set()
@@ -136,47 +140,113 @@ class FaultProxy:
     def _rx(path: str | None) -> re.Pattern[str] | None:
         return re.compile(path) if path else None
 
-    def respond(self, status: int, count: int = 1, *, headers: dict[str, str] | None = None,
-                body: bytes = b"", method: str | None = None, path: str | None = None,
-                skip: int = 0) -> Fault:
+    def respond(
+        self,
+        status: int,
+        count: int = 1,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        method: str | None = None,
+        path: str | None = None,
+        skip: int = 0,
+    ) -> Fault:
         """Answer the next `count` matching requests with `status` instead of the registry."""
-        return self._add(Fault("respond", count, method, self._rx(path), status=status,
-                               headers=headers or {}, body=body, skip=skip))
+        return self._add(
+            Fault(
+                "respond",
+                count,
+                method,
+                self._rx(path),
+                status=status,
+                headers=headers or {},
+                body=body,
+                skip=skip,
+            )
+        )
 
-    def too_many_requests(self, retry_after: str | float | None, count: int = 1, *,
-                          method: str | None = None, path: str | None = None,
-                          skip: int = 0) -> Fault:
+    def too_many_requests(
+        self,
+        retry_after: str | float | None,
+        count: int = 1,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        skip: int = 0,
+    ) -> Fault:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-        body = (b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}')
-        return self.respond(429, count, headers={**headers,
-                                                 "Content-Type": "application/json"},
-                            body=body, method=method, path=path, skip=skip)
+        body = b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}'
+        return self.respond(
+            429,
+            count,
+            headers={**headers, "Content-Type": "application/json"},
+            body=body,
+            method=method,
+            path=path,
+            skip=skip,
+        )
 
-    def cut_request(self, after_bytes: int, count: int = 1, *, forward: bool = False,
-                    method: str | None = None, path: str | None = None,
-                    skip: int = 0) -> Fault:
+    def cut_request(
+        self,
+        after_bytes: int,
+        count: int = 1,
+        *,
+        forward: bool = False,
+        method: str | None = None,
+        path: str | None = None,
+        skip: int = 0,
+    ) -> Fault:
         """Drop the connection after `after_bytes` of a request body. With `forward`, the
         registry sees the head and the partial body; without, it sees nothing."""
-        return self._add(Fault("cut_request", count, method, self._rx(path),
-                               after_bytes=after_bytes, forward=forward, skip=skip))
+        return self._add(
+            Fault(
+                "cut_request",
+                count,
+                method,
+                self._rx(path),
+                after_bytes=after_bytes,
+                forward=forward,
+                skip=skip,
+            )
+        )
 
-    def cut_response(self, after_bytes: int, count: int = 1, *, method: str | None = None,
-                     path: str | None = None, skip: int = 0) -> Fault:
+    def cut_response(
+        self,
+        after_bytes: int,
+        count: int = 1,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        skip: int = 0,
+    ) -> Fault:
         """Forward the response head and `after_bytes` of its body, then drop the connection."""
-        return self._add(Fault("cut_response", count, method, self._rx(path),
-                               after_bytes=after_bytes, skip=skip))
+        return self._add(
+            Fault("cut_response", count, method, self._rx(path), after_bytes=after_bytes, skip=skip)
+        )
 
-    def flip_byte(self, count: int = 1, *, position: int = 0, method: str | None = None,
-                  path: str | None = None, skip: int = 0) -> Fault:
+    def flip_byte(
+        self,
+        count: int = 1,
+        *,
+        position: int = 0,
+        method: str | None = None,
+        path: str | None = None,
+        skip: int = 0,
+    ) -> Fault:
         """XOR one byte (at body offset `position`) of matching responses."""
-        return self._add(Fault("flip", count, method, self._rx(path), position=position,
-                               skip=skip))
+        return self._add(Fault("flip", count, method, self._rx(path), position=position, skip=skip))
 
-    def delay(self, seconds: float, count: int = 1, *, method: str | None = None,
-              path: str | None = None, skip: int = 0) -> Fault:
+    def delay(
+        self,
+        seconds: float,
+        count: int = 1,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        skip: int = 0,
+    ) -> Fault:
         """Hold matching responses for `seconds` before forwarding them."""
-        return self._add(Fault("delay", count, method, self._rx(path), seconds=seconds,
-                               skip=skip))
+        return self._add(Fault("delay", count, method, self._rx(path), seconds=seconds, skip=skip))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -190,8 +260,11 @@ class FaultProxy:
 
     def count(self, method: str | None = None, path: str | None = None) -> int:
         rx = self._rx(path)
-        return sum(1 for r in self.records if (method is None or r.method == method)
-                   and (rx is None or rx.search(r.path)))
+        return sum(
+            1
+            for r in self.records
+            if (method is None or r.method == method) and (rx is None or rx.search(r.path))
+        )
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -210,8 +283,9 @@ class FaultProxy:
         return None
 
     # --- the proxy ---------------------------------------------------------------------
-    async def _on_client(self, creader: asyncio.StreamReader,
-                         cwriter: asyncio.StreamWriter) -> None:
+    async def _on_client(
+        self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -248,17 +322,26 @@ class FaultProxy:
                 if w is not None:
                     w.close()
 
-    async def _exchange(self, head: bytes, rec: Record, fault: Fault | None,
-                        creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter,
-                        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
-                        ) -> bool:
+    async def _exchange(
+        self,
+        head: bytes,
+        rec: Record,
+        fault: Fault | None,
+        creader: asyncio.StreamReader,
+        cwriter: asyncio.StreamWriter,
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None,
+    ) -> bool:
         req_framing = _request_framing(head)
         if fault and fault.kind == "respond":
             async for piece in _body(creader, req_framing):
                 rec.request_bytes += len(piece)
             rec.status = fault.status
-            lines = [f"HTTP/1.1 {fault.status} Injected", f"Content-Length: {len(fault.body)}",
-                     "Connection: close", *[f"{k}: {v}" for k, v in fault.headers.items()]]
+            lines = [
+                f"HTTP/1.1 {fault.status} Injected",
+                f"Content-Length: {len(fault.body)}",
+                "Connection: close",
+                *[f"{k}: {v}" for k, v in fault.headers.items()],
+            ]
             cwriter.write(("\r\n".join(lines) + "\r\n\r\n").encode() + fault.body)
             await cwriter.drain()
             return False
@@ -268,7 +351,7 @@ class FaultProxy:
             if fault.forward:
                 uwriter.write(head)
             async for piece in _body(creader, req_framing, raw=True):
-                take = piece[:max(0, fault.after_bytes - rec.request_bytes)]
+                take = piece[: max(0, fault.after_bytes - rec.request_bytes)]
                 rec.request_bytes += len(take)
                 if fault.forward and take:
                     uwriter.write(take)
@@ -293,10 +376,10 @@ class FaultProxy:
         sent = 0
         async for piece in _body(ureader, framing):
             if fault and fault.kind == "cut_response":
-                piece = piece[:max(0, fault.after_bytes - sent)]
+                piece = piece[: max(0, fault.after_bytes - sent)]
             if fault and fault.kind == "flip" and sent <= fault.position < sent + len(piece):
                 i = fault.position - sent
-                piece = piece[:i] + bytes([piece[i] ^ 0x01]) + piece[i + 1:]
+                piece = piece[:i] + bytes([piece[i] ^ 0x01]) + piece[i + 1 :]
             if framing[0] == "chunked" and piece:
                 cwriter.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             else:

@@ -79,39 +79,67 @@ class Pusher:
         if loc.startswith("/"):
             loc = self.base + loc
         sep = "&" if "?" in loc else "?"
-        r = self.http.put(f"{loc}{sep}digest={digest}", content=data,
-                          headers={"content-type": "application/octet-stream"})
+        r = self.http.put(
+            f"{loc}{sep}digest={digest}",
+            content=data,
+            headers={"content-type": "application/octet-stream"},
+        )
         r.raise_for_status()
         return digest
 
     def push_manifest(self, repo: str, ref: str, raw: bytes, media_type: str) -> str:
-        r = self.http.put(f"{self.base}/v2/{repo}/manifests/{ref}", content=raw,
-                          headers={"content-type": media_type})
+        r = self.http.put(
+            f"{self.base}/v2/{repo}/manifests/{ref}",
+            content=raw,
+            headers={"content-type": media_type},
+        )
         r.raise_for_status()
         return digest_of(raw)
 
-    def push_image(self, repo: str, tag: str | None, layers: list[bytes], *,
-                   platform: tuple[str, str] = ("linux", "amd64"), docker: bool = False,
-                   created: str = "2024-01-01T00:00:00Z", labels: dict | None = None,
-                   annotations: dict | None = None, subject: dict | None = None,
-                   artifact_type: str | None = None) -> Pushed:
-        config = json.dumps({
-            "architecture": platform[1], "os": platform[0], "created": created,
-            "config": {"Labels": labels or {}},
-            "rootfs": {"type": "layers",
-                       "diff_ids": [digest_of(layer) for layer in layers]},
-        }, sort_keys=True).encode()
+    def push_image(
+        self,
+        repo: str,
+        tag: str | None,
+        layers: list[bytes],
+        *,
+        platform: tuple[str, str] = ("linux", "amd64"),
+        docker: bool = False,
+        created: str = "2024-01-01T00:00:00Z",
+        labels: dict | None = None,
+        annotations: dict | None = None,
+        subject: dict | None = None,
+        artifact_type: str | None = None,
+    ) -> Pushed:
+        config = json.dumps(
+            {
+                "architecture": platform[1],
+                "os": platform[0],
+                "created": created,
+                "config": {"Labels": labels or {}},
+                "rootfs": {"type": "layers", "diff_ids": [digest_of(layer) for layer in layers]},
+            },
+            sort_keys=True,
+        ).encode()
         cfg_digest = self.push_blob(repo, config)
         layer_descs = []
         for layer in layers:
             d = self.push_blob(repo, layer)
-            layer_descs.append({"mediaType": DOCKER_LAYER if docker else OCI_LAYER,
-                                "digest": d, "size": len(layer)})
+            layer_descs.append(
+                {
+                    "mediaType": DOCKER_LAYER if docker else OCI_LAYER,
+                    "digest": d,
+                    "size": len(layer),
+                }
+            )
         media_type = DOCKER_MANIFEST if docker else OCI_MANIFEST
         manifest: dict = {
-            "schemaVersion": 2, "mediaType": media_type,
-            "config": {"mediaType": DOCKER_CONFIG if docker else OCI_CONFIG,
-                       "digest": cfg_digest, "size": len(config)},
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "config": {
+                "mediaType": DOCKER_CONFIG if docker else OCI_CONFIG,
+                "digest": cfg_digest,
+                "size": len(config),
+            },
             "layers": layer_descs,
         }
         if artifact_type:
@@ -124,45 +152,78 @@ class Pusher:
         digest = self.push_manifest(repo, tag or digest_of(raw), raw, media_type)
         return Pushed(digest, media_type, raw, [cfg_digest] + [d["digest"] for d in layer_descs])
 
-    def push_index(self, repo: str, tag: str | None, children: list[tuple[Pushed, str, str]],
-                   docker: bool = False) -> Pushed:
+    def push_index(
+        self,
+        repo: str,
+        tag: str | None,
+        children: list[tuple[Pushed, str, str]],
+        docker: bool = False,
+    ) -> Pushed:
         """children: (pushed manifest, os, arch)."""
         media_type = DOCKER_LIST if docker else OCI_INDEX
         index = {
-            "schemaVersion": 2, "mediaType": media_type,
-            "manifests": [{"mediaType": c.media_type, "digest": c.digest, "size": len(c.raw),
-                           "platform": {"os": os_, "architecture": arch}}
-                          for c, os_, arch in children],
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "manifests": [
+                {
+                    "mediaType": c.media_type,
+                    "digest": c.digest,
+                    "size": len(c.raw),
+                    "platform": {"os": os_, "architecture": arch},
+                }
+                for c, os_, arch in children
+            ],
         }
         raw = json.dumps(index, indent=2).encode()
         digest = self.push_manifest(repo, tag or digest_of(raw), raw, media_type)
         return Pushed(digest, media_type, raw, [])
 
-    def push_multiarch(self, repo: str, tag: str, seed: str, docker: bool = False,
-                       platforms: tuple[tuple[str, str], ...] = (("linux", "amd64"),
-                                                                  ("linux", "arm64"))) -> Pushed:
+    def push_multiarch(
+        self,
+        repo: str,
+        tag: str,
+        seed: str,
+        docker: bool = False,
+        platforms: tuple[tuple[str, str], ...] = (("linux", "amd64"), ("linux", "arm64")),
+    ) -> Pushed:
         children = []
         for os_, arch in platforms:
-            child = self.push_image(repo, None, [layer_bytes(f"{seed}-{arch}", 2048)],
-                                    platform=(os_, arch), docker=docker)
+            child = self.push_image(
+                repo,
+                None,
+                [layer_bytes(f"{seed}-{arch}", 2048)],
+                platform=(os_, arch),
+                docker=docker,
+            )
             children.append((child, os_, arch))
         return self.push_index(repo, tag, children, docker=docker)
 
-    def push_referrer(self, repo: str, subject: Pushed, payload: bytes,
-                      artifact_type: str = "application/vnd.dev.cosign.simplesigning.v1+json"
-                      ) -> Pushed:
+    def push_referrer(
+        self,
+        repo: str,
+        subject: Pushed,
+        payload: bytes,
+        artifact_type: str = "application/vnd.dev.cosign.simplesigning.v1+json",
+    ) -> Pushed:
         """Push an OCI artifact with `subject` and maintain the referrers fallback tag."""
         empty = b"{}"
         empty_digest = self.push_blob(repo, empty)
         blob_digest = self.push_blob(repo, payload)
         manifest = {
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
-            "config": {"mediaType": "application/vnd.oci.empty.v1+json",
-                       "digest": empty_digest, "size": 2},
-            "layers": [{"mediaType": artifact_type, "digest": blob_digest,
-                        "size": len(payload)}],
-            "subject": {"mediaType": subject.media_type, "digest": subject.digest,
-                        "size": len(subject.raw)},
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {
+                "mediaType": "application/vnd.oci.empty.v1+json",
+                "digest": empty_digest,
+                "size": 2,
+            },
+            "layers": [{"mediaType": artifact_type, "digest": blob_digest, "size": len(payload)}],
+            "subject": {
+                "mediaType": subject.media_type,
+                "digest": subject.digest,
+                "size": len(subject.raw),
+            },
         }
         raw = json.dumps(manifest, indent=2).encode()
         digest = self.push_manifest(repo, digest_of(raw), raw, OCI_MANIFEST)
@@ -170,14 +231,22 @@ class Pusher:
         # fallback tag sha256-<hex>: an index listing every referrer of the subject
         fallback = "sha256-" + subject.digest.split(":", 1)[1]
         existing: list[dict] = []
-        r = self.http.get(f"{self.base}/v2/{repo}/manifests/{fallback}",
-                          headers={"accept": OCI_INDEX})
+        r = self.http.get(
+            f"{self.base}/v2/{repo}/manifests/{fallback}", headers={"accept": OCI_INDEX}
+        )
         if r.status_code == 200:
             existing = r.json().get("manifests", [])
-        existing.append({"mediaType": OCI_MANIFEST, "digest": digest, "size": len(raw),
-                         "artifactType": artifact_type})
-        idx = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                          "manifests": existing}, indent=2).encode()
+        existing.append(
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": digest,
+                "size": len(raw),
+                "artifactType": artifact_type,
+            }
+        )
+        idx = json.dumps(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": existing}, indent=2
+        ).encode()
         self.push_manifest(repo, fallback, idx, OCI_INDEX)
         return pushed
 
@@ -192,8 +261,9 @@ class Pusher:
         return r.json().get("tags") or []
 
 
-def assert_image_complete(base_url: str, repo: str, ref: str,
-                          auth: httpx.Auth | tuple[str, str] | None = None) -> str:
+def assert_image_complete(
+    base_url: str, repo: str, ref: str, auth: httpx.Auth | tuple[str, str] | None = None
+) -> str:
     """Fetch a manifest and everything it reaches, verifying every digest. Returns the digest."""
     with httpx.Client(auth=auth, timeout=60) as http:
         return _check(http, base_url.rstrip("/"), repo, ref)

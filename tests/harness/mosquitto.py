@@ -26,8 +26,8 @@ MOSQUITTO_PASSWD_BIN = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_p
 class Mosquitto:
     root: Path
     port: int = field(default_factory=free_port)
-    users: dict[str, str] | None = None   # username -> password; None: anonymous allowed
-    acl: str | None = None                 # acl_file text (mosquitto's format), if any
+    users: dict[str, str] | None = None  # username -> password; None: anonymous allowed
+    acl: str | None = None  # acl_file text (mosquitto's format), if any
     proc: subprocess.Popen | None = None
 
     @property
@@ -53,8 +53,8 @@ class Mosquitto:
             "persistence true",
             f"persistence_location {data}/",
             "autosave_interval 1",
-            "autosave_on_changes true",      # save after every change: a kill loses nothing
-            "max_queued_messages 100000",    # default 1000 would drop QoS 1 for slow sessions
+            "autosave_on_changes true",  # save after every change: a kill loses nothing
+            "max_queued_messages 100000",  # default 1000 would drop QoS 1 for slow sessions
             "max_inflight_messages 20",
             f"log_dest file {self.log_path}",
             "log_type error",
@@ -67,8 +67,11 @@ class Mosquitto:
             pwfile = self.root / "passwords"
             pwfile.write_text("")
             for user, password in self.users.items():
-                subprocess.run([MOSQUITTO_PASSWD_BIN, "-b", str(pwfile), user, password],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    [MOSQUITTO_PASSWD_BIN, "-b", str(pwfile), user, password],
+                    check=True,
+                    capture_output=True,
+                )
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
         else:
             lines.append("allow_anonymous true")
@@ -82,7 +85,10 @@ class Mosquitto:
         self.write_config()
         self.proc = subprocess.Popen(
             [MOSQUITTO_BIN, "-c", str(self.config_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             wait_until(self._ready, timeout=10, what=f"mosquitto on port {self.port}")
         except TimeoutError:
@@ -93,8 +99,7 @@ class Mosquitto:
     def _ready(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: "
-                               f"{self.log_tail()}")
+            raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log_tail()}")
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                 return True

@@ -99,7 +99,9 @@ class Registry:
         log = open(self.root / "registry.log", "ab")
         self.proc = subprocess.Popen(
             [REGISTRY_BIN, "serve", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
         )
         log.close()
@@ -145,8 +147,14 @@ class Registry:
 
     def layer_link(self, repo: str, digest: str) -> Path:
         hexd = digest.split(":", 1)[1]
-        return (self.storage / "docker/registry/v2/repositories" / repo / "_layers/sha256"
-                / hexd / "link")
+        return (
+            self.storage
+            / "docker/registry/v2/repositories"
+            / repo
+            / "_layers/sha256"
+            / hexd
+            / "link"
+        )
 
     def all_blob_digests(self) -> set[str]:
         base = self.storage / "docker/registry/v2/blobs/sha256"
@@ -166,7 +174,9 @@ def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
 def write_htpasswd(path: Path, users: dict[str, str]) -> Path:
     import bcrypt
 
-    lines = [f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=4)).decode()}"
-             for u, p in users.items()]
+    lines = [
+        f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=4)).decode()}"
+        for u, p in users.items()
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -36,16 +36,17 @@ from tests.harness.util import free_port
 def libtrust_key_id(public_key: ec.EllipticCurvePublicKey) -> str:
     """libtrust KeyID: SHA-256 of the DER SubjectPublicKeyInfo, first 240 bits, base32,
     in 12 groups of 4 separated by ':'."""
-    der = public_key.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     b32 = base64.b32encode(hashlib.sha256(der).digest()[:30]).decode()
-    return ":".join(b32[i:i + 4] for i in range(0, 48, 4))
+    return ":".join(b32[i : i + 4] for i in range(0, 48, 4))
 
 
 @dataclass
 class TokenRequest:
     method: str
-    user: str | None                 # None = anonymous
+    user: str | None  # None = anonymous
     scopes: list[str]
     granted: list[dict]
     service: str | None
@@ -57,15 +58,15 @@ class TokenServer:
     users: dict[str, str] = field(default_factory=dict)
     # user -> {repository glob: allowed actions}; users absent here may do anything.
     permissions: dict[str, dict[str, set[str]]] = field(default_factory=dict)
-    identity_tokens: dict[str, str] = field(default_factory=dict)   # refresh token -> user
-    allow_anonymous: bool = False            # anonymous users get pull only
+    identity_tokens: dict[str, str] = field(default_factory=dict)  # refresh token -> user
+    allow_anonymous: bool = False  # anonymous users get pull only
     service: str = "test-registry"
     issuer: str = "test-token-issuer"
     expires_in: int = 300
-    stale_next: int = 0                      # issue this many already-expired tokens
+    stale_next: int = 0  # issue this many already-expired tokens
     port: int = field(default_factory=free_port)
     requests: list[TokenRequest] = field(default_factory=list)
-    issued: list[str] = field(default_factory=list)     # every token handed out
+    issued: list[str] = field(default_factory=list)  # every token handed out
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -73,11 +74,16 @@ class TokenServer:
         self.kid = libtrust_key_id(self._key.public_key())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token issuer")])
         now = dt.datetime.now(dt.UTC)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(days=1))
-                .not_valid_after(now + dt.timedelta(days=30))
-                .sign(self._key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .sign(self._key, hashes.SHA256())
+        )
         self.cert_path = self.directory / "token-signer.pem"
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         self._lock = threading.Lock()
@@ -90,15 +96,20 @@ class TokenServer:
 
     def token_auth(self) -> TokenAuth:
         """What to pass as Registry(token=...)."""
-        return TokenAuth(realm=self.realm, service=self.service, issuer=self.issuer,
-                         rootcertbundle=str(self.cert_path))
+        return TokenAuth(
+            realm=self.realm,
+            service=self.service,
+            issuer=self.issuer,
+            rootcertbundle=str(self.cert_path),
+        )
 
     def start(self) -> TokenServer:
         server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="token-server",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="token-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -124,8 +135,9 @@ class TokenServer:
             self.requests.clear()
 
     # --- token issuing --------------------------------------------------------------
-    def _authenticate(self, method: str, headers, form: dict[str, list[str]]
-                      ) -> tuple[bool, str | None]:
+    def _authenticate(
+        self, method: str, headers, form: dict[str, list[str]]
+    ) -> tuple[bool, str | None]:
         if method == "POST":
             grant = (form.get("grant_type") or [""])[0]
             if grant == "refresh_token":
@@ -174,13 +186,21 @@ class TokenServer:
             stale = self.stale_next > 0
             if stale:
                 self.stale_next -= 1
-        if stale:   # expired well beyond the registry's 60 s leeway
+        if stale:  # expired well beyond the registry's 60 s leeway
             now -= 3 * 3600
-        claims = {"iss": self.issuer, "sub": user or "", "aud": self.service,
-                  "exp": now + self.expires_in, "nbf": now - 10, "iat": now,
-                  "jti": uuid.uuid4().hex, "access": access}
-        token = jwt.encode(claims, self._key, algorithm="ES256",
-                           headers={"kid": self.kid, "typ": "JWT"})
+        claims = {
+            "iss": self.issuer,
+            "sub": user or "",
+            "aud": self.service,
+            "exp": now + self.expires_in,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
+        token = jwt.encode(
+            claims, self._key, algorithm="ES256", headers={"kid": self.kid, "typ": "JWT"}
+        )
         with self._lock:
             self.issued.append(token)
         return token
@@ -201,8 +221,9 @@ def _handler_for(ts: TokenServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(raw)
 
-        def _handle(self, method: str, query: dict[str, list[str]],
-                    form: dict[str, list[str]]) -> None:
+        def _handle(
+            self, method: str, query: dict[str, list[str]], form: dict[str, list[str]]
+        ) -> None:
             if urlsplit(self.path).path != "/token":
                 self._answer(404, {"error": "not found"})
                 return
@@ -215,16 +236,24 @@ def _handler_for(ts: TokenServer) -> type[BaseHTTPRequestHandler]:
                 service = (query.get("service") or [None])[0]
             granted = ts._grant(user, scopes) if ok else []
             with ts._lock:
-                ts.requests.append(TokenRequest(method, user if ok else None, scopes, granted,
-                                                service))
+                ts.requests.append(
+                    TokenRequest(method, user if ok else None, scopes, granted, service)
+                )
             if not ok:
-                self._answer(401, {"errors": [{"code": "UNAUTHORIZED",
-                                               "message": "invalid credentials"}]})
+                self._answer(
+                    401, {"errors": [{"code": "UNAUTHORIZED", "message": "invalid credentials"}]}
+                )
                 return
             token = ts._issue(user, granted)
-            self._answer(200, {"token": token, "access_token": token,
-                               "expires_in": ts.expires_in,
-                               "issued_at": dt.datetime.now(dt.UTC).isoformat()})
+            self._answer(
+                200,
+                {
+                    "token": token,
+                    "access_token": token,
+                    "expires_in": ts.expires_in,
+                    "issued_at": dt.datetime.now(dt.UTC).isoformat(),
+                },
+            )
 
         def do_GET(self) -> None:
             self._handle("GET", parse_qs(urlsplit(self.path).query), {})

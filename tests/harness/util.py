@@ -26,8 +26,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
-               what: str = "condition") -> T:
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> T:
     """Poll `predicate` until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -43,8 +47,12 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
-async def async_wait_until(predicate: Callable[[], Awaitable[T]], timeout: float = 10.0,
-                           interval: float = 0.02, what: str = "condition") -> T:
+async def async_wait_until(
+    predicate: Callable[[], Awaitable[T]],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> T:
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while True:

@@ -56,7 +56,9 @@ class WebhookSink:
 
     def blob_events(self, action: str) -> list[dict[str, Any]]:
         """Blob-level events ('push' = upload committed, 'mount' = cross-repo mount)."""
-        return [e for e in self.snapshot()
-                if e.get("action") == action
-                and e.get("target", {}).get("mediaType") in (
-                    "application/octet-stream", None, "")]
+        return [
+            e
+            for e in self.snapshot()
+            if e.get("action") == action
+            and e.get("target", {}).get("mediaType") in ("application/octet-stream", None, "")
+        ]
