@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
 from replicator import telemetry
+from replicator.aio import bounded_gather
 from replicator.blob_index import BlobIndex
 from replicator.manifest import (
     OCI_INDEX,
@@ -278,7 +279,7 @@ class CopyEngine:
             tag=tag,
         ):
             if manifest.is_index:
-                await self._gather(
+                await bounded_gather(
                     (
                         self._copy_child(src, src_repo, c, dst, dst_repo, options, stats)
                         for c in to_write.children
@@ -286,7 +287,7 @@ class CopyEngine:
                     options.blob_parallelism * 2,
                 )
             else:
-                await self._gather(
+                await bounded_gather(
                     (
                         self._ensure_blob(src, src_repo, dst, dst_repo, b, options, stats)
                         for b in manifest.blobs
@@ -579,22 +580,6 @@ class CopyEngine:
                 self.progress.finish(digest)
 
     # ----------------------------------------------------------------- helpers
-    @staticmethod
-    async def _gather(coros: object, limit: int) -> None:
-        """Run coroutines with at most `limit` at once; the first failure cancels the rest."""
-        semaphore = asyncio.Semaphore(max(1, limit))
-
-        async def bounded(coro: Awaitable[None]) -> None:
-            async with semaphore:
-                await coro
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for coro in coros:  # type: ignore[attr-defined]
-                    group.create_task(bounded(coro))
-        except ExceptionGroup as group_error:
-            # callers handle one error; the first is the cause, the rest were cancelled
-            raise group_error.exceptions[0] from None
 
 
 THREADED_HASH_BYTES = 16 * 2**20

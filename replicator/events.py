@@ -49,6 +49,7 @@ from replicator.manifest import (
     is_digest,
 )
 from replicator.refs import REPOSITORY_RE, TAG_RE
+from replicator.text import shorten
 
 Action = Literal["push", "delete", "pull", "mount"]
 SourceFormat = Literal["distribution", "harbor", "cloudevents"]
@@ -509,7 +510,7 @@ def _load_json(body: bytes) -> Any:
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise WebhookError(400, f"malformed JSON body: {_short(str(exc))}") from None
+        raise WebhookError(400, f"malformed JSON body: {shorten(str(exc))}") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -634,8 +635,4 @@ def _opt_epoch(value: Any, where: str) -> float | None:
 
 def _show(value: Any) -> str:
     """A value quoted for an error message, bounded so a hostile body cannot flood logs."""
-    return _short(repr(value))
-
-
-def _short(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
+    return shorten(repr(value))

@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+from replicator.aio import bounded_gather
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule
 from replicator.copy import CopyEngine, CopyOptions
@@ -392,13 +393,7 @@ async def _catch_up(
                 ),
             )
 
-    semaphore = asyncio.Semaphore(parallel)
-
-    async def bounded(copy: CatchUp) -> None:
-        async with semaphore:
-            await run(copy)
-
-    await asyncio.gather(*(bounded(c) for c in report.copies))
+    await bounded_gather((run(c) for c in report.copies), parallel)
 
 
 async def _keep_latest(

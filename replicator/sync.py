@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from replicator.aio import bounded_gather
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule
 from replicator.copy import CopyEngine, CopyOptions, CopyStats
@@ -137,7 +138,7 @@ class Reconciler:
         except RegistryError as exc:
             report.failures.append(f"rule {rule.name}: listing {rule.from_}: {exc}")
             return
-        await _bounded((self._sync_repo(rule, repo, report) for repo in repos), self.parallel)
+        await bounded_gather((self._sync_repo(rule, repo, report) for repo in repos), self.parallel)
 
     async def _sync_repo(self, rule: Rule, repo: str, report: SyncReport) -> None:
         src = self.pool[rule.from_]
@@ -205,7 +206,7 @@ class Reconciler:
             if self.on_action and action.kind != "up-to-date":
                 self.on_action(action, "planned")
         if not report.dry_run:
-            await _bounded(
+            await bounded_gather(
                 (self._execute(rule, a, report) for a in actions if a.kind in ("copy", "delete")),
                 self.parallel,
             )
@@ -355,16 +356,6 @@ class Reconciler:
             "UPDATE sync_runs SET finished_at = ?, state = ?, result = ? WHERE id = ?",
             (time.time(), state, json.dumps(report.counts()), run_id),
         )
-
-
-async def _bounded(coros: Iterable, limit: int) -> None:
-    semaphore = asyncio.Semaphore(limit)
-
-    async def run(coro) -> None:
-        async with semaphore:
-            await coro
-
-    await asyncio.gather(*(run(c) for c in coros))
 
 
 def tag_push_times(journal: Journal, site: str, repo: str) -> dict[str, float]:

@@ -55,13 +55,13 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from replicator.backoff import jittered_backoff
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.events import ACTIONS, RegistryEvent
 from replicator.logs import redact
@@ -179,12 +179,6 @@ def current_trace_context() -> dict[str, str]:
     return carrier
 
 
-def _jittered(attempt: int, base: float, cap: float) -> float:
-    """Capped exponential backoff with equal jitter (wait in [half, full])."""
-    exp = min(cap, base * (2 ** max(0, min(attempt - 1, 60))))
-    return exp / 2 + (exp / 2) * random.random()
-
-
 # --- the interface -----------------------------------------------------------------
 
 
@@ -235,7 +229,9 @@ class EventBus(abc.ABC):
                 raise
             except Exception as exc:
                 attempt += 1
-                delay = _jittered(attempt, self._handler_backoff_base, self._handler_backoff_max)
+                delay = jittered_backoff(
+                    attempt, self._handler_backoff_base, self._handler_backoff_max
+                )
                 log.warning(
                     "event handler failed for event %s (%s %s at %s), attempt %d; "
                     "retrying in %.1fs: %s",
@@ -752,7 +748,7 @@ class MqttBus(EventBus):
             if self._stopping.is_set():
                 break
             attempt += 1
-            delay = _jittered(attempt, self.reconnect_base, self.reconnect_max)
+            delay = jittered_backoff(attempt, self.reconnect_base, self.reconnect_max)
             self.reconnect_delays = [*self.reconnect_delays[-99:], delay]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)

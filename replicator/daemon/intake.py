@@ -39,6 +39,7 @@ from replicator.daemon.eventstore import record_event_batches
 from replicator.daemon.metrics import METRICS, Metrics
 from replicator.events import RegistryEvent, WebhookError, parse_webhook
 from replicator.journal import Journal, now
+from replicator.text import shorten
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def create_app(
         status: int, message: str, site: str | None = None, headers: Mapping[str, str] | None = None
     ) -> Response:
         metrics.webhook_rejections.inc(status=str(status))
-        log.info("webhook refused: status=%s site=%s %s", status, _short(site or "-"), message)
+        log.info("webhook refused: status=%s site=%s %s", status, shorten(site or "-"), message)
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     async def post_events(request: Request) -> Response:
@@ -141,7 +142,7 @@ def create_app(
         site_name = request.path_params["site"]
         site = by_name.get(site_name)
         if site is None:
-            return reject(404, f"unknown site {_short(site_name)!r}", site_name)
+            return reject(404, f"unknown site {shorten(site_name)!r}", site_name)
         if site.token is not None and not _bearer_matches(
             request.headers.get("authorization"), site.token
         ):
@@ -218,7 +219,7 @@ def create_app(
             await asyncio.wait_for(journal.run(probe_journal, journal), READY_TIMEOUT)
             checks["journal"] = {"ok": True}
         except Exception as exc:
-            checks["journal"] = {"ok": False, "detail": _short(f"{type(exc).__name__}: {exc}")}
+            checks["journal"] = {"ok": False, "detail": shorten(f"{type(exc).__name__}: {exc}")}
         if ready_check is not None:
             try:
                 extra = await asyncio.wait_for(ready_check(), READY_TIMEOUT)
@@ -271,10 +272,6 @@ def _normalise_check(value: Any) -> dict[str, Any]:
     if isinstance(value, Mapping):
         out = {"ok": bool(value.get("ok"))}
         if value.get("detail") is not None:
-            out["detail"] = _short(str(value["detail"]))
+            out["detail"] = shorten(str(value["detail"]))
         return out
     return {"ok": bool(value)}
-
-
-def _short(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"

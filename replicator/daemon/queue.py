@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from replicator.backoff import jittered_backoff
 from replicator.errors import ReplicatorError
 from replicator.journal import Journal
 from replicator.logs import redact
@@ -187,11 +188,8 @@ def backoff_delay(
     cap: float = DEFAULT_BACKOFF_MAX,
     rng: Callable[[], float] = random.random,
 ) -> float:
-    """Wait before retry number `attempt` (1-based): base*2^(attempt-1), capped, then
-    "equal jitter" -- uniformly within [half, full] -- so retries of many tasks that
-    failed together spread out, yet the wait still grows with every attempt."""
-    exp = min(cap, base * (2 ** max(0, min(attempt - 1, 60))))
-    return exp / 2 + (exp / 2) * rng()
+    """Wait before retry number `attempt` (1-based), with the queue's defaults."""
+    return jittered_backoff(attempt, base, cap, rng)
 
 
 class WorkQueue:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import re
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
@@ -25,6 +24,7 @@ import httpcore
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from replicator.backoff import jittered_backoff
 from replicator.errors import ConfigError
 from replicator.logs import redact
 from replicator.manifest import (
@@ -727,16 +727,11 @@ class RegistryClient:
             await self.cancel_upload(loc)
             return await self.start_upload(repo), 0
 
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with jitter: uniform in [cap/2, cap]."""
-        cap = min(self.backoff_max, self.backoff_base * 2 ** max(0, attempt - 1))
-        return random.uniform(cap / 2, cap)
-
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, _TransientStatus) and exc.retry_after is not None:
             return min(exc.retry_after, self.max_retry_after)
-        return self._backoff(state.attempt_number)
+        return jittered_backoff(state.attempt_number, self.backoff_base, self.backoff_max)
 
     async def _request(
         self,
