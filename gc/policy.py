@@ -115,7 +115,7 @@ class RetentionPolicy:
                 pulled_within=_seconds(kget("pulled_within")),
             ),
             untagged=str(getattr(get("untagged"), "value", get("untagged")) or "delete"),
-            grace=_seconds(get("grace")) if get("grace") is not None else 3600.0,
+            grace=_seconds(get("grace")) or 0.0 if get("grace") is not None else 3600.0,
             mode=str(getattr(get("mode"), "value", get("mode")) or "api"),
             referrers=str(get("referrers") or "follow-subject"),
         )

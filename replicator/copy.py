@@ -28,7 +28,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import contextvars
 import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
@@ -56,8 +55,6 @@ log = logging.getLogger(__name__)
 
 Status = Literal["copied", "skipped", "conflict", "failed"]
 UNKNOWN = object()  # "not looked up yet", as opposed to None, "known to be absent"
-# The source site of the copy running in this context, for BeforeManifestPut hooks.
-COPY_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("copy_source", default="")
 
 
 class Progress(Protocol):
@@ -112,10 +109,35 @@ class CopyOptions:
     blob_parallelism: int = 4  # concurrent blobs per manifest
 
 
-# Called with (target client, target repository, digest, reference: tag or digest)
-# right before a manifest is written, so the daemon can record "we caused this"
-# before the target's webhook about it can arrive (the mesh loop guard).
-BeforeManifestPut = Callable[[RegistryClient, str, str, str], Awaitable[None]]
+# Called with (the copy, digest, reference: tag or digest) right before a manifest
+# is written, so the daemon can record "we caused this" before the target's webhook
+# about it can arrive (the mesh loop guard). Raising aborts the copy before the write.
+BeforeManifestPut = Callable[["CopyJob", str, str], Awaitable[None]]
+
+
+@dataclass
+class CopyJob:
+    """One copy in progress: where from, where to, how, and what it has done so far.
+
+    Every step of a copy needs the same handful of values; carrying them in one
+    object keeps the engine's methods about the item they handle (a manifest, a
+    blob) instead of threading eight positional parameters through each of them.
+    """
+
+    src: RegistryClient
+    src_repo: str
+    dst: RegistryClient
+    dst_repo: str
+    options: CopyOptions
+    stats: CopyStats = field(default_factory=CopyStats)
+
+    @property
+    def source_site(self) -> str:
+        return self.src.site.name
+
+    @property
+    def target_site(self) -> str:
+        return self.dst.site.name
 
 
 class CopyEngine:
@@ -159,19 +181,17 @@ class CopyEngine:
         """
         if tag is None and not is_digest(ref):
             tag = ref
-        COPY_SOURCE.set(src.site.name)
         source_name = (
             f"{src.site.name}/{src_repo}:{ref}"
             if not is_digest(ref)
             else f"{src.site.name}/{src_repo}@{ref}"
         )
         target_name = f"{dst.site.name}/{dst_repo}" + (f":{tag}" if tag else "")
-        stats = CopyStats()
+        job = CopyJob(src, src_repo, dst, dst_repo, options)
+        stats = job.stats
         try:
             with telemetry.span("copy", source=source_name, target=target_name) as span:
-                status, digest = await self._copy(
-                    src, src_repo, ref, dst, dst_repo, tag, options, stats, target_current
-                )
+                status, digest = await self._copy(job, ref, tag, target_current)
                 span.set_attribute("replicator.status", status)
         except (RegistryError, ManifestError) as exc:
             stats.failed += 1
@@ -191,56 +211,46 @@ class CopyEngine:
 
     # --------------------------------------------------------------- manifests
     async def _copy(
-        self,
-        src: RegistryClient,
-        src_repo: str,
-        ref: str,
-        dst: RegistryClient,
-        dst_repo: str,
-        tag: str | None,
-        options: CopyOptions,
-        stats: CopyStats,
-        target_current: Descriptor | object | None,
+        self, job: CopyJob, ref: str, tag: str | None, target_current: Descriptor | object | None
     ) -> tuple[Status, str]:
+        src, dst = job.src, job.dst
         source_digest = ref if is_digest(ref) else None
         current: Descriptor | None = None
         if tag is not None:
             # One request to the target per tag when nothing changed.
             if target_current is UNKNOWN:
-                current = await dst.head_manifest(dst_repo, tag)
+                current = await dst.head_manifest(job.dst_repo, tag)
             else:
                 current = target_current  # type: ignore[assignment]
             if source_digest is None and current is not None:
                 # only worth a HEAD when it may spare the GET; else fetch by tag below
-                head = await src.head_manifest(src_repo, ref)
+                head = await src.head_manifest(job.src_repo, ref)
                 if head is None:
                     raise NotFound(
                         "manifest unknown",
-                        site=src.site.name,
-                        repository=src_repo,
+                        site=job.source_site,
+                        repository=job.src_repo,
                         reference=ref,
                         status=404,
                     )
                 source_digest = head.digest
             if current is not None and current.digest == source_digest:
                 return "skipped", source_digest
-        manifest = await src.get_manifest(src_repo, source_digest or ref)
+        manifest = await src.get_manifest(job.src_repo, source_digest or ref)
         if source_digest and manifest.digest != source_digest:
             raise DigestMismatch(
                 f"content hashes to {manifest.digest}",
-                site=src.site.name,
-                repository=src_repo,
+                site=job.source_site,
+                repository=job.src_repo,
                 reference=source_digest,
             )
         if current is not None:
-            expected = self._as_written(manifest, options)
+            expected = self._as_written(manifest, job.options)
             if current.digest == expected.digest:
                 return "skipped", expected.digest  # platform-filtered index already there
-            if not options.overwrite:
+            if not job.options.overwrite:
                 return "conflict", current.digest
-        written = await self._copy_manifest(
-            src, src_repo, manifest, dst, dst_repo, tag, options, stats
-        )
+        written = await self._copy_manifest(job, manifest, tag)
         return "copied", written.digest
 
     @staticmethod
@@ -257,112 +267,75 @@ class CopyEngine:
             )
         return manifest if len(selected) == len(children) else _filtered_index(manifest, selected)
 
-    async def _copy_manifest(
-        self,
-        src: RegistryClient,
-        src_repo: str,
-        manifest: Manifest,
-        dst: RegistryClient,
-        dst_repo: str,
-        tag: str | None,
-        options: CopyOptions,
-        stats: CopyStats,
-    ) -> Manifest:
+    async def _copy_manifest(self, job: CopyJob, manifest: Manifest, tag: str | None) -> Manifest:
         """Copy everything `manifest` needs, then the manifest itself; returns what was written."""
+        options = job.options
         to_write = self._as_written(manifest, options)
         with telemetry.span(
             "copy manifest",
             digest=to_write.digest,
             media_type=to_write.media_type,
-            target=dst.site.name,
-            repository=dst_repo,
+            target=job.target_site,
+            repository=job.dst_repo,
             tag=tag,
         ):
             if manifest.is_index:
                 await bounded_gather(
-                    (
-                        self._copy_child(src, src_repo, c, dst, dst_repo, options, stats)
-                        for c in to_write.children
-                    ),
+                    (self._copy_child(job, c) for c in to_write.children),
                     options.blob_parallelism * 2,
                 )
             else:
                 await bounded_gather(
-                    (
-                        self._ensure_blob(src, src_repo, dst, dst_repo, b, options, stats)
-                        for b in manifest.blobs
-                    ),
-                    options.blob_parallelism,
+                    (self._ensure_blob(job, b) for b in manifest.blobs), options.blob_parallelism
                 )
-            await self._put_manifest(dst, dst_repo, tag or to_write.digest, to_write, stats)
+            await self._put_manifest(job, tag or to_write.digest, to_write)
             if options.referrers:
-                await self._copy_referrers(src, src_repo, manifest, dst, dst_repo, options, stats)
+                await self._copy_referrers(job, manifest)
         return to_write
 
-    async def _copy_child(
-        self,
-        src: RegistryClient,
-        src_repo: str,
-        child: Descriptor,
-        dst: RegistryClient,
-        dst_repo: str,
-        options: CopyOptions,
-        stats: CopyStats,
-    ) -> None:
-        if await dst.head_manifest(dst_repo, child.digest) is not None:
-            if options.referrers:
-                manifest = await src.get_manifest(src_repo, child.digest)
-                await self._copy_referrers(src, src_repo, manifest, dst, dst_repo, options, stats)
+    async def _copy_child(self, job: CopyJob, child: Descriptor) -> None:
+        if await job.dst.head_manifest(job.dst_repo, child.digest) is not None:
+            if job.options.referrers:
+                manifest = await job.src.get_manifest(job.src_repo, child.digest)
+                await self._copy_referrers(job, manifest)
             return
-        manifest = await src.get_manifest(src_repo, child.digest)
-        await self._copy_manifest(src, src_repo, manifest, dst, dst_repo, None, options, stats)
+        manifest = await job.src.get_manifest(job.src_repo, child.digest)
+        await self._copy_manifest(job, manifest, None)
 
-    async def _put_manifest(
-        self, dst: RegistryClient, dst_repo: str, ref: str, manifest: Manifest, stats: CopyStats
-    ) -> None:
+    async def _put_manifest(self, job: CopyJob, ref: str, manifest: Manifest) -> None:
         if self.before_manifest_put is not None:
-            await self.before_manifest_put(dst, dst_repo, manifest.digest, ref)
-        digest = await dst.put_manifest(dst_repo, ref, manifest.raw, manifest.media_type)
+            await self.before_manifest_put(job, manifest.digest, ref)
+        digest = await job.dst.put_manifest(job.dst_repo, ref, manifest.raw, manifest.media_type)
         if digest and digest != manifest.digest:
             raise DigestMismatch(
                 f"registry stored digest {digest}, expected {manifest.digest}",
-                site=dst.site.name,
-                repository=dst_repo,
+                site=job.target_site,
+                repository=job.dst_repo,
                 reference=ref,
             )
-        stats.manifests_written += 1
+        job.stats.manifests_written += 1
 
-    async def _copy_referrers(
-        self,
-        src: RegistryClient,
-        src_repo: str,
-        subject: Manifest,
-        dst: RegistryClient,
-        dst_repo: str,
-        options: CopyOptions,
-        stats: CopyStats,
-    ) -> None:
+    async def _copy_referrers(self, job: CopyJob, subject: Manifest) -> None:
         """Copy signatures, SBOMs … whose subject is `subject`, and the fallback tag index."""
-        referrers, index = await src.referrers_and_fallback(src_repo, subject.digest)
+        src, dst = job.src, job.dst
+        referrers, index = await src.referrers_and_fallback(job.src_repo, subject.digest)
         if not referrers:
             return
         for ref in referrers:
-            if await dst.head_manifest(dst_repo, ref.digest) is None:
-                manifest = await src.get_manifest(src_repo, ref.digest)
-                await self._copy_manifest(
-                    src, src_repo, manifest, dst, dst_repo, None, options, stats
-                )
+            if await dst.head_manifest(job.dst_repo, ref.digest) is None:
+                manifest = await src.get_manifest(job.src_repo, ref.digest)
+                await self._copy_manifest(job, manifest, None)
         # Targets without a referrers API find referrers through the fallback tag.
         fallback = "sha256-" + subject.digest.split(":", 1)[1]
         if index is None:
             # the source answered through its referrers API; it may keep the tag as well
-            index = await src.fallback_index(src_repo, subject.digest)
+            index = await src.fallback_index(job.src_repo, subject.digest)
         if index is not None:
-            current = await dst.head_manifest(dst_repo, fallback)
+            current = await dst.head_manifest(job.dst_repo, fallback)
             if current is None or current.digest != index.digest:
-                await self._put_manifest(dst, dst_repo, fallback, index, stats)
+                await self._put_manifest(job, fallback, index)
         else:
-            current = await dst.head_manifest(dst_repo, fallback)
+            current = await dst.head_manifest(job.dst_repo, fallback)
             if current is None:
                 raw = json.dumps(
                     {
@@ -372,56 +345,38 @@ class CopyEngine:
                     },
                     indent=2,
                 ).encode()
-                await self._put_manifest(
-                    dst, dst_repo, fallback, parse_manifest(raw, OCI_INDEX), stats
-                )
+                await self._put_manifest(job, fallback, parse_manifest(raw, OCI_INDEX))
 
     # ------------------------------------------------------------------- blobs
-    async def _ensure_blob(
-        self,
-        src: RegistryClient,
-        src_repo: str,
-        dst: RegistryClient,
-        dst_repo: str,
-        blob: Descriptor,
-        options: CopyOptions,
-        stats: CopyStats,
-    ) -> None:
-        """Make `blob` present in `dst_repo`, once, however many copies need it right now."""
-        key = (dst.site.url, blob.digest, dst_repo)
+    async def _ensure_blob(self, job: CopyJob, blob: Descriptor) -> None:
+        """Make `blob` present in the target repository, once, however many copies need it
+        right now."""
+        key = (job.dst.site.url, blob.digest, job.dst_repo)
         with telemetry.span(
-            "blob", digest=blob.digest, bytes=blob.size, target=dst.site.name, repository=dst_repo
+            "blob",
+            digest=blob.digest,
+            bytes=blob.size,
+            target=job.target_site,
+            repository=job.dst_repo,
         ):
             running = self._repo_inflight.get(key)
             if running is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(running)
                 if not running.cancelled():
-                    stats.blobs_existing += 1
+                    job.stats.blobs_existing += 1
                     telemetry.set_attributes(outcome="existing")
                     return
-            await _single_flight(
-                self._repo_inflight,
-                key,
-                self._obtain_blob(src, src_repo, dst, dst_repo, blob, options, stats),
-            )
+            await _single_flight(self._repo_inflight, key, self._obtain_blob(job, blob))
 
-    async def _obtain_blob(
-        self,
-        src: RegistryClient,
-        src_repo: str,
-        dst: RegistryClient,
-        dst_repo: str,
-        blob: Descriptor,
-        options: CopyOptions,
-        stats: CopyStats,
-    ) -> str:
+    async def _obtain_blob(self, job: CopyJob, blob: Descriptor) -> str:
+        dst, dst_repo = job.dst, job.dst_repo
         registry = dst.site.url
         # HEAD first, even when the index names a holder to mount from: a mount
         # into a repository that already has the blob makes distribution rewrite
         # its link file in place, and pulls racing the rewrite fail (500).
         if await dst.head_blob(dst_repo, blob.digest) is not None:
-            stats.blobs_existing += 1
+            job.stats.blobs_existing += 1
             telemetry.set_attributes(outcome="existing")
             await self.blob_index.record(registry, blob.digest, dst_repo)
             return dst_repo
@@ -431,31 +386,19 @@ class CopyEngine:
             # Someone is uploading it to this registry right now: mount from there after.
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 landed = await asyncio.shield(running)
-                if landed and await self._try_mount(dst, dst_repo, blob.digest, landed, stats):
+                if landed and await self._try_mount(job, blob.digest, landed):
                     return dst_repo
-            return await self._obtain_blob(src, src_repo, dst, dst_repo, blob, options, stats)
-        return await _single_flight(
-            self._inflight,
-            key,
-            self._mount_or_upload(src, src_repo, dst, dst_repo, blob, options, stats),
-        )
+            return await self._obtain_blob(job, blob)
+        return await _single_flight(self._inflight, key, self._mount_or_upload(job, blob))
 
-    async def _mount_or_upload(
-        self,
-        src: RegistryClient,
-        src_repo: str,
-        dst: RegistryClient,
-        dst_repo: str,
-        blob: Descriptor,
-        options: CopyOptions,
-        stats: CopyStats,
-    ) -> str:
+    async def _mount_or_upload(self, job: CopyJob, blob: Descriptor) -> str:
+        dst, dst_repo = job.dst, job.dst_repo
         registry = dst.site.url
         location = None
         for candidate in await self.blob_index.candidates(registry, blob.digest, dst_repo):
             mounted = await dst.mount_blob(dst_repo, blob.digest, candidate)
             if mounted is None:
-                stats.blobs_mounted += 1
+                job.stats.blobs_mounted += 1
                 telemetry.set_attributes(outcome="mounted", mounted_from=candidate)
                 await self.blob_index.record(registry, blob.digest, dst_repo)
                 return dst_repo
@@ -464,56 +407,45 @@ class CopyEngine:
             if location is not None:
                 await dst.cancel_upload(location)
             location = mounted
-        await self._upload(src, src_repo, dst, dst_repo, blob, options, stats, location)
+        await self._upload(job, blob, location)
         await self.blob_index.record(registry, blob.digest, dst_repo)
         return dst_repo
 
-    async def _try_mount(
-        self, dst: RegistryClient, dst_repo: str, digest: str, from_repo: str, stats: CopyStats
-    ) -> bool:
-        if from_repo == dst_repo:
-            stats.blobs_existing += 1
+    async def _try_mount(self, job: CopyJob, digest: str, from_repo: str) -> bool:
+        if from_repo == job.dst_repo:
+            job.stats.blobs_existing += 1
             telemetry.set_attributes(outcome="existing")
             return True
-        location = await dst.mount_blob(dst_repo, digest, from_repo)
+        location = await job.dst.mount_blob(job.dst_repo, digest, from_repo)
         if location is None:
-            stats.blobs_mounted += 1
+            job.stats.blobs_mounted += 1
             telemetry.set_attributes(outcome="mounted", mounted_from=from_repo)
-            await self.blob_index.record(dst.site.url, digest, dst_repo)
+            await self.blob_index.record(job.dst.site.url, digest, job.dst_repo)
             return True
-        await dst.cancel_upload(location)
+        await job.dst.cancel_upload(location)
         return False
 
-    async def _upload(
-        self,
-        src: RegistryClient,
-        src_repo: str,
-        dst: RegistryClient,
-        dst_repo: str,
-        blob: Descriptor,
-        options: CopyOptions,
-        stats: CopyStats,
-        location: str | None,
-    ) -> None:
+    async def _upload(self, job: CopyJob, blob: Descriptor, location: str | None) -> None:
         """Stream one blob, retrying the whole transfer on transient failures."""
+        src, dst = job.src, job.dst
         attempt = 0
         while True:
             attempt += 1
             try:
                 # verify=False: _verified checks the digest *before* the last chunk goes out
-                async with src.open_blob(src_repo, blob.digest, verify=False) as stream:
+                async with src.open_blob(job.src_repo, blob.digest, verify=False) as stream:
                     size = stream.size if stream.size is not None else blob.size
                     if blob.size and size != blob.size:
                         raise DigestMismatch(
                             f"source reports {size} bytes, manifest says {blob.size}",
-                            site=src.site.name,
-                            repository=src_repo,
+                            site=job.source_site,
+                            repository=job.src_repo,
                             reference=blob.digest,
                         )
-                    body = self._verified(stream, blob.digest, size, src.site.name, src_repo)
-                    await dst.upload_blob(dst_repo, blob.digest, size, body, location=location)
-                stats.blobs_uploaded += 1
-                stats.bytes_uploaded += size
+                    body = self._verified(stream, blob.digest, size, job.source_site, job.src_repo)
+                    await dst.upload_blob(job.dst_repo, blob.digest, size, body, location=location)
+                job.stats.blobs_uploaded += 1
+                job.stats.bytes_uploaded += size
                 telemetry.set_attributes(outcome="uploaded", attempts=attempt)
                 return
             except DigestMismatch:
@@ -524,14 +456,14 @@ class CopyEngine:
                 location_used, location = location, None
                 if location_used is not None:
                     await dst.cancel_upload(location_used)
-                if not getattr(exc, "retryable", False) or attempt >= options.blob_attempts:
+                if not getattr(exc, "retryable", False) or attempt >= job.options.blob_attempts:
                     raise
                 delay = self.retry_base_delay * (2 ** (attempt - 1))
                 log.info(
                     "blob %s to %s/%s failed (%s); retry %d in %.1fs",
                     blob.digest,
-                    dst.site.name,
-                    dst_repo,
+                    job.target_site,
+                    job.dst_repo,
                     exc,
                     attempt,
                     delay,

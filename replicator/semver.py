@@ -167,32 +167,33 @@ def _parse_partial(text: str, whole: str) -> tuple[int | None, int | None, int |
 
 def _desugar(op: str, text: str, whole: str) -> list[Comparator]:
     major, minor, patch, pre = _parse_partial(text, whole)
-    full = patch is not None
     if major is None:  # "*", "x", ">=*" ...
         if op in ("<", ">"):
             return [_lt(0)]  # nothing is below 0.0.0 or above "anything"
         return []
+    # a wildcard part makes every later part one too, so a patch means a full version
+    exact = _v(major, minor, patch, pre) if minor is not None and patch is not None else None
     if op in ("", "="):
-        if full:
-            return [Comparator("=", _v(major, minor, patch, pre))]
+        if exact is not None:
+            return [Comparator("=", exact)]
         if minor is None:
             return [Comparator(">=", _v(major)), _lt(major + 1)]
         return [Comparator(">=", _v(major, minor)), _lt(major, minor + 1)]
     if op == ">=":
         return [Comparator(">=", _v(major, minor or 0, patch or 0, pre))]
     if op == ">":
-        if full:
-            return [Comparator(">", _v(major, minor, patch, pre))]
+        if exact is not None:
+            return [Comparator(">", exact)]
         if minor is None:
             return [Comparator(">=", _v(major + 1))]
         return [Comparator(">=", _v(major, minor + 1))]
     if op == "<":
-        if full:
-            return [Comparator("<", _v(major, minor, patch, pre))]
+        if exact is not None:
+            return [Comparator("<", exact)]
         return [_lt(major, minor or 0)]
     if op == "<=":
-        if full:
-            return [Comparator("<=", _v(major, minor, patch, pre))]
+        if exact is not None:
+            return [Comparator("<=", exact)]
         if minor is None:
             return [_lt(major + 1)]
         return [_lt(major, minor + 1)]

@@ -173,7 +173,9 @@ def setup_telemetry(
 
         handle.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
         if metrics is None:
-            from replicator.daemon.metrics import METRICS as metrics
+            from replicator.daemon.metrics import METRICS
+
+            metrics = METRICS
         bridge_metrics(metrics, handle.meter_provider)
     _current = handle
     _tracer = (

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from replicator.config import Config, Rule
-from replicator.daemon.queue import TaskSpec
+from replicator.daemon.queue import TaskAction, TaskSpec
 from replicator.events import RegistryEvent
 from replicator.rules import rules_for, tag_passes
 
@@ -38,6 +38,7 @@ def tasks_for_event(
     trace_context: Mapping[str, str] | None = None,
 ) -> list[TaskSpec]:
     """The task specs an event fans out to under `rules` (the rules in force)."""
+    action: TaskAction
     if event.action == "push":
         if not event.is_manifest or not event.tag:
             return []

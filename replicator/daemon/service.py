@@ -32,7 +32,7 @@ from replicator import inventory, telemetry
 from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule, load_config
-from replicator.copy import COPY_SOURCE, CopyEngine, CopyOptions
+from replicator.copy import CopyEngine, CopyJob, CopyOptions
 from replicator.daemon.bus import EventBus, InProcessBus, MqttBus
 from replicator.daemon.dispatch import tasks_for_event
 from replicator.daemon.eventstore import events_by_state, mark_events
@@ -508,11 +508,11 @@ class Daemon:
             error[:500],
         )
 
-    async def _before_put(self, dst: RegistryClient, repo: str, digest: str, ref: str) -> None:
+    async def _before_put(self, job: CopyJob, digest: str, ref: str) -> None:
         """Loop guard: remember our own push before the target can tell us about it."""
         tag = None if is_digest(ref) else ref
         await self.queue.arecord_replicated(
-            dst.site.name, repo, digest, COPY_SOURCE.get() or "?", tag
+            job.target_site, job.dst_repo, digest, job.source_site, tag
         )
 
     # --------------------------------------------------------------- schedules

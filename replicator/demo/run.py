@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 
@@ -57,10 +58,10 @@ def write_config(workdir: Path, registries: dict[str, LocalRegistry], port: int)
     return path
 
 
-async def _wait_for(check: Callable[[], object], what: str, timeout: float) -> None:
+async def _wait_for(check: Callable[[], Awaitable[object]], what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        if await check():  # type: ignore[misc]
+        if await check():
             return
         if time.monotonic() > deadline:
             raise DemoFailed(f"timed out after {timeout:.0f}s waiting for {what}")
@@ -113,7 +114,9 @@ async def run_demo(
         started = time.monotonic()
         for name in ("eu-west", "ap-south"):
             await _wait_for(
-                lambda n=name: _all_present(registries[n], pushed), f"every image in {name}", 60
+                functools.partial(_all_present, registries[name], pushed),
+                f"every image in {name}",
+                60,
             )
         say(f"      complete in both replicas after {time.monotonic() - started:.1f}s")
         stats = _blob_stats(daemon)
@@ -132,7 +135,7 @@ async def run_demo(
             await client.delete_manifest("demo/web", victim)
         for name in ("eu-west", "ap-south"):
             await _wait_for(
-                lambda n=name: _absent(registries[n], "demo/web", "v1.0"),
+                functools.partial(_absent, registries[name], "demo/web", "v1.0"),
                 f"the delete in {name}",
                 60,
             )
