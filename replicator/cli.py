@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from replicator import __version__
 from replicator.commands import COMMAND_MODULES
 from replicator.errors import ReplicatorError
+from replicator.logs import LOG_FORMAT_ENV, LOG_LEVEL_ENV, LOG_LEVELS, setup_logging
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,14 +31,45 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
-    )
+    _add_global_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"replicator.commands.{name}")
         module.register(sub)
+    for command in sub.choices.values():
+        # accepted after the sub-command too (`registry-replicator sync -v ...`)
+        _add_global_options(command, defaults=False)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """Options every command takes, before or after its name. Only the top-level parser
+    sets defaults, so a sub-command's parser never overwrites what was given before it."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    group = parser.add_argument_group("logging")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default(0),
+        help="more log output (-v info, -vv debug)",
+    )
+    group.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=default(None),
+        help=f"log level; overrides -v (environment: {LOG_LEVEL_ENV})",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=("auto", "text", "json"),
+        default=default(None),
+        help="text lines or JSON lines; auto: text on a terminal, JSON otherwise "
+        f"(environment: {LOG_FORMAT_ENV})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,9 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return 2
-    from replicator.logs import setup_logging
-
-    setup_logging(args.verbose)
+    try:
+        setup_logging(args.verbose, level=args.log_level, fmt=args.log_format)
+    except ValueError as exc:  # a bad value in the environment
+        print(f"registry-replicator: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return int(args.handler(args) or 0)
     except ReplicatorError as exc:

@@ -37,6 +37,7 @@ from typing import Literal, Protocol
 from replicator import telemetry
 from replicator.aio import bounded_gather
 from replicator.blob_index import BlobIndex
+from replicator.logs import log_context
 from replicator.manifest import (
     OCI_INDEX,
     Descriptor,
@@ -189,18 +190,23 @@ class CopyEngine:
         target_name = f"{dst.site.name}/{dst_repo}" + (f":{tag}" if tag else "")
         job = CopyJob(src, src_repo, dst, dst_repo, options)
         stats = job.stats
-        try:
-            with telemetry.span("copy", source=source_name, target=target_name) as span:
-                status, digest = await self._copy(job, ref, tag, target_current)
-                span.set_attribute("replicator.status", status)
-        except (RegistryError, ManifestError) as exc:
-            stats.failed += 1
-            message = f"{source_name} -> {target_name}: {exc}"
-            stats.failures.append(message)
-            log.warning("copy failed: %s", message)
-            # a source that lacks the artifact, or a format we refuse, will not heal by itself
-            retryable = not isinstance(exc, (NotFound, ManifestError))
-            return CopyResult(source_name, target_name, "failed", None, str(exc), stats, retryable)
+        with log_context(
+            site=src.site.name, repository=src_repo, reference=ref, target=target_name
+        ):
+            try:
+                with telemetry.span("copy", source=source_name, target=target_name) as span:
+                    status, digest = await self._copy(job, ref, tag, target_current)
+                    span.set_attribute("replicator.status", status)
+            except (RegistryError, ManifestError) as exc:
+                stats.failed += 1
+                message = f"{source_name} -> {target_name}: {exc}"
+                stats.failures.append(message)
+                log.warning("copy failed: %s", message)
+                # a source that lacks the artifact, or a format we refuse, won't heal by itself
+                retryable = not isinstance(exc, (NotFound, ManifestError))
+                return CopyResult(
+                    source_name, target_name, "failed", None, str(exc), stats, retryable
+                )
         if status == "copied":
             stats.copied += 1
         elif status == "skipped":

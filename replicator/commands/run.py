@@ -24,7 +24,9 @@ pool of replication workers, each rule's periodic reconcile (`interval` or
 Signals: SIGTERM/SIGINT drain in-flight copies (bounded by --drain-timeout)
 and exit 0; SIGHUP reloads the configuration without dropping queued work (an
 invalid file is refused and the running configuration kept). Logs are JSON
-lines when stderr is not a terminal.
+lines when stderr is not a terminal (--log-format), at level info unless
+--log-level says otherwise; under systemd each line carries its syslog
+priority, so `journalctl -p warning` filters them.
 """
 
 
@@ -70,10 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import os
 
     from replicator.daemon.service import Daemon
+    from replicator.logs import LOG_LEVEL_ENV
 
-    if logging.getLogger().level > logging.INFO:
+    explicit = args.log_level or os.environ.get(LOG_LEVEL_ENV)
+    if not explicit and logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)  # a daemon reports what it does
 
     async def main() -> int:
