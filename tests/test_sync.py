@@ -224,3 +224,46 @@ def test_planner_is_pure():
     assert ("gone", "delete") in kinds
     # 'old' shares v1's digest: deleting it by digest would take v1 along
     assert ("old", "conflict") in kinds
+
+
+def test_sync_on_a_terminal_shows_an_overall_bar_and_human_sizes(registry_factory, tmp_path):
+    """Run as an operator does, on a terminal: a bar counts the tags, the summary reads
+    in KiB/MiB instead of a raw byte count."""
+    import pty
+    import select
+
+    src, dst = registry_factory("src"), registry_factory("dst")
+    with Pusher(src.url) as p:
+        for tag in ("v1", "v2", "v3"):
+            p.push_image("team/app", tag, [layer_bytes(f"app-{tag}", 300_000)])
+    config = write_config(
+        tmp_path,
+        {"a": src, "b": dst},
+        [{"name": "r", "from": "a", "to": ["b"], "repositories": ["team/**"]}],
+    )
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "replicator", "sync", "-c", str(config)],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+    )
+    os.close(slave)
+    out = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=60) == 0
+    os.close(master)
+    text = out.decode(errors="replace")
+    assert "tags" in text and "3/3" in text, text
+    assert "copied 3," in text and "KiB" in text and " bytes" not in text, text

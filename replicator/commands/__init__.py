@@ -15,4 +15,5 @@ COMMAND_MODULES = [
     "failover",
     "status",
     "gc",
+    "completion",
 ]

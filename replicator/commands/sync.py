@@ -8,6 +8,7 @@ import json
 import sys
 
 from replicator.config import add_config_argument, load_config
+from replicator.text import human_bytes
 
 DESCRIPTION = """\
 For each rule: list the source repositories (catalog, filtered by the rule's
@@ -93,8 +94,21 @@ def _summary(c: dict) -> str:
         f"copied {c['copied']}, deleted {c['deleted']}, {c['skipped']} up to date, "
         f"{c['conflicts']} conflicts, {c['failed']} failed; blobs uploaded "
         f"{c['blobs_uploaded']}, mounted {c['blobs_mounted']}, "
-        f"{c['bytes_uploaded']} bytes"
+        f"{human_bytes(c['bytes_uploaded'])}"
     )
+
+
+def _count_on(progress):
+    """Feed the overall bar: every planned copy or delete, then its outcome."""
+
+    def on_action(action, status: str) -> None:
+        if action.kind in ("copy", "delete"):
+            if status == "planned":
+                progress.planned()
+            else:
+                progress.done()
+
+    return on_action
 
 
 async def _sync(config, args: argparse.Namespace):
@@ -110,7 +124,14 @@ async def _sync(config, args: argparse.Namespace):
     try:
         async with ClientPool(config, retries=max(0, args.retries)) as pool:
             engine = CopyEngine(BlobIndex(journal), progress=progress)
-            reconciler = Reconciler(config, journal, pool, engine, parallel=args.parallel)
+            reconciler = Reconciler(
+                config,
+                journal,
+                pool,
+                engine,
+                parallel=args.parallel,
+                on_action=_count_on(progress) if progress else None,
+            )
             if progress is None:
                 return await reconciler.run(args.rule or None, dry_run=args.dry_run)
             with progress:
