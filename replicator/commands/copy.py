@@ -11,6 +11,7 @@ import sys
 from replicator.errors import UsageError
 from replicator.manifest import Platform
 from replicator.refs import ImageRef, parse_ref
+from replicator.text import human_bytes
 
 DESCRIPTION = """\
 Copy one artifact (image, multi-arch index, or OCI artifact, with its referrers)
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{result.status}: {result.source} -> {result.target} ({result.digest}); "
             f"blobs uploaded {stats.blobs_uploaded}, mounted {stats.blobs_mounted}, "
-            f"existing {stats.blobs_existing}, {stats.bytes_uploaded} bytes"
+            f"existing {stats.blobs_existing}, {human_bytes(stats.bytes_uploaded)}"
         )
     if result.status == "failed":
         print(f"registry-replicator: copy failed: {result.error}", file=sys.stderr)

@@ -12,7 +12,8 @@ examples/demo.yaml), push sample images to us-east (apps sharing a base layer,
 a multi-arch index, a signature), show them arriving in the two replicas with
 what was mounted versus uploaded, delete a tag and watch the deletion
 propagate, then garbage-collect the replicas' storage and show what was
-reclaimed. Everything started is stopped at the end.
+reclaimed. Everything started is stopped at the end; with --keep it keeps
+running, with the commands to try next printed, until Ctrl-C.
 
 Needs Debian's docker-registry package (`bash .ci/setup` installs it).
 Exit status 0 only if replication and GC did what was printed.
@@ -30,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep",
         action="store_true",
-        help="keep the working directory (registry storage, journal, logs)",
+        help="afterwards, keep the registries and the daemon running and print commands "
+        "to try on them (Ctrl-C stops them); the working directory is kept",
     )
     p.set_defaults(handler=run)
 

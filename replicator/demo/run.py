@@ -161,6 +161,10 @@ async def run_demo(
             if not await _all_present(registries[name], pushed):
                 raise DemoFailed(f"GC in {name} broke an image that is still tagged")
         say("done: replication and GC did what they printed")
+        if keep:
+            for line in next_steps(config_path, registries, port):
+                say(line)
+            await _until_interrupted()
         return 0
     finally:
         if daemon is not None and daemon_task is not None:
@@ -170,11 +174,49 @@ async def run_demo(
         for r in registries.values():
             r.stop()
         if keep:
-            say(f"kept {workdir}")
+            say(f"stopped the registries and the daemon; kept {workdir}")
         else:
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def next_steps(config: Path, registries: dict[str, LocalRegistry], port: int) -> list[str]:
+    """What to try next, with this run's real ports and paths (printed by --keep)."""
+    us, eu = registries[PRIMARY], registries["eu-west"]
+    cmd = "registry-replicator"
+    return [
+        "",
+        "The registries and the daemon keep running; press Ctrl-C here to stop them.",
+        "Try, in another terminal:",
+        f"  {cmd} copy --insecure {us.url[7:]}/demo/web:v1.1 {eu.url[7:]}/mine/web",
+        f"  {cmd} sync -c {config} --dry-run",
+        f"  {cmd} status -c {config}",
+        f"  {cmd} tasks -c {config}",
+        f"  {cmd} gc -c {config} --dry-run",
+        f"  {cmd} check -c {config}",
+        f"  curl -s http://127.0.0.1:{port}/metrics | grep registry_replicator_",
+        f"  skopeo copy --src-tls-verify=false --dest-tls-verify=false "
+        f"docker://{us.url[7:]}/demo/web:v1.1 docker://{us.url[7:]}/demo/yours:v1",
+        f"      (a push to {PRIMARY}: its webhook makes the daemon copy it to eu-west and "
+        "ap-south)",
+        "",
+    ]
+
+
+async def _until_interrupted() -> None:
+    """Wait for Ctrl-C or SIGTERM (the demo's own process, not the daemon's handlers)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def _started(daemon, task: asyncio.Task) -> bool:
