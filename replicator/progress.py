@@ -23,6 +23,17 @@ from rich.progress import (
 MIN_BAR_BYTES = 8 * 2**20
 
 
+class _RateColumn(ProgressColumn):
+    """Transfer speed for blob uploads; nothing for the count of tags (not bytes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._speed = TransferSpeedColumn()
+
+    def render(self, task: Task) -> RenderableType:
+        return "" if task.fields.get("count") else self._speed.render(task)
+
+
 class _AmountColumn(ProgressColumn):
     """`3/10` for the overall count of tags, a byte size for blob uploads."""
 
@@ -44,7 +55,7 @@ class TerminalProgress:
             TextColumn("{task.description}"),
             BarColumn(),
             _AmountColumn(),
-            TransferSpeedColumn(),
+            _RateColumn(),
             TimeRemainingColumn(),
             transient=True,
         )
