@@ -120,10 +120,13 @@ async def ping_all(config: Config, timeout: float) -> list[SiteResult]:
 
 async def ping_site(config: Config, name: str, timeout: float) -> SiteResult:
     from replicator.registry.client import RegistryClient
+    from replicator.registry.site import SiteEndpoint
 
     url = config.sites[name].url
     try:
-        endpoint = config.site_endpoint(name)  # reads secrets; errors never contain them
+        endpoint = SiteEndpoint.from_config(
+            config, name
+        )  # reads secrets; errors never contain them
         async with RegistryClient(endpoint, retries=0, timeout=timeout) as client:
             await asyncio.wait_for(client.ping(), timeout)
     except TimeoutError:
