@@ -423,6 +423,60 @@ def test_check_help_explains():
     assert "--offline" in out and "Exit codes" in out and "GET /v2/" in out
 
 
+# ---- check --offline refuses what `run` refuses ------------------------------------------------
+
+
+def mqtt_config(tmp_path: Path, **mqtt) -> Path:
+    data = {
+        "journal": "journal.db",
+        "listen": f"127.0.0.1:{free_port()}",
+        "mqtt": {"url": "mqtt://127.0.0.1:1883", "client_id": "eu-1", **mqtt},
+        "sites": {"a": {"url": "https://a.example"}},
+    }
+    return write(tmp_path, yaml.safe_dump(data))
+
+
+RUN_REFUSES = [
+    ({"url": "ws://127.0.0.1:9001"}, "mqtt.url", "mqtt://"),
+    ({"url": "wss://broker.example"}, "mqtt.url", "mqtt://"),
+    ({"qos": 0}, "mqtt.qos", "QoS 0"),
+    ({"topic": "events/+"}, "mqtt.topic", "'+'"),
+    ({"topic": "events/#"}, "mqtt.topic", "'#'"),
+    ({"topic": "$SYS/events"}, "mqtt.topic", "'$'"),
+    ({"topic": "/"}, "mqtt.topic", "non-empty"),
+    ({"client_id": "x" * 129}, "mqtt.client_id", "128"),
+    ({"client_id": ""}, "mqtt.client_id", "128"),
+    ({"group": "a\0b"}, "mqtt.group", "invalid group"),
+]
+
+
+@pytest.mark.parametrize(
+    "mqtt,path,words", RUN_REFUSES, ids=[f"{p}:{w}" for _, p, w in RUN_REFUSES]
+)
+def test_check_offline_and_run_refuse_the_same_mqtt_settings(tmp_path, mqtt, path, words):
+    cfg = mqtt_config(tmp_path, **mqtt)
+    for argv in (["check", "--offline"], ["run"]):
+        proc = run_cli(*argv, "-c", str(cfg))
+        assert proc.returncode == 2, (argv, proc.stderr)
+        line = next((ln for ln in proc.stderr.splitlines() if ln.strip().startswith(path)), "")
+        assert "(line " in line and words in line, (argv, proc.stderr)
+    assert not (tmp_path / "journal.db").exists()  # refused before anything started
+
+
+def test_qos_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGISTRY_REPLICATOR_MQTT__QOS", "2")
+    assert load_config(mqtt_config(tmp_path)).mqtt.qos == 2
+    monkeypatch.setenv("REGISTRY_REPLICATOR_MQTT__QOS", "0")
+    line = problem_line(problems_of(tmp_path, mqtt_config(tmp_path).read_text()), "mqtt.qos")
+    assert "REGISTRY_REPLICATOR_MQTT__QOS" in line and "QoS 0" in line
+
+
+def test_good_mqtt_settings_pass_offline_check(tmp_path):
+    for mqtt in ({"qos": 2, "topic": "/registry/events/", "group": "g"}, {"url": "mqtts://b:8883"}):
+        proc = run_cli("check", "--offline", "-c", str(mqtt_config(tmp_path, **mqtt)))
+        assert proc.returncode == 0, proc.stderr
+
+
 # ---- environment overrides ---------------------------------------------------------------------
 
 
@@ -630,6 +684,54 @@ def test_missing_secrets_name_the_source_not_the_value(tmp_path, monkeypatch):
     assert info.value.path == "sites.ap-south.auth.password_file"
     with pytest.raises(ConfigError, match="unknown site 'nope'"):
         SiteEndpoint.from_config(config, "nope")
+
+
+def test_blank_secrets_are_refused_naming_the_source(tmp_path, monkeypatch):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets/ap.pass").write_text("  \n")
+    config = load_config(write(tmp_path, GOOD))
+    monkeypatch.setenv("US_PASS", " \t ")
+    with pytest.raises(ConfigError, match="US_PASS is blank") as info:
+        SiteEndpoint.from_config(config, "us-east")
+    assert info.value.path == "sites.us-east.auth.password_env"
+    with pytest.raises(ConfigError, match=r"ap\.pass is blank"):
+        SiteEndpoint.from_config(config, "ap-south")
+
+
+def webhook_config(tmp_path: Path) -> Path:
+    data = {
+        "journal": "journal.db",
+        "listen": f"127.0.0.1:{free_port()}",
+        "sites": {"a": {"url": "https://a.example", "webhook_token_env": "A_HOOK"}},
+    }
+    return write(tmp_path, yaml.safe_dump(data))
+
+
+@pytest.mark.parametrize("token,words", [(None, "A_HOOK is not set"), ("  ", "A_HOOK is blank")])
+def test_check_and_run_refuse_the_same_missing_webhook_token(tmp_path, token, words):
+    cfg = webhook_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "A_HOOK"}
+    if token is not None:
+        env["A_HOOK"] = token
+    offline = subprocess.run(
+        [sys.executable, "-m", "replicator", "check", "--offline", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert offline.returncode == 0, offline.stderr  # secrets are not read offline
+    for argv in (["check"], ["run"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "replicator", *argv, "-c", str(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert "sites.a.webhook_token_env" in proc.stderr and words in proc.stderr, proc.stderr
+        assert "internal error" not in proc.stderr
 
 
 def test_mqtt_password_from_file(tmp_path):

@@ -34,7 +34,7 @@ from replicator.config.models import (
     TelemetryConfig,
     TLSConfig,
 )
-from replicator.config.report import format_path
+from replicator.config.report import InvalidConfig, format_path
 from replicator.config.secrets import read_secret
 from replicator.config.types import split_host_port
 
@@ -45,6 +45,7 @@ __all__ = [
     "Config",
     "GcConfig",
     "GcPolicy",
+    "InvalidConfig",
     "KeepConfig",
     "LimitsConfig",
     "MqttConfig",

@@ -165,18 +165,23 @@ class SiteConfig(_Model):
 
 
 class MqttConfig(_Model):
-    """Optional MQTT bus: registry events shared between replicator instances."""
+    """Optional MQTT bus: registry events shared between replicator instances.
 
-    url: str
-    topic: str = "registry/events"
-    client_id: str | None = None
+    Refuses here whatever the bus would refuse when the daemon starts, so
+    `check --offline`, `check` and `run` agree on what is valid."""
+
+    url: str = Field(description="mqtt://host[:1883] or mqtts://host[:8883]")
+    topic: str = Field("registry/events", description="events go to <topic>/<site>/<repository>")
+    client_id: str | None = Field(
+        None, description="names this instance's persistent session; unique per instance"
+    )
     group: str | None = Field(
         None, description="shared-subscription group, so one member of the group handles each event"
     )
     username: str | None = None
     password_env: EnvName | None = None
     password_file: Path | None = None
-    qos: Literal[0, 1, 2] = 1
+    qos: Literal[1, 2] = Field(1, description="1 or 2; QoS 0 could lose events")
     tls: TLSConfig | None = None
 
     inline_password: InlineSecret = Field(None, alias="password", exclude=True, repr=False)
@@ -190,10 +195,10 @@ class MqttConfig(_Model):
                 "the URL contains a user name or password; use username and "
                 "password_env / password_file"
             )
-        if parts.scheme not in ("mqtt", "mqtts", "ws", "wss") or not parts.hostname:
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(
-                f"invalid MQTT URL {value!r}: expected mqtt://host[:port] "
-                "(or mqtts://, ws://, wss://)"
+                f"invalid MQTT URL {value!r}: expected mqtt://host[:port] or "
+                "mqtts://host[:port] (the bus speaks MQTT over TCP; WebSocket is not supported)"
             )
         try:
             parts.port  # noqa: B018
@@ -204,15 +209,44 @@ class MqttConfig(_Model):
     @field_validator("topic")
     @classmethod
     def _topic(cls, value: str) -> str:
-        if not value or "\x00" in value:
-            raise ValueError("the topic must be a non-empty string")
+        if not value.strip("/") or any(c in value for c in "+#\x00"):
+            raise ValueError(
+                "the topic must be a non-empty MQTT topic without '+', '#' or NUL "
+                "(wildcards belong in subscriptions)"
+            )
+        if value.strip("/").startswith("$"):
+            raise ValueError(
+                "the topic must not start with '$' (reserved for the broker, e.g. $SYS)"
+            )
+        return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str | None) -> str | None:
+        if value is not None and not 1 <= len(value) <= 128:
+            raise ValueError(
+                "the client id must be 1 to 128 characters (it names the broker-side session); "
+                "leave it out to use hostname-pid"
+            )
         return value
 
     @field_validator("group")
     @classmethod
     def _group(cls, value: str | None) -> str | None:
-        if value is not None and (not value or any(c in value for c in "/+#")):
-            raise ValueError(f"invalid group {value!r}: no '/', '+' or '#'")
+        if value is not None and (not value or any(c in value for c in "/+#\x00")):
+            raise ValueError(f"invalid group {value!r}: no '/', '+', '#' or NUL")
+        return value
+
+    @field_validator("qos", mode="before")
+    @classmethod
+    def _qos(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() in ("1", "2"):
+            return int(value)  # from an environment override
+        if value not in (1, 2) or isinstance(value, bool):
+            raise ValueError(
+                f"qos must be 1 or 2, not {value!r}: QoS 0 cannot make events durable "
+                "(the broker may drop a message no instance has received)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -229,16 +263,11 @@ class MqttConfig(_Model):
     @property
     def port(self) -> int:
         parts = urllib.parse.urlsplit(self.url)
-        default = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}[parts.scheme]
-        return parts.port or default
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
 
     @property
     def use_tls(self) -> bool:
-        return self.url.startswith(("mqtts://", "wss://"))
-
-    @property
-    def transport(self) -> Literal["tcp", "websockets"]:
-        return "websockets" if self.url.startswith(("ws://", "wss://")) else "tcp"
+        return self.url.startswith("mqtts://")
 
     def password(self) -> str | None:
         where = "mqtt.password_" + ("env" if self.password_env else "file")

@@ -43,7 +43,9 @@ def read_secret(env: str | None, file: Path | None, where: str) -> str | None:
     """Read a secret from an environment variable or a file, at call time.
 
     Errors name the variable or file and the config path, never the value.
-    A trailing newline in a file is dropped (editors add one).
+    A trailing newline in a file is dropped (editors add one). A blank secret
+    (only whitespace) is refused like an empty one: it is always a mistake, and
+    the webhook intake would refuse such a token when the daemon starts.
     """
     if env:
         value = os.environ.get(env)
@@ -51,6 +53,8 @@ def read_secret(env: str | None, file: Path | None, where: str) -> str | None:
             raise ConfigError(f"environment variable {env} is not set", path=where)
         if not value:
             raise ConfigError(f"environment variable {env} is empty", path=where)
+        if not value.strip():
+            raise ConfigError(f"environment variable {env} is blank (only whitespace)", path=where)
         return value
     if file:
         try:
@@ -63,5 +67,7 @@ def read_secret(env: str | None, file: Path | None, where: str) -> str | None:
             raise ConfigError(f"secret file {file} is not UTF-8 text", path=where) from None
         if not value:
             raise ConfigError(f"secret file {file} is empty", path=where)
+        if not value.strip():
+            raise ConfigError(f"secret file {file} is blank (only whitespace)", path=where)
         return value
     return None
