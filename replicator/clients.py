@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from replicator.registry.client import RegistryClient
+from replicator.registry.site import SiteEndpoint
 
 if TYPE_CHECKING:
     from replicator.config import Config
@@ -29,7 +30,7 @@ class ClientPool:
             kwargs: dict = {"retries": self._retries}
             if self._backoff_base is not None:
                 kwargs["backoff_base"] = self._backoff_base
-            client = RegistryClient(self.config.site_endpoint(site), **kwargs)
+            client = RegistryClient(SiteEndpoint.from_config(self.config, site), **kwargs)
             self._clients[site] = client
         return client
 

@@ -29,7 +29,7 @@ from replicator.journal import Journal
 from replicator.manifest import Descriptor
 from replicator.planner import Action, plan_target, selected_tags
 from replicator.registry.errors import RegistryError
-from replicator.rules import effective_rules, glob_match
+from replicator.rules import effective_rules, glob_match, map_repository
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class Reconciler:
     ) -> None:
         dst = self.pool[target]
         try:
-            target_repo = rule.map_repository(repo)
+            target_repo = map_repository(rule, repo)
             trusted = await self._immutable_known(rule, target, target_repo, source_tags, selected)
             observed = await self._head_all(
                 dst, target_repo, [t for t in selected if t not in trusted]

@@ -15,6 +15,7 @@ import yaml
 from replicator.cli import main
 from replicator.config import Config, config_from_dict, load_config
 from replicator.errors import ConfigError
+from replicator.registry.site import SiteEndpoint
 from tests.harness.registry import Registry, write_htpasswd
 from tests.harness.util import free_port
 
@@ -422,6 +423,60 @@ def test_check_help_explains():
     assert "--offline" in out and "Exit codes" in out and "GET /v2/" in out
 
 
+# ---- check --offline refuses what `run` refuses ------------------------------------------------
+
+
+def mqtt_config(tmp_path: Path, **mqtt) -> Path:
+    data = {
+        "journal": "journal.db",
+        "listen": f"127.0.0.1:{free_port()}",
+        "mqtt": {"url": "mqtt://127.0.0.1:1883", "client_id": "eu-1", **mqtt},
+        "sites": {"a": {"url": "https://a.example"}},
+    }
+    return write(tmp_path, yaml.safe_dump(data))
+
+
+RUN_REFUSES = [
+    ({"url": "ws://127.0.0.1:9001"}, "mqtt.url", "mqtt://"),
+    ({"url": "wss://broker.example"}, "mqtt.url", "mqtt://"),
+    ({"qos": 0}, "mqtt.qos", "QoS 0"),
+    ({"topic": "events/+"}, "mqtt.topic", "'+'"),
+    ({"topic": "events/#"}, "mqtt.topic", "'#'"),
+    ({"topic": "$SYS/events"}, "mqtt.topic", "'$'"),
+    ({"topic": "/"}, "mqtt.topic", "non-empty"),
+    ({"client_id": "x" * 129}, "mqtt.client_id", "128"),
+    ({"client_id": ""}, "mqtt.client_id", "128"),
+    ({"group": "a\0b"}, "mqtt.group", "invalid group"),
+]
+
+
+@pytest.mark.parametrize(
+    "mqtt,path,words", RUN_REFUSES, ids=[f"{p}:{w}" for _, p, w in RUN_REFUSES]
+)
+def test_check_offline_and_run_refuse_the_same_mqtt_settings(tmp_path, mqtt, path, words):
+    cfg = mqtt_config(tmp_path, **mqtt)
+    for argv in (["check", "--offline"], ["run"]):
+        proc = run_cli(*argv, "-c", str(cfg))
+        assert proc.returncode == 2, (argv, proc.stderr)
+        line = next((ln for ln in proc.stderr.splitlines() if ln.strip().startswith(path)), "")
+        assert "(line " in line and words in line, (argv, proc.stderr)
+    assert not (tmp_path / "journal.db").exists()  # refused before anything started
+
+
+def test_qos_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGISTRY_REPLICATOR_MQTT__QOS", "2")
+    assert load_config(mqtt_config(tmp_path)).mqtt.qos == 2
+    monkeypatch.setenv("REGISTRY_REPLICATOR_MQTT__QOS", "0")
+    line = problem_line(problems_of(tmp_path, mqtt_config(tmp_path).read_text()), "mqtt.qos")
+    assert "REGISTRY_REPLICATOR_MQTT__QOS" in line and "QoS 0" in line
+
+
+def test_good_mqtt_settings_pass_offline_check(tmp_path):
+    for mqtt in ({"qos": 2, "topic": "/registry/events/", "group": "g"}, {"url": "mqtts://b:8883"}):
+        proc = run_cli("check", "--offline", "-c", str(mqtt_config(tmp_path, **mqtt)))
+        assert proc.returncode == 0, proc.stderr
+
+
 # ---- environment overrides ---------------------------------------------------------------------
 
 
@@ -490,6 +545,89 @@ def test_unknown_env_variable_is_a_warning(tmp_path, monkeypatch):
     assert config.listen == "127.0.0.1:8500"
 
 
+def problem_line(err: ConfigError, path: str) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip().startswith(path)]
+    assert lines, f"no line for {path}:\n{err}"
+    return lines[0]
+
+
+def test_a_bad_env_value_names_the_variable_not_a_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGISTRY_REPLICATOR_LISTEN", "bad")
+    monkeypatch.setenv("REGISTRY_REPLICATOR_RULES__0__FROM", "mars")
+    monkeypatch.setenv("REGISTRY_REPLICATOR_SITES__US_EAST__AUTH__PASSWORD", "hunter2")
+    err = problems_of(tmp_path, GOOD)
+    assert problem_line(err, "listen").startswith(
+        "listen (environment variable REGISTRY_REPLICATOR_LISTEN): invalid listen address"
+    )
+    assert problem_line(err, "rules[0].from").startswith(
+        "rules[0].from (environment variable REGISTRY_REPLICATOR_RULES__0__FROM): unknown site"
+    )
+    line = problem_line(err, "sites.us-east.auth.password")
+    assert "REGISTRY_REPLICATOR_SITES__US_EAST__AUTH__PASSWORD" in line and "(line " not in line
+    assert "hunter2" not in str(err)
+    assert "(line " not in str(err)  # every value at fault came from the environment
+
+
+def test_a_problem_mixing_file_and_env_names_both(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGISTRY_REPLICATOR_RULES__1__INTERVAL", "5m")  # rules[1] has a schedule
+    err = problems_of(tmp_path, GOOD)
+    line = GOOD.splitlines().index("  - name: back") + 1
+    assert problem_line(err, "rules[1]") == (
+        f"rules[1] (line {line}, environment variable REGISTRY_REPLICATOR_RULES__1__INTERVAL): "
+        "interval and schedule are mutually exclusive: give one"
+    )
+
+
+def test_a_site_added_from_env_is_blamed_on_its_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGISTRY_REPLICATOR_SITES__NEW__INSECURE", "true")
+    err = problems_of(tmp_path, GOOD)
+    assert problem_line(err, "sites.new.url") == (
+        "sites.new.url (environment variable REGISTRY_REPLICATOR_SITES__NEW__INSECURE): "
+        "required, but missing"
+    )
+
+
+@pytest.mark.parametrize(
+    "name,value,path,words",
+    [
+        ("REGISTRY_REPLICATOR_RULES", "[{bad", "rules", "not valid JSON"),
+        ("REGISTRY_REPLICATOR_SITES__US_EAST__LIMITS", "{x", "sites.us-east.limits", "JSON"),
+        ("REGISTRY_REPLICATOR_RULES__5__INTERVAL", "5m", "rules[5]", "no item 5 (it has 2"),
+        ("REGISTRY_REPLICATOR_RULES__APPS__INTERVAL", "5m", "rules", "address an item by"),
+    ],
+)
+def test_an_env_override_that_cannot_apply_is_a_problem(
+    tmp_path, monkeypatch, name, value, path, words
+):
+    monkeypatch.setenv(name, value)
+    err = problems_of(tmp_path, GOOD)  # a ConfigError, not a crash
+    line = problem_line(err, path)
+    assert line.startswith(f"{path} (environment variable {name}): ") and words in line, line
+    assert err.path == path
+
+
+def test_env_problems_through_cli(tmp_path):
+    cfg = write(tmp_path, GOOD)
+    for env, words in [
+        ({"REGISTRY_REPLICATOR_LISTEN": "nonsense"}, "REGISTRY_REPLICATOR_LISTEN"),
+        ({"REGISTRY_REPLICATOR_RULES": "[oops"}, "not valid JSON"),
+    ]:
+        proc = run_cli("check", "-c", str(cfg), "--offline", env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert words in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+
+
+def test_a_config_built_in_code_reads_no_environment(monkeypatch):
+    monkeypatch.setenv("REGISTRY_REPLICATOR_LISTEN", "0.0.0.0:9000")
+    config = Config(sites={"a": {"url": "https://a.example"}})
+    assert config.listen == "127.0.0.1:8500"
+    assert config_from_dict({"sites": {"a": {"url": "https://a.example"}}}).listen_port == 9000
+    with pytest.raises(ValueError, match="unknown site 'b'"):  # still checked across sections
+        Config(
+            sites={"a": {"url": "https://a.example"}}, rules=[{"name": "r", "from": "a", "to": "b"}]
+        )
+
+
 def test_config_path_from_env(tmp_path):
     cfg = write(tmp_path, GOOD)
     proc = run_cli("check", "--offline", env={"REGISTRY_REPLICATOR_CONFIG": str(cfg)})
@@ -506,12 +644,12 @@ def test_site_endpoint_reads_secrets_now(tmp_path, monkeypatch):
     config = load_config(write(tmp_path, GOOD))
     monkeypatch.setenv("US_PASS", "env-secret")
     monkeypatch.setenv("US_HOOK_TOKEN", "hook-env")
-    us = config.site_endpoint("us-east")
+    us = SiteEndpoint.from_config(config, "us-east")
     assert (us.name, us.url, us.insecure) == ("us-east", "http://127.0.0.1:5001", True)
     assert (us.credentials.username, us.credentials.password) == ("ci", "env-secret")
     assert (us.concurrency, us.requests_per_second) == (8, 50)
     assert "env-secret" not in repr(us)
-    ap = config.site_endpoint("ap-south")
+    ap = SiteEndpoint.from_config(config, "ap-south")
     assert ap.credentials.password == "file-secret"  # trailing newline dropped
     assert config.sites["ap-south"].webhook_token() == "hook-secret"
     assert config.sites["us-east"].webhook_token() == "hook-env"
@@ -521,7 +659,7 @@ def test_site_endpoint_reads_secrets_now(tmp_path, monkeypatch):
 def test_tls_and_docker_config_reach_the_endpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "dockercfg"))
     config = load_config(write(tmp_path, GOOD))
-    eu = config.site_endpoint("eu-west")
+    eu = SiteEndpoint.from_config(config, "eu-west")
     base = tmp_path.resolve()
     assert eu.ca_file == str(base / "certs/ca.pem")
     assert (eu.cert_file, eu.key_file) == (
@@ -536,16 +674,64 @@ def test_missing_secrets_name_the_source_not_the_value(tmp_path, monkeypatch):
     config = load_config(write(tmp_path, GOOD))
     monkeypatch.delenv("US_PASS", raising=False)
     with pytest.raises(ConfigError, match="US_PASS is not set") as info:
-        config.site_endpoint("us-east")
+        SiteEndpoint.from_config(config, "us-east")
     assert info.value.path == "sites.us-east.auth.password_env"
     monkeypatch.setenv("US_PASS", "")
     with pytest.raises(ConfigError, match="US_PASS is empty"):
-        config.site_endpoint("us-east")
+        SiteEndpoint.from_config(config, "us-east")
     with pytest.raises(ConfigError, match=r"ap\.pass") as info:
-        config.site_endpoint("ap-south")
+        SiteEndpoint.from_config(config, "ap-south")
     assert info.value.path == "sites.ap-south.auth.password_file"
     with pytest.raises(ConfigError, match="unknown site 'nope'"):
-        config.site_endpoint("nope")
+        SiteEndpoint.from_config(config, "nope")
+
+
+def test_blank_secrets_are_refused_naming_the_source(tmp_path, monkeypatch):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets/ap.pass").write_text("  \n")
+    config = load_config(write(tmp_path, GOOD))
+    monkeypatch.setenv("US_PASS", " \t ")
+    with pytest.raises(ConfigError, match="US_PASS is blank") as info:
+        SiteEndpoint.from_config(config, "us-east")
+    assert info.value.path == "sites.us-east.auth.password_env"
+    with pytest.raises(ConfigError, match=r"ap\.pass is blank"):
+        SiteEndpoint.from_config(config, "ap-south")
+
+
+def webhook_config(tmp_path: Path) -> Path:
+    data = {
+        "journal": "journal.db",
+        "listen": f"127.0.0.1:{free_port()}",
+        "sites": {"a": {"url": "https://a.example", "webhook_token_env": "A_HOOK"}},
+    }
+    return write(tmp_path, yaml.safe_dump(data))
+
+
+@pytest.mark.parametrize("token,words", [(None, "A_HOOK is not set"), ("  ", "A_HOOK is blank")])
+def test_check_and_run_refuse_the_same_missing_webhook_token(tmp_path, token, words):
+    cfg = webhook_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "A_HOOK"}
+    if token is not None:
+        env["A_HOOK"] = token
+    offline = subprocess.run(
+        [sys.executable, "-m", "replicator", "check", "--offline", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert offline.returncode == 0, offline.stderr  # secrets are not read offline
+    for argv in (["check"], ["run"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "replicator", *argv, "-c", str(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert "sites.a.webhook_token_env" in proc.stderr and words in proc.stderr, proc.stderr
+        assert "internal error" not in proc.stderr
 
 
 def test_mqtt_password_from_file(tmp_path):

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from replicator.config import Config, TagFilter
 from replicator.durations import format_duration, parse_duration
+from replicator.globs import validate_repository_glob, validate_tag_glob
 from replicator.manifest import Platform
 from replicator.rules import (
     RenameError,
@@ -18,8 +19,6 @@ from replicator.rules import (
     rules_for,
     select_tags,
     tag_passes,
-    validate_repository_glob,
-    validate_tag_glob,
 )
 from replicator.semver import Version, parse_range, parse_version
 
@@ -344,7 +343,7 @@ def test_map_repository():
     assert map_repository(r, "team/a/b") == "mirror/a/b"
     assert map_repository(r, "other/app") == "mirror/other/app"  # nothing to strip
     assert map_repository(rule(), "team/app") == "team/app"
-    assert rule(rename={"strip_prefix": "team/"}).map_repository("team/x/y") == "x/y"
+    assert map_repository(rule(rename={"strip_prefix": "team/"}), "team/x/y") == "x/y"
 
 
 def test_map_repository_refuses_an_invalid_result():

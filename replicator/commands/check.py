@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from replicator.config import Config, add_config_argument, load_config
+from replicator.config import Config, InvalidConfig, add_config_argument, load_config
 from replicator.errors import ConfigError, ReplicatorError
 
 
@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--offline, then read each site's credentials (password_env / password_file / "
             "docker_config) and send an authenticated GET /v2/ to every site concurrently, "
             "printing one line per site ('NAME  ok  URL' or 'NAME  FAILED  REASON'); "
-            "exit 1 if any site failed. Nothing is written anywhere."
+            "exit 1 if any site failed. The secrets `run` reads at start (webhook tokens, "
+            "the MQTT password) are read first: exit 2 if one is missing, as `run` would. "
+            "Nothing is written anywhere."
         ),
         epilog="Exit codes: 0 all good, 1 a site failed, 2 the configuration is invalid.",
     )
@@ -62,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
+        if not args.offline:
+            read_startup_secrets(config)
     except ConfigError as exc:
         if args.json:
             problems = getattr(exc, "problems", None) or [(exc.path, str(exc))]
@@ -109,6 +113,25 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def read_startup_secrets(config: Config) -> None:
+    """Read the secrets `run` reads before it serves (webhook tokens, the MQTT password),
+    so a missing one fails `check` as it fails `run`: exit 2, every one named."""
+    reads = [site.webhook_token for site in config.sites.values()]
+    reads += [config.mqtt.password] if config.mqtt else []
+    errors = []
+    for read in reads:
+        try:
+            read()
+        except ConfigError as exc:
+            errors.append(exc)
+    if errors:
+        raise InvalidConfig(
+            f"{config.source_path}: secrets that `run` reads at start cannot be read:\n"
+            + "\n".join(f"  {e}" for e in errors),
+            [(e.path or "", str(e)) for e in errors],
+        )
+
+
 def _count(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else many or one + 's'}"
 
@@ -120,10 +143,13 @@ async def ping_all(config: Config, timeout: float) -> list[SiteResult]:
 
 async def ping_site(config: Config, name: str, timeout: float) -> SiteResult:
     from replicator.registry.client import RegistryClient
+    from replicator.registry.site import SiteEndpoint
 
     url = config.sites[name].url
     try:
-        endpoint = config.site_endpoint(name)  # reads secrets; errors never contain them
+        endpoint = SiteEndpoint.from_config(
+            config, name
+        )  # reads secrets; errors never contain them
         async with RegistryClient(endpoint, retries=0, timeout=timeout) as client:
             await asyncio.wait_for(client.ping(), timeout)
     except TimeoutError:

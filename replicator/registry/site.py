@@ -1,7 +1,9 @@
 """How to reach one registry: URL, TLS, credentials and politeness limits.
 
-Built from configuration later; kept free of I/O except reading a docker
-`config.json` on request. Secrets never appear in a repr.
+Built from a configured site (`SiteEndpoint.from_config`, which reads the
+site's secrets at that moment) or from a bare URL on the command line. Free
+of I/O otherwise, except reading a docker `config.json` on request. Secrets
+never appear in a repr.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from replicator.config import AuthConfig, Config, read_secret
 from replicator.errors import ConfigError
 
 
@@ -35,6 +39,26 @@ class Credentials:
     @property
     def has_basic(self) -> bool:
         return self.username is not None and self.password is not None
+
+    @classmethod
+    def from_config(cls, auth: AuthConfig | None, where: str) -> Credentials | None:
+        """The explicit credentials of a site's `auth` (at config path `where`), secrets
+        read now; None without `auth` or with `docker_config` (the client then reads
+        config.json itself). Raises ConfigError naming the missing variable or file,
+        never a secret."""
+        if auth is None or auth.docker_config:
+            return None
+        password = read_secret(
+            auth.password_env,
+            auth.password_file,
+            where + (".password_env" if auth.password_env else ".password_file"),
+        )
+        token = read_secret(
+            auth.identity_token_env,
+            auth.identity_token_file,
+            where + (".identity_token_env" if auth.identity_token_env else ".identity_token_file"),
+        )
+        return cls(username=auth.username, password=password, identity_token=token)
 
 
 @dataclass
@@ -70,6 +94,30 @@ class SiteEndpoint:
             raise ConfigError(f"site {self.name!r}: key_file given without cert_file")
 
     @classmethod
+    def from_config(cls, config: Config, name: str) -> SiteEndpoint:
+        """Everything the registry client needs to talk to configured site `name`,
+        secrets read now (ConfigError names a missing one, or an unknown site)."""
+        site = config.site(name)
+        tls = site.tls
+        docker_config: str | None = None
+        if site.auth and site.auth.docker_config is True:
+            docker_config = str(default_docker_config())
+        elif site.auth and isinstance(site.auth.docker_config, Path):
+            docker_config = str(site.auth.docker_config)
+        return cls(
+            name=name,
+            url=site.url,
+            insecure=site.insecure,
+            ca_file=str(tls.ca) if tls and tls.ca else None,
+            cert_file=str(tls.cert) if tls and tls.cert else None,
+            key_file=str(tls.key) if tls and tls.key else None,
+            credentials=Credentials.from_config(site.auth, f"sites.{name}.auth"),
+            docker_config=docker_config,
+            concurrency=site.limits.concurrency,
+            requests_per_second=site.limits.requests_per_second,
+        )
+
+    @classmethod
     def from_url(
         cls, host_or_url: str, insecure: bool = False, name: str | None = None
     ) -> SiteEndpoint:
@@ -91,6 +139,12 @@ class SiteEndpoint:
         if self.docker_config:
             return load_docker_credentials(self.docker_config, self.host, site=self.name)
         return None
+
+
+def default_docker_config() -> Path:
+    """Where `docker login` keeps credentials: $DOCKER_CONFIG/config.json or ~/.docker."""
+    base = os.environ.get("DOCKER_CONFIG")
+    return (Path(base) if base else Path.home() / ".docker").expanduser() / "config.json"
 
 
 def _auth_key_host(key: str) -> str:

@@ -1,0 +1,482 @@
+"""The configuration's sections, as pydantic models: what each key means and may hold.
+
+Parsing is strict: unknown keys are refused, and every model validates its own
+consistency (a password needs a username, plain http needs `insecure: true`).
+Checks that span sections (a rule naming an unknown site) are in `cross.py`;
+reading the file and the environment is `load.py`'s job, so a Config built in
+code reads neither.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from replicator.config.cross import cross_problems, unknown_name
+from replicator.config.report import ProblemsError
+from replicator.config.secrets import InlineSecret, one_source, read_secret
+from replicator.config.types import (
+    CronExpr,
+    DockerConfig,
+    Duration,
+    EnvName,
+    HttpUrl,
+    ListenAddress,
+    Name,
+    PlatformStr,
+    PositiveDuration,
+    RegistryUrl,
+    RepoGlob,
+    RepoPrefix,
+    SemverRange,
+    TagGlob,
+    one_or_many,
+    split_host_port,
+)
+from replicator.errors import ConfigError
+from replicator.globs import repository_selected
+from replicator.manifest import Platform
+
+# Validation context key: the loader has run the cross-section checks on the raw data.
+CROSS_CHECKED = "cross_checked"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
+
+class TLSConfig(_Model):
+    """Client TLS for a registry or broker: a private CA, and an optional client certificate."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("cert and key go together: give both or neither")
+        return self
+
+
+class AuthConfig(_Model):
+    """How to log in to a registry. Secrets are referenced, never written inline."""
+
+    username: str | None = None
+    password_env: EnvName | None = None
+    password_file: Path | None = None
+    identity_token_env: EnvName | None = Field(
+        None, description="an OAuth2 refresh token (docker login identity token)"
+    )
+    identity_token_file: Path | None = None
+    docker_config: DockerConfig = False
+
+    password: InlineSecret = Field(None, exclude=True, repr=False)
+    identity_token: InlineSecret = Field(None, exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AuthConfig:
+        one_source(self, "password")
+        one_source(self, "identity_token")
+        has_password = bool(self.password_env or self.password_file)
+        has_token = bool(self.identity_token_env or self.identity_token_file)
+        if self.docker_config and (self.username or has_password or has_token):
+            raise ValueError(
+                "docker_config supplies the credentials itself; do not combine it "
+                "with username / password_* / identity_token_*"
+            )
+        if has_password and not self.username:
+            raise ValueError("a password needs a username")
+        if self.username and not (has_password or has_token):
+            raise ValueError(
+                f"username {self.username!r} given without password_env or password_file"
+            )
+        return self
+
+
+class LimitsConfig(_Model):
+    concurrency: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="requests in flight to this registry at once; "
+        "as many blob downloads may stream besides, so "
+        "up to 2 x concurrency + 2 connections",
+    )
+    requests_per_second: float | None = Field(None, gt=0, description="rate cap; null for none")
+
+
+class SiteConfig(_Model):
+    """One registry ("site"): where it is, how to reach it, and what it lets us do."""
+
+    url: RegistryUrl
+    insecure: bool = Field(False, description="allow plain http / skip TLS verification")
+    tls: TLSConfig | None = None
+    auth: AuthConfig | None = None
+    webhook_token_env: EnvName | None = None
+    webhook_token_file: Path | None = None
+    storage: Path | None = Field(
+        None, description="the registry's storage rootdirectory (for storage-mode GC)"
+    )
+    registry_config: Path | None = Field(None, description="the registry's own config.yml")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    _name: str = PrivateAttr(default="")
+
+    inline_webhook_token: InlineSecret = Field(
+        None, alias="webhook_token", exclude=True, repr=False
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SiteConfig:
+        one_source(self, "webhook_token")
+        if self.url.startswith("http://") and not self.insecure:
+            raise ValueError(
+                "plain http sends credentials and images unencrypted: set "
+                "insecure: true to allow it, or use https"
+            )
+        if self.insecure and self.tls and self.tls.ca:
+            raise ValueError(
+                "insecure: true skips verification, so tls.ca would be ignored; choose one"
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def webhook_token(self) -> str | None:
+        """The bearer token the site's webhooks must present (None: no token configured)."""
+        where = f"sites.{self._name}.webhook_token_" + ("env" if self.webhook_token_env else "file")
+        return read_secret(self.webhook_token_env, self.webhook_token_file, where)
+
+
+class MqttConfig(_Model):
+    """Optional MQTT bus: registry events shared between replicator instances.
+
+    Refuses here whatever the bus would refuse when the daemon starts, so
+    `check --offline`, `check` and `run` agree on what is valid."""
+
+    url: str = Field(description="mqtt://host[:1883] or mqtts://host[:8883]")
+    topic: str = Field("registry/events", description="events go to <topic>/<site>/<repository>")
+    client_id: str | None = Field(
+        None, description="names this instance's persistent session; unique per instance"
+    )
+    group: str | None = Field(
+        None, description="shared-subscription group, so one member of the group handles each event"
+    )
+    username: str | None = None
+    password_env: EnvName | None = None
+    password_file: Path | None = None
+    qos: Literal[1, 2] = Field(1, description="1 or 2; QoS 0 could lose events")
+    tls: TLSConfig | None = None
+
+    inline_password: InlineSecret = Field(None, alias="password", exclude=True, repr=False)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urllib.parse.urlsplit(value.strip())
+        if parts.username or parts.password:
+            raise ValueError(
+                "the URL contains a user name or password; use username and "
+                "password_env / password_file"
+            )
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(
+                f"invalid MQTT URL {value!r}: expected mqtt://host[:port] or "
+                "mqtts://host[:port] (the bus speaks MQTT over TCP; WebSocket is not supported)"
+            )
+        try:
+            parts.port  # noqa: B018
+        except ValueError:
+            raise ValueError(f"invalid MQTT URL {value!r}: bad port") from None
+        return value.strip()
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        if not value.strip("/") or any(c in value for c in "+#\x00"):
+            raise ValueError(
+                "the topic must be a non-empty MQTT topic without '+', '#' or NUL "
+                "(wildcards belong in subscriptions)"
+            )
+        if value.strip("/").startswith("$"):
+            raise ValueError(
+                "the topic must not start with '$' (reserved for the broker, e.g. $SYS)"
+            )
+        return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str | None) -> str | None:
+        if value is not None and not 1 <= len(value) <= 128:
+            raise ValueError(
+                "the client id must be 1 to 128 characters (it names the broker-side session); "
+                "leave it out to use hostname-pid"
+            )
+        return value
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c in value for c in "/+#\x00")):
+            raise ValueError(f"invalid group {value!r}: no '/', '+', '#' or NUL")
+        return value
+
+    @field_validator("qos", mode="before")
+    @classmethod
+    def _qos(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() in ("1", "2"):
+            return int(value)  # from an environment override
+        if value not in (1, 2) or isinstance(value, bool):
+            raise ValueError(
+                f"qos must be 1 or 2, not {value!r}: QoS 0 cannot make events durable "
+                "(the broker may drop a message no instance has received)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttConfig:
+        one_source(self, "password")
+        if (self.password_env or self.password_file) and not self.username:
+            raise ValueError("a password needs a username")
+        return self
+
+    @property
+    def host(self) -> str:
+        return urllib.parse.urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urllib.parse.urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def use_tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+    def password(self) -> str | None:
+        where = "mqtt.password_" + ("env" if self.password_env else "file")
+        return read_secret(self.password_env, self.password_file, where)
+
+
+class TagFilter(_Model):
+    """Which tags of a repository a rule copies. Empty include means every tag."""
+
+    include: list[TagGlob] = Field(default_factory=list)
+    exclude: list[TagGlob] = Field(default_factory=list)
+    semver: SemverRange | None = Field(
+        None, description="npm-style range, e.g. '>=1.2 <2', '^1.2', '1.x', 'a || b'"
+    )
+    latest: int | None = Field(
+        None, ge=1, description="keep only the N highest versions (or N most recently pushed)"
+    )
+
+    _coerce = field_validator("include", "exclude", mode="before")(
+        classmethod(lambda cls, v: one_or_many(v))
+    )
+
+
+class RenameConfig(_Model):
+    strip_prefix: RepoPrefix = ""
+    prefix: RepoPrefix = ""
+
+
+class Rule(_Model):
+    """Replicate matching repositories from one site to others."""
+
+    name: Name
+    from_: str = Field(alias="from")
+    to: list[str] = Field(min_length=1)
+    repositories: list[RepoGlob] = Field(default_factory=lambda: ["**"], min_length=1)
+    exclude_repositories: list[RepoGlob] = Field(default_factory=list)
+    tags: TagFilter | None = None
+    platforms: list[PlatformStr] | None = Field(
+        None, description="copy only these platforms of multi-arch images"
+    )
+    referrers: bool = Field(True, description="copy signatures, SBOMs and other referrers")
+    deletes: bool = Field(False, description="propagate deletions to the targets")
+    overwrite: bool = Field(
+        True, description="false: never replace a tag that differs at the target"
+    )
+    rename: RenameConfig | None = None
+    immutable_tags: list[TagGlob] = Field(
+        default_factory=list,
+        description="tags that never move once pushed (e.g. 'v*'): when the journal already "
+        "records the target holding the source digest, reconcile trusts it and "
+        "sends the target no request for them",
+    )
+    interval: PositiveDuration | None = Field(None, description="periodic reconcile interval")
+    schedule: CronExpr | None = Field(None, description="periodic reconcile as cron")
+
+    _coerce = field_validator(
+        "to", "repositories", "exclude_repositories", "immutable_tags", mode="before"
+    )(classmethod(lambda cls, v: one_or_many(v)))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Rule:
+        if self.interval is not None and self.schedule is not None:
+            raise ValueError("interval and schedule are mutually exclusive: give one")
+        return self
+
+    @property
+    def platform_list(self) -> list[Platform]:
+        return [Platform.parse(p) for p in self.platforms or ()]
+
+    def matches_repository(self, repo: str) -> bool:
+        return repository_selected(self.repositories, self.exclude_repositories, repo)
+
+
+class KeepConfig(_Model):
+    """What a GC policy keeps. A tag is kept if ANY of these holds."""
+
+    tags: list[TagGlob] = Field(default_factory=list)
+    most_recent: int | None = Field(None, ge=0, description="the N most recently pushed tags")
+    pushed_within: Duration | None = None
+    pulled_within: Duration | None = None
+
+    _coerce = field_validator("tags", mode="before")(classmethod(lambda cls, v: one_or_many(v)))
+
+
+class GcPolicy(_Model):
+    name: Name
+    sites: list[str] = Field(min_length=1)
+    repositories: list[RepoGlob] = Field(default_factory=lambda: ["**"], min_length=1)
+    exclude_repositories: list[RepoGlob] = Field(default_factory=list)
+    keep: KeepConfig = Field(default_factory=KeepConfig)
+    untagged: Literal["delete", "keep"] = Field(
+        "keep", description="what happens to manifests no kept tag or index references"
+    )
+    referrers: Literal["follow-subject", "keep"] = Field(
+        "follow-subject", description="follow-subject: a referrer lives as long as its subject"
+    )
+    grace: Duration = Field(3600.0, description="nothing younger than this is ever deleted")
+    mode: Literal["api", "storage", "both"] = "api"
+
+    _coerce = field_validator("sites", "repositories", "exclude_repositories", mode="before")(
+        classmethod(lambda cls, v: one_or_many(v))
+    )
+
+    def matches_repository(self, repo: str) -> bool:
+        return repository_selected(self.repositories, self.exclude_repositories, repo)
+
+
+class GcConfig(_Model):
+    schedule: CronExpr | None = None
+    policies: list[GcPolicy] = Field(default_factory=list)
+
+
+class TelemetryConfig(_Model):
+    otlp_endpoint: HttpUrl | None = None
+    service_name: str = "registry-replicator"
+
+
+class Config(_Model):
+    """The whole configuration. Build it with `load_config(path)`."""
+
+    # (The docstring is the JSON schema's description. Built in code, a Config reads
+    # no environment; `load_config` and `config_from_dict` apply the overrides.)
+
+    journal: Path = Field(Path("replicator.db"), description="SQLite state journal")
+    listen: ListenAddress = Field(
+        "127.0.0.1:8500", description="host:port for webhooks, health and metrics"
+    )
+    mqtt: MqttConfig | None = None
+    sites: dict[Name, SiteConfig] = Field(min_length=1)
+    rules: list[Rule] = Field(default_factory=list)
+    gc: GcConfig = Field(default_factory=GcConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+    _source_path: Path | None = PrivateAttr(default=None)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_check(self, info: ValidationInfo) -> Config:
+        for name, site in self.sites.items():
+            site._name = name
+        if not (info.context or {}).get(CROSS_CHECKED):
+            problems = cross_problems(self.model_dump(by_alias=True))
+            if problems:
+                raise ProblemsError(problems)
+        return self
+
+    # ---- accessors ----
+
+    @property
+    def source_path(self) -> Path | None:
+        """The YAML file this came from (None when built in code)."""
+        return self._source_path
+
+    @property
+    def warnings(self) -> list[str]:
+        """Non-fatal findings, e.g. REGISTRY_REPLICATOR_* variables that name no setting."""
+        return list(self._warnings)
+
+    @property
+    def listen_host(self) -> str:
+        return split_host_port(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_host_port(self.listen)[1]
+
+    def site(self, name: str) -> SiteConfig:
+        try:
+            return self.sites[name]
+        except KeyError:
+            raise ConfigError(unknown_name("site", name, list(self.sites)), path="sites") from None
+
+    def rule(self, name: str) -> Rule:
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise ConfigError(unknown_name("rule", name, [r.name for r in self.rules]), path="rules")
+
+    def policy(self, name: str) -> GcPolicy:
+        for policy in self.gc.policies:
+            if policy.name == name:
+                return policy
+        raise ConfigError(
+            unknown_name("GC policy", name, [p.name for p in self.gc.policies]),
+            path="gc.policies",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, YAML-ready dict that `load_config` reads back to an equal Config."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+MODELS: tuple[type[BaseModel], ...] = (
+    Config,
+    TLSConfig,
+    AuthConfig,
+    LimitsConfig,
+    SiteConfig,
+    MqttConfig,
+    TagFilter,
+    RenameConfig,
+    Rule,
+    KeepConfig,
+    GcPolicy,
+    GcConfig,
+    TelemetryConfig,
+)
+
+
+def known_keys() -> set[str]:
+    """Every key any section accepts (what a misspelt key is compared with)."""
+    return {info.alias or name for model in MODELS for name, info in model.model_fields.items()}
