@@ -132,6 +132,7 @@ async def run_policies(
                     dry_run=dry_run,
                     registry_config=sc.registry_config,
                     assume_no_cache=assume_no_cache,
+                    registry_api=pool[site],  # for the live blob-descriptor cache probe
                     policies=storage,
                     workers=workers,
                 ),

@@ -24,7 +24,10 @@ F3. Manifest PUT validates, before writing anything, that every blob and child
     manifest it references is reachable in the repository (F1).
 F4. With ``storage.cache.blobdescriptor`` the registry answers F1's checks from
     memory/redis, so it would say "exists" for data we removed (#2966). We refuse
-    to run online when the registry config enables it (`check_registry_config`).
+    to run online when the registry config enables it (`check_registry_config`,
+    a fast first refusal), and, because an environment variable
+    (``REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR``) enables it behind the file's back,
+    ask the registry itself after step 4 (step 4b).
 
 The run:
 
@@ -43,6 +46,16 @@ The run:
    the same filesystem (``v2/_quarantine/<run>/...``): a blob's layer links
    first, then its data directory. A rename is atomic, so the registry sees the
    item either present or gone (not half-deleted), and the bytes still exist.
+4b. Live cache probe (when the run has the site's registry API, `registry_api`):
+   HEAD a random sample of at most `cache_probe.SAMPLE_SIZE` (16) quarantined
+   blobs through ``/v2/<repo>/blobs/<digest>``, each in a repository whose layer
+   link named it. Without a cache each answers 404 (its link is in quarantine).
+   A 200 while the link or data is still gone from disk can only come from a
+   cache (F4): restore everything from quarantine at once (every image is whole
+   again) and refuse the run (journalled ``refused``, exit 2). A failed HEAD
+   proves nothing: the same. Only then are stale upload sessions removed, so a
+   refused run has deleted nothing. Without an API the run says the live check
+   was skipped; the YAML check still stands.
 5. Wait the quarantine window, then rescan and re-mark from everything that
    exists *now*. Restore (rename back) any item that is referenced again: a
    blob referenced by any existing manifest revision (transitively) or with any
@@ -88,7 +101,10 @@ Residual assumptions (documented, not hidden): a single manifest PUT completes
 within the quarantine window (default 10 min, far above distribution's request
 times); clocks: mtimes and our clock come from the same host; no
 blob-descriptor cache (F4) unless the operator vouches (``assume_no_cache``)
-that the registry is read-only or stopped.
+that the registry is read-only or stopped. The live probe (4b) asks one
+registry about a sample: a cache that has seen none of the sampled blobs (an
+in-memory cache of a registry restarted since they were last touched), or
+other replicas behind a load balancer, are not seen by it.
 
 Speed without giving any of that up: the read-only steps (1-3 and the re-mark
 in 5) run on one thread — they are ~3 us stats and reads plus JSON parsing
@@ -110,6 +126,7 @@ import errno
 import fcntl
 import logging
 import os
+import random
 import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -122,6 +139,8 @@ from typing import Any
 import yaml
 
 from replicator.errors import ConfigError, ReplicatorError
+from replicator.gc import cache_probe
+from replicator.gc.cache_probe import BlobHeadClient
 from replicator.gc.confined import UnsafeEntry, open_dir_at
 from replicator.gc.layout import (
     BlobEntry,
@@ -142,6 +161,7 @@ from replicator.journal import Journal
 log = logging.getLogger("replicator.gc.storage")
 
 HIDDEN_BY_LINK = "a symbolic link in the store hides references (see the run's errors)"
+REFUSED_CACHE = "restored: the registry answers from a blob-descriptor cache (run refused)"
 QUARANTINE_SHARDS = 64  # directories per item kind under _quarantine/<run>/
 # unlink/rmdir throughput on ext4 (2 cores) plateaus at 16 threads: 8 -> 16 cut the
 # bench's delete phase ~20 %, 32 gained nothing measurable
@@ -169,6 +189,7 @@ class StorageGCOptions:
     dry_run: bool = False
     registry_config: str | Path | None = None
     assume_no_cache: bool = False  # operator vouches: no blob-descriptor cache
+    registry_api: BlobHeadClient | None = None  # the site's API, for the live cache probe
     policies: Sequence[RetentionPolicy] = ()
     pull_times: Callable[[str, str], float | None] | None = None  # (repo, tag) -> last pull
     max_manifest_bytes: int = 4 << 20
@@ -431,6 +452,12 @@ class StorageCollector:
                 f"{exc}: the store must not be reached through it", "storage"
             ) from None
         warnings = []
+        if self.opts.registry_api is None and not self.opts.assume_no_cache:
+            warnings.append(
+                "live blob-descriptor cache check skipped: this storage run has no registry "
+                "API for the site, so only the registry config was checked (a "
+                "REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR environment override would go unseen)"
+            )
         if self.opts.dry_run:
             try:
                 check_registry_config(
@@ -804,15 +831,16 @@ class StorageCollector:
         return i
 
     def quarantine(self, plan: Plan) -> None:
-        """4. Tags, then manifests, then per blob: its links, then its data."""
-        todo = [i for i in plan.items if i.state == "candidate"]
+        """4. Tags, then manifests, then per blob: its links, then its data. (Stale
+        upload sessions are removed later, by `remove_stale_uploads`, after step 4b.)"""
+        todo = [i for i in plan.items if i.state == "candidate" and i.kind != "upload"]
         shards = {os.path.dirname(i.quarantine) for i in todo if i.quarantine is not None}
         fs = self.layout.fs
         for top in {os.path.dirname(s) for s in shards}:
             fs.makedirs(top)
         pmap(self.pool, fs.makedirs, sorted(shards), chunk=16)
         with fs.reuse_directories():
-            for kind in ("tag", "manifest", "upload"):
+            for kind in ("tag", "manifest"):
                 pmap(
                     self.pool,
                     lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
@@ -839,6 +867,39 @@ class StorageCollector:
 
         with fs.reuse_directories():
             pmap(self.pool, blob_group, list(by_digest.values()), chunk=64)
+
+    def remove_stale_uploads(self, plan: Plan) -> None:
+        """Abandoned upload sessions are not referenced by anything: removed at once
+        (each re-checked right before), once the cache probe (4b) let the run go on."""
+        with self.layout.fs.reuse_directories():
+            pmap(
+                self.pool,
+                lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
+                [i for i in plan.items if i.kind == "upload" and i.state == "candidate"],
+            )
+
+    def gone_from_disk(self, repo: str, digest: str) -> bool:
+        """For the cache probe: the layer link or the data of `digest` is missing now
+        (a link in the way counts as missing: the registry's 200 is then unexplained)."""
+        fs = self.layout.fs
+        try:
+            return not (
+                fs.lexists(self.layout.layer_link_dir_str(repo, digest) + "/link")
+                and fs.lexists(self.layout.blob_dir_str(digest) + "/data")
+            )
+        except UnsafeEntry:
+            return True
+
+    def restore_all(self, items: list[Item], why: str) -> None:
+        """Move every quarantined item back: blob data first, so that a layer link never
+        comes back before its data, then links, manifests (revision links), tags."""
+        for kind in ("blob", "link", "manifest", "tag"):
+            pmap(  # no directory reuse: restoring may create the directories it needs
+                self.pool,
+                lambda i: self._restore(i, why),
+                [i for i in items if i.kind == kind and i.state == "quarantined"],
+                chunk=32,
+            )
 
     def _restore(self, i: Item, why: str | None) -> Item:
         try:
@@ -1135,6 +1196,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         for rec, items, cutoff in await asyncio.to_thread(col.load_unfinished):
             result.resumed_runs.append(int(rec.run_id or 0))
             if any(i.state == "quarantined" for i in items):
+                await _refuse_if_cached(col, rec, items, result)
                 await asyncio.sleep(opts.quarantine_window)
                 await _settle(col, rec, items, cutoff, result)
             sub = GCResult(run_id=int(rec.run_id or 0), dry_run=False)
@@ -1174,6 +1236,8 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         sweeping = True
         t = time.monotonic()
         await asyncio.to_thread(col.quarantine, plan)
+        await _refuse_if_cached(col, rec, plan.items, result)  # 4b
+        await asyncio.to_thread(col.remove_stale_uploads, plan)
         result.timings["quarantine"] = time.monotonic() - t
         await asyncio.to_thread(
             rec.update_states,
@@ -1204,6 +1268,54 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
             result.errors.append(f"{type(exc).__name__}: {exc}")
             await asyncio.to_thread(rec.finish, "failed", result.to_json())
         raise
+
+
+async def _refuse_if_cached(
+    col: StorageCollector, rec: RunRecorder, items: list[Item], result: GCResult
+) -> None:
+    """4b. Ask the registry whether it still says "exists" for what we just moved out;
+    if it does (or cannot say), move everything back and refuse the run."""
+    api = col.opts.registry_api
+    if api is None or col.opts.assume_no_cache:
+        return
+    links = [
+        (str(i.repository), str(i.digest))
+        for i in items
+        if i.kind == "link" and i.state == "quarantined"
+    ]
+    sample = cache_probe.choose_sample(links, cache_probe.SAMPLE_SIZE, random.Random())
+    if not sample:
+        return
+    t = time.monotonic()
+    outcome = await cache_probe.probe(api, sample, col.gone_from_disk)
+    result.timings["cache_probe"] = time.monotonic() - t
+    if outcome.clean:
+        return
+    log.error(
+        "storage gc run %s: the registry answers from a blob-descriptor cache or cannot be "
+        "asked (%d of %d sampled HEADs): restoring everything",
+        result.run_id,
+        len(outcome.cached) + len(outcome.failed),
+        outcome.probed,
+    )
+    quarantined = [i for i in items if i.state == "quarantined"]
+    await asyncio.to_thread(col.restore_all, quarantined, REFUSED_CACHE)
+    restored = sum(1 for i in quarantined if i.state == "restored")
+    result.restored += restored
+    result.errors += [i.error or i.key for i in quarantined if i.state == "error"]
+    await asyncio.to_thread(
+        rec.update_states,
+        [(i.kind, i.key, i.state, i.error) for i in items if i.state != "candidate"],
+    )
+    await asyncio.to_thread(_prune_run_dir, col, rec, items)
+    url = getattr(getattr(api, "site", None), "url", None)
+    message = cache_probe.refusal(
+        col.opts.site, url, outcome, restored, len(quarantined) - restored
+    )
+    result.errors.append(message)
+    _report_unsafe(col, result)
+    await asyncio.to_thread(rec.finish, "refused", result.to_json())
+    raise OnlineGCRefused(message)
 
 
 def _report_unsafe(col: StorageCollector, result: GCResult) -> None:
