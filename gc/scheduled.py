@@ -127,12 +127,12 @@ async def run_policies(
                 journal,
                 StorageGCOptions(
                     site=site,
+                    registry_api=pool[site],  # for the live blob-descriptor cache probe
                     grace=max(p.grace for p in storage),
                     quarantine_window=quarantine_window,
                     dry_run=dry_run,
                     registry_config=sc.registry_config,
                     assume_no_cache=assume_no_cache,
-                    registry_api=pool[site],  # for the live blob-descriptor cache probe
                     policies=storage,
                     workers=workers,
                 ),

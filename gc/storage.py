@@ -1020,6 +1020,19 @@ class StorageCollector:
         pmap(self.pool, settle, first, chunk=32)
         pmap(self.pool, settle, rest, chunk=32)
 
+    def _quarantine_exists(self, i: Item) -> bool:
+        """For resuming: is the item's quarantined copy there? A link in the way of it
+        (S1) makes a pending item an error: both are left alone, the path reported."""
+        if i.quarantine is None:
+            return False
+        try:
+            return self.layout.fs.lexists(i.quarantine)
+        except UnsafeEntry as exc:
+            if i.state in ("candidate", "quarantined"):
+                self.layout.report(exc)
+                i.state, i.error = "error", f"resume {i.key}: {exc}"
+            return False
+
     def _exists(self, path: str) -> bool:
         """Something is at `path` (a link in the way counts: we will not touch it)."""
         try:
@@ -1051,17 +1064,9 @@ class StorageCollector:
             info = get_run(self.journal, run["id"]) or {}
             cutoff = float((info.get("mark_summary") or {}).get("cutoff", run["started_at"]))
             items = [Item.from_row(r) for r in run_candidates(self.journal, run["id"])]
-            updates: list[tuple[str, str, str, str | None]] = []
+            updates = []
             for i in items:
-                if i.state not in ("candidate", "quarantined"):
-                    continue
-                try:
-                    q_exists = i.quarantine is not None and self.layout.fs.lexists(i.quarantine)
-                except UnsafeEntry as exc:  # S1: a link where our copy was: leave both
-                    self.layout.report(exc)
-                    i.state, i.error = "error", f"resume {i.key}: {exc}"
-                    updates.append((i.kind, i.key, i.state, i.error))
-                    continue
+                q_exists = self._quarantine_exists(i)
                 if i.state == "candidate":
                     i.state = "quarantined" if q_exists else "kept"
                     if i.state == "kept":
@@ -1223,9 +1228,9 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
             for i in live:
                 i.state = "deleted"  # what the real run would do
             _tally(result, live)
+            _report_unsafe(col, result, plan.items)
             for i in live:
                 i.state = "candidate"
-            _report_unsafe(col, result)
             rec.finish("done", result.to_json())
             return result
         if opts.on_phase:
@@ -1256,8 +1261,8 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         t = time.monotonic()
         await _settle(col, rec, plan.items, plan.cutoff, result)
         result.timings["settle"] = time.monotonic() - t
+        _report_unsafe(col, result, plan.items)
         _tally(result, plan.items)
-        _report_unsafe(col, result)
         rec.finish("done", result.to_json())
         return result
     except BaseException as exc:
@@ -1313,17 +1318,18 @@ async def _refuse_if_cached(
         col.opts.site, url, outcome, restored, len(quarantined) - restored
     )
     result.errors.append(message)
-    _report_unsafe(col, result)
+    _report_unsafe(col, result, items)
     await asyncio.to_thread(rec.finish, "refused", result.to_json())
     raise OnlineGCRefused(message)
 
 
-def _report_unsafe(col: StorageCollector, result: GCResult) -> None:
-    """S2: every symbolic link the scans met, once, in the run's errors."""
-    seen = set(result.errors)
-    result.errors += [m for m in col.layout.unsafe.values() if m not in seen]
+def _report_unsafe(col: StorageCollector, result: GCResult, items: Iterable[Item] = ()) -> None:
+    """S2: every symbolic link met, once, in the run's errors (not again when an item's
+    error, already there or tallied later, names it)."""
+    known = [*result.errors, *(i.error or "" for i in items if i.state == "error")]
+    result.errors += [m for m in col.layout.unsafe.values() if not any(m in e for e in known)]
     hidden = "no blob, layer link, tag or manifest was collected: " + HIDDEN_BY_LINK
-    if col.layout.hides_references and hidden not in seen:
+    if col.layout.hides_references and hidden not in known:
         result.errors.append(hidden)
 
 
