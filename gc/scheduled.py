@@ -127,6 +127,7 @@ async def run_policies(
                 journal,
                 StorageGCOptions(
                     site=site,
+                    registry_api=pool[site],  # for the live blob-descriptor cache probe
                     grace=max(p.grace for p in storage),
                     quarantine_window=quarantine_window,
                     dry_run=dry_run,

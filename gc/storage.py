@@ -24,7 +24,10 @@ F3. Manifest PUT validates, before writing anything, that every blob and child
     manifest it references is reachable in the repository (F1).
 F4. With ``storage.cache.blobdescriptor`` the registry answers F1's checks from
     memory/redis, so it would say "exists" for data we removed (#2966). We refuse
-    to run online when the registry config enables it (`check_registry_config`).
+    to run online when the registry config enables it (`check_registry_config`,
+    a fast first refusal), and, because an environment variable
+    (``REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR``) enables it behind the file's back,
+    ask the registry itself after step 4 (step 4b).
 
 The run:
 
@@ -43,6 +46,16 @@ The run:
    the same filesystem (``v2/_quarantine/<run>/...``): a blob's layer links
    first, then its data directory. A rename is atomic, so the registry sees the
    item either present or gone (not half-deleted), and the bytes still exist.
+4b. Live cache probe (when the run has the site's registry API, `registry_api`):
+   HEAD a random sample of at most `cache_probe.SAMPLE_SIZE` (16) quarantined
+   blobs through ``/v2/<repo>/blobs/<digest>``, each in a repository whose layer
+   link named it. Without a cache each answers 404 (its link is in quarantine).
+   A 200 while the link or data is still gone from disk can only come from a
+   cache (F4): restore everything from quarantine at once (every image is whole
+   again) and refuse the run (journalled ``refused``, exit 2). A failed HEAD
+   proves nothing: the same. Only then are stale upload sessions removed, so a
+   refused run has deleted nothing. Without an API the run says the live check
+   was skipped; the YAML check still stands.
 5. Wait the quarantine window, then rescan and re-mark from everything that
    exists *now*. Restore (rename back) any item that is referenced again: a
    blob referenced by any existing manifest revision (transitively) or with any
@@ -64,11 +77,34 @@ in quarantine is caught the same way (step 5 sees the link). Quarantined files
 are invisible to the registry, so deleting them in step 6 can never break an
 image that step 5 did not already see.
 
+Symbolic links. The store may be writable by another user (the registry) and
+the collector may run as root, so a link planted in it must never make us change
+anything outside it:
+
+S1. Every rename, removal and mkdir goes through `confined.ConfinedFS`: relative
+    to directory fds opened one component at a time from the store with
+    ``O_NOFOLLOW | O_DIRECTORY``, the last component lstat'ed and refused if it is
+    a link. A component swapped for a link between our check and the change fails
+    the open instead of redirecting it, so nothing outside the store is ever
+    renamed or removed, and nothing is moved out of it; removal never crosses into
+    another filesystem. A refused item keeps its place; its error names the path.
+S2. Scans never follow a link (`layout`); each one met is reported in the run's
+    errors with its path and left alone. The registry does follow links, so what is
+    behind one may be served: a link that may hide roots or layer links makes the
+    run collect no blob, layer link, tag or manifest (steps 2-3) and restore
+    everything it quarantined (step 5); a link on the blob side or at one layer
+    link pins that digest (never collected, always counted present).
+S3. The quarantine directory must be a real directory of the store: if it is a
+    link the run is refused before anything moves.
+
 Residual assumptions (documented, not hidden): a single manifest PUT completes
 within the quarantine window (default 10 min, far above distribution's request
 times); clocks: mtimes and our clock come from the same host; no
 blob-descriptor cache (F4) unless the operator vouches (``assume_no_cache``)
-that the registry is read-only or stopped.
+that the registry is read-only or stopped. The live probe (4b) asks one
+registry about a sample: a cache that has seen none of the sampled blobs (an
+in-memory cache of a registry restarted since they were last touched), or
+other replicas behind a load balancer, are not seen by it.
 
 Speed without giving any of that up: the read-only steps (1-3 and the re-mark
 in 5) run on one thread — they are ~3 us stats and reads plus JSON parsing
@@ -90,7 +126,8 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
+import random
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -102,16 +139,19 @@ from typing import Any
 import yaml
 
 from replicator.errors import ConfigError, ReplicatorError
+from replicator.gc import cache_probe
+from replicator.gc.cache_probe import BlobHeadClient
+from replicator.gc.confined import UnsafeEntry, open_dir_at
 from replicator.gc.layout import (
     BlobEntry,
     RepoSnapshot,
     StoreLayout,
     link_mtime,
-    link_or_dir_mtime,
     manifest_node,
     newest_mtime,
     read_link,
     read_small_file,
+    read_tag_link,
 )
 from replicator.gc.mark import MarkSet, Node, mark
 from replicator.gc.policy import RetentionPolicy, TagInfo, decide, policies_for
@@ -120,6 +160,8 @@ from replicator.journal import Journal
 
 log = logging.getLogger("replicator.gc.storage")
 
+HIDDEN_BY_LINK = "a symbolic link in the store hides references (see the run's errors)"
+REFUSED_CACHE = "restored: the registry answers from a blob-descriptor cache (run refused)"
 QUARANTINE_SHARDS = 64  # directories per item kind under _quarantine/<run>/
 # unlink/rmdir throughput on ext4 (2 cores) plateaus at 16 threads: 8 -> 16 cut the
 # bench's delete phase ~20 %, 32 gained nothing measurable
@@ -147,6 +189,7 @@ class StorageGCOptions:
     dry_run: bool = False
     registry_config: str | Path | None = None
     assume_no_cache: bool = False  # operator vouches: no blob-descriptor cache
+    registry_api: BlobHeadClient | None = None  # the site's API, for the live cache probe
     policies: Sequence[RetentionPolicy] = ()
     pull_times: Callable[[str, str], float | None] | None = None  # (repo, tag) -> last pull
     max_manifest_bytes: int = 4 << 20
@@ -402,7 +445,19 @@ class StorageCollector:
                 f"{self.layout.root} is not a distribution filesystem store (no {self.layout.v2})",
                 "storage",
             )
+        try:
+            self.layout.fs.fd()  # docker/registry/v2 reached without a symbolic link (S1)
+        except UnsafeEntry as exc:
+            raise ConfigError(
+                f"{exc}: the store must not be reached through it", "storage"
+            ) from None
         warnings = []
+        if self.opts.registry_api is None and not self.opts.assume_no_cache:
+            warnings.append(
+                "live blob-descriptor cache check skipped: this storage run has no registry "
+                "API for the site, so only the registry config was checked (a "
+                "REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR environment override would go unseen)"
+            )
         if self.opts.dry_run:
             try:
                 check_registry_config(
@@ -421,14 +476,32 @@ class StorageCollector:
         return warnings
 
     def lock(self) -> None:
-        self.layout.quarantine.mkdir(parents=True, exist_ok=True)
-        if os.stat(self.layout.quarantine).st_dev != os.stat(self.layout.v2).st_dev:
+        fs, quarantine = self.layout.fs, self.layout.quarantine_s
+        try:
+            fs.makedirs(quarantine)  # S3: a link here is refused, not followed
+            with fs.directory(quarantine) as qfd:
+                if os.fstat(qfd).st_dev != os.fstat(fs.fd()).st_dev:
+                    raise ConfigError(
+                        f"{quarantine} is on another filesystem than the "
+                        "blobs; quarantine needs an atomic rename",
+                        "storage",
+                    )
+                fd = os.open(
+                    ".lock",
+                    os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=qfd,
+                )
+        except UnsafeEntry as exc:
             raise ConfigError(
-                f"{self.layout.quarantine} is on another filesystem than the "
-                "blobs; quarantine needs an atomic rename",
-                "storage",
-            )
-        fd = os.open(self.layout.quarantine / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+                f"{exc}: the quarantine must be a directory of the store", "storage"
+            ) from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise ConfigError(
+                f"{quarantine}/.lock is a symbolic link: left alone; remove it", "storage"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -444,13 +517,18 @@ class StorageCollector:
         self.pool.shutdown(wait=True)
         if self.scan_pool is not None:
             self.scan_pool.shutdown(wait=True)
+        self.layout.fs.close()
 
     # --- scanning --------------------------------------------------------------
     def enumerate_blobs(self) -> dict[str, BlobEntry]:
         prefixes = self.layout.blob_prefix_dirs()
         out: dict[str, BlobEntry] = {}
+        on_link = self.layout.pin_blob_link
         for entries in pmap(
-            self.scan_pool, lambda p: StoreLayout.scan_blob_prefix(*p), prefixes, chunk=8
+            self.scan_pool,
+            lambda p: StoreLayout.scan_blob_prefix(p[0], p[1], on_link),
+            prefixes,
+            chunk=8,
         ):
             for e in entries:
                 out[e.digest] = e
@@ -507,9 +585,9 @@ class StorageCollector:
             roots[repo] = r
             linked.update(s.layers)
             linked.update(d for d in s.revisions if (repo, d) not in exclude_revisions)
-        for repo, d in extra_roots:
-            if repo is not None and d is not None:
-                roots.setdefault(repo, set()).add(d)
+        for extra_repo, extra_digest in extra_roots:
+            if extra_repo is not None and extra_digest is not None:
+                roots.setdefault(extra_repo, set()).add(extra_digest)
         total, per_repo = self._mark_closure(roots)
         return Live(snaps, total.blobs, per_repo, linked)
 
@@ -558,15 +636,20 @@ class StorageCollector:
             for d in s.layers:
                 layer_repos.setdefault(d, []).append(repo)
         # only links that may go need their mtime: those of unmarked or missing blobs
-        unmarked = [d for d, e in blobs.items() if e.mtime < cutoff and d not in marked.blobs]
-        missing = [d for d in layer_repos if d not in blobs]
+        behind_link = self.layout.behind_link  # S2: pinned digests are never candidates
+        unmarked = [
+            d
+            for d, e in blobs.items()
+            if e.mtime < cutoff and d not in marked.blobs and not behind_link(d)
+        ]
+        missing = [d for d in layer_repos if d not in blobs and not behind_link(d)]
         to_stat = [(r, d) for d in unmarked + missing for r in layer_repos.get(d, ())]
         mtimes = dict(
             zip(
                 to_stat,
                 pmap(
                     self.scan_pool,
-                    lambda rd: link_or_dir_mtime(self.layout.layer_link_dir_str(*rd)),
+                    lambda rd: self.layout.link_or_dir_mtime(self.layout.layer_link_dir_str(*rd)),
                     to_stat,
                 ),
                 strict=True,
@@ -575,12 +658,12 @@ class StorageCollector:
         for d in unmarked:
             links = sorted(r for r in layer_repos.get(d, ()) if mtimes[(r, d)] is not None)
             # a fresh link file means a push or mount in progress
-            if any(mtimes[(r, d)] >= cutoff for r in links):  # type: ignore[operator]
+            if any(mtimes[(r, d)] >= cutoff for r in links):
                 continue
             items.append(Item("blob", None, d, bytes=blobs[d].size))
             items += [Item("link", r, d) for r in links]
         for d in missing:
-            if self.layout.blob_stat(d) is not None:
+            if self.layout.blob_present(d):
                 continue  # appeared after enumeration
             items += [
                 Item("link", r, d)
@@ -593,6 +676,8 @@ class StorageCollector:
                 for u in s.uploads
                 if u.newest_mtime < upload_cutoff
             ]
+        if self.layout.hides_references:  # S2: part of the graph is behind a link
+            items = [i for i in items if i.kind == "upload"]
         summary = {
             "cutoff": cutoff,
             "upload_cutoff": upload_cutoff,
@@ -658,12 +743,22 @@ class StorageCollector:
             if i.digest in blob_keys:
                 if i.digest in bad_blobs:
                     drop.add(i.key)
-            elif self.layout.blob_stat(str(i.digest)) is not None or i.digest in live.protected:
+            elif self.layout.blob_present(str(i.digest)) or i.digest in live.protected:
                 drop.add(i.key)
         dropped = 0
         for i in plan.items:
             if i.key in drop:
                 i.state, i.error = "kept", "changed or referenced again before quarantine"
+                dropped += 1
+            elif (
+                i.kind != "upload"
+                and i.state == "candidate"
+                and (
+                    self.layout.hides_references
+                    or (i.kind in ("blob", "link") and self.layout.behind_link(str(i.digest)))
+                )
+            ):
+                i.state, i.error = "kept", HIDDEN_BY_LINK
                 dropped += 1
         return dropped
 
@@ -679,38 +774,56 @@ class StorageCollector:
             name = str(i.digest).replace(":", "-") if i.kind == "blob" else str(n)
             i.quarantine = f"{base}/{i.kind}/{n % QUARANTINE_SHARDS:02x}/{name}"
 
-    def _changed(self, i: Item, orig: str, cutoff: float, upload_cutoff: float) -> bool:
-        """Right-before-the-move re-check of one item."""
+    def _changed(
+        self, i: Item, parent_fd: int, name: str, cutoff: float, upload_cutoff: float
+    ) -> bool:
+        """Right-before-the-move re-check of one item, the directory `name` in `parent_fd`
+        (opened without following links: one raises UnsafeEntry)."""
+        orig = i.path(self.layout)
         try:
-            if i.kind == "blob":
-                return os.stat(orig + "/data").st_mtime >= cutoff
-            if i.kind == "link":
-                m = link_or_dir_mtime(orig)
-                return m is None or m >= cutoff
-            if i.kind == "manifest":
-                return os.stat(orig + "/link").st_mtime >= cutoff
-            if i.kind == "tag":
-                d, m = read_link(orig + "/current/link")
-                return d != i.digest or m >= cutoff
             if i.kind == "upload":
-                return newest_mtime(Path(orig))[0] >= upload_cutoff
+                return newest_mtime(Path(orig), self.layout.report_link)[0] >= upload_cutoff
+            fd = open_dir_at(parent_fd, name, orig)  # the item itself is no link either
+            try:
+                if i.kind == "tag":
+                    d, m = read_tag_link(orig)
+                    return d != i.digest or m >= cutoff
+                main = _MAIN_FILE[i.kind]
+                try:
+                    st = os.stat(main, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    # a layer link directory without its file is "as old as can be"
+                    # (see layout.link_or_dir_mtime); anything else without it changed
+                    return i.kind != "link"
+                if stat.S_ISLNK(st.st_mode):
+                    raise UnsafeEntry(f"{orig}/{main}", "is a symbolic link")
+                return st.st_mtime >= cutoff
+            finally:
+                os.close(fd)
         except OSError:
             return True
-        return True
 
     def _move(self, i: Item, cutoff: float, upload_cutoff: float) -> Item:
+        """Quarantine one item (an upload session is removed): both ends reached through
+        directory fds, never a link (S1)."""
         orig = i.path(self.layout)
-        if self._changed(i, orig, cutoff, upload_cutoff):
-            i.state, i.error = "kept", "changed just before quarantine"
-            return i
+        fs = self.layout.fs
         try:
-            if i.kind == "upload":
-                shutil.rmtree(orig)
-                i.state = "deleted"
-                return i
-            assert i.quarantine is not None
-            os.rename(orig, i.quarantine)  # parents made in quarantine()
+            with fs.parent(orig, reuse=True) as (pfd, name):
+                if self._changed(i, pfd, name, cutoff, upload_cutoff):
+                    i.state, i.error = "kept", "changed just before quarantine"
+                    return i
+                if i.kind == "upload":
+                    fs.remove_tree(orig)
+                    i.state = "deleted"
+                    return i
+                assert i.quarantine is not None
+                with fs.parent(i.quarantine, reuse=True) as (qfd, qname):  # made earlier
+                    os.rename(name, qname, src_dir_fd=pfd, dst_dir_fd=qfd)
             i.state = "quarantined"
+        except UnsafeEntry as exc:
+            self.layout.report(exc)
+            i.state, i.error = "error", str(exc)
         except FileNotFoundError:
             i.state, i.error = "kept", "vanished before quarantine"
         except OSError as exc:
@@ -718,18 +831,21 @@ class StorageCollector:
         return i
 
     def quarantine(self, plan: Plan) -> None:
-        """4. Tags, then manifests, then per blob: its links, then its data."""
-        todo = [i for i in plan.items if i.state == "candidate"]
+        """4. Tags, then manifests, then per blob: its links, then its data. (Stale
+        upload sessions are removed later, by `remove_stale_uploads`, after step 4b.)"""
+        todo = [i for i in plan.items if i.state == "candidate" and i.kind != "upload"]
         shards = {os.path.dirname(i.quarantine) for i in todo if i.quarantine is not None}
+        fs = self.layout.fs
         for top in {os.path.dirname(s) for s in shards}:
-            os.makedirs(top, exist_ok=True)
-        pmap(self.pool, _mkdir, sorted(shards), chunk=16)
-        for kind in ("tag", "manifest", "upload"):
-            pmap(
-                self.pool,
-                lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
-                [i for i in todo if i.kind == kind],
-            )
+            fs.makedirs(top)
+        pmap(self.pool, fs.makedirs, sorted(shards), chunk=16)
+        with fs.reuse_directories():
+            for kind in ("tag", "manifest"):
+                pmap(
+                    self.pool,
+                    lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
+                    [i for i in todo if i.kind == kind],
+                )
         by_digest: dict[str, list[Item]] = {}
         for i in todo:
             if i.kind in ("blob", "link"):
@@ -741,15 +857,67 @@ class StorageCollector:
             for link in links:
                 self._move(link, plan.cutoff, plan.upload_cutoff)
             if blob:
-                if any(li.state == "kept" for li in links):
-                    blob[0].state, blob[0].error = "kept", "a link changed before quarantine"
+                if any(li.state in ("kept", "error") for li in links):
+                    blob[0].state, blob[0].error = (
+                        "kept",
+                        "a link changed or could not be moved before quarantine",
+                    )
                 else:
                     self._move(blob[0], plan.cutoff, plan.upload_cutoff)
 
-        pmap(self.pool, blob_group, list(by_digest.values()), chunk=64)
+        with fs.reuse_directories():
+            pmap(self.pool, blob_group, list(by_digest.values()), chunk=64)
+
+    def remove_stale_uploads(self, plan: Plan) -> None:
+        """Abandoned upload sessions are not referenced by anything: removed at once
+        (each re-checked right before), once the cache probe (4b) let the run go on."""
+        with self.layout.fs.reuse_directories():
+            pmap(
+                self.pool,
+                lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
+                [i for i in plan.items if i.kind == "upload" and i.state == "candidate"],
+            )
+
+    def gone_from_disk(self, repo: str, digest: str) -> bool:
+        """For the cache probe: the layer link or the data of `digest` is missing now
+        (a link in the way counts as missing: the registry's 200 is then unexplained)."""
+        fs = self.layout.fs
+        try:
+            return not (
+                fs.lexists(self.layout.layer_link_dir_str(repo, digest) + "/link")
+                and fs.lexists(self.layout.blob_dir_str(digest) + "/data")
+            )
+        except UnsafeEntry:
+            return True
+
+    def restore_all(self, items: list[Item], why: str) -> None:
+        """Move every quarantined item back: blob data first, so that a layer link never
+        comes back before its data, then links, manifests (revision links), tags."""
+        for kind in ("blob", "link", "manifest", "tag"):
+            pmap(  # no directory reuse: restoring may create the directories it needs
+                self.pool,
+                lambda i: self._restore(i, why),
+                [i for i in items if i.kind == kind and i.state == "quarantined"],
+                chunk=32,
+            )
+
+    def _restore(self, i: Item, why: str | None) -> Item:
+        try:
+            _restore(i, self.layout)
+            i.state, i.error = "restored", why
+        except UnsafeEntry as exc:
+            self.layout.report(exc)
+            i.state, i.error = "error", f"restore {i.key}: {exc}"
+        except OSError as exc:
+            i.state, i.error = "error", f"restore {i.key}: {exc}"
+        return i
 
     def finalize(self, items: list[Item], cutoff: float) -> None:
         """5 and 6: after the window, restore what is referenced again, delete the rest."""
+        with self.layout.fs.reuse_directories():
+            self._finalize(items, cutoff)
+
+    def _finalize(self, items: list[Item], cutoff: float) -> None:
         pending = [i for i in items if i.state == "quarantined"]
         if not pending:
             return
@@ -764,13 +932,12 @@ class StorageCollector:
         why: dict[str, str] = {}
         q_mtime: dict[str, float] = {}
         for i in pending:
-            q_mtime[i.key] = _quarantined_mtime(i)
+            q_mtime[i.key] = _quarantined_mtime(i, self.layout)
         tag_targets: set[tuple[str | None, str | None]] = set()
         for i in pending:
             if i.kind == "tag" and i.quarantine is not None:
-                orig = i.original(self.layout)
                 d, m = read_link(i.quarantine + "/current/link")
-                if not orig.exists() and (d != i.digest or m >= cutoff):
+                if not self._exists(i.path(self.layout)) and (d != i.digest or m >= cutoff):
                     restore.add(i.key)  # re-tagged just before our move
                     why[i.key] = "tag was re-pushed just before quarantine"
                     tag_targets.add((i.repository, d))
@@ -812,7 +979,8 @@ class StorageCollector:
                 or any(q_mtime[i.key] >= cutoff for i in group)
             )
             if not is_blob:
-                referenced = referenced or self.layout.blob_stat(digest) is not None
+                referenced = referenced or self.layout.blob_present(digest)
+            referenced = referenced or self.layout.behind_link(digest)
             if referenced:
                 blob_restore.add(digest)
                 restore.update(i.key for i in group)
@@ -825,17 +993,23 @@ class StorageCollector:
                 )
                 why.update((i.key, reason) for i in group)
 
+        if self.layout.hides_references:  # S2: we cannot see everything: delete nothing
+            for i in pending:
+                if i.key not in restore:
+                    restore.add(i.key)
+                    why[i.key] = HIDDEN_BY_LINK
+
         def settle(i: Item) -> Item:
+            if i.key in restore:
+                return self._restore(i, why.get(i.key))
+            assert i.quarantine is not None
             try:
-                if i.key in restore:
-                    _restore(i, i.original(self.layout))
-                    i.state, i.error = "restored", why.get(i.key)
-                else:
-                    _remove_tree(i.quarantine, i.kind)  # type: ignore[arg-type]
-                    i.state = "deleted"
-                    self._count_deletion()
-            except _InjectedFault:
-                raise
+                self.layout.fs.remove_tree(i.quarantine, _ONLY_FILE.get(i.kind))
+                i.state = "deleted"
+                self._count_deletion()
+            except UnsafeEntry as exc:
+                self.layout.report(exc)
+                i.state, i.error = "error", f"settle {i.key}: {exc}"
             except OSError as exc:
                 i.state, i.error = "error", f"settle {i.key}: {exc}"
             return i
@@ -845,6 +1019,26 @@ class StorageCollector:
         rest = [i for i in pending if i.key not in restore]
         pmap(self.pool, settle, first, chunk=32)
         pmap(self.pool, settle, rest, chunk=32)
+
+    def _quarantine_exists(self, i: Item) -> bool:
+        """For resuming: is the item's quarantined copy there? A link in the way of it
+        (S1) makes a pending item an error: both are left alone, the path reported."""
+        if i.quarantine is None:
+            return False
+        try:
+            return self.layout.fs.lexists(i.quarantine)
+        except UnsafeEntry as exc:
+            if i.state in ("candidate", "quarantined"):
+                self.layout.report(exc)
+                i.state, i.error = "error", f"resume {i.key}: {exc}"
+            return False
+
+    def _exists(self, path: str) -> bool:
+        """Something is at `path` (a link in the way counts: we will not touch it)."""
+        try:
+            return self.layout.fs.lexists(path)
+        except UnsafeEntry:
+            return True
 
     def _count_deletion(self) -> None:
         self._deletions += 1
@@ -872,13 +1066,13 @@ class StorageCollector:
             items = [Item.from_row(r) for r in run_candidates(self.journal, run["id"])]
             updates = []
             for i in items:
-                q_exists = i.quarantine is not None and os.path.exists(i.quarantine)
+                q_exists = self._quarantine_exists(i)
                 if i.state == "candidate":
                     i.state = "quarantined" if q_exists else "kept"
                     if i.state == "kept":
                         i.error = "run interrupted before quarantine"
                 elif i.state == "quarantined" and not q_exists:
-                    i.state = "restored" if i.original(self.layout).exists() else "deleted"
+                    i.state = "restored" if self._exists(i.path(self.layout)) else "deleted"
                 updates.append((i.kind, i.key, i.state, i.error))
             rec.update_states(updates)
             out.append((rec, items, cutoff))
@@ -907,54 +1101,42 @@ class _InjectedFault(RuntimeError):
 
 
 _MAIN_FILE = {"blob": "data", "link": "link", "manifest": "link", "tag": "current/link"}
+# the one file such a directory usually holds: removal tries unlink + rmdir first
+_ONLY_FILE = {"blob": "data", "link": "link", "manifest": "link"}
 
 
-def _quarantined_mtime(i: Item) -> float:
+def _quarantined_mtime(i: Item, layout: StoreLayout) -> float:
     q = i.quarantine
     assert q is not None
-    try:
-        return os.stat(f"{q}/{_MAIN_FILE[i.kind]}").st_mtime
+    try:  # a read, path-based like the scans; what acts on the copy is confined
+        return os.lstat(f"{q}/{_MAIN_FILE[i.kind]}").st_mtime
     except OSError:
         return 0.0
 
 
-def _mkdir(path: str) -> None:
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        pass
-
-
-def _remove_tree(path: str, kind: str = "") -> None:
-    """rmtree, with a fast path for the common one-file directory (blob data, a link):
-    two syscalls instead of a directory listing and a walk."""
-    name = _MAIN_FILE.get(kind)
-    if name is not None and "/" not in name:
-        try:
-            os.unlink(f"{path}/{name}")
-            os.rmdir(path)
-            return
-        except OSError:
-            pass  # something else in there: the slow way
-    shutil.rmtree(path)
-
-
-def _restore(i: Item, orig: Path) -> None:
-    q = Path(i.quarantine) if i.quarantine is not None else None
+def _restore(i: Item, layout: StoreLayout) -> None:
+    """Rename the quarantined copy back (S1: never through a link, never onto one)."""
+    fs, q, orig = layout.fs, i.quarantine, i.path(layout)
     assert q is not None
-    if orig.exists():  # recreated meanwhile: theirs is as good as ours
-        shutil.rmtree(q)
-        return
-    if i.kind == "blob" and not (q / "data").exists():
-        shutil.rmtree(q)  # a half-deleted copy is useless
-        return
-    orig.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.rename(q, orig)
+        st = fs.lstat(orig)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafeEntry(orig, "is a symbolic link")
+        fs.remove_tree(q)  # recreated meanwhile: theirs is as good as ours
+        return
+    if i.kind == "blob" and not fs.lexists(q + "/data"):
+        fs.remove_tree(q)  # a half-deleted copy is useless
+        return
+    fs.makedirs(os.path.dirname(orig))
+    try:
+        fs.rename(q, orig)
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-        shutil.rmtree(q)  # the registry recreated it while we looked
+        fs.remove_tree(q)  # the registry recreated it while we looked
 
 
 def _tally(result: GCResult, items: list[Item]) -> None:
@@ -1019,6 +1201,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         for rec, items, cutoff in await asyncio.to_thread(col.load_unfinished):
             result.resumed_runs.append(int(rec.run_id or 0))
             if any(i.state == "quarantined" for i in items):
+                await _refuse_if_cached(col, rec, items, result)
                 await asyncio.sleep(opts.quarantine_window)
                 await _settle(col, rec, items, cutoff, result)
             sub = GCResult(run_id=int(rec.run_id or 0), dry_run=False)
@@ -1045,6 +1228,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
             for i in live:
                 i.state = "deleted"  # what the real run would do
             _tally(result, live)
+            _report_unsafe(col, result, plan.items)
             for i in live:
                 i.state = "candidate"
             rec.finish("done", result.to_json())
@@ -1057,6 +1241,8 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         sweeping = True
         t = time.monotonic()
         await asyncio.to_thread(col.quarantine, plan)
+        await _refuse_if_cached(col, rec, plan.items, result)  # 4b
+        await asyncio.to_thread(col.remove_stale_uploads, plan)
         result.timings["quarantine"] = time.monotonic() - t
         await asyncio.to_thread(
             rec.update_states,
@@ -1075,6 +1261,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         t = time.monotonic()
         await _settle(col, rec, plan.items, plan.cutoff, result)
         result.timings["settle"] = time.monotonic() - t
+        _report_unsafe(col, result, plan.items)
         _tally(result, plan.items)
         rec.finish("done", result.to_json())
         return result
@@ -1086,6 +1273,64 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
             result.errors.append(f"{type(exc).__name__}: {exc}")
             await asyncio.to_thread(rec.finish, "failed", result.to_json())
         raise
+
+
+async def _refuse_if_cached(
+    col: StorageCollector, rec: RunRecorder, items: list[Item], result: GCResult
+) -> None:
+    """4b. Ask the registry whether it still says "exists" for what we just moved out;
+    if it does (or cannot say), move everything back and refuse the run."""
+    api = col.opts.registry_api
+    if api is None or col.opts.assume_no_cache:
+        return
+    links = [
+        (str(i.repository), str(i.digest))
+        for i in items
+        if i.kind == "link" and i.state == "quarantined"
+    ]
+    sample = cache_probe.choose_sample(links, cache_probe.SAMPLE_SIZE, random.Random())
+    if not sample:
+        return
+    t = time.monotonic()
+    outcome = await cache_probe.probe(api, sample, col.gone_from_disk)
+    result.timings["cache_probe"] = time.monotonic() - t
+    if outcome.clean:
+        return
+    log.error(
+        "storage gc run %s: the registry answers from a blob-descriptor cache or cannot be "
+        "asked (%d of %d sampled HEADs): restoring everything",
+        result.run_id,
+        len(outcome.cached) + len(outcome.failed),
+        outcome.probed,
+    )
+    quarantined = [i for i in items if i.state == "quarantined"]
+    await asyncio.to_thread(col.restore_all, quarantined, REFUSED_CACHE)
+    restored = sum(1 for i in quarantined if i.state == "restored")
+    result.restored += restored
+    result.errors += [i.error or i.key for i in quarantined if i.state == "error"]
+    await asyncio.to_thread(
+        rec.update_states,
+        [(i.kind, i.key, i.state, i.error) for i in items if i.state != "candidate"],
+    )
+    await asyncio.to_thread(_prune_run_dir, col, rec, items)
+    url = getattr(getattr(api, "site", None), "url", None)
+    message = cache_probe.refusal(
+        col.opts.site, url, outcome, restored, len(quarantined) - restored
+    )
+    result.errors.append(message)
+    _report_unsafe(col, result, items)
+    await asyncio.to_thread(rec.finish, "refused", result.to_json())
+    raise OnlineGCRefused(message)
+
+
+def _report_unsafe(col: StorageCollector, result: GCResult, items: Iterable[Item] = ()) -> None:
+    """S2: every symbolic link met, once, in the run's errors (not again when an item's
+    error, already there or tallied later, names it)."""
+    known = [*result.errors, *(i.error or "" for i in items if i.state == "error")]
+    result.errors += [m for m in col.layout.unsafe.values() if not any(m in e for e in known)]
+    hidden = "no blob, layer link, tag or manifest was collected: " + HIDDEN_BY_LINK
+    if col.layout.hides_references and hidden not in known:
+        result.errors.append(hidden)
 
 
 async def _settle(
@@ -1109,25 +1354,16 @@ def _prune_run_dir(col: StorageCollector, rec: RunRecorder, items: list[Item]) -
     """Remove the run's emptied quarantine directories: the shards we know of in
     parallel (each rmdir frees a block and waits on the filesystem), then the rest."""
     shards = {os.path.dirname(i.quarantine) for i in items if i.quarantine is not None}
-    pmap(col.pool, _rmdir_if_empty, sorted(shards), chunk=16)
-    _prune_empty(col.layout.quarantine / str(rec.run_id))
+    fs = col.layout.fs
 
-
-def _rmdir_if_empty(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
-
-
-def _prune_empty(path: Path) -> None:
-    if not path.is_dir():
-        return
-    for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda x: -len(x[0])):
+    def rmdir_if_empty(path: str) -> None:
         try:
-            os.rmdir(dirpath)
-        except OSError:
+            fs.rmdir(path)
+        except (OSError, UnsafeEntry):
             pass
+
+    pmap(col.pool, rmdir_if_empty, sorted(shards), chunk=16)
+    fs.prune_empty(f"{col.layout.quarantine_s}/{rec.run_id}")
 
 
 def _merge(into: GCResult, sub: GCResult) -> None:

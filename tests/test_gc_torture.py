@@ -4,6 +4,7 @@ every manifest revision that exists must be complete: zero broken images."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -14,8 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from replicator.gc.layout import StoreLayout
-from replicator.gc.storage import StorageGCOptions, collect_storage_sync
+from replicator.gc.storage import (
+    GCResult,
+    StorageGCOptions,
+    collect_storage,
+    collect_storage_sync,
+)
 from replicator.journal import Journal
+from replicator.registry.client import RegistryClient
+from replicator.registry.site import SiteEndpoint
 from tests.harness.images import ACCEPT, Pusher, assert_image_complete, layer_bytes
 
 DURATION = float(os.environ.get("GC_TORTURE_SECONDS", "10"))
@@ -98,26 +106,34 @@ def test_online_gc_torture(registry, tmp_path) -> None:
         if phase == "planned":
             time.sleep(gc_rng.uniform(0, 0.15))
 
+    async def one_run() -> GCResult:
+        # with the site's API: the live cache probe runs amid the pushes, and a push
+        # landing between quarantine and probe must not look like a cache
+        async with RegistryClient(SiteEndpoint("t", reg.url, insecure=True)) as api:
+            return await collect_storage(
+                reg.storage,
+                journal,
+                StorageGCOptions(
+                    grace=0.5,
+                    quarantine_window=0.3,
+                    upload_grace=5,
+                    registry_config=reg.config_path,
+                    registry_api=api,
+                    workers=4,
+                    on_phase=widen_the_race,
+                ),
+            )
+
     def collector() -> None:
         try:
             while not stop.is_set():
-                res = collect_storage_sync(
-                    reg.storage,
-                    journal,
-                    StorageGCOptions(
-                        grace=0.5,
-                        quarantine_window=0.3,
-                        upload_grace=5,
-                        registry_config=reg.config_path,
-                        workers=4,
-                        on_phase=widen_the_race,
-                    ),
-                )
+                res = asyncio.run(one_run())
                 gc_totals["runs"] += 1
                 gc_totals["blobs_deleted"] += res.blobs_deleted
                 gc_totals["restored"] += res.restored
                 gc_totals["kept_by_recheck"] += res.kept_by_recheck
                 gc_totals["errors"] += len(res.errors)
+                gc_totals["cache_probes"] += "cache_probe" in res.timings
         except Exception as exc:
             failures.append(exc)
 
@@ -161,5 +177,6 @@ def test_online_gc_torture(registry, tmp_path) -> None:
     print(f"torture: verified {checked} tags and revisions complete")
     assert checked > 10
     assert gc_totals["runs"] >= 3 and gc_totals["blobs_deleted"] > 0, gc_totals
+    assert gc_totals["cache_probes"] > 0, gc_totals
     assert stats["repush"] > 0 and stats["delete-202"] > 0
     journal.close()

@@ -20,8 +20,9 @@ mode storage  mark-and-sweep the registry's storage directory (sites.<name>.stor
               while the registry stays online: unreferenced blobs, dangling layer
               links and stale uploads are quarantined, re-checked after a window and
               only then deleted; refused when the registry's config
-              (sites.<name>.registry_config) enables the blob-descriptor cache, unless
-              --assume-no-cache;
+              (sites.<name>.registry_config) enables the blob-descriptor cache, or
+              when the registry, asked after the quarantine, still answers for moved
+              blobs (everything is put back), unless --assume-no-cache;
 mode both     the API pass, then the storage pass.
 
 --dry-run reports exactly what would be deleted and changes nothing.

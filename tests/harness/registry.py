@@ -40,6 +40,7 @@ class Registry:
     notify_url: str | None = None
     notify_headers: dict[str, list[str]] | None = None
     extra_config: dict[str, Any] | None = None
+    env: dict[str, str] | None = None  # extra environment (REGISTRY_* overrides config.yml)
     proc: subprocess.Popen | None = None
 
     @property
@@ -102,7 +103,7 @@ class Registry:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
+            env={**os.environ, "OTEL_TRACES_EXPORTER": "none", **(self.env or {})},
         )
         log.close()
         wait_until(self._ready, timeout=15, what=f"registry on {self.url}")
