@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from replicator.daemon.bus import (
     BusUnavailable,
     InProcessBus,
     MqttBus,
+    MqttSettings,
     event_from_json,
     event_to_json,
 )
@@ -72,7 +74,7 @@ class Collector:
 def mqtt(broker: Mosquitto, client_id: str, **kw) -> MqttBus:
     kw.setdefault("reconnect_base", 0.05)
     kw.setdefault("reconnect_max", 0.5)
-    return MqttBus(broker.url, "registry/events", client_id, **kw)
+    return MqttBus(MqttSettings(broker.url, "registry/events", client_id, **kw))
 
 
 # --- wire format ---------------------------------------------------------------------
@@ -102,6 +104,33 @@ def test_event_json_round_trip_and_validation():
     ]:
         with pytest.raises(BusError, match=field):
             event_from_json(bad)
+
+
+def test_event_json_is_held_to_the_webhook_rules():
+    """One set of field rules (replicator.events): what a webhook may not carry, a bus
+    message may not either, whoever published it."""
+    base = {"id": "x", "site": "eu", "action": "push", "repository": "team/app"}
+    for field, value in [
+        ("id", "has space"),
+        ("id", "x" * 201),
+        ("site", "eu/west"),
+        ("site", "+"),
+        ("digest", DIGEST + "\n"),
+        ("tag", "v\u00e9"),
+        ("media_type", "not a media type"),
+        ("size", 2**63),
+        ("actor", "ci\u0007bell"),
+        ("source_instance", "x" * 300),
+        ("occurred_at", True),
+        ("occurred_at", -1),
+        ("from_repository", "Up/Per"),
+        ("is_manifest", "yes"),
+        ("source_format", "quay"),
+    ]:
+        with pytest.raises(BusError, match=rf"event\.{field}"):
+            event_from_json(json.dumps({**base, field: value}))
+    ok = event_from_json(json.dumps({**base, "tag": "", "actor": "", "occurred_at": 1.5}))
+    assert (ok.tag, ok.actor, ok.occurred_at) == (None, None, 1.5)
 
 
 # --- in process ------------------------------------------------------------------------
@@ -300,11 +329,13 @@ async def test_broker_restart_mid_stream_loses_nothing(mosquitto):
 async def test_reconnect_backoff_grows_and_does_not_spin(tmp_path):
     port = free_port()  # nothing listens here
     bus = MqttBus(
-        f"mqtt://127.0.0.1:{port}",
-        "registry/events",
-        "lonely",
-        reconnect_base=0.1,
-        reconnect_max=0.4,
+        MqttSettings(
+            f"mqtt://127.0.0.1:{port}",
+            "registry/events",
+            "lonely",
+            reconnect_base=0.1,
+            reconnect_max=0.4,
+        )
     )
     started = time.monotonic()
     await bus.start(Collector())
@@ -331,10 +362,12 @@ async def test_credentials_work_and_the_password_is_never_logged(tmp_path, caplo
     try:
         got = Collector()
         good = MqttBus(
-            f"mqtt://replicator:s3cret-pw@127.0.0.1:{broker.port}",
-            "ev",
-            "good",
-            reconnect_base=0.05,
+            MqttSettings(
+                f"mqtt://replicator:s3cret-pw@127.0.0.1:{broker.port}",
+                "ev",
+                "good",
+                reconnect_base=0.05,
+            )
         )
         await good.start(got)
         await good.publish(event(1))
@@ -342,13 +375,15 @@ async def test_credentials_work_and_the_password_is_never_logged(tmp_path, caplo
         await good.stop()
 
         bad = MqttBus(
-            broker.url,
-            "ev",
-            "bad",
-            username="replicator",
-            password="wr0ng-pw",
-            reconnect_base=0.05,
-            reconnect_max=0.1,
+            MqttSettings(
+                broker.url,
+                "ev",
+                "bad",
+                username="replicator",
+                password="wr0ng-pw",
+                reconnect_base=0.05,
+                reconnect_max=0.1,
+            )
         )
         with pytest.raises(BusUnavailable) as info:
             await bad.publish(event(2), timeout=0.5)
@@ -393,4 +428,4 @@ async def test_a_publish_the_broker_refuses_is_an_error_not_a_success(tmp_path):
 async def test_bad_settings_are_refused_naming_the_field(kwargs, field):
     args = {"url": "mqtt://127.0.0.1:1883", "topic": "events", "client_id": "x", **kwargs}
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        MqttBus(**args)
+        MqttBus(MqttSettings(**args))

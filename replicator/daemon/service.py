@@ -33,7 +33,7 @@ from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule, load_config
 from replicator.copy import CopyEngine, CopyJob, CopyOptions
-from replicator.daemon.bus import EventBus, InProcessBus, MqttBus
+from replicator.daemon.bus import EventBus, InProcessBus, MqttBus, MqttSettings
 from replicator.daemon.dispatch import tasks_for_event
 from replicator.daemon.eventstore import events_by_state, mark_events
 from replicator.daemon.intake import SiteIntake, create_app
@@ -113,13 +113,15 @@ class Daemon:
         if mqtt is None:
             return InProcessBus()
         return MqttBus(
-            mqtt.url,
-            mqtt.topic,
-            self.instance_id,
-            group=mqtt.group,
-            username=mqtt.username,
-            password=mqtt.password(),
-            qos=mqtt.qos,
+            MqttSettings(
+                mqtt.url,
+                mqtt.topic,
+                self.instance_id,
+                group=mqtt.group,
+                username=mqtt.username,
+                password=mqtt.password(),
+                qos=mqtt.qos,
+            )
         )
 
     def _intake_sites(self) -> dict[str, SiteIntake]:
