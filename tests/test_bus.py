@@ -160,6 +160,85 @@ async def test_in_process_bus_delivers_in_order_with_trace_context_and_retries()
         await bus.publish(event(9))
 
 
+async def test_in_process_stop_returns_within_its_timeout_while_the_handler_keeps_failing():
+    """SIGTERM with the journal on a full disk: every handler call fails. stop() gives
+    the queue `stop_timeout` to drain, then must end the consumer and return."""
+    bus = InProcessBus(stop_timeout=0.3, handler_backoff_base=0.1, handler_backoff_max=0.2)
+    calls = Counter[str]()
+
+    async def disk_full(ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        calls[ev.id] += 1
+        raise OSError("database or disk is full")
+
+    await bus.start(disk_full)
+    for i in range(3):
+        await bus.publish(event(i), {})
+
+    async def failing() -> bool:
+        return calls["ev-0"] >= 2
+
+    await async_wait_until(failing, timeout=5, what="the handler retried")
+    started = time.monotonic()
+    stopper = asyncio.create_task(bus.stop())
+    done, _ = await asyncio.wait({stopper}, timeout=5)
+    assert stopper in done, "stop() hung with a failing handler"
+    assert time.monotonic() - started < 0.3 + 1.0
+    assert stopper.exception() is None
+    assert set(calls) == {"ev-0"}  # the others stay queued (the journal has them)
+    assert not bus.connected
+    tasks = [t for t in asyncio.all_tasks() if t.get_name() == "bus-inprocess"]
+    assert all(t.done() for t in tasks), "the consumer outlived stop()"
+
+
+async def test_cancelling_in_process_stop_is_not_swallowed_and_still_stops_the_consumer():
+    """A caller that bounds stop() (asyncio.timeout, task.cancel) must get its
+    cancellation back, and the consumer must be gone anyway."""
+    handler_cancelled = asyncio.Event()
+
+    async def slow_to_cancel(ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            handler_cancelled.set()
+            await asyncio.sleep(0.5)  # a handler cleaning up before it lets go
+            raise
+
+    bus = InProcessBus(stop_timeout=0.1)
+    await bus.start(slow_to_cancel)
+    await bus.publish(event(1), {})
+    stopper = asyncio.create_task(bus.stop())
+    await asyncio.wait_for(handler_cancelled.wait(), 5)  # stop() is past the drain
+    stopper.cancel()
+    done, _ = await asyncio.wait({stopper}, timeout=5)
+    assert stopper in done and stopper.cancelled(), "stop() swallowed its caller's cancel"
+    consumer = [t for t in asyncio.all_tasks() if t.get_name() == "bus-inprocess"]
+    if consumer:
+        await asyncio.wait(consumer, timeout=5)
+    assert all(t.done() for t in consumer)
+
+
+async def test_a_handler_waiting_to_retry_does_not_swallow_the_cancel_of_stop():
+    """stop() sets `stopping`, then cancels the consumer. Under Python 3.11 an
+    asyncio.wait_for whose inner wait has just finished returns normally when cancelled,
+    so a consumer waiting to retry ignored the cancel and went back to the queue."""
+    bus = InProcessBus(stop_timeout=0.0, handler_backoff_base=5, handler_backoff_max=5)
+    failed = asyncio.Event()
+
+    async def fails(ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        failed.set()
+        raise OSError("database or disk is full")
+
+    await bus.start(fails)
+    await bus.publish(event(1), {})
+    await asyncio.wait_for(failed.wait(), 5)  # the consumer now waits 2.5-5 s to retry
+    stopper = asyncio.create_task(bus.stop())
+    done, _ = await asyncio.wait({stopper}, timeout=2)
+    stopper.cancel()  # (cleanup when it hung)
+    assert stopper in done, "stop() hung: the consumer swallowed its cancellation"
+    consumer = [t for t in asyncio.all_tasks() if t.get_name() == "bus-inprocess"]
+    assert all(t.done() for t in consumer), "the consumer outlived stop()"
+
+
 # --- MQTT ------------------------------------------------------------------------------
 
 
@@ -245,6 +324,38 @@ async def test_an_event_whose_handler_did_not_finish_is_delivered_again(mosquitt
     await got.wait_for(1)
     await again.stop()
     assert got.got[0] == (event(7), TRACE)
+
+
+async def test_a_bounded_mqtt_stop_times_out_for_its_caller_and_still_cancels_the_handler(
+    mosquitto,
+):
+    """The daemon bounds stop() by what is left of its drain timeout: the timeout must
+    reach the caller (it was swallowed), and the stuck handler must still be cancelled."""
+    stuck, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hangs(ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        stuck.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    bus = mqtt(mosquitto, "planner", stop_timeout=30)
+    await bus.start(hangs)
+    await bus.wait_connected(timeout=10)
+    await bus.publish(event(1))
+    await asyncio.wait_for(stuck.wait(), 10)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await bus.stop()
+    assert time.monotonic() - started < 5
+    await asyncio.wait_for(cancelled.wait(), 5)
+    tasks = [t for t in asyncio.all_tasks() if t.get_name().startswith("bus-mqtt")]
+    if tasks:
+        await asyncio.wait(tasks, timeout=10)
+    assert all(t.done() for t in tasks), "a bus task outlived stop()"
 
 
 async def test_handler_failures_are_retried_before_the_ack(mosquitto):

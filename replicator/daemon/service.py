@@ -200,6 +200,7 @@ class Daemon:
             self._stop.set()
 
     async def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
         if self._server is not None:
             # stop taking webhooks first: a registry whose POST is refused keeps the event
             # and delivers it after the restart, so nothing arrives for a stopped bus
@@ -220,7 +221,10 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.queue.arelease_owned()  # unfinished work goes back for the next start
         with contextlib.suppress(Exception):
-            await self.bus.stop()
+            # bounded: a handler that keeps failing must not hold up the exit; what it did
+            # not finish stays in the journal (in-process) or the broker session (MQTT)
+            async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
+                await self.bus.stop()
         with contextlib.suppress(Exception):
             await self._flush_marks()
         for task in self._background:

@@ -6,7 +6,7 @@ import abc
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from replicator.backoff import jittered_backoff
 from replicator.events import RegistryEvent
@@ -78,7 +78,32 @@ class EventBus(abc.ABC):
                     delay,
                     redact(str(exc))[:300],
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            if self._stopping.is_set():
+            if await wait_set(self._stopping, delay):
                 return False
+
+
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """Wait at most `timeout` seconds for `event`; True if it is set.
+
+    Not asyncio.wait_for: under Python 3.11 it returns normally when cancelled just as
+    its inner wait finishes, which is exactly what stop() does (set the event, then
+    cancel), so the cancellation was lost and the task carried on."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()
+
+
+async def await_cancelled(tasks: Iterable[asyncio.Task[None] | None], timeout: float) -> None:
+    """Wait at most `timeout` for cancelled `tasks` to end. Unlike awaiting them inside
+    suppress(CancelledError), the caller's own cancellation propagates; a task that
+    outlives the timeout is reported, not waited for, so shutdown stays bounded."""
+    pending = {task for task in tasks if task is not None}
+    if not pending:
+        return
+    done, late = await asyncio.wait(pending, timeout=timeout)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %s", task.get_name(), redact(str(task.exception()))[:300])
+    for task in late:
+        log.warning("%s still running %.1fs after it was cancelled", task.get_name(), timeout)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 
-from replicator.daemon.bus.base import EventBus, Handler
+from replicator.daemon.bus.base import EventBus, Handler, await_cancelled, log
 from replicator.daemon.bus.errors import BusClosed, BusError
 from replicator.daemon.bus.wire import trace_dict
 from replicator.events import RegistryEvent
@@ -57,7 +57,7 @@ class InProcessBus(EventBus):
         self._worker = asyncio.create_task(self._consume(handler), name="bus-inprocess")
 
     async def _consume(self, handler: Handler) -> None:
-        while True:
+        while not self._stopping.is_set():
             event, context = await self._queue.get()
             try:
                 await self._deliver(handler, event, context)
@@ -65,13 +65,28 @@ class InProcessBus(EventBus):
                 self._queue.task_done()
 
     async def stop(self) -> None:
-        """Let queued events drain (up to `stop_timeout`), then stop the consumer."""
-        if self._worker is not None and not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._queue.join(), self._stop_timeout)
-        self._stopping.set()
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        """Let queued events drain for at most `stop_timeout`, even while the handler
+        keeps failing, then stop the consumer and wait (again at most `stop_timeout`)
+        for it to end. Events not handled are not lost: the daemon marks in-process
+        events dispatched only once handled, so the journal re-publishes them at the
+        next start. A caller that cancels stop() (or bounds it with a timeout) gets its
+        cancellation back, and the consumer is cancelled all the same."""
+        worker, self._worker = self._worker, None
+        drained = False
+        try:
+            if worker is not None and not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._stop_timeout):
+                        await self._queue.join()
+                        drained = True
+        finally:
+            self._stopping.set()
+            if worker is not None:
+                worker.cancel()
+                if not drained:
+                    log.warning(
+                        "event bus stopped before its queue drained (%d more queued): "
+                        "events not handled stay in the journal for the next start",
+                        self._queue.qsize(),
+                    )
+        await await_cancelled([worker], self._stop_timeout)

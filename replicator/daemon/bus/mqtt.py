@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from replicator.backoff import jittered_backoff
-from replicator.daemon.bus.base import EventBus, Handler
+from replicator.daemon.bus.base import EventBus, Handler, await_cancelled, wait_set
 from replicator.daemon.bus.errors import BusClosed, BusError, BusRefused, BusUnavailable
 from replicator.daemon.bus.paho_adapter import PahoAdapter
 from replicator.daemon.bus.wire import event_from_json, event_to_json, trace_dict
@@ -274,8 +274,7 @@ class MqttBus(EventBus):
                 last_error = str(exc)
                 # the connection is broken; let the runner notice and reconnect
                 await asyncio.sleep(0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(conn.lost.wait(), min(1.0, max(0.0, remaining)))
+                await wait_set(conn.lost, min(1.0, max(0.0, remaining)))
             elif lost in done:
                 last_error = "connection lost before the broker acknowledged"
             else:
@@ -353,25 +352,22 @@ class MqttBus(EventBus):
     async def stop(self) -> None:
         """Stop handling, disconnect gracefully (the broker keeps the session). A handler
         still running after `stop_timeout` is cancelled; its message was not acked and
-        comes back on the next start."""
+        comes back on the next start. Returns within about twice `stop_timeout` whatever
+        the handler does; a caller's cancellation propagates (the tasks are cancelled)."""
         self._stopping.set()
         self._inbox.put_nowait((None, None))
         async with self._conn_changed:
             self._conn_changed.notify_all()
-        if self._worker is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._worker), self.stop_timeout)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._runner, self.stop_timeout)
-            self._runner = None
+        worker, self._worker = self._worker, None
+        runner, self._runner = self._runner, None
+        try:
+            if worker is not None:  # the event in hand may finish (and be acked)
+                await asyncio.wait({worker}, timeout=self.stop_timeout)
+        finally:
+            for task in (worker, runner):
+                if task is not None:
+                    task.cancel()
+        await await_cancelled([worker, runner], self.stop_timeout)
 
     # --- the connection loop ---------------------------------------------------
     def _ensure_running(self) -> None:
@@ -473,8 +469,7 @@ class MqttBus(EventBus):
                 attempt, self.settings.reconnect_base, self.settings.reconnect_max
             )
             self.reconnect_delays = [*self.reconnect_delays[-99:], delay]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+            await wait_set(self._stopping, delay)
 
     async def _set_connection(self, conn: _Connection | None) -> None:
         async with self._conn_changed:
