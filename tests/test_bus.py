@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections import Counter
 
 import aiomqtt
 import pytest
 
+from replicator.config import TLSConfig
 from replicator.daemon.bus import (
     BusClosed,
     BusError,
@@ -25,6 +27,7 @@ from replicator.daemon.bus import (
 from replicator.errors import ConfigError
 from replicator.events import RegistryEvent
 from tests.harness.mosquitto import Mosquitto
+from tests.harness.tls import Pki, TlsMosquitto, make_pki
 from tests.harness.util import async_wait_until, free_port
 
 DIGEST = "sha256:" + "ab" * 32
@@ -521,6 +524,78 @@ async def test_a_publish_the_broker_refuses_is_an_error_not_a_success(tmp_path):
         await bus.stop()
     finally:
         broker.stop()
+
+
+# --- TLS ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path) -> Pki:
+    return make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def tls_broker(tmp_path, pki):
+    """Mosquitto on TLS that wants a client certificate signed by `pki`'s CA."""
+    broker = TlsMosquitto(root=tmp_path / "tls-broker", pki=pki, require_client_cert=True)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+async def test_tls_with_a_private_ca_and_a_client_certificate(tls_broker, pki):
+    tls = TLSConfig(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
+    bus = mqtt(tls_broker, "planner", tls=tls)
+    got = Collector()
+    await bus.start(got)
+    await bus.wait_connected(timeout=10)
+    await bus.publish(event(1), TRACE)
+    await got.wait_for(1)
+    await bus.stop()
+    assert got.got == [(event(1), TRACE)]
+
+
+async def test_tls_without_the_client_certificate_the_broker_refuses(tls_broker, pki, caplog):
+    caplog.set_level(logging.WARNING, logger="replicator.bus")
+    # the broker's alert ends the connection before CONNACK; the attempt ends at the
+    # connect timeout, whose error carries the alert
+    bus = mqtt(tls_broker, "anonymous", tls=TLSConfig(ca=pki.ca), connect_timeout=0.5)
+    where = rf"MQTT broker 127\.0\.0\.1:{tls_broker.port}"
+    with pytest.raises(BusUnavailable, match=rf"{where}.*bus\.tls\.cert.*CERTIFICATE_REQUIRED"):
+        await bus.publish(event(1), timeout=1.5)
+    await bus.stop()
+    assert re.search(rf"TLS .*{where}.*CERTIFICATE_REQUIRED", caplog.text), caplog.text
+
+
+async def test_tls_with_the_wrong_ca_fails_with_an_error_naming_the_broker(
+    tls_broker, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING, logger="replicator.bus")
+    other = make_pki(tmp_path / "other-pki", name="other")
+    bus = mqtt(
+        tls_broker,
+        "planner",
+        tls=TLSConfig(ca=other.ca, cert=other.client_cert, key=other.client_key),
+    )
+    where = rf"MQTT broker 127\.0\.0\.1:{tls_broker.port}"
+    with pytest.raises(BusUnavailable, match=rf"{where}.*certificate verify failed"):
+        await bus.publish(event(1), timeout=1)
+    await bus.stop()
+    assert re.search(rf"TLS .*{where}.*certificate verify failed", caplog.text), caplog.text
+    assert "bus.tls.ca" in caplog.text  # what to fix
+
+
+def test_tls_files_that_cannot_be_loaded_are_refused_naming_the_field(tmp_path, pki):
+    missing = tmp_path / "nope.pem"
+    url = "mqtts://127.0.0.1:8883"
+    with pytest.raises(ConfigError, match=r"bus\.tls\.ca: .*nope\.pem"):
+        MqttBus(MqttSettings(url, "ev", "x", tls=TLSConfig(ca=missing)))
+    with pytest.raises(ConfigError, match=r"bus\.tls\.cert: .*client\.pem"):
+        MqttBus(
+            MqttSettings(url, "ev", "x", tls=TLSConfig(cert=pki.client_cert, key=pki.server_key))
+        )
+    with pytest.raises(ConfigError, match=r"bus\.tls: .*mqtts://"):
+        MqttSettings("mqtt://127.0.0.1:1883", "ev", "x", tls=TLSConfig(ca=pki.ca))
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,7 @@ class Daemon:
                 username=mqtt.username,
                 password=mqtt.password(),
                 qos=mqtt.qos,
+                tls=mqtt.tls,
             )
         )
 

@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import ssl
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -42,6 +41,7 @@ from replicator.backoff import jittered_backoff
 from replicator.daemon.bus.base import EventBus, Handler, await_cancelled, wait_set
 from replicator.daemon.bus.errors import BusClosed, BusError, BusRefused, BusUnavailable
 from replicator.daemon.bus.paho_adapter import PahoAdapter
+from replicator.daemon.bus.tls import TlsFiles, client_context, explain_tls_failure
 from replicator.daemon.bus.wire import event_from_json, event_to_json, trace_dict
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.events import RegistryEvent
@@ -105,7 +105,7 @@ class MqttSettings:
     publish_timeout: float = 30.0
     connect_timeout: float = 10.0
     stop_timeout: float = 5.0
-    tls_context: ssl.SSLContext | None = None
+    tls: TlsFiles | None = None  # CA, client certificate and key (mqtts:// only)
     handler_backoff_base: float = 0.2
     handler_backoff_max: float = 30.0
     broker: BrokerAddress = dataclasses.field(init=False)
@@ -140,6 +140,11 @@ class MqttSettings:
                 "bus.session_expiry",
             )
         object.__setattr__(self, "session_expiry", int(self.session_expiry))
+        if self.tls is not None and not self.broker.tls:
+            raise ConfigError(
+                "CA or client certificate given for a plain-text broker: use an mqtts:// URL",
+                "bus.tls",
+            )
 
     def __repr__(self) -> str:
         b = self.broker
@@ -175,9 +180,7 @@ class MqttBus(EventBus):
         self.qos = settings.qos
         self.publish_timeout = settings.publish_timeout
         self.stop_timeout = settings.stop_timeout
-        self._tls_context = settings.tls_context or (
-            ssl.create_default_context() if broker.tls else None
-        )
+        self._tls_context = client_context(settings.tls) if broker.tls else None
         self._conn: _Connection | None = None
         self._conn_changed = asyncio.Condition()
         self._runner: asyncio.Task[None] | None = None
@@ -189,6 +192,7 @@ class MqttBus(EventBus):
         self.connect_attempts = 0
         self.reconnect_delays: list[float] = []
         self.manual_ack: bool | None = None  # known after the first connection
+        self.last_connect_error: str | None = None  # why the last connection attempt failed
 
     def __repr__(self) -> str:
         return repr(self.settings).replace("MqttSettings", "MqttBus", 1)
@@ -233,7 +237,7 @@ class MqttBus(EventBus):
         limit = self.publish_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
-        last_error = "no connection to the broker"
+        last_error: str | None = None
         while True:
             if self._stopping.is_set():
                 raise BusClosed("event bus stopped before the event was acknowledged")
@@ -279,10 +283,11 @@ class MqttBus(EventBus):
                 last_error = "connection lost before the broker acknowledged"
             else:
                 break
+        detail = last_error or self.last_connect_error or "no connection to the broker"
         raise BusUnavailable(
             f"event {event.id} ({event.action} {event.repository} at {event.site}) not "
             f"acknowledged by MQTT broker {self.host}:{self.port} within {limit:g}s: "
-            f"{redact(last_error)[:200]}"
+            f"{redact(detail)[:300]}"
         )
 
     async def _send(self, conn: _Connection, topic: str, payload: bytes, properties: Any) -> None:
@@ -435,6 +440,7 @@ class MqttBus(EventBus):
                             self.client_id,
                         )
                     attempt = 0
+                    self.last_connect_error = None
                     await self._set_connection(conn)
                     await self._subscribe(conn)  # in case start() came meanwhile
                     async for message in client.messages:
@@ -449,16 +455,11 @@ class MqttBus(EventBus):
                         self._inbox.put_nowait((conn, message))
             except aiomqtt.MqttError as exc:
                 if not self._stopping.is_set():
-                    # first failure and every 10th retry at warning: visible, not a flood
-                    level = logging.WARNING if attempt % 10 == 0 else logging.DEBUG
-                    log.log(
-                        level,
-                        "MQTT broker %s:%d (attempt %d): %s",
-                        self.host,
-                        self.port,
-                        attempt + 1,
-                        redact(str(exc))[:300],
-                    )
+                    error = str(exc)
+                    cause = conn.paho.last_error
+                    if cause and cause not in error:
+                        error = f"{error} ({cause})"
+                    self._connection_failed(redact(error)[:400], attempt)
             finally:
                 conn.lost.set()
                 await self._set_connection(None)
@@ -470,6 +471,23 @@ class MqttBus(EventBus):
             )
             self.reconnect_delays = [*self.reconnect_delays[-99:], delay]
             await wait_set(self._stopping, delay)
+
+    def _connection_failed(self, error: str, attempt: int) -> None:
+        """Remember and log why the broker could not be reached: the first failure and
+        every 10th retry, so it is visible without flooding. A TLS failure says what to
+        check, at error level: it will not heal by retrying."""
+        hint = explain_tls_failure(error) if self.settings.broker.tls else None
+        if hint is None:
+            self.last_connect_error = error
+            level = logging.WARNING
+            message = "MQTT broker %s:%d (attempt %d): %s"
+            args: tuple[Any, ...] = (self.host, self.port, attempt + 1, error)
+        else:
+            self.last_connect_error = f"TLS: {hint}: {error}"
+            level = logging.ERROR
+            message = "TLS with MQTT broker %s:%d failed (attempt %d): %s: %s"
+            args = (self.host, self.port, attempt + 1, hint, error)
+        log.log(level if attempt % 10 == 0 else logging.DEBUG, message, *args)
 
     async def _set_connection(self, conn: _Connection | None) -> None:
         async with self._conn_changed:

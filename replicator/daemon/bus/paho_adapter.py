@@ -7,7 +7,10 @@ aiomqtt wraps a paho-mqtt (>= 2.0) client and keeps it in the private attribute
   only after the handler made the work durable;
 * the PUBACK reason code of our own publishes (aiomqtt's `on_publish` drops it), so a
   publish the broker refused (ACL, quota) is not mistaken for a durable one;
-* the socket, to switch Nagle off.
+* the socket, to switch Nagle off;
+* socket errors paho only logs: a TLS alert from a broker that refused our client
+  certificate ends the connection before CONNACK, and aiomqtt then reports nothing
+  but a timeout.
 
 This module is the only place that touches `_client`; pyproject pins aiomqtt and
 paho-mqtt below their next major versions so it cannot change under us unnoticed.
@@ -34,6 +37,20 @@ class PahoAdapter:
         self._acks: dict[int, asyncio.Future[Any]] = {}
         self.manual_ack = self._enable_manual_ack()
         self.checks_publish_acks = self._hook_publish_acks()
+        self.last_error: str | None = None  # the last error paho logged on this client
+        self._capture_errors()
+
+    def _capture_errors(self) -> None:
+        paho = self._paho
+        if paho is None or not hasattr(paho, "on_log"):
+            return
+        from paho.mqtt.client import MQTT_LOG_ERR
+
+        def on_log(client: Any, userdata: Any, level: int, buf: str) -> None:
+            if level == MQTT_LOG_ERR:
+                self.last_error = buf
+
+        paho.on_log = on_log
 
     def _enable_manual_ack(self) -> bool:
         paho = self._paho
