@@ -36,7 +36,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from replicator.errors import ReplicatorError
 from replicator.manifest import (
@@ -55,6 +55,7 @@ Action = Literal["push", "delete", "pull", "mount"]
 SourceFormat = Literal["distribution", "harbor", "cloudevents"]
 
 ACTIONS: frozenset[str] = frozenset({"push", "delete", "pull", "mount"})
+SOURCE_FORMATS: frozenset[str] = frozenset({"distribution", "harbor", "cloudevents"})
 
 DISTRIBUTION_EVENTS_V1 = "application/vnd.docker.distribution.events.v1+json"
 DISTRIBUTION_EVENTS_V2 = "application/vnd.docker.distribution.events.v2+json"
@@ -83,6 +84,8 @@ _MEDIA_TYPE_RE = re.compile(
 )
 # Event ids are primary keys and appear in logs: printable ASCII, no spaces.
 _ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
+# Site names as the configuration allows them (they become an MQTT topic level too).
+_SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MAX_TEXT = 256
 _MAX_REPOSITORY = 255
 
@@ -225,6 +228,42 @@ def parse_webhook(
     )
 
 
+def event_from_fields(doc: Mapping[str, Any], where: str = "event") -> RegistryEvent:
+    """A RegistryEvent from its fields by name (the form the event bus carries), checked
+    with the same rules as a webhook's, so an event is valid whichever way it arrived.
+    Raises WebhookError(400) naming `<where>.<field>`; unknown keys are ignored (a newer
+    sender must not break an older reader). Cross-field rules (a push needs a digest)
+    belong to each webhook format and are checked by its parser, not here."""
+    action = _action(doc.get("action"), f"{where}.action")
+    source_format = doc.get("source_format", "distribution")
+    if source_format not in SOURCE_FORMATS:
+        raise WebhookError(400, f"{where}.source_format: unknown format {_show(source_format)}")
+    is_manifest = doc.get("is_manifest", False)
+    if not isinstance(is_manifest, bool):
+        raise WebhookError(400, f"{where}.is_manifest: must be a boolean")
+    from_repository = doc.get("from_repository")
+    return RegistryEvent(
+        id=_event_id(doc.get("id"), f"{where}.id"),
+        site=_site(doc.get("site"), f"{where}.site"),
+        action=action,
+        repository=_repository(doc.get("repository"), f"{where}.repository"),
+        tag=_opt_tag(doc.get("tag"), f"{where}.tag"),
+        digest=_opt_digest(doc.get("digest"), f"{where}.digest"),
+        media_type=_opt_media_type(doc.get("media_type"), f"{where}.media_type"),
+        size=_opt_size(doc.get("size"), f"{where}.size"),
+        from_repository=(
+            None
+            if from_repository in (None, "")
+            else _repository(from_repository, f"{where}.from_repository")
+        ),
+        occurred_at=_opt_epoch(doc.get("occurred_at"), f"{where}.occurred_at"),
+        source_format=source_format,
+        is_manifest=is_manifest,
+        actor=_opt_text(doc.get("actor"), f"{where}.actor"),
+        source_instance=_opt_text(doc.get("source_instance"), f"{where}.source_instance"),
+    )
+
+
 # --- distribution ----------------------------------------------------------------
 
 
@@ -239,14 +278,7 @@ def _distribution_event(item: Any, site: str, where: str) -> RegistryEvent:
     if not isinstance(item, dict):
         raise WebhookError(400, f"{where}: each event must be an object")
     event_id = _event_id(item.get("id"), f"{where}.id")
-    action = item.get("action")
-    if not isinstance(action, str) or not action:
-        raise WebhookError(400, f"{where}.action: required")
-    if action not in ACTIONS:
-        raise WebhookError(
-            400,
-            f"{where}.action: unknown action {_show(action)}; expected push, pull, mount or delete",
-        )
+    action = _action(item.get("action"), f"{where}.action")
     target = item.get("target")
     if not isinstance(target, dict):
         raise WebhookError(400, f"{where}.target: required object")
@@ -305,9 +337,8 @@ def _harbor(doc: dict[str, Any], site: str, body: bytes) -> list[RegistryEvent]:
     actor = _opt_text(doc.get("operator"), "operator")
     body_hash = hashlib.sha256(body).hexdigest()[:32]
     ids = [f"harbor-{body_hash}-{i}" for i in range(_harbor_resource_count(doc, "event_data"))]
-    return _harbor_resources(
-        doc.get("event_data"), "event_data", site, action, ids, occurred, actor, None, "harbor"
-    )
+    origin = _ArtifactOrigin(site, action, occurred, actor, None, "harbor")
+    return _harbor_resources(doc.get("event_data"), "event_data", origin, ids)
 
 
 def _harbor_resource_count(doc: dict[str, Any], where: str) -> int:
@@ -316,16 +347,20 @@ def _harbor_resource_count(doc: dict[str, Any], where: str) -> int:
     return len(resources) if isinstance(resources, list) else 0
 
 
+@dataclass(frozen=True)
+class _ArtifactOrigin:
+    """What every resource of one Harbor-style payload shares."""
+
+    site: str
+    action: Action
+    occurred_at: float | None
+    actor: str | None
+    source_instance: str | None
+    source_format: SourceFormat
+
+
 def _harbor_resources(
-    data: Any,
-    where: str,
-    site: str,
-    action: Action,
-    ids: list[str],
-    occurred: float | None,
-    actor: str | None,
-    source: str | None,
-    source_format: SourceFormat,
+    data: Any, where: str, origin: _ArtifactOrigin, ids: list[str]
 ) -> list[RegistryEvent]:
     if not isinstance(data, dict):
         raise WebhookError(400, f"{where}: required object")
@@ -350,23 +385,23 @@ def _harbor_resources(
             raise WebhookError(400, f"{rw}: must be an object")
         digest = _opt_digest(res.get("digest"), f"{rw}.digest")
         tag = _opt_tag(res.get("tag"), f"{rw}.tag")
-        if action == "push" and digest is None:
+        if origin.action == "push" and digest is None:
             raise WebhookError(400, f"{rw}.digest: required for push events")
         if digest is None and tag is None:
             raise WebhookError(400, f"{rw}: needs a digest or a tag")
         events.append(
             RegistryEvent(
                 id=ids[i],
-                site=site,
-                action=action,
+                site=origin.site,
+                action=origin.action,
                 repository=repository,
                 tag=tag,
                 digest=digest,
-                occurred_at=occurred,
-                source_format=source_format,
+                occurred_at=origin.occurred_at,
+                source_format=origin.source_format,
                 is_manifest=True,
-                actor=actor,
-                source_instance=source,
+                actor=origin.actor,
+                source_instance=origin.source_instance,
             )
         )
     return events
@@ -426,17 +461,10 @@ def _cloudevent(
             else 0
         )
         ids = [event_id] if count == 1 else [f"{event_id}#{i}" for i in range(count)]
-        return _harbor_resources(
-            data,
-            f"CloudEvent{where}.data",
-            site,
-            CLOUDEVENT_HARBOR_ACTIONS[kind],
-            ids,
-            occurred,
-            actor,
-            source,
-            "cloudevents",
+        origin = _ArtifactOrigin(
+            site, CLOUDEVENT_HARBOR_ACTIONS[kind], occurred, actor, source, "cloudevents"
         )
+        return _harbor_resources(data, f"CloudEvent{where}.data", origin, ids)
     if kind in CLOUDEVENT_ZOT_ACTIONS:
         return [
             _zot(
@@ -541,6 +569,24 @@ def _event_id(value: Any, where: str) -> str:
         raise WebhookError(400, f"{where}: required")
     if not _ID_RE.fullmatch(value):
         raise WebhookError(400, f"{where}: must be 1-200 printable ASCII characters without spaces")
+    return value
+
+
+def _action(value: Any, where: str) -> Action:
+    if not isinstance(value, str) or not value:
+        raise WebhookError(400, f"{where}: required")
+    if value not in ACTIONS:
+        raise WebhookError(
+            400, f"{where}: unknown action {_show(value)}; expected push, pull, mount or delete"
+        )
+    return cast(Action, value)
+
+
+def _site(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise WebhookError(400, f"{where}: required")
+    if not _SITE_RE.fullmatch(value):
+        raise WebhookError(400, f"{where}: invalid site name {_show(value)}")
     return value
 
 

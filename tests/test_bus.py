@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 from collections import Counter
 
 import aiomqtt
 import pytest
 
+from replicator.config import TLSConfig
 from replicator.daemon.bus import (
     BusClosed,
     BusError,
@@ -17,12 +20,14 @@ from replicator.daemon.bus import (
     BusUnavailable,
     InProcessBus,
     MqttBus,
+    MqttSettings,
     event_from_json,
     event_to_json,
 )
 from replicator.errors import ConfigError
 from replicator.events import RegistryEvent
 from tests.harness.mosquitto import Mosquitto
+from tests.harness.tls import Pki, TlsMosquitto, make_pki
 from tests.harness.util import async_wait_until, free_port
 
 DIGEST = "sha256:" + "ab" * 32
@@ -72,7 +77,7 @@ class Collector:
 def mqtt(broker: Mosquitto, client_id: str, **kw) -> MqttBus:
     kw.setdefault("reconnect_base", 0.05)
     kw.setdefault("reconnect_max", 0.5)
-    return MqttBus(broker.url, "registry/events", client_id, **kw)
+    return MqttBus(MqttSettings(broker.url, "registry/events", client_id, **kw))
 
 
 # --- wire format ---------------------------------------------------------------------
@@ -104,6 +109,33 @@ def test_event_json_round_trip_and_validation():
             event_from_json(bad)
 
 
+def test_event_json_is_held_to_the_webhook_rules():
+    """One set of field rules (replicator.events): what a webhook may not carry, a bus
+    message may not either, whoever published it."""
+    base = {"id": "x", "site": "eu", "action": "push", "repository": "team/app"}
+    for field, value in [
+        ("id", "has space"),
+        ("id", "x" * 201),
+        ("site", "eu/west"),
+        ("site", "+"),
+        ("digest", DIGEST + "\n"),
+        ("tag", "v\u00e9"),
+        ("media_type", "not a media type"),
+        ("size", 2**63),
+        ("actor", "ci\u0007bell"),
+        ("source_instance", "x" * 300),
+        ("occurred_at", True),
+        ("occurred_at", -1),
+        ("from_repository", "Up/Per"),
+        ("is_manifest", "yes"),
+        ("source_format", "quay"),
+    ]:
+        with pytest.raises(BusError, match=rf"event\.{field}"):
+            event_from_json(json.dumps({**base, field: value}))
+    ok = event_from_json(json.dumps({**base, "tag": "", "actor": "", "occurred_at": 1.5}))
+    assert (ok.tag, ok.actor, ok.occurred_at) == (None, None, 1.5)
+
+
 # --- in process ------------------------------------------------------------------------
 
 
@@ -129,6 +161,85 @@ async def test_in_process_bus_delivers_in_order_with_trace_context_and_retries()
     assert not bus.connected
     with pytest.raises(BusClosed):
         await bus.publish(event(9))
+
+
+async def test_in_process_stop_returns_within_its_timeout_while_the_handler_keeps_failing():
+    """SIGTERM with the journal on a full disk: every handler call fails. stop() gives
+    the queue `stop_timeout` to drain, then must end the consumer and return."""
+    bus = InProcessBus(stop_timeout=0.3, handler_backoff_base=0.1, handler_backoff_max=0.2)
+    calls = Counter[str]()
+
+    async def disk_full(ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        calls[ev.id] += 1
+        raise OSError("database or disk is full")
+
+    await bus.start(disk_full)
+    for i in range(3):
+        await bus.publish(event(i), {})
+
+    async def failing() -> bool:
+        return calls["ev-0"] >= 2
+
+    await async_wait_until(failing, timeout=5, what="the handler retried")
+    started = time.monotonic()
+    stopper = asyncio.create_task(bus.stop())
+    done, _ = await asyncio.wait({stopper}, timeout=5)
+    assert stopper in done, "stop() hung with a failing handler"
+    assert time.monotonic() - started < 0.3 + 1.0
+    assert stopper.exception() is None
+    assert set(calls) == {"ev-0"}  # the others stay queued (the journal has them)
+    assert not bus.connected
+    tasks = [t for t in asyncio.all_tasks() if t.get_name() == "bus-inprocess"]
+    assert all(t.done() for t in tasks), "the consumer outlived stop()"
+
+
+async def test_cancelling_in_process_stop_is_not_swallowed_and_still_stops_the_consumer():
+    """A caller that bounds stop() (asyncio.timeout, task.cancel) must get its
+    cancellation back, and the consumer must be gone anyway."""
+    handler_cancelled = asyncio.Event()
+
+    async def slow_to_cancel(ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            handler_cancelled.set()
+            await asyncio.sleep(0.5)  # a handler cleaning up before it lets go
+            raise
+
+    bus = InProcessBus(stop_timeout=0.1)
+    await bus.start(slow_to_cancel)
+    await bus.publish(event(1), {})
+    stopper = asyncio.create_task(bus.stop())
+    await asyncio.wait_for(handler_cancelled.wait(), 5)  # stop() is past the drain
+    stopper.cancel()
+    done, _ = await asyncio.wait({stopper}, timeout=5)
+    assert stopper in done and stopper.cancelled(), "stop() swallowed its caller's cancel"
+    consumer = [t for t in asyncio.all_tasks() if t.get_name() == "bus-inprocess"]
+    if consumer:
+        await asyncio.wait(consumer, timeout=5)
+    assert all(t.done() for t in consumer)
+
+
+async def test_a_handler_waiting_to_retry_does_not_swallow_the_cancel_of_stop():
+    """stop() sets `stopping`, then cancels the consumer. Under Python 3.11 an
+    asyncio.wait_for whose inner wait has just finished returns normally when cancelled,
+    so a consumer waiting to retry ignored the cancel and went back to the queue."""
+    bus = InProcessBus(stop_timeout=0.0, handler_backoff_base=5, handler_backoff_max=5)
+    failed = asyncio.Event()
+
+    async def fails(ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        failed.set()
+        raise OSError("database or disk is full")
+
+    await bus.start(fails)
+    await bus.publish(event(1), {})
+    await asyncio.wait_for(failed.wait(), 5)  # the consumer now waits 2.5-5 s to retry
+    stopper = asyncio.create_task(bus.stop())
+    done, _ = await asyncio.wait({stopper}, timeout=2)
+    stopper.cancel()  # (cleanup when it hung)
+    assert stopper in done, "stop() hung: the consumer swallowed its cancellation"
+    consumer = [t for t in asyncio.all_tasks() if t.get_name() == "bus-inprocess"]
+    assert all(t.done() for t in consumer), "the consumer outlived stop()"
 
 
 # --- MQTT ------------------------------------------------------------------------------
@@ -218,6 +329,38 @@ async def test_an_event_whose_handler_did_not_finish_is_delivered_again(mosquitt
     assert got.got[0] == (event(7), TRACE)
 
 
+async def test_a_bounded_mqtt_stop_times_out_for_its_caller_and_still_cancels_the_handler(
+    mosquitto,
+):
+    """The daemon bounds stop() by what is left of its drain timeout: the timeout must
+    reach the caller (it was swallowed), and the stuck handler must still be cancelled."""
+    stuck, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hangs(ev: RegistryEvent, ctx: dict[str, str]) -> None:
+        stuck.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    bus = mqtt(mosquitto, "planner", stop_timeout=30)
+    await bus.start(hangs)
+    await bus.wait_connected(timeout=10)
+    await bus.publish(event(1))
+    await asyncio.wait_for(stuck.wait(), 10)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await bus.stop()
+    assert time.monotonic() - started < 5
+    await asyncio.wait_for(cancelled.wait(), 5)
+    tasks = [t for t in asyncio.all_tasks() if t.get_name().startswith("bus-mqtt")]
+    if tasks:
+        await asyncio.wait(tasks, timeout=10)
+    assert all(t.done() for t in tasks), "a bus task outlived stop()"
+
+
 async def test_handler_failures_are_retried_before_the_ack(mosquitto):
     calls = Counter[str]()
     done = Collector()
@@ -300,11 +443,13 @@ async def test_broker_restart_mid_stream_loses_nothing(mosquitto):
 async def test_reconnect_backoff_grows_and_does_not_spin(tmp_path):
     port = free_port()  # nothing listens here
     bus = MqttBus(
-        f"mqtt://127.0.0.1:{port}",
-        "registry/events",
-        "lonely",
-        reconnect_base=0.1,
-        reconnect_max=0.4,
+        MqttSettings(
+            f"mqtt://127.0.0.1:{port}",
+            "registry/events",
+            "lonely",
+            reconnect_base=0.1,
+            reconnect_max=0.4,
+        )
     )
     started = time.monotonic()
     await bus.start(Collector())
@@ -331,10 +476,12 @@ async def test_credentials_work_and_the_password_is_never_logged(tmp_path, caplo
     try:
         got = Collector()
         good = MqttBus(
-            f"mqtt://replicator:s3cret-pw@127.0.0.1:{broker.port}",
-            "ev",
-            "good",
-            reconnect_base=0.05,
+            MqttSettings(
+                f"mqtt://replicator:s3cret-pw@127.0.0.1:{broker.port}",
+                "ev",
+                "good",
+                reconnect_base=0.05,
+            )
         )
         await good.start(got)
         await good.publish(event(1))
@@ -342,13 +489,15 @@ async def test_credentials_work_and_the_password_is_never_logged(tmp_path, caplo
         await good.stop()
 
         bad = MqttBus(
-            broker.url,
-            "ev",
-            "bad",
-            username="replicator",
-            password="wr0ng-pw",
-            reconnect_base=0.05,
-            reconnect_max=0.1,
+            MqttSettings(
+                broker.url,
+                "ev",
+                "bad",
+                username="replicator",
+                password="wr0ng-pw",
+                reconnect_base=0.05,
+                reconnect_max=0.1,
+            )
         )
         with pytest.raises(BusUnavailable) as info:
             await bad.publish(event(2), timeout=0.5)
@@ -377,6 +526,78 @@ async def test_a_publish_the_broker_refuses_is_an_error_not_a_success(tmp_path):
         broker.stop()
 
 
+# --- TLS ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path) -> Pki:
+    return make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def tls_broker(tmp_path, pki):
+    """Mosquitto on TLS that wants a client certificate signed by `pki`'s CA."""
+    broker = TlsMosquitto(root=tmp_path / "tls-broker", pki=pki, require_client_cert=True)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+async def test_tls_with_a_private_ca_and_a_client_certificate(tls_broker, pki):
+    tls = TLSConfig(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
+    bus = mqtt(tls_broker, "planner", tls=tls)
+    got = Collector()
+    await bus.start(got)
+    await bus.wait_connected(timeout=10)
+    await bus.publish(event(1), TRACE)
+    await got.wait_for(1)
+    await bus.stop()
+    assert got.got == [(event(1), TRACE)]
+
+
+async def test_tls_without_the_client_certificate_the_broker_refuses(tls_broker, pki, caplog):
+    caplog.set_level(logging.WARNING, logger="replicator.bus")
+    # the broker's alert ends the connection before CONNACK; the attempt ends at the
+    # connect timeout, whose error carries the alert
+    bus = mqtt(tls_broker, "anonymous", tls=TLSConfig(ca=pki.ca), connect_timeout=0.5)
+    where = rf"MQTT broker 127\.0\.0\.1:{tls_broker.port}"
+    with pytest.raises(BusUnavailable, match=rf"{where}.*bus\.tls\.cert.*CERTIFICATE_REQUIRED"):
+        await bus.publish(event(1), timeout=1.5)
+    await bus.stop()
+    assert re.search(rf"TLS .*{where}.*CERTIFICATE_REQUIRED", caplog.text), caplog.text
+
+
+async def test_tls_with_the_wrong_ca_fails_with_an_error_naming_the_broker(
+    tls_broker, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING, logger="replicator.bus")
+    other = make_pki(tmp_path / "other-pki", name="other")
+    bus = mqtt(
+        tls_broker,
+        "planner",
+        tls=TLSConfig(ca=other.ca, cert=other.client_cert, key=other.client_key),
+    )
+    where = rf"MQTT broker 127\.0\.0\.1:{tls_broker.port}"
+    with pytest.raises(BusUnavailable, match=rf"{where}.*certificate verify failed"):
+        await bus.publish(event(1), timeout=1)
+    await bus.stop()
+    assert re.search(rf"TLS .*{where}.*certificate verify failed", caplog.text), caplog.text
+    assert "bus.tls.ca" in caplog.text  # what to fix
+
+
+def test_tls_files_that_cannot_be_loaded_are_refused_naming_the_field(tmp_path, pki):
+    missing = tmp_path / "nope.pem"
+    url = "mqtts://127.0.0.1:8883"
+    with pytest.raises(ConfigError, match=r"bus\.tls\.ca: .*nope\.pem"):
+        MqttBus(MqttSettings(url, "ev", "x", tls=TLSConfig(ca=missing)))
+    with pytest.raises(ConfigError, match=r"bus\.tls\.cert: .*client\.pem"):
+        MqttBus(
+            MqttSettings(url, "ev", "x", tls=TLSConfig(cert=pki.client_cert, key=pki.server_key))
+        )
+    with pytest.raises(ConfigError, match=r"bus\.tls: .*mqtts://"):
+        MqttSettings("mqtt://127.0.0.1:1883", "ev", "x", tls=TLSConfig(ca=pki.ca))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -393,4 +614,4 @@ async def test_a_publish_the_broker_refuses_is_an_error_not_a_success(tmp_path):
 async def test_bad_settings_are_refused_naming_the_field(kwargs, field):
     args = {"url": "mqtt://127.0.0.1:1883", "topic": "events", "client_id": "x", **kwargs}
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        MqttBus(**args)
+        MqttBus(MqttSettings(**args))

@@ -18,6 +18,7 @@ import pytest
 from tests.harness.daemon import DaemonProcess, image_complete, notify_kwargs, site_config
 from tests.harness.images import Pusher, layer_bytes
 from tests.harness.mosquitto import Mosquitto
+from tests.harness.tls import TlsMosquitto, make_pki
 from tests.harness.util import free_port, wait_until
 
 TOPIC = "registry/events"
@@ -250,3 +251,34 @@ def test_broker_restarted_mid_stream_loses_nothing(registry_factory, mosquitto, 
         what="no event left unpublished",
     )
     assert "reconnected to MQTT broker" in daemon.log()
+
+
+def test_the_daemon_connects_with_the_configured_tls_ca_and_client_certificate(tmp_path, daemons):
+    """mqtt.tls reaches the bus: the broker wants a client certificate from our private
+    CA, and /readyz is 200 only once the daemon is connected and subscribed."""
+    pki = make_pki(tmp_path / "pki")
+    broker = TlsMosquitto(root=tmp_path / "tls-broker", pki=pki, require_client_cert=True)
+    broker.start()
+    try:
+        # no registry is contacted: sites only need to be valid
+        sites = {
+            name: {"url": f"http://127.0.0.1:{free_port()}", "insecure": True}
+            for name in ("a", "b")
+        }
+        daemon = mqtt_daemon(
+            tmp_path,
+            broker,
+            "tls-member",
+            sites,
+            [{"name": "team", "from": "a", "to": ["b"], "repositories": ["team/**"]}],
+        )
+        daemon.config["mqtt"]["tls"] = {
+            "ca": str(pki.ca),
+            "cert": str(pki.client_cert),
+            "key": str(pki.client_key),
+        }
+        daemons.append(daemon)
+        start(daemon)
+        assert "connected to MQTT broker 127.0.0.1" in daemon.log()
+    finally:
+        broker.stop()

@@ -33,7 +33,7 @@ from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule, load_config
 from replicator.copy import CopyEngine, CopyJob, CopyOptions
-from replicator.daemon.bus import EventBus, InProcessBus, MqttBus
+from replicator.daemon.bus import EventBus, InProcessBus, MqttBus, MqttSettings
 from replicator.daemon.dispatch import tasks_for_event
 from replicator.daemon.eventstore import events_by_state, mark_events
 from replicator.daemon.intake import SiteIntake, create_app
@@ -113,13 +113,16 @@ class Daemon:
         if mqtt is None:
             return InProcessBus()
         return MqttBus(
-            mqtt.url,
-            mqtt.topic,
-            self.instance_id,
-            group=mqtt.group,
-            username=mqtt.username,
-            password=mqtt.password(),
-            qos=mqtt.qos,
+            MqttSettings(
+                mqtt.url,
+                mqtt.topic,
+                self.instance_id,
+                group=mqtt.group,
+                username=mqtt.username,
+                password=mqtt.password(),
+                qos=mqtt.qos,
+                tls=mqtt.tls,
+            )
         )
 
     def _intake_sites(self) -> dict[str, SiteIntake]:
@@ -198,6 +201,7 @@ class Daemon:
             self._stop.set()
 
     async def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
         if self._server is not None:
             # stop taking webhooks first: a registry whose POST is refused keeps the event
             # and delivers it after the restart, so nothing arrives for a stopped bus
@@ -218,7 +222,10 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.queue.arelease_owned()  # unfinished work goes back for the next start
         with contextlib.suppress(Exception):
-            await self.bus.stop()
+            # bounded: a handler that keeps failing must not hold up the exit; what it did
+            # not finish stays in the journal (in-process) or the broker session (MQTT)
+            async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
+                await self.bus.stop()
         with contextlib.suppress(Exception):
             await self._flush_marks()
         for task in self._background:
