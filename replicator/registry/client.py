@@ -500,7 +500,7 @@ class RegistryClient:
                     await self.cancel_upload(loc)
                     raise
                 failures += 1
-                delay = self._backoff(failures)
+                delay = jittered_backoff(failures, self.backoff_base, self.backoff_max)
                 log.info(
                     "%s: %s: chunked upload failed at byte %d (%s); checking the "
                     "server's offset in %.2fs",
