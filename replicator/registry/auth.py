@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import re
 import time
@@ -80,6 +81,7 @@ def merge_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
     return tuple(f"{t}:{n}:{','.join(sorted(a))}" for (t, n), a in sorted(actions.items()))
 
 
+@functools.lru_cache(maxsize=4096)
 def scopes_for(
     method: str, repository: str | None, *, mount_from: str | None = None, catalog: bool = False
 ) -> tuple[str, ...]:
@@ -208,7 +210,7 @@ class Authenticator:
                     form["service"] = service
                 resp = await self._http.post(realm, data=form)
             else:
-                params: list[tuple[str, str]] = []
+                params: list[tuple[str, str | int | float | bool | None]] = []
                 if service:
                     params.append(("service", service))
                 params += [("scope", s) for s in scopes]
