@@ -11,7 +11,11 @@ reghttp under its scheme/reg verbs, outermost first:
   the requests being sent or awaiting their answer, and separate download
   slots bound open blob downloads (see `downloads`);
 - auth: the scheme is learnt from a 401 challenge and the request sent once
-  more with Basic credentials or a Bearer token for the scopes it needs.
+  more with Basic credentials or a Bearer token for the scopes it needs;
+- origin policy (origin.py): URLs the registry hands out (upload locations,
+  page links, redirects) are followed, but our Authorization goes only to the
+  configured registry's origin. Another host's 401 is never answered with
+  our credentials nor learnt as the registry's auth scheme.
 
 Operations (manifests.py, blobs.py, uploads.py, listing.py, referrers.py) build
 a `Request` and get an `httpx.Response` whose status they accepted, or a
@@ -28,7 +32,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpcore
 import httpx
@@ -47,6 +50,7 @@ from replicator.registry.errors import (
     Unauthorized,
 )
 from replicator.registry.limits import TokenBucket, parse_retry_after
+from replicator.registry.origin import host_of, same_origin, where
 from replicator.registry.site import SiteEndpoint
 
 log = logging.getLogger("replicator.registry")
@@ -165,7 +169,10 @@ class Transport:
         # Open blob downloads; an operation holds one for as long as its stream is open.
         self.downloads = asyncio.Semaphore(site.concurrency)
         self._bucket = TokenBucket(site.requests_per_second) if site.requests_per_second else None
-        self.auth = Authenticator(site.name, self._http, site.resolve_credentials(), self.stats)
+        self.auth = Authenticator(
+            site.name, self._http, site.resolve_credentials(), self.stats, registry_url=site.url
+        )
+        self._own_prefix = site.url + "/"  # the fast answer to "is this our origin?"
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -173,6 +180,10 @@ class Transport:
     def url(self, path: str) -> str:
         """The absolute URL of an API path (`/v2/...`) on this registry."""
         return self.site.url + path
+
+    def is_own(self, url: str) -> bool:
+        """Whether `url` is on the registry's own origin, the only one given credentials."""
+        return url.startswith(self._own_prefix) or same_origin(url, self.site.url)
 
     async def prime_auth(self) -> None:
         """Learn the auth scheme before a request whose body cannot be sent twice."""
@@ -225,7 +236,7 @@ class Transport:
             "%s: %s %s failed (%s); retry %d/%d in %.2fs",
             self.site.name,
             req.method,
-            urlsplit(req.url).path,
+            where(req.url),
             reason,
             state.attempt_number,
             self.policy.retries,
@@ -234,11 +245,12 @@ class Transport:
 
     # ------------------------------------------------------------------ auth
     async def _attempt(self, req: Request) -> httpx.Response:
+        own = self.is_own(req.url)
         scopes = req.scopes if req.scopes is not None else scopes_for(req.method, req.repository)
         key = self.auth.effective_scopes(scopes)
         timeout = self._blob_timeout if req.transfer else self._timeout
         for auth_round in (0, 1):
-            auth = await self.auth.headers_for(key)
+            auth = await self.auth.headers_for(key) if own else {}
             request = self._http.build_request(
                 req.method,
                 req.url,
@@ -247,8 +259,8 @@ class Transport:
                 timeout=timeout,
             )
             resp = await self._exchange(request, req)
-            if resp.status_code != 401:
-                break
+            if resp.status_code != 401 or self._foreign(own, resp):
+                break  # another host's challenge: never answered with our credentials
             challenge = self.auth.learn(resp)
             if auth_round or challenge is None:
                 break
@@ -275,7 +287,7 @@ class Transport:
         if status in req.ok or (
             req.pass_client_errors and 400 <= status < 500 and status not in (401, 403, 429)
         ):
-            if not auth:
+            if not auth and own:
                 self.auth.note_success_without_auth()
             return resp
         body = await _read_error_body(resp)
@@ -284,7 +296,21 @@ class Transport:
             raise _TransientStatus(
                 status, message, parse_retry_after(resp.headers.get("retry-after"))
             )
+        if status in (401, 403) and self._foreign(own, resp):
+            raise Unauthorized(
+                f"{message} from {host_of(str(resp.url))}, another host than the registry's; "
+                f"credentials are sent only to {self.site.url}",
+                site=self.site.name,
+                repository=req.repository,
+                reference=req.reference,
+                status=status,
+            )
         raise self._status_error(status, message, body, req)
+
+    def _foreign(self, own: bool, resp: httpx.Response) -> bool:
+        """Whether `resp` came from another origin than the registry's (the request went
+        elsewhere, or a redirect took it there)."""
+        return not own or bool(resp.history and not self.is_own(str(resp.url)))
 
     # ------------------------------------------------------------------ the wire
     async def _exchange(self, request: httpx.Request, req: Request) -> httpx.Response:
@@ -296,13 +322,14 @@ class Transport:
                 request, stream=req.stream, follow_redirects=req.follow_redirects
             )
         if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "%s: %s %s -> %d",
-                self.site.name,
-                request.method,
-                request.url.path,
-                resp.status_code,
-            )
+            for hop in (*resp.history, resp):  # a followed redirect shows every host
+                log.debug(
+                    "%s: %s %s -> %d",
+                    self.site.name,
+                    hop.request.method,
+                    where(str(hop.request.url)),
+                    hop.status_code,
+                )
         return resp
 
     # ------------------------------------------------------------------ errors
@@ -338,8 +365,7 @@ class Transport:
             )
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return RegistryUnavailable(f"cannot connect to {self.site.url}: {exc_text(exc)}", **kw)
-        path = urlsplit(req.url).path
-        return RetryableError(f"{req.method} {path} failed: {exc_text(exc)}", **kw)
+        return RetryableError(f"{req.method} {where(req.url)} failed: {exc_text(exc)}", **kw)
 
 
 def _tls_verify(site: SiteEndpoint) -> ssl.SSLContext | bool:
