@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from replicator.manifest import Descriptor, Manifest
 from replicator.registry.blobs import Blobs, BlobStream
+from replicator.registry.bounds import ReadBounds
 from replicator.registry.listing import Listing
 from replicator.registry.manifests import Manifests
 from replicator.registry.referrers import Referrers
@@ -28,7 +29,8 @@ class RegistryClient:
     """Talks to one registry (`site`); use as `async with RegistryClient(site) as c:`.
 
     `site.concurrency` bounds requests in flight and, separately, open blob
-    downloads (see Transport); `stats` counts requests, retries and bytes.
+    downloads (see Transport); `stats` counts requests, retries and bytes;
+    `bounds` caps what it reads into memory (bounds.py).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class RegistryClient:
         backoff_max: float = 30.0,
         max_retry_after: float = 120.0,
         blob_read_timeout: float = 300.0,
+        bounds: ReadBounds | None = None,
     ) -> None:
         self.site = site
         policy = RetryPolicy(retries, backoff_base, backoff_max, max_retry_after)
@@ -48,11 +51,12 @@ class RegistryClient:
             site, policy, timeout=timeout, blob_read_timeout=blob_read_timeout
         )
         self.stats = self._transport.stats
-        self._manifests = Manifests(self._transport)
+        bounds = bounds or ReadBounds()
+        self._manifests = Manifests(self._transport, bounds)
         self._blobs = Blobs(self._transport)
         self._uploads = Uploads(self._transport, self._blobs)
-        self._listing = Listing(self._transport)
-        self._referrers = Referrers(self._transport, self._manifests)
+        self._listing = Listing(self._transport, bounds)
+        self._referrers = Referrers(self._transport, self._manifests, bounds)
 
     @property
     def retries(self) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
 
 from replicator.registry.auth import scopes_for
-from replicator.registry.errors import RegistryError
+from replicator.registry.bounds import ReadBounds
+from replicator.registry.errors import RegistryError, ResponseTooLarge
 from replicator.registry.transport import Request, Transport
 
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*(?:[^,]*;\s*)?rel="?next"?', re.I)
@@ -17,33 +19,50 @@ _CATALOG_SCOPES = scopes_for("GET", None, catalog=True)
 class Listing:
     """The tags/list and _catalog verbs of one registry."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, bounds: ReadBounds) -> None:
         self._t = transport
+        self._bounds = bounds
 
     async def tags(self, repo: str, page_size: int) -> list[str]:
-        url: str | None = self._t.url(f"/v2/{repo}/tags/list?n={page_size}")
-        tags: list[str] = []
-        while url:
-            resp = await self._t.send(Request("GET", url, repo, ok=(200, 404)))
-            if resp.status_code == 404:
-                return tags
-            tags += self._names(resp, "tags", repo)
-            url = next_link(resp)
-        return tags
+        first = self._t.url(f"/v2/{repo}/tags/list?n={page_size}")
+        return await self._list(first, "tags", repo)
 
     async def catalog(self, page_size: int) -> list[str]:
-        url: str | None = self._t.url(f"/v2/_catalog?n={page_size}")
-        repos: list[str] = []
-        while url:
-            resp = await self._t.send(Request("GET", url, scopes=_CATALOG_SCOPES))
-            repos += self._names(resp, "repositories", None)
-            url = next_link(resp)
-        return repos
+        return await self._list(self._t.url(f"/v2/_catalog?n={page_size}"), "repositories", None)
 
-    def _names(self, resp: httpx.Response, key: str, repo: str | None) -> list[str]:
+    async def _list(self, url: str | None, key: str, repo: str | None) -> list[str]:
+        """Every name under `key` of every page from `url` on; [] when the repository
+        (tags) does not exist."""
+        what = "tags list" if repo else "catalog"
+        names: list[str] = []
+        pages = 0
+        while url:
+            if pages == self._bounds.list_pages:
+                raise ResponseTooLarge(
+                    f"{what} goes on for more than {pages} pages; stopped there",
+                    site=self._t.site.name,
+                    repository=repo,
+                )
+            request = Request(
+                "GET",
+                url,
+                repo,
+                scopes=None if repo else _CATALOG_SCOPES,
+                ok=(200, 404) if repo else (200,),
+                max_body=self._bounds.list_page_bytes,
+                what=f"{what} page",
+            )
+            resp, body = await self._t.fetch(request)
+            pages += 1
+            if resp.status_code == 404:
+                return names
+            names += self._names(body, key, repo, resp.status_code)
+            url = next_link(resp)
+        return names
+
+    def _names(self, body: bytes, key: str, repo: str | None, status: int) -> list[str]:
         try:
-            body = resp.json()
-            items = body.get(key) or []
+            items = json.loads(body).get(key) or []
             if not isinstance(items, list):
                 raise TypeError(key)
             return [str(x) for x in items]
@@ -52,7 +71,7 @@ class Listing:
                 f"unreadable {key} list",
                 site=self._t.site.name,
                 repository=repo,
-                status=resp.status_code,
+                status=status,
             ) from exc
 
 

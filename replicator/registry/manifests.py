@@ -11,7 +11,8 @@ from replicator.manifest import (
     is_digest,
     parse_manifest,
 )
-from replicator.registry.errors import DigestMismatch, InvalidManifest
+from replicator.registry.bounds import ReadBounds
+from replicator.registry.errors import DigestMismatch, InvalidManifest, ResponseTooLarge
 from replicator.registry.transport import Request, Transport, media_type
 
 _ACCEPT = {"Accept": ACCEPT_MANIFESTS}
@@ -20,8 +21,9 @@ _ACCEPT = {"Accept": ACCEPT_MANIFESTS}
 class Manifests:
     """The manifest verbs of one registry."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, bounds: ReadBounds) -> None:
         self._t = transport
+        self._bounds = bounds
 
     def url(self, repo: str, ref: str) -> str:
         return self._t.url(f"/v2/{repo}/manifests/{ref}")
@@ -47,8 +49,21 @@ class Manifests:
         return Descriptor(mtype, digest, int(size))
 
     async def get(self, repo: str, ref: str) -> Manifest:
-        resp = await self._t.send(Request("GET", self.url(repo, ref), repo, ref, headers=_ACCEPT))
-        raw = resp.content
+        request = Request(
+            "GET",
+            self.url(repo, ref),
+            repo,
+            ref,
+            headers=_ACCEPT,
+            max_body=self._bounds.manifest_bytes,
+            what="manifest",
+        )
+        try:
+            resp, raw = await self._t.fetch(request)
+        except ResponseTooLarge as exc:  # a manifest we cannot use: not worth retrying
+            raise InvalidManifest(
+                exc.detail, site=self._t.site.name, repository=repo, reference=ref
+            ) from exc
         announced = resp.headers.get("docker-content-digest")
         expected = (
             ref if is_digest(ref) else (announced if announced and is_digest(announced) else None)
@@ -63,11 +78,20 @@ class Manifests:
                     reference=ref,
                 )
         try:
-            return parse_manifest(raw, resp.headers.get("content-type"), expected)
+            manifest = parse_manifest(raw, resp.headers.get("content-type"), expected)
+            listed = count_children(manifest)
         except ManifestError as exc:
             raise InvalidManifest(
                 str(exc), site=self._t.site.name, repository=repo, reference=ref
             ) from exc
+        if listed > self._bounds.index_children:
+            raise InvalidManifest(
+                f"index lists {listed} manifests; the limit is {self._bounds.index_children}",
+                site=self._t.site.name,
+                repository=repo,
+                reference=ref,
+            )
+        return manifest
 
     async def put(self, repo: str, ref: str, raw: bytes, mtype: str) -> str:
         digest = digest_of(raw)
@@ -104,3 +128,11 @@ class Manifests:
             Request("DELETE", self.url(repo, digest), repo, digest, ok=(200, 202, 204, 404))
         )
         return resp.status_code != 404
+
+
+def count_children(manifest: Manifest) -> int:
+    """How many manifests an index lists (0 for an image), without parsing them."""
+    if not manifest.is_index:
+        return 0
+    listed = manifest.doc.get("manifests")
+    return len(listed) if isinstance(listed, list) else 0

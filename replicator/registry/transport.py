@@ -41,11 +41,13 @@ from replicator.backoff import jittered_backoff
 from replicator.errors import ConfigError
 from replicator.logs import redact
 from replicator.registry.auth import Authenticator, merge_scopes, scopes_for
+from replicator.registry.bounds import size_text
 from replicator.registry.errors import (
     DigestMismatch,
     NotFound,
     RegistryError,
     RegistryUnavailable,
+    ResponseTooLarge,
     RetryableError,
     Unauthorized,
 )
@@ -83,6 +85,8 @@ class Request:
     replayable: bool = True  # False for a streamed body: sent once, never retried
     attempts: int | None = None  # None: 1 + the policy's retries when replayable
     transfer: bool = False  # a blob body: the long read/write timeouts
+    max_body: int | None = None  # for `fetch`: refuse a body beyond this many bytes
+    what: str = "answer"  # what the body is, for that refusal: "manifest", "tags list page"
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +198,18 @@ class Transport:
     async def send(self, req: Request) -> httpx.Response:
         """Send with auth, limits and retries; return answers in `req.ok` (any 4xx but
         401/403/429 too with `pass_client_errors`), raise RegistryError otherwise."""
+        return (await self._send(req))[0]
+
+    async def fetch(self, req: Request) -> tuple[httpx.Response, bytes]:
+        """`send`, and read the body here, incrementally: ResponseTooLarge as soon as it
+        passes `req.max_body` bytes, so a hostile size costs at most that much memory.
+        The response is closed; its body is the bytes returned."""
+        assert req.max_body is not None and not req.stream
+        resp, body = await self._send(req)
+        assert body is not None
+        return resp, body
+
+    async def _send(self, req: Request) -> tuple[httpx.Response, bytes | None]:
         attempts = req.attempts or (self.policy.retries + 1 if req.replayable else 1)
         try:
             if attempts == 1:
@@ -244,7 +260,7 @@ class Transport:
         )
 
     # ------------------------------------------------------------------ auth
-    async def _attempt(self, req: Request) -> httpx.Response:
+    async def _attempt(self, req: Request) -> tuple[httpx.Response, bytes | None]:
         own = self.is_own(req.url)
         scopes = req.scopes if req.scopes is not None else scopes_for(req.method, req.repository)
         key = self.auth.effective_scopes(scopes)
@@ -258,7 +274,7 @@ class Transport:
                 content=req.content,
                 timeout=timeout,
             )
-            resp = await self._exchange(request, req)
+            resp, body = await self._exchange(request, req)
             if resp.status_code != 401 or self._foreign(own, resp):
                 break  # another host's challenge: never answered with our credentials
             challenge = self.auth.learn(resp)
@@ -289,8 +305,11 @@ class Transport:
         ):
             if not auth and own:
                 self.auth.note_success_without_auth()
-            return resp
-        body = await _read_error_body(resp)
+            return resp, body
+        if body is None:
+            body = await _read_error_body(resp)
+        else:
+            body = body[:_MAX_ERROR_BODY]
         message = registry_message(body, status)
         if status == 429 or status >= 500:
             raise _TransientStatus(
@@ -313,14 +332,21 @@ class Transport:
         return not own or bool(resp.history and not self.is_own(str(resp.url)))
 
     # ------------------------------------------------------------------ the wire
-    async def _exchange(self, request: httpx.Request, req: Request) -> httpx.Response:
+    async def _exchange(
+        self, request: httpx.Request, req: Request
+    ) -> tuple[httpx.Response, bytes | None]:
+        body = None
         if self._bucket:
             await self._bucket.acquire()
         self.stats["requests"] += 1
         async with self._slots:
             resp = await self._http.send(
-                request, stream=req.stream, follow_redirects=req.follow_redirects
+                request,
+                stream=req.stream or req.max_body is not None,
+                follow_redirects=req.follow_redirects,
             )
+            if req.max_body is not None:
+                body = await self._read_capped(resp, req, req.max_body)
         if log.isEnabledFor(logging.DEBUG):
             for hop in (*resp.history, resp):  # a followed redirect shows every host
                 log.debug(
@@ -330,7 +356,32 @@ class Transport:
                     where(str(hop.request.url)),
                     hop.status_code,
                 )
-        return resp
+        return resp, body
+
+    async def _read_capped(self, resp: httpx.Response, req: Request, limit: int) -> bytes:
+        """The (decoded) body of `resp`, refused as soon as it passes `limit` bytes."""
+        try:
+            length = resp.headers.get("content-length")
+            if length and length.isdigit() and int(length) > limit:
+                raise self._too_large(f"announces {int(length)} bytes", limit, req)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise self._too_large(f"went past {size} bytes", limit, req)
+                chunks.append(chunk)
+        finally:
+            await resp.aclose()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _too_large(self, detail: str, limit: int, req: Request) -> ResponseTooLarge:
+        return ResponseTooLarge(
+            f"{req.what} is larger than {size_text(limit)} ({detail}); refused",
+            site=self.site.name,
+            repository=req.repository,
+            reference=req.reference,
+        )
 
     # ------------------------------------------------------------------ errors
     def _status_error(self, status: int, message: str, body: bytes, req: Request) -> RegistryError:
