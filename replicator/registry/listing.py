@@ -1,4 +1,11 @@
-"""Listings: a repository's tags and the registry's catalog, following Link pagination."""
+"""Listings: a repository's tags and the registry's catalog, following Link pagination.
+
+A listing ends when a page names no next page. One that does not advance (a
+link back to a page already read, or a page with no names not seen before
+that still links on) stops with an error rather than looping: a Link to the
+same page once made `sync` send 16,897 requests in 20 s. The page count is
+bounded too (bounds.py), against links that advance forever.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import httpx
 from replicator.registry.auth import scopes_for
 from replicator.registry.bounds import ReadBounds
 from replicator.registry.errors import RegistryError, ResponseTooLarge
+from replicator.registry.origin import where
 from replicator.registry.transport import Request, Transport
 
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*(?:[^,]*;\s*)?rel="?next"?', re.I)
@@ -35,8 +43,17 @@ class Listing:
         (tags) does not exist."""
         what = "tags list" if repo else "catalog"
         names: list[str] = []
+        seen_names: set[str] = set()
+        read: set[str] = set()  # pages' URLs
         pages = 0
         while url:
+            if url in read:
+                raise self._stuck(
+                    f"{what} pagination loops: the next-page link points back at a page "
+                    f"already read ({where(url)})",
+                    repo,
+                )
+            read.add(url)
             if pages == self._bounds.list_pages:
                 raise ResponseTooLarge(
                     f"{what} goes on for more than {pages} pages; stopped there",
@@ -56,9 +73,21 @@ class Listing:
             pages += 1
             if resp.status_code == 404:
                 return names
-            names += self._names(body, key, repo, resp.status_code)
+            page = self._names(body, key, repo, resp.status_code)
+            fresh = len(seen_names)
+            seen_names.update(page)
+            names += page
             url = next_link(resp)
+            if url and len(seen_names) == fresh:
+                raise self._stuck(
+                    f"{what} pagination does not advance: page {pages} lists no new names "
+                    "but links to another",
+                    repo,
+                )
         return names
+
+    def _stuck(self, message: str, repo: str | None) -> RegistryError:
+        return RegistryError(message, site=self._t.site.name, repository=repo)
 
     def _names(self, body: bytes, key: str, repo: str | None, status: int) -> list[str]:
         try:
