@@ -414,6 +414,13 @@ class Transport:
             return RegistryUnavailable(
                 f"TLS failure talking to {self.site.url}: {exc_text(exc)}", **kw
             )
+        if speaks_plain_http(exc) and self.is_own(req.url):
+            return RegistryUnavailable(
+                f"{self.site.url} speaks plain HTTP, not TLS: use url: http://{self.site.host} "
+                "with insecure: true (copy: --insecure)",
+                retryable=False,
+                **kw,
+            )
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return RegistryUnavailable(f"cannot connect to {self.site.url}: {exc_text(exc)}", **kw)
         return RetryableError(f"{req.method} {where(req.url)} failed: {exc_text(exc)}", **kw)
@@ -445,8 +452,26 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, _TransientStatus):
         return True
     if isinstance(exc, httpx.TransportError):
-        return "CERTIFICATE_VERIFY_FAILED" not in str(exc)
+        # a configuration mistake does not heal by waiting
+        return "CERTIFICATE_VERIFY_FAILED" not in str(exc) and not speaks_plain_http(exc)
     return False
+
+
+# What OpenSSL reports when the "TLS record" it reads is an HTTP answer
+# (`HTTP/1.1 400 ...`): the server does not speak TLS on that port.
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
+
+
+def speaks_plain_http(exc: BaseException) -> bool:
+    """Whether a failed TLS handshake means the server answered in plain HTTP."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx -> httpcore -> ssl
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLError) and getattr(seen, "reason", None) in _NOT_TLS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "wrong version number" in str(exc).lower()
 
 
 def exc_text(exc: BaseException | None) -> str:
