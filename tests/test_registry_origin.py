@@ -18,6 +18,7 @@ import pytest
 from replicator.manifest import digest_of
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import Unauthorized
+from replicator.registry.origin import host_of, origin_of, where
 from replicator.registry.site import Credentials, SiteEndpoint
 from tests.harness.hostile_front import HostileFront, Reply, moved_to
 from tests.harness.images import Pusher, layer_bytes
@@ -53,6 +54,22 @@ def front(fronts: list[HostileFront], upstream: Registry | None = None, **kw) ->
 def client(url: str, **kw) -> RegistryClient:
     site = SiteEndpoint(name="us-east", url=url, insecure=True, credentials=BOB)
     return RegistryClient(site, retries=2, backoff_base=0.01, **kw)
+
+
+def test_origins_compare_scheme_host_and_port():
+    assert origin_of("https://Reg.Example/v2/") == origin_of("https://reg.example:443/x")
+    assert origin_of("http://reg.example/") == ("http", "reg.example", 80)
+    assert origin_of("http://reg.example/") != origin_of("https://reg.example/")
+    assert origin_of("https://reg.example:5000/") != origin_of("https://reg.example/")
+    assert origin_of("https://reg.example.evil.test/") != origin_of("https://reg.example/")
+    assert origin_of("http://h:99999999/") is None  # a malformed port matches nothing
+
+
+def test_where_drops_user_info_and_query():
+    url = "https://user:pw@Store.Example:8443/v2/a/blobs/uploads/u?_state=secret&digest=x"
+    assert where(url) == "https://store.example:8443/v2/a/blobs/uploads/u"
+    assert host_of(url) == "https://store.example:8443"
+    assert where("http://[::1]:5000/v2/") == "http://[::1]:5000/v2/"
 
 
 async def test_upload_location_on_another_host_gets_no_credentials(basic_registry, fronts, caplog):

@@ -26,11 +26,6 @@ def origin_of(url: str) -> Origin | None:
         return None
 
 
-def same_origin(url: str, other: str) -> bool:
-    a = origin_of(url)
-    return a is not None and a == origin_of(other)
-
-
 def where(url: str) -> str:
     """`scheme://host:port/path` for logs and errors: no user info, no query (upload
     locations carry signed state there)."""

@@ -52,7 +52,7 @@ from replicator.registry.errors import (
     Unauthorized,
 )
 from replicator.registry.limits import TokenBucket, parse_retry_after
-from replicator.registry.origin import host_of, same_origin, where
+from replicator.registry.origin import host_of, origin_of, where
 from replicator.registry.site import SiteEndpoint
 
 log = logging.getLogger("replicator.registry")
@@ -177,6 +177,7 @@ class Transport:
             site.name, self._http, site.resolve_credentials(), self.stats, registry_url=site.url
         )
         self._own_prefix = site.url + "/"  # the fast answer to "is this our origin?"
+        self._own_origin = origin_of(site.url)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -187,7 +188,7 @@ class Transport:
 
     def is_own(self, url: str) -> bool:
         """Whether `url` is on the registry's own origin, the only one given credentials."""
-        return url.startswith(self._own_prefix) or same_origin(url, self.site.url)
+        return url.startswith(self._own_prefix) or origin_of(url) == self._own_origin
 
     async def prime_auth(self) -> None:
         """Learn the auth scheme before a request whose body cannot be sent twice."""
