@@ -15,7 +15,7 @@ from replicator.manifest import (
     OCI_MANIFEST,
     digest_of,
 )
-from replicator.registry.client import RegistryClient, _with_digest
+from replicator.registry.client import RegistryClient
 from replicator.registry.errors import (
     DigestMismatch,
     InvalidManifest,
@@ -23,6 +23,7 @@ from replicator.registry.errors import (
     RegistryError,
 )
 from replicator.registry.site import SiteEndpoint
+from replicator.registry.uploads import with_digest as _with_digest
 from tests.harness.images import Pusher, assert_image_complete, layer_bytes
 
 SIGNATURE = "application/vnd.dev.cosign.simplesigning.v1+json"

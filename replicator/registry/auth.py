@@ -7,6 +7,10 @@ before it expires. Which scopes a request needs is inferred from its method:
 pull for reads, pull,push for writes, delete for DELETE, plus pull on the
 source repository of a cross-repository mount.
 
+The token realm may live on another host (auth.docker.io serves Docker Hub),
+but it receives our credentials, so an https registry's realm must be https
+too: a challenge naming an http:// realm is refused, not followed.
+
 Parsing and scope arithmetic are pure; `Authenticator` does the token I/O.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import re
 import time
@@ -24,6 +29,7 @@ from typing import Any
 import httpx
 
 from replicator.registry.errors import RegistryUnavailable, RetryableError, Unauthorized
+from replicator.registry.origin import where
 from replicator.registry.site import Credentials
 
 log = logging.getLogger("replicator.registry.auth")
@@ -80,6 +86,7 @@ def merge_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
     return tuple(f"{t}:{n}:{','.join(sorted(a))}" for (t, n), a in sorted(actions.items()))
 
 
+@functools.lru_cache(maxsize=4096)
 def scopes_for(
     method: str, repository: str | None, *, mount_from: str | None = None, catalog: bool = False
 ) -> tuple[str, ...]:
@@ -115,8 +122,11 @@ class Authenticator:
         http: httpx.AsyncClient,
         credentials: Credentials | None,
         stats: dict[str, int],
+        *,
+        registry_url: str,
     ) -> None:
         self.site = site
+        self._registry_https = registry_url.startswith("https://")
         self._http = http
         self._creds = credentials
         self._stats = stats
@@ -156,6 +166,7 @@ class Authenticator:
         challenges = parse_challenges(response.headers.get_list("www-authenticate"))
         for ch in challenges:
             if ch.scheme == "bearer" and ch.realm:
+                self._check_realm(ch.realm)
                 self.scheme, self._bearer = "bearer", ch
                 return ch
         for ch in challenges:
@@ -163,6 +174,17 @@ class Authenticator:
                 self.scheme = "basic"
                 return ch
         return None
+
+    def _check_realm(self, realm: str) -> None:
+        scheme = realm.split("://", 1)[0].lower() if "://" in realm else ""
+        if scheme == "https" or (scheme == "http" and not self._registry_https):
+            return
+        why = "is not https while the registry is" if scheme == "http" else "is not an http(s) URL"
+        raise Unauthorized(
+            f"token realm {where(realm)} {why}; refusing to send credentials there",
+            site=self.site,
+            status=401,
+        )
 
     def invalidate(self, scopes: tuple[str, ...]) -> None:
         self._tokens.pop(scopes, None)
@@ -194,7 +216,12 @@ class Authenticator:
         assert self._bearer is not None and self._bearer.realm
         realm, service = self._bearer.realm, self._bearer.service
         self._stats["token_requests"] = self._stats.get("token_requests", 0) + 1
-        log.debug("%s: requesting token for %s", self.site, " ".join(scopes) or "(no scope)")
+        log.debug(
+            "%s: requesting token from %s for %s",
+            self.site,
+            where(realm),
+            " ".join(scopes) or "(no scope)",
+        )
         creds = self._creds
         try:
             if creds and creds.identity_token:
@@ -208,7 +235,7 @@ class Authenticator:
                     form["service"] = service
                 resp = await self._http.post(realm, data=form)
             else:
-                params: list[tuple[str, str]] = []
+                params: list[tuple[str, str | int | float | bool | None]] = []
                 if service:
                     params.append(("service", service))
                 params += [("scope", s) for s in scopes]
@@ -216,22 +243,22 @@ class Authenticator:
                 resp = await self._http.get(realm, params=params, headers=headers)
         except httpx.TransportError as exc:
             raise RegistryUnavailable(
-                f"token server {_origin(realm)} unreachable: {type(exc).__name__}", site=self.site
+                f"token server {where(realm)} unreachable: {type(exc).__name__}", site=self.site
             ) from exc
         if resp.status_code in (401, 403):
             who = f"user {creds.username!r}" if creds and creds.username else "anonymous access"
             raise Unauthorized(
-                f"token server {_origin(realm)} refused {who}",
+                f"token server {where(realm)} refused {who}",
                 site=self.site,
                 status=resp.status_code,
             )
         if resp.status_code >= 500 or resp.status_code == 429:
             raise RetryableError(
-                f"token server {_origin(realm)} failed", site=self.site, status=resp.status_code
+                f"token server {where(realm)} failed", site=self.site, status=resp.status_code
             )
         if resp.status_code != 200:
             raise Unauthorized(
-                f"token server {_origin(realm)} answered unexpectedly",
+                f"token server {where(realm)} answered unexpectedly",
                 site=self.site,
                 status=resp.status_code,
             )
@@ -241,10 +268,10 @@ class Authenticator:
             expires_in = float(body.get("expires_in") or 60)
         except (ValueError, TypeError, AttributeError) as exc:
             raise Unauthorized(
-                f"token server {_origin(realm)} sent an unreadable answer", site=self.site
+                f"token server {where(realm)} sent an unreadable answer", site=self.site
             ) from exc
         if not value:
-            raise Unauthorized(f"token server {_origin(realm)} sent no token", site=self.site)
+            raise Unauthorized(f"token server {where(realm)} sent no token", site=self.site)
         # Renew a little early so a token never expires between check and use.
         margin = min(30.0, expires_in / 10)
         return _Token(value, time.monotonic() + max(1.0, expires_in - margin))
@@ -254,8 +281,3 @@ def _basic(creds: Credentials | None) -> str:
     assert creds is not None
     raw = f"{creds.username}:{creds.password}".encode()
     return "Basic " + base64.b64encode(raw).decode()
-
-
-def _origin(url: str) -> str:
-    u = httpx.URL(url)
-    return f"{u.scheme}://{u.netloc.decode()}{u.path}"

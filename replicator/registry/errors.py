@@ -89,3 +89,10 @@ class RetryableError(RegistryError):
 
 class RegistryUnavailable(RetryableError):
     """The registry could not be reached at all (refused, DNS, TLS, timeouts) after retries."""
+
+
+class ResponseTooLarge(RegistryError):
+    """An answer exceeded a read bound (`bounds.py`); reading stopped at the bound.
+
+    Not retryable: the registry would send the same oversized answer again.
+    """

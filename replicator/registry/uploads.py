@@ -1,0 +1,302 @@
+"""Blob uploads: cross-repository mount, sessions, monolithic and chunked PUT.
+
+Streamed uploads cannot be replayed, so they fail with a `retryable` error
+and the caller decides; chunked uploads resume from the offset the registry
+reports, re-opening the source there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from urllib.parse import quote, urljoin, urlsplit
+
+import httpx
+
+from replicator.registry.auth import scopes_for
+from replicator.registry.blobs import Blobs
+from replicator.registry.errors import NotFound, RegistryError, RetryableError
+from replicator.registry.transport import Request, Transport
+
+log = logging.getLogger("replicator.registry")
+
+_UPLOAD_PATH = re.compile(r"/v2/(.+)/blobs/uploads/")
+_RANGE = re.compile(r"(?:bytes=)?0-(\d+)")
+_OCTETS = "application/octet-stream"
+
+OpenSource = Callable[[int], AbstractAsyncContextManager[AsyncIterable[bytes]]]
+
+
+class Uploads:
+    """The upload verbs of one registry."""
+
+    def __init__(self, transport: Transport, blobs: Blobs) -> None:
+        self._t = transport
+        self._blobs = blobs
+
+    def _sessions_url(self, repo: str) -> str:
+        return self._t.url(f"/v2/{repo}/blobs/uploads/")
+
+    async def mount(self, repo: str, digest: str, from_repo: str) -> str | None:
+        mount = f"?mount={quote(digest, safe='')}&from={quote(from_repo, safe='')}"
+        resp = await self._t.send(
+            Request(
+                "POST",
+                self._sessions_url(repo) + mount,
+                repo,
+                digest,
+                scopes=scopes_for("POST", repo, mount_from=from_repo),
+                ok=(201, 202),
+            )
+        )
+        if resp.status_code == 201:
+            return None
+        return self._location(resp, repo, digest)
+
+    async def start(self, repo: str) -> str:
+        resp = await self._t.send(Request("POST", self._sessions_url(repo), repo, ok=(202,)))
+        return self._location(resp, repo, None)
+
+    async def cancel(self, location: str) -> None:
+        repo = _repo_of_upload(location)
+        try:
+            await self._t.send(
+                Request("DELETE", location, repo, ok=(200, 202, 204, 404), attempts=1)
+            )
+        except RegistryError as exc:
+            log.debug("%s: cancelling upload failed (ignored): %s", self._t.site.name, exc)
+
+    async def put(
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        chunks: AsyncIterable[bytes],
+        location: str | None = None,
+    ) -> None:
+        await self._t.prime_auth()
+        loc = location or await self.start(repo)
+        try:
+            await self._t.send(
+                Request(
+                    "PUT",
+                    with_digest(loc, digest),
+                    repo,
+                    digest,
+                    content=self._counting(chunks),
+                    headers={"Content-Type": _OCTETS, "Content-Length": str(size)},
+                    ok=(201, 204),
+                    replayable=False,
+                    transfer=True,
+                )
+            )
+        except BaseException:
+            await self.cancel(loc)
+            raise
+
+    async def put_chunked(
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        open_source: OpenSource,
+        chunk_size: int,
+        location: str | None = None,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        await self._t.prime_auth()
+        loc = location or await self.start(repo)
+        offset, failures = 0, 0
+        while offset < size:
+            try:
+                async with open_source(offset) as source:
+                    reader = _SourceReader(source, self._t.site.name, repo, digest, offset, size)
+                    while offset < size:
+                        n = min(chunk_size, size - offset)
+                        loc, offset = await self._patch(loc, repo, digest, offset, n, reader)
+            except BaseException as exc:
+                if not _is_retryable(exc) or failures >= self._t.policy.retries:
+                    await self.cancel(loc)
+                    raise
+                failures += 1
+                delay = self._t.policy.backoff(failures)
+                log.info(
+                    "%s: %s: chunked upload failed at byte %d (%s); checking the "
+                    "server's offset in %.2fs",
+                    self._t.site.name,
+                    f"{repo}@{digest}",
+                    offset,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                loc, offset = await self._resume_point(loc, repo)
+        try:
+            await self._t.send(
+                Request(
+                    "PUT",
+                    with_digest(loc, digest),
+                    repo,
+                    digest,
+                    content=b"",
+                    ok=(201, 204),
+                    headers={"Content-Type": _OCTETS},
+                )
+            )
+        except NotFound:
+            # A retried PUT whose first answer was lost finds its session already closed.
+            if await self._blobs.head(repo, digest) != size:
+                raise
+
+    async def _patch(
+        self, loc: str, repo: str, digest: str, offset: int, n: int, reader: _SourceReader
+    ) -> tuple[str, int]:
+        """Send the next `n` bytes of `reader` (from `offset`); returns the session's next
+        location and offset."""
+        resp = await self._t.send(
+            Request(
+                "PATCH",
+                loc,
+                repo,
+                digest,
+                content=self._counting(reader.take(n)),
+                headers={
+                    "Content-Type": _OCTETS,
+                    "Content-Length": str(n),
+                    "Content-Range": f"{offset}-{offset + n - 1}",
+                },
+                ok=(202, 204),
+                replayable=False,
+                transfer=True,
+            )
+        )
+        new_loc = self._location(resp, repo, digest)
+        reported = range_end(resp.headers.get("range"))
+        if reported is not None and reported != offset + n:
+            raise RetryableError(
+                f"registry holds {reported} bytes after a chunk ending at {offset + n}",
+                site=self._t.site.name,
+                repository=repo,
+                reference=digest,
+            )
+        return new_loc, offset + n
+
+    async def _resume_point(self, loc: str, repo: str) -> tuple[str, int]:
+        """Where to continue: the registry's offset for the session, else a new session."""
+        try:
+            resp = await self._t.send(Request("GET", loc, repo, ok=(200, 204)))
+            offset = range_end(resp.headers.get("range")) or 0
+            self._t.stats["upload_resumes"] += 1
+            log.info(
+                "%s: %s: upload session holds %d bytes; resuming there",
+                self._t.site.name,
+                repo,
+                offset,
+            )
+            return self._location(resp, repo, None), offset
+        except RegistryError as exc:
+            if exc.status not in (400, 404, 416):
+                raise
+            # distribution drops a session whose size no longer matches its upload state
+            # (a chunk was partly written): start over.
+            self._t.stats["upload_restarts"] += 1
+            log.info(
+                "%s: %s: upload session lost (%s); restarting from byte 0",
+                self._t.site.name,
+                repo,
+                exc.detail,
+            )
+            await self.cancel(loc)
+            return await self.start(repo), 0
+
+    def _location(self, resp: httpx.Response, repo: str, ref: str | None) -> str:
+        loc = resp.headers.get("location")
+        if not loc:
+            raise RegistryError(
+                "upload answer has no Location header",
+                site=self._t.site.name,
+                repository=repo,
+                reference=ref,
+                status=resp.status_code,
+            )
+        return urljoin(str(resp.url), loc)
+
+    async def _counting(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        stats = self._t.stats
+        async for chunk in chunks:
+            stats["bytes_uploaded"] += len(chunk)
+            yield chunk
+
+
+class _SourceReader:
+    """Hands out exactly `n` bytes at a time from a source of arbitrary chunk sizes."""
+
+    def __init__(
+        self,
+        source: AsyncIterable[bytes],
+        site: str,
+        repo: str,
+        digest: str,
+        offset: int,
+        size: int,
+    ) -> None:
+        self._it = aiter(source)
+        self._buf = b""
+        self._pos = offset
+        self._size = size
+        self._site, self._repo, self._digest = site, repo, digest
+
+    async def take(self, n: int) -> AsyncIterator[bytes]:
+        remaining = n
+        while remaining > 0:
+            if not self._buf:
+                try:
+                    self._buf = bytes(await anext(self._it))
+                except StopAsyncIteration:
+                    raise RetryableError(
+                        f"source ended at byte {self._pos} of {self._size}",
+                        site=self._site,
+                        repository=self._repo,
+                        reference=self._digest,
+                    ) from None
+            piece, self._buf = self._buf[:remaining], self._buf[remaining:]
+            remaining -= len(piece)
+            self._pos += len(piece)
+            yield piece
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return bool(getattr(exc, "retryable", False))
+
+
+def range_end(value: str | None) -> int | None:
+    """Bytes held by an upload session from its `Range: 0-<last>` header.
+
+    `0-0` is ambiguous (distribution sends it for an empty session); we read it as 0.
+    """
+    if not value:
+        return None
+    m = _RANGE.match(value.strip())
+    if not m:
+        return None
+    last = int(m.group(1))
+    return 0 if last == 0 else last + 1
+
+
+# Plain string work on upload locations: they are long (a signed `_state`), and
+# httpx.URL validates every character in Python, twice per join or merge.
+def with_digest(location: str, digest: str) -> str:
+    """`location` with `digest=` added to its query, as the closing PUT needs."""
+    sep = "&" if urlsplit(location).query else ("" if location.endswith("?") else "?")
+    return f"{location}{sep}digest={quote(digest, safe='')}"
+
+
+def _repo_of_upload(location: str) -> str | None:
+    m = _UPLOAD_PATH.search(urlsplit(location).path)
+    return m.group(1) if m else None
