@@ -49,7 +49,9 @@ def write_config(workdir: Path, registries: dict[str, LocalRegistry], port: int)
         site["url"] = reg.url
         site["storage"] = str(reg.storage)
         site["registry_config"] = str(reg.config_path)
-        site["webhook_token_env"] = "DEMO_WEBHOOK_TOKEN"
+        # a file, not an environment variable: the commands printed by --keep run in
+        # another terminal and must find it too
+        site["webhook_token_file"] = str(workdir / "webhook-token")
     for policy in config.get("gc", {}).get("policies", []):
         policy["grace"] = "1s"  # the demo's images are seconds old
         policy["mode"] = "storage"
@@ -71,13 +73,14 @@ async def _wait_for(check: Callable[[], Awaitable[object]], what: str, timeout: 
 async def run_demo(
     *, quick: bool = False, keep: bool = False, say: Callable[[str], None] = print
 ) -> int:
-    import os
 
     from replicator.daemon.service import Daemon
 
     workdir = Path(tempfile.mkdtemp(prefix="registry-replicator-demo-"))
     token = secrets.token_urlsafe(24)
-    os.environ["DEMO_WEBHOOK_TOKEN"] = token
+    token_file = workdir / "webhook-token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
     port = free_port()
     registries = {
         name: LocalRegistry(
