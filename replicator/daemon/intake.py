@@ -35,19 +35,20 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from replicator.daemon.eventstore import record_event_batches
 from replicator.daemon.metrics import METRICS, Metrics
 from replicator.events import RegistryEvent, WebhookError, parse_webhook
-from replicator.journal import Journal, now
+from replicator.journal import Journal
 from replicator.text import shorten
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1024 * 1024
 READY_TIMEOUT = 5.0
+METRICS_REFRESH_TIMEOUT = 1.0  # past this a scrape renders the previous gauge values
 
 OnEvents = Callable[[list[RegistryEvent]], Awaitable[None]]
 ReadyCheck = Callable[[], Awaitable[Mapping[str, Any]]]
+BeforeMetrics = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,7 @@ class GroupCommit:
 
     async def _commit(self, batch: list[tuple[Sequence[RegistryEvent], asyncio.Future]]) -> None:
         try:
-            results = await self.journal.run(
-                record_event_batches, self.journal, [events for events, _ in batch]
-            )
+            results = await self.journal.events.record_batches([events for events, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
                 if not batch[0][1].done():
@@ -124,8 +123,12 @@ def create_app(
     max_body: int = DEFAULT_MAX_BODY,
     ready_check: ReadyCheck | None = None,
     metrics: Metrics | None = None,
+    before_metrics: BeforeMetrics | None = None,
 ) -> Starlette:
-    """The intake ASGI app: POST /events/{site}, GET /healthz, /readyz, /metrics."""
+    """The intake ASGI app: POST /events/{site}, GET /healthz, /readyz, /metrics.
+
+    `before_metrics` refreshes gauges whose values live in the journal; a scrape waits
+    for it at most METRICS_REFRESH_TIMEOUT seconds, then renders what it has."""
     metrics = metrics if metrics is not None else METRICS
     recorder = GroupCommit(journal)
     by_name = dict(sites)
@@ -216,7 +219,7 @@ def create_app(
     async def readyz(request: Request) -> Response:
         checks: dict[str, dict[str, Any]] = {}
         try:
-            await asyncio.wait_for(journal.run(probe_journal, journal), READY_TIMEOUT)
+            await asyncio.wait_for(journal.probe(), READY_TIMEOUT)
             checks["journal"] = {"ok": True}
         except Exception as exc:
             checks["journal"] = {"ok": False, "detail": shorten(f"{type(exc).__name__}: {exc}")}
@@ -234,6 +237,11 @@ def create_app(
         )
 
     async def metrics_endpoint(request: Request) -> Response:
+        if before_metrics is not None:
+            try:
+                await asyncio.wait_for(before_metrics(), METRICS_REFRESH_TIMEOUT)
+            except Exception as exc:
+                log.debug("metrics refresh skipped: %s", type(exc).__name__)
         return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
 
     app = Starlette(
@@ -246,16 +254,6 @@ def create_app(
     )
     app.state.group_commit = recorder
     return app
-
-
-def probe_journal(journal: Journal) -> None:
-    """A tiny write and read-back: proves the journal is open, writable and not stuck."""
-    stamp = repr(now())
-    with journal.transaction() as conn:
-        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('readyz_probe', ?)", (stamp,))
-    row = journal.query("SELECT value FROM meta WHERE key = 'readyz_probe'")
-    if not row or row[0]["value"] != stamp:
-        raise RuntimeError("journal read-back did not return the probe just written")
 
 
 def _bearer_matches(header: str | None, token: str) -> bool:
