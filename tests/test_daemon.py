@@ -215,7 +215,7 @@ def test_bad_webhooks_get_4xx_and_daemon_stays_healthy(hub):
     }
     cases = [
         (url, {**good, "Authorization": "Bearer wrong"}, b'{"events":[]}', 401),
-        (f"{daemon.url}/events/nope", good, b'{"events":[]}', 404),
+        (f"{daemon.url}/events/nope", good, b'{"events":[]}', 401),
         (url, good, b"{not json", 400),
         (url, {**good, "Content-Type": "text/plain"}, b"hello", 415),
         (url, good, b'{"events":[' + b"0," * 600_000 + b"0]}", 413),

@@ -136,7 +136,7 @@ async def test_record_dedupes_and_roundtrips_every_field(journal):
     assert await events.record([full, mount, full]) == [full, mount]
     assert await events.record([mount]) == []
     assert await events.by_state("new") == [full, mount]
-    assert await events.mark(["m", "missing"], "dispatched") == 1
+    assert await events.mark([("eu", "m"), ("eu", "missing"), ("us", "m")], "dispatched") == 1
     assert await events.by_state("new") == [full]
     assert await events.by_state("dispatched", site="eu") == [mount]
     assert await events.by_state("new", site="other") == []
@@ -145,7 +145,7 @@ async def test_record_dedupes_and_roundtrips_every_field(journal):
     assert await events.by_state("new", received_before=time.time() - 60) == []
     assert await events.counts() == {"dispatched": 1, "ignored": 0, "new": 1}
     with pytest.raises(ValueError, match="unknown event state"):
-        await events.mark(["m"], "done")
+        await events.mark([("eu", "m")], "done")
 
 
 async def test_record_is_one_transaction(journal):
@@ -162,7 +162,7 @@ async def test_mark_many_ids_at_once(journal):
         for i in range(1200)
     ]
     await journal.events.record(evs)
-    assert await journal.events.mark((e.id for e in evs), "ignored") == 1200
+    assert await journal.events.mark(((e.site, e.id) for e in evs), "ignored") == 1200
     assert (await journal.events.counts())["ignored"] == 1200
 
 
@@ -195,6 +195,36 @@ async def test_whole_recorded_sequence_and_open_site(intake, client, journal):
         )
         assert r.status_code == 202
     assert journaled(journal) == len(SEQUENCE) == len(intake.handed)
+
+
+async def test_the_same_event_id_from_two_sites_is_two_events(journal):
+    """Ids are per registry (Harbor's are predictable): site b's token must not be able
+    to suppress site a's event by posting its id first."""
+    intake = Intake(journal, sites={"eu": SiteIntake("eu", TOKEN), "us": SiteIntake("us", "t-us")})
+    async with intake.client() as c:
+        us = await c.post(
+            "/events/us", content=PUSH_BODY, headers={**V1, "authorization": "Bearer t-us"}
+        )
+        eu = await c.post("/events/eu", content=PUSH_BODY, headers=AUTH)
+        again = await c.post("/events/eu", content=PUSH_BODY, headers=AUTH)
+    assert (us.status_code, eu.status_code, again.status_code) == (202, 202, 200)
+    assert sorted(e.site for e in intake.handed) == ["eu", "us"]
+    assert sorted(e.site for e in await journal.events.by_state("new")) == ["eu", "us"]
+    [eu_event] = await journal.events.by_state("new", site="eu")
+    assert await journal.events.mark([("eu", eu_event.id)], "dispatched") == 1
+    assert [e.site for e in await journal.events.by_state("new")] == ["us"]
+
+
+async def test_unknown_sites_and_bad_tokens_get_the_same_answer(client):
+    """No way to enumerate site names: an unknown site looks like a wrong token."""
+    unknown = await client.post("/events/mars", content=PUSH_BODY, headers=AUTH)
+    wrong = await client.post(
+        "/events/eu", content=PUSH_BODY, headers={**V1, "authorization": "Bearer nope"}
+    )
+    assert unknown.status_code == wrong.status_code == 401
+    assert unknown.json() == wrong.json()
+    assert unknown.headers["www-authenticate"] == wrong.headers["www-authenticate"]
+    assert "mars" not in unknown.text
 
 
 async def test_concurrent_posts_share_commits(intake, client, journal):
@@ -297,7 +327,7 @@ BAD = [
         {**V1, "authorization": "Bearer tök".encode()},
         401,
     ),
-    ("unknown site", "/events/mars", PUSH_BODY, AUTH, 404),
+    ("unknown site", "/events/mars", PUSH_BODY, AUTH, 401),
     ("malformed json", "/events/eu", b'{"events": [', AUTH, 400),
     ("bad repository", "/events/eu", PUSH_BODY.replace(b'"team/app"', b'"Team/App"'), AUTH, 400),
     ("unknown action", "/events/eu", PUSH_BODY.replace(b'"push"', b'"explode"'), AUTH, 400),

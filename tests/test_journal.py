@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from replicator.errors import JournalError
+from replicator.events import RegistryEvent
 from replicator.journal import MIGRATIONS, SCHEMA_VERSION, Journal
 from tests.harness.images import Pusher, layer_bytes
 from tests.harness.journal import sql
@@ -52,11 +53,21 @@ def test_journals_of_every_shipped_schema_open_and_upgrade(tmp_path, shipped):
             "INSERT INTO replicated(target_site, repository, digest, source_site, at) "
             "VALUES ('b', 'app', 'sha256:1', 'a', 7.0)"
         )
+        conn.execute(
+            "INSERT INTO events(id, site, received_at, action, repository) "
+            "VALUES ('e1', 'a', 3.0, 'push', 'app')"
+        )
     j = Journal(path)
     try:
         assert j.schema_version == SCHEMA_VERSION
         tables = {r["name"] for r in sql(j, "SELECT name FROM sqlite_master WHERE type='table'")}
         assert "inventory_manifests" not in tables and "manifest_refs" not in tables
+        indexes = {r["name"] for r in sql(j, "SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "events_state" in indexes  # kept when events was rebuilt for its new key
+        assert [e.id for e in asyncio.run(j.events.by_state("new"))] == ["e1"]
+        # events are keyed per site now: the same id from another site is a new event
+        again = RegistryEvent(id="e1", site="b", action="push", repository="app")
+        assert asyncio.run(j.events.record([again])) == [again]
         assert asyncio.run(j.inventory.digests("a", "app")) == {"v1": "sha256:1"}
         assert asyncio.run(j.ledger.was_replicated_here("b", "app", "sha256:1", within=None)) == "a"
         asyncio.run(j.ledger.record("b", "app", "sha256:1", "a", "v1"))  # column of schema 3

@@ -4,7 +4,9 @@ Registries deliver notifications at most once from an in-memory queue and retry 
 non-2xx forever, so the contract here is strict both ways:
 
 * bad input (unknown site, wrong token, oversize, malformed, unsupported) gets a
-  clear 4xx with a JSON `error`, is never journaled, and never causes a 5xx;
+  clear 4xx with a JSON `error`, is never journaled, and never causes a 5xx; an
+  unknown site is answered exactly like a wrong token, so site names cannot be
+  enumerated;
 * an event is answered 2xx only once it is durable: committed to the journal and
   handed to `on_events` (the event bus). Redeliveries (same id) are answered 200 and
   not passed on again. If the journal or the hand-over fails the answer is 503, so
@@ -144,15 +146,15 @@ def create_app(
         started = time.perf_counter()
         site_name = request.path_params["site"]
         site = by_name.get(site_name)
-        if site is None:
-            return reject(404, f"unknown site {shorten(site_name)!r}", site_name)
-        if site.token is not None and not _bearer_matches(
-            request.headers.get("authorization"), site.token
+        if site is None or (
+            site.token is not None
+            and not _bearer_matches(request.headers.get("authorization"), site.token)
         ):
+            log.debug("webhook for %s site %s", "unknown" if site is None else "known", site_name)
             return reject(
                 401,
                 "missing or wrong bearer token",
-                site.name,
+                site_name,
                 {"WWW-Authenticate": 'Bearer realm="registry-replicator"'},
             )
 

@@ -97,7 +97,7 @@ class Daemon:
         self.rules: list[Rule] = list(self.config.rules)
         self._stop = asyncio.Event()
         self._work_ready = asyncio.Event()
-        self._to_mark: list[str] = []  # event ids to mark 'dispatched', batched
+        self._to_mark: list[tuple[str, str]] = []  # (site, event id) to mark, batched
         self._mark_ready = asyncio.Event()
         self._running: dict[int, asyncio.Task] = {}
         self._periodic: dict[str, Periodic] = {}
@@ -290,20 +290,20 @@ class Daemon:
             ):
                 await self.bus.publish(event)  # the bus carries this span's traceparent
         if not isinstance(self.bus, InProcessBus):
-            self._mark_dispatched([e.id for e in events])  # durable in the broker now
+            self._mark_dispatched(events)  # durable in the broker now
 
-    def _mark_dispatched(self, ids: list[str]) -> None:
+    def _mark_dispatched(self, events: list[RegistryEvent]) -> None:
         """Marking is kept off the webhook's critical path (the registry sends one event
         at a time, so every journal round trip in the answer delays all later events) and
         batched across concurrent webhooks. A crash before the mark only re-publishes the
         event at the next start; handling is idempotent."""
-        self._to_mark += ids
+        self._to_mark += [(e.site, e.id) for e in events]
         self._mark_ready.set()
 
     async def _flush_marks(self) -> None:
         while self._to_mark:
-            ids, self._to_mark = self._to_mark, []
-            await self.journal.events.mark(ids, "dispatched")
+            keys, self._to_mark = self._to_mark, []
+            await self.journal.events.mark(keys, "dispatched")
 
     async def _mark_loop(self) -> None:
         while True:
@@ -342,7 +342,7 @@ class Daemon:
         SIGKILL with events still queued then re-publishes them at the next start."""
         await self._plan(event, trace_context)
         if isinstance(self.bus, InProcessBus):
-            self._mark_dispatched([event.id])
+            self._mark_dispatched([event])
 
     async def _plan(self, event: RegistryEvent, trace_context: Mapping[str, str]) -> None:
         """Turn one event into tasks (durably) and wake the workers."""

@@ -38,7 +38,12 @@ Step = str | Callable[[sqlite_utils.Database], None]
 
 def _drop_never_used_tables(db: sqlite_utils.Database) -> None:
     for name in ("inventory_manifests", "manifest_refs"):
-        db[name].drop(ignore=True)
+        db.table(name).drop(ignore=True)
+
+
+def _key_events_by_site(db: sqlite_utils.Database) -> None:
+    # sqlite-utils rebuilds the table (copy, drop, rename) and its events_state index
+    db.table("events").transform(pk=("site", "id"))
 
 
 # (version, description, SQL or a function of the database). Append only; never edit a
@@ -199,6 +204,12 @@ MIGRATIONS: list[tuple[int, str, Step]] = [
         4,
         "drop inventory_manifests (read by API GC, never written) and manifest_refs (never used)",
         _drop_never_used_tables,
+    ),
+    (
+        5,
+        "events: primary key (site, id), so de-duplication is per site: another site "
+        "posting the same (predictable) id cannot suppress an event",
+        _key_events_by_site,
     ),
 ]
 

@@ -3,7 +3,9 @@
 An event is answered 2xx only after it is here, and it stays in state `new` until
 whoever consumes it marks it `dispatched` (or `ignored`), so a crash between
 intake and dispatch loses nothing: on start the daemon re-reads `new` events.
-The event id is the primary key, which is what makes redelivery harmless.
+(site, event id) is the primary key, which makes redelivery harmless; ids are only
+unique per registry (and predictable for Harbor), so one site's events can never
+suppress another's.
 """
 
 from __future__ import annotations
@@ -39,11 +41,10 @@ _COLUMNS = (
 )
 _INSERT = (
     f"INSERT INTO events ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ON CONFLICT(id) DO NOTHING"
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ON CONFLICT(site, id) DO NOTHING"
 )
 # Not INSERT OR IGNORE: that would also swallow NOT NULL/CHECK failures and report a
 # broken event as a harmless duplicate.
-_CHUNK = 500  # stay far below SQLite's bound-parameter limit
 
 
 class Events:
@@ -57,8 +58,8 @@ class Events:
     ) -> list[RegistryEvent]:
         """Insert `events` in ONE transaction; return those not seen before (in order).
 
-        A repeated id is skipped (ON CONFLICT DO NOTHING); any other failure rolls back
-        the whole call and raises.
+        A repeated (site, id) is skipped (ON CONFLICT DO NOTHING); any other failure
+        rolls back the whole call and raises.
         """
         return (await self.record_batches([events], received_at))[0]
 
@@ -99,10 +100,12 @@ class Events:
         found = await self._journal.read(rows, sql, params)
         return [_event(row) for row in found]
 
-    async def mark(self, ids: Iterable[str], state: str) -> int:
-        """Move events to `state` in one transaction; returns how many rows changed."""
+    async def mark(self, keys: Iterable[tuple[str, str]], state: str) -> int:
+        """Move the events named by (site, id) to `state` in one transaction; returns
+        how many rows changed."""
         _check_state(state)
-        return await self._journal.write(_mark, list(dict.fromkeys(ids)), state)
+        params = [(state, site, id_) for site, id_ in dict.fromkeys(keys)]
+        return await self._journal.write(_mark, params)
 
     async def counts(self) -> dict[str, int]:
         """Events per state, every state present (zero when empty)."""
@@ -139,15 +142,9 @@ def _insert_batches(
     ]
 
 
-def _mark(db: sqlite_utils.Database, ids: list[str], state: str) -> int:
-    changed = 0
-    for i in range(0, len(ids), _CHUNK):
-        chunk = ids[i : i + _CHUNK]
-        changed += db.execute(
-            f"UPDATE events SET state = ? WHERE id IN ({', '.join('?' for _ in chunk)})",
-            [state, *chunk],
-        ).rowcount
-    return changed
+def _mark(db: sqlite_utils.Database, params: list[tuple[str, str, str]]) -> int:
+    cur = db.conn.executemany("UPDATE events SET state = ? WHERE site = ? AND id = ?", params)
+    return int(cur.rowcount)
 
 
 def _check_state(state: str) -> None:
