@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import signal
 import sqlite3
@@ -21,7 +22,7 @@ from replicator.journal import MIGRATIONS, SCHEMA_VERSION, Journal
 from tests.harness.images import Pusher, layer_bytes
 from tests.harness.journal import sql
 from tests.harness.registry import write_htpasswd
-from tests.harness.util import wait_until
+from tests.harness.util import free_port, wait_until
 
 
 def test_migrations_apply_once_and_reopen_is_idempotent(tmp_path):
@@ -170,3 +171,76 @@ def test_secrets_never_reach_the_journal(registry_factory, tmp_path):
         assert secret not in out.stdout + out.stderr
     for file in tmp_path.glob("journal.db*"):
         assert password.encode() not in file.read_bytes()
+
+
+def _journal_with_events(path, n: int = 2000) -> None:
+    """A journal of a few hundred pages, closed (so everything is in the main file)."""
+    j = Journal(path)
+    events = [
+        RegistryEvent(id=f"e{i}", site="a", action="push", repository="app", actor="x" * 200)
+        for i in range(n)
+    ]
+    asyncio.run(j.events.record(events))
+    j.close()
+
+
+def _overwrite(path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _cli(tmp_path, journal, *command: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "journal": str(journal),
+                "listen": f"127.0.0.1:{free_port()}",
+                "sites": {"a": {"url": "http://127.0.0.1:1", "insecure": True}},
+            }
+        )
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", *command, "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_journal_with_corrupt_pages_is_refused_with_what_to_do(tmp_path):
+    path = tmp_path / "j.db"
+    _journal_with_events(path)
+    _overwrite(path, 4096 * 40 + 100, b"\xff" * 3000)  # inside the events b-tree
+    with pytest.raises(JournalError) as info:
+        Journal(path)
+    message = str(info.value)
+    assert str(path) in message and "damaged" in message and "backup" in message
+    # the daemon refuses to start (so it never answers a webhook 202 it cannot keep)
+    out = _cli(tmp_path, path, "run")
+    assert out.returncode == 2, out.stderr
+    assert "damaged" in out.stderr and str(path) in out.stderr
+    assert "internal error" not in out.stderr
+
+
+def test_a_journal_with_a_broken_header_gives_a_clear_error(tmp_path):
+    path = tmp_path / "j.db"
+    _journal_with_events(path, 10)
+    _overwrite(path, 0, b"not a database!!")
+    out = _cli(tmp_path, path, "status")
+    assert out.returncode == 2, out.stderr
+    assert "internal error" not in out.stderr and "DatabaseError" not in out.stderr
+    assert str(path) in out.stderr and "not a SQLite database" in out.stderr
+
+
+def test_the_start_up_check_is_bounded_in_time(tmp_path, caplog):
+    path = tmp_path / "j.db"
+    _journal_with_events(path)
+    with caplog.at_level(logging.WARNING, logger="replicator.journal"):
+        j = Journal(path, quick_check_seconds=0.0)
+    try:
+        assert "quick_check" in caplog.text and "not finished" in caplog.text
+        assert (asyncio.run(j.events.counts()))["new"] == 2000  # opened all the same
+    finally:
+        j.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -32,6 +33,16 @@ from replicator.errors import JournalError
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+log = logging.getLogger(__name__)
+
+QUICK_CHECK_SECONDS = 10.0  # a start-up integrity check never delays a start by more
+_REMEDY = (
+    "stop every process using it, then restore it from a backup, or move it aside "
+    "(with its -wal and -shm files) to start with an empty journal: its pending tasks "
+    "and undispatched events are then forgotten (the next reconcile re-copies what is "
+    "missing) and active failovers must be recorded again"
+)
 
 Step = str | Callable[[sqlite_utils.Database], None]
 
@@ -221,7 +232,11 @@ class JournalConnection:
     thread; all SQL runs on the journal's own thread."""
 
     def __init__(
-        self, path: str | Path, *, synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+        self,
+        path: str | Path,
+        *,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        quick_check_seconds: float = QUICK_CHECK_SECONDS,
     ) -> None:
         self.path = Path(path)
         self.schema_version = 0
@@ -230,14 +245,14 @@ class JournalConnection:
             max_workers=1, thread_name_prefix="journal"
         )
         try:
-            self._executor.submit(self._open, synchronous).result()
+            self._executor.submit(self._open, synchronous, quick_check_seconds).result()
         except BaseException:
             self._executor.shutdown(wait=True)
             self._executor = None
             raise
 
     # --- on the journal thread --------------------------------------------------------
-    def _open(self, synchronous: str) -> None:
+    def _open(self, synchronous: str, quick_check_seconds: float) -> None:
         try:
             if str(self.path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,12 +260,64 @@ class JournalConnection:
         except (OSError, sqlite3.Error) as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
         self._db = sqlite_utils.Database(conn)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable across process crashes in WAL; FULL also across power loss
-        conn.execute(f"PRAGMA synchronous={synchronous}")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=30000")
-        self.schema_version = self._transaction(_migrate, self.path)
+        try:
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._quick_check(conn, quick_check_seconds)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable across process crashes in WAL; FULL also across power loss
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self.schema_version = self._transaction(_migrate, self.path)
+        except BaseException:
+            self._close()
+            raise
+
+    def _quick_check(self, conn: sqlite3.Connection, seconds: float) -> None:
+        """Refuse a damaged journal before anything is acknowledged from it: a start on
+        corrupt pages would answer webhooks 202 and lose them later. Bounded: a check
+        still running after `seconds` is abandoned with a warning (a journal that big
+        is checked by `sqlite3 FILE 'PRAGMA integrity_check'` offline)."""
+        deadline = time.monotonic() + seconds
+        interrupted = False
+
+        def past_deadline() -> bool:
+            nonlocal interrupted
+            interrupted = time.monotonic() > deadline
+            return interrupted
+
+        conn.set_progress_handler(past_deadline, 1000)
+        try:
+            rows = conn.execute("PRAGMA quick_check(20)").fetchall()
+            problems = [
+                line
+                for r in rows
+                for line in str(r[0]).splitlines()
+                if line and not line.startswith("*** in database")
+            ]
+        except sqlite3.DatabaseError as exc:
+            if interrupted:
+                log.warning(
+                    "journal %s: PRAGMA quick_check not finished after %.0f s; starting without it",
+                    self.path,
+                    seconds,
+                )
+                return
+            if "not a database" in str(exc):
+                raise JournalError(
+                    f"journal {self.path} is not a SQLite database, or its header is "
+                    f"damaged ({exc}); {_REMEDY}"
+                ) from exc
+            if isinstance(exc, sqlite3.OperationalError):
+                raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
+            problems = [str(exc)]
+        finally:
+            conn.set_progress_handler(None, 0)
+        if problems != ["ok"]:
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise JournalError(
+                f"journal {self.path} is damaged (PRAGMA quick_check: "
+                f"{'; '.join(problems[:3])}{more}); {_REMEDY}"
+            )
 
     def _call(
         self,
