@@ -221,10 +221,12 @@ def create_app(
     async def readyz(request: Request) -> Response:
         checks: dict[str, dict[str, Any]] = {}
         try:
-            await asyncio.wait_for(journal.probe(), READY_TIMEOUT)
-            checks["journal"] = {"ok": True}
+            problem = await asyncio.wait_for(journal.check_writable(), READY_TIMEOUT)
         except Exception as exc:
-            checks["journal"] = {"ok": False, "detail": shorten(f"{type(exc).__name__}: {exc}")}
+            problem = f"{type(exc).__name__}: {exc}"
+        checks["journal"] = (
+            {"ok": True} if problem is None else {"ok": False, "detail": shorten(problem)}
+        )
         if ready_check is not None:
             try:
                 extra = await asyncio.wait_for(ready_check(), READY_TIMEOUT)

@@ -36,6 +36,7 @@ P = ParamSpec("P")
 
 log = logging.getLogger(__name__)
 
+READY_MAX_AGE = 1.0  # seconds a write's outcome answers readiness before a new probe
 QUICK_CHECK_SECONDS = 10.0  # a start-up integrity check never delays a start by more
 _REMEDY = (
     "stop every process using it, then restore it from a backup, or move it aside "
@@ -240,6 +241,10 @@ class JournalConnection:
     ) -> None:
         self.path = Path(path)
         self.schema_version = 0
+        self.commits = 0  # write transactions committed through `write`
+        # (monotonic time, None or what went wrong) of the last `write`
+        self._last_write: tuple[float, str | None] | None = None
+        self._probe: asyncio.Task[str | None] | None = None
         self._db: sqlite_utils.Database | None = None
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="journal"
@@ -349,6 +354,24 @@ class JournalConnection:
             raise
         return result
 
+    def _recorded_transaction(
+        self,
+        fn: Callable[Concatenate[sqlite_utils.Database, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """`_transaction`, remembering whether the journal took the write (readiness)."""
+        try:
+            result = self._transaction(fn, *args, **kwargs)
+        except sqlite3.IntegrityError:
+            raise  # the data was refused, the journal is fine
+        except (sqlite3.DatabaseError, JournalError) as exc:
+            self._last_write = (time.monotonic(), f"{type(exc).__name__}: {exc}")
+            raise
+        self.commits += 1
+        self._last_write = (time.monotonic(), None)
+        return result
+
     def _close(self) -> None:
         if self._db is not None:
             self._db.conn.close()
@@ -372,7 +395,9 @@ class JournalConnection:
         **kwargs: P.kwargs,
     ) -> T:
         """`fn(db, *args)` on the journal thread inside one BEGIN IMMEDIATE transaction."""
-        return await self._submit(functools.partial(self._transaction, fn, *args, **kwargs))
+        return await self._submit(
+            functools.partial(self._recorded_transaction, fn, *args, **kwargs)
+        )
 
     async def _submit(self, job: Callable[[], T]) -> T:
         executor = self._executor
@@ -380,11 +405,29 @@ class JournalConnection:
             raise JournalError(f"journal {self.path} is closed")
         return await asyncio.get_running_loop().run_in_executor(executor, job)
 
-    async def probe(self) -> None:
+    async def check_writable(self, max_age: float = READY_MAX_AGE) -> str | None:
+        """None when the journal takes writes, else what went wrong. Cheap enough for
+        every /readyz: the outcome of the last write answers when it is younger than
+        `max_age` seconds; otherwise one probe write answers, shared by every caller
+        that asks meanwhile (a flood costs at most about one write per `max_age`)."""
+        last = self._last_write
+        if last is not None and time.monotonic() - last[0] < max_age:
+            return last[1]
+        loop = asyncio.get_running_loop()
+        probe = self._probe
+        if probe is None or probe.done() or probe.get_loop() is not loop:
+            probe = self._probe = loop.create_task(self._run_probe())
+        return await asyncio.shield(probe)
+
+    async def _run_probe(self) -> str | None:
         """A tiny write and read-back: proves the journal is open, writable and not stuck."""
         stamp = repr(time.time())
-        if await self.write(_write_probe, stamp) != stamp:
-            raise JournalError(f"journal {self.path}: read-back did not return the probe")
+        try:
+            if await self.write(_write_probe, stamp) != stamp:
+                return "the journal's read-back did not return the probe just written"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def close(self) -> None:
         """Finish queued work, close the connection and stop the thread. Idempotent."""
