@@ -211,23 +211,31 @@ async def _in_force(config: Config, journal: Journal) -> tuple[list[tuple[str, s
     return failovers, effective_rules(config, failovers)
 
 
+@dataclass(frozen=True)
+class FailoverRequest:
+    """What the operator asked for: promote `promoted` in place of `lost` (None: the
+    one source of the rules into `promoted`)."""
+
+    promoted: str
+    lost: str | None = None
+    dry_run: bool = False
+    force: bool = False  # record the failover even when some catch-up copies failed
+    parallel: int = 16
+
+
 async def failover(
     config: Config,
     journal: Journal,
     pool: ClientPool,
     engine: CopyEngine,
-    promoted: str,
-    lost: str | None = None,
-    *,
-    dry_run: bool = False,
-    force: bool = False,
-    parallel: int = 16,
+    request: FailoverRequest,
 ) -> FailoverReport:
-    """Promote `promoted` in place of the lost primary; see the module docstring.
+    """Promote `request.promoted` in place of the lost primary; see the module docstring.
 
     Raises UsageError (nothing changed) for a bad request. Catch-up failures are
     listed in the report; the failover is then recorded only with `force`.
     """
+    promoted, lost, dry_run = request.promoted, request.lost, request.dry_run
     config.site(promoted)  # raises ConfigError naming the unknown site
     if lost is not None:
         config.site(lost)
@@ -253,10 +261,10 @@ async def failover(
         lost, promoted, dry_run, rules=[_rule_summary(r, after.get(r.name)) for r in affected]
     )
 
-    await _catch_up(journal, pool, engine, affected, lost, promoted, report, parallel)
+    await _catch_up(journal, pool, engine, affected, lost, promoted, report, request.parallel)
     if dry_run:
         return report
-    if report.failures and not force:
+    if report.failures and not request.force:
         return report
     detail = {
         "rules": report.rules,

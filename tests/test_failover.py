@@ -18,6 +18,7 @@ from replicator.errors import UsageError
 from replicator.failover import (
     CatchUp,
     Conflict,
+    FailoverRequest,
     _decide,
     choose_digest,
     failback,
@@ -161,7 +162,7 @@ async def test_failover_from_stopped_primary_catches_up_then_failback(registry_f
         pool = ClientPool(config, retries=1, backoff_base=0.01)  # as after a restart
 
         a_before = tags_of(a, "team/app")
-        plan = await failover(config, journal, pool, engine, "a", dry_run=True)
+        plan = await failover(config, journal, pool, engine, FailoverRequest("a", dry_run=True))
         assert {(c.tag, c.from_site) for c in plan.copies} == {("v2", "b"), ("latest", "b")}
         assert [c.tag for c in plan.conflicts] == ["hotfix"]
         assert plan.rules == [
@@ -177,7 +178,7 @@ async def test_failover_from_stopped_primary_catches_up_then_failback(registry_f
         assert tags_of(a, "team/app") == a_before and not plan.recorded
         assert sql(journal, "SELECT * FROM failovers") == []
 
-        done = await failover(config, journal, pool, engine, "a")
+        done = await failover(config, journal, pool, engine, FailoverRequest("a"))
         assert done.failures == [] and done.recorded
         assert "p" not in pool._clients, "the lost primary must never be contacted"
         assert assert_image_complete(a.url, "team/app", "v2") == v2.digest
@@ -188,7 +189,7 @@ async def test_failover_from_stopped_primary_catches_up_then_failback(registry_f
         detail = json.loads(row["detail"])
         assert detail["rules"][0]["new_from"] == "a" and len(detail["catch_up"]["copied"]) == 2
         with pytest.raises(UsageError, match="already failed over"):
-            await failover(config, journal, pool, engine, "a", "p")
+            await failover(config, journal, pool, engine, FailoverRequest("a", "p"))
 
         # A fresh process (new journal handle) follows the failover: a -> b.
         journal2 = Journal(config.journal)
@@ -319,9 +320,9 @@ async def test_catch_up_under_latest_n_copies_only_the_newest_tags(registry_fact
         assert tags_of(b, "team/app") == ["v1", "v2", "v3", "v4"]
         primary.stop()
 
-        plan = await failover(config, journal, pool, engine, "a", dry_run=True)
+        plan = await failover(config, journal, pool, engine, FailoverRequest("a", dry_run=True))
         assert [(c.tag, c.from_site) for c in plan.copies] == [("v4", "b")]
-        done = await failover(config, journal, pool, engine, "a")
+        done = await failover(config, journal, pool, engine, FailoverRequest("a"))
         assert done.failures == [] and done.recorded
         assert tags_of(a, "team/app") == ["v2", "v3", "v4"]
         assert assert_image_complete(a.url, "team/app", "v4") == v4.digest
@@ -351,7 +352,7 @@ async def test_catch_up_keeps_every_tag_it_pushed_in_the_ledger(registry_factory
             )
         assert (await Reconciler(config, journal, pool, engine).run(rules=[only_b])).failures == []
         primary.stop()
-        done = await failover(config, journal, pool, engine, "a")
+        done = await failover(config, journal, pool, engine, FailoverRequest("a"))
         assert done.failures == [] and {c.tag for c in done.copies} == {"v1", "stable"}
         [row] = sql(journal, "SELECT * FROM replicated WHERE target_site = 'a'")
         assert (row["digest"], row["source_site"]) == (img.digest, "b")
