@@ -216,6 +216,7 @@ class Reconciler:
     async def _execute(self, rule: Rule, action: Action, report: SyncReport) -> None:
         src, dst = self.pool[action.source_site], self.pool[action.target_site]
         if action.kind == "delete":
+            assert action.target_digest is not None  # the planner deletes what exists
             try:
                 await dst.delete_manifest(action.target_repository, action.target_digest)
                 report.deleted += 1
@@ -228,6 +229,7 @@ class Reconciler:
             if self.on_action:
                 self.on_action(action, status)
             return
+        assert action.source_digest is not None  # the planner copies what the source has
         current = Descriptor("", action.target_digest, 0) if action.target_digest else None
         options = CopyOptions(
             platforms=rule.platform_list or None, referrers=rule.referrers, overwrite=rule.overwrite

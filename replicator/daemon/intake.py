@@ -272,7 +272,7 @@ def _bearer_matches(header: str | None, token: str) -> bool:
 
 def _normalise_check(value: Any) -> dict[str, Any]:
     if isinstance(value, Mapping):
-        out = {"ok": bool(value.get("ok"))}
+        out: dict[str, Any] = {"ok": bool(value.get("ok"))}
         if value.get("detail") is not None:
             out["detail"] = shorten(str(value["detail"]))
         return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -404,13 +405,13 @@ class Daemon:
                 for task in tasks:
                     runner = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
                     self._running[task.id] = runner
-                    runner.add_done_callback(lambda _t, i=task.id: self._finished(i))
+                    runner.add_done_callback(functools.partial(self._finished, task.id))
                 if tasks:
                     continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._work_ready.wait(), POLL_INTERVAL)
 
-    def _finished(self, task_id: int) -> None:
+    def _finished(self, task_id: int, _runner: asyncio.Task) -> None:
         self._running.pop(task_id, None)
         self._work_ready.set()
 
@@ -519,7 +520,7 @@ class Daemon:
             old = (previous or {}).get(name)
             periodic = Periodic(
                 name,
-                lambda r=rule.name: self.reconcile([r]),
+                functools.partial(self.reconcile, [rule.name]),
                 interval=rule.interval,
                 cron=rule.schedule,
                 jitter=min(5.0, (rule.interval or 60) / 10),
