@@ -37,7 +37,6 @@ def _serve(journal_path: str, port: int, group_commit: bool, sync_full: bool) ->
 
     import uvicorn
 
-    from replicator.daemon.eventstore import record_events
     from replicator.daemon.intake import GroupCommit, SiteIntake, create_app
     from replicator.daemon.metrics import Metrics
     from replicator.journal import Journal
@@ -46,14 +45,13 @@ def _serve(journal_path: str, port: int, group_commit: bool, sync_full: bool) ->
 
         async def record(self, events):
             self.commits += 1
-            return await self.journal.run(record_events, self.journal, events)
+            return await self.journal.events.record(events)
 
         GroupCommit.record = record
 
     logging.basicConfig(level=logging.WARNING)
-    journal = Journal(journal_path)
-    if sync_full:  # fsync every commit: what power-loss durability would cost
-        journal.db.conn.execute("PRAGMA synchronous=FULL")
+    # synchronous=FULL: fsync every commit, what power-loss durability would cost
+    journal = Journal(journal_path, synchronous="FULL" if sync_full else "NORMAL")
     handed = 0
 
     async def on_events(events):  # stands in for the event bus hand-over
@@ -175,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         from replicator.journal import Journal
 
         j = Journal(journal_path)
-        stored = j.query("SELECT COUNT(*) AS n FROM events")[0]["n"]
+        stored = sum(asyncio.run(j.events.counts()).values())
         j.close()
 
     rate = args.events / elapsed

@@ -112,48 +112,17 @@ class ApiCollector:
             todo -= found.keys()
         return found
 
-    def _journal_times(
+    async def _journal_times(
         self, repo: str
     ) -> tuple[dict[str, float], dict[str, float], dict[str, float], set[str]]:
         """(tag push times, manifest push times, last pull per digest, known untagged)."""
         if self.journal is None:
             return {}, {}, {}, set()
         site = self.opts.site
-        tags = {
-            r["tag"]: r["pushed_at"] or r["first_seen"]
-            for r in self.journal.query(
-                "SELECT tag, pushed_at, first_seen FROM inventory_tags WHERE site=? AND "
-                "repository=?",
-                (site, repo),
-            )
-        }
-        mans = {
-            r["digest"]: r["pushed_at"] or r["first_seen"]
-            for r in self.journal.query(
-                "SELECT digest, pushed_at, first_seen FROM inventory_manifests WHERE site=? AND "
-                "repository=?",
-                (site, repo),
-            )
-        }
-        pulls = {
-            r["digest"]: r["t"]
-            for r in self.journal.query(
-                "SELECT digest, max(coalesce(occurred_at, received_at)) AS t FROM events WHERE "
-                "site=? AND repository=? AND action='pull' AND digest IS NOT NULL GROUP BY digest",
-                (site, repo),
-            )
-        }
-        pushed = {
-            r["digest"]: r["t"]
-            for r in self.journal.query(
-                "SELECT digest, min(coalesce(occurred_at, received_at)) AS t FROM events WHERE "
-                "site=? AND repository=? AND action='push' AND digest IS NOT NULL GROUP BY digest",
-                (site, repo),
-            )
-        }
-        for d, t in pushed.items():
-            mans.setdefault(d, t)
-        return tags, mans, pulls, set(mans)
+        tags = await self.journal.inventory.push_times(site, repo)
+        pulls = await self.journal.events.last_pulls(site, repo)
+        pushed = await self.journal.events.first_pushes(site, repo)
+        return tags, pushed, pulls, set(pushed)
 
     async def _created(self, repo: str, m: Manifest) -> float | None:
         """The image config's `created`, the push time of last resort."""
@@ -174,7 +143,7 @@ class ApiCollector:
     async def plan_repository(self, repo: str, policy: RetentionPolicy, now: float) -> RepoPlan:
         tag_names = await self._limited(self.client.list_tags(repo))
         tags = await self._tag_digests(repo, tag_names)
-        jt, jm, pulls, known = await self._run_journal(self._journal_times, repo)
+        jt, jm, pulls, known = await self._journal_times(repo)
         graph_m = await self._fetch_graph(repo, set(tags.values()) | known)
         pushed: dict[str, float | None] = {}
         need_created = [d for d in graph_m if d not in jm]
@@ -225,11 +194,6 @@ class ApiCollector:
                         blobs[b.digest] = b.size
         reasons = {**dec.deleted_manifests, **{f"tag:{t}": r for t, r in dec.deleted_tags.items()}}
         return RepoPlan(repo, policy, graph_m, tags, order, tag_only, blobs, reasons)
-
-    async def _run_journal(self, fn, *args):
-        if self.journal is None:
-            return fn(*args)
-        return await self.journal.run(fn, *args)
 
     async def recheck(self, plan: RepoPlan) -> None:
         """Tags as they are now: a tag that appeared on or moved onto a doomed digest, or an
@@ -297,7 +261,7 @@ class ApiCollector:
                 updates.append(("blob", key, "error", str(exc)))
 
         await asyncio.gather(*(unlink(b, s) for b, s in sorted(plan.delete_blobs.items())))
-        await self._run_journal(rec.update_states, updates)
+        await rec.update_states(updates)
 
 
 def _rows(plan: RepoPlan) -> list[CandidateRow]:
@@ -336,7 +300,7 @@ async def collect_api(client: Any, journal: Journal | None, options: ApiGCOption
         policy=",".join(p.name for p in options.policies) or None,
         dry_run=options.dry_run,
     )
-    run_id = await col._run_journal(rec.start)
+    run_id = await rec.start()
     result = GCResult(run_id=run_id, dry_run=options.dry_run)
     repos = (
         list(options.repositories) if options.repositories is not None else await client.catalog()
@@ -351,18 +315,14 @@ async def collect_api(client: Any, journal: Journal | None, options: ApiGCOption
             plan = await col.plan_repository(repo, pol, now)
             await col.recheck(plan)
             plans.append(plan)
-        await col._run_journal(rec.add_candidates, [r for p in plans for r in _rows(p)])
+        await rec.add_candidates([r for p in plans for r in _rows(p)])
         summary = {
             "repositories": len(plans),
             "manifests_seen": sum(len(p.manifests) for p in plans),
             "tags_seen": sum(len(p.tags) for p in plans),
         }
         result.mark_summary = summary
-        await col._run_journal(
-            lambda: rec.set_state(
-                "marking" if options.dry_run else "sweeping", mark_summary=summary
-            )
-        )
+        await rec.set_state("marking" if options.dry_run else "sweeping", mark_summary=summary)
         if options.dry_run:
             for p in plans:
                 result.manifests_deleted += len(p.delete_manifests)
@@ -377,9 +337,9 @@ async def collect_api(client: Any, journal: Journal | None, options: ApiGCOption
         else:
             for p in plans:
                 await col.sweep(p, result, rec)
-        await col._run_journal(rec.finish, "done", result.to_json())
+        await rec.finish("done", result.to_json())
         return result
     except BaseException as exc:
         result.errors.append(f"{type(exc).__name__}: {exc}")
-        await col._run_journal(rec.finish, "failed", result.to_json())
+        await rec.finish("failed", result.to_json())
         raise

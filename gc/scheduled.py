@@ -20,6 +20,14 @@ from replicator.gc.storage import DEFAULT_WORKERS, GCResult, StorageGCOptions, c
 from replicator.journal import Journal
 
 
+@dataclass(frozen=True)
+class StorageTuning:
+    """Operator overrides for the storage pass (see StorageGCOptions)."""
+
+    assume_no_cache: bool = False  # vouch that no blob-descriptor cache can go stale
+    workers: int = DEFAULT_WORKERS  # threads for renames and deletions
+
+
 @dataclass
 class SiteGCResult:
     """Both passes on one site. A manifest or blob both passes name counts once (a dry
@@ -88,8 +96,7 @@ async def run_policies(
     sites: Sequence[str] | None = None,
     policy_names: Sequence[str] | None = None,
     quarantine_window: float = 600.0,
-    assume_no_cache: bool = False,
-    workers: int = DEFAULT_WORKERS,
+    tuning: StorageTuning = StorageTuning(),
 ) -> list[SiteGCResult]:
     """`pool[site]` gives that site's RegistryClient (replicator.clients.ClientPool)."""
     chosen = [config.policy(n) for n in policy_names] if policy_names else list(config.gc.policies)
@@ -132,9 +139,9 @@ async def run_policies(
                     quarantine_window=quarantine_window,
                     dry_run=dry_run,
                     registry_config=sc.registry_config,
-                    assume_no_cache=assume_no_cache,
+                    assume_no_cache=tuning.assume_no_cache,
                     policies=storage,
-                    workers=workers,
+                    workers=tuning.workers,
                 ),
             )
         for r in (result.api, result.storage):

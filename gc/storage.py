@@ -155,7 +155,7 @@ from replicator.gc.layout import (
 )
 from replicator.gc.mark import MarkSet, Node, mark
 from replicator.gc.policy import RetentionPolicy, TagInfo, decide, policies_for
-from replicator.gc.runs import CandidateRow, RunRecorder, get_run, run_candidates, unfinished_runs
+from replicator.gc.runs import CandidateRow, CandidateUpdate, RunRecorder
 from replicator.journal import Journal
 
 log = logging.getLogger("replicator.gc.storage")
@@ -1047,36 +1047,47 @@ class StorageCollector:
             raise _InjectedFault(f"injected fault after {self._deletions} deletions")
 
     # --- resume -----------------------------------------------------------------
-    def load_unfinished(self) -> list[tuple[RunRecorder, list[Item], float]]:
-        """Interrupted runs: settle what the journal says and return quarantined items."""
-        if self.journal is None or not self.opts.resume:
+    async def load_unfinished(self) -> list[tuple[RunRecorder, list[Item], float]]:
+        """Interrupted runs: settle what the journal says and return quarantined items.
+        Journal reads and writes happen here, in the coroutine; the filesystem checks
+        run on a thread (`settle_interrupted`)."""
+        journal = self.journal
+        if journal is None or not self.opts.resume:
             return []
         out = []
-        for run in unfinished_runs(self.journal, self.opts.site, "storage"):
+        for run in await journal.gc_runs.unfinished(self.opts.site, "storage"):
             rec = RunRecorder(
-                self.journal,
+                journal,
                 site=self.opts.site,
                 mode="storage",
                 policy=run.get("policy"),
                 dry_run=False,
                 run_id=run["id"],
             )
-            info = get_run(self.journal, run["id"]) or {}
+            info = await journal.gc_runs.get(run["id"]) or {}
             cutoff = float((info.get("mark_summary") or {}).get("cutoff", run["started_at"]))
-            items = [Item.from_row(r) for r in run_candidates(self.journal, run["id"])]
-            updates = []
-            for i in items:
-                q_exists = self._quarantine_exists(i)
-                if i.state == "candidate":
-                    i.state = "quarantined" if q_exists else "kept"
-                    if i.state == "kept":
-                        i.error = "run interrupted before quarantine"
-                elif i.state == "quarantined" and not q_exists:
-                    i.state = "restored" if self._exists(i.path(self.layout)) else "deleted"
-                updates.append((i.kind, i.key, i.state, i.error))
-            rec.update_states(updates)
+            rows = await journal.gc_runs.candidates(run["id"])
+            items, updates = await asyncio.to_thread(self.settle_interrupted, rows)
+            await rec.update_states(updates)
             out.append((rec, items, cutoff))
         return out
+
+    def settle_interrupted(
+        self, rows: list[dict[str, Any]]
+    ) -> tuple[list[Item], list[CandidateUpdate]]:
+        """Where an interrupted run's candidates are now, from the filesystem alone."""
+        items = [Item.from_row(r) for r in rows]
+        updates: list[CandidateUpdate] = []
+        for i in items:
+            q_exists = self._quarantine_exists(i)
+            if i.state == "candidate":
+                i.state = "quarantined" if q_exists else "kept"
+                if i.state == "kept":
+                    i.error = "run interrupted before quarantine"
+            elif i.state == "quarantined" and not q_exists:
+                i.state = "restored" if self._exists(i.path(self.layout)) else "deleted"
+            updates.append((i.kind, i.key, i.state, i.error))
+        return items, updates
 
 
 def pmap(
@@ -1198,7 +1209,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
 
     # finish interrupted runs first: their quarantined items get a full window
     if not opts.dry_run:
-        for rec, items, cutoff in await asyncio.to_thread(col.load_unfinished):
+        for rec, items, cutoff in await col.load_unfinished():
             result.resumed_runs.append(int(rec.run_id or 0))
             if any(i.state == "quarantined" for i in items):
                 await _refuse_if_cached(col, rec, items, result)
@@ -1206,13 +1217,13 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
                 await _settle(col, rec, items, cutoff, result)
             sub = GCResult(run_id=int(rec.run_id or 0), dry_run=False)
             _tally(sub, items)
-            rec.finish("done", sub.to_json())
+            await rec.finish("done", sub.to_json())
             _merge(result, sub)
 
     rec = RunRecorder(
         col.journal, site=opts.site, mode="storage", policy=policy_names, dry_run=opts.dry_run
     )
-    result.run_id = await asyncio.to_thread(rec.start)
+    result.run_id = await rec.start()
     t = time.monotonic()
     sweeping = False
     try:
@@ -1223,30 +1234,30 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         result.timings["recheck"] = time.monotonic() - t - result.timings["mark"]
         if opts.dry_run:
             live = [i for i in plan.items if i.state == "candidate"]
-            await asyncio.to_thread(rec.add_candidates, [i.row() for i in plan.items])
-            await asyncio.to_thread(rec.set_state, "marking", mark_summary=plan.mark_summary)
+            await rec.add_candidates([i.row() for i in plan.items])
+            await rec.set_state("marking", mark_summary=plan.mark_summary)
             for i in live:
                 i.state = "deleted"  # what the real run would do
             _tally(result, live)
             _report_unsafe(col, result, plan.items)
             for i in live:
                 i.state = "candidate"
-            rec.finish("done", result.to_json())
+            await rec.finish("done", result.to_json())
             return result
         if opts.on_phase:
             await asyncio.to_thread(opts.on_phase, "planned")
         col.assign_quarantine(result.run_id, plan.items)
-        await asyncio.to_thread(rec.add_candidates, [i.row() for i in plan.items])
-        await asyncio.to_thread(rec.set_state, "sweeping", mark_summary=plan.mark_summary)
+        # crash safety: every quarantine path is journaled BEFORE the first rename
+        await rec.add_candidates([i.row() for i in plan.items])
+        await rec.set_state("sweeping", mark_summary=plan.mark_summary)
         sweeping = True
         t = time.monotonic()
         await asyncio.to_thread(col.quarantine, plan)
         await _refuse_if_cached(col, rec, plan.items, result)  # 4b
         await asyncio.to_thread(col.remove_stale_uploads, plan)
         result.timings["quarantine"] = time.monotonic() - t
-        await asyncio.to_thread(
-            rec.update_states,
-            [(i.kind, i.key, i.state, i.error) for i in plan.items if i.state != "candidate"],
+        await rec.update_states(
+            [(i.kind, i.key, i.state, i.error) for i in plan.items if i.state != "candidate"]
         )
         result.quarantined = sum(1 for i in plan.items if i.state == "quarantined")
         result.kept_by_recheck += sum(
@@ -1263,7 +1274,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         result.timings["settle"] = time.monotonic() - t
         _report_unsafe(col, result, plan.items)
         _tally(result, plan.items)
-        rec.finish("done", result.to_json())
+        await rec.finish("done", result.to_json())
         return result
     except BaseException as exc:
         # A run that already moved things stays 'sweeping' so the next run resumes it;
@@ -1271,7 +1282,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         log.error("storage gc run %s failed: %s", result.run_id, exc)
         if not sweeping:
             result.errors.append(f"{type(exc).__name__}: {exc}")
-            await asyncio.to_thread(rec.finish, "failed", result.to_json())
+            await rec.finish("failed", result.to_json())
         raise
 
 
@@ -1308,9 +1319,8 @@ async def _refuse_if_cached(
     restored = sum(1 for i in quarantined if i.state == "restored")
     result.restored += restored
     result.errors += [i.error or i.key for i in quarantined if i.state == "error"]
-    await asyncio.to_thread(
-        rec.update_states,
-        [(i.kind, i.key, i.state, i.error) for i in items if i.state != "candidate"],
+    await rec.update_states(
+        [(i.kind, i.key, i.state, i.error) for i in items if i.state != "candidate"]
     )
     await asyncio.to_thread(_prune_run_dir, col, rec, items)
     url = getattr(getattr(api, "site", None), "url", None)
@@ -1319,7 +1329,7 @@ async def _refuse_if_cached(
     )
     result.errors.append(message)
     _report_unsafe(col, result, items)
-    await asyncio.to_thread(rec.finish, "refused", result.to_json())
+    await rec.finish("refused", result.to_json())
     raise OnlineGCRefused(message)
 
 
@@ -1339,13 +1349,12 @@ async def _settle(
     try:
         await asyncio.to_thread(col.finalize, items, cutoff)
     finally:
-        await asyncio.to_thread(
-            rec.update_states,
+        await rec.update_states(
             [
                 (i.kind, i.key, i.state, i.error)
                 for i in items
                 if i.state in ("deleted", "restored", "error")
-            ],
+            ]
         )
         await asyncio.to_thread(_prune_run_dir, col, rec, items)
 

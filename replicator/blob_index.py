@@ -1,15 +1,15 @@
-"""Where each blob already lives on each target registry.
+"""Where each blob already lives on each target registry: the copy engine's mount index.
 
 Cross-repository mount only works inside one registry, so to avoid uploading a
 shared layer again we need to know which repository on *that* registry holds
 it. Entries are written on every upload, mount and positive HEAD, and removed
 when a mount attempt proves them stale (202 instead of 201). The journal
-persists them across restarts; an in-memory copy answers the hot path.
+(`replicator.journal.blobs`) persists them across restarts; this in-memory copy
+answers the hot path, loaded once per registry.
 """
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 from replicator.journal import Journal
@@ -28,14 +28,9 @@ class BlobIndex:
         if registry in self._loaded or self._journal is None:
             self._loaded.add(registry)
             return
-        rows = await self._journal.run(
-            self._journal.query,
-            "SELECT digest, repository FROM blob_locations WHERE registry = ? ORDER BY verified_at",
-            (registry,),
-        )
         table = self._mem[registry]
-        for row in rows:
-            table.setdefault(row["digest"], []).append(row["repository"])
+        for digest, repository in await self._journal.blobs.on_registry(registry):
+            table.setdefault(digest, []).append(repository)
         self._loaded.add(registry)
 
     async def candidates(self, registry: str, digest: str, exclude: str) -> list[str]:
@@ -56,20 +51,11 @@ class BlobIndex:
             repos.remove(repository)
         repos.append(repository)
         if self._journal is not None:
-            await self._journal.run(
-                self._journal.execute,
-                "INSERT OR REPLACE INTO blob_locations(registry, digest, repository, verified_at)"
-                " VALUES (?, ?, ?, ?)",
-                (registry, digest, repository, time.time()),
-            )
+            await self._journal.blobs.record(registry, digest, repository)
 
     async def forget(self, registry: str, digest: str, repository: str) -> None:
         repos = self._mem[registry].get(digest, [])
         if repository in repos:
             repos.remove(repository)
         if self._journal is not None:
-            await self._journal.run(
-                self._journal.execute,
-                "DELETE FROM blob_locations WHERE registry = ? AND digest = ? AND repository = ?",
-                (registry, digest, repository),
-            )
+            await self._journal.blobs.forget(registry, digest, repository)

@@ -29,9 +29,7 @@ separate from the I/O so they can be tested alone.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -45,7 +43,7 @@ from replicator.manifest import Descriptor
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
 from replicator.rules import effective_rules, select_tags, tag_passes
-from replicator.sync import Reconciler, SyncReport, active_failovers, tag_push_times
+from replicator.sync import Reconciler, SyncReport, active_failovers
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +207,20 @@ def _rule_summary(before: Rule, after: Rule | None) -> dict:
 
 
 async def _in_force(config: Config, journal: Journal) -> tuple[list[tuple[str, str]], list[Rule]]:
-    failovers = await journal.run(active_failovers, journal)
+    failovers = await active_failovers(journal)
     return failovers, effective_rules(config, failovers)
+
+
+@dataclass(frozen=True)
+class FailoverRequest:
+    """What the operator asked for: promote `promoted` in place of `lost` (None: the
+    one source of the rules into `promoted`)."""
+
+    promoted: str
+    lost: str | None = None
+    dry_run: bool = False
+    force: bool = False  # record the failover even when some catch-up copies failed
+    parallel: int = 16
 
 
 async def failover(
@@ -218,18 +228,14 @@ async def failover(
     journal: Journal,
     pool: ClientPool,
     engine: CopyEngine,
-    promoted: str,
-    lost: str | None = None,
-    *,
-    dry_run: bool = False,
-    force: bool = False,
-    parallel: int = 16,
+    request: FailoverRequest,
 ) -> FailoverReport:
-    """Promote `promoted` in place of the lost primary; see the module docstring.
+    """Promote `request.promoted` in place of the lost primary; see the module docstring.
 
     Raises UsageError (nothing changed) for a bad request. Catch-up failures are
     listed in the report; the failover is then recorded only with `force`.
     """
+    promoted, lost, dry_run = request.promoted, request.lost, request.dry_run
     config.site(promoted)  # raises ConfigError naming the unknown site
     if lost is not None:
         config.site(lost)
@@ -255,10 +261,10 @@ async def failover(
         lost, promoted, dry_run, rules=[_rule_summary(r, after.get(r.name)) for r in affected]
     )
 
-    await _catch_up(journal, pool, engine, affected, lost, promoted, report, parallel)
+    await _catch_up(journal, pool, engine, affected, lost, promoted, report, request.parallel)
     if dry_run:
         return report
-    if report.failures and not force:
+    if report.failures and not request.force:
         return report
     detail = {
         "rules": report.rules,
@@ -268,7 +274,7 @@ async def failover(
             "failures": report.failures,
         },
     }
-    report.failover_id = await journal.run(_record_failover, journal, lost, promoted, detail)
+    report.failover_id = await journal.failovers.record(lost, promoted, detail)
     report.recorded = True
     log.warning(
         "failover recorded: %s promoted in place of %s (%d rules rewritten, %d catch-up copies)",
@@ -278,16 +284,6 @@ async def failover(
         len(report.copies),
     )
     return report
-
-
-def _record_failover(journal: Journal, lost: str, promoted: str, detail: dict) -> int:
-    with journal.transaction() as conn:
-        cur = conn.execute(
-            "INSERT INTO failovers(lost_site, promoted_site, started_at, active, detail) "
-            "VALUES (?, ?, ?, 1, ?)",
-            (lost, promoted, time.time(), json.dumps(detail)),
-        )
-        return int(cur.lastrowid)
 
 
 async def _catch_up(
@@ -346,7 +342,7 @@ async def _catch_up(
         except RegistryError as exc:
             report.failures.append(f"rule {rule.name}: reading promoted site {promoted}: {exc}")
             continue
-        knowledge = await journal.run(_knowledge, journal, lost, {r for r, _, _ in work})
+        knowledge = await _knowledge(journal, lost, {r for r, _, _ in work})
         for (repo, tag, by_site), own in zip(work, mine, strict=True):
             decision = _decide(
                 rule, repo, tag, own, by_site, replicas, promoted, knowledge.get(repo, tag)
@@ -379,18 +375,8 @@ async def _catch_up(
         if result.status == "failed":
             report.failures.append(f"catch-up {result.source} -> {result.target}: {result.error}")
         elif result.digest:
-            await journal.run(
-                journal.execute,
-                "INSERT OR REPLACE INTO replicated(target_site, repository, digest,"
-                " source_site, at, tags) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    promoted,
-                    copy.repository,
-                    result.digest,
-                    copy.from_site,
-                    time.time(),
-                    json.dumps([copy.tag]),
-                ),
+            await journal.ledger.record(
+                promoted, copy.repository, result.digest, copy.from_site, copy.tag
             )
 
     await bounded_gather((run(c) for c in report.copies), parallel)
@@ -409,7 +395,7 @@ async def _keep_latest(
     or else by the lost primary's push times in the journal, as `sync` ranks them."""
     for repo, tags in holdings.items():
         own = await promoted.list_tags(repo)
-        pushed_at = await journal.run(tag_push_times, journal, lost, repo)
+        pushed_at = await journal.inventory.push_times(lost, repo)
         keep = set(select_tags(sorted({*tags, *own}), rule.tags, pushed_at))
         for tag in [t for t in tags if t not in keep]:
             del tags[tag]
@@ -497,7 +483,7 @@ class _Knowledge:
         return self.by_tag.get((repo, tag), []) + self.digest_only.get(repo, [])
 
 
-def _knowledge(journal: Journal, lost: str, repos: set[str]) -> _Knowledge:
+async def _knowledge(journal: Journal, lost: str, repos: set[str]) -> _Knowledge:
     """(time, digest) pairs per tag: the primary seen holding the tag at that digest
     (inventory), or that digest replicated from the primary at that time. A
     `replicated` row that names its tags counts for those tags only; one that
@@ -505,21 +491,14 @@ def _knowledge(journal: Journal, lost: str, repos: set[str]) -> _Knowledge:
     """
     known = _Knowledge()
     for repo in repos:
-        for row in journal.query(
-            "SELECT tag, digest, MAX(COALESCE(pushed_at, 0), first_seen) AS t "
-            "FROM inventory_tags WHERE site = ? AND repository = ?",
-            (lost, repo),
-        ):
-            known.by_tag.setdefault((repo, row["tag"]), []).append((row["t"], row["digest"]))
-        for row in journal.query(
-            "SELECT digest, at, tags FROM replicated WHERE source_site = ? AND repository = ?",
-            (lost, repo),
-        ):
-            if row["tags"]:
-                for tag in json.loads(row["tags"]):
-                    known.by_tag.setdefault((repo, tag), []).append((row["at"], row["digest"]))
+        for tag, digest, at in await journal.inventory.sightings(lost, repo):
+            known.by_tag.setdefault((repo, tag), []).append((at, digest))
+        for entry in await journal.ledger.from_source(lost, repo):
+            if entry.tags:
+                for tag in entry.tags:
+                    known.by_tag.setdefault((repo, tag), []).append((entry.at, entry.digest))
             else:
-                known.digest_only.setdefault(repo, []).append((row["at"], row["digest"]))
+                known.digest_only.setdefault(repo, []).append((entry.at, entry.digest))
     return known
 
 
@@ -538,15 +517,12 @@ async def failback(
 ) -> FailbackReport:
     """Bring `site` (a recovered lost primary) up to date, then end its failover(s)."""
     config.site(site)
-    rows = await journal.run(
-        journal.query,
-        "SELECT id, lost_site, promoted_site FROM failovers WHERE active = 1 ORDER BY id",
-    )
-    mine = [r for r in rows if r["lost_site"] == site]
+    failovers = await journal.failovers.active()
+    mine = [f for f in failovers if f.lost_site == site]
     if not mine:
-        active = ", ".join(f"{r['lost_site']} -> {r['promoted_site']}" for r in rows) or "none"
+        active = ", ".join(f"{f.lost_site} -> {f.promoted_site}" for f in failovers) or "none"
         raise UsageError(f"no active failover of {site!r} (active failovers: {active})")
-    chain = [(r["lost_site"], r["promoted_site"]) for r in rows]
+    chain = [(f.lost_site, f.promoted_site) for f in failovers]
     report = FailbackReport(site, dry_run)
     sync_rules: list[Rule] = []
     for rule in config.rules:
@@ -575,8 +551,8 @@ async def failback(
         report.failures.extend(report.sync.failures)
     if dry_run or report.failures:
         return report
-    ids = [r["id"] for r in mine]
-    await journal.run(_end_failovers, journal, ids)
+    ids = [f.id for f in mine]
+    await journal.failovers.end(ids)
     report.ended = ids
     log.warning("failback: %s is the source of its rules again (failovers %s ended)", site, ids)
     return report
@@ -587,11 +563,3 @@ def _current_source(source: str, chain: Sequence[tuple[str, str]]) -> str:
         if source == lost:
             source = promoted
     return source
-
-
-def _end_failovers(journal: Journal, ids: Sequence[int]) -> None:
-    with journal.transaction() as conn:
-        now = time.time()
-        conn.executemany(
-            "UPDATE failovers SET active = 0, ended_at = ? WHERE id = ?", [(now, i) for i in ids]
-        )

@@ -7,7 +7,7 @@ recovery point (the most lag any target has, i.e. how much recent work a
 target would be missing if its source were lost now).
 
 No registry is contacted, so this works when sites are down. `compute_status`
-is pure (rows in, report out); `read_rows` is the only I/O.
+is pure (rows in, report out); the rows come from `journal.status.rows()`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from replicator.config import Config
-from replicator.journal import Journal
+from replicator.journal.status import StatusRows
 from replicator.rules import effective_rules
 
 UNREPLICATED = ("pending", "leased")
@@ -98,40 +98,6 @@ class StatusReport:
             "failovers": [asdict(f) for f in self.failovers],
             "rules": [asdict(r) for r in self.rules],
         }
-
-
-@dataclass
-class StatusRows:
-    """What `compute_status` needs from the journal."""
-
-    tasks: list[Mapping[str, Any]]  # rule, target_site, state, n, oldest
-    runs: list[Mapping[str, Any]]  # sync_runs rows, newest first, no dry runs
-    failovers: list[Mapping[str, Any]]  # active failovers rows, oldest first
-    replicated: list[Mapping[str, Any]]  # source_site, target_site, last_at
-
-
-def read_rows(journal: Journal, recent_runs: int = 500) -> StatusRows:
-    """The aggregated journal rows; blocking, call through `journal.run` in async code."""
-    return StatusRows(
-        tasks=journal.query(
-            "SELECT rule, target_site, state, COUNT(*) AS n, MIN(created_at) AS oldest "
-            "FROM tasks WHERE state IN ('pending', 'leased', 'dead') "
-            "GROUP BY rule, target_site, state"
-        ),
-        runs=journal.query(
-            "SELECT id, rule, started_at, finished_at, state, result FROM sync_runs "
-            "WHERE dry_run = 0 ORDER BY id DESC LIMIT ?",
-            (recent_runs,),
-        ),
-        failovers=journal.query(
-            "SELECT id, lost_site, promoted_site, started_at, detail FROM failovers "
-            "WHERE active = 1 ORDER BY id"
-        ),
-        replicated=journal.query(
-            "SELECT source_site, target_site, MAX(at) AS last_at FROM replicated "
-            "GROUP BY source_site, target_site"
-        ),
-    )
 
 
 def compute_status(config: Config, rows: StatusRows, now: float | None = None) -> StatusReport:
@@ -319,5 +285,4 @@ __all__: Sequence[str] = [
     "describe_target",
     "format_status",
     "human_age",
-    "read_rows",
 ]

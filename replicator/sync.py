@@ -13,9 +13,7 @@ already at the target are skipped), so the next run simply finishes the work.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,8 +21,6 @@ from replicator.aio import bounded_gather
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule
 from replicator.copy import CopyEngine, CopyOptions, CopyStats
-from replicator.daemon.queue import record_replicated
-from replicator.inventory import record_tags
 from replicator.journal import Journal
 from replicator.manifest import Descriptor
 from replicator.planner import Action, plan_target, selected_tags
@@ -61,19 +57,16 @@ class SyncReport:
         }
 
 
-def active_failovers(journal: Journal) -> list[tuple[str, str]]:
-    rows = journal.query(
-        "SELECT lost_site, promoted_site FROM failovers WHERE active = 1 ORDER BY id"
-    )
-    return [(r["lost_site"], r["promoted_site"]) for r in rows]
+async def active_failovers(journal: Journal) -> list[tuple[str, str]]:
+    """(lost, promoted) of every failover in force, oldest first."""
+    return [(f.lost_site, f.promoted_site) for f in await journal.failovers.active()]
 
 
 async def rules_in_force(config: Config, journal: Journal | None) -> list[Rule]:
     """Configured rules, rewritten by any failover recorded in the journal."""
     if journal is None:
         return list(config.rules)
-    failovers = await journal.run(active_failovers, journal)
-    return effective_rules(config, failovers)
+    return effective_rules(config, await active_failovers(journal))
 
 
 class Reconciler:
@@ -223,6 +216,7 @@ class Reconciler:
     async def _execute(self, rule: Rule, action: Action, report: SyncReport) -> None:
         src, dst = self.pool[action.source_site], self.pool[action.target_site]
         if action.kind == "delete":
+            assert action.target_digest is not None  # the planner deletes what exists
             try:
                 await dst.delete_manifest(action.target_repository, action.target_digest)
                 report.deleted += 1
@@ -235,6 +229,7 @@ class Reconciler:
             if self.on_action:
                 self.on_action(action, status)
             return
+        assert action.source_digest is not None  # the planner copies what the source has
         current = Descriptor("", action.target_digest, 0) if action.target_digest else None
         options = CopyOptions(
             platforms=rule.platform_list or None, referrers=rule.referrers, overwrite=rule.overwrite
@@ -269,7 +264,7 @@ class Reconciler:
     async def _pushed_at(self, site: str, repo: str) -> dict[str, float]:
         if self.journal is None:
             return {}
-        return await self.journal.run(tag_push_times, self.journal, site, repo)
+        return await self.journal.inventory.push_times(site, repo)
 
     async def _immutable_known(
         self,
@@ -291,79 +286,31 @@ class Reconciler:
         immutable = [t for t in selected if glob_match(rule.immutable_tags, t)]
         if not immutable:
             return {}
-        journal = self.journal
-
-        def read() -> dict[str, str]:
-            known = {
-                r["tag"]: r["digest"]
-                for r in journal.query(
-                    "SELECT tag, digest FROM inventory_tags WHERE site = ? AND repository = ?",
-                    (target, target_repo),
-                )
-            }
-            for r in journal.query(
-                "SELECT digest, tags FROM replicated WHERE target_site = ? AND "
-                "repository = ? AND tags IS NOT NULL ORDER BY at",
-                (target, target_repo),
-            ):
-                for tag in json.loads(r["tags"]):
-                    known[tag] = r["digest"]
-            return known
-
-        known = await journal.run(read)
+        known = await self.journal.inventory.digests(target, target_repo)
+        for digest, tags in await self.journal.ledger.tags_at(target, target_repo):
+            for tag in tags:
+                known[tag] = digest
         return {t: source_tags[t] for t in immutable if known.get(t) == source_tags[t]}
 
     async def _record_inventory(self, site: str, repo: str, tags: dict[str, str]) -> None:
         if self.journal is None or not tags:
             return
-        await self.journal.run(record_tags, self.journal, site, repo, tags)
+        await self.journal.inventory.record_tags(site, repo, tags)
 
     async def _record_replicated(self, action: Action, digest: str | None) -> None:
         if self.journal is None or not digest:
             return
-        await self.journal.run(
-            record_replicated,
-            self.journal,
-            action.target_site,
-            action.target_repository,
-            digest,
-            action.source_site,
-            action.tag,
+        await self.journal.ledger.record(
+            action.target_site, action.target_repository, digest, action.source_site, action.tag
         )
 
     async def _start_run(self, rule_names: Sequence[str] | None, dry_run: bool) -> int | None:
         if self.journal is None:
             return None
-        journal = self.journal
-
-        def insert() -> int:
-            with journal.transaction() as conn:
-                cur = conn.execute(
-                    "INSERT INTO sync_runs(rule, started_at, dry_run, state) "
-                    "VALUES (?, ?, ?, 'running')",
-                    (",".join(rule_names) if rule_names else None, time.time(), int(dry_run)),
-                )
-                return int(cur.lastrowid)
-
-        return await journal.run(insert)
+        return await self.journal.sync_runs.start(rule_names, dry_run)
 
     async def _finish_run(self, run_id: int | None, report: SyncReport, ok: bool) -> None:
         if self.journal is None or run_id is None:
             return
         state = "done" if ok and not report.failures else "failed"
-        await self.journal.run(
-            self.journal.execute,
-            "UPDATE sync_runs SET finished_at = ?, state = ?, result = ? WHERE id = ?",
-            (time.time(), state, json.dumps(report.counts()), run_id),
-        )
-
-
-def tag_push_times(journal: Journal, site: str, repo: str) -> dict[str, float]:
-    """When each tag of `site`/`repo` was pushed (else first seen), from the inventory:
-    what `latest: N` ranks tags by when they are not all versions."""
-    rows = journal.query(
-        "SELECT tag, COALESCE(pushed_at, first_seen) AS t FROM inventory_tags "
-        "WHERE site = ? AND repository = ?",
-        (site, repo),
-    )
-    return {r["tag"]: r["t"] for r in rows}
+        await self.journal.sync_runs.finish(run_id, state, report.counts())

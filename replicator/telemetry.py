@@ -280,7 +280,7 @@ def record_failure(error: str, *, retryable: bool | None = None) -> None:
 
 
 def replicate_span(task: Any) -> AbstractContextManager[Span]:
-    """The span of one replication task (a `replicator.daemon.queue.Task`), child of the
+    """The span of one replication task (a `replicator.journal.Task`), child of the
     trace context journaled with it, so one push's journey across sites is one trace."""
     if _tracer is None:
         return _NOOP

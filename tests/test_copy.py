@@ -18,6 +18,7 @@ from replicator.manifest import Platform
 from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
 from tests.harness.images import Pusher, assert_image_complete, digest_of, layer_bytes
+from tests.harness.journal import sql
 from tests.harness.util import wait_until
 from tests.harness.webhook_sink import WebhookSink
 
@@ -90,7 +91,7 @@ async def test_copy_is_complete_digest_identical_and_mounts_shared_layers(src_ds
     assert sum(r.stats.blobs_uploaded for r in results) == 16
     assert sum(r.stats.blobs_mounted for r in results) == 2
     # the journal now knows where every blob lives on the target
-    rows = journal.query("SELECT COUNT(DISTINCT digest) AS n FROM blob_locations")
+    rows = sql(journal, "SELECT COUNT(DISTINCT digest) AS n FROM blob_locations")
     assert rows[0]["n"] == 16
     journal.close()
 

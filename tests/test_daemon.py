@@ -5,9 +5,13 @@ Completion is always polled with a deadline, never slept for.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
+import sqlite3
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -211,7 +215,7 @@ def test_bad_webhooks_get_4xx_and_daemon_stays_healthy(hub):
     }
     cases = [
         (url, {**good, "Authorization": "Bearer wrong"}, b'{"events":[]}', 401),
-        (f"{daemon.url}/events/nope", good, b'{"events":[]}', 404),
+        (f"{daemon.url}/events/nope", good, b'{"events":[]}', 401),
         (url, good, b"{not json", 400),
         (url, {**good, "Content-Type": "text/plain"}, b"hello", 415),
         (url, good, b'{"events":[' + b"0," * 600_000 + b"0]}", 413),
@@ -235,3 +239,38 @@ def test_sighup_reload_keeps_running_and_refuses_a_bad_file(hub):
     with Pusher(a.url) as p:
         img = p.push_image("other/now", "v1", [layer_bytes("now", 100)])
     wait_until(lambda: image_complete(b, "other/now", "v1", img.digest), timeout=30)
+
+
+def test_a_scrape_never_waits_for_a_journal_stuck_on_a_lock(hub):
+    """Another process holds the journal's write lock, so the daemon's next write waits
+    (busy_timeout). Meanwhile /metrics and /healthz must answer: the gauges read from the
+    journal render their last values instead of blocking the event loop on SQLite."""
+    *_, daemon = hub
+    daemon.start()
+    body = json.loads((Path(__file__).parent / "data/distribution-2.8-push.json").read_text())
+    body["events"][0]["id"] = "held-by-a-lock"
+    headers = {
+        "Authorization": "Bearer hook-token-for-tests",
+        "Content-Type": "application/vnd.docker.distribution.events.v1+json",
+    }
+    answers: list[int] = []
+    locker = sqlite3.connect(daemon.journal_path, isolation_level=None, timeout=10)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        poster = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(
+                    f"{daemon.url}/events/a", headers=headers, json=body, timeout=60
+                ).status_code
+            )
+        )
+        poster.start()
+        for _ in range(3):  # the webhook's write is waiting for the lock by the 2nd round
+            assert httpx.get(f"{daemon.url}/metrics", timeout=3).status_code == 200
+            assert httpx.get(f"{daemon.url}/healthz", timeout=2).status_code == 200
+        assert answers == []  # still waiting: the lock really held the journal up
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    poster.join(timeout=30)
+    assert answers == [202]

@@ -11,6 +11,7 @@ Output goes to a pipe, as to journald under systemd, which the limit does not to
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import signal
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from replicator.daemon.eventstore import record_events
 from replicator.events import RegistryEvent
 from replicator.journal import Journal
 from tests.harness.daemon import TOKEN, DaemonProcess
@@ -113,7 +113,7 @@ def unit_daemon(tmp_path: Path):
     daemon = DaemonProcess(tmp_path / "d", config={"sites": sites, "rules": rules})
     daemon.write_config()
     journal = Journal(daemon.journal_path)
-    record_events(journal, [EVENT])
+    asyncio.run(journal.events.record([EVENT]))
     journal.close()
     started: list[UnitProcess] = []
     yield daemon, started

@@ -18,6 +18,7 @@ from replicator.errors import UsageError
 from replicator.failover import (
     CatchUp,
     Conflict,
+    FailoverRequest,
     _decide,
     choose_digest,
     failback,
@@ -28,6 +29,7 @@ from replicator.failover import (
 from replicator.journal import Journal
 from replicator.sync import Reconciler, rules_in_force
 from tests.harness.images import Pusher, assert_image_complete, layer_bytes
+from tests.harness.journal import sql
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -160,7 +162,7 @@ async def test_failover_from_stopped_primary_catches_up_then_failback(registry_f
         pool = ClientPool(config, retries=1, backoff_base=0.01)  # as after a restart
 
         a_before = tags_of(a, "team/app")
-        plan = await failover(config, journal, pool, engine, "a", dry_run=True)
+        plan = await failover(config, journal, pool, engine, FailoverRequest("a", dry_run=True))
         assert {(c.tag, c.from_site) for c in plan.copies} == {("v2", "b"), ("latest", "b")}
         assert [c.tag for c in plan.conflicts] == ["hotfix"]
         assert plan.rules == [
@@ -174,20 +176,20 @@ async def test_failover_from_stopped_primary_catches_up_then_failback(registry_f
             }
         ]
         assert tags_of(a, "team/app") == a_before and not plan.recorded
-        assert journal.query("SELECT * FROM failovers") == []
+        assert sql(journal, "SELECT * FROM failovers") == []
 
-        done = await failover(config, journal, pool, engine, "a")
+        done = await failover(config, journal, pool, engine, FailoverRequest("a"))
         assert done.failures == [] and done.recorded
         assert "p" not in pool._clients, "the lost primary must never be contacted"
         assert assert_image_complete(a.url, "team/app", "v2") == v2.digest
         assert assert_image_complete(a.url, "team/app", "latest") == new_latest.digest
         assert assert_image_complete(a.url, "team/app", "hotfix") == mine.digest  # kept
-        row = journal.query("SELECT * FROM failovers")[0]
+        row = sql(journal, "SELECT * FROM failovers")[0]
         assert (row["lost_site"], row["promoted_site"], row["active"]) == ("p", "a", 1)
         detail = json.loads(row["detail"])
         assert detail["rules"][0]["new_from"] == "a" and len(detail["catch_up"]["copied"]) == 2
         with pytest.raises(UsageError, match="already failed over"):
-            await failover(config, journal, pool, engine, "a", "p")
+            await failover(config, journal, pool, engine, FailoverRequest("a", "p"))
 
         # A fresh process (new journal handle) follows the failover: a -> b.
         journal2 = Journal(config.journal)
@@ -205,7 +207,7 @@ async def test_failover_from_stopped_primary_catches_up_then_failback(registry_f
         # Failback while the primary is still down: fails, failover stays active.
         down = await failback(config, journal, pool, engine, "p")
         assert down.failures and down.ended == []
-        assert journal.query("SELECT active FROM failovers")[0]["active"] == 1
+        assert sql(journal, "SELECT active FROM failovers")[0]["active"] == 1
 
         primary.start()
         dry = await failback(config, journal, pool, engine, "p", dry_run=True)
@@ -214,7 +216,7 @@ async def test_failover_from_stopped_primary_catches_up_then_failback(registry_f
         back = await failback(config, journal, pool, engine, "p")
         assert back.failures == [] and back.sources == {"apps": "a"}
         assert assert_image_complete(primary.url, "team/app", "v3") == v3.digest
-        row = journal.query("SELECT active, ended_at FROM failovers")[0]
+        row = sql(journal, "SELECT active, ended_at FROM failovers")[0]
         assert row["active"] == 0 and row["ended_at"] is not None
         assert [(r.from_, r.to) for r in await rules_in_force(config, journal)] == [
             ("p", ["a", "b"])
@@ -284,7 +286,7 @@ def test_cli_refuses_failover_of_renaming_rules(registry_factory, tmp_path):
     out = cli("failover", "-c", str(path), "--promote", "a")
     assert out.returncode == 2 and "'mirror'" in out.stderr and "rename" in out.stderr
     journal = Journal(tmp_path / "journal.db")
-    assert journal.query("SELECT * FROM failovers") == []
+    assert sql(journal, "SELECT * FROM failovers") == []
     journal.close()
 
 
@@ -318,12 +320,43 @@ async def test_catch_up_under_latest_n_copies_only_the_newest_tags(registry_fact
         assert tags_of(b, "team/app") == ["v1", "v2", "v3", "v4"]
         primary.stop()
 
-        plan = await failover(config, journal, pool, engine, "a", dry_run=True)
+        plan = await failover(config, journal, pool, engine, FailoverRequest("a", dry_run=True))
         assert [(c.tag, c.from_site) for c in plan.copies] == [("v4", "b")]
-        done = await failover(config, journal, pool, engine, "a")
+        done = await failover(config, journal, pool, engine, FailoverRequest("a"))
         assert done.failures == [] and done.recorded
         assert tags_of(a, "team/app") == ["v2", "v3", "v4"]
         assert assert_image_complete(a.url, "team/app", "v4") == v4.digest
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_catch_up_keeps_every_tag_it_pushed_in_the_ledger(registry_factory, tmp_path):
+    """Catch-up pushes one digest by two tags: the ledger must name both (as every other
+    writer's merge does), or the promoted site's webhook for the first tag looks like a
+    genuine push and is bounced back to the replicas."""
+    primary, a, b = registry_factory("p"), registry_factory("a"), registry_factory("b")
+    data, _ = make_config(
+        tmp_path, {"p": primary, "a": a, "b": b}, [{"name": "apps", "from": "p", "to": ["a", "b"]}]
+    )
+    config = config_from_dict(data)
+    journal = Journal(config.journal)
+    pool = ClientPool(config, retries=1, backoff_base=0.01)
+    engine = CopyEngine(BlobIndex(journal))
+    only_b = config.rules[0].model_copy(update={"to": ["b"]})
+    try:
+        with Pusher(primary.url) as p:
+            img = p.push_image("team/app", "v1", [layer_bytes("same", 200)])
+            assert (
+                p.push_image("team/app", "stable", [layer_bytes("same", 200)]).digest == img.digest
+            )
+        assert (await Reconciler(config, journal, pool, engine).run(rules=[only_b])).failures == []
+        primary.stop()
+        done = await failover(config, journal, pool, engine, FailoverRequest("a"))
+        assert done.failures == [] and {c.tag for c in done.copies} == {"v1", "stable"}
+        [row] = sql(journal, "SELECT * FROM replicated WHERE target_site = 'a'")
+        assert (row["digest"], row["source_site"]) == (img.digest, "b")
+        assert sorted(json.loads(row["tags"])) == ["stable", "v1"]
     finally:
         await pool.aclose()
         journal.close()

@@ -13,6 +13,7 @@ from replicator.journal import Journal
 from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
 from tests.harness.images import ACCEPT, Pusher, assert_image_complete, layer_bytes
+from tests.harness.journal import sql
 
 POLICY = RetentionPolicy(
     name="keep-v", keep=KeepRules(tags=("v*",)), untagged="delete", grace=3600, mode="api"
@@ -93,7 +94,8 @@ def test_api_gc_applies_policy_and_dry_run_predicts_it(registry, tmp_path) -> No
     assert dev_layer in real.deleted_blobs
     assert httpx.head(f"{reg.url}/v2/app/blobs/{dev_layer}").status_code == 404
     assert s["v1"].blobs[1] not in real.deleted_blobs  # shared base stays
-    rows = journal.query(
+    rows = sql(
+        journal,
         "SELECT state, count(*) AS n FROM gc_candidates WHERE run_id=? GROUP BY state",
         (real.run_id,),
     )

@@ -13,7 +13,6 @@ import yaml
 
 from replicator.cli import main
 from replicator.gc import cache_probe
-from replicator.gc.runs import get_run, run_candidates
 from replicator.gc.storage import (
     OnlineGCRefused,
     StorageCollector,
@@ -25,6 +24,7 @@ from replicator.journal import Journal
 from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
 from tests.harness.images import Pusher, assert_image_complete, layer_bytes
+from tests.harness.journal import sql
 from tests.test_gc_storage import age_tree, delete_manifest, opts, start_stale_upload, store_files
 
 CACHE_ENV = {"REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR": "inmemory"}
@@ -79,12 +79,14 @@ async def test_cache_set_by_environment_refuses_the_run_and_restores_everything(
     # every quarantined item is back where it was, untouched; the upload too
     assert without_quarantine(store_files(reg.storage)) == before
     assert all(reg.has_blob_data(d) for d in scene["garbage"])
-    run = journal.query("SELECT * FROM gc_runs ORDER BY id DESC LIMIT 1")[0]
+    run = sql(journal, "SELECT * FROM gc_runs ORDER BY id DESC LIMIT 1")[0]
     assert run["state"] == "refused"
-    states = {c["state"] for c in run_candidates(journal, run["id"]) if c["kind"] != "upload"}
+    states = {
+        c["state"] for c in (await journal.gc_runs.candidates(run["id"])) if c["kind"] != "upload"
+    }
     assert states == {"restored"}
     assert json.loads(run["stats"])["restored"] >= LAYERS
-    assert get_run(journal, run["id"])["finished_at"] is not None
+    assert (await journal.gc_runs.get(run["id"]))["finished_at"] is not None
     # a refused run is finished: the next run does not resume (or delete) its items
     async with client(reg.url) as api:
         with pytest.raises(OnlineGCRefused):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -13,7 +14,6 @@ import pytest
 
 from replicator.gc.layout import StoreLayout
 from replicator.gc.policy import KeepRules, RetentionPolicy
-from replicator.gc.runs import get_run, run_candidates
 from replicator.gc.storage import (
     OnlineGCRefused,
     StorageCollector,
@@ -23,6 +23,7 @@ from replicator.gc.storage import (
 )
 from replicator.journal import Journal
 from tests.harness.images import Pusher, assert_image_complete, digest_of, layer_bytes
+from tests.harness.journal import sql
 from tests.harness.util import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -119,9 +120,12 @@ def test_store_level_sweep_removes_exactly_the_garbage(scene, tmp_path) -> None:
         assert not reg.layer_link("team/app", d).exists()
     assert_all_complete(scene)
     # the journal tells the story
-    run = get_run(journal, res.run_id)
+    run = asyncio.run(journal.gc_runs.get(res.run_id))
     assert run["state"] == "done" and run["mark_summary"]["repositories"] == 4
-    states = {(c["kind"], c["key"]): c["state"] for c in run_candidates(journal, res.run_id)}
+    states = {
+        (c["kind"], c["key"]): c["state"]
+        for c in asyncio.run(journal.gc_runs.candidates(res.run_id))
+    }
     assert states[("blob", scene["loose"])] == "deleted"
     # quarantine is empty afterwards, and a second run finds nothing
     assert not [
@@ -147,7 +151,7 @@ def test_dry_run_changes_nothing_and_predicts_the_real_run(scene, tmp_path) -> N
         dry.links_deleted,
         dry.uploads_deleted,
     )
-    assert get_run(journal, dry.run_id)["dry_run"] == 1
+    assert asyncio.run(journal.gc_runs.get(dry.run_id))["dry_run"] == 1
     assert_all_complete(scene)
     journal.close()
 
@@ -306,13 +310,13 @@ def test_injected_crash_mid_sweep_then_rerun_finishes(scene, tmp_path) -> None:
     journal = Journal(tmp_path / "j.db")
     with pytest.raises(RuntimeError, match="injected fault"):
         collect_storage_sync(reg.storage, journal, opts(reg, fault_after_deletions=1))
-    run = journal.query("SELECT * FROM gc_runs ORDER BY id DESC LIMIT 1")[0]
+    run = sql(journal, "SELECT * FROM gc_runs ORDER BY id DESC LIMIT 1")[0]
     assert run["state"] == "sweeping"
     res = collect_storage_sync(reg.storage, journal, opts(reg))
     assert res.resumed_runs == [run["id"]]
     assert reg.all_blob_digests().isdisjoint(scene["garbage"])
-    assert get_run(journal, run["id"])["state"] == "done"
-    leftovers = run_candidates(journal, run["id"], ("candidate", "quarantined"))
+    assert asyncio.run(journal.gc_runs.get(run["id"]))["state"] == "done"
+    leftovers = asyncio.run(journal.gc_runs.candidates(run["id"], ("candidate", "quarantined")))
     assert leftovers == []
     assert_all_complete(scene)
     journal.close()
@@ -333,7 +337,7 @@ def test_sigkill_during_quarantine_window_then_rerun_finishes(scene, tmp_path) -
     journal = Journal(jpath)
     try:
         wait_until(
-            lambda: journal.query("SELECT 1 FROM gc_candidates WHERE state='quarantined'"),
+            lambda: sql(journal, "SELECT 1 FROM gc_candidates WHERE state='quarantined'"),
             timeout=30,
             what="the subprocess to quarantine candidates",
         )

@@ -18,6 +18,7 @@ from replicator.gc.confined import ConfinedFS, UnsafeEntry
 from replicator.gc.storage import StorageCollector, collect_storage_sync
 from replicator.journal import Journal
 from tests.harness.images import Pusher, assert_image_complete, layer_bytes
+from tests.harness.journal import sql
 from tests.test_gc_storage import age_tree, delete_manifest, opts, start_stale_upload
 
 V2 = "docker/registry/v2"
@@ -200,7 +201,7 @@ def test_resumed_run_does_not_delete_through_a_symlinked_quarantine_run_dir(
     journal = Journal(tmp_path / "j.db")
     with pytest.raises(RuntimeError, match="injected fault"):
         collect_storage_sync(reg.storage, journal, opts(reg, fault_after_deletions=1))
-    run_id = journal.query("SELECT id FROM gc_runs ORDER BY id DESC LIMIT 1")[0]["id"]
+    run_id = sql(journal, "SELECT id FROM gc_runs ORDER BY id DESC LIMIT 1")[0]["id"]
     run_dir = v2 / "_quarantine" / str(run_id)
     assert any(p.is_file() for p in run_dir.rglob("*"))  # quarantined copies wait here
     # the same names outside, and the run dir pointing there

@@ -25,6 +25,7 @@ from replicator.journal import Journal
 from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
 from tests.harness.images import ACCEPT, Pusher, assert_image_complete, layer_bytes
+from tests.harness.journal import sql
 
 DURATION = float(os.environ.get("GC_TORTURE_SECONDS", "10"))
 REPOS = ("t/a", "t/b", "c")
@@ -154,9 +155,10 @@ def test_online_gc_torture(registry, tmp_path) -> None:
     print(f"\ntorture: workers {dict(stats)}; gc {dict(gc_totals)}")
     print(
         "torture: restore reasons",
-        journal.query(
+        sql(
+            journal,
             "SELECT kind, error, count(*) AS n FROM gc_candidates WHERE state='restored' "
-            "GROUP BY kind, error"
+            "GROUP BY kind, error",
         ),
     )
 

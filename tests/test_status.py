@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import yaml
 
 from replicator.config import config_from_dict
 from replicator.journal import Journal
-from replicator.status import compute_status, format_status, human_age, read_rows
+from replicator.status import compute_status, format_status, human_age
+from tests.harness.journal import sql
 from tests.harness.util import free_port
 
 NOW = 1_700_000_000.0
@@ -37,7 +39,8 @@ def write_config(tmp_path: Path) -> tuple[dict, Path]:
 
 def seed(journal: Journal, now: float) -> None:
     def task(rule, target, state, created, source="us-east"):
-        journal.execute(
+        sql(
+            journal,
             "INSERT INTO tasks(key, rule, action, source_site, target_site, repository, "
             "target_repository, tag, state, next_try, created_at, updated_at) "
             "VALUES (?, ?, 'copy', ?, ?, 'team/app', 'team/app', 'v1', ?, ?, ?, ?)",
@@ -54,12 +57,14 @@ def seed(journal: Journal, now: float) -> None:
         (None, now - 300, "failed", 0),
         ("apps", now - 10, "done", 1),
     ):  # dry runs don't count
-        journal.execute(
+        sql(
+            journal,
             "INSERT INTO sync_runs(rule, started_at, finished_at, dry_run, state, result) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (rule, started, started + 5, dry, state, json.dumps({"copied": 3, "failed": 0})),
         )
-    journal.execute(
+    sql(
+        journal,
         "INSERT INTO replicated(target_site, repository, digest, source_site, at) "
         "VALUES ('eu-west', 'team/app', 'sha256:aa', 'us-east', ?)",
         (now - 130,),
@@ -71,7 +76,7 @@ def test_lag_pending_dead_and_last_run_per_rule_and_target(tmp_path):
     config = config_from_dict(data)
     journal = Journal(config.journal)
     seed(journal, NOW)
-    report = compute_status(config, read_rows(journal), now=NOW)
+    report = compute_status(config, asyncio.run(journal.status.rows()), now=NOW)
     journal.close()
     apps = report.rules[0]
     eu, ap = apps.targets
@@ -95,16 +100,18 @@ def test_active_failover_rewrites_what_is_shown(tmp_path):
     data, _ = write_config(tmp_path)
     config = config_from_dict(data)
     journal = Journal(config.journal)
-    journal.execute(
+    sql(
+        journal,
         "INSERT INTO failovers(lost_site, promoted_site, started_at, active, detail)"
         " VALUES ('us-east', 'eu-west', ?, 1, ?)",
         (NOW - 120, json.dumps({"rules": [{"name": "apps"}]})),
     )
-    journal.execute(
+    sql(
+        journal,
         "INSERT INTO failovers(lost_site, promoted_site, started_at, ended_at, "
-        "active) VALUES ('eu-west', 'ap-south', 1, 2, 0)"
+        "active) VALUES ('eu-west', 'ap-south', 1, 2, 0)",
     )  # ended: ignored
-    report = compute_status(config, read_rows(journal), now=NOW)
+    report = compute_status(config, asyncio.run(journal.status.rows()), now=NOW)
     journal.close()
     assert [(f.lost, f.promoted, f.rules) for f in report.failovers] == [
         ("us-east", "eu-west", ["apps"])

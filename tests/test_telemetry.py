@@ -19,8 +19,8 @@ from replicator import telemetry
 from replicator.blob_index import BlobIndex
 from replicator.copy import CopyEngine
 from replicator.daemon.metrics import Metrics
-from replicator.daemon.queue import Task
 from replicator.errors import ConfigError
+from replicator.journal import Task
 from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
 from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config

@@ -104,7 +104,7 @@ async def _with_parts(config, fn):
 
 
 def run_failover(args: argparse.Namespace) -> int:
-    from replicator.failover import failover
+    from replicator.failover import FailoverRequest, failover
 
     config = load_config(args.config)
     report = asyncio.run(
@@ -115,11 +115,13 @@ def run_failover(args: argparse.Namespace) -> int:
                 journal,
                 pool,
                 engine,
-                args.promote,
-                args.lost,
-                dry_run=args.dry_run,
-                force=args.force,
-                parallel=args.parallel,
+                FailoverRequest(
+                    args.promote,
+                    args.lost,
+                    dry_run=args.dry_run,
+                    force=args.force,
+                    parallel=args.parallel,
+                ),
             ),
         )
     )

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _gc(config: Any, args: argparse.Namespace, window: float) -> dict[str, Any]:
     from replicator.clients import ClientPool
-    from replicator.gc.scheduled import run_policies
+    from replicator.gc.scheduled import StorageTuning, run_policies
     from replicator.journal import Journal
 
     journal = Journal(config.journal)
@@ -125,8 +125,7 @@ async def _gc(config: Any, args: argparse.Namespace, window: float) -> dict[str,
                 sites=[args.site] if args.site else None,
                 policy_names=args.policy or None,
                 quarantine_window=window,
-                assume_no_cache=args.assume_no_cache,
-                workers=args.workers,
+                tuning=StorageTuning(assume_no_cache=args.assume_no_cache, workers=args.workers),
             )
     finally:
         journal.close()

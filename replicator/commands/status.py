@@ -4,6 +4,7 @@ target, from the journal alone (no registry is contacted, so it works during an 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 
 from replicator.config import add_config_argument, load_config
@@ -33,12 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from replicator.journal import Journal
-    from replicator.status import compute_status, format_status, read_rows
+    from replicator.status import compute_status, format_status
 
     config = load_config(args.config)
     journal = Journal(config.journal)
     try:
-        report = compute_status(config, read_rows(journal))
+        report = compute_status(config, asyncio.run(journal.status.rows()))
     finally:
         journal.close()
     if args.json:

@@ -4,7 +4,9 @@ Registries deliver notifications at most once from an in-memory queue and retry 
 non-2xx forever, so the contract here is strict both ways:
 
 * bad input (unknown site, wrong token, oversize, malformed, unsupported) gets a
-  clear 4xx with a JSON `error`, is never journaled, and never causes a 5xx;
+  clear 4xx with a JSON `error`, is never journaled, and never causes a 5xx; an
+  unknown site is answered exactly like a wrong token, so site names cannot be
+  enumerated;
 * an event is answered 2xx only once it is durable: committed to the journal and
   handed to `on_events` (the event bus). Redeliveries (same id) are answered 200 and
   not passed on again. If the journal or the hand-over fails the answer is 503, so
@@ -35,19 +37,20 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from replicator.daemon.eventstore import record_event_batches
 from replicator.daemon.metrics import METRICS, Metrics
 from replicator.events import RegistryEvent, WebhookError, parse_webhook
-from replicator.journal import Journal, now
+from replicator.journal import Journal
 from replicator.text import shorten
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1024 * 1024
 READY_TIMEOUT = 5.0
+METRICS_REFRESH_TIMEOUT = 1.0  # past this a scrape renders the previous gauge values
 
 OnEvents = Callable[[list[RegistryEvent]], Awaitable[None]]
 ReadyCheck = Callable[[], Awaitable[Mapping[str, Any]]]
+BeforeMetrics = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,7 @@ class GroupCommit:
 
     async def _commit(self, batch: list[tuple[Sequence[RegistryEvent], asyncio.Future]]) -> None:
         try:
-            results = await self.journal.run(
-                record_event_batches, self.journal, [events for events, _ in batch]
-            )
+            results = await self.journal.events.record_batches([events for events, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
                 if not batch[0][1].done():
@@ -124,8 +125,12 @@ def create_app(
     max_body: int = DEFAULT_MAX_BODY,
     ready_check: ReadyCheck | None = None,
     metrics: Metrics | None = None,
+    before_metrics: BeforeMetrics | None = None,
 ) -> Starlette:
-    """The intake ASGI app: POST /events/{site}, GET /healthz, /readyz, /metrics."""
+    """The intake ASGI app: POST /events/{site}, GET /healthz, /readyz, /metrics.
+
+    `before_metrics` refreshes gauges whose values live in the journal; a scrape waits
+    for it at most METRICS_REFRESH_TIMEOUT seconds, then renders what it has."""
     metrics = metrics if metrics is not None else METRICS
     recorder = GroupCommit(journal)
     by_name = dict(sites)
@@ -141,15 +146,15 @@ def create_app(
         started = time.perf_counter()
         site_name = request.path_params["site"]
         site = by_name.get(site_name)
-        if site is None:
-            return reject(404, f"unknown site {shorten(site_name)!r}", site_name)
-        if site.token is not None and not _bearer_matches(
-            request.headers.get("authorization"), site.token
+        if site is None or (
+            site.token is not None
+            and not _bearer_matches(request.headers.get("authorization"), site.token)
         ):
+            log.debug("webhook for %s site %s", "unknown" if site is None else "known", site_name)
             return reject(
                 401,
                 "missing or wrong bearer token",
-                site.name,
+                site_name,
                 {"WWW-Authenticate": 'Bearer realm="registry-replicator"'},
             )
 
@@ -216,10 +221,12 @@ def create_app(
     async def readyz(request: Request) -> Response:
         checks: dict[str, dict[str, Any]] = {}
         try:
-            await asyncio.wait_for(journal.run(probe_journal, journal), READY_TIMEOUT)
-            checks["journal"] = {"ok": True}
+            problem = await asyncio.wait_for(journal.check_writable(), READY_TIMEOUT)
         except Exception as exc:
-            checks["journal"] = {"ok": False, "detail": shorten(f"{type(exc).__name__}: {exc}")}
+            problem = f"{type(exc).__name__}: {exc}"
+        checks["journal"] = (
+            {"ok": True} if problem is None else {"ok": False, "detail": shorten(problem)}
+        )
         if ready_check is not None:
             try:
                 extra = await asyncio.wait_for(ready_check(), READY_TIMEOUT)
@@ -234,6 +241,11 @@ def create_app(
         )
 
     async def metrics_endpoint(request: Request) -> Response:
+        if before_metrics is not None:
+            try:
+                await asyncio.wait_for(before_metrics(), METRICS_REFRESH_TIMEOUT)
+            except Exception as exc:
+                log.debug("metrics refresh skipped: %s", type(exc).__name__)
         return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
 
     app = Starlette(
@@ -248,16 +260,6 @@ def create_app(
     return app
 
 
-def probe_journal(journal: Journal) -> None:
-    """A tiny write and read-back: proves the journal is open, writable and not stuck."""
-    stamp = repr(now())
-    with journal.transaction() as conn:
-        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('readyz_probe', ?)", (stamp,))
-    row = journal.query("SELECT value FROM meta WHERE key = 'readyz_probe'")
-    if not row or row[0]["value"] != stamp:
-        raise RuntimeError("journal read-back did not return the probe just written")
-
-
 def _bearer_matches(header: str | None, token: str) -> bool:
     if not header:
         return False
@@ -270,7 +272,7 @@ def _bearer_matches(header: str | None, token: str) -> bool:
 
 def _normalise_check(value: Any) -> dict[str, Any]:
     if isinstance(value, Mapping):
-        out = {"ok": bool(value.get("ok"))}
+        out: dict[str, Any] = {"ok": bool(value.get("ok"))}
         if value.get("detail") is not None:
             out["detail"] = shorten(str(value["detail"]))
         return out

@@ -28,22 +28,20 @@ from pathlib import Path
 
 import uvicorn
 
-from replicator import inventory, telemetry
+from replicator import telemetry
 from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule, load_config
 from replicator.copy import CopyEngine, CopyJob, CopyOptions
 from replicator.daemon.bus import EventBus, InProcessBus, MqttBus, MqttSettings
 from replicator.daemon.dispatch import tasks_for_event
-from replicator.daemon.eventstore import events_by_state, mark_events
 from replicator.daemon.intake import SiteIntake, create_app
 from replicator.daemon.metrics import METRICS, Metrics
 from replicator.daemon.notify import Notifier
-from replicator.daemon.queue import Task, WorkQueue
 from replicator.daemon.schedule import Periodic
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.events import RegistryEvent
-from replicator.journal import Journal
+from replicator.journal import Journal, QueueError, Task, WorkQueue
 from replicator.manifest import is_digest
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
@@ -53,6 +51,7 @@ log = logging.getLogger("replicator.daemon")
 
 REDISPATCH_AFTER = 30.0  # an event still 'new' this long after arrival is re-published
 POLL_INTERVAL = 1.0  # how often workers look for tasks whose retry time has come
+GAUGE_REFRESH = 5.0  # how often journal-backed gauges are re-read between scrapes
 
 
 class _Server(uvicorn.Server):
@@ -99,12 +98,14 @@ class Daemon:
         self.rules: list[Rule] = list(self.config.rules)
         self._stop = asyncio.Event()
         self._work_ready = asyncio.Event()
-        self._to_mark: list[str] = []  # event ids to mark 'dispatched', batched
+        self._to_mark: list[tuple[str, str]] = []  # (site, event id) to mark, batched
         self._mark_ready = asyncio.Event()
         self._running: dict[int, asyncio.Task] = {}
         self._periodic: dict[str, Periodic] = {}
         self._background: list[asyncio.Task] = []
         self._server: _Server | None = None
+        self._task_counts: dict[str, int] = {}  # journal-backed gauges, last refresh
+        self._oldest_unfinished: dict[tuple[str, str], float] = {}
         self.started = asyncio.Event()
 
     # ------------------------------------------------------------------ set-up
@@ -150,15 +151,16 @@ class Daemon:
         return 0
 
     async def _start(self) -> None:
-        requeued = await self.queue.arequeue_expired()
-        released = await self.queue.arelease_owned()
+        requeued = await self.queue.requeue_expired()
+        released = await self.queue.release_owned()
         if requeued or released:
             log.info("returned %d expired and %d own leases to the queue", requeued, released)
         self.rules = await rules_in_force(self.config, self.journal)
         self._install_metrics()
+        await self._refresh_gauges()
         await self.bus.start(self._on_event)
         # events journaled by a previous life but never handed to the bus go out first
-        leftover = await self.journal.run(events_by_state, self.journal, "new")
+        leftover = await self.journal.events.by_state("new")
         if leftover:
             log.info("re-publishing %d events journaled before the last stop", len(leftover))
             await self._publish(leftover)
@@ -168,6 +170,7 @@ class Daemon:
             on_events=self._publish,
             ready_check=self._ready,
             metrics=self.metrics,
+            before_metrics=self._refresh_gauges,
         )
         host, port = self.config.listen_host, self.config.listen_port
         self._server = _Server(
@@ -189,6 +192,7 @@ class Daemon:
             asyncio.create_task(self._redispatch_loop(), name="redispatch"),
             asyncio.create_task(self._mark_loop(), name="mark-dispatched"),
             asyncio.create_task(self._watchdog_loop(), name="watchdog"),
+            asyncio.create_task(self._gauge_loop(), name="gauges"),
         ]
         self._schedule_reconciles()
         self._schedule_gc()
@@ -220,7 +224,7 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await self.queue.arelease_owned()  # unfinished work goes back for the next start
+            await self.queue.release_owned()  # unfinished work goes back for the next start
         with contextlib.suppress(Exception):
             # bounded: a handler that keeps failing must not hold up the exit; what it did
             # not finish stays in the journal (in-process) or the broker session (MQTT)
@@ -294,20 +298,20 @@ class Daemon:
             ):
                 await self.bus.publish(event)  # the bus carries this span's traceparent
         if not isinstance(self.bus, InProcessBus):
-            self._mark_dispatched([e.id for e in events])  # durable in the broker now
+            self._mark_dispatched(events)  # durable in the broker now
 
-    def _mark_dispatched(self, ids: list[str]) -> None:
+    def _mark_dispatched(self, events: list[RegistryEvent]) -> None:
         """Marking is kept off the webhook's critical path (the registry sends one event
         at a time, so every journal round trip in the answer delays all later events) and
         batched across concurrent webhooks. A crash before the mark only re-publishes the
         event at the next start; handling is idempotent."""
-        self._to_mark += ids
+        self._to_mark += [(e.site, e.id) for e in events]
         self._mark_ready.set()
 
     async def _flush_marks(self) -> None:
         while self._to_mark:
-            ids, self._to_mark = self._to_mark, []
-            await self.journal.run(mark_events, self.journal, ids, "dispatched")
+            keys, self._to_mark = self._to_mark, []
+            await self.journal.events.mark(keys, "dispatched")
 
     async def _mark_loop(self) -> None:
         while True:
@@ -328,7 +332,9 @@ class Daemon:
         """Events journaled but never published (a crash, a broker outage) go out again."""
         while True:
             try:
-                stale = await self.journal.run(self._stale_events)
+                stale = await self.journal.events.by_state(
+                    "new", received_before=time.time() - REDISPATCH_AFTER, limit=500
+                )
                 if stale:
                     log.info("re-publishing %d journaled events", len(stale))
                     await self._publish(stale)
@@ -338,18 +344,13 @@ class Daemon:
                 log.warning("re-publishing journaled events failed: %s", exc)
             await asyncio.sleep(REDISPATCH_AFTER / 3)
 
-    def _stale_events(self) -> list[RegistryEvent]:
-        return events_by_state(
-            self.journal, "new", received_before=time.time() - REDISPATCH_AFTER, limit=500
-        )
-
     async def _on_event(self, event: RegistryEvent, trace_context: Mapping[str, str]) -> None:
         """Bus handler. The in-process bus is only memory, so its events count as
         dispatched once handled (their tasks are in the journal), not once queued: a
         SIGKILL with events still queued then re-publishes them at the next start."""
         await self._plan(event, trace_context)
         if isinstance(self.bus, InProcessBus):
-            self._mark_dispatched([event.id])
+            self._mark_dispatched([event])
 
     async def _plan(self, event: RegistryEvent, trace_context: Mapping[str, str]) -> None:
         """Turn one event into tasks (durably) and wake the workers."""
@@ -361,7 +362,7 @@ class Daemon:
             return
         await self._remember(event)
         if event.action == "push" and event.digest:
-            source = await self.queue.awas_replicated_here(
+            source = await self.journal.ledger.was_replicated_here(
                 event.site, event.repository, event.digest, event.tag
             )
             if source is not None:
@@ -374,30 +375,25 @@ class Daemon:
                 return
         specs = tasks_for_event(self.config, self.rules, event, trace_context)
         if specs:
-            await self.queue.aenqueue(specs)
+            await self.queue.enqueue(specs)
             self._work_ready.set()
 
     async def _remember(self, event: RegistryEvent) -> None:
         """Keep the inventory current from webhooks: push times feed retention policies."""
+        inventory = self.journal.inventory
         if event.action == "push" and event.is_manifest and event.tag and event.digest:
-            await self.journal.run(
-                inventory.record_tags,
-                self.journal,
+            await inventory.record_tags(
                 event.site,
                 event.repository,
                 {event.tag: event.digest},
                 event.occurred_at or time.time(),
             )
         elif event.action == "delete":
-            await self.journal.run(
-                functools.partial(
-                    inventory.forget,
-                    self.journal,
-                    event.site,
-                    event.repository,
-                    tag=event.tag,
-                    digest=None if event.tag else event.digest,
-                )
+            await inventory.forget(
+                event.site,
+                event.repository,
+                tag=event.tag,
+                digest=None if event.tag else event.digest,
             )
 
     # ----------------------------------------------------------------- workers
@@ -409,20 +405,20 @@ class Daemon:
             if free > 0:
                 limits = {name: site.limits.concurrency for name, site in self.config.sites.items()}
                 try:
-                    tasks = await self.queue.alease(free, None, limits)
+                    tasks = await self.queue.lease(free, None, limits)
                 except Exception as exc:
                     log.error("leasing tasks failed: %s", exc)
                     tasks = []
                 for task in tasks:
                     runner = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
                     self._running[task.id] = runner
-                    runner.add_done_callback(lambda _t, i=task.id: self._finished(i))
+                    runner.add_done_callback(functools.partial(self._finished, task.id))
                 if tasks:
                     continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._work_ready.wait(), POLL_INTERVAL)
 
-    def _finished(self, task_id: int) -> None:
+    def _finished(self, task_id: int, _runner: asyncio.Task) -> None:
         self._running.pop(task_id, None)
         self._work_ready.set()
 
@@ -437,7 +433,7 @@ class Daemon:
         rule = self._rule(task.rule)
         try:
             if rule is None:
-                await self.queue.afail(
+                await self.queue.fail(
                     task.id, f"rule {task.rule!r} is no longer configured", retryable=False
                 )
                 return
@@ -482,27 +478,29 @@ class Daemon:
                 retryable=False,
             )
         else:
-            await self.queue.acomplete(task.id)
+            await self.queue.complete(task.id)
 
     async def _delete(self, task: Task, dst: RegistryClient) -> None:
         digest = task.digest
         if digest is None and task.tag:
             head = await dst.head_manifest(task.target_repository, task.tag)
             if head is None:
-                await self.queue.acomplete(task.id)
+                await self.queue.complete(task.id)
                 return
             digest = head.digest
-        await self.queue.arecord_replicated(
+        if digest is None:  # unreachable: TaskSpec.validate requires a tag or a digest
+            raise QueueError(f"task {task.id} names neither a tag nor a digest")
+        await self.journal.ledger.record(
             task.target_site, task.target_repository, digest, task.source_site
         )
         await dst.delete_manifest(task.target_repository, digest)
-        await self.queue.acomplete(task.id)
+        await self.queue.complete(task.id)
 
     async def _failed(self, task: Task, error: str, retryable: bool) -> None:
         telemetry.record_failure(error, retryable=retryable)
         self.metrics.retries.inc(target=task.target_site)
-        await self.queue.afail(task.id, error[:2000], retryable)
-        row = await self.journal.run(self.queue.get, task.id)
+        await self.queue.fail(task.id, error[:2000], retryable)
+        row = await self.queue.get(task.id)
         if row is not None and row.state == "dead":
             self.metrics.dead_letters.inc(rule=task.rule, target=task.target_site)
         log.warning(
@@ -518,7 +516,7 @@ class Daemon:
     async def _before_put(self, job: CopyJob, digest: str, ref: str) -> None:
         """Loop guard: remember our own push before the target can tell us about it."""
         tag = None if is_digest(ref) else ref
-        await self.queue.arecord_replicated(
+        await self.journal.ledger.record(
             job.target_site, job.dst_repo, digest, job.source_site, tag
         )
 
@@ -531,7 +529,7 @@ class Daemon:
             old = (previous or {}).get(name)
             periodic = Periodic(
                 name,
-                lambda r=rule.name: self.reconcile([r]),
+                functools.partial(self.reconcile, [rule.name]),
                 interval=rule.interval,
                 cron=rule.schedule,
                 jitter=min(5.0, (rule.interval or 60) / 10),
@@ -582,20 +580,31 @@ class Daemon:
             await asyncio.sleep(interval or 30)
 
     def _install_metrics(self) -> None:
-        journal = self.journal
+        """Journal-backed gauges render the values of the last refresh, so a scrape (or an
+        OpenTelemetry export, which reads them on its own thread) never runs SQL; the
+        intake refreshes them before each scrape and `_gauge_loop` in between."""
 
         def tasks_by_state() -> dict:
-            rows = journal.query("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
-            return {(r["state"],): r["n"] for r in rows}
+            return {(state,): n for state, n in self._task_counts.items() if n}
 
         def lag() -> dict:
-            rows = journal.query(
-                "SELECT rule, target_site, MIN(created_at) AS oldest FROM tasks "
-                "WHERE state IN ('pending', 'leased') GROUP BY rule, target_site"
-            )
             now = time.time()
-            return {(r["rule"], r["target_site"]): max(0.0, now - r["oldest"]) for r in rows}
+            return {key: max(0.0, now - t) for key, t in self._oldest_unfinished.items()}
 
         with contextlib.suppress(Exception):
             self.metrics.tasks.set_function(tasks_by_state)
             self.metrics.replication_lag.set_function(lag)
+
+    async def _refresh_gauges(self) -> None:
+        self._task_counts = await self.queue.counts_by_state()
+        self._oldest_unfinished = await self.queue.oldest_unfinished()
+
+    async def _gauge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(GAUGE_REFRESH)
+            try:
+                await self._refresh_gauges()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reading task gauges from the journal failed: %s", exc)

@@ -18,32 +18,28 @@ queue proportional to what is out of date, not to how busy the source is:
 * while a task of a key is leased, new work for that key is queued behind it and is
   not leased until the running one finishes (no copy/delete race on one tag).
 
-Use: `WorkQueue(journal, owner_id)` has synchronous methods that do the SQL, for
-tests and the CLI; the daemon calls the `a`-prefixed coroutine twins (`alease`,
-`acomplete`, ...), which run the same method on the journal thread via
-`journal.run`, so the event loop never blocks on disk.
+Use: `WorkQueue(journal, owner_id)`; every method is a coroutine whose SQL runs on
+the journal thread, so the event loop never blocks on disk.
 
 `attempts` counts leases, not failures: a task that crashes its worker every time
 (SIGKILL mid-copy) still reaches the dead-letter state after `max_attempts`.
-
-Loop prevention in an A<->B mesh uses table `replicated`: the copier calls
-`record_replicated` before it PUTs a manifest at a target; when that target's
-registry then reports the push, `was_replicated_here` names the site it came from
-and the daemon does not bounce the event back.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import sqlite_utils
+
 from replicator.backoff import jittered_backoff
 from replicator.errors import ReplicatorError
-from replicator.journal import Journal
+from replicator.journal.core import JournalConnection, changed, rows
 from replicator.logs import redact
 
 TaskAction = Literal["copy", "delete"]
@@ -56,9 +52,7 @@ DEFAULT_MAX_ATTEMPTS = 10
 DEFAULT_BACKOFF_BASE = 2.0  # seconds before the first retry (before jitter)
 DEFAULT_BACKOFF_MAX = 600.0  # cap on one wait
 DEFAULT_LEASE_SECONDS = 60.0
-DEFAULT_REPLICATED_WINDOW = 3600.0
 _MAX_ERROR = 2000
-_MAX_TAGS = 64
 
 
 class QueueError(ReplicatorError):
@@ -145,38 +139,6 @@ class Task:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
-def record_replicated(
-    journal: Journal,
-    target_site: str,
-    repository: str,
-    digest: str,
-    source_site: str,
-    tag: str | None = None,
-    *,
-    now: float | None = None,
-) -> None:
-    """Record that we pushed `digest` (by `tag`) into `repository` at `target_site`,
-    merging the tag into those already recorded for the same source (loop guard,
-    failover knowledge, immutable-tag fast path)."""
-    with journal.transaction() as conn:
-        now = time.time() if now is None else now
-        row = conn.execute(
-            "SELECT source_site, tags FROM replicated WHERE target_site=? AND "
-            "repository=? AND digest=?",
-            (target_site, repository, digest),
-        ).fetchone()
-        tags: list[str] = []
-        if row is not None and row[0] == source_site and row[1]:
-            tags = json.loads(row[1])
-        if tag is not None and tag not in tags:
-            tags = [*tags, tag][-_MAX_TAGS:]
-        conn.execute(
-            "INSERT OR REPLACE INTO replicated (target_site, repository, digest, "
-            "source_site, at, tags) VALUES (?,?,?,?,?,?)",
-            (target_site, repository, digest, source_site, now, json.dumps(tags) if tags else None),
-        )
-
-
 def task_key(rule: str, target_site: str, target_repository: str, reference: str | None) -> str:
     """The coalescing key: one pending task per (rule, target, repository, tag-or-digest)."""
     return f"{rule}|{target_site}|{target_repository}|{reference or ''}"
@@ -197,7 +159,7 @@ class WorkQueue:
 
     def __init__(
         self,
-        journal: Journal,
+        journal: JournalConnection,
         owner_id: str,
         *,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
@@ -221,20 +183,19 @@ class WorkQueue:
         self._rng = rng
 
     # --- enqueue ----------------------------------------------------------------
-    def enqueue(self, tasks: Iterable[TaskSpec]) -> list[int]:
+    async def enqueue(self, tasks: Iterable[TaskSpec]) -> list[int]:
         """Add tasks in one transaction, coalescing by key. Returns, per spec, the id of
         the row that now carries its work (an existing pending row when coalesced)."""
         specs = list(tasks)
         for i, spec in enumerate(specs):
             spec.validate(f"tasks[{i}]")
-        ids: list[int] = []
-        with self.journal.transaction() as conn:
-            now = self._clock()
-            for spec in specs:
-                ids.append(self._enqueue_one(conn, spec, now))
-        return ids
+        return await self.journal.write(self._enqueue, specs)
 
-    def _enqueue_one(self, conn: Any, spec: TaskSpec, now: float) -> int:
+    def _enqueue(self, db: sqlite_utils.Database, specs: list[TaskSpec]) -> list[int]:
+        now = self._clock()
+        return [self._enqueue_one(db.conn, spec, now) for spec in specs]
+
+    def _enqueue_one(self, conn: sqlite3.Connection, spec: TaskSpec, now: float) -> int:
         key = spec.key
         tc = json.dumps(dict(spec.trace_context)) if spec.trace_context else None
         pending = conn.execute(
@@ -308,10 +269,10 @@ class WorkQueue:
                 now,
             ),
         )
-        return int(cur.lastrowid)
+        return int(cur.lastrowid or 0)
 
     # --- leasing ----------------------------------------------------------------
-    def lease(
+    async def lease(
         self,
         n: int,
         lease_seconds: float | None = None,
@@ -319,162 +280,180 @@ class WorkQueue:
     ) -> list[Task]:
         """Claim up to `n` ready tasks (pending, next_try <= now, no leased task with the
         same key), never exceeding `target_limits[target_site]` concurrently leased
-        tasks per target (targets not listed are unlimited). Atomic across threads and
-        processes."""
+        tasks per target (targets not listed are unlimited). One transaction: atomic
+        across tasks, threads and processes."""
         if n <= 0:
             return []
         seconds = self.lease_seconds if lease_seconds is None else lease_seconds
-        limits = dict(target_limits or {})
-        with self.journal.transaction() as conn:
-            now = self._clock()
-            busy = dict(
-                conn.execute(
-                    "SELECT target_site, COUNT(*) FROM tasks WHERE state='leased' "
-                    "GROUP BY target_site"
-                ).fetchall()
-            )
-            chosen: list[int] = []
-            keys: set[str] = set()
-            page, offset, full = max(4 * n, 64), 0, []
-            while len(chosen) < n:
-                now_full = [t for t, lim in limits.items() if busy.get(t, 0) >= lim]
-                if now_full != full:  # the filter changed: rescan from the top
-                    full, offset = now_full, 0
-                marks = ",".join("?" * len(full))
-                rows = conn.execute(
-                    "SELECT id, key, target_site FROM tasks t WHERE state='pending' "
-                    "AND next_try <= ? "
-                    + (f"AND target_site NOT IN ({marks}) " if full else "")
-                    + "AND NOT EXISTS (SELECT 1 FROM tasks l WHERE l.key = t.key "
-                    "AND l.state='leased') ORDER BY next_try, id LIMIT ? OFFSET ?",
-                    (now, *full, page, offset),
-                ).fetchall()
-                for row_id, key, target in rows:
-                    if len(chosen) >= n:
-                        break
-                    if key in keys or busy.get(target, 0) >= limits.get(target, 1 << 62):
-                        continue
-                    chosen.append(row_id)
-                    keys.add(key)
-                    busy[target] = busy.get(target, 0) + 1
-                if len(rows) < page:
-                    break
-                if [t for t, lim in limits.items() if busy.get(t, 0) >= lim] == full:
-                    offset += page
-            if not chosen:
-                return []
-            marks = ",".join("?" * len(chosen))
+        return await self.journal.write(self._lease, n, seconds, dict(target_limits or {}))
+
+    def _lease(
+        self, db: sqlite_utils.Database, n: int, seconds: float, limits: dict[str, int]
+    ) -> list[Task]:
+        conn = db.conn
+        now = self._clock()
+        busy = dict(
             conn.execute(
-                f"UPDATE tasks SET state='leased', lease_owner=?, lease_until=?, "
-                f"attempts=attempts+1, updated_at=? WHERE id IN ({marks})",
-                (self.owner_id, now + seconds, now, *chosen),
-            )
-            rows = conn.execute(
+                "SELECT target_site, COUNT(*) FROM tasks WHERE state='leased' GROUP BY target_site"
+            ).fetchall()
+        )
+        chosen: list[int] = []
+        keys: set[str] = set()
+        page, offset = max(4 * n, 64), 0
+        full: list[str] = []
+        while len(chosen) < n:
+            now_full = [t for t, lim in limits.items() if busy.get(t, 0) >= lim]
+            if now_full != full:  # the filter changed: rescan from the top
+                full, offset = now_full, 0
+            marks = ",".join("?" * len(full))
+            found = conn.execute(
+                "SELECT id, key, target_site FROM tasks t WHERE state='pending' "
+                "AND next_try <= ? "
+                + (f"AND target_site NOT IN ({marks}) " if full else "")
+                + "AND NOT EXISTS (SELECT 1 FROM tasks l WHERE l.key = t.key "
+                "AND l.state='leased') ORDER BY next_try, id LIMIT ? OFFSET ?",
+                (now, *full, page, offset),
+            ).fetchall()
+            for row_id, key, target in found:
+                if len(chosen) >= n:
+                    break
+                if key in keys or busy.get(target, 0) >= limits.get(target, 1 << 62):
+                    continue
+                chosen.append(row_id)
+                keys.add(key)
+                busy[target] = busy.get(target, 0) + 1
+            if len(found) < page:
+                break
+            if [t for t, lim in limits.items() if busy.get(t, 0) >= lim] == full:
+                offset += page
+        if not chosen:
+            return []
+        marks = ",".join("?" * len(chosen))
+        conn.execute(
+            f"UPDATE tasks SET state='leased', lease_owner=?, lease_until=?, "
+            f"attempts=attempts+1, updated_at=? WHERE id IN ({marks})",
+            (self.owner_id, now + seconds, now, *chosen),
+        )
+        return [
+            Task.from_row(r)
+            for r in db.query(
                 f"SELECT * FROM tasks WHERE id IN ({marks}) ORDER BY next_try, id", chosen
             )
-            cols = [d[0] for d in rows.description]
-            return [Task.from_row(dict(zip(cols, r, strict=True))) for r in rows.fetchall()]
+        ]
 
-    def renew(self, task_id: int, lease_seconds: float | None = None) -> bool:
+    async def renew(self, task_id: int, lease_seconds: float | None = None) -> bool:
         """Extend our lease; False when it is no longer ours (expired and requeued)."""
         seconds = self.lease_seconds if lease_seconds is None else lease_seconds
         now = self._clock()
-        return self._owned_update(task_id, "lease_until=?, updated_at=?", (now + seconds, now))
+        return await self._owned_update(
+            task_id, "lease_until=?, updated_at=?", (now + seconds, now)
+        )
 
-    def complete(self, task_id: int) -> bool:
+    async def complete(self, task_id: int) -> bool:
         """Mark our leased task done; False when the lease was lost meanwhile."""
-        return self._owned_update(
+        return await self._owned_update(
             task_id,
             "state='done', lease_owner=NULL, lease_until=NULL, last_error=NULL, updated_at=?",
             (self._clock(),),
         )
 
-    def fail(
+    async def fail(
         self, task_id: int, error: str, retryable: bool = True, retry_after: float | None = None
     ) -> bool:
         """Record a failed attempt: back to pending after a capped, jittered exponential
         wait (at least `retry_after` seconds, e.g. a 429's Retry-After), or `dead` when
         not retryable or after `max_attempts`. False when the lease was lost meanwhile."""
         message = redact(str(error))[:_MAX_ERROR]
-        with self.journal.transaction() as conn:
-            now = self._clock()
-            row = conn.execute(
-                "SELECT attempts FROM tasks WHERE id=? AND state='leased' AND lease_owner=?",
-                (task_id, self.owner_id),
-            ).fetchone()
-            if row is None:
-                return False
-            attempts = int(row[0])
-            if not retryable or attempts >= self.max_attempts:
-                conn.execute(
-                    "UPDATE tasks SET state='dead', lease_owner=NULL, lease_until=NULL, "
-                    "last_error=?, updated_at=? WHERE id=?",
-                    (message, now, task_id),
-                )
-                return True
-            delay = backoff_delay(attempts, self.backoff_base, self.backoff_max, self._rng)
-            if retry_after is not None:
-                delay = max(delay, float(retry_after))
-            conn.execute(
-                "UPDATE tasks SET state='pending', lease_owner=NULL, lease_until=NULL, "
-                "last_error=?, next_try=?, updated_at=? WHERE id=?",
-                (message, now + delay, now, task_id),
+        return await self.journal.write(self._fail, task_id, message, retryable, retry_after)
+
+    def _fail(
+        self,
+        db: sqlite_utils.Database,
+        task_id: int,
+        message: str,
+        retryable: bool,
+        retry_after: float | None,
+    ) -> bool:
+        now = self._clock()
+        row = db.execute(
+            "SELECT attempts FROM tasks WHERE id=? AND state='leased' AND lease_owner=?",
+            (task_id, self.owner_id),
+        ).fetchone()
+        if row is None:
+            return False
+        attempts = int(row[0])
+        if not retryable or attempts >= self.max_attempts:
+            db.execute(
+                "UPDATE tasks SET state='dead', lease_owner=NULL, lease_until=NULL, "
+                "last_error=?, updated_at=? WHERE id=?",
+                (message, now, task_id),
             )
             return True
+        delay = backoff_delay(attempts, self.backoff_base, self.backoff_max, self._rng)
+        if retry_after is not None:
+            delay = max(delay, float(retry_after))
+        db.execute(
+            "UPDATE tasks SET state='pending', lease_owner=NULL, lease_until=NULL, "
+            "last_error=?, next_try=?, updated_at=? WHERE id=?",
+            (message, now + delay, now, task_id),
+        )
+        return True
 
-    def requeue_expired(self) -> int:
+    async def requeue_expired(self) -> int:
         """Return leases past their deadline (a crashed or hung worker) to pending, or to
         `dead` when they already used `max_attempts`. Returns how many rows moved."""
-        with self.journal.transaction() as conn:
-            now = self._clock()
-            dead = conn.execute(
-                "UPDATE tasks SET state='dead', last_error=COALESCE(last_error || '; ', '') || "
-                "'lease expired (owner ' || COALESCE(lease_owner, '?') || ')', "
-                "lease_owner=NULL, lease_until=NULL, updated_at=? "
-                "WHERE state='leased' AND lease_until <= ? AND attempts >= ?",
-                (now, now, self.max_attempts),
-            ).rowcount
-            back = conn.execute(
-                "UPDATE tasks SET state='pending', next_try=?, "
-                "last_error='lease expired (owner ' || COALESCE(lease_owner, '?') || ')', "
-                "lease_owner=NULL, lease_until=NULL, updated_at=? "
-                "WHERE state='leased' AND lease_until <= ?",
-                (now, now, now),
-            ).rowcount
-            return dead + back
+        return await self.journal.write(self._requeue_expired)
 
-    def release_owned(self) -> int:
+    def _requeue_expired(self, db: sqlite_utils.Database) -> int:
+        now = self._clock()
+        dead = db.execute(
+            "UPDATE tasks SET state='dead', last_error=COALESCE(last_error || '; ', '') || "
+            "'lease expired (owner ' || COALESCE(lease_owner, '?') || ')', "
+            "lease_owner=NULL, lease_until=NULL, updated_at=? "
+            "WHERE state='leased' AND lease_until <= ? AND attempts >= ?",
+            (now, now, self.max_attempts),
+        ).rowcount
+        back = db.execute(
+            "UPDATE tasks SET state='pending', next_try=?, "
+            "last_error='lease expired (owner ' || COALESCE(lease_owner, '?') || ')', "
+            "lease_owner=NULL, lease_until=NULL, updated_at=? "
+            "WHERE state='leased' AND lease_until <= ?",
+            (now, now, now),
+        ).rowcount
+        return int(dead + back)
+
+    async def release_owned(self) -> int:
         """Return every lease of this owner to pending at once (graceful shutdown), without
         spending an attempt."""
         now = self._clock()
-        return self.journal.execute(
+        return await self.journal.write(
+            changed,
             "UPDATE tasks SET state='pending', next_try=?, attempts=MAX(attempts-1, 0), "
             "lease_owner=NULL, lease_until=NULL, updated_at=? "
             "WHERE state='leased' AND lease_owner=?",
             (now, now, self.owner_id),
         )
 
-    def _owned_update(self, task_id: int, assignments: str, params: tuple[Any, ...]) -> bool:
-        return (
-            self.journal.execute(
-                f"UPDATE tasks SET {assignments} WHERE id=? AND state='leased' AND lease_owner=?",
-                (*params, task_id, self.owner_id),
-            )
-            == 1
+    async def _owned_update(self, task_id: int, assignments: str, params: tuple[Any, ...]) -> bool:
+        count = await self.journal.write(
+            changed,
+            f"UPDATE tasks SET {assignments} WHERE id=? AND state='leased' AND lease_owner=?",
+            (*params, task_id, self.owner_id),
         )
+        return count == 1
 
     # --- inspection -------------------------------------------------------------
-    def get(self, task_id: int) -> Task | None:
-        rows = self.journal.query("SELECT * FROM tasks WHERE id=?", (task_id,))
-        return Task.from_row(rows[0]) if rows else None
+    async def get(self, task_id: int) -> Task | None:
+        found = await self.journal.read(rows, "SELECT * FROM tasks WHERE id=?", (task_id,))
+        return Task.from_row(found[0]) if found else None
 
-    def counts_by_state(self) -> dict[str, int]:
-        counts = dict.fromkeys(TASK_STATES, 0)
-        for row in self.journal.query("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state"):
-            counts[row["state"]] = row["n"]
-        return counts
+    async def counts_by_state(self) -> dict[str, int]:
+        found = await self.journal.read(
+            rows, "SELECT state, COUNT(*) AS n FROM tasks GROUP BY state"
+        )
+        return {**dict.fromkeys(TASK_STATES, 0), **{r["state"]: r["n"] for r in found}}
 
-    def oldest_pending_age(
+    async def oldest_pending_age(
         self, rule: str | None = None, target: str | None = None
     ) -> float | None:
         """Replication lag: seconds since the oldest unfinished (pending or leased) task
@@ -487,154 +466,53 @@ class WorkQueue:
         if target is not None:
             sql += " AND target_site=?"
             params.append(target)
-        oldest = self.journal.query(sql, params)[0]["t"]
+        oldest = (await self.journal.read(rows, sql, params))[0]["t"]
         return None if oldest is None else max(0.0, self._clock() - oldest)
 
-    def dead_letters(self, limit: int = 100) -> list[Task]:
-        rows = self.journal.query(
+    async def oldest_unfinished(self) -> dict[tuple[str, str], float]:
+        """(rule, target site) -> when its oldest pending or leased task was queued: the
+        replication lag per route, in one query."""
+        found = await self.journal.read(
+            rows,
+            "SELECT rule, target_site, MIN(created_at) AS oldest FROM tasks "
+            "WHERE state IN ('pending', 'leased') GROUP BY rule, target_site",
+        )
+        return {(r["rule"], r["target_site"]): r["oldest"] for r in found}
+
+    async def dead_letters(self, limit: int = 100) -> list[Task]:
+        found = await self.journal.read(
+            rows,
             "SELECT * FROM tasks WHERE state='dead' ORDER BY updated_at DESC, id DESC LIMIT ?",
             (limit,),
         )
-        return [Task.from_row(r) for r in rows]
+        return [Task.from_row(r) for r in found]
 
-    def retry_dead(self, task_id: int) -> bool:
+    async def retry_dead(self, task_id: int) -> bool:
         """Give a dead task a fresh set of attempts. When newer work for the same key is
         already pending, the dead task is superseded instead (cancelled) and False is
         returned; False too when the task is not dead."""
-        with self.journal.transaction() as conn:
-            now = self._clock()
-            row = conn.execute(
-                "SELECT key FROM tasks WHERE id=? AND state='dead'", (task_id,)
-            ).fetchone()
-            if row is None:
-                return False
-            newer = conn.execute(
-                "SELECT 1 FROM tasks WHERE key=? AND state='pending'", (row[0],)
-            ).fetchone()
-            if newer:
-                conn.execute(
-                    "UPDATE tasks SET state='cancelled', updated_at=? WHERE id=?", (now, task_id)
-                )
-                return False
-            conn.execute(
-                "UPDATE tasks SET state='pending', attempts=0, next_try=?, updated_at=? WHERE id=?",
-                (now, now, task_id),
-            )
-            return True
+        return await self.journal.write(self._retry_dead, task_id)
 
-    def purge_finished(self, older_than: float) -> int:
+    def _retry_dead(self, db: sqlite_utils.Database, task_id: int) -> bool:
+        now = self._clock()
+        row = db.execute("SELECT key FROM tasks WHERE id=? AND state='dead'", (task_id,)).fetchone()
+        if row is None:
+            return False
+        if db.execute("SELECT 1 FROM tasks WHERE key=? AND state='pending'", (row[0],)).fetchone():
+            db.execute(
+                "UPDATE tasks SET state='cancelled', updated_at=? WHERE id=?", (now, task_id)
+            )
+            return False
+        db.execute(
+            "UPDATE tasks SET state='pending', attempts=0, next_try=?, updated_at=? WHERE id=?",
+            (now, now, task_id),
+        )
+        return True
+
+    async def purge_finished(self, older_than: float) -> int:
         """Delete done/cancelled rows last touched more than `older_than` seconds ago."""
-        return self.journal.execute(
+        return await self.journal.write(
+            changed,
             "DELETE FROM tasks WHERE state IN ('done','cancelled') AND updated_at < ?",
             (self._clock() - older_than,),
-        )
-
-    # --- loop prevention --------------------------------------------------------
-    def record_replicated(
-        self,
-        target_site: str,
-        repository: str,
-        digest: str,
-        source_site: str,
-        tag: str | None = None,
-    ) -> None:
-        """Remember that we are about to push `digest` (by `tag`, if any) into `repository`
-        at `target_site`. Call it BEFORE the manifest PUT: the target's webhook can arrive
-        before the PUT returns."""
-        record_replicated(
-            self.journal, target_site, repository, digest, source_site, tag, now=self._clock()
-        )
-
-    def was_replicated_here(
-        self,
-        site: str,
-        repository: str,
-        digest: str,
-        tag: str | None = None,
-        within: float | None = DEFAULT_REPLICATED_WINDOW,
-    ) -> str | None:
-        """The site we replicated `repository@digest` from into `site`, if our own push
-        explains an event there, else None. With `tag`, the record must name that tag
-        (a re-tag of the same digest at `site` is a genuine change to replicate); the
-        `within` window (seconds, None: forever) stops an old record from silencing a
-        genuine later push of the same content."""
-        rows = self.journal.query(
-            "SELECT source_site, at, tags FROM replicated WHERE target_site=? AND "
-            "repository=? AND digest=?",
-            (site, repository, digest),
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        if within is not None and row["at"] < self._clock() - within:
-            return None
-        if tag is not None and tag not in json.loads(row["tags"] or "[]"):
-            return None
-        return row["source_site"]
-
-    # --- async twins for the daemon --------------------------------------------
-    async def aenqueue(self, tasks: Iterable[TaskSpec]) -> list[int]:
-        return await self.journal.run(self.enqueue, list(tasks))
-
-    async def alease(
-        self,
-        n: int,
-        lease_seconds: float | None = None,
-        target_limits: Mapping[str, int] | None = None,
-    ) -> list[Task]:
-        return await self.journal.run(self.lease, n, lease_seconds, target_limits)
-
-    async def arenew(self, task_id: int, lease_seconds: float | None = None) -> bool:
-        return await self.journal.run(self.renew, task_id, lease_seconds)
-
-    async def acomplete(self, task_id: int) -> bool:
-        return await self.journal.run(self.complete, task_id)
-
-    async def afail(
-        self, task_id: int, error: str, retryable: bool = True, retry_after: float | None = None
-    ) -> bool:
-        return await self.journal.run(self.fail, task_id, error, retryable, retry_after)
-
-    async def arequeue_expired(self) -> int:
-        return await self.journal.run(self.requeue_expired)
-
-    async def arelease_owned(self) -> int:
-        return await self.journal.run(self.release_owned)
-
-    async def acounts_by_state(self) -> dict[str, int]:
-        return await self.journal.run(self.counts_by_state)
-
-    async def aoldest_pending_age(
-        self, rule: str | None = None, target: str | None = None
-    ) -> float | None:
-        return await self.journal.run(self.oldest_pending_age, rule, target)
-
-    async def adead_letters(self, limit: int = 100) -> list[Task]:
-        return await self.journal.run(self.dead_letters, limit)
-
-    async def aretry_dead(self, task_id: int) -> bool:
-        return await self.journal.run(self.retry_dead, task_id)
-
-    async def arecord_replicated(
-        self,
-        target_site: str,
-        repository: str,
-        digest: str,
-        source_site: str,
-        tag: str | None = None,
-    ) -> None:
-        await self.journal.run(
-            self.record_replicated, target_site, repository, digest, source_site, tag
-        )
-
-    async def awas_replicated_here(
-        self,
-        site: str,
-        repository: str,
-        digest: str,
-        tag: str | None = None,
-        within: float | None = DEFAULT_REPLICATED_WINDOW,
-    ) -> str | None:
-        return await self.journal.run(
-            self.was_replicated_here, site, repository, digest, tag, within
         )

@@ -1,0 +1,194 @@
+"""Webhook events in the journal: the durable hand-over point between intake and bus.
+
+An event is answered 2xx only after it is here, and it stays in state `new` until
+whoever consumes it marks it `dispatched` (or `ignored`), so a crash between
+intake and dispatch loses nothing: on start the daemon re-reads `new` events.
+(site, event id) is the primary key, which makes redelivery harmless; ids are only
+unique per registry (and predictable for Harbor), so one site's events can never
+suppress another's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlite_utils
+
+from replicator.events import RegistryEvent
+from replicator.journal.core import JournalConnection, rows
+
+EVENT_STATES: frozenset[str] = frozenset({"new", "dispatched", "ignored"})
+
+_COLUMNS = (
+    "id",
+    "site",
+    "received_at",
+    "occurred_at",
+    "action",
+    "repository",
+    "tag",
+    "digest",
+    "media_type",
+    "source_format",
+    "state",
+    "size",
+    "from_repository",
+    "is_manifest",
+    "actor",
+    "source_instance",
+)
+_INSERT = (
+    f"INSERT INTO events ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ON CONFLICT(site, id) DO NOTHING"
+)
+# Not INSERT OR IGNORE: that would also swallow NOT NULL/CHECK failures and report a
+# broken event as a harmless duplicate.
+
+
+class Events:
+    """The `events` table."""
+
+    def __init__(self, journal: JournalConnection) -> None:
+        self._journal = journal
+
+    async def record(
+        self, events: Sequence[RegistryEvent], received_at: float | None = None
+    ) -> list[RegistryEvent]:
+        """Insert `events` in ONE transaction; return those not seen before (in order).
+
+        A repeated (site, id) is skipped (ON CONFLICT DO NOTHING); any other failure
+        rolls back the whole call and raises.
+        """
+        return (await self.record_batches([events], received_at))[0]
+
+    async def record_batches(
+        self, batches: Sequence[Sequence[RegistryEvent]], received_at: float | None = None
+    ) -> list[list[RegistryEvent]]:
+        """Group commit: several requests' events in one transaction, new ones per batch.
+
+        Earlier batches win a duplicate id, so two concurrent deliveries of the same
+        event make exactly one of them "new".
+        """
+        at = time.time() if received_at is None else received_at
+        return await self._journal.write(_insert_batches, batches, at)
+
+    async def by_state(
+        self,
+        state: str = "new",
+        *,
+        site: str | None = None,
+        received_before: float | None = None,
+        limit: int | None = None,
+    ) -> list[RegistryEvent]:
+        """Events in `state` (received before a time, if given), oldest received first:
+        the order they must be dispatched in."""
+        _check_state(state)
+        sql = "SELECT * FROM events WHERE state = ?"
+        params: list[Any] = [state]
+        if site is not None:
+            sql += " AND site = ?"
+            params.append(site)
+        if received_before is not None:
+            sql += " AND received_at < ?"
+            params.append(received_before)
+        sql += " ORDER BY received_at, rowid"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        found = await self._journal.read(rows, sql, params)
+        return [_event(row) for row in found]
+
+    async def mark(self, keys: Iterable[tuple[str, str]], state: str) -> int:
+        """Move the events named by (site, id) to `state` in one transaction; returns
+        how many rows changed."""
+        _check_state(state)
+        params = [(state, site, id_) for site, id_ in dict.fromkeys(keys)]
+        return await self._journal.write(_mark, params)
+
+    async def counts(self) -> dict[str, int]:
+        """Events per state, every state present (zero when empty)."""
+        found = await self._journal.read(
+            rows, "SELECT state, COUNT(*) AS n FROM events GROUP BY state"
+        )
+        return {**dict.fromkeys(sorted(EVENT_STATES), 0), **{r["state"]: r["n"] for r in found}}
+
+    async def last_pulls(self, site: str, repository: str) -> dict[str, float]:
+        """digest -> when it was last pulled at `site`, from pull events."""
+        return await self._times("max", "pull", site, repository)
+
+    async def first_pushes(self, site: str, repository: str) -> dict[str, float]:
+        """digest -> when it was first pushed at `site`, from push events."""
+        return await self._times("min", "push", site, repository)
+
+    async def _times(self, agg: str, action: str, site: str, repository: str) -> dict[str, float]:
+        found = await self._journal.read(
+            rows,
+            f"SELECT digest, {agg}(coalesce(occurred_at, received_at)) AS t FROM events "
+            "WHERE site=? AND repository=? AND action=? AND digest IS NOT NULL GROUP BY digest",
+            (site, repository, action),
+        )
+        return {r["digest"]: r["t"] for r in found}
+
+
+def _insert_batches(
+    db: sqlite_utils.Database, batches: Sequence[Sequence[RegistryEvent]], received_at: float
+) -> list[list[RegistryEvent]]:
+    conn = db.conn
+    return [
+        [ev for ev in batch if conn.execute(_INSERT, _row(ev, received_at)).rowcount == 1]
+        for batch in batches
+    ]
+
+
+def _mark(db: sqlite_utils.Database, params: list[tuple[str, str, str]]) -> int:
+    cur = db.conn.executemany("UPDATE events SET state = ? WHERE site = ? AND id = ?", params)
+    return int(cur.rowcount)
+
+
+def _check_state(state: str) -> None:
+    if state not in EVENT_STATES:
+        raise ValueError(
+            f"unknown event state {state!r}; expected one of {', '.join(sorted(EVENT_STATES))}"
+        )
+
+
+def _row(ev: RegistryEvent, received_at: float) -> tuple[Any, ...]:
+    return (
+        ev.id,
+        ev.site,
+        received_at,
+        ev.occurred_at,
+        ev.action,
+        ev.repository,
+        ev.tag,
+        ev.digest,
+        ev.media_type,
+        ev.source_format,
+        "new",
+        ev.size,
+        ev.from_repository,
+        int(ev.is_manifest),
+        ev.actor,
+        ev.source_instance,
+    )
+
+
+def _event(row: dict[str, Any]) -> RegistryEvent:
+    return RegistryEvent(
+        id=row["id"],
+        site=row["site"],
+        action=row["action"],
+        repository=row["repository"],
+        tag=row["tag"],
+        digest=row["digest"],
+        media_type=row["media_type"],
+        size=row["size"],
+        from_repository=row["from_repository"],
+        occurred_at=row["occurred_at"],
+        source_format=row["source_format"] or "distribution",
+        is_manifest=bool(row["is_manifest"]),
+        actor=row["actor"],
+        source_instance=row["source_instance"],
+    )
