@@ -13,9 +13,8 @@ import re
 from collections.abc import Mapping, Sequence
 
 from replicator.config import Config, Rule
-from replicator.journal.tasks import TaskAction, TaskSpec
 from replicator.events import RegistryEvent
-from replicator.journal.tasks import TaskSpec
+from replicator.journal.tasks import TaskAction, TaskSpec
 from replicator.rules import rules_for, tag_passes
 
 # distribution has no referrers API; referrers live under this tag of their subject
