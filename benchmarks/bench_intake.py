@@ -38,8 +38,8 @@ def _serve(journal_path: str, port: int, group_commit: bool, sync_full: bool) ->
     import uvicorn
 
     from replicator.daemon.intake import GroupCommit, SiteIntake, create_app
-    from replicator.daemon.metrics import Metrics
     from replicator.journal import Journal
+    from replicator.metrics import Metrics
 
     if not group_commit:  # for comparison: one transaction per request
 

@@ -416,9 +416,9 @@ def _webhook_seconds(daemon: DaemonProcess) -> tuple[float, float]:
     """Sum and count of the daemon's webhook handling times (its /metrics histogram)."""
     total = count = 0.0
     for line in daemon.metrics().splitlines():
-        if line.startswith("replicator_webhook_duration_seconds_sum"):
+        if line.startswith("registry_replicator_webhook_duration_seconds_sum"):
             total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("replicator_webhook_duration_seconds_count"):
+        elif line.startswith("registry_replicator_webhook_duration_seconds_count"):
             count += float(line.rsplit(" ", 1)[1])
     return total, count
 

@@ -6,6 +6,7 @@ every rule, sync and task that talks to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from replicator.registry.client import RegistryClient
@@ -14,14 +15,23 @@ from replicator.registry.site import SiteEndpoint
 if TYPE_CHECKING:
     from replicator.config import Config
 
+# (site, method, HTTP status or None when no answer came, seconds)
+RequestObserver = Callable[[str, str, int | None, float], None]
+
 
 class ClientPool:
     def __init__(
-        self, config: Config, *, retries: int = 5, backoff_base: float | None = None
+        self,
+        config: Config,
+        *,
+        retries: int = 5,
+        backoff_base: float | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         self.config = config
         self._retries = retries
         self._backoff_base = backoff_base
+        self._observer = observer
         self._clients: dict[str, RegistryClient] = {}
 
     def get(self, site: str) -> RegistryClient:
@@ -31,6 +41,8 @@ class ClientPool:
             if self._backoff_base is not None:
                 kwargs["backoff_base"] = self._backoff_base
             client = RegistryClient(SiteEndpoint.from_config(self.config, site), **kwargs)
+            if self._observer is not None:
+                client.observe_requests(self._observer)
             self._clients[site] = client
         return client
 

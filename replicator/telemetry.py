@@ -23,7 +23,7 @@ Spans (attributes are namespaced `replicator.*`):
                       outcome existing/mounted/uploaded)
   gc <name>      garbage collection, see `gc_span`
 
-Metrics: the daemon's Prometheus counters (replicator/daemon/metrics.py) are
+Metrics: the daemon's Prometheus metrics (replicator/metrics.py) are
 mirrored as OTel observable instruments, read at export time (`bridge_metrics`).
 
 The provider is this module's own, not OpenTelemetry's process-global one, so
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
     from replicator.config import Config, TelemetryConfig
-    from replicator.daemon.metrics import Metrics
+    from replicator.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def setup_telemetry(
 
         handle.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
         if metrics is None:
-            from replicator.daemon.metrics import METRICS
+            from replicator.metrics import METRICS
 
             metrics = METRICS
         bridge_metrics(metrics, handle.meter_provider)
@@ -328,69 +328,54 @@ def trace_context() -> dict[str, str]:
 
 
 def bridge_metrics(metrics: Metrics, meter_provider: MeterProvider) -> None:
-    """Mirror every metric of `metrics` as an observable OTel instrument, read at export.
+    """Mirror the daemon's own Prometheus metrics as observable OTel instruments, read
+    at export time from the same registry a scrape reads.
 
     Counters become observable counters (named without `_total`, which Prometheus
     back-ends add again), gauges observable gauges; histograms export their count
-    and sum as two counters. A failing read exports nothing for that metric.
+    and sum as two counters. Process metrics are left to OTel's own instrumentation.
+    A failing read exports nothing for that metric.
     """
     from opentelemetry.metrics import CallbackOptions, Observation
 
-    from replicator.daemon.metrics import Counter, Gauge, Histogram
+    from replicator.metrics import PREFIX
 
     meter = meter_provider.get_meter(SCOPE, __version__)
 
-    def observe(read, labelnames):
+    def observe(family_name: str, sample_name: str) -> Any:
         def callback(_options: CallbackOptions) -> Iterator[Observation]:
             try:
-                items = list(read().items())
+                samples = [
+                    sample
+                    for family in metrics.registry.collect()
+                    if family.name == family_name
+                    for sample in family.samples
+                    if sample.name == sample_name
+                ]
             except Exception as exc:
-                log.debug("telemetry: reading a metric failed: %s", exc)
+                log.debug("telemetry: reading %s failed: %s", sample_name, exc)
                 return
-            for key, value in items:
-                yield Observation(value, dict(zip(labelnames, key, strict=False)))
+            for sample in samples:
+                yield Observation(sample.value, dict(sample.labels))
 
         return callback
 
-    for metric in list(metrics._metrics):
-        name, labels = metric.name, metric.labelnames
-        if isinstance(metric, Counter):
+    for family in metrics.registry.collect():
+        name = family.name
+        if not name.startswith(PREFIX):
+            continue
+        if family.type == "counter":
             meter.create_observable_counter(
-                name.removesuffix("_total"),
-                [observe(_counter_values(metric), labels)],
-                description=metric.help,
+                name, [observe(name, f"{name}_total")], description=family.documentation
             )
-        elif isinstance(metric, Gauge):
+        elif family.type == "gauge":
             meter.create_observable_gauge(
-                name, [observe(metric._snapshot, labels)], description=metric.help
+                name, [observe(name, name)], description=family.documentation
             )
-        elif isinstance(metric, Histogram):
-            meter.create_observable_counter(
-                f"{name}_count",
-                [observe(_histogram_values(metric, 0), labels)],
-                description=metric.help,
-            )
-            meter.create_observable_counter(
-                f"{name}_sum",
-                [observe(_histogram_values(metric, 1), labels)],
-                description=metric.help,
-            )
-
-
-def _counter_values(metric: Any):
-    def read() -> dict:
-        with metric._lock:
-            return dict(metric._values)
-
-    return read
-
-
-def _histogram_values(metric: Any, which: int):
-    def read() -> dict:
-        with metric._lock:
-            return {
-                key: (counts[-1] if which == 0 else total[0])
-                for key, (counts, total) in metric._data.items()
-            }
-
-    return read
+        elif family.type == "histogram":
+            for part in ("count", "sum"):
+                meter.create_observable_counter(
+                    f"{name}_{part}",
+                    [observe(name, f"{name}_{part}")],
+                    description=family.documentation,
+                )

@@ -92,8 +92,8 @@ def test_push_to_primary_arrives_complete_on_both_replicas(hub):
         == []
     )
     metrics = daemon.metrics()
-    assert 'replicator_events_received_total{site="a",action="push"}' in metrics
-    assert 'replicator_blobs_total{target="b",outcome="uploaded"}' in metrics
+    assert 'registry_replicator_events_received_total{action="push",site="a"}' in metrics
+    assert 'registry_replicator_blobs_total{outcome="uploaded",target="b"}' in metrics
     assert daemon.stop() == 0
 
 

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from replicator.daemon.intake import GroupCommit, SiteIntake, create_app
-from replicator.daemon.metrics import METRICS, Counter, Gauge, Histogram, Metrics
 from replicator.events import DISTRIBUTION_EVENTS_V1, RegistryEvent, parse_webhook
 from replicator.journal import Journal
+from replicator.metrics import METRICS, Metrics
 from replicator.refs import REPOSITORY_RE
 from tests.harness.images import Pusher, layer_bytes
 from tests.harness.journal import sql
@@ -463,11 +463,11 @@ async def test_metrics_endpoint(intake, client):
     await client.post("/events/eu", content=PUSH_BODY, headers=AUTH)
     await client.post("/events/eu", content=PUSH_BODY, headers=V1)
     r = await client.get("/metrics")
-    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
-    assert 'replicator_events_received_total{site="eu",action="push"} 1' in r.text
-    assert 'replicator_webhook_rejections_total{status="401"} 1' in r.text
-    assert "replicator_webhook_duration_seconds_count 1" in r.text
-    assert "# TYPE replicator_tasks gauge" in r.text
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'registry_replicator_events_received_total{action="push",site="eu"} 1.0' in r.text
+    assert 'registry_replicator_webhook_rejections_total{status="401"} 1.0' in r.text
+    assert "registry_replicator_webhook_duration_seconds_count 1.0" in r.text
+    assert "# TYPE registry_replicator_tasks gauge" in r.text
 
 
 def test_metrics_text_format_and_escaping():
@@ -475,24 +475,59 @@ def test_metrics_text_format_and_escaping():
     m.events_received.inc(site='a"b\\c\nd', action="push")
     m.blobs.labels(target="eu", outcome="mounted").inc(3)
     m.bytes_uploaded.inc(2.5, target="eu")
-    m.replication_lag.set(1.25, rule="all", target="us")
+    m.replication_lag.set_function(lambda: {("all", "us"): 1.25})
     m.tasks.set_function(lambda: {("pending",): 4, ("dead",): 1})
     m.webhook_seconds.observe(0.003)
     m.webhook_seconds.observe(20)
     text = m.render()
-    assert 'replicator_events_received_total{site="a\\"b\\\\c\\nd",action="push"} 1' in text
-    assert 'replicator_blobs_total{target="eu",outcome="mounted"} 3' in text
-    assert 'replicator_bytes_uploaded_total{target="eu"} 2.5' in text
-    assert 'replicator_replication_lag_seconds{rule="all",target="us"} 1.25' in text
-    assert 'replicator_tasks{state="dead"} 1\nreplicator_tasks{state="pending"} 4' in text
-    assert 'replicator_webhook_duration_seconds_bucket{le="0.001"} 0' in text
-    assert 'replicator_webhook_duration_seconds_bucket{le="0.005"} 1' in text
-    assert 'replicator_webhook_duration_seconds_bucket{le="+Inf"} 2' in text
-    assert "replicator_webhook_duration_seconds_sum 20.003" in text
-    assert text.endswith("\n") and "\n\n" not in text
+    assert (
+        'registry_replicator_events_received_total{action="push",site="a\\"b\\\\c\\nd"} 1.0' in text
+    )
+    assert 'registry_replicator_blobs_total{outcome="mounted",target="eu"} 3.0' in text
+    assert 'registry_replicator_uploaded_bytes_total{target="eu"} 2.5' in text
+    assert 'registry_replicator_replication_lag_seconds{rule="all",target="us"} 1.25' in text
+    tasks = 'registry_replicator_tasks{state="dead"} 1.0\nregistry_replicator_tasks{state='
+    assert tasks + '"pending"} 4.0' in text
+    assert 'registry_replicator_webhook_duration_seconds_bucket{le="0.001"} 0.0' in text
+    assert 'registry_replicator_webhook_duration_seconds_bucket{le="0.005"} 1.0' in text
+    assert 'registry_replicator_webhook_duration_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "registry_replicator_webhook_duration_seconds_sum 20.003" in text
+    assert "registry_replicator_build_info{" in text and "process_cpu_seconds_total" in text
     for line in text.splitlines():
-        assert line.startswith("# ") or line.split(" ")[0].startswith("replicator_")
+        name = line.split("{")[0].split(" ")[0]
+        assert line.startswith("# ") or name.startswith(
+            ("registry_replicator_", "process_", "python_")
+        ), line
     assert METRICS.events_received.value(site='a"b\\c\nd', action="push") == 0  # isolated
+
+
+def test_known_series_exist_at_zero_before_anything_happens():
+    """Alerts need their series before the first event: every configured site, rule and
+    target has its counters at 0, lag reads 0 when caught up, every task state is shown."""
+    from replicator.config import config_from_dict
+
+    config = config_from_dict(
+        {
+            "sites": {n: {"url": f"https://{n}.example"} for n in ("a", "b", "c")},
+            "rules": [{"name": "r", "from": "a", "to": ["b", "c"], "repositories": ["**"]}],
+        }
+    )
+    m = Metrics()
+    m.know(config)
+    text = m.render()
+    for series in (
+        'registry_replicator_events_received_total{action="push",site="a"} 0.0',
+        'registry_replicator_dead_letters_total{rule="r",target="c"} 0.0',
+        'registry_replicator_replication_lag_seconds{rule="r",target="b"} 0.0',
+        'registry_replicator_blobs_total{outcome="mounted",target="b"} 0.0',
+        'registry_replicator_tasks{state="dead"} 0.0',
+        'registry_replicator_gc_runs_total{outcome="failed",site="b"} 0.0',
+        'registry_replicator_reconcile_runs_total{outcome="failed",rule="r"} 0.0',
+    ):
+        assert series in text, series
+    m.replication_lag.set_function(lambda: {("r", "b"): 7.0})
+    assert 'registry_replicator_replication_lag_seconds{rule="r",target="b"} 7.0' in m.render()
+    assert 'registry_replicator_replication_lag_seconds{rule="r",target="c"} 0.0' in m.render()
 
 
 def test_metric_misuse_is_refused():
@@ -502,15 +537,14 @@ def test_metric_misuse_is_refused():
     with pytest.raises(ValueError, match="cannot decrease"):
         m.retries.inc(-1, target="eu")
     with pytest.raises(ValueError, match="registered twice"):
-        m.counter("replicator_blobs_total", "dup")
-    with pytest.raises(ValueError, match="invalid label"):
-        Counter("x_total", "x", ["le"])
-    g = Gauge("g", "g")
-    g.set_function(lambda: 1 / 0)
-    assert g.render() == ["# HELP g g", "# TYPE g gauge"]  # a broken callback, not a crash
-    h = Histogram("h", "h", buckets=[1, 0.5])
+        m.counter("registry_replicator_blobs_total", "dup")
+    m.tasks.set_function(lambda: 1 / 0)
+    assert 'registry_replicator_tasks{state="pending"}' not in m.render()  # broken, no crash
+    h = m.histogram("h_seconds", "h", buckets=[1, 0.5])
     h.observe(0.7)
-    assert 'h_bucket{le="0.5"} 0' in h.render() and 'h_bucket{le="1"} 1' in h.render()
+    text = m.render()
+    assert 'registry_replicator_h_seconds_bucket{le="0.5"} 0.0' in text
+    assert 'registry_replicator_h_seconds_bucket{le="1.0"} 1.0' in text
 
 
 # --- fuzz: any body/headers from anyone: never a 5xx, bad input never journaled -------

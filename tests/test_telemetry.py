@@ -18,9 +18,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from replicator import telemetry
 from replicator.blob_index import BlobIndex
 from replicator.copy import CopyEngine
-from replicator.daemon.metrics import Metrics
 from replicator.errors import ConfigError
 from replicator.journal import Task
+from replicator.metrics import Metrics
 from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
 from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config
@@ -222,16 +222,15 @@ def test_metrics_bridge_mirrors_prometheus_metrics():
         metrics.webhook_seconds.observe(0.5)
         metrics.replication_lag.set_function(lambda: 1 / 0)  # a failing read: skipped
         points = _points(reader)
-        assert points["replicator_blobs"] == {(("outcome", "mounted"), ("target", "eu")): 3}
-        assert points["replicator_bytes_uploaded"] == {(("target", "eu"),): 4096}
-        assert points["replicator_tasks"] == {(("state", "pending"),): 5, (("state", "dead"),): 1}
-        assert points["replicator_webhook_duration_seconds_count"] == {(): 2}
-        assert points["replicator_webhook_duration_seconds_sum"] == {(): 0.75}
-        assert "replicator_replication_lag_seconds" not in points
+        p = "registry_replicator_"
+        assert points[p + "blobs"] == {(("outcome", "mounted"), ("target", "eu")): 3}
+        assert points[p + "uploaded_bytes"] == {(("target", "eu"),): 4096}
+        assert points[p + "tasks"] == {(("state", "pending"),): 5, (("state", "dead"),): 1}
+        assert points[p + "webhook_duration_seconds_count"] == {(): 2}
+        assert points[p + "webhook_duration_seconds_sum"] == {(): 0.75}
+        assert p + "replication_lag_seconds" not in points
         metrics.blobs.inc(2, target="eu", outcome="mounted")
-        assert _points(reader)["replicator_blobs"] == {
-            (("outcome", "mounted"), ("target", "eu")): 5
-        }
+        assert _points(reader)[p + "blobs"] == {(("outcome", "mounted"), ("target", "eu")): 5}
     finally:
         handle.shutdown()
 
@@ -438,7 +437,7 @@ def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, o
             assert [s["name"] for s in chain] == ["copy manifest", "copy", "replicate"]
         # and the counters reach the collector through the metrics bridge
         wait_until(
-            lambda: "replicator_blobs" in otlp.metric_names,
+            lambda: "registry_replicator_blobs" in otlp.metric_names,
             timeout=10,
             what="metrics exported over OTLP",
         )

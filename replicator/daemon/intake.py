@@ -37,9 +37,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from replicator.daemon.metrics import METRICS, Metrics
 from replicator.events import RegistryEvent, WebhookError, parse_webhook
 from replicator.journal import Journal
+from replicator.metrics import METRICS, Metrics
 from replicator.text import shorten
 
 log = logging.getLogger(__name__)

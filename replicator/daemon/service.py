@@ -36,13 +36,13 @@ from replicator.copy import CopyEngine, CopyJob, CopyOptions
 from replicator.daemon.bus import EventBus, InProcessBus, MqttBus, MqttSettings
 from replicator.daemon.dispatch import tasks_for_event
 from replicator.daemon.intake import SiteIntake, create_app
-from replicator.daemon.metrics import METRICS, Metrics
 from replicator.daemon.notify import Notifier
 from replicator.daemon.schedule import Periodic
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.events import RegistryEvent
 from replicator.journal import Journal, QueueError, Task, WorkQueue
 from replicator.manifest import is_digest
+from replicator.metrics import METRICS, Metrics
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
 from replicator.sync import Reconciler, rules_in_force
@@ -92,7 +92,7 @@ class Daemon:
         self.notifier = Notifier.from_env()
         self.journal = Journal(self.config.journal)
         self.queue = WorkQueue(self.journal, self.instance_id, backoff_base=retry_base)
-        self.pool = ClientPool(self.config)
+        self.pool = ClientPool(self.config, observer=self.metrics.request_observer())
         self.engine = CopyEngine(BlobIndex(self.journal), before_manifest_put=self._before_put)
         self.bus: EventBus = self._make_bus()
         self.rules: list[Rule] = list(self.config.rules)
@@ -253,7 +253,8 @@ class Daemon:
             return
         old_pool = self.pool
         self.config = config
-        self.pool = ClientPool(config)
+        self.pool = ClientPool(config, observer=self.metrics.request_observer())
+        self.metrics.know(config)
         self.rules = await rules_in_force(config, self.journal)
         # a reconcile or GC run in progress finishes; its successor shares its lock
         previous = self._periodic
@@ -546,6 +547,9 @@ class Daemon:
         )
         counts = report.counts()
         log.info("reconcile %s: %s", ",".join(rule_names or ["all"]), counts)
+        for name in rule_names or [r.name for r in self.rules]:
+            outcome = "failed" if report.failures else "ok"
+            self.metrics.reconcile_runs.inc(rule=name, outcome=outcome)
         if report.failures:
             raise ReplicatorError("; ".join(report.failures[:5]))
 
@@ -565,7 +569,17 @@ class Daemon:
     async def collect_garbage(self) -> None:
         from replicator.gc.scheduled import run_policies
 
-        await run_policies(self.config, self.journal, self.pool, dry_run=False)
+        try:
+            results = await run_policies(self.config, self.journal, self.pool, dry_run=False)
+        except Exception:
+            for site in self.config.sites:
+                self.metrics.gc_runs.inc(site=site, outcome="failed")
+            raise
+        for result in results:
+            self.metrics.gc_runs.inc(site=result.site, outcome="failed" if result.errors else "ok")
+            self.metrics.gc_reclaimed.inc(result.bytes_reclaimed, site=result.site)
+            if not result.errors:
+                self.metrics.gc_last_success.set(time.time(), site=result.site)
 
     # ----------------------------------------------------------------- health
     async def _ready(self) -> dict:
@@ -591,9 +605,10 @@ class Daemon:
             now = time.time()
             return {key: max(0.0, now - t) for key, t in self._oldest_unfinished.items()}
 
-        with contextlib.suppress(Exception):
-            self.metrics.tasks.set_function(tasks_by_state)
-            self.metrics.replication_lag.set_function(lag)
+        self.metrics.know(self.config)
+        self.metrics.tasks.set_function(tasks_by_state)
+        self.metrics.replication_lag.set_function(lag)
+        self.metrics.bus_connected.set_function(lambda: {(): float(self.bus.connected)})
 
     async def _refresh_gauges(self) -> None:
         self._task_counts = await self.queue.counts_by_state()

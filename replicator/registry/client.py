@@ -9,7 +9,7 @@ scheme/reg.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from replicator.manifest import Descriptor, Manifest
@@ -61,6 +61,11 @@ class RegistryClient:
     @property
     def retries(self) -> int:
         return self._transport.policy.retries
+
+    def observe_requests(self, observer: Callable[[str, str, int | None, float], None]) -> None:
+        """Call `observer(site, method, status or None, seconds)` after every request
+        (the daemon's per-site request metrics)."""
+        self._transport.observer = observer
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> RegistryClient:

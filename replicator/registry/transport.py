@@ -28,7 +28,8 @@ import asyncio
 import json
 import logging
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -176,6 +177,8 @@ class Transport:
         self.auth = Authenticator(
             site.name, self._http, site.resolve_credentials(), self.stats, registry_url=site.url
         )
+        # (site, method, status or None when no answer came, seconds): metrics
+        self.observer: Callable[[str, str, int | None, float], None] | None = None
         self._own_prefix = site.url + "/"  # the fast answer to "is this our origin?"
         self._own_origin = origin_of(site.url)
 
@@ -341,11 +344,21 @@ class Transport:
             await self._bucket.acquire()
         self.stats["requests"] += 1
         async with self._slots:
-            resp = await self._http.send(
-                request,
-                stream=req.stream or req.max_body is not None,
-                follow_redirects=req.follow_redirects,
-            )
+            started = time.perf_counter()
+            try:
+                resp = await self._http.send(
+                    request,
+                    stream=req.stream or req.max_body is not None,
+                    follow_redirects=req.follow_redirects,
+                )
+            except BaseException:
+                if self.observer is not None:
+                    self.observer(self.site.name, req.method, None, time.perf_counter() - started)
+                raise
+            if self.observer is not None:
+                self.observer(
+                    self.site.name, req.method, resp.status_code, time.perf_counter() - started
+                )
             if req.max_body is not None:
                 body = await self._read_capped(resp, req, req.max_body)
         if log.isEnabledFor(logging.DEBUG):
