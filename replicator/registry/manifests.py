@@ -68,6 +68,11 @@ class TagDeletion:
     def deleted(self) -> bool:
         return self.method is not None
 
+    def __bool__(self) -> bool:
+        """True when a tag was removed, False when it was already absent, so callers
+        may write `if await client.delete_tag(repo, tag):`."""
+        return self.deleted
+
     def describe(self) -> str:
         where = f"{self.site}: {self.repository}:{self.tag}"
         if self.method is None:
