@@ -12,17 +12,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from replicator.manifest import Descriptor, Manifest
+from replicator.manifest import Descriptor, Manifest, digest_of
 from replicator.registry.blobs import Blobs, BlobStream
 from replicator.registry.bounds import ReadBounds
 from replicator.registry.listing import Listing
-from replicator.registry.manifests import Manifests
+from replicator.registry.manifests import BeforePlaceholder, Manifests, TagDeletion
 from replicator.registry.referrers import Referrers
 from replicator.registry.site import SiteEndpoint
 from replicator.registry.transport import Request, RetryPolicy, Transport
 from replicator.registry.uploads import OpenSource, Uploads
 
-__all__ = ["BlobStream", "RegistryClient"]
+__all__ = ["BlobStream", "RegistryClient", "TagDeletion"]
 
 
 class RegistryClient:
@@ -100,6 +100,29 @@ class RegistryClient:
     async def delete_manifest(self, repo: str, digest: str) -> bool:
         """Delete a manifest by digest; False if it was already gone."""
         return await self._manifests.delete(repo, digest)
+
+    async def delete_tag(
+        self, repo: str, tag: str, *, before_placeholder: BeforePlaceholder | None = None
+    ) -> TagDeletion:
+        """Remove the tag `repo:tag` only; the manifest and its other tags stay.
+
+        DELETE by tag where the registry supports it, else (distribution 2.8) a
+        placeholder manifest pushed to the tag and deleted by digest; see
+        manifests.py. `before_placeholder(repo, digest)` runs before that push.
+        A tag already absent is not an error (`TagDeletion.deleted` is False).
+        """
+        return await self._manifests.delete_tag(
+            repo, tag, self._ensure_small_blob, before_placeholder
+        )
+
+    async def _ensure_small_blob(self, repo: str, data: bytes) -> None:
+        digest = digest_of(data)
+        if await self._blobs.head(repo, digest) is None:
+
+            async def body() -> AsyncIterator[bytes]:
+                yield data
+
+            await self._uploads.put(repo, digest, len(data), body())
 
     async def head_blob(self, repo: str, digest: str) -> int | None:
         """Size of the blob in `repo`, or None when the repository does not hold it."""

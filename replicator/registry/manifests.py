@@ -1,9 +1,29 @@
-"""Manifest verbs: HEAD (not a pull), GET (digest-verified), PUT, DELETE."""
+"""Manifest verbs: HEAD (not a pull), GET (digest-verified), PUT, DELETE, and tag deletion.
+
+Deleting a manifest by digest takes every tag pointing at it along. Removing one
+tag only (`delete_tag`) is `DELETE /v2/<name>/manifests/<tag>` where the registry
+supports it (OCI distribution-spec 1.1 allows it: distribution v3, zot, Harbor).
+distribution 2.8 answers that with 400 DIGEST_INVALID (405 UNSUPPORTED when deletes
+are disabled); there we do what regbot does: PUT a tiny placeholder manifest of our
+own to the tag, then DELETE the placeholder by its digest, which removes that one
+tag and nothing else. The placeholder is unique to each deletion (a random nonce in
+its annotations), so its digest never names anything another tag points at.
+"""
 
 from __future__ import annotations
 
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+
 from replicator.manifest import (
     ACCEPT_MANIFESTS,
+    OCI_EMPTY,
+    OCI_MANIFEST,
     Descriptor,
     Manifest,
     ManifestError,
@@ -12,10 +32,90 @@ from replicator.manifest import (
     parse_manifest,
 )
 from replicator.registry.bounds import ReadBounds
-from replicator.registry.errors import DigestMismatch, InvalidManifest, ResponseTooLarge
-from replicator.registry.transport import Request, Transport, media_type
+from replicator.registry.errors import (
+    DigestMismatch,
+    InvalidManifest,
+    RegistryError,
+    ResponseTooLarge,
+)
+from replicator.registry.transport import Request, Transport, media_type, registry_message
 
 _ACCEPT = {"Accept": ACCEPT_MANIFESTS}
+
+EMPTY_BLOB = b"{}"  # the OCI empty descriptor's content
+PLACEHOLDER_ARTIFACT_TYPE = "application/vnd.registry-replicator.tag-deletion.v1"
+PLACEHOLDER_ANNOTATION = "io.github.registry-replicator.tag-deletion"
+
+TagDeletionMethod = Literal["tag-delete", "placeholder"]
+# called with (repository, placeholder digest) right before the placeholder is PUT, so
+# the daemon can record it as its own push before the registry's webhook about it
+BeforePlaceholder = Callable[[str, str], Awaitable[None]]
+# makes sure a small blob is in a repository: (repository, content)
+EnsureBlob = Callable[[str, bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class TagDeletion:
+    """What `delete_tag` did to one tag."""
+
+    site: str
+    repository: str
+    tag: str
+    previous: str | None  # the digest the tag pointed at, when it was looked up
+    method: TagDeletionMethod | None  # None: the tag was already absent
+
+    @property
+    def deleted(self) -> bool:
+        return self.method is not None
+
+    def __bool__(self) -> bool:
+        """True when a tag was removed, False when it was already absent, so callers
+        may write `if await client.delete_tag(repo, tag):`."""
+        return self.deleted
+
+    def describe(self) -> str:
+        where = f"{self.site}: {self.repository}:{self.tag}"
+        if self.method is None:
+            return f"{where} was already absent"
+        kept = f"; manifest {self.previous} kept" if self.previous else ""
+        if self.method == "tag-delete":
+            return f"{where}: tag deleted (DELETE by tag){kept}"
+        return (
+            f"{where}: tag deleted (the registry cannot delete a tag by name: a placeholder "
+            f"was pushed to the tag and deleted by digest){kept}"
+        )
+
+
+def placeholder_manifest(tag: str, nonce: str) -> bytes:
+    """The manifest pushed over a tag to delete it on registries without tag DELETE:
+    the OCI empty config, no content, and a nonce so its digest is unique."""
+    empty = {"mediaType": OCI_EMPTY, "digest": digest_of(EMPTY_BLOB), "size": len(EMPTY_BLOB)}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": PLACEHOLDER_ARTIFACT_TYPE,
+        "config": empty,
+        "layers": [empty],
+        "annotations": {
+            PLACEHOLDER_ANNOTATION: f"deleting tag {tag}",
+            f"{PLACEHOLDER_ANNOTATION}.nonce": nonce,
+        },
+    }
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def _error_codes(resp: httpx.Response) -> set[str]:
+    try:
+        doc = json.loads(resp.content)
+        return {str(e.get("code", "")) for e in doc.get("errors") or [] if isinstance(e, dict)}
+    except (ValueError, AttributeError, TypeError, httpx.ResponseNotRead):
+        return set()
+
+
+def _tag_delete_unsupported(resp: httpx.Response) -> bool:
+    """A registry without tag DELETE: distribution 2.8 answers 400 DIGEST_INVALID, others
+    405 or UNSUPPORTED."""
+    return resp.status_code in (400, 405) or "UNSUPPORTED" in _error_codes(resp)
 
 
 class Manifests:
@@ -128,6 +228,84 @@ class Manifests:
             Request("DELETE", self.url(repo, digest), repo, digest, ok=(200, 202, 204, 404))
         )
         return resp.status_code != 404
+
+    async def delete_tag(
+        self,
+        repo: str,
+        tag: str,
+        ensure_blob: EnsureBlob,
+        before_placeholder: BeforePlaceholder | None = None,
+    ) -> TagDeletion:
+        """Remove `repo:tag` and nothing else: every other tag and the manifest stay.
+
+        Tries the spec's DELETE by tag; on 400/405/UNSUPPORTED falls back to the
+        placeholder. Before pushing anything it proves the registry deletes manifests
+        at all (a DELETE of the not-yet-pushed placeholder's digest must answer 404,
+        not 405): a placeholder left on the tag would replace the image with nothing.
+        """
+        site = self._t.site.name
+        if is_digest(tag):
+            raise ValueError(f"delete_tag takes a tag, not the digest {tag}")
+        resp = await self._t.send(
+            Request(
+                "DELETE",
+                self.url(repo, tag),
+                repo,
+                tag,
+                ok=(200, 202, 204),
+                pass_client_errors=True,
+            )
+        )
+        if resp.status_code in (200, 202, 204):
+            return TagDeletion(site, repo, tag, None, "tag-delete")
+        if resp.status_code != 404 and not _tag_delete_unsupported(resp):
+            raise RegistryError(
+                f"deleting the tag failed: {registry_message(resp.content, resp.status_code)}",
+                site=site,
+                repository=repo,
+                reference=tag,
+                status=resp.status_code,
+            )
+        current = await self.head(repo, tag)
+        if current is None:
+            return TagDeletion(site, repo, tag, None, None)
+        raw = placeholder_manifest(tag, secrets.token_hex(16))
+        placeholder = digest_of(raw)
+        probe = await self._t.send(
+            Request(
+                "DELETE",
+                self.url(repo, placeholder),
+                repo,
+                tag,
+                ok=(200, 202, 204, 404),
+                pass_client_errors=True,
+            )
+        )
+        if probe.status_code not in (200, 202, 204, 404):
+            raise RegistryError(
+                "the registry deletes neither tags nor manifests "
+                f"({registry_message(probe.content, probe.status_code)}; on distribution set "
+                "storage.delete.enabled: true); the tag was left in place",
+                site=site,
+                repository=repo,
+                reference=tag,
+                status=probe.status_code,
+            )
+        await ensure_blob(repo, EMPTY_BLOB)
+        if before_placeholder is not None:
+            await before_placeholder(repo, placeholder)
+        await self.put(repo, tag, raw, OCI_MANIFEST)
+        await self.delete(repo, placeholder)
+        after = await self.head(repo, tag)
+        if after is not None:
+            raise RegistryError(
+                f"the tag still points at {after.digest} after its placeholder was deleted "
+                "(pushed again meanwhile?); left as it is",
+                site=site,
+                repository=repo,
+                reference=tag,
+            )
+        return TagDeletion(site, repo, tag, current.digest, "placeholder")
 
 
 def count_children(manifest: Manifest) -> int:
