@@ -73,6 +73,24 @@ def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
     )
 
 
+# One-shot commands traced as one root span each (`run` traces per event and task).
+TRACED_COMMANDS = frozenset({"copy", "sync", "failover", "failback", "gc"})
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the sub-command; the traced ones inside a root span, exported before exit."""
+    if args.command not in TRACED_COMMANDS:
+        return int(args.handler(args) or 0)
+    from replicator import telemetry
+    from replicator.config import load_config
+
+    config = load_config(args.config) if getattr(args, "config", None) else None
+    with telemetry.command(args.command, config, dry_run=getattr(args, "dry_run", None)) as root:
+        code = int(args.handler(args) or 0)
+        telemetry.end_command(root, code)
+        return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if "_ARGCOMPLETE" in os.environ:  # a shell asking for completions (see `completion`)
@@ -89,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"registry-replicator: error: {exc}", file=sys.stderr)
         return 2
     try:
-        return int(args.handler(args) or 0)
+        return _run(args)
     except ReplicatorError as exc:
         print(f"registry-replicator: error: {exc}", file=sys.stderr)
         return exc.exit_code

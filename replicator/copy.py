@@ -194,7 +194,15 @@ class CopyEngine:
             site=src.site.name, repository=src_repo, reference=ref, target=target_name
         ):
             try:
-                with telemetry.span("copy", source=source_name, target=target_name) as span:
+                with telemetry.span(
+                    "copy",
+                    source=src.site.name,
+                    target=dst.site.name,
+                    repository=src_repo,
+                    target_repository=dst_repo,
+                    reference=ref,
+                    tag=tag,
+                ) as span:
                     status, digest = await self._copy(job, ref, tag, target_current)
                     span.set_attribute("replicator.status", status)
             except (RegistryError, ManifestError) as exc:
@@ -282,7 +290,7 @@ class CopyEngine:
             digest=to_write.digest,
             media_type=to_write.media_type,
             target=job.target_site,
-            repository=job.dst_repo,
+            target_repository=job.dst_repo,
             tag=tag,
         ):
             if manifest.is_index:
@@ -363,7 +371,7 @@ class CopyEngine:
             digest=blob.digest,
             bytes=blob.size,
             target=job.target_site,
-            repository=job.dst_repo,
+            target_repository=job.dst_repo,
         ):
             running = self._repo_inflight.get(key)
             if running is not None:
@@ -452,7 +460,7 @@ class CopyEngine:
                     await dst.upload_blob(job.dst_repo, blob.digest, size, body, location=location)
                 job.stats.blobs_uploaded += 1
                 job.stats.bytes_uploaded += size
-                telemetry.set_attributes(outcome="uploaded", attempts=attempt)
+                telemetry.set_attributes(outcome="uploaded", attempt=attempt)
                 return
             except DigestMismatch:
                 if location is not None:

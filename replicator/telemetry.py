@@ -5,23 +5,49 @@ regions' journals and blob transfers; when a copy is slow or fails, the trace
 shows where the time went (upload vs. mount vs. waiting) in every region at once.
 
 Off by default and then nearly free: every helper returns a shared no-op context
-until `setup_telemetry` enables it. Enabled when the configuration has
-`telemetry.otlp_endpoint` (OTLP over HTTP; needs the `otlp` extra,
-`pip install 'registry-replicator[otlp]'`), or when OTEL_TRACES_EXPORTER=console
-(spans printed to stdout, for a quick look), or when a test passes an exporter.
+until `setup_telemetry` enables it. The standard OpenTelemetry environment is
+honoured, so the tool fits a collector set up for anything else:
 
-Spans (attributes are namespaced `replicator.*`):
+  OTEL_SDK_DISABLED=true          everything off, whatever else is set
+  OTEL_TRACES_EXPORTER            otlp, console, none (comma-separated list)
+  OTEL_METRICS_EXPORTER           otlp, none
+  OTEL_EXPORTER_OTLP_ENDPOINT     (and _TRACES_/_METRICS_ variants, _HEADERS, ...)
+                                  read by the OTLP/HTTP exporter; setting it turns
+                                  OTLP on unless the exporter variables say otherwise
+  OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES   the resource
+  OTEL_TRACES_SAMPLER(_ARG)       sampling (default parentbased_always_on)
+  OTEL_BSP_*, OTEL_METRIC_EXPORT_INTERVAL       batching and export intervals
 
-  event          intake published a registry event (site, action, repository, tag,
-                 digest); its W3C traceparent travels in the MQTT user properties
-                 and is stored with every task the event fans out to
-  replicate      one task, child of the context stored with the task (rule, action,
-                 source, target, repository, target_repository, tag, digest, task_id)
-    copy         CopyEngine.copy: source, target, status (copied/skipped/conflict/failed)
-      copy manifest   one manifest written (digest, media_type, target, repository)
-        blob          one blob made present (digest, bytes, target, repository,
-                      outcome existing/mounted/uploaded)
-  gc <name>      garbage collection, see `gc_span`
+The configuration's `telemetry.otlp_endpoint` does the same as the endpoint variable
+(OTLP needs the `otlp` extra, `pip install 'registry-replicator[otlp]'`).
+
+Spans. Our own attributes are namespaced `replicator.*`, one name per meaning:
+`source`/`target` are site names, `repository` is the source repository and
+`target_repository` the one written, `reference` what was asked for, `attempt`
+counts from 1. Protocol spans use the OpenTelemetry semantic conventions (HTTP,
+messaging) and their span kinds:
+
+  POST /events/{site}  SERVER    a webhook (http.*, url.*, client.address)
+    event                        a registry event taken in (site, action, repository,
+                                 tag, digest, event_id)
+      <topic> publish  PRODUCER  the event sent over MQTT (messaging.*); its W3C
+                                 traceparent travels in the message's user properties
+  <topic> process      CONSUMER  the event received by any daemon; stored with every
+                                 task it fans out to
+    replicate                    one task (rule, action, source, target, repository,
+                                 target_repository, tag, digest, task_id, attempt)
+      copy                       one image copied (source, target, repository,
+                                 target_repository, reference, status)
+        copy manifest            one manifest written (digest, media_type, target,
+                                 target_repository, tag)
+          blob                   one blob made present (digest, bytes, target,
+                                 target_repository, outcome, attempt)
+            GET/HEAD/PUT/...  CLIENT   every registry request (http.request.method,
+                                 url.full without its query, server.address,
+                                 server.port, http.response.status_code, error.type)
+  registry-replicator <command>  the root of a CLI run: copy, sync, failover,
+                                 failback, gc (see `command`)
+  gc <name>                      garbage collection, see `gc_span`
 
 Metrics: the daemon's Prometheus metrics (replicator/metrics.py) are
 mirrored as OTel observable instruments, read at export time (`bridge_metrics`).
@@ -43,7 +69,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, Tracer
+from opentelemetry.trace import Span, SpanKind, Tracer
 
 from replicator import __version__
 from replicator.errors import ConfigError
@@ -119,23 +145,42 @@ def setup_telemetry(
     """
     global _tracer, _current
     section = getattr(config, "telemetry", config)
+    if _env_true("OTEL_SDK_DISABLED"):
+        shutdown_telemetry()
+        _current = Telemetry()
+        return _current
     endpoint = getattr(section, "otlp_endpoint", None)
-    service_name = getattr(section, "service_name", None) or "registry-replicator"
-    console = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console"
+    endpoint = str(endpoint) if endpoint else None
+    traces = _exporter_names("OTEL_TRACES_EXPORTER", {"otlp", "console", "none"})
+    metric_names = _exporter_names("OTEL_METRICS_EXPORTER", {"otlp", "none"})
+    env_endpoint = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    otlp_traces = (
+        "otlp" in traces
+        if traces is not None
+        else bool(endpoint or env_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    )
+    otlp_metrics = (
+        "otlp" in metric_names
+        if metric_names is not None
+        else bool(endpoint or env_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+    )
 
     span_exporters: list[tuple[SpanExporter, bool]] = []  # (exporter, batched)
     readers: list[MetricReader] = []
-    if endpoint:
-        trace_exporter_cls, metric_exporter_cls = _otlp_classes()
-        span_exporters.append((trace_exporter_cls(endpoint=otlp_url(endpoint, "traces")), True))
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-        readers.append(
-            PeriodicExportingMetricReader(
-                metric_exporter_cls(endpoint=otlp_url(endpoint, "metrics"))
-            )
+    if otlp_traces or otlp_metrics:
+        trace_exporter_cls, metric_exporter_cls = _otlp_classes(
+            "telemetry.otlp_endpoint" if endpoint else "OTEL_EXPORTER_OTLP_ENDPOINT"
         )
-    if console:
+        # The configured endpoint wins; without one the exporters read the OTEL_* variables.
+        if otlp_traces:
+            kwargs = {"endpoint": otlp_url(endpoint, "traces")} if endpoint else {}
+            span_exporters.append((trace_exporter_cls(**kwargs), True))
+        if otlp_metrics:
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            kwargs = {"endpoint": otlp_url(endpoint, "metrics")} if endpoint else {}
+            readers.append(PeriodicExportingMetricReader(metric_exporter_cls(**kwargs)))
+    if traces is not None and "console" in traces:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         span_exporters.append((ConsoleSpanExporter(), True))
@@ -156,7 +201,10 @@ def setup_telemetry(
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    attributes: dict[str, str] = {"service.name": service_name, "service.version": __version__}
+    attributes: dict[str, str] = {"service.version": __version__}
+    service_name = _service_name(section)
+    if service_name is not None:  # else OTEL_SERVICE_NAME, read by Resource.create
+        attributes["service.name"] = service_name
     if instance_id:
         attributes["service.instance.id"] = instance_id
     resource = Resource.create(attributes)
@@ -183,9 +231,45 @@ def setup_telemetry(
         if handle.tracer_provider is not None
         else None
     )
-    if endpoint:
-        log.info("telemetry: exporting traces and metrics to %s", endpoint)
+    if otlp_traces or otlp_metrics:
+        log.info(
+            "telemetry: exporting %s over OTLP to %s",
+            " and ".join(n for n, on in (("traces", otlp_traces), ("metrics", otlp_metrics)) if on),
+            endpoint or "the OTEL_EXPORTER_OTLP_* endpoint",
+        )
     return handle
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() == "true"
+
+
+def _exporter_names(variable: str, known: set[str]) -> set[str] | None:
+    """The exporters an OTEL_*_EXPORTER variable names (None when it is unset)."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return None
+    names = {part.strip().lower() for part in raw.split(",") if part.strip()}
+    unknown = sorted(names - known)
+    if unknown:
+        raise ConfigError(
+            f"{variable}={raw!r}: unknown exporter {', '.join(unknown)}; "
+            f"use {', '.join(sorted(known))}"
+        )
+    return names - {"none"}
+
+
+def _service_name(section: Any) -> str | None:
+    """A service name set in the configuration, else OTEL_SERVICE_NAME's (None: let the
+    SDK read it), else ours."""
+    configured = getattr(section, "service_name", None)
+    fields_set = getattr(section, "model_fields_set", None)
+    explicit = configured if fields_set is None or "service_name" in fields_set else None
+    if explicit:
+        return str(explicit)
+    if os.environ.get("OTEL_SERVICE_NAME"):
+        return None
+    return str(configured or "registry-replicator")
 
 
 def shutdown_telemetry() -> None:
@@ -213,15 +297,14 @@ def otlp_url(endpoint: str, signal: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path=f"{path}/v1/{signal}"))
 
 
-def _otlp_classes() -> tuple[type, type]:
+def _otlp_classes(setting: str) -> tuple[type, type]:
     try:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
         raise ConfigError(
-            f"telemetry.otlp_endpoint is set, but the OTLP exporter is not "
-            f"installed; {OTLP_EXTRA_HINT}",
-            path="telemetry.otlp_endpoint",
+            f"OTLP export is asked for, but its exporter is not installed; {OTLP_EXTRA_HINT}",
+            path=setting,
         ) from None
     return OTLPSpanExporter, OTLPMetricExporter
 
@@ -245,7 +328,10 @@ def _attrs(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def span(
-    name: str, parent: Mapping[str, str] | None = None, **attributes: Any
+    name: str,
+    parent: Mapping[str, str] | None = None,
+    kind: SpanKind = SpanKind.INTERNAL,
+    **attributes: Any,
 ) -> AbstractContextManager[Span]:
     """A span around a block: `with telemetry.span("copy manifest", digest=d) as s:`.
 
@@ -256,7 +342,133 @@ def span(
     if _tracer is None:
         return _NOOP
     context = propagate.extract(dict(parent)) if parent else None
-    return _tracer.start_as_current_span(name, context=context, attributes=_attrs(attributes))
+    return _tracer.start_as_current_span(
+        name, context=context, kind=kind, attributes=_attrs(attributes)
+    )
+
+
+def client_span(method: str, url: str) -> AbstractContextManager[Span]:
+    """The CLIENT span of one registry request (HTTP semantic conventions). The URL's
+    query is left out: upload locations carry the registry's session state there."""
+    if _tracer is None:
+        return _NOOP
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return _tracer.start_as_current_span(
+        method,
+        kind=SpanKind.CLIENT,
+        attributes={
+            "http.request.method": method,
+            "url.full": urllib.parse.urlunsplit(parts._replace(query="", fragment="")),
+            "server.address": parts.hostname or "",
+            "server.port": port,
+        },
+    )
+
+
+# Answers that are part of the protocol's normal flow, not failures: an existence
+# probe's 404 and the 401 challenge that starts authentication.
+_EXPECTED_CLIENT_STATUS = frozenset({401, 404})
+
+
+def end_http(current_span: Span, status: int, *, server: bool = False) -> None:
+    """Record an HTTP answer on a client or server span; marks failures as errors
+    (5xx always, 4xx on client spans except the expected 401/404)."""
+    if not current_span.is_recording():
+        return
+    current_span.set_attribute("http.response.status_code", status)
+    failed = status >= 500 or (
+        not server and status >= 400 and status not in _EXPECTED_CLIENT_STATUS
+    )
+    if failed:
+        current_span.set_attribute("error.type", str(status))
+        current_span.set_status(trace.Status(trace.StatusCode.ERROR))
+
+
+def server_span(
+    method: str, route: str, url: str, headers: Mapping[str, str], client: str | None
+) -> AbstractContextManager[Span]:
+    """The SERVER span of one webhook request, continuing a caller's trace if it sent one."""
+    if _tracer is None:
+        return _NOOP
+    parts = urllib.parse.urlsplit(url)
+    attributes: dict[str, Any] = {
+        "http.request.method": method,
+        "http.route": route,
+        "url.path": parts.path,
+        "url.scheme": parts.scheme,
+        "server.address": parts.hostname or "",
+        "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+    }
+    if client:
+        attributes["client.address"] = client
+    agent = headers.get("user-agent")
+    if agent:
+        attributes["user_agent.original"] = agent[:256]
+    carrier = {k: v for k in ("traceparent", "tracestate") if (v := headers.get(k))}
+    return _tracer.start_as_current_span(
+        f"{method} {route}",
+        context=propagate.extract(carrier) if carrier else None,
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+    )
+
+
+def messaging_span(
+    operation: str,
+    topic: str,
+    template: str,
+    *,
+    message_id: str,
+    broker: tuple[str, int],
+    parent: Mapping[str, str] | None = None,
+) -> AbstractContextManager[Span]:
+    """A PRODUCER (`publish`) or CONSUMER (`process`) span of one MQTT message
+    (messaging semantic conventions); named after the topic's template so span names
+    stay few however many repositories there are."""
+    if _tracer is None:
+        return _NOOP
+    producer = operation == "publish"
+    context = propagate.extract(dict(parent)) if parent else None
+    return _tracer.start_as_current_span(
+        f"{operation} {template}",
+        context=context,
+        kind=SpanKind.PRODUCER if producer else SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "mqtt",
+            "messaging.operation.name": operation,
+            "messaging.operation.type": "send" if producer else "process",
+            "messaging.destination.name": topic,
+            "messaging.destination.template": template,
+            "messaging.message.id": message_id,
+            "server.address": broker[0],
+            "server.port": broker[1],
+        },
+    )
+
+
+@contextlib.contextmanager
+def command(name: str, config: Any = None, **attributes: Any) -> Iterator[Span]:
+    """Trace one CLI run as a root span `registry-replicator <name>`, set up from the
+    configuration and the OTEL_* environment, and flushed before the process exits
+    (a short command would otherwise lose its batch). Telemetry an embedding program
+    set up is used as it is and left running."""
+    before = _current
+    handle = setup_telemetry(config)
+    try:
+        with span(f"registry-replicator {name}", **attributes) as root:
+            yield root
+    finally:
+        if handle is not before and (handle.enabled or handle.meter_provider is not None):
+            shutdown_telemetry()
+
+
+def end_command(root: Span, exit_code: int) -> None:
+    """Record a CLI run's exit code on its root span; non-zero is an error."""
+    if root.is_recording():
+        root.set_attribute("process.exit.code", exit_code)
+        if exit_code:
+            root.set_status(trace.Status(trace.StatusCode.ERROR, f"exit code {exit_code}"))
 
 
 def set_attributes(**attributes: Any) -> None:
@@ -296,7 +508,7 @@ def replicate_span(task: Any) -> AbstractContextManager[Span]:
         tag=task.tag,
         digest=task.digest,
         task_id=task.id,
-        attempt=task.attempts,
+        attempt=max(1, task.attempts),
     )
 
 

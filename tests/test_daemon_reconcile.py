@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import signal
 
+import pytest
+
 from tests.harness.daemon import DaemonProcess, image_complete, site_config
 from tests.harness.images import Pusher, layer_bytes
 from tests.harness.util import wait_until
@@ -69,6 +71,7 @@ def test_a_push_nobody_announced_arrives_through_reconcile_alone(
     )
 
 
+@pytest.mark.slow
 def test_reconcile_of_a_rule_never_runs_twice_at_once(
     registry_factory, proxy_factory, tmp_path, daemons
 ):

@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_quick_replicates_and_collects():
     out = subprocess.run(
         [sys.executable, "-m", "replicator", "demo", "--quick"],
@@ -18,6 +21,7 @@ def test_demo_quick_replicates_and_collects():
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_demo_keep_leaves_everything_running_and_every_printed_command_works():
     """`demo --keep` is where an operator's first hour starts: the commands it prints
     must work as printed, against registries and a daemon that are still running, and

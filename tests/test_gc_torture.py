@@ -13,6 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from replicator.gc.layout import StoreLayout
 from replicator.gc.storage import (
@@ -33,6 +34,7 @@ TAGS = ("v1", "v2", "v3", "latest", "dev")
 SEEDS = [f"pool-{i}" for i in range(10)]
 
 
+@pytest.mark.slow
 def test_online_gc_torture(registry, tmp_path) -> None:
     reg = registry
     stop = threading.Event()

@@ -16,6 +16,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = shutil.ignore_patterns(
     ".git",
@@ -59,6 +61,7 @@ def installed(venv: Path, cwd: Path) -> dict:
     return info
 
 
+@pytest.mark.slow
 def test_build_then_install_wheel_and_editable(tmp_path):
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     src = tmp_path / "src"  # a copy: building writes egg-info/build dirs into the tree

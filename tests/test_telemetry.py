@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from replicator import telemetry
 from replicator.blob_index import BlobIndex
@@ -70,8 +73,24 @@ def client(reg, name: str) -> RegistryClient:
 
 
 def children(all_spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
+    """Our own (INTERNAL) child spans; registry requests are CLIENT spans, see `requests`."""
     return [
-        s for s in all_spans if s.parent is not None and s.parent.span_id == parent.context.span_id
+        s
+        for s in all_spans
+        if s.parent is not None
+        and s.parent.span_id == parent.context.span_id
+        and s.kind == SpanKind.INTERNAL
+    ]
+
+
+def requests(all_spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
+    """The CLIENT spans (one per registry request) directly under `parent`."""
+    return [
+        s
+        for s in all_spans
+        if s.parent is not None
+        and s.parent.span_id == parent.context.span_id
+        and s.kind == SpanKind.CLIENT
     ]
 
 
@@ -125,6 +144,7 @@ async def test_copy_span_tree_with_blob_outcomes(two_registries, spans):
 
     blobs = children(finished, manifest)
     assert sorted(s.name for s in blobs) == ["blob"] * 4  # config + 3 layers
+    assert all(s.kind == SpanKind.INTERNAL for s in (replicate, copy, manifest, *blobs))
     by_digest = {s.attributes["replicator.digest"]: s.attributes for s in blobs}
     config_digest = image.blobs[0]
     assert set(by_digest) == {config_digest, digest_of(base), digest_of(own), digest_of(preplaced)}
@@ -136,7 +156,26 @@ async def test_copy_span_tree_with_blob_outcomes(two_registries, spans):
     assert by_digest[digest_of(preplaced)]["replicator.outcome"] == "existing"
     for attrs in by_digest.values():
         assert attrs["replicator.target"] == "dst"
-        assert attrs["replicator.repository"] == "team/b"
+        assert attrs["replicator.target_repository"] == "team/b"
+    # one attribute name per meaning: sites are source/target, repositories
+    # repository (source) and target_repository (written)
+    assert copy.attributes["replicator.source"] == "src"
+    assert copy.attributes["replicator.target"] == "dst"
+    assert copy.attributes["replicator.repository"] == "team/b"
+    assert copy.attributes["replicator.target_repository"] == "team/b"
+    assert copy.attributes["replicator.reference"] == "v1"
+    assert manifest.attributes["replicator.target_repository"] == "team/b"
+    # every registry request is a CLIENT span with the HTTP semantic conventions
+    put = [r for r in requests(finished, manifest) if r.attributes["http.request.method"] == "PUT"]
+    assert len(put) == 1
+    assert put[0].name == "PUT"
+    assert put[0].attributes["url.full"] == f"{dst.url}/v2/team/b/manifests/v1"
+    assert put[0].attributes["server.address"] == "127.0.0.1"
+    assert put[0].attributes["server.port"] == int(dst.url.rsplit(":", 1)[1])
+    assert put[0].attributes["http.response.status_code"] == 201
+    uploads = [r for b in blobs for r in requests(finished, b)]
+    assert uploads and all("?" not in r.attributes["url.full"] for r in uploads)
+    assert all(r.status.status_code.name == "UNSET" for r in uploads)
     # one trace for the whole task
     assert {s.context.trace_id for s in finished} == {replicate.context.trace_id}
 
@@ -273,6 +312,17 @@ class _TelemetryConfig:
 # ------------------------------------------------- real daemons, real OTLP export
 
 
+# OTLP's SpanKind enum (opentelemetry/proto/trace/v1/trace.proto)
+SPAN_KINDS = {
+    0: "UNSPECIFIED",
+    1: "INTERNAL",
+    2: "SERVER",
+    3: "CLIENT",
+    4: "PRODUCER",
+    5: "CONSUMER",
+}
+
+
 class OtlpReceiver:
     """A minimal OTLP/HTTP (protobuf) receiver: keeps every span and metric name posted."""
 
@@ -343,6 +393,8 @@ class OtlpReceiver:
                                 "span_id": s.span_id.hex(),
                                 "parent": s.parent_span_id.hex(),
                                 "instance": resource.get("service.instance.id"),
+                                "service": resource.get("service.name"),
+                                "kind": SPAN_KINDS[s.kind],
                                 "attributes": attrs,
                             }
                         )
@@ -413,8 +465,18 @@ def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, o
                 if s["name"] == "event" and s["attributes"].get("replicator.tag") == "v1"
             ):
                 trace = [s for s in got if s["trace_id"] == event["trace_id"]]
-                names = sorted(s["name"] for s in trace)
-                if names == ["blob", "blob", "copy", "copy manifest", "event", "replicate"]:
+                names = sorted(s["name"] for s in trace if s["kind"] == "INTERNAL")
+                kinds = {s["kind"] for s in trace}
+                if (
+                    names == ["blob", "blob", "copy", "copy manifest", "event", "replicate"]
+                    and {
+                        "SERVER",
+                        "PRODUCER",
+                        "CONSUMER",
+                        "CLIENT",
+                    }
+                    <= kinds
+                ):
                     return event, trace
             return None
 
@@ -423,7 +485,24 @@ def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, o
         by_id = {s["span_id"]: s for s in trace}
         replicate = next(s for s in trace if s["name"] == "replicate")
         assert replicate["instance"] == "worker"
-        assert replicate["parent"] == event["span_id"]
+        # webhook (SERVER) -> event -> MQTT publish (PRODUCER) -> receive (CONSUMER)
+        # in the other process -> replicate
+        consumer = by_id[replicate["parent"]]
+        assert consumer["kind"] == "CONSUMER" and consumer["instance"] == "worker"
+        assert consumer["attributes"]["messaging.system"] == "mqtt"
+        assert consumer["attributes"]["messaging.destination.name"].endswith("/a/team/app")
+        producer = by_id[consumer["parent"]]
+        assert producer["kind"] == "PRODUCER" and producer["instance"] == "intake"
+        assert (
+            producer["attributes"]["messaging.message.id"]
+            == event["attributes"]["replicator.event_id"]
+        )
+        assert producer["parent"] == event["span_id"]
+        server = by_id[event["parent"]]
+        assert server["kind"] == "SERVER" and server["name"] == "POST /events/{site}"
+        assert server["attributes"]["http.route"] == "/events/{site}"
+        assert server["attributes"]["http.response.status_code"] == 202
+        assert server["parent"] == ""
         assert replicate["attributes"]["replicator.rule"] == "ab"
         assert replicate["attributes"]["replicator.target"] == "b"
         assert event["attributes"]["replicator.digest"] == image.digest
@@ -452,3 +531,140 @@ def _complete(reg, repo: str, ref: str) -> bool:
     except AssertionError:
         return False
     return True
+
+
+# ---------------------------------------------- the standard OTEL_* environment
+
+
+def _otel_env(**values: str) -> dict[str, str]:
+    """The test process's environment without OTEL_* variables, plus `values`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    return env | {"OTEL_BSP_SCHEDULE_DELAY": "50"} | values
+
+
+def test_cli_copy_is_traced_from_the_otel_environment(two_registries, otlp):
+    """`copy` as an operator runs it, with only the standard variables a collector
+    set-up provides: one root span, the copy under it, every request a CLIENT span,
+    all exported before the process exits."""
+    src, dst = two_registries
+    with Pusher(src.url) as p:
+        p.push_image("team/app", "v1", [layer_bytes("otel-env", 3000)])
+    env = _otel_env(OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url, OTEL_SERVICE_NAME="mirror-job")
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "replicator", "copy", "--insecure"),
+            *(f"{src.host}/team/app:v1", f"{dst.host}/mirror/app"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    got = otlp.snapshot()  # flushed at exit: no waiting
+    root = [s for s in got if s["name"] == "registry-replicator copy"]
+    assert len(root) == 1 and root[0]["parent"] == ""
+    assert root[0]["attributes"]["process.exit.code"] == 0
+    trace = [s for s in got if s["trace_id"] == root[0]["trace_id"]]
+    assert len(trace) == len(got)  # one trace
+    assert {s["service"] for s in trace} == {"mirror-job"}
+    copy = next(s for s in trace if s["name"] == "copy")
+    assert copy["parent"] == root[0]["span_id"]
+    assert copy["attributes"]["replicator.target_repository"] == "mirror/app"
+    client_spans = [s for s in trace if s["kind"] == "CLIENT"]
+    assert {s["attributes"]["server.port"] for s in client_spans} == {
+        int(src.url.rsplit(":", 1)[1]),
+        int(dst.url.rsplit(":", 1)[1]),
+    }
+    assert {"GET", "PUT"} <= {s["attributes"]["http.request.method"] for s in client_spans}
+
+
+def test_cli_sync_and_gc_are_traced_with_exit_codes(two_registries, spans, tmp_path):
+    """In process (an embedding program's exporter is used and left running): sync and
+    gc each get their root span; a failing run's root is an error with its exit code."""
+    from replicator.cli import main
+
+    src, dst = two_registries
+    with Pusher(src.url) as p:
+        p.push_image("team/app", "v1", [layer_bytes("otel-sync", 2000)])
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"journal: {tmp_path / 'j.db'}\n"
+        "sites:\n"
+        f"  a: {{url: '{src.url}', insecure: true}}\n"
+        f"  b: {{url: '{dst.url}', insecure: true}}\n"
+        "rules:\n"
+        "  - {name: ab, from: a, to: [b], repositories: ['team/**']}\n"
+        "gc:\n"
+        "  policies:\n"
+        "    - {name: tidy, sites: [b], repositories: ['team/**'], keep: {tags: ['*']}}\n"
+    )
+    assert main(["sync", "-c", str(config)]) == 0
+    assert main(["gc", "-c", str(config), "--dry-run"]) == 0
+    finished = list(spans.get_finished_spans())
+    sync = one(finished, "registry-replicator sync")
+    assert sync.parent is None and sync.attributes["process.exit.code"] == 0
+    assert any(s.name == "copy" and s.context.trace_id == sync.context.trace_id for s in finished)
+    gc = one(finished, "registry-replicator gc")
+    assert gc.attributes["replicator.dry_run"] is True
+    assert telemetry.enabled()  # the embedding program's setup is still there
+
+    spans.clear()
+    # a target that speaks plain HTTP where https is configured fails at once
+    config.write_text(config.read_text().replace(dst.url, dst.url.replace("http:", "https:")))
+    assert main(["sync", "-c", str(config)]) == 1
+    failed = one(list(spans.get_finished_spans()), "registry-replicator sync")
+    assert failed.status.status_code.name == "ERROR"
+    assert failed.attributes["process.exit.code"] == 1
+
+
+def test_otel_sdk_disabled_wins(monkeypatch):
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    handle = telemetry.setup_telemetry(_TelemetryConfig("http://127.0.0.1:4318"))
+    assert not handle.enabled and not telemetry.enabled()
+
+
+def test_otel_traces_sampler_is_honoured(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    exporter = InMemorySpanExporter()
+    telemetry.setup_telemetry(None, span_exporter=exporter)
+    try:
+        with telemetry.span("copy"):
+            pass
+        assert exporter.get_finished_spans() == ()
+    finally:
+        telemetry.shutdown_telemetry()
+
+
+def test_unknown_otel_exporter_names_the_variable(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(ConfigError) as err:
+        telemetry.setup_telemetry(None)
+    assert "OTEL_TRACES_EXPORTER" in str(err.value) and "zipkin" in str(err.value)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert not telemetry.setup_telemetry(None).enabled
+
+
+def test_configured_service_name_wins_over_the_environment(monkeypatch):
+    from replicator.config.models import TelemetryConfig
+
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    exporter = InMemorySpanExporter()
+    telemetry.setup_telemetry(TelemetryConfig(service_name="from-config"), span_exporter=exporter)
+    try:
+        with telemetry.span("x"):
+            pass
+        (only,) = exporter.get_finished_spans()
+        assert only.resource.attributes["service.name"] == "from-config"
+    finally:
+        telemetry.shutdown_telemetry()
+    exporter = InMemorySpanExporter()  # a provider's shutdown shuts its exporters
+    telemetry.setup_telemetry(TelemetryConfig(), span_exporter=exporter)
+    try:
+        with telemetry.span("x"):
+            pass
+        (only,) = exporter.get_finished_spans()
+        assert only.resource.attributes["service.name"] == "from-env"
+    finally:
+        telemetry.shutdown_telemetry()

@@ -37,6 +37,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from replicator import telemetry
 from replicator.events import RegistryEvent, WebhookError, parse_webhook
 from replicator.journal import Journal
 from replicator.metrics import METRICS, Metrics
@@ -143,6 +144,18 @@ def create_app(
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     async def post_events(request: Request) -> Response:
+        with telemetry.server_span(
+            request.method,
+            "/events/{site}",
+            str(request.url),
+            request.headers,
+            request.client.host if request.client else None,
+        ) as span:
+            response = await take_events(request)
+            telemetry.end_http(span, response.status_code, server=True)
+            return response
+
+    async def take_events(request: Request) -> Response:
         started = time.perf_counter()
         site_name = request.path_params["site"]
         site = by_name.get(site_name)

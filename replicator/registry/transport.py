@@ -38,6 +38,7 @@ import httpcore
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from replicator import telemetry
 from replicator.backoff import jittered_backoff
 from replicator.errors import ConfigError
 from replicator.logs import redact
@@ -344,23 +345,28 @@ class Transport:
             await self._bucket.acquire()
         self.stats["requests"] += 1
         async with self._slots:
-            started = time.perf_counter()
-            try:
-                resp = await self._http.send(
-                    request,
-                    stream=req.stream or req.max_body is not None,
-                    follow_redirects=req.follow_redirects,
-                )
-            except BaseException:
+            with telemetry.client_span(req.method, req.url) as span:
+                started = time.perf_counter()
+                try:
+                    resp = await self._http.send(
+                        request,
+                        stream=req.stream or req.max_body is not None,
+                        follow_redirects=req.follow_redirects,
+                    )
+                except BaseException as exc:
+                    if self.observer is not None:
+                        self.observer(
+                            self.site.name, req.method, None, time.perf_counter() - started
+                        )
+                    span.set_attribute("error.type", type(exc).__qualname__)
+                    raise
                 if self.observer is not None:
-                    self.observer(self.site.name, req.method, None, time.perf_counter() - started)
-                raise
-            if self.observer is not None:
-                self.observer(
-                    self.site.name, req.method, resp.status_code, time.perf_counter() - started
-                )
-            if req.max_body is not None:
-                body = await self._read_capped(resp, req, req.max_body)
+                    self.observer(
+                        self.site.name, req.method, resp.status_code, time.perf_counter() - started
+                    )
+                telemetry.end_http(span, resp.status_code)
+                if req.max_body is not None:
+                    body = await self._read_capped(resp, req, req.max_body)
         if log.isEnabledFor(logging.DEBUG):
             for hop in (*resp.history, resp):  # a followed redirect shows every host
                 log.debug(

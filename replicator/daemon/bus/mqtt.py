@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from replicator import telemetry
 from replicator.backoff import jittered_backoff
 from replicator.daemon.bus.base import EventBus, Handler, await_cancelled, wait_set
 from replicator.daemon.bus.errors import BusClosed, BusError, BusRefused, BusUnavailable
@@ -202,6 +203,10 @@ class MqttBus(EventBus):
         base = f"{self.topic}/#"
         return f"$share/{self.group}/{base}" if self.group else base
 
+    @property
+    def _topic_template(self) -> str:
+        return f"{self.topic}/{{site}}/{{repository}}"
+
     def topic_for(self, event: RegistryEvent) -> str:
         """`<topic>/<site>/<repository>`; repository slashes become topic levels."""
         _check_topic_part(event.site, "event.site", allow_slash=False, error=BusError)
@@ -231,8 +236,22 @@ class MqttBus(EventBus):
         if self._stopping.is_set():
             raise BusClosed("event bus is stopped")
         topic = self.topic_for(event)
+        given = trace_dict(trace_context)
+        with telemetry.messaging_span(
+            "publish",
+            topic,
+            self._topic_template,
+            message_id=event.id,
+            broker=(self.host, self.port),
+            parent=trace_context,
+        ):  # the message carries this span's context (the given one is its parent)
+            await self._publish(event, topic, telemetry.trace_context() or given, timeout)
+
+    async def _publish(
+        self, event: RegistryEvent, topic: str, carrier: dict[str, str], timeout: float | None
+    ) -> None:
         payload = event_to_json(event).encode()
-        properties = _publish_properties(trace_dict(trace_context))
+        properties = _publish_properties(carrier)
         self._ensure_running()
         limit = self.publish_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
@@ -345,7 +364,18 @@ class MqttBus(EventBus):
                 self._ack(conn, message)
                 continue
             context = _user_properties(message)
-            if not await self._deliver(handler, event, context):
+            with telemetry.messaging_span(
+                "process",
+                str(message.topic),
+                self._topic_template,
+                message_id=event.id,
+                broker=(self.host, self.port),
+                parent=context,
+            ):  # tasks the handler journals carry this span's context
+                delivered = await self._deliver(
+                    handler, event, telemetry.trace_context() or context
+                )
+            if not delivered:
                 return
             self._ack(conn, message)
 
