@@ -45,3 +45,33 @@ def test_bench_intake_small():
     proc = run("bench_intake.py", "--events", "60", "--concurrency", "4")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "60 single-event POSTs" in proc.stdout
+
+
+def test_bench_sync_small_over_a_wan():
+    """The user-facing sync benchmark, both tools through delay proxies."""
+    proc = run("bench_sync.py", "--small", "--rounds", "1", "--rtt-ms", "10")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "median wall: ours" in proc.stdout
+    assert "ours: " in proc.stdout and "round trips per image" in proc.stdout
+
+
+def test_delay_proxy_adds_its_delay_each_way(registry, tmp_path):
+    """A lower bound, which is the proxy's function: one request and its answer cross
+    the link once each way; the turn counter sees both requests."""
+    import time
+
+    import httpx
+
+    sys.path.insert(0, str(BENCH))
+    from delay_proxy import DelayProxy
+
+    proxy = DelayProxy(registry.host, 40, tmp_path, "p").start()
+    try:
+        with httpx.Client() as http:
+            http.get(f"http://{proxy.host}/v2/")  # connection up
+            start = time.perf_counter()
+            assert http.get(f"http://{proxy.host}/v2/").status_code == 200
+            assert time.perf_counter() - start >= 0.08
+    finally:
+        stats = proxy.stop()
+    assert stats.connections == 1 and stats.turns == 2
