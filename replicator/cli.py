@@ -23,7 +23,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on usage errors already; keep its message on stderr."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Sub-commands registered by a module of another name.
+COMMAND_ALIASES = {"failback": "failover"}
+
+
+def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser with the sub-commands of `modules` (all by default)."""
     parser = _Parser(
         prog="registry-replicator",
         description=(
@@ -34,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_global_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         module = importlib.import_module(f"replicator.commands.{name}")
         module.register(sub)
     for command in sub.choices.values():
@@ -91,8 +96,27 @@ def _run(args: argparse.Namespace) -> int:
         return code
 
 
+def _named_module(argv: Sequence[str]) -> str | None:
+    """The module of the sub-command `argv` names, found without importing every
+    command (each pulls in its own dependencies: a third of a short run's start-up);
+    None when it cannot be told, and then every command is loaded."""
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--log-level", "--log-format"):
+            next(args, None)
+        elif arg in ("-h", "--help", "--version"):
+            return None
+        elif not arg.startswith("-"):
+            module = COMMAND_ALIASES.get(arg, arg.replace("-", "_"))
+            return module if module in COMMAND_MODULES else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    named = None if "_ARGCOMPLETE" in os.environ else _named_module(argv)
+    parser = build_parser([named] if named else COMMAND_MODULES)
     if "_ARGCOMPLETE" in os.environ:  # a shell asking for completions (see `completion`)
         import argcomplete
 

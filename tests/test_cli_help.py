@@ -91,3 +91,19 @@ def test_bash_completion_script_loads_in_bash(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "registry-replicator" in out.stdout
+
+
+def test_a_command_loads_only_its_own_module():
+    """Start-up cost: `sync` does not import every other command (and what they pull in);
+    global options before the command are skipped over to find it."""
+    code = (
+        "import sys; from replicator.cli import main\n"
+        "try:\n"
+        "    main(['--log-level', 'info', 'failback', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('replicator.commands.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "['replicator.commands.failover']"
+    assert "--site" in out.stdout
