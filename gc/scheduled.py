@@ -26,6 +26,9 @@ class StorageTuning:
 
     assume_no_cache: bool = False  # vouch that no blob-descriptor cache can go stale
     workers: int = DEFAULT_WORKERS  # threads for renames and deletions
+    # wait the quarantine window and delete in this run (the daemon: in the background);
+    # False: leave quarantined items journaled for a later run (the CLI's default)
+    settle: bool = True
 
 
 @dataclass
@@ -64,6 +67,19 @@ class SiteGCResult:
         return self.storage.restored if self.storage else 0
 
     @property
+    def waiting(self) -> int:
+        """Items left in quarantine for a later run to settle."""
+        return self.storage.waiting if self.storage else 0
+
+    @property
+    def waiting_bytes(self) -> int:
+        return self.storage.waiting_bytes if self.storage else 0
+
+    @property
+    def deletable_after(self) -> float | None:
+        return self.storage.deletable_after if self.storage else None
+
+    @property
     def errors(self) -> list[str]:
         return [e for r in (self.api, self.storage) if r for e in r.errors]
 
@@ -80,6 +96,9 @@ class SiteGCResult:
             "bytes_reclaimed": self.bytes_reclaimed,
             "quarantined": self.quarantined,
             "restored": self.restored,
+            "waiting": self.waiting,
+            "waiting_bytes": self.waiting_bytes,
+            "deletable_after": self.deletable_after,
             "errors": self.errors,
             "warnings": self.warnings,
             "api": self.api.to_json() if self.api else None,
@@ -142,6 +161,7 @@ async def run_policies(
                     assume_no_cache=tuning.assume_no_cache,
                     policies=storage,
                     workers=tuning.workers,
+                    settle=tuning.settle,
                 ),
             )
         for r in (result.api, result.storage):

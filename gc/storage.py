@@ -63,6 +63,22 @@ The run:
    after the cutoff; a manifest listed by an existing index or tag.
 6. Only then delete the quarantined copies.
 
+Steps 5-6 in two runs. The wait of step 5 need not happen in the process that
+quarantined: a run journals its items and the time the window ends
+(``settle_after``, taken after the last move) and exits with the run in state
+``quarantined``; a later run (the timer's next start, or ``gc --settle``, which
+waits in the foreground, or the daemon, which waits in the background) performs
+steps 5-6 once that time has passed. The argument below only needs "at least a
+window after the last move", and a later run waits at least that long. Two more
+rules keep it whole: (a) while one run's items wait, no run plans or quarantines
+anything new, so at most one run's items are out of the registry's sight at a
+time (otherwise run A could delete a blob that a manifest in run B's quarantine
+references, and B's step 5 could then restore that manifest without its blob);
+(b) everything a waiting run knows comes from the journal and the disk as they
+are when it is settled: step 5 rescans and re-marks from scratch, and an item whose
+original place was filled again meanwhile (a client re-pushed it) keeps the new
+copy and drops the quarantined one.
+
 Why that is enough. A manifest M referencing blob B can only be accepted (F3)
 while B's link and data are in place. If M was accepted before step 4 moved
 B, M's revision link exists by the time step 5 looks (F2, a PUT completes
@@ -116,7 +132,9 @@ filesystem, so they run on `workers` threads.
 
 Crash safety: every item's quarantine path is journalled before the rename, so
 an interrupted run is resumed by the next one: items found in quarantine are
-re-checked after a full window and deleted or restored (`runs`).
+re-checked after a full window (counted from when the resuming run finds them, as
+the interrupted run may have moved its last item just before it died) and deleted
+or restored (`runs`).
 """
 
 from __future__ import annotations
@@ -163,6 +181,7 @@ log = logging.getLogger("replicator.gc.storage")
 HIDDEN_BY_LINK = "a symbolic link in the store hides references (see the run's errors)"
 REFUSED_CACHE = "restored: the registry answers from a blob-descriptor cache (run refused)"
 QUARANTINE_SHARDS = 64  # directories per item kind under _quarantine/<run>/
+SETTLE_AFTER = "settle_after"  # in a run's mark summary: when its quarantine may be settled
 # unlink/rmdir throughput on ext4 (2 cores) plateaus at 16 threads: 8 -> 16 cut the
 # bench's delete phase ~20 %, 32 gained nothing measurable
 DEFAULT_WORKERS = 16
@@ -183,6 +202,9 @@ class StorageGCOptions:
     site: str = "local"
     grace: float = 3600.0  # nothing modified more recently is deleted
     quarantine_window: float = 600.0  # how long removed items wait before deletion
+    # True: wait the window in this run, then delete (one command; the daemon, in the
+    # background). False: leave the quarantine journaled for a later run to settle.
+    settle: bool = True
     upload_grace: float | None = None  # idle time before an upload session is stale
     workers: int = DEFAULT_WORKERS  # threads for renames and deletions
     scan_workers: int = 1  # threads for read-only scanning (see below)
@@ -210,8 +232,13 @@ class GCResult:
     bytes_reclaimed: int = 0  # blob data removed from disk
     upload_bytes_reclaimed: int = 0  # abandoned upload sessions removed
     quarantined: int = 0
+    quarantined_bytes: int = 0
     restored: int = 0
     kept_by_recheck: int = 0
+    # items of this or an earlier run left in quarantine for a later run to settle
+    waiting: int = 0
+    waiting_bytes: int = 0
+    deletable_after: float | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     mark_summary: dict[str, Any] = field(default_factory=dict)
@@ -233,6 +260,10 @@ class GCResult:
             "bytes_reclaimed": self.bytes_reclaimed,
             "upload_bytes_reclaimed": self.upload_bytes_reclaimed,
             "quarantined": self.quarantined,
+            "quarantined_bytes": self.quarantined_bytes,
+            "waiting": self.waiting,
+            "waiting_bytes": self.waiting_bytes,
+            "deletable_after": self.deletable_after,
             "restored": self.restored,
             "kept_by_recheck": self.kept_by_recheck,
             "errors": list(self.errors),
@@ -1047,7 +1078,9 @@ class StorageCollector:
             raise _InjectedFault(f"injected fault after {self._deletions} deletions")
 
     # --- resume -----------------------------------------------------------------
-    async def load_unfinished(self) -> list[tuple[RunRecorder, list[Item], float]]:
+    async def load_unfinished(
+        self,
+    ) -> list[tuple[RunRecorder, list[Item], float, dict[str, Any]]]:
         """Interrupted runs: settle what the journal says and return quarantined items.
         Journal reads and writes happen here, in the coroutine; the filesystem checks
         run on a thread (`settle_interrupted`)."""
@@ -1065,11 +1098,29 @@ class StorageCollector:
                 run_id=run["id"],
             )
             info = await journal.gc_runs.get(run["id"]) or {}
-            cutoff = float((info.get("mark_summary") or {}).get("cutoff", run["started_at"]))
+            summary = dict(info.get("mark_summary") or {})
+            cutoff = float(summary.get("cutoff", run["started_at"]))
             rows = await journal.gc_runs.candidates(run["id"])
             items, updates = await asyncio.to_thread(self.settle_interrupted, rows)
             await rec.update_states(updates)
-            out.append((rec, items, cutoff))
+            out.append((rec, items, cutoff, summary))
+        return out
+
+    async def waiting_in_quarantine(self) -> list[tuple[int, int, int, float | None]]:
+        """Read-only, for a dry run: (run, items, blob bytes, deletable after) of every
+        earlier run whose items still wait in quarantine."""
+        journal = self.journal
+        if journal is None or not self.opts.resume:
+            return []
+        out = []
+        for run in await journal.gc_runs.unfinished(self.opts.site, "storage"):
+            rows = await journal.gc_runs.candidates(run["id"], ("quarantined",))
+            if not rows:
+                continue
+            info = await journal.gc_runs.get(run["id"]) or {}
+            after = (info.get("mark_summary") or {}).get(SETTLE_AFTER)
+            blob_bytes = sum(int(r.get("bytes") or 0) for r in rows if r.get("kind") == "blob")
+            out.append((int(run["id"]), len(rows), blob_bytes, after))
         return out
 
     def settle_interrupted(
@@ -1207,18 +1258,48 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
     policy_names = ",".join(p.name for p in opts.policies) or None
     result = GCResult(run_id=0, dry_run=opts.dry_run, warnings=warnings)
 
-    # finish interrupted runs first: their quarantined items get a full window
-    if not opts.dry_run:
-        for rec, items, cutoff in await col.load_unfinished():
+    # Earlier runs first. Their quarantined items are settled once they have waited a
+    # full window (at once when due; now, after a wait, with `settle`); until then
+    # this run plans nothing new, so no two runs' quarantines overlap (a manifest in
+    # one run's quarantine never references a blob another run is settling).
+    if opts.dry_run:
+        for run_id, count, size, after in await col.waiting_in_quarantine():
+            result.resumed_runs.append(run_id)
+            result.waiting += count
+            result.waiting_bytes += size
+            if after is not None and after > time.time():
+                result.deletable_after = max(result.deletable_after or 0.0, float(after))
+        if result.deletable_after is not None and not opts.settle:
+            return result  # the real run would only report the wait
+    else:
+        for rec, items, cutoff, summary in await col.load_unfinished():
             result.resumed_runs.append(int(rec.run_id or 0))
-            if any(i.state == "quarantined" for i in items):
-                await _refuse_if_cached(col, rec, items, result)
-                await asyncio.sleep(opts.quarantine_window)
+            waiting = [i for i in items if i.state == "quarantined"]
+            if waiting:
+                after = summary.get(SETTLE_AFTER)
+                if after is None:  # interrupted before its wait began: a full window
+                    await _refuse_if_cached(col, rec, items, result)
+                    after = time.time() + opts.quarantine_window
+                    await rec.set_state(
+                        "quarantined", mark_summary={**summary, SETTLE_AFTER: after}
+                    )
+                if not await _wait_until(float(after), opts):
+                    _note_waiting(result, waiting, float(after))
+                    continue
                 await _settle(col, rec, items, cutoff, result)
             sub = GCResult(run_id=int(rec.run_id or 0), dry_run=False)
             _tally(sub, items)
             await rec.finish("done", sub.to_json())
             _merge(result, sub)
+        if result.waiting:
+            log.info(
+                "storage gc (%s): %d item(s) wait in quarantine until %s; nothing new "
+                "planned until they are settled",
+                opts.site,
+                result.waiting,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(result.deletable_after or 0)),
+            )
+            return result
 
     rec = RunRecorder(
         col.journal, site=opts.site, mode="storage", policy=policy_names, dry_run=opts.dry_run
@@ -1260,6 +1341,9 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
             [(i.kind, i.key, i.state, i.error) for i in plan.items if i.state != "candidate"]
         )
         result.quarantined = sum(1 for i in plan.items if i.state == "quarantined")
+        result.quarantined_bytes = sum(
+            i.bytes for i in plan.items if i.state == "quarantined" and i.kind == "blob"
+        )
         result.kept_by_recheck += sum(
             1
             for i in plan.items
@@ -1268,7 +1352,16 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         if opts.on_phase:
             await asyncio.to_thread(opts.on_phase, "quarantined")
         if result.quarantined:
-            await asyncio.sleep(opts.quarantine_window)
+            # the window runs from the end of the moves (step 5's premise)
+            after = time.time() + opts.quarantine_window
+            await rec.set_state(
+                "quarantined", mark_summary={**plan.mark_summary, SETTLE_AFTER: after}
+            )
+            if not await _wait_until(after, opts):
+                _note_waiting(result, [i for i in plan.items if i.state == "quarantined"], after)
+                _report_unsafe(col, result, plan.items)
+                _tally(result, plan.items)
+                return result  # stays 'quarantined': a later run settles it
         t = time.monotonic()
         await _settle(col, rec, plan.items, plan.cutoff, result)
         result.timings["settle"] = time.monotonic() - t
@@ -1284,6 +1377,24 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
             result.errors.append(f"{type(exc).__name__}: {exc}")
             await rec.finish("failed", result.to_json())
         raise
+
+
+async def _wait_until(when: float, opts: StorageGCOptions) -> bool:
+    """Whether `when` has come: at once if it has, after sleeping if `settle` asks to
+    wait for it, else False (a later run will)."""
+    remaining = when - time.time()
+    if remaining <= 0:
+        return True
+    if not opts.settle:
+        return False
+    await asyncio.sleep(remaining)
+    return True
+
+
+def _note_waiting(result: GCResult, items: list[Item], when: float) -> None:
+    result.waiting += len(items)
+    result.waiting_bytes += sum(i.bytes for i in items if i.kind == "blob")
+    result.deletable_after = max(result.deletable_after or 0.0, when)
 
 
 async def _refuse_if_cached(
@@ -1346,6 +1457,7 @@ def _report_unsafe(col: StorageCollector, result: GCResult, items: Iterable[Item
 async def _settle(
     col: StorageCollector, rec: RunRecorder, items: list[Item], cutoff: float, result: GCResult
 ) -> None:
+    await rec.set_state("sweeping")  # no longer waiting: re-checking and deleting
     try:
         await asyncio.to_thread(col.finalize, items, cutoff)
     finally:

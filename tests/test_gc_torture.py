@@ -35,7 +35,14 @@ SEEDS = [f"pool-{i}" for i in range(10)]
 
 
 @pytest.mark.slow
-def test_online_gc_torture(registry, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "settle",
+    [True, False],
+    ids=["settle-in-one-run", "quarantine-then-a-later-run-settles"],
+)
+def test_online_gc_torture(registry, tmp_path, settle: bool) -> None:
+    """`settle=False` is the CLI's two-run form: each run either quarantines and exits,
+    waits (its predecessor's items not yet due) or settles its predecessor."""
     reg = registry
     stop = threading.Event()
     stats: Counter[str] = Counter()
@@ -124,6 +131,7 @@ def test_online_gc_torture(registry, tmp_path) -> None:
                     registry_api=api,
                     workers=4,
                     on_phase=widen_the_race,
+                    settle=settle,
                 ),
             )
 
@@ -137,6 +145,9 @@ def test_online_gc_torture(registry, tmp_path) -> None:
                 gc_totals["kept_by_recheck"] += res.kept_by_recheck
                 gc_totals["errors"] += len(res.errors)
                 gc_totals["cache_probes"] += "cache_probe" in res.timings
+                gc_totals["left_waiting"] += bool(res.waiting)
+                if res.waiting and not res.quarantined:
+                    stop.wait(0.05)  # nothing to do until the window passes: don't spin
         except Exception as exc:
             failures.append(exc)
 
@@ -182,5 +193,7 @@ def test_online_gc_torture(registry, tmp_path) -> None:
     assert checked > 10
     assert gc_totals["runs"] >= 3 and gc_totals["blobs_deleted"] > 0, gc_totals
     assert gc_totals["cache_probes"] > 0, gc_totals
+    if not settle:  # the two-run path was taken, not just the one-run one
+        assert gc_totals["left_waiting"] > 0, gc_totals
     assert stats["repush"] > 0 and stats["delete-202"] > 0
     journal.close()

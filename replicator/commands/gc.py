@@ -18,8 +18,13 @@ Run garbage collection for the sites the `gc.policies` cover (or one --site).
 mode api      delete expired tags/manifests through the registry API;
 mode storage  mark-and-sweep the registry's storage directory (sites.<name>.storage)
               while the registry stays online: unreferenced blobs, dangling layer
-              links and stale uploads are quarantined, re-checked after a window and
-              only then deleted; refused when the registry's config
+              links and stale uploads are quarantined (moved aside, invisible to
+              the registry), re-checked after --quarantine-window and only then
+              deleted. A run quarantines and exits ("deletable after TIME; safe to
+              interrupt"); the next run, once that time has passed, re-checks and
+              deletes or restores them (and plans nothing new while they wait).
+              --settle waits for that in the foreground instead. Refused when the
+              registry's config
               (sites.<name>.registry_config) enables the blob-descriptor cache, or
               when the registry, asked after the quarantine, still answers for moved
               blobs (everything is put back), unless --assume-no-cache;
@@ -36,6 +41,9 @@ JSON_FIELDS = (
     "bytes_reclaimed",
     "quarantined",
     "restored",
+    "waiting",
+    "waiting_bytes",
+    "deletable_after",
     "errors",
 )
 
@@ -67,6 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DURATION",
         default="10m",
         help="how long removed storage items wait before deletion (default 10m)",
+    )
+    p.add_argument(
+        "--settle",
+        action="store_true",
+        help="wait out the quarantine window in the foreground and delete in this run "
+        "(default: exit once items are quarantined; a later run deletes them)",
     )
     p.add_argument(
         "--workers",
@@ -102,11 +116,41 @@ def run(args: argparse.Namespace) -> int:
             f"{totals['blobs_deleted']} blobs, {totals['bytes_reclaimed']} bytes; "
             f"quarantined {totals['quarantined']}, restored {totals['restored']}"
         )
+        for line in _quarantine_lines(totals):
+            print(line)
         for w in totals["warnings"]:
             print(f"warning: {w}", file=sys.stderr)
         for e in totals["errors"]:
             print(f"error: {e}", file=sys.stderr)
     return 1 if totals["errors"] else 0
+
+
+def _quarantine_lines(totals: dict[str, Any]) -> list[str]:
+    """What waits in quarantine, and when a later run may delete it."""
+    waiting, after = totals["waiting"], totals["deletable_after"]
+    if not waiting or after is None:
+        return []
+    from datetime import datetime
+
+    from replicator.text import human_bytes
+
+    when = datetime.fromtimestamp(after).astimezone().isoformat(timespec="seconds")
+    size = human_bytes(totals["waiting_bytes"])
+    if totals["dry_run"]:
+        return [
+            f"gc: {waiting} items ({size}) from an earlier run wait in quarantine until "
+            f"{when}; a run before then deletes nothing and plans nothing new"
+        ]
+    if totals["quarantined"]:
+        return [
+            f"gc: quarantined {waiting} items ({size}); deletable after {when}; safe to "
+            "interrupt: the first gc run after that re-checks and deletes them "
+            "(gc --settle waits in the foreground)"
+        ]
+    return [
+        f"gc: {waiting} items ({size}) from an earlier run wait in quarantine until {when}; "
+        "nothing new planned until they are settled"
+    ]
 
 
 async def _gc(config: Any, args: argparse.Namespace, window: float) -> dict[str, Any]:
@@ -125,7 +169,11 @@ async def _gc(config: Any, args: argparse.Namespace, window: float) -> dict[str,
                 sites=[args.site] if args.site else None,
                 policy_names=args.policy or None,
                 quarantine_window=window,
-                tuning=StorageTuning(assume_no_cache=args.assume_no_cache, workers=args.workers),
+                tuning=StorageTuning(
+                    assume_no_cache=args.assume_no_cache,
+                    workers=args.workers,
+                    settle=args.settle,
+                ),
             )
     finally:
         journal.close()
@@ -136,6 +184,11 @@ async def _gc(config: Any, args: argparse.Namespace, window: float) -> dict[str,
         "bytes_reclaimed": sum(r.bytes_reclaimed for r in results),
         "quarantined": sum(r.quarantined for r in results),
         "restored": sum(r.restored for r in results),
+        "waiting": sum(r.waiting for r in results),
+        "waiting_bytes": sum(r.waiting_bytes for r in results),
+        "deletable_after": max(
+            (r.deletable_after for r in results if r.deletable_after), default=None
+        ),
         "errors": [f"{r.site}: {e}" for r in results for e in r.errors],
         "warnings": [f"{r.site}: {w}" for r in results for w in r.warnings],
         "sites": {r.site: r.to_json() for r in results},

@@ -22,7 +22,7 @@ import sqlite_utils
 
 from replicator.journal.core import JournalConnection, executemany, rows
 
-UNFINISHED_GC = ("marking", "sweeping")
+UNFINISHED_GC = ("marking", "sweeping", "quarantined")
 
 
 class SyncRuns:
@@ -122,7 +122,7 @@ class GCRuns:
         """Real (not dry) runs of this site and mode that never reached done/failed."""
         return await self._journal.read(
             rows,
-            "SELECT * FROM gc_runs WHERE site=? AND mode=? AND dry_run=0 AND state IN (?, ?) "
+            "SELECT * FROM gc_runs WHERE site=? AND mode=? AND dry_run=0 AND state IN (?, ?, ?) "
             "ORDER BY id",
             (site, mode, *UNFINISHED_GC),
         )
