@@ -32,7 +32,7 @@ from wcmatch import glob as wglob
 from replicator.gc.mark import Graph, MarkSet, mark, parents_index, referrers_index
 
 UNTAGGED_CHOICES = ("delete", "keep")
-MODES = ("api", "storage", "both")
+MODES = ("auto", "api", "storage", "both")
 _GLOB_FLAGS = wglob.GLOBSTAR | wglob.BRACE | wglob.EXTGLOB
 _TAG_FLAGS = wfn.BRACE | wfn.EXTMATCH
 ATTACHED_TAG_RE = re.compile(r"^(sha256|sha512)-([a-f0-9]{64}|[a-f0-9]{128})(\.[A-Za-z0-9_.-]+)?$")
@@ -65,7 +65,7 @@ class RetentionPolicy:
     keep: KeepRules = field(default_factory=KeepRules)
     untagged: str = "delete"
     grace: float = 3600.0
-    mode: str = "api"
+    mode: str = "auto"  # see `mode_for`
     referrers: str = "follow-subject"  # or "keep": referrers are never deleted
 
     def __post_init__(self) -> None:
@@ -75,7 +75,7 @@ class RetentionPolicy:
             )
         if self.mode not in MODES:
             raise ValueError(
-                f"policy {self.name}: mode must be api, storage or both, got {self.mode!r}"
+                f"policy {self.name}: mode must be auto, api, storage or both, got {self.mode!r}"
             )
         if self.grace < 0:
             raise ValueError(f"policy {self.name}: grace must not be negative")
@@ -84,6 +84,13 @@ class RetentionPolicy:
                 f"policy {self.name}: referrers must be follow-subject or keep, "
                 f"got {self.referrers!r}"
             )
+
+    def mode_for(self, site_has_storage: bool) -> str:
+        """The passes this policy runs on a site: `auto` reclaims storage where the site
+        says where it is (both), and works through the API elsewhere."""
+        if self.mode != "auto":
+            return self.mode
+        return "both" if site_has_storage else "api"
 
     def applies_to_site(self, site: str) -> bool:
         return not self.sites or any(wfn.fnmatch(site, p, flags=_TAG_FLAGS) for p in self.sites)
@@ -116,7 +123,7 @@ class RetentionPolicy:
             ),
             untagged=str(getattr(get("untagged"), "value", get("untagged")) or "delete"),
             grace=_seconds(get("grace")) or 0.0 if get("grace") is not None else 3600.0,
-            mode=str(getattr(get("mode"), "value", get("mode")) or "api"),
+            mode=str(getattr(get("mode"), "value", get("mode")) or "auto"),
             referrers=str(get("referrers") or "follow-subject"),
         )
 
@@ -258,7 +265,12 @@ def policies_for(
 ) -> RetentionPolicy | None:
     """The first policy (config order) that covers this site, repository and mode."""
     for p in policies:
-        if p.applies_to_site(site) and p.applies_to(repository) and p.mode in (mode, "both"):
+        # "auto" was resolved by whoever chose to run this pass (run_policies)
+        if (
+            p.applies_to_site(site)
+            and p.applies_to(repository)
+            and p.mode in (mode, "both", "auto")
+        ):
             return p
     return None
 

@@ -9,6 +9,7 @@ is the longest grace of the site's storage policies: the most careful wins.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,7 +131,12 @@ async def run_policies(
         names = [s for s in config.sites if any(p.applies_to_site(s) for p in policies)]
     out: list[SiteGCResult] = []
     for site in names:
-        mine = [p for p in policies if p.applies_to_site(site)]
+        has_storage = config.site(site).storage is not None
+        mine = [
+            dataclasses.replace(p, mode=p.mode_for(has_storage))
+            for p in policies
+            if p.applies_to_site(site)
+        ]
         api = [p for p in mine if p.mode in ("api", "both")]
         storage = [p for p in mine if p.mode in ("storage", "both")]
         if not mine:

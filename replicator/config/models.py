@@ -365,7 +365,12 @@ class GcPolicy(_Model):
         "follow-subject", description="follow-subject: a referrer lives as long as its subject"
     )
     grace: Duration = Field(3600.0, description="nothing younger than this is ever deleted")
-    mode: Literal["api", "storage", "both"] = "api"
+    mode: Literal["auto", "api", "storage", "both"] = Field(
+        "auto",
+        description="auto: both passes on a site with `storage:` configured, else api; "
+        "api: tags and manifests through the registry API; storage: mark-and-sweep of "
+        "the storage directory; both: api, then storage",
+    )
 
     _coerce = field_validator("sites", "repositories", "exclude_repositories", mode="before")(
         classmethod(lambda cls, v: one_or_many(v))
