@@ -59,12 +59,21 @@ def cpu_self() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def cpu_children() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
+def measured(cmd: list[str]) -> tuple[float, float, float, str]:
+    """Run `cmd`; its wall time, CPU seconds, peak RSS (MB) and stdout."""
+    t = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, out)
+    cpu = usage.ru_utime + usage.ru_stime
+    return time.monotonic() - t, cpu, usage.ru_maxrss / 1024, out
 
 
-def run_theirs(store: Path, work: Path) -> tuple[float, float]:
+def run_theirs(store: Path, work: Path) -> tuple[float, float, float]:
     cfg = work / "registry.yml"
     cfg.write_text(
         json.dumps(
@@ -79,14 +88,18 @@ def run_theirs(store: Path, work: Path) -> tuple[float, float]:
             }
         )
     )
-    t, c = time.monotonic(), cpu_children()
-    subprocess.run(
-        ["docker-registry", "garbage-collect", "--delete-untagged", str(cfg)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    wall, cpu, rss, _ = measured(
+        ["docker-registry", "garbage-collect", "--delete-untagged", str(cfg)]
     )
-    return time.monotonic() - t, cpu_children() - c
+    return wall, cpu, rss
+
+
+def run_ours_measured(store: Path, workers: int) -> tuple[float, float, float, dict]:
+    """`run_ours` in a process of its own, so its peak RSS is its own."""
+    wall, cpu, rss, out = measured(
+        [sys.executable, __file__, "--run-ours", str(store), "--workers", str(workers)]
+    )
+    return wall, cpu, rss, json.loads(out)
 
 
 def run_ours(store: Path, workers: int) -> tuple[float, float, dict]:
@@ -149,7 +162,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
+    ap.add_argument("--run-ours", type=Path, help=argparse.SUPPRESS)  # the measured child
     args = ap.parse_args()
+    if args.run_ours:
+        print(json.dumps(run_ours(args.run_ours, args.workers)[2]))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="bench-gc-"))
     try:
@@ -163,6 +180,7 @@ def main() -> None:
         )
         before = blob_sizes(base)
         ours_t, theirs_t, ours_c, theirs_c = [], [], [], []
+        ours_rss, theirs_rss = [], []
         verified = 0
         ours_left = theirs_left = None
         detail: dict = {}
@@ -171,14 +189,16 @@ def main() -> None:
                 copy = work / f"{side}-{n}"
                 subprocess.run(["cp", "-a", str(base), str(copy)], check=True)
                 if side == "ours":
-                    elapsed, cpu, detail = run_ours(copy, args.workers)
+                    elapsed, cpu, rss, detail = run_ours_measured(copy, args.workers)
+                    ours_rss.append(rss)
                     ours_t.append(elapsed)
                     ours_c.append(cpu)
                     ours_left = blob_sizes(copy)
                     if n == 0:
                         verified = verify_complete(copy)
                 else:
-                    elapsed, cpu = run_theirs(copy, work)
+                    elapsed, cpu, rss = run_theirs(copy, work)
+                    theirs_rss.append(rss)
                     theirs_t.append(elapsed)
                     theirs_c.append(cpu)
                     theirs_left = blob_sizes(copy)
@@ -197,6 +217,7 @@ def main() -> None:
             f"{'cpu time user+sys (med)':24}{co:>11.2f}s{ct:>13.2f}s   ratio ours/theirs "
             f"= {co / ct:.2f}"
         )
+        print(f"{'peak RSS (max)':24}{max(ours_rss):>10.0f}MB{max(theirs_rss):>12.0f}MB")
         print(
             f"all wall times: ours {[round(x, 2) for x in ours_t]}, "
             f"distribution {[round(x, 2) for x in theirs_t]}"
