@@ -83,6 +83,7 @@ def generate(
     indexes: int = 0,
     seed: int = 1,
     blob_size: int = 96,
+    tagged: float = 0.65,  # fraction of images tagged; of the rest 4/7 untagged, 3/7 deleted
 ) -> StoreStats:
     rng = random.Random(seed)
     w = Writer(root)
@@ -113,12 +114,12 @@ def generate(
         md = w.blob(raw)
         st.manifests += 1
         r = rng.random()
-        if r < 0.65:
+        if r < tagged:
             w.revision(repo, md)
             w.tag(repo, f"t{j}", md)
             st.tagged += 1
             images_by_repo.setdefault(repo, []).append((md, raw))
-        elif r < 0.85:
+        elif r < tagged + (1 - tagged) * 4 / 7:
             w.revision(repo, md)
             st.untagged += 1
         else:
