@@ -533,6 +533,7 @@ class Daemon:
                 functools.partial(self.reconcile, [rule.name]),
                 interval=rule.interval,
                 cron=rule.schedule,
+                tz=self.config.tzinfo,
                 jitter=min(5.0, (rule.interval or 60) / 10),
                 lock=old.running if old else None,
             )
@@ -561,6 +562,7 @@ class Daemon:
             "gc",
             self.collect_garbage,
             cron=self.config.gc.schedule,
+            tz=self.config.tzinfo,
             lock=old.running if old else None,
         )
         periodic.task = asyncio.create_task(periodic.loop(), name="gc")  # type: ignore
