@@ -223,6 +223,23 @@ MIGRATIONS: list[tuple[int, str, Step]] = [
         "posting the same (predictable) id cannot suppress an event",
         _key_events_by_site,
     ),
+    (
+        6,
+        "task_audit: who retried or dropped a task, when and why (a dropped task keeps "
+        "its row, in state 'dropped')",
+        """
+        CREATE TABLE task_audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            task_id INTEGER NOT NULL,
+            action TEXT NOT NULL,             -- retry | drop
+            actor TEXT NOT NULL,              -- user@host, or daemon <instance id>
+            reason TEXT NOT NULL,
+            state_before TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX task_audit_task ON task_audit(task_id)
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
