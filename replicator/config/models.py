@@ -414,6 +414,22 @@ class Config(_Model):
         "in; daylight-saving changes run a skipped time once after the gap and a repeated "
         "fixed time once",
     )
+    events_retention: Duration = Field(
+        7 * 86400.0,
+        description="how long handled webhook events are kept whole in the journal; older "
+        "ones are pruned unless they are the latest about their tag or digest (GC ranks by "
+        "those); at least 1h, since a redelivered event is recognised only while kept",
+    )
+
+    @field_validator("events_retention")
+    @classmethod
+    def _events_retention(cls, value: float) -> float:
+        if value < 3600:
+            raise ValueError(
+                "must be at least 1h: registries redeliver events for a while, and an event "
+                "pruned before its redelivery would be taken as new"
+            )
+        return value
 
     _source_path: Path | None = PrivateAttr(default=None)
     _warnings: list[str] = PrivateAttr(default_factory=list)

@@ -240,6 +240,22 @@ MIGRATIONS: list[tuple[int, str, Step]] = [
         CREATE INDEX task_audit_task ON task_audit(task_id)
         """,
     ),
+    (
+        7,
+        "pull_counts: pulls per site and repository, so a pull need not be an events row; "
+        "events_subject: finds the newer event about the same object when pruning",
+        """
+        CREATE TABLE pull_counts (
+            site TEXT NOT NULL,
+            repository TEXT NOT NULL,
+            manifests INTEGER NOT NULL DEFAULT 0,
+            blobs INTEGER NOT NULL DEFAULT 0,
+            last_pulled_at REAL,
+            PRIMARY KEY (site, repository)
+        );
+        CREATE INDEX events_subject ON events(site, repository, action, tag, digest)
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
