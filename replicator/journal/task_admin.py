@@ -152,12 +152,25 @@ class TaskAdmin:
     ) -> list[ActionResult]:
         """Make tasks ready now with a fresh set of attempts (dead, dropped, or pending
         waiting out a backoff). One transaction."""
-        return await self._journal.write(self._apply, "retry", list(task_ids), actor, reason)
+        return await self._journal.write(
+            self._apply, "retry", list(task_ids), actor, reason, RETRYABLE_FROM
+        )
 
-    async def drop(self, task_ids: Sequence[int], *, actor: str, reason: str) -> list[ActionResult]:
-        """Give up on pending or dead tasks: state `dropped`, never leased again. One
-        transaction."""
-        return await self._journal.write(self._apply, "drop", list(task_ids), actor, reason)
+    async def drop(
+        self,
+        task_ids: Sequence[int],
+        *,
+        actor: str,
+        reason: str,
+        only_from: Sequence[str] = DROPPABLE_FROM,
+    ) -> list[ActionResult]:
+        """Give up on tasks (pending or dead; `only_from` narrows it, e.g. to `dead` for a
+        job that decided on a dead letter and must not drop it once an operator retried
+        it): state `dropped`, never leased again. One transaction."""
+        allowed = tuple(s for s in only_from if s in DROPPABLE_FROM)
+        return await self._journal.write(
+            self._apply, "drop", list(task_ids), actor, reason, allowed
+        )
 
     async def dead_ids(self, *, rule: str | None = None, target: str | None = None) -> list[int]:
         return [
@@ -171,6 +184,7 @@ class TaskAdmin:
         task_ids: list[int],
         actor: str,
         reason: str,
+        allowed: tuple[str, ...],
     ) -> list[ActionResult]:
         now = self._clock()
         results: list[ActionResult] = []
@@ -180,7 +194,6 @@ class TaskAdmin:
                 results.append(ActionResult(task_id, "not found"))
                 continue
             state, key = row
-            allowed = RETRYABLE_FROM if action == "retry" else DROPPABLE_FROM
             if state not in allowed:
                 why = "a worker is running it" if state == "leased" else f"it is {state}"
                 results.append(ActionResult(task_id, "refused", f"{action} refused: {why}"))
