@@ -135,3 +135,46 @@ def test_events_retention_is_validated_with_its_path():
         with pytest.raises(ConfigError) as err:
             config_from_dict({**base, "events_retention": bad})
         assert "events_retention" in str(err.value) and words in str(err.value), err.value
+
+
+def test_the_readme_distribution_snippet_runs_as_the_readme_says(tmp_path, registry_factory):
+    """The README's `notifications` block on real distribution 2.8.2: accepted, pushes are
+    sent, and -- as the README warns -- 2.8 still sends pulls despite `ignore.actions`
+    (ordered: the pull is delivered before a later push). A distribution that honours it
+    fails this test: then the README's warning must go."""
+    import re
+    import time
+    from pathlib import Path
+
+    import httpx
+    import yaml
+
+    from tests.harness.images import Pusher, layer_bytes
+    from tests.harness.webhook_sink import WebhookSink
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "ignore:" in b)
+    [endpoint] = yaml.safe_load(block)["notifications"]["endpoints"]
+    assert endpoint["ignore"] == {"actions": ["pull"]}
+    assert "2.8 accepts the\nsetting but still sends pulls" in readme
+    sink = WebhookSink()
+    try:
+        endpoint = {**endpoint, "url": sink.url, "headers": {}, "backoff": "200ms"}
+        reg = registry_factory(
+            "quiet",
+            notify_url=sink.url,
+            extra_config={"notifications": {"endpoints": [endpoint]}},
+        )
+        with Pusher(reg.url) as p:
+            first = p.push_image("team/app", "v1", [layer_bytes("readme", 300)])
+            accept = {"Accept": first.media_type}
+            httpx.get(f"{reg.url}/v2/team/app/manifests/v1", headers=accept).raise_for_status()
+            p.push_image("team/app", "v2", [layer_bytes("after", 300)])
+        deadline = time.monotonic() + 30
+        while not any(e.get("target", {}).get("tag") == "v2" for e in sink.snapshot()):
+            assert time.monotonic() < deadline, sink.snapshot()
+            time.sleep(0.05)
+        actions = [e["action"] for e in sink.snapshot()]
+        assert "push" in actions and "pull" in actions, actions
+    finally:
+        sink.close()
