@@ -54,11 +54,11 @@ def journal(tmp_path):
     j.close()
 
 
-@pytest.mark.parametrize("batch", [events_module.PRUNE_BATCH, 1])
+@pytest.mark.parametrize("window", [events_module.PRUNE_WINDOW, 1, 3])
 async def test_prune_removes_what_no_reader_needs_and_keeps_every_answer(
-    journal, monkeypatch, batch
+    journal, monkeypatch, window
 ):
-    monkeypatch.setattr(events_module, "PRUNE_BATCH", batch)
+    monkeypatch.setattr(events_module, "PRUNE_WINDOW", window)
     old = NOW - 10 * DAY
     handled = [
         ev("p1", "push", old + 1, tag="v1", digest=A),

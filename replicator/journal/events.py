@@ -65,11 +65,13 @@ _COUNT_PULL = (
     "last_pulled_at = max(coalesce(last_pulled_at, excluded.last_pulled_at), "
     "excluded.last_pulled_at)"
 )
-PRUNE_BATCH = 5000  # events deleted per transaction: keeps the write lock short
+# rowids examined per transaction: the journal has one thread, so a prune statement must
+# stay short for webhook intake to keep flowing meanwhile
+PRUNE_WINDOW = 5000
 _WHEN = "coalesce({t}.occurred_at, {t}.received_at)"
 _PRUNABLE = (
-    "SELECT e.rowid FROM events e WHERE e.state IN ('dispatched', 'ignored') "
-    "AND e.received_at < ? AND ("
+    "SELECT e.rowid FROM events e WHERE e.rowid >= ? AND e.rowid < ? "
+    "AND e.state IN ('dispatched', 'ignored') AND e.received_at < ? AND ("
     # blob traffic: no reader looks at it once handled
     " (e.is_manifest = 0 AND e.tag IS NULL AND e.action IN ('push', 'pull', 'mount') "
     "  AND e.media_type IS NOT NULL AND e.media_type NOT IN ({manifest_types}))"
@@ -79,7 +81,7 @@ _PRUNABLE = (
     "  AND n.rowid > e.rowid)))"
     " AND EXISTS ({same} AND ({n_when} < {e_when} OR ({n_when} = {e_when} "
     "  AND n.rowid < e.rowid))))"
-    ") LIMIT ?"
+    ")"
 ).format(
     manifest_types=", ".join("?" for _ in MANIFEST_TYPES),
     same="SELECT 1 FROM events n WHERE n.site = e.site AND n.repository = e.repository "
@@ -162,19 +164,22 @@ class Events:
 
     async def prune(self, older_than: float, *, now: float | None = None) -> int:
         """Delete handled events received more than `older_than` seconds before `now`
-        that no reader needs (superseded, or blob traffic; see the module docstring), a
-        batch per transaction so intake never waits long. Returns how many went."""
+        that no reader needs (see the module docstring), one short transaction per
+        window of rowids so intake never waits long. Returns how many went."""
         cutoff = (time.time() if now is None else now) - older_than
+        [span] = await self._journal.read(
+            rows, "SELECT min(rowid) AS lo, max(rowid) AS hi FROM events"
+        )
+        if span["lo"] is None:
+            return 0
         total = 0
-        while True:
-            n = await self._journal.write(
+        for lo in range(span["lo"], span["hi"] + 1, PRUNE_WINDOW):
+            total += await self._journal.write(
                 changed,
                 f"DELETE FROM events WHERE rowid IN ({_PRUNABLE})",
-                (cutoff, *sorted(MANIFEST_TYPES), PRUNE_BATCH),
+                (lo, lo + PRUNE_WINDOW, cutoff, *sorted(MANIFEST_TYPES)),
             )
-            total += n
-            if n < PRUNE_BATCH:
-                return total
+        return total
 
     async def counts(self) -> dict[str, int]:
         """Events per state, every state present (zero when empty)."""
