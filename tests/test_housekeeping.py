@@ -149,3 +149,71 @@ def test_pull_times_are_kept_as_rows_only_when_a_policy_reads_them(tmp_path):
     assert not housekeeping.uses_pull_times(config_from_dict(base))
     policy = {"name": "p", "sites": "a", "keep": {"pulled_within": "30d"}}
     assert housekeeping.uses_pull_times(config_from_dict({**base, "gc": {"policies": [policy]}}))
+
+
+def test_a_running_daemon_counts_pulls_without_a_row_each(registry_factory, tmp_path, daemons):
+    """Real distribution webhooks into a real daemon: the pulls (ours while copying, and a
+    client's) are counted per repository, never stored one by one or left 'new'."""
+    import httpx
+
+    from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config
+    from tests.harness.util import wait_until
+
+    port = free_port()
+    a = registry_factory("a", **notify_kwargs(port, "a"))
+    b = registry_factory("b")
+    daemon = DaemonProcess(
+        tmp_path / "d",
+        port=port,
+        config={
+            "sites": {"a": site_config(a), "b": site_config(b)},
+            "rules": [{"name": "r", "from": "a", "to": ["b"]}],
+        },
+    )
+    daemons.append(daemon)
+    daemon.start()
+    with Pusher(a.url) as p:
+        img = p.push_image("team/app", "v1", [layer_bytes("pulled", 800)])
+    accept = {"Accept": img.media_type}
+    httpx.get(f"{a.url}/v2/team/app/manifests/v1", headers=accept).raise_for_status()
+
+    def counted() -> bool:
+        found = daemon.journal_rows(
+            "SELECT manifests, blobs FROM pull_counts WHERE site = 'a' AND repository = 'team/app'"
+        )
+        return bool(found) and found[0][0] >= 2 and found[0][1] >= 1  # ours + the client's
+
+    wait_until(counted, timeout=30, what="pulls counted")
+    assert daemon.journal_rows("SELECT COUNT(*) FROM events WHERE action = 'pull'") == [(0,)]
+    wait_until(
+        lambda: daemon.journal_rows("SELECT COUNT(*) FROM events WHERE state = 'new'") == [(0,)],
+        timeout=10,
+        what="every event handled",
+    )
+
+
+async def test_pulls_are_not_handed_to_the_bus(tmp_path):
+    """Nothing plans on a pull, so a pull webhook is answered without the broker: an
+    outage never holds a registry's later webhooks behind its pulls."""
+    from replicator.daemon.service import Daemon
+    from replicator.events import RegistryEvent
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "journal": str(tmp_path / "j.db"),
+                "mqtt": {"url": f"mqtt://127.0.0.1:{free_port()}"},  # nobody there
+                "sites": {"a": {"url": "http://127.0.0.1:1", "insecure": True}},
+            }
+        )
+    )
+    daemon = Daemon(path, instance_id="no-broker")
+    pull = RegistryEvent(id="u1", site="a", action="pull", repository="r", digest=MISSING)
+    try:
+        await asyncio.wait_for(daemon._publish([pull]), 2)
+        assert daemon._to_mark == [("a", "u1")]
+    finally:
+        await daemon.bus.stop()
+        await daemon.pool.aclose()
+        daemon.journal.close()

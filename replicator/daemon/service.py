@@ -288,7 +288,13 @@ class Daemon:
 
     # ----------------------------------------------------------- event intake
     async def _publish(self, events: list[RegistryEvent]) -> None:
-        """Intake hook: an event is handed to the bus before the webhook is answered."""
+        """Intake hook: an event is handed to the bus before the webhook is answered.
+        Pulls are not: the journal has counted them and nothing plans on one, so a broker
+        outage never holds up a registry's webhooks behind its pull events."""
+        pulls = [e for e in events if e.action == "pull"]
+        if pulls:
+            self._mark_dispatched(pulls)
+            events = [e for e in events if e.action != "pull"]
         for event in events:
             with telemetry.span(
                 "event",
