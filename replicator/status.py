@@ -16,13 +16,24 @@ import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from replicator.config import Config
+from replicator.durations import format_duration
 from replicator.journal.status import StatusRows
 from replicator.rules import effective_rules
 
 UNREPLICATED = ("pending", "leased")
+
+
+@dataclass(frozen=True)
+class FailoverInfo:
+    id: int
+    lost: str
+    promoted: str
+    started_at: float
+    rules: list[str]
 
 
 @dataclass(frozen=True)
@@ -57,15 +68,7 @@ class RuleStatus:
     targets: list[TargetStatus]
     last_run: RunInfo | None
     last_ok_run: RunInfo | None
-
-
-@dataclass(frozen=True)
-class FailoverInfo:
-    id: int
-    lost: str
-    promoted: str
-    started_at: float
-    rules: list[str]
+    promoted_by: FailoverInfo | None = None  # the failover that made `source` the source
 
 
 @dataclass
@@ -113,6 +116,7 @@ def compute_status(config: Config, rows: StatusRows, now: float | None = None) -
     for rule in config.rules:
         current = in_force.get(rule.name)
         source = current.from_ if current else rule.from_
+        promoted_by = _promotion(rule.from_, report.failovers)
         targets: list[TargetStatus] = []
         listed: list[str] = list(current.to) if current else []
         extra = [t for t in rule.to if t not in listed]  # dropped by a failover
@@ -153,9 +157,43 @@ def compute_status(config: Config, rows: StatusRows, now: float | None = None) -
                 targets=targets,
                 last_run=covering[0] if covering else None,
                 last_ok_run=next((r for r in covering if r.state == "done"), None),
+                promoted_by=promoted_by if promoted_by and promoted_by.promoted == source else None,
             )
         )
     return report
+
+
+def _promotion(configured: str, failovers: Iterable[FailoverInfo]) -> FailoverInfo | None:
+    """The failover (applied in order, as `effective_rules` does) that last moved a rule
+    whose configured source is `configured`; None when it still has its own source."""
+    current, last = configured, None
+    for f in failovers:
+        if f.lost == current:
+            current, last = f.promoted, f
+    return last
+
+
+def check_thresholds(
+    report: StatusReport, max_lag: float | None = None, max_dead: int | None = None
+) -> list[str]:
+    """What exceeds the operator's limits, one sentence each naming the rule and target;
+    empty when all is within them. Lag counts targets in force only (a lost site's
+    backlog waits for failback, it is not lag)."""
+    exceeded: list[str] = []
+    for rule in report.rules:
+        for t in rule.targets:
+            if max_lag is not None and t.in_force and t.lag_seconds > max_lag:
+                exceeded.append(
+                    f"lag of rule {rule.name} {t.source} -> {t.target} is "
+                    f"{human_age(t.lag_seconds)} ({t.pending} pending), above --max-lag "
+                    f"{format_duration(max_lag)}"
+                )
+    if max_dead is not None and report.dead > max_dead:
+        where = ", ".join(
+            f"{r.name} -> {t.target}: {t.dead}" for r in report.rules for t in r.targets if t.dead
+        )
+        exceeded.append(f"{report.dead} dead letters ({where}), above --max-dead {max_dead}")
+    return exceeded
 
 
 def _task_index(
@@ -219,6 +257,11 @@ def human_age(seconds: float) -> str:
     return f"{int(seconds // 86400)} d"
 
 
+def clock_time(t: float, tz: tzinfo = UTC) -> str:
+    """'2026-12-05 14:03 UTC': a time of day an operator can compare with other logs."""
+    return datetime.fromtimestamp(t, tz).strftime("%Y-%m-%d %H:%M %Z")
+
+
 def describe_target(t: TargetStatus, rule: RuleStatus, now: float) -> str:
     line = f"{t.source} -> {t.target}: "
     if not t.in_force:
@@ -247,7 +290,9 @@ def _end(run: RunInfo) -> float:
     return run.finished_at if run.finished_at is not None else run.started_at
 
 
-def format_status(report: StatusReport) -> list[str]:
+def format_status(report: StatusReport, tz: tzinfo = UTC) -> list[str]:
+    """The report as lines for a terminal; times of day in `tz` (the configured
+    `timezone`)."""
     now = report.generated_at
     lines: list[str] = []
     for f in report.failovers:
@@ -262,6 +307,12 @@ def format_status(report: StatusReport) -> list[str]:
             else ""
         )
         lines.append(f"rule {rule.name}{moved}:")
+        if rule.promoted_by is not None:
+            f = rule.promoted_by
+            lines.append(
+                f"  source of rule {rule.name} is {f.promoted} (promoted after {f.lost} "
+                f"was lost at {clock_time(f.started_at, tz)})"
+            )
         if not rule.targets:
             lines.append("  no targets")
         for t in rule.targets:
@@ -280,6 +331,8 @@ __all__: Sequence[str] = [
     "StatusReport",
     "StatusRows",
     "TargetStatus",
+    "check_thresholds",
+    "clock_time",
     "compute_status",
     "describe_run",
     "describe_target",

@@ -12,7 +12,7 @@ import yaml
 
 from replicator.config import config_from_dict
 from replicator.journal import Journal
-from replicator.status import compute_status, format_status, human_age
+from replicator.status import check_thresholds, compute_status, format_status, human_age
 from tests.harness.journal import sql
 from tests.harness.util import free_port
 
@@ -181,3 +181,122 @@ def test_cli_status_json_and_text_without_any_registry(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "missing.yaml" in bad.stderr
+
+
+def test_thresholds_name_each_target_and_limit_exceeded(tmp_path):
+    data, _ = write_config(tmp_path)
+    config = config_from_dict(data)
+    journal = Journal(config.journal)
+    seed(journal, NOW)
+    report = compute_status(config, asyncio.run(journal.status.rows()), now=NOW)
+    journal.close()
+    assert check_thresholds(report) == []
+    assert check_thresholds(report, max_lag=120, max_dead=2) == []
+    assert check_thresholds(report, max_lag=60, max_dead=1) == [
+        "lag of rule apps us-east -> eu-west is 1 min (2 pending), above --max-lag 1m",
+        "2 dead letters (apps -> eu-west: 1, apps -> ap-south: 1), above --max-dead 1",
+    ]
+    assert check_thresholds(report, max_dead=0)[0].startswith("2 dead letters")
+
+
+def test_lag_of_a_lost_site_is_not_lag_while_failed_over(tmp_path):
+    data, _ = write_config(tmp_path)
+    config = config_from_dict(data)
+    journal = Journal(config.journal)
+    seed(journal, NOW)  # eu-west lags 95 s ...
+    sql(
+        journal,
+        "INSERT INTO failovers(lost_site, promoted_site, started_at, active, detail)"
+        " VALUES ('eu-west', 'ap-south', ?, 1, '{}')",
+        (NOW - 60,),
+    )  # ... but is lost: its backlog waits for failback
+    report = compute_status(config, asyncio.run(journal.status.rows()), now=NOW)
+    journal.close()
+    assert check_thresholds(report, max_lag=60) == []
+
+
+def test_after_a_failover_the_promoted_source_is_named_plainly(tmp_path):
+    data, _ = write_config(tmp_path)
+    data["sites"]["sa-east"] = {"url": data["sites"]["us-east"]["url"], "insecure": True}
+    data["rules"] = [
+        {"name": "apps", "from": "us-east", "to": ["eu-west", "ap-south", "sa-east"]},
+        {"name": "db", "from": "eu-west", "to": ["ap-south", "sa-east"]},
+    ]
+    config = config_from_dict({**data, "timezone": "Europe/Berlin"})
+    journal = Journal(config.journal)
+    for lost, promoted, at in (("us-east", "eu-west", NOW - 120), ("eu-west", "ap-south", NOW)):
+        sql(
+            journal,
+            "INSERT INTO failovers(lost_site, promoted_site, started_at, active, detail)"
+            " VALUES (?, ?, ?, 1, '{}')",
+            (lost, promoted, at),
+        )
+    report = compute_status(config, asyncio.run(journal.status.rows()), now=NOW)
+    journal.close()
+    apps, db = report.rules
+    assert apps.source == db.source == "ap-south"  # a chain: us-east -> eu-west -> ap-south
+    assert apps.promoted_by is not None and apps.promoted_by.lost == "eu-west"
+    utc = format_status(report)
+    assert (
+        "  source of rule apps is ap-south (promoted after eu-west was lost at "
+        "2023-11-14 22:13 UTC)" in utc
+    )
+    assert (
+        "  source of rule db is ap-south (promoted after eu-west was lost at "
+        "2023-11-14 22:13 UTC)" in utc
+    )
+    berlin = format_status(report, config.tzinfo)
+    assert "(promoted after eu-west was lost at 2023-11-14 23:13 CET)" in berlin[3]
+
+
+def test_one_failover_names_its_time_and_a_rule_not_moved_gets_no_line(tmp_path):
+    data, _ = write_config(tmp_path)
+    config = config_from_dict(data)
+    journal = Journal(config.journal)
+    sql(
+        journal,
+        "INSERT INTO failovers(lost_site, promoted_site, started_at, active, detail)"
+        " VALUES ('us-east', 'eu-west', ?, 1, '{}')",
+        (NOW - 120,),
+    )
+    lines = format_status(compute_status(config, asyncio.run(journal.status.rows()), now=NOW))
+    journal.close()
+    assert (
+        "  source of rule apps is eu-west (promoted after us-east was lost at "
+        "2023-11-14 22:11 UTC)" in lines
+    )
+    assert not any("source of rule db" in x for x in lines)
+
+
+def test_cli_status_exits_1_naming_what_exceeded_for_cron_checks(tmp_path):
+    import time
+
+    data, path = write_config(tmp_path)
+    journal = Journal(data["journal"])
+    seed(journal, time.time())
+    journal.close()
+
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "replicator", "status", "-c", str(path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    ok = status("--max-lag", "10m", "--max-dead", "2")
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    lagging = status("--max-lag", "1m")
+    assert lagging.returncode == 1
+    assert "us-east -> eu-west: lag 1 min" in lagging.stdout  # the report is still shown
+    assert lagging.stderr.startswith(
+        "registry-replicator: status: lag of rule apps us-east -> eu-west is 1 min"
+    )
+    dead = status("--max-dead", "0", "--json")
+    assert dead.returncode == 1
+    assert json.loads(dead.stdout)["exceeded"] == [
+        "2 dead letters (apps -> eu-west: 1, apps -> ap-south: 1), above --max-dead 0"
+    ]
+    for bad in (("--max-lag", "10"), ("--max-dead", "-1")):
+        out = status(*bad)
+        assert out.returncode == 2 and bad[0] in out.stderr, out.stderr

@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "run",
     "failover",
     "status",
+    "tasks",
     "gc",
     "completion",
 ]

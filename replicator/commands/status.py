@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 
 from replicator.config import add_config_argument, load_config
+from replicator.durations import parse_duration
 
 DESCRIPTION = """\
 Per rule and target: changes not yet replicated (pending tasks) and the lag
@@ -16,7 +18,12 @@ last reconcile run; then the active failovers and the recovery point (the
 largest lag of any target). Read from the journal only: registries are not
 contacted.
 
-Exit status: 0 shown, 2 bad configuration or journal.
+For cron and monitoring checks, --max-lag and --max-dead turn the report into
+a test: each exceeded limit is named on stderr (and under "exceeded" with
+--json) and the exit status is 1.
+
+Exit status: 0 shown (and within the limits given), 1 a limit exceeded,
+2 bad configuration, journal or usage.
 """
 
 
@@ -29,12 +36,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_config_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--max-lag",
+        type=_duration,
+        metavar="DURATION",
+        help="exit 1 when any target in force lags more than this (e.g. 5m, 1h)",
+    )
+    p.add_argument(
+        "--max-dead",
+        type=_count,
+        metavar="N",
+        help="exit 1 when there are more than N dead letters (0: any dead letter)",
+    )
     p.set_defaults(handler=run)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a whole number of dead letters, got {text!r}")
+    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:
     from replicator.journal import Journal
-    from replicator.status import compute_status, format_status
+    from replicator.status import check_thresholds, compute_status, format_status
 
     config = load_config(args.config)
     journal = Journal(config.journal)
@@ -42,8 +74,15 @@ def run(args: argparse.Namespace) -> int:
         report = compute_status(config, asyncio.run(journal.status.rows()))
     finally:
         journal.close()
+    limited = args.max_lag is not None or args.max_dead is not None
+    exceeded = check_thresholds(report, args.max_lag, args.max_dead)
     if args.json:
-        print(json.dumps(report.as_dict(), sort_keys=True))
+        payload = report.as_dict()
+        if limited:
+            payload["exceeded"] = exceeded
+        print(json.dumps(payload, sort_keys=True))
     else:
-        print("\n".join(format_status(report)))
-    return 0
+        print("\n".join(format_status(report, config.tzinfo)))
+    for problem in exceeded:
+        print(f"registry-replicator: status: {problem}", file=sys.stderr)
+    return 1 if exceeded else 0

@@ -10,8 +10,10 @@ code reads neither.
 from __future__ import annotations
 
 import urllib.parse
+from datetime import tzinfo
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from pydantic import (
     BaseModel,
@@ -41,6 +43,7 @@ from replicator.config.types import (
     RepoPrefix,
     SemverRange,
     TagGlob,
+    TimeZoneName,
     one_or_many,
     split_host_port,
 )
@@ -405,6 +408,28 @@ class Config(_Model):
     rules: list[Rule] = Field(default_factory=list)
     gc: GcConfig = Field(default_factory=GcConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    timezone: TimeZoneName = Field(
+        "UTC",
+        description="the time zone cron schedules (rules' schedule, gc.schedule) are read "
+        "in; daylight-saving changes run a skipped time once after the gap and a repeated "
+        "fixed time once",
+    )
+    events_retention: Duration = Field(
+        7 * 86400.0,
+        description="how long handled webhook events are kept whole in the journal; older "
+        "ones are pruned unless they are the latest about their tag or digest (GC ranks by "
+        "those); at least 1h, since a redelivered event is recognised only while kept",
+    )
+
+    @field_validator("events_retention")
+    @classmethod
+    def _events_retention(cls, value: float) -> float:
+        if value < 3600:
+            raise ValueError(
+                "must be at least 1h: registries redeliver events for a while, and an event "
+                "pruned before its redelivery would be taken as new"
+            )
+        return value
 
     _source_path: Path | None = PrivateAttr(default=None)
     _warnings: list[str] = PrivateAttr(default_factory=list)
@@ -430,6 +455,11 @@ class Config(_Model):
     def warnings(self) -> list[str]:
         """Non-fatal findings, e.g. REGISTRY_REPLICATOR_* variables that name no setting."""
         return list(self._warnings)
+
+    @property
+    def tzinfo(self) -> tzinfo:
+        """`timezone` as a tzinfo, for cron schedules and times shown to operators."""
+        return ZoneInfo(self.timezone)
 
     @property
     def listen_host(self) -> str:

@@ -7,10 +7,12 @@ reports the same way. Pure: no I/O, no knowledge of the models.
 
 from __future__ import annotations
 
+import difflib
 import re
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from croniter import croniter
 from pydantic import AfterValidator, Field, PlainSerializer, PlainValidator, WithJsonSchema
@@ -139,6 +141,20 @@ def _rename_prefix(value: str) -> str:
     return value
 
 
+def _time_zone(value: str) -> str:
+    value = value.strip()
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        close = difflib.get_close_matches(value, sorted(available_timezones()), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown time zone {value!r}{hint}: use an IANA name such as "
+            "'Europe/Berlin', 'America/New_York' or 'UTC'"
+        ) from None
+    return value
+
+
 def one_or_many(value: Any) -> Any:
     """A single string where a list is expected is a list of one (`to: eu-west`)."""
     return [value] if isinstance(value, str) else value
@@ -173,6 +189,11 @@ Duration = Annotated[
 PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
 CronExpr = Annotated[
     str, AfterValidator(_cron), Field(description="cron expression, e.g. '*/10 * * * *'")
+]
+TimeZoneName = Annotated[
+    str,
+    AfterValidator(_time_zone),
+    Field(description="an IANA time zone name, e.g. Europe/Berlin or UTC"),
 ]
 RepoGlob = Annotated[str, AfterValidator(validate_repository_glob)]
 TagGlob = Annotated[str, AfterValidator(validate_tag_glob)]

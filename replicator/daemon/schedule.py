@@ -1,5 +1,14 @@
 """When periodic jobs run: a fixed interval or a cron expression. Pure timing logic,
-plus a small async loop that never runs the same job twice at once."""
+plus a small async loop that never runs the same job twice at once.
+
+Cron expressions are read in the configuration's `timezone` (UTC by default), and a
+daylight-saving change behaves as cron(8) does: a wall-clock time the spring change
+skips runs once, at the first instant after the gap; a time the autumn change repeats
+runs once, at its first occurrence, for a fixed-time schedule (minute and hour fields
+without `*`, e.g. `30 2 * * *`), while a wildcard schedule (`*/15 * * * *`,
+`0 * * * *`) keeps running by the clock through the repeated hour. A nightly GC at
+02:30 thus runs exactly once every night of the year.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +18,40 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 
 from croniter import croniter
 
 log = logging.getLogger(__name__)
 
 
-def next_run(after: float, *, interval: float | None = None, cron: str | None = None) -> float:
-    """Epoch seconds of the next run strictly after `after`."""
+def next_run(
+    after: float,
+    *,
+    interval: float | None = None,
+    cron: str | None = None,
+    tz: tzinfo = UTC,
+) -> float:
+    """Epoch seconds of the next run strictly after `after`; `cron` is read as wall-clock
+    time in `tz` (see the module docstring for daylight-saving changes)."""
     if interval is not None:
         return after + interval
     if cron is not None:
-        base = datetime.fromtimestamp(after, tz=UTC)
-        return float(croniter(cron, base).get_next(float))
+        runs = croniter(cron, datetime.fromtimestamp(after, tz=tz))
+        fixed = is_fixed_time(cron)
+        while True:
+            due = float(runs.get_next(float))
+            # fromtimestamp sets fold=1 on the second occurrence of a repeated time
+            if not (fixed and datetime.fromtimestamp(due, tz=tz).fold):
+                return due
     raise ValueError("a schedule needs an interval or a cron expression")
+
+
+def is_fixed_time(cron: str) -> bool:
+    """A cron schedule at fixed wall-clock times: neither its minute nor its hour field
+    is a wildcard (cron(8)'s distinction for the repeated hour of a DST change)."""
+    fields = cron.split()
+    return len(fields) >= 2 and not any(f.startswith("*") for f in fields[:2])
 
 
 class Periodic:
@@ -37,6 +65,7 @@ class Periodic:
         *,
         interval: float | None = None,
         cron: str | None = None,
+        tz: tzinfo = UTC,
         run_at_start: bool = False,
         jitter: float = 0.0,
         lock: asyncio.Lock | None = None,
@@ -45,6 +74,7 @@ class Periodic:
         self.job = job
         self.interval = interval
         self.cron = cron
+        self.tz = tz
         self.run_at_start = run_at_start
         self.jitter = jitter
         # shared with the Periodic this one replaces on reload: never two runs at once
@@ -88,7 +118,7 @@ class Periodic:
         if self.run_at_start:
             await self.run_once()
         while not self._stopped:
-            due = next_run(time.time(), interval=self.interval, cron=self.cron)
+            due = next_run(time.time(), interval=self.interval, cron=self.cron, tz=self.tz)
             due += random.uniform(0, self.jitter) if self.jitter else 0.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), max(0.0, due - time.time()))

@@ -33,6 +33,7 @@ from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule, load_config
 from replicator.copy import CopyEngine, CopyJob, CopyOptions
+from replicator.daemon import housekeeping
 from replicator.daemon.bus import EventBus, InProcessBus, MqttBus, MqttSettings
 from replicator.daemon.dispatch import tasks_for_event
 from replicator.daemon.intake import SiteIntake, create_app
@@ -193,6 +194,7 @@ class Daemon:
             asyncio.create_task(self._mark_loop(), name="mark-dispatched"),
             asyncio.create_task(self._watchdog_loop(), name="watchdog"),
             asyncio.create_task(self._gauge_loop(), name="gauges"),
+            asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
         ]
         self._schedule_reconciles()
         self._schedule_gc()
@@ -286,7 +288,13 @@ class Daemon:
 
     # ----------------------------------------------------------- event intake
     async def _publish(self, events: list[RegistryEvent]) -> None:
-        """Intake hook: an event is handed to the bus before the webhook is answered."""
+        """Intake hook: an event is handed to the bus before the webhook is answered.
+        Pulls are not: the journal has counted them and nothing plans on one, so a broker
+        outage never holds up a registry's webhooks behind its pull events."""
+        pulls = [e for e in events if e.action == "pull"]
+        if pulls:
+            self._mark_dispatched(pulls)
+            events = [e for e in events if e.action != "pull"]
         for event in events:
             with telemetry.span(
                 "event",
@@ -533,6 +541,7 @@ class Daemon:
                 functools.partial(self.reconcile, [rule.name]),
                 interval=rule.interval,
                 cron=rule.schedule,
+                tz=self.config.tzinfo,
                 jitter=min(5.0, (rule.interval or 60) / 10),
                 lock=old.running if old else None,
             )
@@ -561,6 +570,7 @@ class Daemon:
             "gc",
             self.collect_garbage,
             cron=self.config.gc.schedule,
+            tz=self.config.tzinfo,
             lock=old.running if old else None,
         )
         periodic.task = asyncio.create_task(periodic.loop(), name="gc")  # type: ignore
@@ -580,6 +590,18 @@ class Daemon:
             self.metrics.gc_reclaimed.inc(result.bytes_reclaimed, site=result.site)
             if not result.errors:
                 self.metrics.gc_last_success.set(time.time(), site=result.site)
+
+    async def _housekeeping_loop(self) -> None:
+        """Keep the journal the size of what matters (replicator.daemon.housekeeping)."""
+        while True:
+            self.journal.events.keep_pull_rows = housekeeping.uses_pull_times(self.config)
+            await asyncio.sleep(housekeeping.INTERVAL)
+            try:
+                await housekeeping.housekeep(
+                    self.config, self.journal, self.pool, actor=f"daemon {self.instance_id}"
+                )
+            except Exception as exc:
+                log.warning("journal housekeeping failed (next pass will retry): %s", exc)
 
     # ----------------------------------------------------------------- health
     async def _ready(self) -> dict:

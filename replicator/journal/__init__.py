@@ -11,6 +11,7 @@ one store per concept, each with one async API; no SQL lives outside this packag
     await journal.blobs.record(registry, digest, repo)   # mount sources
     await journal.sync_runs.start(...) / journal.gc_runs / journal.failovers
     await journal.status.rows()                          # for `status`
+    await journal.task_admin.drop([id], actor=..., reason=...)  # for `tasks`
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from replicator.journal.inventory import Inventory
 from replicator.journal.ledger import DEFAULT_REPLICATED_WINDOW, Ledger, LedgerEntry
 from replicator.journal.runs import CandidateRow, Failover, Failovers, GCRuns, SyncRuns
 from replicator.journal.status import StatusRows, StatusView
+from replicator.journal.task_admin import TaskAdmin, TaskView
 from replicator.journal.tasks import QueueError, Task, TaskSpec, WorkQueue
 
 
@@ -63,6 +65,10 @@ class Journal(JournalConnection):
     def status(self) -> StatusView:
         return StatusView(self)
 
+    @cached_property
+    def task_admin(self) -> TaskAdmin:
+        return TaskAdmin(self)
+
 
 __all__ = [
     "DEFAULT_REPLICATED_WINDOW",
@@ -85,6 +91,8 @@ __all__ = [
     "StatusView",
     "SyncRuns",
     "Task",
+    "TaskAdmin",
     "TaskSpec",
+    "TaskView",
     "WorkQueue",
 ]

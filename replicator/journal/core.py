@@ -223,6 +223,39 @@ MIGRATIONS: list[tuple[int, str, Step]] = [
         "posting the same (predictable) id cannot suppress an event",
         _key_events_by_site,
     ),
+    (
+        6,
+        "task_audit: who retried or dropped a task, when and why (a dropped task keeps "
+        "its row, in state 'dropped')",
+        """
+        CREATE TABLE task_audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            task_id INTEGER NOT NULL,
+            action TEXT NOT NULL,             -- retry | drop
+            actor TEXT NOT NULL,              -- user@host, or daemon <instance id>
+            reason TEXT NOT NULL,
+            state_before TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX task_audit_task ON task_audit(task_id)
+        """,
+    ),
+    (
+        7,
+        "pull_counts: pulls per site and repository, so a pull need not be an events row; "
+        "events_subject: finds the newer event about the same object when pruning",
+        """
+        CREATE TABLE pull_counts (
+            site TEXT NOT NULL,
+            repository TEXT NOT NULL,
+            manifests INTEGER NOT NULL DEFAULT 0,
+            blobs INTEGER NOT NULL DEFAULT 0,
+            last_pulled_at REAL,
+            PRIMARY KEY (site, repository)
+        );
+        CREATE INDEX events_subject ON events(site, repository, action, tag, digest)
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -6,18 +6,31 @@ intake and dispatch loses nothing: on start the daemon re-reads `new` events.
 (site, event id) is the primary key, which makes redelivery harmless; ids are only
 unique per registry (and predictable for Harbor), so one site's events can never
 suppress another's.
+
+Growth follows the registry's content, not its traffic. Pulls (a busy registry sends
+one per manifest and layer fetched, and nothing replicates them) are counted per site
+and repository in `pull_counts`; a manifest pull is also kept as a row only when
+`keep_pull_rows` is on (the daemon turns it on when a GC policy uses `pulled_within`;
+on for a bare store, as it always was). `prune` deletes handled events older than
+the retention that no reader needs: blob traffic, and every event about an object
+(site, repository, action, tag, digest) but its first and its last -- readers (GC's
+push and pull times) take the earliest or the latest time of each, so their answers
+do not change. Events still `new` are never pruned.
+Redelivery is de-duplicated within the retention only, which is why it is at least
+an hour.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlite_utils
 
-from replicator.events import RegistryEvent
-from replicator.journal.core import JournalConnection, rows
+from replicator.events import MANIFEST_TYPES, RegistryEvent
+from replicator.journal.core import JournalConnection, changed, rows
 
 EVENT_STATES: frozenset[str] = frozenset({"new", "dispatched", "ignored"})
 
@@ -45,6 +58,37 @@ _INSERT = (
 )
 # Not INSERT OR IGNORE: that would also swallow NOT NULL/CHECK failures and report a
 # broken event as a harmless duplicate.
+_COUNT_PULL = (
+    "INSERT INTO pull_counts (site, repository, manifests, blobs, last_pulled_at) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(site, repository) DO UPDATE SET "
+    "manifests = manifests + excluded.manifests, blobs = blobs + excluded.blobs, "
+    "last_pulled_at = max(coalesce(last_pulled_at, excluded.last_pulled_at), "
+    "excluded.last_pulled_at)"
+)
+# rowids examined per transaction: the journal has one thread, so a prune statement must
+# stay short for webhook intake to keep flowing meanwhile
+PRUNE_WINDOW = 5000
+_WHEN = "coalesce({t}.occurred_at, {t}.received_at)"
+_PRUNABLE = (
+    "SELECT e.rowid FROM events e WHERE e.rowid >= ? AND e.rowid < ? "
+    "AND e.state IN ('dispatched', 'ignored') AND e.received_at < ? AND ("
+    # blob traffic: no reader looks at it once handled
+    " (e.is_manifest = 0 AND e.tag IS NULL AND e.action IN ('push', 'pull', 'mount') "
+    "  AND e.media_type IS NOT NULL AND e.media_type NOT IN ({manifest_types}))"
+    # between the first and the last event about the same object: readers take the
+    # earliest or the latest time of each, which both stay
+    " OR (EXISTS ({same} AND ({n_when} > {e_when} OR ({n_when} = {e_when} "
+    "  AND n.rowid > e.rowid)))"
+    " AND EXISTS ({same} AND ({n_when} < {e_when} OR ({n_when} = {e_when} "
+    "  AND n.rowid < e.rowid))))"
+    ")"
+).format(
+    manifest_types=", ".join("?" for _ in MANIFEST_TYPES),
+    same="SELECT 1 FROM events n WHERE n.site = e.site AND n.repository = e.repository "
+    "AND n.action = e.action AND n.tag IS e.tag AND n.digest IS e.digest",
+    n_when=_WHEN.format(t="n"),
+    e_when=_WHEN.format(t="e"),
+)
 
 
 class Events:
@@ -52,6 +96,7 @@ class Events:
 
     def __init__(self, journal: JournalConnection) -> None:
         self._journal = journal
+        self.keep_pull_rows = True  # also keep manifest pulls as rows (for pulled_within)
 
     async def record(
         self, events: Sequence[RegistryEvent], received_at: float | None = None
@@ -72,7 +117,7 @@ class Events:
         event make exactly one of them "new".
         """
         at = time.time() if received_at is None else received_at
-        return await self._journal.write(_insert_batches, batches, at)
+        return await self._journal.write(_insert_batches, batches, at, self.keep_pull_rows)
 
     async def by_state(
         self,
@@ -107,6 +152,35 @@ class Events:
         params = [(state, site, id_) for site, id_ in dict.fromkeys(keys)]
         return await self._journal.write(_mark, params)
 
+    async def pull_counts(self, site: str | None = None) -> list[dict[str, Any]]:
+        """Pulls per (site, repository): `manifests`, `blobs`, `last_pulled_at`. Counted
+        at least once: a redelivered pull whose row is not kept counts again."""
+        sql = "SELECT site, repository, manifests, blobs, last_pulled_at FROM pull_counts"
+        params: tuple[str, ...] = ()
+        if site is not None:
+            sql += " WHERE site = ?"
+            params = (site,)
+        return await self._journal.read(rows, sql + " ORDER BY site, repository", params)
+
+    async def prune(self, older_than: float, *, now: float | None = None) -> int:
+        """Delete handled events received more than `older_than` seconds before `now`
+        that no reader needs (see the module docstring), one short transaction per
+        window of rowids so intake never waits long. Returns how many went."""
+        cutoff = (time.time() if now is None else now) - older_than
+        [span] = await self._journal.read(
+            rows, "SELECT min(rowid) AS lo, max(rowid) AS hi FROM events"
+        )
+        if span["lo"] is None:
+            return 0
+        total = 0
+        for lo in range(span["lo"], span["hi"] + 1, PRUNE_WINDOW):
+            total += await self._journal.write(
+                changed,
+                f"DELETE FROM events WHERE rowid IN ({_PRUNABLE})",
+                (lo, lo + PRUNE_WINDOW, cutoff, *sorted(MANIFEST_TYPES)),
+            )
+        return total
+
     async def counts(self) -> dict[str, int]:
         """Events per state, every state present (zero when empty)."""
         found = await self._journal.read(
@@ -133,13 +207,31 @@ class Events:
 
 
 def _insert_batches(
-    db: sqlite_utils.Database, batches: Sequence[Sequence[RegistryEvent]], received_at: float
+    db: sqlite_utils.Database,
+    batches: Sequence[Sequence[RegistryEvent]],
+    received_at: float,
+    keep_pull_rows: bool = True,
 ) -> list[list[RegistryEvent]]:
     conn = db.conn
     return [
-        [ev for ev in batch if conn.execute(_INSERT, _row(ev, received_at)).rowcount == 1]
+        [ev for ev in batch if _record_one(conn, ev, received_at, keep_pull_rows)]
         for batch in batches
     ]
+
+
+def _record_one(
+    conn: sqlite3.Connection, ev: RegistryEvent, received_at: float, keep_pull_rows: bool
+) -> bool:
+    """Journal one event; True when it is news. A pull is counted; it is news when its
+    row is new, or when no row is kept (nothing to de-duplicate it against)."""
+    if ev.action != "pull":
+        return conn.execute(_INSERT, _row(ev, received_at)).rowcount == 1
+    manifest = bool(ev.is_manifest)
+    if keep_pull_rows and manifest and conn.execute(_INSERT, _row(ev, received_at)).rowcount != 1:
+        return False  # a redelivery: counted already
+    at = ev.occurred_at if ev.occurred_at is not None else received_at
+    conn.execute(_COUNT_PULL, (ev.site, ev.repository, int(manifest), int(not manifest), at))
+    return True
 
 
 def _mark(db: sqlite_utils.Database, params: list[tuple[str, str, str]]) -> int:

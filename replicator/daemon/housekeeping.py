@@ -1,0 +1,109 @@
+"""The daemon's periodic tidying of its journal, so it stays the size of what matters.
+
+* Webhook events older than `events_retention` that no reader needs are pruned
+  (`Events.prune`: superseded ones and blob traffic; never one still `new`).
+* A dead letter (a copy out of attempts) whose source image no longer exists can
+  never succeed and would be shown as a dead letter forever: each pass HEADs the
+  source tag or digest of a few of them and drops those the source answers 404 for,
+  journaled (actor `daemon <instance>`) and logged. Any other answer -- present,
+  401/403, 5xx, no answer -- keeps the dead letter: only a definite "gone" drops.
+  Dead deletes are kept: their source image being gone is the normal case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from replicator.clients import ClientPool
+from replicator.config import Config
+from replicator.journal import Journal, Task
+
+log = logging.getLogger("replicator.daemon.housekeeping")
+
+INTERVAL = 600.0  # seconds between passes (tests shorten it)
+DEAD_LETTERS_PER_PASS = 50  # source HEADs per pass, at most: paced, never a burst
+HEAD_TIMEOUT = 30.0
+
+Verdict = Literal["gone", "present", "unknown"]
+
+
+@dataclass
+class HousekeepingReport:
+    events_pruned: int = 0
+    dropped: list[int] = field(default_factory=list)  # dead letters whose source is gone
+    kept: int = 0  # dead letters checked and kept (present or unknown)
+
+
+def uses_pull_times(config: Config) -> bool:
+    """Whether any GC policy reads per-manifest pull times (`pulled_within`), so the
+    journal must keep manifest pulls as rows rather than only count them."""
+    return any(policy.keep.pulled_within is not None for policy in config.gc.policies)
+
+
+async def source_verdict(probe: Callable[[], Awaitable[object | None]]) -> Verdict:
+    """What one HEAD of the source says: `gone` only for a definite 404 (the probe
+    returns None); `present` for an answer; `unknown` for anything else."""
+    try:
+        found = await asyncio.wait_for(probe(), HEAD_TIMEOUT)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        return "unknown"
+    return "gone" if found is None else "present"
+
+
+async def housekeep(
+    config: Config, journal: Journal, pool: ClientPool, *, actor: str
+) -> HousekeepingReport:
+    """One pass: prune events, then drop the dead letters whose source is gone."""
+    report = HousekeepingReport()
+    report.events_pruned = await journal.events.prune(config.events_retention)
+    if report.events_pruned:
+        log.info(
+            "pruned %d handled webhook events older than %s",
+            report.events_pruned,
+            config.events_retention,
+        )
+    dead = await journal.task_admin.list_tasks(["dead"], action="copy", limit=-1)
+    checked = 0
+    for view in sorted(dead, key=lambda v: (v.task.updated_at, v.task.id)):
+        if checked >= DEAD_LETTERS_PER_PASS:
+            break
+        task = view.task
+        if task.source_site not in config.sites or not task.reference:
+            continue
+        checked += 1
+        verdict = await _probe(pool, task)
+        if verdict != "gone":
+            report.kept += 1
+            continue
+        where = f"{task.source_site} {task.repository}@{task.reference}"
+        [result] = await journal.task_admin.drop(
+            [task.id],
+            actor=actor,
+            reason=f"source image gone: HEAD {where} answered 404",
+            only_from=("dead",),
+        )
+        if result.outcome == "dropped":
+            report.dropped.append(task.id)
+            log.info(
+                "dropped dead letter %d (%s %s -> %s): its source image %s no longer exists",
+                task.id,
+                task.rule,
+                task.action,
+                task.target_site,
+                where,
+            )
+    return report
+
+
+async def _probe(pool: ClientPool, task: Task) -> Verdict:
+    try:
+        client = pool.get(task.source_site)
+    except Exception:  # a site whose credentials cannot be read now: not a verdict
+        return "unknown"
+    return await source_verdict(lambda: client.head_manifest(task.repository, task.reference))
