@@ -140,10 +140,11 @@ def compare(rule: Rule, source: SourceRepository, target: TargetRepository) -> l
 
 def in_sync(source: SourceRepository, target: TargetRepository) -> list[str]:
     """Covered tags the target holds as replicated: what `--deep` checks blob by blob."""
+    held = {t: d for t, d in target.digests.items() if d is not None}
     return [
         tag
         for tag, want in sorted(source.digests.items())
-        if target.digests.get(tag) in (want, source.written.get(tag))
+        if tag in held and held[tag] in (want, source.written.get(tag))
     ]
 
 

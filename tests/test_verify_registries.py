@@ -261,3 +261,34 @@ def test_the_daemon_verifies_on_its_schedule_and_exports_the_drift(
         what="the scheduled verify to see the missing tag",
     )
     assert "verify: r -> eu: 2 tags checked, drift: 1 missing" in daemon.log()
+
+
+def test_a_platform_filtered_replica_made_by_sync_is_in_sync(
+    two_registries, proxy_factory, tmp_path
+):
+    """The filtered index at the target has its own digest; verify knows the one sync writes
+    (a GET at the source instead of the HEAD: still one request per tag)."""
+    src, dst = two_registries
+    with Pusher(src.url) as s:
+        s.push_multiarch("app", "multi", seed="p")
+        push(s, "app", "single")
+    src_proxy = proxy_factory(src)
+    rules = [{"name": "r", "from": "us", "to": ["eu"], "platforms": ["linux/amd64"]}]
+    config = write_config(tmp_path, {"us": src_proxy.url, "eu": dst.url}, rules)
+    synced = subprocess.run(
+        [sys.executable, "-m", "replicator", "sync", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert synced.returncode == 0, synced.stderr
+    src_proxy.reset_counts()
+    rc, report, _ = verify(config, "--deep")
+    assert rc == 0, report
+    assert report["targets"][0]["checked"] == 2
+    for tag in ("multi", "single"):
+        assert src_proxy.count(path=rf"/manifests/{tag}$") == 1
+    with Pusher(dst.url) as d:
+        d.push_multiarch("app", "multi", seed="other")  # another image under the tag
+    rc, report, _ = verify(config)
+    assert rc == 1 and kinds(report) == {("different", "app", "multi")}
