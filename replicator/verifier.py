@@ -171,7 +171,8 @@ class Verifier:
         try:
             target_repo = map_repository(rule, source.repository)
             listed = await self._list(client, target_repo)
-            present = [t for t in source.digests if t in set(listed)]
+            listed_set = set(listed)
+            present = [t for t in source.digests if t in listed_set]
             heads = await asyncio.gather(*(self._head(client, target_repo, t) for t in present))
         except (RegistryError, RenameError) as exc:
             report.errors.append(f"rule {rule.name}: target {target}: {exc}")
