@@ -79,7 +79,7 @@ def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
 
 
 # One-shot commands traced as one root span each (`run` traces per event and task).
-TRACED_COMMANDS = frozenset({"copy", "sync", "failover", "failback", "gc"})
+TRACED_COMMANDS = frozenset({"copy", "sync", "failover", "failback", "gc", "verify"})
 
 
 def _run(args: argparse.Namespace) -> int:

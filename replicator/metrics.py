@@ -46,6 +46,7 @@ TASK_STATES = ("pending", "leased", "done", "cancelled", "dead")
 EVENT_ACTIONS = ("push", "delete", "pull", "mount")
 BLOB_OUTCOMES = ("uploaded", "mounted", "existing")
 RUN_OUTCOMES = ("ok", "failed")
+DRIFT_KINDS = ("missing", "different", "extra", "incomplete")  # replicator.verify's kinds
 HTTP_METHODS = ("GET", "HEAD", "PUT", "POST", "PATCH", "DELETE")
 STATUS_CLASSES = ("2xx", "4xx", "5xx", "error")  # 3xx only appear when not followed
 
@@ -230,6 +231,17 @@ class Metrics:
             "When garbage collection last finished without error, per site (0: never).",
             ["site"],
         )
+        # scheduled verify
+        self.drift_tags = g(
+            "drift_tags",
+            "Tags whose replica differs from the source at the last verify, per rule, target "
+            "and kind (missing, different, extra, incomplete; 0 when in sync).",
+            ["rule", "target", "kind"],
+        )
+        self.verify_last_success = g(
+            "verify_last_success_timestamp_seconds",
+            "When a scheduled verify last compared every site (0: never).",
+        )
 
     # ------------------------------------------------------------------ building
     def _register_name(self, name: str) -> str:
@@ -293,6 +305,8 @@ class Metrics:
                 self.blobs.inc(0, target=target, outcome=outcome)
         for rule_name, target in pairs:
             self.dead_letters.inc(0, rule=rule_name, target=target)
+            for kind in DRIFT_KINDS:
+                self.drift_tags.labels(rule=rule_name, target=target, kind=kind)
         for name in {rule.name for rule in config.rules}:
             for outcome in RUN_OUTCOMES:
                 self.reconcile_runs.inc(0, rule=name, outcome=outcome)

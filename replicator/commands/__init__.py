@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "demo",
     "copy",
     "sync",
+    "verify",
     "run",
     "failover",
     "status",

@@ -388,6 +388,13 @@ class GcConfig(_Model):
     policies: list[GcPolicy] = Field(default_factory=list)
 
 
+class VerifyConfig(_Model):
+    """The daemon's scheduled `verify` (drift between sources and targets as a metric)."""
+
+    schedule: CronExpr = Field(description="when to verify, as cron (also once at start)")
+    deep: bool = Field(False, description="also HEAD every blob of every in-sync manifest")
+
+
 class TelemetryConfig(_Model):
     otlp_endpoint: HttpUrl | None = None
     service_name: str = "registry-replicator"
@@ -407,6 +414,7 @@ class Config(_Model):
     sites: dict[Name, SiteConfig] = Field(min_length=1)
     rules: list[Rule] = Field(default_factory=list)
     gc: GcConfig = Field(default_factory=GcConfig)
+    verify: VerifyConfig | None = Field(None, description="scheduled verify of the replicas")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     timezone: TimeZoneName = Field(
         "UTC",
@@ -508,6 +516,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     KeepConfig,
     GcPolicy,
     GcConfig,
+    VerifyConfig,
     TelemetryConfig,
 )
 

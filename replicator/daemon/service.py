@@ -198,6 +198,7 @@ class Daemon:
         ]
         self._schedule_reconciles()
         self._schedule_gc()
+        self._schedule_verify()
 
     # --------------------------------------------------------------- shutdown
     def request_stop(self) -> None:
@@ -265,6 +266,7 @@ class Daemon:
         self._periodic = {}
         self._schedule_reconciles(previous)
         self._schedule_gc(previous)
+        self._schedule_verify(previous)
         # in-flight copies keep the old clients until they finish
         self._background.append(
             asyncio.create_task(
@@ -602,6 +604,39 @@ class Daemon:
                 )
             except Exception as exc:
                 log.warning("journal housekeeping failed (next pass will retry): %s", exc)
+
+    def _schedule_verify(self, previous: Mapping[str, Periodic] | None = None) -> None:
+        """`verify:` in the configuration: compare replicas on its cron, and once at start so
+        the drift gauge tells the truth before the first scheduled time."""
+        if self.config.verify is None:
+            return
+        old = (previous or {}).get("verify")
+        periodic = Periodic(
+            "verify",
+            self.verify_replicas,
+            cron=self.config.verify.schedule,
+            tz=self.config.tzinfo,
+            run_at_start=old is None,
+            lock=old.running if old else None,
+        )
+        periodic.task = asyncio.create_task(periodic.loop(), name="verify")  # type: ignore
+        self._periodic["verify"] = periodic
+
+    async def verify_replicas(self) -> None:
+        """One scheduled verify: log the drift and export it as the drift gauge."""
+        from replicator.verifier import verify
+
+        assert self.config.verify is not None  # scheduled only when configured
+        report = await verify(
+            self.config, self.pool, self.rules, journal=self.journal, deep=self.config.verify.deep
+        )
+        for (rule, target, kind), count in report.drift_counts().items():
+            self.metrics.drift_tags.set(count, rule=rule, target=target, kind=kind)
+        for line in report.lines()[: len(report.summaries) + 20]:  # summaries, then some drift
+            (log.warning if report.drift else log.info)("verify: %s", line)
+        if report.errors:
+            raise ReplicatorError("; ".join(report.errors[:5]))
+        self.metrics.verify_last_success.set(time.time())
 
     # ----------------------------------------------------------------- health
     async def _ready(self) -> dict:
