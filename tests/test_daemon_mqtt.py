@@ -40,7 +40,7 @@ def ready(daemon: DaemonProcess) -> bool:
 
 def start(daemon: DaemonProcess) -> DaemonProcess:
     daemon.start()
-    wait_until(lambda: ready(daemon), timeout=20, what=f"{daemon.instance_id} subscribed")
+    wait_until(lambda: ready(daemon), timeout=20, what=f"{daemon.name} subscribed")
     return daemon
 
 
@@ -54,13 +54,15 @@ def mqtt_daemon(
     group: str | None = None,
     port: int | None = None,
 ) -> DaemonProcess:
-    mqtt: dict[str, Any] = {"url": broker.url, "topic": TOPIC, "client_id": instance}
+    """A daemon as the unit runs it: no client id, so its identity (and MQTT session) is
+    the one its journal gives it; `instance` only names its directory."""
+    mqtt: dict[str, Any] = {"url": broker.url, "topic": TOPIC}
     if group:
         mqtt["group"] = group
     return DaemonProcess(
         tmp_path / instance,
         port=port or free_port(),
-        instance_id=instance,
+        name=instance,
         config={"sites": sites, "rules": rules, "mqtt": mqtt},
     )
 
@@ -195,6 +197,46 @@ def test_a_shared_group_splits_the_work_without_duplicates(
     assert {s for _, s in share1 + share2} == {"done"}
     # only member-1 is notified by the registry, yet member-2 worked: via the broker
     assert rows(d2, "SELECT COUNT(*) FROM events") == [(0,)]
+
+
+def test_a_restarted_group_member_resumes_its_own_session_and_loses_nothing(
+    registry_factory, mosquitto, tmp_path, daemons
+):
+    """Issue 12 item 9. With a shared group and no client id, a member restarted (as
+    `systemctl restart` does) must come back as the same MQTT client: under a new id, its
+    old persistent session stays in the group and the broker keeps queueing that
+    session's share of the events for nobody."""
+    port1 = free_port()
+    a = registry_factory("a", **notify_kwargs(port1, "a"))
+    b = registry_factory("b")
+    sites = {"a": site_config(a), "b": site_config(b)}
+    rules = [{"name": "team", "from": "a", "to": ["b"], "repositories": ["team/**"]}]
+    d1 = mqtt_daemon(tmp_path, mosquitto, "member-1", sites, rules, group="replicators", port=port1)
+    d2 = mqtt_daemon(tmp_path, mosquitto, "member-2", sites, rules, group="replicators")
+    daemons += [d1, d2]
+    start(d1)
+    start(d2)
+    before = d2.instance_id
+    assert before and before != d1.instance_id
+    d2.kill()
+    start(d2)
+    pushed = {}
+    with Pusher(a.url) as p:
+        for i in range(12):
+            pushed[f"v{i}"] = p.push_image(
+                "team/regroup", f"v{i}", [layer_bytes(f"regroup{i}", 1200)]
+            ).digest
+    for tag, digest in pushed.items():
+        wait_until(
+            lambda t=tag, d=digest: image_complete(b, "team/regroup", t, d),
+            timeout=40,
+            what=f"team/regroup:{tag} on b (lost to an orphaned session?)",
+        )
+    tags1 = [t for (t,) in rows(d1, "SELECT tag FROM tasks")]
+    tags2 = [t for (t,) in rows(d2, "SELECT tag FROM tasks")]
+    assert sorted(tags1 + tags2) == sorted(pushed)
+    assert tags2, "the restarted member got no share of the group's events"
+    assert d2.instance_id == before
 
 
 def test_broker_restarted_mid_stream_loses_nothing(registry_factory, mosquitto, tmp_path, daemons):

@@ -376,24 +376,24 @@ def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, o
     intake = DaemonProcess(
         tmp_path / "intake",
         port=intake_port,
-        instance_id="intake",
+        name="intake",
         env=env,
         config={
             "sites": sites,
             "rules": [],
             "telemetry": telemetry_cfg,
-            "mqtt": {"url": mosquitto.url, "client_id": "intake"},
+            "mqtt": {"url": mosquitto.url},
         },
     )
     worker = DaemonProcess(
         tmp_path / "worker",
-        instance_id="worker",
+        name="worker",
         env=env,
         config={
             "sites": sites,
             "telemetry": telemetry_cfg,
             "rules": [{"name": "ab", "from": "a", "to": ["b"], "repositories": ["team/**"]}],
-            "mqtt": {"url": mosquitto.url, "client_id": "worker"},
+            "mqtt": {"url": mosquitto.url},
         },
     )
     try:
@@ -419,10 +419,10 @@ def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, o
             return None
 
         event, trace = wait_until(journey, timeout=20, what="the push's trace over OTLP")
-        assert event["instance"] == "intake"
+        assert event["instance"] == intake.instance_id
         by_id = {s["span_id"]: s for s in trace}
         replicate = next(s for s in trace if s["name"] == "replicate")
-        assert replicate["instance"] == "worker"
+        assert replicate["instance"] == worker.instance_id
         assert replicate["parent"] == event["span_id"]
         assert replicate["attributes"]["replicator.rule"] == "ab"
         assert replicate["attributes"]["replicator.target"] == "b"
