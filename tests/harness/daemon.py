@@ -67,6 +67,7 @@ class DaemonProcess:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    _run_starts_at: int = 0  # where the current run's lines begin in the log
 
     @property
     def url(self) -> str:
@@ -89,6 +90,7 @@ class DaemonProcess:
 
     def start(self, wait: bool = True) -> DaemonProcess:
         self.write_config()
+        self._run_starts_at = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*unit_command(self.config_path), *self.extra_args],
@@ -124,9 +126,20 @@ class DaemonProcess:
 
     @property
     def instance_id(self) -> str | None:
-        """The identity this run of the daemon chose (from its "ready" log line)."""
-        found = _READY.findall(self.log())
-        return found[-1] if found else None
+        """The identity the current (or last) run of the daemon chose, from its "ready"
+        log line; waits for that line while the run is still starting."""
+
+        def logged() -> str | None:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._run_starts_at)
+                found = _READY.findall(f.read().decode(errors="replace"))
+            return found[-1] if found else None
+
+        if self.proc is None:
+            return None
+        if self.proc.poll() is not None:
+            return logged()
+        return wait_until(logged, timeout=20, what=f"the ready line of {self.name}")
 
     @property
     def pid(self) -> int:
