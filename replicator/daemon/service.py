@@ -15,10 +15,10 @@ periodic reconcile per rule covers whatever webhooks the registries dropped.
 Never stuck, never stale: the default instance id is stable across restarts
 (`identity`), so a restarted daemon returns its dead predecessor's leases at once;
 every daemon returns anyone's expired leases continuously; a worker renews its lease
-while it copies and, right before writing a tag, renews it once more (a worker that
-lost its lease writes nothing) and, when newer work for the tag is queued, checks
-the source tag still points at what it copied (if not, the newer task copies the
-newer digest: this one ends superseded, and no older digest is written last).
+while it copies and, right before writing a manifest, renews it once more (a worker
+that lost its lease writes nothing); before writing a tag while newer work for it is
+queued, it checks the source tag still points at what it copied (if not, the newer
+task copies the newer digest: this one ends superseded; no older digest lands last).
 """
 
 from __future__ import annotations
