@@ -108,6 +108,9 @@ class CopyOptions:
     overwrite: bool = True  # False: a differing target tag is a conflict
     blob_attempts: int = 4  # whole-blob transfer attempts
     blob_parallelism: int = 4  # concurrent blobs per manifest
+    # this copy's own hook, run before the engine's (the daemon's lease fence); what it
+    # raises aborts the copy and propagates
+    before_put: BeforeManifestPut | None = None
 
 
 # Called with (the copy, digest, reference: tag or digest) right before a manifest
@@ -131,6 +134,7 @@ class CopyJob:
     dst_repo: str
     options: CopyOptions
     stats: CopyStats = field(default_factory=CopyStats)
+    source_digest: str | None = None  # what the source reference resolved to, once fetched
 
     @property
     def source_site(self) -> str:
@@ -251,6 +255,7 @@ class CopyEngine:
             if current is not None and current.digest == source_digest:
                 return "skipped", source_digest
         manifest = await src.get_manifest(job.src_repo, source_digest or ref)
+        job.source_digest = manifest.digest
         if source_digest and manifest.digest != source_digest:
             raise DigestMismatch(
                 f"content hashes to {manifest.digest}",
@@ -317,6 +322,8 @@ class CopyEngine:
         await self._copy_manifest(job, manifest, None)
 
     async def _put_manifest(self, job: CopyJob, ref: str, manifest: Manifest) -> None:
+        if job.options.before_put is not None:
+            await job.options.before_put(job, manifest.digest, ref)
         if self.before_manifest_put is not None:
             await self.before_manifest_put(job, manifest.digest, ref)
         digest = await job.dst.put_manifest(job.dst_repo, ref, manifest.raw, manifest.media_type)

@@ -9,6 +9,7 @@ receives no webhooks at all holds the rule: only the broker can have told it.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def ready(daemon: DaemonProcess) -> bool:
 
 def start(daemon: DaemonProcess) -> DaemonProcess:
     daemon.start()
-    wait_until(lambda: ready(daemon), timeout=20, what=f"{daemon.instance_id} subscribed")
+    wait_until(lambda: ready(daemon), timeout=20, what=f"{daemon.name} subscribed")
     return daemon
 
 
@@ -54,13 +55,15 @@ def mqtt_daemon(
     group: str | None = None,
     port: int | None = None,
 ) -> DaemonProcess:
-    mqtt: dict[str, Any] = {"url": broker.url, "topic": TOPIC, "client_id": instance}
+    """A daemon as the unit runs it: no client id, so its identity (and MQTT session) is
+    the one its journal gives it; `instance` only names its directory."""
+    mqtt: dict[str, Any] = {"url": broker.url, "topic": TOPIC}
     if group:
         mqtt["group"] = group
     return DaemonProcess(
         tmp_path / instance,
         port=port or free_port(),
-        instance_id=instance,
+        name=instance,
         config={"sites": sites, "rules": rules, "mqtt": mqtt},
     )
 
@@ -195,6 +198,99 @@ def test_a_shared_group_splits_the_work_without_duplicates(
     assert {s for _, s in share1 + share2} == {"done"}
     # only member-1 is notified by the registry, yet member-2 worked: via the broker
     assert rows(d2, "SELECT COUNT(*) FROM events") == [(0,)]
+
+
+def test_a_restarted_group_member_resumes_its_own_session_and_loses_nothing(
+    registry_factory, mosquitto, tmp_path, daemons
+):
+    """Issue 12 item 9. With a shared group and no client id, a member restarted (as
+    `systemctl restart` does) must come back as the same MQTT client: under a new id, its
+    old persistent session stays in the group and the broker keeps queueing that
+    session's share of the events for nobody."""
+    port1 = free_port()
+    a = registry_factory("a", **notify_kwargs(port1, "a"))
+    b = registry_factory("b")
+    sites = {"a": site_config(a), "b": site_config(b)}
+    rules = [{"name": "team", "from": "a", "to": ["b"], "repositories": ["team/**"]}]
+    d1 = mqtt_daemon(tmp_path, mosquitto, "member-1", sites, rules, group="replicators", port=port1)
+    d2 = mqtt_daemon(tmp_path, mosquitto, "member-2", sites, rules, group="replicators")
+    daemons += [d1, d2]
+    start(d1)
+    start(d2)
+    before = d2.instance_id
+    assert before and before != d1.instance_id
+    d2.kill()
+    start(d2)
+    pushed = {}
+    with Pusher(a.url) as p:
+        for i in range(12):
+            pushed[f"v{i}"] = p.push_image(
+                "team/regroup", f"v{i}", [layer_bytes(f"regroup{i}", 1200)]
+            ).digest
+    for tag, digest in pushed.items():
+        wait_until(
+            lambda t=tag, d=digest: image_complete(b, "team/regroup", t, d),
+            timeout=40,
+            what=f"team/regroup:{tag} on b (lost to an orphaned session?)",
+        )
+    tags1 = [t for (t,) in rows(d1, "SELECT tag FROM tasks")]
+    tags2 = [t for (t,) in rows(d2, "SELECT tag FROM tasks")]
+    assert sorted(tags1 + tags2) == sorted(pushed)
+    assert tags2, "the restarted member got no share of the group's events"
+    assert d2.instance_id == before
+    # under a new id, the old session would stay in the group, offline, taking its share
+    wait_until(lambda: mosquitto.offline_sessions() == 0, timeout=15, what="no orphaned session")
+
+
+def test_replacing_a_machine_as_the_readme_says_leaves_no_orphaned_session(
+    registry_factory, mosquitto, tmp_path, daemons
+):
+    """The README's two ways to replace a group member for good: move its journal (the
+    new machine is the same instance and resumes its session), or start afresh and end
+    the old session under its id; either way no offline session keeps a share."""
+    port1 = free_port()
+    a = registry_factory("a", **notify_kwargs(port1, "a"))
+    b = registry_factory("b")
+    sites = {"a": site_config(a), "b": site_config(b)}
+    rules = [{"name": "team", "from": "a", "to": ["b"], "repositories": ["team/**"]}]
+    d1 = mqtt_daemon(tmp_path, mosquitto, "member", sites, rules, group="g", port=port1)
+    old = mqtt_daemon(tmp_path, mosquitto, "old-machine", sites, rules, group="g")
+    daemons += [d1, old]
+    start(d1)
+    start(old)
+    old_id = old.instance_id
+    old.stop()  # decommissioned; its persistent session stays with the broker
+    wait_until(lambda: mosquitto.offline_sessions() == 1, timeout=15, what="the old session")
+
+    moved = mqtt_daemon(tmp_path, mosquitto, "new-machine", sites, rules, group="g")
+    moved.root.mkdir(parents=True)
+    shutil.copy(old.journal_path, moved.journal_path)
+    daemons.append(moved)
+    start(moved)
+    assert moved.instance_id == old_id
+    wait_until(lambda: mosquitto.offline_sessions() == 0, timeout=15, what="the session resumed")
+    moved.stop()
+
+    fresh = mqtt_daemon(tmp_path, mosquitto, "fresh-machine", sites, rules, group="g")
+    daemons.append(fresh)
+    start(fresh)
+    assert fresh.instance_id != old_id
+    wait_until(lambda: mosquitto.offline_sessions() == 1, timeout=15, what="the orphan")
+    assert old_id is not None
+    mosquitto.end_session(old_id)
+    wait_until(lambda: mosquitto.offline_sessions() == 0, timeout=15, what="the orphan gone")
+    pushed = {}
+    with Pusher(a.url) as p:
+        for i in range(3):
+            pushed[f"v{i}"] = p.push_image(
+                "team/replaced", f"v{i}", [layer_bytes(f"replaced{i}", 1200)]
+            ).digest
+    for tag, digest in pushed.items():
+        wait_until(
+            lambda t=tag, d=digest: image_complete(b, "team/replaced", t, d),
+            timeout=30,
+            what=f"team/replaced:{tag} on b",
+        )
 
 
 def test_broker_restarted_mid_stream_loses_nothing(registry_factory, mosquitto, tmp_path, daemons):

@@ -374,6 +374,59 @@ async def test_release_owned_returns_leases_without_spending_an_attempt(queue):
     assert {t.attempts for t in await queue.lease(2)} == {1}
 
 
+async def test_a_restart_returns_its_predecessors_leases_at_once_keeping_the_attempt(
+    journal, clock
+):
+    """Issue 12 item 7: the same identity after a crash means the leases it holds belong
+    to the dead process; they return at start, but still count as an attempt."""
+    dead = WorkQueue(journal, "inst-0", max_attempts=2, clock=clock)
+    other = WorkQueue(journal, "inst-1", clock=clock)
+    [mine, theirs] = await dead.enqueue([copy(tag="a"), copy(tag="b")])
+    await dead.lease(1)
+    await other.lease(1)
+    restarted = WorkQueue(journal, "inst-0", max_attempts=2, clock=clock)
+    assert await restarted.release_predecessor() == 1
+    task = await restarted.get(mine)
+    assert task is not None and task.state == "pending" and task.attempts == 1
+    assert "inst-0 was restarted" in (task.last_error or "")
+    assert (await other.get(theirs)).state == "leased"  # type: ignore[union-attr]
+    [again] = await restarted.lease(1)
+    assert again.id == mine and again.attempts == 2
+    assert await restarted.release_predecessor() == 1  # crashed once more: out of attempts
+    task = await restarted.get(mine)
+    assert task is not None and task.state == "dead" and "restarted" in (task.last_error or "")
+
+
+async def test_supersede_cancels_only_a_task_still_leased_by_us(journal, clock):
+    q = WorkQueue(journal, "w", clock=clock)
+    [tid, lost] = await q.enqueue([copy(tag="a"), copy(tag="b")])
+    await q.lease(2, lease_seconds=5)
+    assert await q.supersede(tid, "superseded: a/app:a now points at " + D2)
+    task = await q.get(tid)
+    assert task is not None and task.state == "cancelled" and D2 in (task.last_error or "")
+    assert task.lease_owner is None
+    clock.t += 6
+    await WorkQueue(journal, "other", clock=clock).requeue_expired()
+    assert not await q.supersede(lost, "too late")
+    assert (await q.get(lost)).state == "pending"  # type: ignore[union-attr]
+
+
+async def test_newer_copy_pending_sees_only_work_queued_behind_a_task(queue):
+    await queue.enqueue([copy(digest=D1)])
+    [task] = await queue.lease(1)
+    assert await queue.newer_copy_pending(task) == (False, None)
+    await queue.enqueue([copy(tag="other", digest=D3)])  # another key
+    assert await queue.newer_copy_pending(task) == (False, None)
+    await queue.enqueue([copy(digest=D2)])
+    await queue.enqueue([copy(digest=D3)])  # coalesced into the row behind
+    assert await queue.newer_copy_pending(task) == (True, D3)
+
+
+async def test_a_lease_term_must_be_positive(journal):
+    with pytest.raises(QueueError, match="lease time"):
+        WorkQueue(journal, "w", lease_seconds=0)
+
+
 CRASHER = textwrap.dedent("""
     import asyncio, sys, time
     from replicator.journal import Journal, WorkQueue

@@ -428,24 +428,24 @@ def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, o
     intake = DaemonProcess(
         tmp_path / "intake",
         port=intake_port,
-        instance_id="intake",
+        name="intake",
         env=env,
         config={
             "sites": sites,
             "rules": [],
             "telemetry": telemetry_cfg,
-            "mqtt": {"url": mosquitto.url, "client_id": "intake"},
+            "mqtt": {"url": mosquitto.url},
         },
     )
     worker = DaemonProcess(
         tmp_path / "worker",
-        instance_id="worker",
+        name="worker",
         env=env,
         config={
             "sites": sites,
             "telemetry": telemetry_cfg,
             "rules": [{"name": "ab", "from": "a", "to": ["b"], "repositories": ["team/**"]}],
-            "mqtt": {"url": mosquitto.url, "client_id": "worker"},
+            "mqtt": {"url": mosquitto.url},
         },
     )
     try:
@@ -481,18 +481,18 @@ def test_one_push_is_one_trace_across_two_daemons(registry_factory, mosquitto, o
             return None
 
         event, trace = wait_until(journey, timeout=20, what="the push's trace over OTLP")
-        assert event["instance"] == "intake"
+        assert event["instance"] == intake.instance_id
         by_id = {s["span_id"]: s for s in trace}
         replicate = next(s for s in trace if s["name"] == "replicate")
-        assert replicate["instance"] == "worker"
+        assert replicate["instance"] == worker.instance_id
         # webhook (SERVER) -> event -> MQTT publish (PRODUCER) -> receive (CONSUMER)
         # in the other process -> replicate
         consumer = by_id[replicate["parent"]]
-        assert consumer["kind"] == "CONSUMER" and consumer["instance"] == "worker"
+        assert consumer["kind"] == "CONSUMER" and consumer["instance"] == worker.instance_id
         assert consumer["attributes"]["messaging.system"] == "mqtt"
         assert consumer["attributes"]["messaging.destination.name"].endswith("/a/team/app")
         producer = by_id[consumer["parent"]]
-        assert producer["kind"] == "PRODUCER" and producer["instance"] == "intake"
+        assert producer["kind"] == "PRODUCER" and producer["instance"] == intake.instance_id
         assert (
             producer["attributes"]["messaging.message.id"]
             == event["attributes"]["replicator.event_id"]

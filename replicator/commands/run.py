@@ -62,10 +62,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "minutes, with jitter (default 2)",
     )
     p.add_argument(
+        "--lease-time",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="term of a task lease; a running task renews it every third of the term, "
+        "and a lease not renewed for a whole term (a crashed or frozen daemon) returns "
+        "to the queue for any daemon on the journal (default 60)",
+    )
+    p.add_argument(
         "--instance-id",
         metavar="ID",
-        help="this instance's name for task leases and the MQTT session "
-        "(default: mqtt.client_id, else hostname-pid)",
+        help="this instance's name for task leases and the MQTT session (default: "
+        "mqtt.client_id, else a stable id from the journal: <installation>-<slot>, "
+        "the same after every restart; daemons sharing a journal get distinct slots)",
     )
     p.set_defaults(handler=run)
 
@@ -88,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             drain_timeout=args.drain_timeout,
             retry_base=args.retry_base,
+            lease_seconds=args.lease_time,
         )
         return await daemon.run()
 

@@ -176,7 +176,9 @@ class MqttConfig(_Model):
     url: str = Field(description="mqtt://host[:1883] or mqtts://host[:8883]")
     topic: str = Field("registry/events", description="events go to <topic>/<site>/<repository>")
     client_id: str | None = Field(
-        None, description="names this instance's persistent session; unique per instance"
+        None,
+        description="names this instance's persistent session and task leases; unique per "
+        "instance, stable across restarts (default: the identity the journal gives it)",
     )
     group: str | None = Field(
         None, description="shared-subscription group, so one member of the group handles each event"
@@ -229,7 +231,7 @@ class MqttConfig(_Model):
         if value is not None and not 1 <= len(value) <= 128:
             raise ValueError(
                 "the client id must be 1 to 128 characters (it names the broker-side session); "
-                "leave it out to use hostname-pid"
+                "leave it out to use the instance's identity from the journal"
             )
         return value
 

@@ -11,6 +11,14 @@ Crash safety: an event is journaled before it is acknowledged; events still
 'new' (published to nobody) are re-published at start and periodically; tasks
 are leased, so a SIGKILL leaves leases that expire and return to the queue; a
 periodic reconcile per rule covers whatever webhooks the registries dropped.
+
+Never stuck, never stale: the default instance id is stable across restarts
+(`identity`), so a restarted daemon returns its dead predecessor's leases at once;
+every daemon returns anyone's expired leases continuously; a worker renews its lease
+while it copies and, right before writing a manifest, renews it once more (a worker
+that lost its lease writes nothing); before writing a tag while newer work for it is
+queued, it checks the source tag still points at what it copied (if not, the newer
+task copies the newer digest: this one ends superseded; no older digest lands last).
 """
 
 from __future__ import annotations
@@ -21,7 +29,6 @@ import functools
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,12 +43,14 @@ from replicator.copy import CopyEngine, CopyJob, CopyOptions
 from replicator.daemon import housekeeping
 from replicator.daemon.bus import EventBus, InProcessBus, MqttBus, MqttSettings
 from replicator.daemon.dispatch import tasks_for_event
+from replicator.daemon.identity import InstanceIdentity, claim_identity
 from replicator.daemon.intake import SiteIntake, create_app
 from replicator.daemon.notify import Notifier
 from replicator.daemon.schedule import Periodic
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.events import RegistryEvent
 from replicator.journal import Journal, QueueError, Task, WorkQueue
+from replicator.journal.tasks import DEFAULT_LEASE_SECONDS
 from replicator.manifest import is_digest
 from replicator.metrics import METRICS, Metrics
 from replicator.registry.client import RegistryClient
@@ -53,6 +62,17 @@ log = logging.getLogger("replicator.daemon")
 REDISPATCH_AFTER = 30.0  # an event still 'new' this long after arrival is re-published
 POLL_INTERVAL = 1.0  # how often workers look for tasks whose retry time has come
 GAUGE_REFRESH = 5.0  # how often journal-backed gauges are re-read between scrapes
+HEARTBEATS_PER_LEASE = 3  # renewals per lease term: two can fail before the lease is lost
+REQUEUE_CHECKS_PER_LEASE = 4  # expired leases are returned within a quarter term of expiry
+
+
+class LeaseLost(ReplicatorError):
+    """The task's lease passed to another worker: this one must write nothing more."""
+
+
+class SourceMoved(ReplicatorError):
+    """The source tag no longer points at the digest being copied: a newer task copies
+    the newer one, and this copy must not write the older digest over it."""
 
 
 class _Server(uvicorn.Server):
@@ -75,15 +95,23 @@ class Daemon:
         workers: int = 8,
         drain_timeout: float = 8.0,
         retry_base: float = 2.0,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
         metrics: Metrics | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self.config: Config = load_config(self.config_path)
-        self.instance_id = instance_id or (
-            self.config.mqtt.client_id
-            if self.config.mqtt and self.config.mqtt.client_id
-            else f"{socket.gethostname()}-{os.getpid()}"
-        )
+        self.journal = Journal(self.config.journal)
+        explicit = instance_id or (self.config.mqtt.client_id if self.config.mqtt else None)
+        try:
+            self.identity = (
+                InstanceIdentity(explicit)
+                if explicit
+                else claim_identity(self.journal.path, self.journal.installation_id)
+            )
+        except BaseException:
+            self.journal.close()
+            raise
+        self.instance_id = self.identity.id
         self.workers = workers
         self.drain_timeout = drain_timeout
         self.metrics = metrics or METRICS
@@ -91,8 +119,9 @@ class Daemon:
             self.config, metrics=self.metrics, instance_id=self.instance_id
         )
         self.notifier = Notifier.from_env()
-        self.journal = Journal(self.config.journal)
-        self.queue = WorkQueue(self.journal, self.instance_id, backoff_base=retry_base)
+        self.queue = WorkQueue(
+            self.journal, self.instance_id, backoff_base=retry_base, lease_seconds=lease_seconds
+        )
         self.pool = ClientPool(self.config, observer=self.metrics.request_observer())
         self.engine = CopyEngine(BlobIndex(self.journal), before_manifest_put=self._before_put)
         self.bus: EventBus = self._make_bus()
@@ -153,9 +182,14 @@ class Daemon:
 
     async def _start(self) -> None:
         requeued = await self.queue.requeue_expired()
-        released = await self.queue.release_owned()
+        released = await self.queue.release_predecessor()
         if requeued or released:
-            log.info("returned %d expired and %d own leases to the queue", requeued, released)
+            log.info(
+                "returned %d expired leases and %d leases of %s's previous run to the queue",
+                requeued,
+                released,
+                self.instance_id,
+            )
         self.rules = await rules_in_force(self.config, self.journal)
         self._install_metrics()
         await self._refresh_gauges()
@@ -190,6 +224,7 @@ class Daemon:
             await asyncio.sleep(0.01)
         self._background += [
             asyncio.create_task(self._work_loop(), name="workers"),
+            asyncio.create_task(self._requeue_loop(), name="requeue-expired"),
             asyncio.create_task(self._redispatch_loop(), name="redispatch"),
             asyncio.create_task(self._mark_loop(), name="mark-dispatched"),
             asyncio.create_task(self._watchdog_loop(), name="watchdog"),
@@ -241,6 +276,7 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.pool.aclose()
         self.journal.close()
+        self.identity.release()
         self.notifier.close()
 
     # ----------------------------------------------------------------- reload
@@ -429,6 +465,20 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._work_ready.wait(), POLL_INTERVAL)
 
+    async def _requeue_loop(self) -> None:
+        """Return expired leases (a crashed or frozen worker of any daemon on this
+        journal) continuously, not only at start: a live daemon takes over the work."""
+        interval = self.queue.lease_seconds / REQUEUE_CHECKS_PER_LEASE
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self.queue.requeue_expired():
+                    self._work_ready.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("returning expired task leases failed: %s", exc)
+
     def _finished(self, task_id: int, _runner: asyncio.Task) -> None:
         self._running.pop(task_id, None)
         self._work_ready.set()
@@ -437,8 +487,42 @@ class Daemon:
         return next((r for r in self.rules if r.name == name), None)
 
     async def _execute(self, task: Task) -> None:
+        """Run the task while a heartbeat renews its lease; if the lease is lost anyway
+        (this process was frozen past the term), the work is abandoned at once."""
         with telemetry.replicate_span(task):  # child of the trace the task was journaled with
-            await self._execute_task(task)
+            work = asyncio.create_task(self._execute_task(task), name=f"work-{task.id}")
+            beat = asyncio.create_task(self._heartbeat(task), name=f"heartbeat-{task.id}")
+            try:
+                await asyncio.wait({work, beat}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                work.cancel()
+                beat.cancel()
+                await asyncio.gather(work, beat, return_exceptions=True)
+            if not work.cancelled() and (error := work.exception()) is not None:
+                raise error
+
+    async def _heartbeat(self, task: Task) -> None:
+        """Renew the lease every fraction of its term; returns only once it is lost."""
+        interval = self.queue.lease_seconds / HEARTBEATS_PER_LEASE
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self.queue.renew(task.id):
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("renewing the lease of task %d failed (will retry): %s", task.id, exc)
+                continue
+            log.warning(
+                "task %d lost its lease (%s %s -> %s/%s): another worker has it; abandoning",
+                task.id,
+                task.action,
+                task.reference,
+                task.target_site,
+                task.target_repository,
+            )
+            return
 
     async def _execute_task(self, task: Task) -> None:
         rule = self._rule(task.rule)
@@ -463,17 +547,28 @@ class Daemon:
 
     async def _copy(self, task: Task, rule: Rule, src: RegistryClient, dst: RegistryClient) -> None:
         options = CopyOptions(
-            platforms=rule.platform_list or None, referrers=rule.referrers, overwrite=rule.overwrite
+            platforms=rule.platform_list or None,
+            referrers=rule.referrers,
+            overwrite=rule.overwrite,
+            before_put=functools.partial(self._fence, task),
         )
-        result = await self.engine.copy(
-            src,
-            task.repository,
-            task.reference,
-            dst,
-            task.target_repository,
-            tag=task.tag,
-            options=options,
-        )
+        try:
+            result = await self.engine.copy(
+                src,
+                task.repository,
+                task.reference,
+                dst,
+                task.target_repository,
+                tag=task.tag,
+                options=options,
+            )
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+            return
+        except SourceMoved as exc:
+            log.info("task %d superseded: %s", task.id, exc)
+            await self.queue.supersede(task.id, f"superseded: {exc}")
+            return
         stats = result.stats
         m = self.metrics
         m.bytes_uploaded.inc(stats.bytes_uploaded, target=task.target_site)
@@ -488,8 +583,34 @@ class Daemon:
                 f"{result.target} differs from the source and the rule says overwrite: false",
                 retryable=False,
             )
-        else:
-            await self.queue.complete(task.id)
+        elif not await self.queue.complete(task.id):
+            log.warning("task %d finished after it lost its lease", task.id)
+
+    async def _fence(self, task: Task, job: CopyJob, digest: str, ref: str) -> None:
+        """Right before a manifest write: the lease must still be ours (renewing it
+        covers the write). Before a tag write, when newer work for the tag is queued
+        behind this task, the source tag is asked where it points now: if it moved on,
+        this copy writes nothing and the newer task writes the newer digest.
+
+        The source is asked only then: distribution sends a push event before it writes
+        the tag (a HEAD right after can still see the previous digest, which must not
+        cancel the newer copy), and it reports every manifest HEAD as a pull."""
+        if not await self.queue.renew(task.id):
+            raise LeaseLost(
+                f"task {task.id} lost its lease before writing {job.target_site}/"
+                f"{job.dst_repo}:{ref}; another worker has it, nothing written"
+            )
+        if is_digest(ref) or not task.tag or job.source_digest is None:
+            return
+        queued, newer = await self.queue.newer_copy_pending(task)
+        if not queued or newer == job.source_digest:
+            return
+        head = await job.src.head_manifest(job.src_repo, task.tag)
+        if head is not None and head.digest != job.source_digest:
+            raise SourceMoved(
+                f"{job.source_site}/{job.src_repo}:{task.tag} now points at {head.digest}, "
+                f"not {job.source_digest}; not writing {job.target_site}/{job.dst_repo}:{ref}"
+            )
 
     async def _delete(self, task: Task, dst: RegistryClient) -> None:
         digest = task.digest

@@ -12,6 +12,11 @@ blocks on disk and the process's writes are naturally serialised. `write` is
 several processes sharing one file (daemons, the CLI) never interleave a
 read-modify-write.
 
+The journal also names its installation: `installation_id`, made once (hostname at
+creation plus random bits) and kept in `meta`, so a daemon restarted on the same
+journal is the same instance (its task leases, its MQTT session), while a fresh journal
+on a replacement machine is a new one.
+
 Only the stores of this package call `read` and `write`; code elsewhere uses the stores.
 """
 
@@ -20,6 +25,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
+import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Callable
@@ -274,6 +282,7 @@ class JournalConnection:
     ) -> None:
         self.path = Path(path)
         self.schema_version = 0
+        self.installation_id = ""  # set at open: see `_installation_id`
         self.commits = 0  # write transactions committed through `write`
         # (monotonic time, None or what went wrong) of the last `write`
         self._last_write: tuple[float, str | None] | None = None
@@ -306,6 +315,7 @@ class JournalConnection:
             conn.execute(f"PRAGMA synchronous={synchronous}")
             conn.execute("PRAGMA foreign_keys=ON")
             self.schema_version = self._transaction(_migrate, self.path)
+            self.installation_id = self._transaction(_installation_id, new_installation_id())
         except BaseException:
             self._close()
             raise
@@ -493,6 +503,21 @@ def _migrate(db: sqlite_utils.Database, path: Path) -> int:
         db.table("meta").upsert({"key": "schema_version", "value": str(version)}, pk="key")
         current = version
     return current
+
+
+def new_installation_id(hostname: str | None = None) -> str:
+    """A readable, unique installation name: the host it was made on (sanitised, short)
+    and 32 random bits, e.g. `eu-west-1-3f9a1c2b`. Usable as an MQTT client id."""
+    host = socket.gethostname() if hostname is None else hostname
+    host = re.sub(r"[^A-Za-z0-9.-]+", "-", host).strip("-.")
+    return f"{host[:40] or 'replicator'}-{secrets.token_hex(4)}"
+
+
+def _installation_id(db: sqlite_utils.Database, proposed: str) -> str:
+    """The journal's installation id, `proposed` when it has none yet."""
+    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('installation_id', ?)", (proposed,))
+    row = db.execute("SELECT value FROM meta WHERE key = 'installation_id'").fetchone()
+    return str(row[0])
 
 
 def _schema_version(db: sqlite_utils.Database) -> int:

@@ -23,6 +23,11 @@ the journal thread, so the event loop never blocks on disk.
 
 `attempts` counts leases, not failures: a task that crashes its worker every time
 (SIGKILL mid-copy) still reaches the dead-letter state after `max_attempts`.
+
+A lease is a term, not ownership: the worker `renew`s it while it works, anyone's
+`requeue_expired` returns it once the term passes unrenewed (a crashed or frozen
+worker), and the worker's `renew` right before its final write tells it whether the
+task is still its own.
 """
 
 from __future__ import annotations
@@ -173,6 +178,8 @@ class WorkQueue:
             raise QueueError("owner_id: required")
         if max_attempts < 1:
             raise QueueError(f"max_attempts: must be at least 1, got {max_attempts}")
+        if not lease_seconds > 0:
+            raise QueueError(f"lease time: must be more than 0 seconds, got {lease_seconds}")
         self.journal = journal
         self.owner_id = owner_id
         self.max_attempts = max_attempts
@@ -433,6 +440,55 @@ class WorkQueue:
             "WHERE state='leased' AND lease_owner=?",
             (now, now, self.owner_id),
         )
+
+    async def release_predecessor(self) -> int:
+        """At start: return every lease still held under this owner id at once. Only a
+        dead earlier process of this same identity can hold them (the identity is unique
+        among live processes), so there is no need to wait for them to expire. The
+        attempt is kept, and a task out of attempts goes `dead` as in `requeue_expired`:
+        a task that kills its worker every time must not crash-loop the daemon."""
+        return await self.journal.write(self._release_predecessor)
+
+    def _release_predecessor(self, db: sqlite_utils.Database) -> int:
+        now = self._clock()
+        note = (
+            "'lease returned at start: its owner ' || lease_owner || "
+            "' was restarted while running it'"
+        )
+        dead = db.execute(
+            f"UPDATE tasks SET state='dead', last_error={note}, "
+            "lease_owner=NULL, lease_until=NULL, updated_at=? "
+            "WHERE state='leased' AND lease_owner=? AND attempts >= ?",
+            (now, self.owner_id, self.max_attempts),
+        ).rowcount
+        back = db.execute(
+            f"UPDATE tasks SET state='pending', next_try=?, last_error={note}, "
+            "lease_owner=NULL, lease_until=NULL, updated_at=? "
+            "WHERE state='leased' AND lease_owner=?",
+            (now, now, self.owner_id),
+        ).rowcount
+        return int(dead + back)
+
+    async def supersede(self, task_id: int, reason: str) -> bool:
+        """Finish our leased task as `cancelled` because newer work makes it moot (the
+        source moved on); `reason` is kept in last_error. False when the lease was lost."""
+        return await self._owned_update(
+            task_id,
+            "state='cancelled', lease_owner=NULL, lease_until=NULL, last_error=?, updated_at=?",
+            (redact(reason)[:_MAX_ERROR], self._clock()),
+        )
+
+    async def newer_copy_pending(self, task: Task) -> tuple[bool, str | None]:
+        """Whether a copy of the same key was queued behind `task` (pending, not yet
+        coalesced into it), and that copy's digest: the newer work that would overwrite
+        what `task` is about to write."""
+        found = await self.journal.read(
+            rows,
+            "SELECT digest FROM tasks WHERE key=? AND id>? AND state='pending' "
+            "AND action='copy' ORDER BY id DESC LIMIT 1",
+            (task.key, task.id),
+        )
+        return (True, found[0]["digest"]) if found else (False, None)
 
     async def _owned_update(self, task_id: int, assignments: str, params: tuple[Any, ...]) -> bool:
         count = await self.journal.write(

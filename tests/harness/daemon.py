@@ -1,8 +1,17 @@
-"""Run `registry-replicator run` as a real subprocess, with registries that notify it."""
+"""Run `registry-replicator run` as a real subprocess, with registries that notify it.
+
+The command line is the shipped systemd unit's ExecStart (read from the unit file),
+with only the binary and the configuration path replaced: a test passes because the
+product works as installed, not because the harness adds an identity or a speed-up
+the unit does not. A test may append options (`extra_args`) for what it does not
+test, such as a shorter retry delay; never an instance id or MQTT client id.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -19,6 +28,26 @@ from tests.harness.registry import Registry
 from tests.harness.util import free_port, wait_until
 
 TOKEN = "hook-token-for-tests"
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "systemd" / "registry-replicator.service"
+INSTALLED_BINARY = "/usr/bin/registry-replicator"
+INSTALLED_CONFIG = "/etc/registry-replicator/config.yaml"
+# the venv's console script: what `pip install` puts where the unit expects the binary
+BINARY = Path(sys.executable).parent / "registry-replicator"
+_READY = re.compile(r"daemon (\S+) ready on ")
+
+
+def unit_command(config: Path) -> list[str]:
+    """The unit's ExecStart as argv, running this checkout with `config`."""
+    lines = [
+        line.strip().partition("=")[2]
+        for line in UNIT.read_text().splitlines()
+        if line.strip().startswith("ExecStart=")
+    ]
+    argv = shlex.split(lines[-1])
+    assert argv[0] == INSTALLED_BINARY and INSTALLED_CONFIG in argv, argv
+    argv[0] = str(BINARY)
+    return [str(config) if a == INSTALLED_CONFIG else a for a in argv]
 
 
 def notify_kwargs(daemon_port: int, site: str) -> dict[str, Any]:
@@ -34,10 +63,11 @@ class DaemonProcess:
     root: Path
     config: dict[str, Any]
     port: int = field(default_factory=free_port)
-    instance_id: str = "test-daemon"
+    name: str = "daemon"  # names the harness's files (log, default journal); not the daemon
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    _run_starts_at: int = 0  # where the current run's lines begin in the log
 
     @property
     def url(self) -> str:
@@ -49,32 +79,21 @@ class DaemonProcess:
 
     @property
     def log_path(self) -> Path:
-        return self.root / f"{self.instance_id}.log"
+        return self.root / f"{self.name}.log"
 
     def write_config(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         cfg = dict(self.config)
         cfg["listen"] = f"127.0.0.1:{self.port}"
-        cfg.setdefault("journal", str(self.root / f"{self.instance_id}.db"))
+        cfg.setdefault("journal", str(self.root / f"{self.name}.db"))
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     def start(self, wait: bool = True) -> DaemonProcess:
         self.write_config()
+        self._run_starts_at = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "replicator",
-                "run",
-                "-c",
-                str(self.config_path),
-                "--instance-id",
-                self.instance_id,
-                "--retry-base",
-                "0.2",
-                *self.extra_args,
-            ],
+            [*unit_command(self.config_path), *self.extra_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -105,7 +124,29 @@ class DaemonProcess:
             self.signal(signal.SIGKILL)
             self.proc.wait()
 
-    def stop(self, timeout: float = 15) -> int | None:
+    @property
+    def instance_id(self) -> str | None:
+        """The identity the current (or last) run of the daemon chose, from its "ready"
+        log line; waits for that line while the run is still starting."""
+
+        def logged() -> str | None:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._run_starts_at)
+                found = _READY.findall(f.read().decode(errors="replace"))
+            return found[-1] if found else None
+
+        if self.proc is None:
+            return None
+        if self.proc.poll() is not None:
+            return logged()
+        return wait_until(logged, timeout=20, what=f"the ready line of {self.name}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 30) -> int | None:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -121,7 +162,7 @@ class DaemonProcess:
 
     @property
     def journal_path(self) -> Path:
-        return Path(self.config.get("journal") or self.root / f"{self.instance_id}.db")
+        return Path(self.config.get("journal") or self.root / f"{self.name}.db")
 
     def journal_rows(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Read the daemon's journal (read-only) while it runs; [] before it exists."""

@@ -13,8 +13,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.harness.util import free_port, wait_until
 
@@ -62,6 +66,7 @@ class Mosquitto:
             "log_type notice",
             "log_type information",
             "connection_messages true",
+            "sys_interval 1",  # $SYS counters (sessions, clients) fresh within a second
         ]
         if self.users:
             pwfile = self.root / "passwords"
@@ -135,6 +140,42 @@ class Mosquitto:
             except OSError:
                 return False
             return True
+
+    def sys_value(self, topic: str, timeout: float = 5) -> str | None:
+        """One `$SYS/broker/...` value (published every second, see `sys_interval`)."""
+        got: list[str] = []
+        done = threading.Event()
+        client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        client.on_connect = lambda c, *_: c.subscribe(topic)
+        client.on_message = lambda _c, _u, msg: (got.append(msg.payload.decode()), done.set())
+        client.connect("127.0.0.1", self.port)
+        client.loop_start()
+        try:
+            done.wait(timeout)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        return got[0] if got else None
+
+    def offline_sessions(self) -> int:
+        """Persistent sessions the broker keeps for clients not connected now."""
+        value = self.sys_value("$SYS/broker/clients/disconnected")
+        return int(value) if value is not None else -1
+
+    def end_session(self, client_id: str) -> None:
+        """What the README tells an operator to do with a retired instance's session,
+        as `mosquitto_sub -V mqttv5 -i ID -t retire -W 1` does it: connect under its id
+        with a clean start and no session expiry, then leave."""
+        connected = threading.Event()
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id, protocol=paho.MQTTv5)
+        client.on_connect = lambda *_: connected.set()
+        client.connect("127.0.0.1", self.port, clean_start=True)
+        client.loop_start()
+        try:
+            assert connected.wait(5), f"could not connect as {client_id}"
+        finally:
+            client.disconnect()
+            client.loop_stop()
 
     def log_tail(self, lines: int = 20) -> str:
         try:
