@@ -9,6 +9,7 @@ one store per concept, each with one async API; no SQL lives outside this packag
     await journal.ledger.record(target, repo, digest, source, tag)   # what went where
     await journal.inventory.record_tags(site, repo, {tag: digest})  # what sites hold
     await journal.blobs.record(registry, digest, repo)   # mount sources
+    await journal.tombstones.record(site, repo, tag=..., digest=..., origin=...)  # deletes
     await journal.sync_runs.start(...) / journal.gc_runs / journal.failovers
     await journal.status.rows()                          # for `status`
     await journal.task_admin.drop([id], actor=..., reason=...)  # for `tasks`
@@ -27,6 +28,7 @@ from replicator.journal.runs import CandidateRow, Failover, Failovers, GCRuns, S
 from replicator.journal.status import StatusRows, StatusView
 from replicator.journal.task_admin import TaskAdmin, TaskView
 from replicator.journal.tasks import QueueError, Task, TaskSpec, WorkQueue
+from replicator.journal.tombstones import Tombstone, Tombstones
 
 
 class Journal(JournalConnection):
@@ -62,6 +64,10 @@ class Journal(JournalConnection):
         return Failovers(self)
 
     @cached_property
+    def tombstones(self) -> Tombstones:
+        return Tombstones(self)
+
+    @cached_property
     def status(self) -> StatusView:
         return StatusView(self)
 
@@ -94,5 +100,7 @@ __all__ = [
     "TaskAdmin",
     "TaskSpec",
     "TaskView",
+    "Tombstone",
+    "Tombstones",
     "WorkQueue",
 ]

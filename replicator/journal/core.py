@@ -264,6 +264,24 @@ MIGRATIONS: list[tuple[int, str, Step]] = [
         CREATE INDEX events_subject ON events(site, repository, action, tag, digest)
         """,
     ),
+    (
+        8,
+        "tombstones: every delete the tool observed or performed, so failback and reconcile "
+        "tell 'missing because deleted' from 'missing because never copied'",
+        """
+        CREATE TABLE IF NOT EXISTS tombstones (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            site TEXT NOT NULL,
+            repository TEXT NOT NULL,
+            tag TEXT,                        -- NULL: a delete by digest
+            digest TEXT,                     -- NULL: the digest was not known
+            at REAL NOT NULL,
+            origin TEXT NOT NULL,            -- observed (a webhook) | performed (by us)
+            detail TEXT
+        );
+        CREATE INDEX IF NOT EXISTS tombstones_where ON tombstones(site, repository, tag)
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -1,0 +1,100 @@
+"""Tombstones: every delete the tool observed (a webhook) or performed (table `tombstones`).
+
+A tag missing at a site means either "deleted" or "never copied there"; only a
+record of the delete tells them apart. Failback reads them (a tag deleted at the
+promoted site during the incident must not come back from the returning site),
+and the daemon reads its own (`performed`) to not bounce the delete webhook a
+target sends about a delete we made there back to where it came from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from replicator.journal.core import JournalConnection, executemany, rows
+
+Origin = Literal["observed", "performed"]
+DEFAULT_OWN_DELETE_WINDOW = 3600.0
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    site: str
+    repository: str
+    tag: str | None  # None: deleted by digest
+    digest: str | None  # None: not known (a tag delete event without one)
+    at: float
+    origin: Origin
+    detail: str | None = None
+
+
+class Tombstones:
+    """The `tombstones` table; `clock` is injectable for tests of time windows."""
+
+    def __init__(self, journal: JournalConnection, clock: Callable[[], float] = time.time) -> None:
+        self._journal = journal
+        self._clock = clock
+
+    async def record(
+        self,
+        site: str,
+        repository: str,
+        *,
+        tag: str | None,
+        digest: str | None,
+        origin: Origin,
+        at: float | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Remember that `repository:tag` (or `@digest`) was deleted at `site`."""
+        if tag is None and digest is None:
+            raise ValueError("a tombstone names a tag or a digest")
+        await self._journal.write(
+            executemany,
+            "INSERT INTO tombstones(site, repository, tag, digest, at, origin, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(site, repository, tag, digest, self._clock() if at is None else at, origin, detail)],
+        )
+
+    async def at_site(
+        self, site: str, repository: str | None = None, since: float | None = None
+    ) -> list[Tombstone]:
+        """Deletes at `site` (optionally one repository, at or after `since`), oldest first."""
+        query = (
+            "SELECT site, repository, tag, digest, at, origin, detail FROM tombstones "
+            "WHERE site = ?"
+        )
+        params: list[object] = [site]
+        if repository is not None:
+            query += " AND repository = ?"
+            params.append(repository)
+        if since is not None:
+            query += " AND at >= ?"
+            params.append(since)
+        found = await self._journal.read(rows, query + " ORDER BY at, id", tuple(params))
+        return [Tombstone(**r) for r in found]
+
+    async def performed_here(
+        self,
+        site: str,
+        repository: str,
+        *,
+        tag: str | None = None,
+        digest: str | None = None,
+        within: float = DEFAULT_OWN_DELETE_WINDOW,
+    ) -> bool:
+        """Whether we deleted `repository:tag` (or `@digest`) at `site` in the last `within`
+        seconds: the target's webhook about it is then our own delete, not news."""
+        column, value = ("tag", tag) if tag is not None else ("digest", digest)
+        if value is None:
+            return False
+        found = await self._journal.read(
+            rows,
+            f"SELECT 1 FROM tombstones WHERE site = ? AND repository = ? AND {column} = ? "
+            "AND origin = 'performed' AND at >= ? LIMIT 1",
+            (site, repository, value, self._clock() - within),
+        )
+        return bool(found)
