@@ -274,17 +274,7 @@ class CopyEngine:
 
     @staticmethod
     def _as_written(manifest: Manifest, options: CopyOptions) -> Manifest:
-        """The manifest as it will land at the target (an index may be platform-filtered)."""
-        if not manifest.is_index:
-            return manifest
-        children = manifest.children
-        selected = [c for c in children if _platform_selected(c, options.platforms)]
-        if not selected and children:
-            raise ManifestError(
-                f"index {manifest.digest}: no child matches platforms "
-                f"{', '.join(map(str, options.platforms or []))}"
-            )
-        return manifest if len(selected) == len(children) else _filtered_index(manifest, selected)
+        return as_written(manifest, options.platforms)
 
     async def _copy_manifest(self, job: CopyJob, manifest: Manifest, tag: str | None) -> Manifest:
         """Copy everything `manifest` needs, then the manifest itself; returns what was written."""
@@ -585,6 +575,21 @@ async def _single_flight(table: dict, key: object, work: Awaitable[str]) -> str:
         return result
     finally:
         table.pop(key, None)
+
+
+def as_written(manifest: Manifest, platforms: Sequence[Platform] | None) -> Manifest:
+    """The manifest as it will land at the target (an index may be platform-filtered).
+    Pure; `sync` plans with it so a dry run predicts the copy's "up to date"."""
+    if not manifest.is_index:
+        return manifest
+    children = manifest.children
+    selected = [c for c in children if _platform_selected(c, platforms)]
+    if not selected and children:
+        raise ManifestError(
+            f"index {manifest.digest}: no child matches platforms "
+            f"{', '.join(map(str, platforms or []))}"
+        )
+    return manifest if len(selected) == len(children) else _filtered_index(manifest, selected)
 
 
 def _platform_selected(desc: Descriptor, platforms: Sequence[Platform] | None) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from replicator.config import Rule
-from replicator.rules import select_tags, tag_passes
+from replicator.rules import covered_tags, covers, map_repository
 
 ActionKind = Literal["copy", "delete", "conflict", "up-to-date"]
 
@@ -30,6 +30,8 @@ class Action:
     source_digest: str | None  # None for deletes
     target_digest: str | None  # None when absent at the target
     reason: str = ""
+    # a delete: the tag goes by tag; with this, its manifest too (no tag stays on it)
+    prune_manifest: bool = False
 
     def describe(self) -> str:
         src = f"{self.source_site}/{self.repository}:{self.tag}"
@@ -38,7 +40,8 @@ class Action:
             what = "new" if self.target_digest is None else f"was {_short(self.target_digest)}"
             return f"copy     {src} -> {dst} ({_short(self.source_digest)}, {what})"
         if self.kind == "delete":
-            return f"delete   {dst} ({_short(self.target_digest)}; {self.reason})"
+            manifest = ", then its manifest" if self.prune_manifest else ", manifest kept"
+            return f"delete   {dst} (tag{manifest}: {_short(self.target_digest)}; {self.reason})"
         if self.kind == "conflict":
             return (
                 f"conflict {dst} is {_short(self.target_digest)}, source has "
@@ -54,29 +57,32 @@ def _short(digest: str | None) -> str:
 def selected_tags(
     rule: Rule, source_tags: Mapping[str, str], pushed_at: Mapping[str, float] | None = None
 ) -> list[str]:
-    """The source tags the rule replicates (include/exclude/semver/latest-N)."""
-    return select_tags(list(source_tags), rule.tags, dict(pushed_at) if pushed_at else None)
+    """The source tags the rule replicates now (`rules.covered_tags`)."""
+    return covered_tags(rule, list(source_tags), pushed_at)
 
 
 def plan_target(
     rule: Rule,
     target_site: str,
     repository: str,
-    target_repository: str,
     source_tags: Mapping[str, str],
     selected: list[str],
     target_tags: Mapping[str, str | None],
     target_all_tags: Mapping[str, str] | None = None,
+    written: Mapping[str, str] | None = None,
 ) -> list[Action]:
-    """Plan one (rule, repository, target).
+    """Plan one (rule, repository, target); the target repository is the rule's rename.
 
     `target_tags` maps each selected tag to the target's digest (None: absent).
     `target_all_tags` (every tag at the target with its digest) is needed only
     when the rule propagates deletes: a target tag the rule covers that the
-    source no longer has is deleted, unless its digest is still needed by a tag
-    that stays (registries delete manifests by digest, taking every tag along).
+    source no longer has is deleted (by tag only: its siblings stay).
+    `written` maps a tag to the digest the copy writes at the target when that
+    differs from the source's (a platform-filtered index); a target already
+    holding it is up to date, exactly as the copy engine will find.
     """
     actions: list[Action] = []
+    target_repository = map_repository(rule, repository)
 
     def act(kind: ActionKind, tag: str, src: str | None, dst: str | None, reason: str = "") -> None:
         actions.append(
@@ -97,7 +103,7 @@ def plan_target(
     for tag in selected:
         src_digest = source_tags[tag]
         dst_digest = target_tags.get(tag)
-        if dst_digest == src_digest:
+        if dst_digest is not None and dst_digest in (src_digest, (written or {}).get(tag)):
             act("up-to-date", tag, src_digest, dst_digest)
         elif dst_digest is None or rule.overwrite:
             act("copy", tag, src_digest, dst_digest)
@@ -105,23 +111,28 @@ def plan_target(
             act("conflict", tag, src_digest, dst_digest)
 
     if rule.deletes and target_all_tags:
-        gone = [
-            t
-            for t, d in target_all_tags.items()
-            if t not in source_tags and tag_passes(rule.tags, t)
-        ]
+        # covered by the filters alone: a tag the source no longer holds has no rank
+        gone = sorted(t for t in target_all_tags if t not in source_tags and covers(rule, t))
         staying_digests = {d for t, d in target_all_tags.items() if t not in gone}
         staying_digests |= {source_tags[t] for t in selected}
-        for tag in sorted(gone):
+        # the manifest goes with the last of its tags to go, when no tag stays on it
+        last_on = {target_all_tags[t]: t for t in gone}
+        for tag in gone:
             digest = target_all_tags[tag]
-            if digest in staying_digests:
-                act(
-                    "conflict",
+            prune = digest not in staying_digests and last_on[digest] == tag
+            actions.append(
+                Action(
+                    "delete",
+                    rule.name,
+                    rule.from_,
+                    target_site,
+                    repository,
+                    target_repository,
                     tag,
                     None,
                     digest,
-                    "not deleted: another tag that stays points at the same digest",
+                    "gone from the source",
+                    prune_manifest=prune,
                 )
-            else:
-                act("delete", tag, None, digest, "gone from the source")
+            )
     return actions

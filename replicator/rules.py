@@ -8,7 +8,8 @@ with it too); `glob_match` is imported here for the callers of this module.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -20,11 +21,16 @@ from replicator.refs import REPOSITORY_RE
 from replicator.semver import parse_range, parse_version
 
 __all__ = [
+    "REFERRERS_TAG_RE",
     "RenameError",
     "RuleTarget",
+    "covered_tags",
+    "covers",
     "effective_rules",
     "glob_match",
+    "is_referrers_tag",
     "map_repository",
+    "needs_tag_list",
     "platform_selected",
     "rules_for",
     "select_tags",
@@ -90,6 +96,66 @@ def select_tags(
         )
     keep = set(ranked[: tag_filter.latest])
     return [t for t in passed if t in keep]
+
+
+# ---- the one decision: does a rule cover a tag now -------------------------------------------
+
+# distribution has no referrers API; referrers live under this tag of their subject
+REFERRERS_TAG_RE = re.compile(r"sha256-[a-f0-9]{64}")
+
+
+def is_referrers_tag(tag: str | None) -> bool:
+    return bool(tag and REFERRERS_TAG_RE.fullmatch(tag))
+
+
+def covered_tags(
+    rule: Rule, source_tags: Iterable[str], pushed_at: Mapping[str, float] | None = None
+) -> list[str]:
+    """The tags of a source repository that `rule` replicates now, in input order.
+
+    The one decision used by `sync`'s planner, the daemon's event path, failover
+    catch-up and failback, so that none of them copies what another would not:
+    a referrers fallback tag (`sha256-<hex>`) is covered when the rule copies
+    referrers (it travels with its subject; tag filters do not apply to it and
+    it never counts towards `latest`); every other tag passes the include/exclude
+    globs and the semver range, and under `latest: N` is among the N newest of
+    those (by version, else by `pushed_at`, the source's push times).
+    """
+    unique = list(dict.fromkeys(source_tags))
+    referrers = [t for t in unique if is_referrers_tag(t)]
+    plain = [t for t in unique if not is_referrers_tag(t)]
+    chosen = set(select_tags(plain, rule.tags, dict(pushed_at) if pushed_at else None))
+    if rule.referrers:
+        chosen.update(referrers)
+    return [t for t in unique if t in chosen]
+
+
+def covers(
+    rule: Rule,
+    tag: str,
+    source_tags: Iterable[str] | None = None,
+    pushed_at: Mapping[str, float] | None = None,
+) -> bool:
+    """Whether `rule` covers `tag` of a source repository now.
+
+    `source_tags` is the source's current tag list; it is needed only under
+    `latest: N` (see `needs_tag_list`), and `tag` counts as one of them (a push
+    event arrives before distribution writes the tag). Pass None for a tag the
+    source no longer holds (a delete): it is judged by the filters alone, since
+    its deletion is the rule's business whatever `latest` ranked it.
+    """
+    if is_referrers_tag(tag):
+        return rule.referrers
+    if not tag_passes(rule.tags, tag):
+        return False
+    if not needs_tag_list(rule) or source_tags is None:
+        return True
+    return tag in covered_tags(rule, [*source_tags, tag], pushed_at)
+
+
+def needs_tag_list(rule: Rule) -> bool:
+    """Whether `covers` needs the source's tag list for this rule (`latest: N`)."""
+    return rule.tags is not None and rule.tags.latest is not None
 
 
 # ---- platforms --------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from replicator.aio import bounded_gather
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule
-from replicator.copy import CopyEngine, CopyOptions, CopyStats
+from replicator.copy import CopyEngine, CopyOptions, CopyStats, as_written
+from replicator.deletes import DeleteSite, delete_tag
 from replicator.journal import Journal
-from replicator.manifest import Descriptor
+from replicator.manifest import Descriptor, ManifestError
 from replicator.planner import Action, plan_target, selected_tags
 from replicator.registry.errors import RegistryError
 from replicator.rules import effective_rules, glob_match, map_repository
@@ -190,9 +191,14 @@ class Reconciler:
         except RegistryError as exc:
             report.failures.append(f"rule {rule.name}: {target}/{repo}: {exc}")
             return
+        try:
+            written = await self._written(rule, repo, source_tags, selected, target_tags)
+        except (RegistryError, ManifestError) as exc:
+            report.failures.append(f"rule {rule.name}: {rule.from_}/{repo}: {exc}")
+            return
         plan_source = {t: source_tags.get(t) or all_source[t] for t in all_source}
         actions = plan_target(
-            rule, target, repo, target_repo, plan_source, selected, target_tags, everything
+            rule, target, repo, plan_source, selected, target_tags, everything, written
         )
         report.actions.extend(actions)
         for action in actions:
@@ -203,6 +209,29 @@ class Reconciler:
                 (self._execute(rule, a, report) for a in actions if a.kind in ("copy", "delete")),
                 self.parallel,
             )
+
+    async def _written(
+        self,
+        rule: Rule,
+        repo: str,
+        source_tags: dict[str, str],
+        selected: list[str],
+        target_tags: dict[str, str | None],
+    ) -> dict[str, str]:
+        """tag -> the digest the copy engine writes at the target, where that differs from
+        the source's (an index filtered to the rule's platforms). Asked only for tags the
+        target holds at another digest, so the dry run predicts "up to date" exactly when
+        the copy will find it so."""
+        if not rule.platform_list:
+            return {}
+        differing = [t for t in selected if target_tags.get(t) not in (None, source_tags[t])]
+        by_digest: dict[str, str] = {}
+        src = self.pool[rule.from_]
+        for digest in dict.fromkeys(source_tags[t] for t in differing):
+            async with self._lookups:
+                manifest = await src.get_manifest(repo, digest)
+            by_digest[digest] = as_written(manifest, rule.platform_list).digest
+        return {t: by_digest[source_tags[t]] for t in differing}
 
     async def _head_all(self, client, repo: str, tags: Iterable[str]) -> dict[str, str | None]:
         async def one(tag: str) -> tuple[str, str | None]:
@@ -216,11 +245,19 @@ class Reconciler:
     async def _execute(self, rule: Rule, action: Action, report: SyncReport) -> None:
         src, dst = self.pool[action.source_site], self.pool[action.target_site]
         if action.kind == "delete":
-            assert action.target_digest is not None  # the planner deletes what exists
             try:
-                await dst.delete_manifest(action.target_repository, action.target_digest)
-                report.deleted += 1
-                status = "deleted"
+                deletion = await delete_tag(
+                    DeleteSite(src, action.source_site, action.repository),
+                    DeleteSite(dst, action.target_site, action.target_repository),
+                    action.tag,
+                    journal=self.journal,
+                    prune_digest=action.target_digest if action.prune_manifest else None,
+                )
+                status: str = deletion.outcome
+                if deletion.outcome == "deleted":
+                    report.deleted += 1
+                elif deletion.outcome == "kept":  # re-pushed since the plan: not a failure
+                    log.info("sync: delete %s", deletion.describe())
             except RegistryError as exc:
                 report.failures.append(
                     f"delete {action.target_site}/{action.target_repository}:{action.tag}: {exc}"

@@ -218,12 +218,14 @@ def test_planner_is_pure():
         "old": "sha256:" + "1" * 64,
     }
     every.pop("alias")
-    actions = plan_target(rule, "b", "repo", "repo", src, ["v1", "v2"], target, every)
+    actions = plan_target(rule, "b", "repo", src, ["v1", "v2"], target, every)
     kinds = {(a.tag, a.kind) for a in actions}
     assert ("v1", "up-to-date") in kinds and ("v2", "conflict") in kinds
     assert ("gone", "delete") in kinds
-    # 'old' shares v1's digest: deleting it by digest would take v1 along
-    assert ("old", "conflict") in kinds
+    # 'old' shares v1's digest: it goes by tag alone, and the manifest v1 needs stays
+    assert ("old", "delete") in kinds
+    by_tag = {a.tag: a for a in actions}
+    assert not by_tag["old"].prune_manifest and by_tag["gone"].prune_manifest
 
 
 def test_sync_on_a_terminal_shows_an_overall_bar_and_human_sizes(registry_factory, tmp_path):
@@ -269,3 +271,22 @@ def test_sync_on_a_terminal_shows_an_overall_bar_and_human_sizes(registry_factor
     summary = next(line for line in text.splitlines() if "copied 3," in line)
     assert "KiB" in summary and "bytes" not in summary, text
     assert "bytes/s" not in text, text  # the tags bar counts tags, not bytes
+
+
+def test_dry_run_of_a_platform_filtered_index_predicts_up_to_date(two_registries, tmp_path):
+    """Issue 11, case 5: the target holds the filtered index (its own digest), so a dry run
+    must say up to date, as the real run finds, not plan a copy it will not make."""
+    src, dst = two_registries
+    with Pusher(src.url) as p:
+        p.push_multiarch("team/multi", "1.0.0", "pf")
+    config = write_config(
+        tmp_path,
+        {"a": src, "b": dst},
+        [{"name": "r", "from": "a", "to": ["b"], "platforms": ["linux/amd64"]}],
+    )
+    first = sync_json(config)
+    assert first["_rc"] == 0 and first["copied"] == 1
+    plan = sync_json(config, "--dry-run")
+    real = sync_json(config)
+    assert plan["planned_copies"] == 0 == real["copied"] == real["planned_copies"]
+    assert plan["skipped"] == real["skipped"] == 1

@@ -42,11 +42,12 @@ from replicator.config import Config, Rule, load_config
 from replicator.copy import CopyEngine, CopyJob, CopyOptions
 from replicator.daemon import housekeeping
 from replicator.daemon.bus import EventBus, InProcessBus, MqttBus, MqttSettings
-from replicator.daemon.dispatch import tasks_for_event
+from replicator.daemon.dispatch import SourceTags, needs_source_tags, tasks_for_event
 from replicator.daemon.identity import InstanceIdentity, claim_identity
 from replicator.daemon.intake import SiteIntake, create_app
 from replicator.daemon.notify import Notifier
 from replicator.daemon.schedule import Periodic
+from replicator.deletes import DeleteSite, delete_digest, delete_tag
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.events import RegistryEvent
 from replicator.journal import Journal, QueueError, Task, WorkQueue
@@ -55,6 +56,7 @@ from replicator.manifest import is_digest
 from replicator.metrics import METRICS, Metrics
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
+from replicator.rules import covers
 from replicator.sync import Reconciler, rules_in_force
 
 log = logging.getLogger("replicator.daemon")
@@ -420,13 +422,32 @@ class Daemon:
                     source,
                 )
                 return
-        specs = tasks_for_event(self.config, self.rules, event, trace_context)
+        if event.action == "delete" and await self.journal.tombstones.performed_here(
+            event.site, event.repository, tag=event.tag, digest=None if event.tag else event.digest
+        ):
+            log.debug(
+                "delete event %s at %s is our own delete; not propagated", event.id, event.site
+            )
+            return
+        listing = await self._source_tags(event)
+        specs = tasks_for_event(self.config, self.rules, event, trace_context, listing)
         if specs:
             await self.queue.enqueue(specs)
             self._work_ready.set()
 
+    async def _source_tags(self, event: RegistryEvent) -> SourceTags | None:
+        """The source's tags and push times, listed only when a `latest: N` rule must rank
+        the pushed tag among them (one listing per such event). A listing that fails
+        raises: the bus retries the event rather than guess."""
+        if not needs_source_tags(self.config, self.rules, event):
+            return None
+        tags = await self.pool[event.site].list_tags(event.repository)
+        pushed_at = await self.journal.inventory.push_times(event.site, event.repository)
+        return SourceTags(tags, pushed_at)
+
     async def _remember(self, event: RegistryEvent) -> None:
-        """Keep the inventory current from webhooks: push times feed retention policies."""
+        """Keep the inventory current from webhooks: push times feed retention policies;
+        deletes become tombstones (failback tells deleted from never copied by them)."""
         inventory = self.journal.inventory
         if event.action == "push" and event.is_manifest and event.tag and event.digest:
             await inventory.record_tags(
@@ -442,6 +463,15 @@ class Daemon:
                 tag=event.tag,
                 digest=None if event.tag else event.digest,
             )
+            if event.tag or event.digest:
+                await self.journal.tombstones.record(
+                    event.site,
+                    event.repository,
+                    tag=event.tag,
+                    digest=event.digest,
+                    origin="observed",
+                    at=event.occurred_at or None,
+                )
 
     # ----------------------------------------------------------------- workers
     async def _work_loop(self) -> None:
@@ -536,7 +566,7 @@ class Daemon:
             if task.action == "copy":
                 await self._copy(task, rule, src, dst)
             else:
-                await self._delete(task, dst)
+                await self._delete(task, rule, src, dst)
         except asyncio.CancelledError:
             raise  # shutdown: the lease is released and the task runs again next time
         except (RegistryError, ConfigError) as exc:
@@ -612,21 +642,31 @@ class Daemon:
                 f"not {job.source_digest}; not writing {job.target_site}/{job.dst_repo}:{ref}"
             )
 
-    async def _delete(self, task: Task, dst: RegistryClient) -> None:
-        digest = task.digest
-        if digest is None and task.tag:
-            head = await dst.head_manifest(task.target_repository, task.tag)
-            if head is None:
-                await self.queue.complete(task.id)
-                return
-            digest = head.digest
-        if digest is None:  # unreachable: TaskSpec.validate requires a tag or a digest
+    async def _delete(
+        self, task: Task, rule: Rule, src: RegistryClient, dst: RegistryClient
+    ) -> None:
+        """The delete protocol (`replicator.deletes`): re-checked at the source, a tag
+        deleted by tag alone, a manifest only when no tag at the target is left on it."""
+        if not await self.queue.renew(task.id):  # a delete is fenced like a manifest write
+            log.warning("task %d lost its lease before deleting; nothing deleted", task.id)
+            return
+        source = DeleteSite(src, task.source_site, task.repository)
+        target = DeleteSite(dst, task.target_site, task.target_repository)
+        if task.tag:
+            result = await delete_tag(source, target, task.tag, journal=self.journal)
+        elif task.digest:
+            result = await delete_digest(
+                source,
+                target,
+                task.digest,
+                lambda tag: covers(rule, tag),
+                journal=self.journal,
+            )
+        else:  # unreachable: TaskSpec.validate requires a tag or a digest
             raise QueueError(f"task {task.id} names neither a tag nor a digest")
-        await self.journal.ledger.record(
-            task.target_site, task.target_repository, digest, task.source_site
-        )
-        await dst.delete_manifest(task.target_repository, digest)
-        await self.queue.complete(task.id)
+        log.info("task %d: delete %s", task.id, result.describe())
+        if not await self.queue.complete(task.id):
+            log.warning("task %d finished after it lost its lease", task.id)
 
     async def _failed(self, task: Task, error: str, retryable: bool) -> None:
         telemetry.record_failure(error, retryable=retryable)
