@@ -13,36 +13,60 @@ daemon - follows it after any restart.
 The lost site is never contacted: it is down, and a request to it could hang
 for as long as its timeouts allow. Every step uses surviving sites only.
 
-Failback is the reverse once the old primary is back: copy to it everything
-its replacement received during the incident, then end the failover.
+Failback is the reverse once the old primary is back. The promoted site is the
+truth for the incident window:
+
+* every tag the promoted site holds is copied to the returning site (the
+  promoted site's version wins; where the returning site held that tag at a
+  digest it never replicated, the conflict is reported);
+* a tag the returning site holds and the promoted site does not was deleted
+  during the incident if the promoted site ever held it (the ledger says we
+  copied it there, the inventory saw it there, or a tombstone records its
+  delete there): failback deletes it at the returning site (by tag, after
+  re-checking the promoted site; tombstoned), so nothing brings it back;
+* otherwise it is a tag the old primary took and never replicated: failback
+  copies it to every target of the rule.
+
+Then the failover ends. `failback --dry-run` prints this whole plan.
 
 Under `latest: N`, only the N newest tags (over every survivor) are caught up.
 
-Rules with `rename` are refused: the promoted replica holds the *target*
-names, and expressing a rule over those names (and inverting the rename for
-failback) is not something a rule can say today.
+Rules with `rename` fail over when the rename can be inverted (prefix added
+and/or stripped, every selected repository carrying the stripped prefix): the
+rewritten rule speaks the target names (`rules.target_view`) and failback maps
+them back (`rules.inverse_rename`). Others are refused, naming the rule.
 
-Pure decisions (`lost_site_for`, `refusals`, `choose_digest`, `_decide`) are
-separate from the I/O so they can be tested alone.
+Pure decisions (`lost_site_for`, `refusals`, `choose_digest`, `_decide`,
+`decide_returning_tag`) are separate from the I/O so they can be tested alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 
 from replicator.aio import bounded_gather
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule
 from replicator.copy import CopyEngine, CopyOptions
+from replicator.deletes import DeleteSite, delete_tag
 from replicator.errors import UsageError
 from replicator.journal import Journal
 from replicator.manifest import Descriptor
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
-from replicator.rules import effective_rules, select_tags, tag_passes
+from replicator.rules import (
+    covered_tags,
+    covers,
+    effective_rules,
+    inverse_rename,
+    map_repository,
+    rename_ambiguity,
+    target_view,
+)
 from replicator.sync import Reconciler, SyncReport, active_failovers
 
 log = logging.getLogger(__name__)
@@ -77,16 +101,19 @@ def lost_site_for(rules: Sequence[Rule], promoted: str, lost: str | None = None)
 
 
 def refusals(rules: Sequence[Rule], lost: str, promoted: str) -> list[str]:
-    """Why this failover cannot be done safely (empty: it can)."""
+    """Why this failover cannot be done safely (empty: it can). Only what is really
+    ambiguous is refused: a rule from the lost site whose rename cannot be inverted
+    (catch-up and failback must map the target names back to source names)."""
     problems = []
     for rule in rules:
         if rule.from_ != lost:
             continue
-        if rule.rename is not None:
+        why = rename_ambiguity(rule)
+        if why is not None:
             problems.append(
-                f"rule {rule.name!r} renames repositories, so {promoted!r} holds them under the "
-                "target names; failover of renaming rules is not supported - remove the "
-                "rename or fail over by hand"
+                f"{why}; {promoted!r} holds those repositories only under the target "
+                "names - make every repository glob start with the stripped prefix, or "
+                "fail over by hand"
             )
     return problems
 
@@ -120,12 +147,17 @@ class CatchUp:
     digest: str
     replaces: str | None  # the promoted site's digest, None when it lacked the tag
     reason: str
+    promoted_repository: str | None = None  # when the promoted site names it differently
+
+    @property
+    def at_promoted(self) -> str:
+        return self.promoted_repository or self.repository
 
     def describe(self, promoted: str) -> str:
         was = "new" if self.replaces is None else f"was {self.replaces[:19]}"
         return (
             f"copy     {self.from_site}/{self.repository}:{self.tag} -> "
-            f"{promoted}/{self.repository}:{self.tag} ({self.digest[:19]}, {was}; "
+            f"{promoted}/{self.at_promoted}:{self.tag} ({self.digest[:19]}, {was}; "
             f"{self.reason})"
         )
 
@@ -175,18 +207,33 @@ class FailbackReport:
     site: str
     dry_run: bool
     sources: dict[str, str] = field(default_factory=dict)  # rule -> site synced from
-    sync: SyncReport | None = None
+    sync: SyncReport | None = None  # the promoted site's tags copied back
+    items: list[FailbackItem] = field(default_factory=list)  # deletes, spreads, conflicts
     failures: list[str] = field(default_factory=list)
     ended: list[int] = field(default_factory=list)  # failover ids made inactive
+    rules_used: list[Rule] = field(default_factory=list)  # the configured rules failed back
+
+    def plan(self) -> list[str]:
+        """Every change, one line each: the same list for the dry run and the real run."""
+        lines = (
+            [a.describe() for a in self.sync.actions if a.kind != "up-to-date"] if self.sync else []
+        )
+        return lines + [i.describe(self.site) for i in self.items]
 
     def as_dict(self) -> dict:
         sync = self.sync
+        counts: dict[str, object] = dict(sync.counts()) if sync else {}
+        kinds = [i.kind for i in self.items]
+        counts["planned_deletes"] = kinds.count("delete")
+        counts["planned_spread"] = kinds.count("spread")
+        counts["failback_conflicts"] = kinds.count("conflict")
         return {
             "site": self.site,
             "dry_run": self.dry_run,
             "sources": self.sources,
-            "counts": sync.counts() if sync else {},
-            "plan": [a.describe() for a in sync.actions if a.kind != "up-to-date"] if sync else [],
+            "counts": counts,
+            "plan": self.plan(),
+            "items": [asdict(i) for i in self.items],
             "failures": self.failures,
             "ended_failovers": self.ended,
         }
@@ -300,13 +347,20 @@ async def _catch_up(
     lookups = asyncio.Semaphore(parallel)
     site = pool[promoted]
     seen: set[tuple[str, str]] = set()  # (repo, tag) already decided by an earlier rule
+    to_promoted: dict[str, Callable[[str], str]] = {}  # rule -> replica name -> promoted's
 
     async def head(client, repo: str, tag: str) -> str | None:
         async with lookups:
             desc = await client.head_manifest(repo, tag)
         return desc.digest if desc else None
 
-    for rule in rules:
+    for configured in rules:
+        # replicas hold the rule's target names; `back` maps them to source names
+        rule = target_view(configured)
+        at_lost = _name_mapper(configured)
+        # a promoted target holds the target names; otherwise it takes the source names
+        at_promoted = (lambda repo: repo) if promoted in configured.to else at_lost
+        to_promoted[rule.name] = at_promoted
         replicas = [t for t in rule.to if t not in (lost, promoted)]
         if not replicas:
             continue
@@ -317,7 +371,7 @@ async def _catch_up(
             try:
                 repos = [r for r in await client.catalog() if rule.matches_repository(r)]
                 for repo in repos:
-                    tags = [t for t in await client.list_tags(repo) if tag_passes(rule.tags, t)]
+                    tags = [t for t in await client.list_tags(repo) if covers(rule, t)]
                     digests = await asyncio.gather(*(head(client, repo, t) for t in tags))
                     for tag, digest in zip(tags, digests, strict=True):
                         if digest:
@@ -326,7 +380,7 @@ async def _catch_up(
                 report.failures.append(f"rule {rule.name}: reading replica {replica}: {exc}")
         if rule.tags is not None and rule.tags.latest is not None:
             try:
-                await _keep_latest(journal, site, rule, lost, holdings)
+                await _keep_latest(journal, site, rule, lost, holdings, (at_promoted, at_lost))
             except RegistryError as exc:
                 report.failures.append(f"rule {rule.name}: reading promoted site {promoted}: {exc}")
                 continue
@@ -338,19 +392,23 @@ async def _catch_up(
         ]
         seen.update((repo, tag) for repo, tag, _ in work)
         try:
-            mine = await asyncio.gather(*(head(site, repo, tag) for repo, tag, _ in work))
+            mine = await asyncio.gather(
+                *(head(site, at_promoted(repo), tag) for repo, tag, _ in work)
+            )
         except RegistryError as exc:
             report.failures.append(f"rule {rule.name}: reading promoted site {promoted}: {exc}")
             continue
-        knowledge = await _knowledge(journal, lost, {r for r, _, _ in work})
+        knowledge = await _knowledge(journal, lost, {at_lost(r) for r, _, _ in work})
         for (repo, tag, by_site), own in zip(work, mine, strict=True):
             decision = _decide(
-                rule, repo, tag, own, by_site, replicas, promoted, knowledge.get(repo, tag)
+                rule, repo, tag, own, by_site, replicas, promoted, knowledge.get(at_lost(repo), tag)
             )
             for item in decision if isinstance(decision, list) else [decision]:
                 if isinstance(item, Conflict):
                     report.conflicts.append(item)
                 elif item is not None:
+                    if at_promoted(repo) != repo:
+                        item = replace(item, promoted_repository=at_promoted(repo))
                     report.copies.append(item)
     if report.dry_run or not report.copies:
         return
@@ -367,7 +425,7 @@ async def _catch_up(
             copy.repository,
             copy.digest,
             site,
-            copy.repository,
+            copy.at_promoted,
             tag=copy.tag,
             options=options,
             target_current=current,
@@ -376,10 +434,18 @@ async def _catch_up(
             report.failures.append(f"catch-up {result.source} -> {result.target}: {result.error}")
         elif result.digest:
             await journal.ledger.record(
-                promoted, copy.repository, result.digest, copy.from_site, copy.tag
+                promoted, copy.at_promoted, result.digest, copy.from_site, copy.tag
             )
 
     await bounded_gather((run(c) for c in report.copies), parallel)
+
+
+def _name_mapper(rule: Rule) -> Callable[[str], str]:
+    """Target name -> source name for a renaming rule (identity without rename)."""
+    if rule.rename is None:
+        return lambda repo: repo
+    back = rule.model_copy(update={"rename": inverse_rename(rule)})
+    return lambda repo: map_repository(back, repo)
 
 
 async def _keep_latest(
@@ -388,15 +454,17 @@ async def _keep_latest(
     rule: Rule,
     lost: str,
     holdings: dict[str, dict[str, dict[str, str]]],
+    names: tuple[Callable[[str], str], Callable[[str], str]],
 ) -> None:
     """Under `latest: N` only the N newest tags are the rule's: replicas keep older ones
     (replication adds, retention removes), and those are not caught up. Newest is
     ranked over the tags of every survivor, the promoted site's included, by version
     or else by the lost primary's push times in the journal, as `sync` ranks them."""
+    at_promoted, at_lost = names
     for repo, tags in holdings.items():
-        own = await promoted.list_tags(repo)
-        pushed_at = await journal.inventory.push_times(lost, repo)
-        keep = set(select_tags(sorted({*tags, *own}), rule.tags, pushed_at))
+        own = await promoted.list_tags(at_promoted(repo))
+        pushed_at = await journal.inventory.push_times(lost, at_lost(repo))
+        keep = set(covered_tags(rule, sorted({*tags, *own}), pushed_at))
         for tag in [t for t in tags if t not in keep]:
             del tags[tag]
 
@@ -505,6 +573,78 @@ async def _knowledge(journal: Journal, lost: str, repos: set[str]) -> _Knowledge
 # ---------------------------------------------------------------------------- failback
 
 
+@dataclass(frozen=True)
+class FailbackItem:
+    """One thing failback does (or would do) beyond copying the promoted site's tags back.
+
+    `delete`: the tag was deleted at the promoted site during the incident; it goes
+    from the returning site. `spread`: the returning site took the tag before it
+    failed and never replicated it; it is copied to `site`. `conflict`: reported,
+    nothing done (the promoted site's write wins, or a target holds the tag otherwise).
+    """
+
+    kind: Literal["delete", "spread", "conflict"]
+    rule: str
+    site: str  # where it happens
+    repository: str  # the repository at `site`
+    tag: str
+    digest: str | None
+    reason: str
+    from_repository: str | None = None  # spread: the returning site's repository
+
+    def describe(self, returning: str) -> str:
+        dst = f"{self.site}/{self.repository}:{self.tag}"
+        short = self.digest[:19] if self.digest else "-"
+        if self.kind == "delete":
+            return f"delete   {dst} ({short}; {self.reason})"
+        if self.kind == "spread":
+            return (
+                f"copy     {returning}/{self.from_repository}:{self.tag} -> {dst} "
+                f"({short}, new; {self.reason})"
+            )
+        return f"conflict {dst} ({short}; {self.reason})"
+
+
+def returning_decisions(
+    rule: Rule,
+    returning_tags: Mapping[str, str],
+    promoted_tags: Iterable[str],
+    was_at_promoted: Iterable[str],
+    pushed_at: Mapping[str, float] | None = None,
+) -> tuple[list[str], list[str]]:
+    """(tags to delete at the returning site, tags to spread from it) for one repository.
+
+    Pure. Only tags the returning site holds and the promoted site does not are
+    decided here: deleted during the incident when the promoted site ever held
+    them (`was_at_promoted`: ledger, inventory, tombstones); otherwise the old
+    primary's unreplicated tags, spread when the rule covers them now."""
+    promoted = set(promoted_tags)
+    evidence = set(was_at_promoted)
+    missing = sorted(t for t in returning_tags if t not in promoted and covers(rule, t))
+    deletes = [t for t in missing if t in evidence]
+    everything = [*returning_tags, *promoted]
+    spread = [t for t in missing if t not in evidence and covers(rule, t, everything, pushed_at)]
+    return deletes, spread
+
+
+def _failback_rule(configured: Rule, source: str, site: str) -> Rule:
+    """The rule that copies the promoted site's tags back to `site`: over the names the
+    promoted site holds, renamed back to `site`'s names."""
+    if source in configured.to and configured.rename is not None:
+        view = target_view(configured).model_copy(update={"rename": inverse_rename(configured)})
+    else:  # the promoted site holds the source names (catch-up brought them there)
+        view = configured.model_copy(update={"rename": None})
+    return view.model_copy(
+        update={
+            "from_": source,
+            "to": [site],
+            "overwrite": True,
+            "deletes": False,
+            "immutable_tags": [],
+        }
+    )
+
+
 async def failback(
     config: Config,
     journal: Journal,
@@ -515,7 +655,8 @@ async def failback(
     dry_run: bool = False,
     parallel: int = 16,
 ) -> FailbackReport:
-    """Bring `site` (a recovered lost primary) up to date, then end its failover(s)."""
+    """Bring `site` (a recovered lost primary) up to date, then end its failover(s);
+    the semantics are in the module docstring."""
     config.site(site)
     failovers = await journal.failovers.active()
     mine = [f for f in failovers if f.lost_site == site]
@@ -525,6 +666,7 @@ async def failback(
     chain = [(f.lost_site, f.promoted_site) for f in failovers]
     report = FailbackReport(site, dry_run)
     sync_rules: list[Rule] = []
+    returning: list[tuple[Rule, str]] = []
     for rule in config.rules:
         if rule.from_ != site:
             continue
@@ -532,30 +674,167 @@ async def failback(
         if source == site:
             continue
         report.sources[rule.name] = source
-        sync_rules.append(
-            rule.model_copy(
-                update={
-                    "from_": source,
-                    "to": [site],
-                    "overwrite": True,
-                    "deletes": False,
-                    "immutable_tags": [],
-                }
-            )
-        )
+        sync_rules.append(_failback_rule(rule, source, site))
+        returning.append((rule, source))
+        report.rules_used.append(rule)
+    for rule, source in returning:
+        try:
+            await _plan_returning(journal, pool, rule, source, site, report)
+        except RegistryError as exc:
+            report.failures.append(f"rule {rule.name}: failback plan: {exc}")
     if sync_rules:
         reconciler = Reconciler(
             config, None if dry_run else journal, pool, engine, parallel=parallel
         )
         report.sync = await reconciler.run(rules=sync_rules, dry_run=dry_run)
         report.failures.extend(report.sync.failures)
+        await _report_overwritten(journal, site, report)
     if dry_run or report.failures:
+        return report
+    await _apply_returning(journal, pool, engine, site, report, parallel)
+    if report.failures:
         return report
     ids = [f.id for f in mine]
     await journal.failovers.end(ids)
     report.ended = ids
     log.warning("failback: %s is the source of its rules again (failovers %s ended)", site, ids)
     return report
+
+
+async def _plan_returning(
+    journal: Journal,
+    pool: ClientPool,
+    rule: Rule,
+    source: str,
+    site: str,
+    report: FailbackReport,
+) -> None:
+    """Decide the tags `site` holds that `source` (the promoted site) does not."""
+    back, there = pool[site], pool[source]
+    at_promoted = (lambda r: map_repository(rule, r)) if source in rule.to else (lambda r: r)
+    for repo in [r for r in await back.catalog() if rule.matches_repository(r)]:
+        theirs_repo = at_promoted(repo)
+        listed = await back.list_tags(repo)
+        theirs = await there.list_tags(theirs_repo)
+        evidence = {
+            t for _, tags in await journal.ledger.tags_at(source, theirs_repo) for t in tags
+        }
+        evidence |= set(await journal.inventory.digests(source, theirs_repo))
+        evidence |= {s.tag for s in await journal.tombstones.at_site(source, theirs_repo) if s.tag}
+        pushed_at = await journal.inventory.push_times(site, repo)
+        candidates = {t: "" for t in listed if t not in theirs}
+        deletes, spread = returning_decisions(rule, candidates, theirs, evidence, pushed_at)
+        for tag in deletes:
+            head = await back.head_manifest(repo, tag)
+            report.items.append(
+                FailbackItem(
+                    "delete",
+                    rule.name,
+                    site,
+                    repo,
+                    tag,
+                    head.digest if head else None,
+                    f"deleted at {source} during the incident",
+                )
+            )
+        for tag in spread:
+            head = await back.head_manifest(repo, tag)
+            if head is None:
+                continue
+            for target in rule.to:
+                target_repo = map_repository(rule, repo)
+                held = await pool[target].head_manifest(target_repo, tag)
+                if held is not None and held.digest == head.digest:
+                    continue
+                kind: Literal["spread", "conflict"] = "spread" if held is None else "conflict"
+                reason = (
+                    f"{site} took it before it failed and never replicated it"
+                    if held is None
+                    else f"{target} holds it at {held.digest[:19]}; left as it is"
+                )
+                report.items.append(
+                    FailbackItem(
+                        kind, rule.name, target, target_repo, tag, head.digest, reason, repo
+                    )
+                )
+
+
+async def _report_overwritten(journal: Journal, site: str, report: FailbackReport) -> None:
+    """The promoted site wins a tag it wrote during the incident; where the returning site
+    held that tag at a digest it never replicated, its version is lost: say so."""
+    assert report.sync is not None
+    for action in report.sync.actions:
+        if action.kind != "copy" or action.target_digest is None:
+            continue
+        sent = await journal.ledger.from_source(site, action.target_repository)
+        if any(e.digest == action.target_digest for e in sent):
+            continue
+        report.items.append(
+            FailbackItem(
+                "conflict",
+                action.rule,
+                site,
+                action.target_repository,
+                action.tag,
+                action.target_digest,
+                f"{site}'s unreplicated version is replaced by {action.source_site}'s "
+                f"{(action.source_digest or '')[:19]} (the promoted site wins)",
+            )
+        )
+
+
+async def _apply_returning(
+    journal: Journal,
+    pool: ClientPool,
+    engine: CopyEngine,
+    site: str,
+    report: FailbackReport,
+    parallel: int,
+) -> None:
+    rules = {r.name: r for r in report.rules_used}
+
+    async def one(item: FailbackItem) -> None:
+        rule = rules[item.rule]
+        if item.kind == "delete":
+            source = report.sources[item.rule]
+            promoted_repo = (
+                map_repository(rule, item.repository) if source in rule.to else item.repository
+            )
+            deletion = await delete_tag(
+                DeleteSite(pool[source], source, promoted_repo),
+                DeleteSite(pool[site], site, item.repository),
+                item.tag,
+                journal=journal,
+            )
+            if deletion.outcome == "kept":
+                report.failures.append(f"failback delete {deletion.describe()}")
+            return
+        if item.kind != "spread" or item.digest is None:
+            return
+        options = CopyOptions(
+            platforms=rule.platform_list or None, referrers=rule.referrers, overwrite=False
+        )
+        result = await engine.copy(
+            pool[site],
+            item.from_repository or item.repository,
+            item.digest,
+            pool[item.site],
+            item.repository,
+            tag=item.tag,
+            options=options,
+        )
+        if result.status == "failed":
+            report.failures.append(f"failback {result.source} -> {result.target}: {result.error}")
+        elif result.digest:
+            await journal.ledger.record(item.site, item.repository, result.digest, site, item.tag)
+
+    async def guarded(item: FailbackItem) -> None:
+        try:
+            await one(item)
+        except RegistryError as exc:
+            report.failures.append(f"failback {item.describe(site)}: {exc}")
+
+    await bounded_gather((guarded(i) for i in report.items), parallel)
 
 
 def _current_source(source: str, chain: Sequence[tuple[str, str]]) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import NamedTuple
 
-from replicator.config import Config, Rule, TagFilter
+from replicator.config import Config, RenameConfig, Rule, TagFilter
 from replicator.errors import ConfigError
 from replicator.globs import glob_match
 from replicator.manifest import Platform
@@ -28,13 +28,16 @@ __all__ = [
     "covers",
     "effective_rules",
     "glob_match",
+    "inverse_rename",
     "is_referrers_tag",
     "map_repository",
     "needs_tag_list",
     "platform_selected",
+    "rename_ambiguity",
     "rules_for",
     "select_tags",
     "tag_passes",
+    "target_view",
 ]
 
 
@@ -232,13 +235,68 @@ def rules_for(
     return out
 
 
+def rename_ambiguity(rule: Rule) -> str | None:
+    """Why the rule's rename cannot be inverted (None: it can, or it has none).
+
+    `prefix` alone is always invertible (strip it again). `strip_prefix` is
+    invertible only when every repository the rule selects starts with it: else
+    `s/x` and `x` would both land on `<prefix>x`, and nothing says which to
+    restore. Which repositories are selected is known from the globs only, so
+    every include glob must start with `strip_prefix`."""
+    rename = rule.rename
+    if rename is None or not rename.strip_prefix:
+        return None
+    loose = [g for g in rule.repositories if not g.startswith(rename.strip_prefix)]
+    if not loose:
+        return None
+    return (
+        f"rule {rule.name!r}: its rename strips {rename.strip_prefix!r} but its repositories "
+        f"{', '.join(repr(g) for g in loose)} need not start with it, so a renamed "
+        "repository cannot be traced back to one source name"
+    )
+
+
+def _rename_glob(rule: Rule, glob: str) -> str:
+    rename = rule.rename
+    assert rename is not None
+    if rename.strip_prefix and glob.startswith(rename.strip_prefix):
+        glob = glob[len(rename.strip_prefix) :]
+    return rename.prefix + glob
+
+
+def target_view(rule: Rule) -> Rule:
+    """The rule as seen from one of its targets: repositories under their target names,
+    no rename (every target holds the same names). Failover promotes a target, so the
+    rewritten rule speaks these names. Callers check `rename_ambiguity` first."""
+    if rule.rename is None:
+        return rule
+    return rule.model_copy(
+        update={
+            "repositories": [_rename_glob(rule, g) for g in rule.repositories],
+            "exclude_repositories": [_rename_glob(rule, g) for g in rule.exclude_repositories],
+            "rename": None,
+        }
+    )
+
+
+def inverse_rename(rule: Rule) -> RenameConfig | None:
+    """The rename that takes a target name back to the source name (for failback):
+    strip the rule's `prefix`, prepend its `strip_prefix`."""
+    if rule.rename is None:
+        return None
+    return RenameConfig(strip_prefix=rule.rename.prefix, prefix=rule.rename.strip_prefix)
+
+
 def effective_rules(config: Config, failovers: Sequence[tuple[str, str]] = ()) -> list[Rule]:
     """The rules in force while sites are failed over; `failovers` is [(lost, promoted), ...].
 
     A rule from a lost site is rewritten to come from its promoted site, with
     the promoted site removed from `to`. A lost site is removed from every
     rule's `to` (it cannot take writes; failback reconciles it later). Rules
-    left with no target are dropped. Failovers apply in order, so a chain
+    left with no target are dropped. A renaming rule from a lost site that
+    targeted the promoted site speaks the target names afterwards
+    (`target_view`); one that did not keeps its source names and rename (the
+    failover's catch-up brought them to the promoted site). Failovers apply in order, so a chain
     (A lost -> B, later B lost -> C) ends at C. The configured rules are
     never modified; rewritten rules are copies with the same name.
     """
@@ -248,6 +306,8 @@ def effective_rules(config: Config, failovers: Sequence[tuple[str, str]] = ()) -
         for lost, promoted in failovers:
             source = promoted if current.from_ == lost else current.from_
             to = [t for t in current.to if t not in (lost, source)]
+            if source != current.from_ and source in current.to:
+                current = target_view(current)  # the promoted target holds the target names
             if source != current.from_ or to != current.to:
                 current = current.model_copy(update={"from_": source, "to": to})
         if current.to:

@@ -88,12 +88,27 @@ def test_lost_site_is_inferred_or_must_be_named():
         lost_site_for(cfg.rules, "a", "a")
 
 
-def test_renaming_rules_are_refused_with_the_rule_named():
+def test_only_ambiguous_renames_are_refused_with_the_rule_named():
+    """Issue 11, case 10: a prefix rename inverts (strip it again); a strip_prefix
+    inverts only when every selected repository carries it."""
     cfg = _config(
         [
             {"name": "plain", "from": "p", "to": ["a"]},
-            {"name": "mirror", "from": "p", "to": ["a"], "rename": {"prefix": "m/"}},
-            {"name": "other", "from": "c", "to": ["a"], "rename": {"prefix": "m/"}},
+            {
+                "name": "mirror",
+                "from": "p",
+                "to": ["a"],
+                "rename": {"strip_prefix": "team/", "prefix": "m/"},
+            },
+            {"name": "prefixed", "from": "p", "to": ["a"], "rename": {"prefix": "m/"}},
+            {
+                "name": "stripped",
+                "from": "p",
+                "to": ["c"],
+                "repositories": ["team/**"],
+                "rename": {"strip_prefix": "team/"},
+            },
+            {"name": "other", "from": "c", "to": ["a"], "rename": {"strip_prefix": "x/"}},
         ]
     )
     problems = refusals(cfg.rules, "p", "a")
@@ -275,12 +290,19 @@ def test_cli_failover_and_failback_json_and_exit_codes(registry_factory, tmp_pat
     assert assert_image_complete(primary.url, "team/app", "v1") == img.digest
 
 
-def test_cli_refuses_failover_of_renaming_rules(registry_factory, tmp_path):
+def test_cli_refuses_failover_of_ambiguously_renaming_rules(registry_factory, tmp_path):
     primary, a = registry_factory("p"), registry_factory("a")
     _, path = make_config(
         tmp_path,
         {"p": primary, "a": a},
-        [{"name": "mirror", "from": "p", "to": ["a"], "rename": {"prefix": "mirror/"}}],
+        [
+            {
+                "name": "mirror",
+                "from": "p",
+                "to": ["a"],
+                "rename": {"strip_prefix": "team/", "prefix": "mirror/"},
+            }
+        ],
     )
     primary.stop()
     out = cli("failover", "-c", str(path), "--promote", "a")

@@ -192,15 +192,20 @@ def run_failback(args: argparse.Namespace) -> int:
         counts = data["counts"]
         for rule, source in report.sources.items():
             print(f"rule {rule}: {args.site} <- {source}")
+        extra = (
+            f"; {counts.get('planned_deletes', 0)} deleted during the incident, "
+            f"{counts.get('planned_spread', 0)} unreplicated copied on, "
+            f"{counts.get('failback_conflicts', 0)} conflicts"
+        )
         if report.dry_run:
             print(
-                f"dry run: would copy {counts.get('planned_copies', 0)} to {args.site}; "
+                f"dry run: would copy {counts.get('planned_copies', 0)} to {args.site}{extra}; "
                 "nothing changed"
             )
         elif report.ended:
             print(
-                f"failback done: copied {counts.get('copied', 0)} to {args.site}; rules run "
-                f"from {args.site} again"
+                f"failback done: copied {counts.get('copied', 0)} to {args.site}{extra}; "
+                f"rules run from {args.site} again"
             )
         else:
             print(f"failback incomplete: the failover of {args.site} stays active")

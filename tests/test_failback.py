@@ -1,0 +1,165 @@
+"""Failback semantics and renaming failover on real registries (issue 11, cases 3 and 10).
+
+The promoted site is the truth for the incident window: what it deleted stays
+deleted, what it wrote wins; what the old primary took and never replicated is
+not lost. `failback --dry-run` prints exactly the plan the real run carries out.
+"""
+
+from __future__ import annotations
+
+from replicator.blob_index import BlobIndex
+from replicator.clients import ClientPool
+from replicator.config import config_from_dict
+from replicator.copy import CopyEngine
+from replicator.failover import FailoverRequest, failback, failover, returning_decisions
+from replicator.journal import Journal
+from replicator.registry.client import RegistryClient
+from replicator.registry.site import SiteEndpoint
+from replicator.sync import Reconciler
+from tests.harness.images import Pusher, assert_image_complete, layer_bytes
+
+
+def tags(url: str, repo: str = "team/app") -> list[str]:
+    with Pusher(url) as p:
+        return sorted(p.tags(repo))
+
+
+def parts(tmp_path, sites: dict, rules: list[dict]):
+    config = config_from_dict(
+        {
+            "journal": str(tmp_path / "journal.db"),
+            "sites": {n: {"url": r.url, "insecure": True} for n, r in sites.items()},
+            "rules": rules,
+        }
+    )
+    journal = Journal(config.journal)
+    return config, journal, ClientPool(config, retries=1, backoff_base=0.01)
+
+
+def test_returning_decisions_are_pure():
+    config = config_from_dict(
+        {
+            "sites": {"p": {"url": "https://p.example"}, "a": {"url": "https://a.example"}},
+            "rules": [{"name": "r", "from": "p", "to": ["a"], "tags": {"include": ["v*"]}}],
+        }
+    )
+    rule = config.rules[0]
+    returning = {"v6": "d6", "v7": "d7", "v9": "d9", "dev": "dx"}
+    deletes, spread = returning_decisions(rule, returning, ["v7"], {"v6", "v7"})
+    assert deletes == ["v6"] and spread == ["v9"]  # dev is not the rule's
+
+
+async def test_failback_keeps_incident_deletes_and_spreads_unreplicated_tags(
+    registry_factory, tmp_path
+):
+    p, a, b = registry_factory("p"), registry_factory("a"), registry_factory("b")
+    config, journal, pool = parts(
+        tmp_path,
+        {"p": p, "a": a, "b": b},
+        [{"name": "apps", "from": "p", "to": ["a", "b"], "deletes": True}],
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            push.push_image("team/app", "v6.0.0", [layer_bytes("v6", 200)])
+            v7 = push.push_image("team/app", "v7.0.0", [layer_bytes("v7", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        with Pusher(p.url) as push:  # taken by p, never replicated: p fails now
+            v9 = push.push_image("team/app", "v9.0.0", [layer_bytes("v9", 200)])
+            push.push_image("team/app", "hot", [layer_bytes("p-hot", 200)])
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        done = await failover(config, journal, pool, engine, FailoverRequest("a"))
+        assert done.recorded and done.failures == []
+        # the incident: a deletes v6.0.0 (no daemon saw it), takes v8.0.0 and its own hot
+        async with RegistryClient(SiteEndpoint(name="a", url=a.url, insecure=True)) as ca:
+            assert await ca.delete_tag("team/app", "v6.0.0")
+        with Pusher(a.url) as push:
+            v8 = push.push_image("team/app", "v8.0.0", [layer_bytes("v8", 200)])
+            hot = push.push_image("team/app", "hot", [layer_bytes("a-hot", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        assert tags(b.url) == ["hot", "v7.0.0", "v8.0.0"]
+        p.start()
+
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert dry.failures == [] and dry.ended == []
+        assert tags(p.url) == ["hot", "v6.0.0", "v7.0.0", "v9.0.0"]  # nothing changed
+        items = {(i.kind, i.site, i.tag) for i in dry.items}
+        assert items == {
+            ("delete", "p", "v6.0.0"),
+            ("spread", "a", "v9.0.0"),
+            ("spread", "b", "v9.0.0"),
+            ("conflict", "p", "hot"),
+        }
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended
+        assert real.plan() == dry.plan(), "the dry run predicts the real run item by item"
+
+        assert tags(p.url) == ["hot", "v7.0.0", "v8.0.0", "v9.0.0"]
+        assert assert_image_complete(p.url, "team/app", "hot") == hot.digest  # promoted wins
+        assert assert_image_complete(p.url, "team/app", "v8.0.0") == v8.digest
+        assert assert_image_complete(p.url, "team/app", "v7.0.0") == v7.digest
+        for site in (a, b):
+            assert assert_image_complete(site.url, "team/app", "v9.0.0") == v9.digest
+            assert "v6.0.0" not in tags(site.url)
+        stones = await journal.tombstones.at_site("p", "team/app")
+        assert [(s.tag, s.origin) for s in stones] == [("v6.0.0", "performed")]
+        after = await Reconciler(config, journal, pool, engine).run()
+        assert after.failures == [] and after.stats.copied == 0 and after.deleted == 0
+        assert not any(x.tag == "v6.0.0" and x.kind == "copy" for x in after.actions)
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_failover_and_failback_of_renaming_rules(registry_factory, tmp_path):
+    """Case 10: r1 renames into the promoted site (prefix), r2 (strip_prefix) only
+    targets c. Neither is ambiguous: failover proceeds, failback maps names back."""
+    p, a, c = registry_factory("p"), registry_factory("a"), registry_factory("c")
+    config, journal, pool = parts(
+        tmp_path,
+        {"p": p, "a": a, "c": c},
+        [
+            {"name": "r1", "from": "p", "to": ["a"], "rename": {"prefix": "m/"}},
+            {
+                "name": "r2",
+                "from": "p",
+                "to": ["c"],
+                "repositories": ["team/**"],
+                "rename": {"strip_prefix": "team/"},
+            },
+        ],
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            push.push_image("team/app", "v1", [layer_bytes("r-v1", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        assert tags(a.url, "m/team/app") == ["v1"] and tags(c.url, "app") == ["v1"]
+        with Pusher(p.url) as push:
+            v2 = push.push_image("team/app", "v2", [layer_bytes("r-v2", 200)])
+        r2 = [r for r in config.rules if r.name == "r2"]
+        assert (await Reconciler(config, journal, pool, engine).run(rules=r2)).failures == []
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+
+        done = await failover(config, journal, pool, engine, FailoverRequest("a", "p"))
+        assert done.recorded and done.failures == []
+        # r2's replica c held app:v2 only; a takes it under the source name
+        assert assert_image_complete(a.url, "team/app", "v2") == v2.digest
+        with Pusher(a.url) as push:
+            v3 = push.push_image("team/app", "v3", [layer_bytes("r-v3", 200)])
+            m4 = push.push_image("m/team/app", "v4", [layer_bytes("r-v4", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        assert assert_image_complete(c.url, "app", "v3") == v3.digest
+        p.start()
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended and real.plan() == dry.plan()
+        assert tags(p.url) == ["v1", "v2", "v3", "v4"]
+        assert assert_image_complete(p.url, "team/app", "v4") == m4.digest
+    finally:
+        await pool.aclose()
+        journal.close()
