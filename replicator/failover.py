@@ -54,7 +54,7 @@ from replicator.config import Config, Rule
 from replicator.copy import CopyEngine, CopyOptions
 from replicator.deletes import DeleteSite, delete_tag
 from replicator.errors import UsageError
-from replicator.journal import Journal
+from replicator.journal import Failover, Journal
 from replicator.manifest import Descriptor
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
@@ -313,7 +313,15 @@ async def failover(
         return report
     if report.failures and not request.force:
         return report
+    try:
+        held = await _held(pool[promoted], affected, promoted)
+    except RegistryError as exc:
+        report.failures.append(f"listing what {promoted} holds: {exc}")
+        if not request.force:
+            return report
+        held = {}
     detail = {
+        "held": held,  # failback: what the promoted site held when the incident began
         "rules": report.rules,
         "catch_up": {
             "copied": [asdict(c) for c in report.copies],
@@ -331,6 +339,20 @@ async def failover(
         len(report.copies),
     )
     return report
+
+
+async def _held(
+    client: RegistryClient, rules: Sequence[Rule], promoted: str
+) -> dict[str, list[str]]:
+    """repository -> tags the promoted site holds of `rules` after catch-up: failback's
+    record of what was there when the incident began (a tag missing later was deleted
+    during the incident)."""
+    views = [target_view(r) if promoted in r.to else r for r in rules]
+    held: dict[str, list[str]] = {}
+    for repo in await client.catalog():
+        if any(v.matches_repository(repo) for v in views):
+            held[repo] = sorted(await client.list_tags(repo))
+    return held
 
 
 async def _catch_up(
@@ -677,9 +699,12 @@ async def failback(
         sync_rules.append(_failback_rule(rule, source, site))
         returning.append((rule, source))
         report.rules_used.append(rule)
+    promoted_at = {f.promoted_site: f for f in failovers}
     for rule, source in returning:
         try:
-            await _plan_returning(journal, pool, rule, source, site, report)
+            await _plan_returning(
+                journal, pool, rule, source, site, report, promoted_at.get(source)
+            )
         except RegistryError as exc:
             report.failures.append(f"rule {rule.name}: failback plan: {exc}")
     if sync_rules:
@@ -708,8 +733,14 @@ async def _plan_returning(
     source: str,
     site: str,
     report: FailbackReport,
+    incident: Failover | None,
 ) -> None:
-    """Decide the tags `site` holds that `source` (the promoted site) does not."""
+    """Decide the tags `site` holds that `source` (the promoted site) does not.
+
+    The promoted site held a tag when the incident began if the failover recorded
+    it (`held`); failovers recorded before that record existed fall back on the
+    ledger and inventory. A delete tombstoned there since the incident began counts
+    too (a tag pushed and deleted during the incident)."""
     back, there = pool[site], pool[source]
     at_promoted = (lambda r: map_repository(rule, r)) if source in rule.to else (lambda r: r)
     for repo in [r for r in await back.catalog() if rule.matches_repository(r)]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import sqlite_utils
@@ -159,6 +159,7 @@ class Failover:
     lost_site: str
     promoted_site: str
     started_at: float
+    detail: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 class Failovers:
@@ -182,10 +183,10 @@ class Failovers:
         """Failovers in force, oldest first (the order `effective_rules` applies them)."""
         found = await self._journal.read(
             rows,
-            "SELECT id, lost_site, promoted_site, started_at FROM failovers WHERE active = 1 "
-            "ORDER BY id",
+            "SELECT id, lost_site, promoted_site, started_at, detail FROM failovers "
+            "WHERE active = 1 ORDER BY id",
         )
-        return [Failover(**r) for r in found]
+        return [Failover(**{**r, "detail": json.loads(r["detail"] or "{}")}) for r in found]
 
     async def end(self, ids: Sequence[int]) -> None:
         """Failback: these failovers no longer rewrite the rules."""
