@@ -1,0 +1,1 @@
+"""Model-based (hypothesis state machine) tests over real registries."""
