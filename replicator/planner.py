@@ -114,7 +114,7 @@ def plan_target(
         # covered by the filters alone: a tag the source no longer holds has no rank
         gone = sorted(t for t in target_all_tags if t not in source_tags and covers(rule, t))
         staying_digests = {d for t, d in target_all_tags.items() if t not in gone}
-        staying_digests |= {source_tags[t] for t in selected}
+        staying_digests |= {source_tags[t] for t in selected} | set((written or {}).values())
         # the manifest goes with the last of its tags to go, when no tag stays on it
         last_on = {target_all_tags[t]: t for t in gone}
         for tag in gone:
