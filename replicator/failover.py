@@ -30,6 +30,9 @@ truth for the incident window:
 Then the failover ends. `failback --dry-run` prints this whole plan.
 
 Under `latest: N`, only the N newest tags (over every survivor) are caught up.
+A tag tombstoned (deleted) at the lost primary or the promoted site after the
+replica's version was known is not caught up: that delete had not reached every
+replica yet, and catching up would undo it.
 
 Rules with `rename` fail over when the rename can be inverted (prefix added
 and/or stripped, every selected repository carrying the stripped prefix): the
@@ -421,7 +424,21 @@ async def _catch_up(
             report.failures.append(f"rule {rule.name}: reading promoted site {promoted}: {exc}")
             continue
         knowledge = await _knowledge(journal, lost, {at_lost(r) for r, _, _ in work})
+        stones = await _deletes_seen(journal, (lost, at_lost), (promoted, at_promoted), work)
         for (repo, tag, by_site), own in zip(work, mine, strict=True):
+            when = stones.get((repo, tag))
+            if own is None and deleted_since(when, knowledge.get(at_lost(repo), tag), by_site):
+                report.conflicts.append(
+                    Conflict(
+                        rule.name,
+                        repo,
+                        tag,
+                        {promoted: own, **dict(by_site)},
+                        None,
+                        "deleted (journal tombstone) after the replicas got it; not caught up",
+                    )
+                )
+                continue
             decision = _decide(
                 rule, repo, tag, own, by_site, replicas, promoted, knowledge.get(at_lost(repo), tag)
             )
@@ -560,6 +577,39 @@ def _decide(
         own,
         "newer per the journal" if own else "missing on the promoted site",
     )
+
+
+def deleted_since(
+    tombstone_at: float | None,
+    knowledge: Sequence[tuple[float, str]],
+    by_site: Mapping[str, str],
+) -> bool:
+    """Whether a tag the promoted site lacks was deleted after the replicas' version was
+    known (pushed at or replicated from the lost primary): a delete not yet propagated
+    everywhere, which catch-up must not undo. Without a tombstone, never."""
+    if tombstone_at is None:
+        return False
+    held = set(by_site.values())
+    known = [at for at, digest in knowledge if digest in held]
+    return not known or tombstone_at > max(known)
+
+
+async def _deletes_seen(
+    journal: Journal,
+    lost: tuple[str, Callable[[str], str]],
+    promoted: tuple[str, Callable[[str], str]],
+    work: Sequence[tuple[str, str, Mapping[str, str]]],
+) -> dict[tuple[str, str], float]:
+    """(replica repository, tag) -> the latest tombstone of that tag at the lost primary
+    or at the promoted site (under their own names)."""
+    latest: dict[tuple[str, str], float] = {}
+    for repo in {r for r, _, _ in work}:
+        for site, name in (lost, promoted):
+            for stone in await journal.tombstones.at_site(site, name(repo)):
+                if stone.tag is not None:
+                    key = (repo, stone.tag)
+                    latest[key] = max(latest.get(key, stone.at), stone.at)
+    return latest
 
 
 class _Knowledge:

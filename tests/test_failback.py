@@ -11,7 +11,13 @@ from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
 from replicator.config import config_from_dict
 from replicator.copy import CopyEngine
-from replicator.failover import FailoverRequest, failback, failover, returning_decisions
+from replicator.failover import (
+    FailoverRequest,
+    deleted_since,
+    failback,
+    failover,
+    returning_decisions,
+)
 from replicator.journal import Journal
 from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
@@ -160,6 +166,47 @@ async def test_failover_and_failback_of_renaming_rules(registry_factory, tmp_pat
         assert real.failures == [] and real.ended and real.plan() == dry.plan()
         assert tags(p.url) == ["v1", "v2", "v3", "v4"]
         assert assert_image_complete(p.url, "team/app", "v4") == m4.digest
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+def test_deleted_since_is_pure():
+    assert not deleted_since(None, [(5.0, "d1")], {"b": "d1"})
+    assert deleted_since(9.0, [(5.0, "d1")], {"b": "d1"})
+    assert not deleted_since(3.0, [(5.0, "d1")], {"b": "d1"})  # pushed again after the delete
+    assert deleted_since(3.0, [(5.0, "d9")], {"b": "d1"})  # nothing known of b's digest
+
+
+async def test_catch_up_does_not_undo_a_delete_not_yet_propagated(registry_factory, tmp_path):
+    """v1 deleted at the primary (the daemon saw the webhook: a tombstone), propagated to
+    a but not yet to b when the primary is lost: failover must not copy v1 from b to a."""
+    p, a, b = registry_factory("p"), registry_factory("a"), registry_factory("b")
+    config, journal, pool = parts(
+        tmp_path,
+        {"p": p, "a": a, "b": b},
+        [{"name": "apps", "from": "p", "to": ["a", "b"], "deletes": True}],
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    only_a = config.rules[0].model_copy(update={"to": ["a"]})
+    try:
+        with Pusher(p.url) as push:
+            push.push_image("team/app", "v1", [layer_bytes("c-v1", 200)])
+            push.push_image("team/app", "v2", [layer_bytes("c-v2", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        async with RegistryClient(SiteEndpoint(name="p", url=p.url, insecure=True)) as cp:
+            assert await cp.delete_tag("team/app", "v1")
+        await journal.tombstones.record("p", "team/app", tag="v1", digest=None, origin="observed")
+        assert (await Reconciler(config, journal, pool, engine).run(rules=[only_a])).deleted == 1
+        assert tags(b.url) == ["v1", "v2"]
+        p.stop()
+        plan = await failover(config, journal, pool, engine, FailoverRequest("a", dry_run=True))
+        assert plan.copies == [] and [c.tag for c in plan.conflicts] == ["v1"]
+        done = await failover(config, journal, pool, engine, FailoverRequest("a"))
+        assert done.recorded and tags(a.url) == ["v2"]
+        # the rules now run a -> b, and the delete reaches b
+        after = await Reconciler(config, journal, pool, engine).run()
+        assert after.failures == [] and tags(b.url) == ["v2"]
     finally:
         await pool.aclose()
         journal.close()
