@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.harness.credhelper import verify_secret
 from tests.harness.registry import TokenAuth
 from tests.harness.util import free_port
 
@@ -64,6 +65,9 @@ class TokenServer:
     issuer: str = "test-token-issuer"
     expires_in: int = 300
     stale_next: int = 0  # issue this many already-expired tokens
+    # Also accept, as a password or refresh token, an unexpired HS256 JWT signed with this
+    # key naming the user in `sub` (what tests/harness/credhelper.py's helpers hand out).
+    secret_key: bytes | None = None
     port: int = field(default_factory=free_port)
     requests: list[TokenRequest] = field(default_factory=list)
     issued: list[str] = field(default_factory=list)  # every token handed out
@@ -141,7 +145,8 @@ class TokenServer:
         if method == "POST":
             grant = (form.get("grant_type") or [""])[0]
             if grant == "refresh_token":
-                user = self.identity_tokens.get((form.get("refresh_token") or [""])[0])
+                refresh = (form.get("refresh_token") or [""])[0]
+                user = self.identity_tokens.get(refresh) or self._signed(refresh)
                 return user is not None, user
             if grant == "password":
                 user = (form.get("username") or [""])[0]
@@ -156,7 +161,13 @@ class TokenServer:
             user, _, password = base64.b64decode(header[6:]).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return False, None
-        return self.users.get(user) == password, user
+        return self.users.get(user) == password or self._signed(password) == user, user
+
+    def _signed(self, secret: str) -> str | None:
+        """The user an unexpired helper-issued secret names (None: not one, or expired)."""
+        if self.secret_key is None:
+            return None
+        return verify_secret(secret, self.secret_key)
 
     def _grant(self, user: str | None, scopes: list[str]) -> list[dict]:
         access: list[dict] = []
