@@ -15,6 +15,7 @@ import datetime as dt
 import fnmatch
 import hashlib
 import json
+import re
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -275,3 +277,23 @@ def _handler_for(ts: TokenServer) -> type[BaseHTTPRequestHandler]:
             self._handle("POST", {}, form)
 
     return Handler
+
+
+class BearerAuth(httpx.Auth):
+    """httpx auth that answers a registry's Bearer challenge as `user` (for seeding and
+    checking a token-protected registry from tests)."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self.user, self.password = user, password
+
+    def auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
+        response = yield request
+        if response.status_code != 401:
+            return
+        challenge = response.headers.get("www-authenticate", "")
+        params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+        query: list[tuple[str, str]] = [("service", params.get("service", ""))]
+        query += [("scope", s) for s in params.get("scope", "").split()]
+        token = httpx.get(params["realm"], params=query, auth=(self.user, self.password))
+        request.headers["Authorization"] = f"Bearer {token.json()['token']}"
+        yield request
