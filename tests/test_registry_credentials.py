@@ -34,6 +34,7 @@ from replicator.registry.credhelpers import (
     parse_helper_output,
     run_helper,
 )
+from replicator.registry.credprovider import CredentialFiles, CredentialProvider
 from replicator.registry.errors import Unauthorized
 from replicator.registry.site import SiteEndpoint
 from tests.harness.credhelper import CredentialHelper, EcrLikeFront
@@ -200,6 +201,22 @@ async def test_helper_protocol_answers_and_failures(tmp_path, monkeypatch):
         await run_helper("ecr-login", "reg.example", site="us-east")
     assert str(err.value).startswith("us-east: docker-credential-ecr-login: not found on PATH")
     assert not err.value.retryable
+
+
+async def test_concurrent_first_uses_share_one_helper_run(tmp_path, monkeypatch):
+    helper = CredentialHelper(tmp_path / "bin", name="once").serve("reg.example", "AWS")
+    monkeypatch.setenv("PATH", helper.path_env())
+    cfg = _config(tmp_path, {"credsStore": "once"})
+    provider = CredentialProvider(
+        "us-east", "reg.example", files=CredentialFiles(docker_config=Path(cfg))
+    )
+    got = await asyncio.gather(*(provider.get(f"team/app{i}") for i in range(8)))
+    assert helper.runs == 1
+    assert {c.password for c in got if c} == {helper.issued[0]}
+    assert provider.describe() == " as user 'AWS' (from docker-credential-once)"
+    assert provider.refresh("team/app0") is True  # a helper answer can be renewed
+    await provider.get("team/app0")
+    assert helper.runs == 2
 
 
 async def test_slow_helper_times_out_without_blocking_the_loop(tmp_path, monkeypatch):

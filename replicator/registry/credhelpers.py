@@ -24,6 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from replicator.logs import redact
 from replicator.registry.credentials import Credentials, secret_expiry
 from replicator.registry.errors import Unauthorized
 
@@ -125,7 +126,7 @@ def _first_line(raw: bytes) -> str:
     text = line[0].strip() if line else ""
     if text.startswith("{") or len(text) > 200:
         return "(output withheld)"
-    return text
+    return redact(text)
 
 
 class HelperCache:

@@ -68,6 +68,7 @@ class CredentialProvider:
         self._cache = cache
         self._docs: dict[str, dict[str, Any]] | None = None
         self._seen = _Seen()
+        self._helper_lock = asyncio.Lock()
         if explicit is None:
             self._docs = self._read_docs()
 
@@ -134,11 +135,17 @@ class CredentialProvider:
             return source.credentials
         answer = self._cache.get(source.helper, self.host)
         if answer is None:
-            answer = await run_helper(
-                source.helper, self.host, site=self.site, timeout=self._files.helper_timeout
-            )
-            self._cache.runs += 1
-            self._cache.put(source.helper, self.host, answer, self._files.helper_max_age)
+            async with self._helper_lock:  # concurrent requests share one helper run
+                answer = self._cache.get(source.helper, self.host)
+                if answer is None:
+                    answer = await run_helper(
+                        source.helper,
+                        self.host,
+                        site=self.site,
+                        timeout=self._files.helper_timeout,
+                    )
+                    self._cache.runs += 1
+                    self._cache.put(source.helper, self.host, answer, self._files.helper_max_age)
         self._seen.credentials, self._seen.reason = answer.credentials, answer.reason
         return answer.credentials
 
