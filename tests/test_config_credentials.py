@@ -4,14 +4,17 @@ Errors name the YAML path; inline secrets stay refused."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from replicator.config import load_config
 from replicator.errors import ConfigError
 from replicator.registry.site import SiteEndpoint
+from tests.harness.credhelper import CredentialHelper
 
 
 def _load(tmp_path: Path, auth: str):
@@ -75,3 +78,40 @@ def test_bad_auth_settings_name_the_yaml_path(tmp_path, auth, path, words):
     assert any(p == path for p, _ in info.value.problems), info.value.problems
     assert words in text
     assert "s3cret" not in text
+
+
+def test_check_runs_helpers_and_names_a_missing_one(
+    tmp_path, registry_factory, monkeypatch, capsys
+):
+    """`check` logs in through the configured helper; a site whose config names a helper
+    that is not installed fails with that helper's name, not "no credentials"."""
+    from replicator.cli import main
+    from tests.harness.credhelper import EcrLikeFront
+
+    helper = CredentialHelper(tmp_path / "bin", name="checktest")
+    monkeypatch.setenv("PATH", helper.path_env())
+    reg = registry_factory("open")
+    with EcrLikeFront(reg.port, helper.key) as front:
+        helper.serve(front.host, "AWS")
+        good = tmp_path / "good.json"
+        good.write_text(json.dumps({"credHelpers": {front.host: "checktest"}}))
+        missing = tmp_path / "missing.json"
+        missing.write_text(json.dumps({"credsStore": "ecr-login"}))
+        sites = {
+            "good": {"url": front.url, "insecure": True, "auth": {"docker_config": str(good)}},
+            "nohelper": {
+                "url": front.url,
+                "insecure": True,
+                "auth": {"docker_config": str(missing)},
+            },
+        }
+        cfg = tmp_path / "check.yaml"
+        cfg.write_text(yaml.safe_dump({"sites": sites}))
+        assert main(["check", "-c", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert lines["good"].split()[1] == "ok"
+    assert lines["nohelper"].split()[1] == "FAILED"
+    assert "docker-credential-ecr-login: not found on PATH" in lines["nohelper"]
+    for secret in helper.issued:
+        assert secret not in out
