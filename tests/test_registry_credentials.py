@@ -90,6 +90,22 @@ def test_docker_hub_names_are_one_registry():
         assert found is not None and found.credentials.username == "hubuser"
 
 
+async def test_docker_hub_helper_is_asked_for_the_index_url(tmp_path, monkeypatch):
+    """docker keeps Docker Hub credentials in a helper under https://index.docker.io/v1/,
+    so that is what the helper is asked for, whichever Hub host name the site uses."""
+    helper = CredentialHelper(tmp_path / "bin", name="hub").serve(
+        "https://index.docker.io/v1/", "hubuser"
+    )
+    monkeypatch.setenv("PATH", helper.path_env())
+    cfg = _config(tmp_path, {"credsStore": "hub"})
+    provider = CredentialProvider(
+        "hub", "registry-1.docker.io", files=CredentialFiles(docker_config=Path(cfg))
+    )
+    creds = await provider.get("library/nginx")
+    assert creds is not None and creds.username == "hubuser"
+    assert helper.log.read_text().split() == ["https://index.docker.io/v1/"]
+
+
 def test_auth_json_most_specific_namespace_wins():
     auths = {
         "quay.example": {"auth": _b64("wide:1")},

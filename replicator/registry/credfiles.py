@@ -33,6 +33,7 @@ from replicator.registry.credentials import Credentials
 
 # docker stores Docker Hub credentials under its v1 index URL; all these are one registry.
 _DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
+DOCKER_HUB_INDEX = "https://index.docker.io/v1/"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ def same_registry(a: str, b: str) -> bool:
     """Whether two hosts name one registry (Docker Hub goes by three names)."""
     a, b = a.lower(), b.lower()
     return a == b or (a in _DOCKER_HUB and b in _DOCKER_HUB)
+
+
+def helper_server_address(host: str) -> str:
+    """What to write to a helper's stdin for `host`: docker stores Docker Hub's
+    credentials under its v1 index URL, every other registry under its host."""
+    return DOCKER_HUB_INDEX if host.lower() in _DOCKER_HUB else host
 
 
 def key_host_and_path(key: str) -> tuple[str, str]:

@@ -24,6 +24,7 @@ from replicator.registry.credfiles import (
     CredentialSource,
     auths_source,
     docker_config_source,
+    helper_server_address,
     read_json_file,
 )
 from replicator.registry.credhelpers import SHARED_CACHE, HelperCache, helper_program, run_helper
@@ -140,7 +141,7 @@ class CredentialProvider:
                 if answer is None:
                     answer = await run_helper(
                         source.helper,
-                        self.host,
+                        helper_server_address(self.host),
                         site=self.site,
                         timeout=self._files.helper_timeout,
                     )
