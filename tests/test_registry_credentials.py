@@ -37,9 +37,10 @@ from replicator.registry.credhelpers import (
 from replicator.registry.credprovider import CredentialFiles, CredentialProvider
 from replicator.registry.errors import Unauthorized
 from replicator.registry.site import SiteEndpoint
-from tests.harness.credhelper import CredentialHelper, EcrLikeFront
+from tests.harness.credhelper import CredentialHelper, EcrLikeFront, mint_secret, verify_secret
 from tests.harness.images import layer_bytes
 from tests.harness.token_server import TokenServer
+from tests.harness.util import async_wait_until
 from tests.test_registry_client import pieces
 
 ALICE_PW = "al1ce-T0ken-pw#"
@@ -388,6 +389,32 @@ async def test_ecr_like_basic_auth_renews_the_helper_password(tmp_path, registry
         ]
     assert refused_with_auth  # the expired password was refused...
     assert helper.runs == 1 + len(refused_with_auth)  # ...and renewed once each time
+
+
+async def test_refused_file_credentials_are_read_again(tmp_path, token_registry, helper):
+    """An identity token in config.json expires; whoever renews it (`docker login`, a
+    sidecar) rewrites the file. The refusal makes the client read the file again."""
+    ts, reg = token_registry
+    ts.expires_in = 1
+    path = tmp_path / "config.json"
+
+    def write_token(ttl: float) -> str:
+        token = mint_secret(helper.key, "alice", ttl)
+        path.write_text(json.dumps({"auths": {reg.host: {"identitytoken": token}}}))
+        return token
+
+    first = write_token(ttl=2)
+    async with _client(reg.url, docker_config=str(path)) as c:
+        digest = await _seed(c, "team/app")
+        write_token(ttl=3600)  # renewed on disk; the client still holds the first
+
+        async def first_expired() -> bool:
+            return verify_secret(first, helper.key) is None
+
+        await async_wait_until(first_expired, timeout=10, what="the first token's expiry")
+        ts.clear()
+        assert await c.head_blob("team/app", digest) is not None
+    assert [r.user for r in ts.requests] == [None, "alice"]  # refused, then the new one
 
 
 async def test_missing_helper_is_named_in_the_error(tmp_path, token_registry):

@@ -62,6 +62,19 @@ print(json.dumps({{"ServerURL": host, "Username": user, "Secret": secret}}))
 """
 
 
+def mint_secret(key: bytes, user: str, ttl: float) -> str:
+    """A secret like the helper script's: an HS256 JWT naming `user`, expiring in `ttl` s
+    (what `docker login` would have written to a config file)."""
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"sub": user, "exp": time.time() + ttl}).encode())
+    sig = b64(hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest())
+    return f"{head}.{body}.{sig}"
+
+
 def verify_secret(token: str, key: bytes, now: float | None = None) -> str | None:
     """The `sub` of an unexpired HS256 JWT signed with `key`, else None."""
     parts = token.split(".")
