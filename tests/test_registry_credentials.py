@@ -469,4 +469,4 @@ def test_missing_credential_file_is_a_config_error(tmp_path):
         name="us-east", url="http://127.0.0.1:1", insecure=True, auth_file=str(tmp_path / "no")
     )
     with pytest.raises(ConfigError, match=r"site 'us-east': auth file .*/no does not exist"):
-        site.credential_provider()
+        site.resolve_credentials()

@@ -2,7 +2,7 @@
 
 Built from a configured site (`SiteEndpoint.from_config`, which reads the
 site's secrets at that moment) or from a bare URL on the command line. Free
-of I/O otherwise; `credential_provider()` reads the credential files named
+of I/O otherwise; `resolve_credentials()` reads the credential files named
 (credprovider.py). Secrets never appear in a repr.
 """
 
@@ -132,9 +132,10 @@ class SiteEndpoint:
         """host[:port], the key used in docker config.json `auths`."""
         return urlsplit(self.url).netloc
 
-    def credential_provider(self) -> CredentialProvider:
-        """Where this site's credentials come from (reads the credential files now:
-        ConfigError names a missing or unreadable one)."""
+    def resolve_credentials(self) -> CredentialProvider:
+        """Where this site's credentials come from: the explicit ones, else the docker
+        config.json (its helpers, else its auths), else the containers auth.json. Reads
+        the credential files now: ConfigError names a missing or unreadable one."""
         return CredentialProvider(
             self.name,
             self.host,

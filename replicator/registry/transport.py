@@ -176,7 +176,7 @@ class Transport:
         self.downloads = asyncio.Semaphore(site.concurrency)
         self._bucket = TokenBucket(site.requests_per_second) if site.requests_per_second else None
         self.auth = Authenticator(
-            site.name, self._http, site.credential_provider(), self.stats, registry_url=site.url
+            site.name, self._http, site.resolve_credentials(), self.stats, registry_url=site.url
         )
         # (site, method, status or None when no answer came, seconds): metrics
         self.observer: Callable[[str, str, int | None, float], None] | None = None
