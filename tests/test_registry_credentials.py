@@ -470,3 +470,49 @@ def test_missing_credential_file_is_a_config_error(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"site 'us-east': auth file .*/no does not exist"):
         site.resolve_credentials()
+
+
+def test_copy_command_uses_helpers_and_the_containers_auth_file(tmp_path, registry_factory):
+    """`copy` finds credentials where docker and skopeo would: the docker config.json's
+    helper for one registry, the containers auth.json (REGISTRY_AUTH_FILE) for the other."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness.images import Pusher, assert_image_complete
+    from tests.harness.registry import write_htpasswd
+
+    helper = CredentialHelper(tmp_path / "bin", name="copytest")
+    src = registry_factory("src")
+    dst = registry_factory("dst", htpasswd=write_htpasswd(tmp_path / "htpasswd", {"ci": "pw-1"}))
+    with Pusher(src.url) as p:
+        img = p.push_image("team/app", "v1", [layer_bytes("copy-cli", 500)])
+    with EcrLikeFront(src.port, helper.key) as front:
+        helper.serve(front.host, "AWS")
+        (tmp_path / "docker").mkdir()
+        (tmp_path / "docker/config.json").write_text(
+            json.dumps({"credHelpers": {front.host: "copytest"}})
+        )
+        auth_file = _config(
+            tmp_path, {"auths": {dst.host: {"auth": _b64("ci:pw-1")}}}, name="auth.json"
+        )
+        env = {
+            **os.environ,
+            "PATH": helper.path_env(),
+            "DOCKER_CONFIG": str(tmp_path / "docker"),
+            "REGISTRY_AUTH_FILE": auth_file,
+        }
+        refs = [f"{front.host}/team/app:v1", f"{dst.host}/mirror/app"]
+        out = subprocess.run(
+            [sys.executable, "-m", "replicator", "copy", "--insecure", "--json", *refs],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["copied"] == 1
+    assert helper.runs == 1
+    assert assert_image_complete(dst.url, "mirror/app", "v1", auth=("ci", "pw-1")) == img.digest
+    for secret in helper.issued:
+        assert secret not in out.stdout + out.stderr
