@@ -70,6 +70,7 @@ class TokenServer:
     # Also accept, as a password or refresh token, an unexpired HS256 JWT signed with this
     # key naming the user in `sub` (what tests/harness/credhelper.py's helpers hand out).
     secret_key: bytes | None = None
+    secret_leeway: float = 0.0  # accept such a secret this long past its expiry (clock skew)
     port: int = field(default_factory=free_port)
     requests: list[TokenRequest] = field(default_factory=list)
     issued: list[str] = field(default_factory=list)  # every token handed out
@@ -169,7 +170,7 @@ class TokenServer:
         """The user an unexpired helper-issued secret names (None: not one, or expired)."""
         if self.secret_key is None:
             return None
-        return verify_secret(secret, self.secret_key)
+        return verify_secret(secret, self.secret_key, now=time.time() - self.secret_leeway)
 
     def _grant(self, user: str | None, scopes: list[str]) -> list[dict]:
         access: list[dict] = []
