@@ -21,7 +21,10 @@ from SRC to DST. References look like 127.0.0.1:5001/team/app:v1 or
 Blobs already at the target are skipped, blobs present in another repository of
 the target registry are mounted, and everything else is streamed with its digest
 verified. Credentials come from the docker config.json (--docker-config, or
-$DOCKER_CONFIG/config.json, or ~/.docker/config.json when present).
+$DOCKER_CONFIG/config.json, or ~/.docker/config.json when present), running its
+credential helpers (credHelpers, credsStore), else from the containers auth.json
+podman and skopeo use ($REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json
+or ~/.config/containers/auth.json, when present).
 
 Exit status: 0 copied or already up to date, 1 failed (or a conflict with
 --no-overwrite), 2 usage error.
@@ -83,7 +86,16 @@ def _endpoint(ref: ImageRef, insecure: bool, docker_config: str | None):
 
     site = SiteEndpoint.from_url(ref.registry, insecure=insecure, name=ref.registry)
     site.docker_config = docker_config
+    site.auth_file = _auth_file_path()
     return site
+
+
+def _auth_file_path() -> str | None:
+    """The containers auth.json skopeo would read here, if there is one."""
+    from replicator.registry.credfiles import default_auth_file
+
+    path = default_auth_file()
+    return str(path) if path.is_file() else None
 
 
 def _docker_config_path(explicit: str | None) -> str | None:

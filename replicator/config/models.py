@@ -29,6 +29,7 @@ from replicator.config.cross import cross_problems, unknown_name
 from replicator.config.report import ProblemsError
 from replicator.config.secrets import InlineSecret, one_source, read_secret
 from replicator.config.types import (
+    AuthFile,
     CronExpr,
     DockerConfig,
     Duration,
@@ -76,7 +77,9 @@ class TLSConfig(_Model):
 
 
 class AuthConfig(_Model):
-    """How to log in to a registry. Secrets are referenced, never written inline."""
+    """How to log in to a registry. Secrets are referenced, never written inline:
+    in env/files, or in the credential files docker and podman keep (whose
+    credential helpers are run, and run again when their tokens expire)."""
 
     username: str | None = None
     password_env: EnvName | None = None
@@ -85,7 +88,18 @@ class AuthConfig(_Model):
         None, description="an OAuth2 refresh token (docker login identity token)"
     )
     identity_token_file: Path | None = None
-    docker_config: DockerConfig = False
+    docker_config: DockerConfig = Field(
+        False,
+        description="docker config.json: its credHelpers / credsStore helpers, else its auths",
+    )
+    auth_file: AuthFile = Field(
+        False, description="containers auth.json (podman, skopeo), after docker_config"
+    )
+    helper_max_age: PositiveDuration = Field(
+        900.0,
+        description="how long a credential helper's answer is reused when its secret does "
+        "not say when it expires (a JWT's exp is used when it does)",
+    )
 
     password: InlineSecret = Field(None, exclude=True, repr=False)
     identity_token: InlineSecret = Field(None, exclude=True, repr=False)
@@ -96,11 +110,12 @@ class AuthConfig(_Model):
         one_source(self, "identity_token")
         has_password = bool(self.password_env or self.password_file)
         has_token = bool(self.identity_token_env or self.identity_token_file)
-        if self.docker_config and (self.username or has_password or has_token):
-            raise ValueError(
-                "docker_config supplies the credentials itself; do not combine it "
-                "with username / password_* / identity_token_*"
-            )
+        for files in ("docker_config", "auth_file"):
+            if getattr(self, files) and (self.username or has_password or has_token):
+                raise ValueError(
+                    f"{files} supplies the credentials itself; do not combine it "
+                    "with username / password_* / identity_token_*"
+                )
         if has_password and not self.username:
             raise ValueError("a password needs a username")
         if self.username and not (has_password or has_token):

@@ -171,6 +171,18 @@ def _docker_config(value: Any) -> bool | Path:
     )
 
 
+def _auth_file(value: Any) -> bool | Path:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (str, Path)) and str(value).strip():
+        return Path(str(value).strip())
+    raise ValueError(
+        "auth_file must be true ($REGISTRY_AUTH_FILE, else "
+        "$XDG_RUNTIME_DIR/containers/auth.json, else ~/.config/containers/auth.json) "
+        "or the path of a containers auth.json"
+    )
+
+
 Name = Annotated[str, AfterValidator(_name)]
 EnvName = Annotated[str, AfterValidator(_env_name)]
 Duration = Annotated[
@@ -213,6 +225,17 @@ DockerConfig = Annotated[
         {
             "anyOf": [{"type": "boolean"}, {"type": "string"}],
             "description": "true for the default Docker config.json, or its path",
+        }
+    ),
+]
+AuthFile = Annotated[
+    bool | Path,
+    PlainValidator(_auth_file),
+    PlainSerializer(lambda v: v if isinstance(v, bool) else str(v)),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "boolean"}, {"type": "string"}],
+            "description": "true for the containers auth.json podman and skopeo use, or its path",
         }
     ),
 ]

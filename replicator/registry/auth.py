@@ -11,6 +11,12 @@ The token realm may live on another host (auth.docker.io serves Docker Hub),
 but it receives our credentials, so an https registry's realm must be https
 too: a challenge naming an http:// realm is refused, not followed.
 
+Credentials come from a `CredentialProvider` (explicit, docker config.json
+with its credential helpers, containers auth.json), asked per repository. When
+the token server or a Basic registry refuses credentials a helper gave, they
+are dropped and asked for once more: short-lived helper tokens are renewed
+without a restart.
+
 Parsing and scope arithmetic are pure; `Authenticator` does the token I/O.
 """
 
@@ -28,9 +34,10 @@ from typing import Any
 
 import httpx
 
+from replicator.registry.credentials import Credentials
+from replicator.registry.credprovider import CredentialProvider
 from replicator.registry.errors import RegistryUnavailable, RetryableError, Unauthorized
 from replicator.registry.origin import where
-from replicator.registry.site import Credentials
 
 log = logging.getLogger("replicator.registry.auth")
 
@@ -107,6 +114,20 @@ def scopes_for(
     return merge_scopes(scopes)
 
 
+def scope_repository(scopes: Iterable[str]) -> str | None:
+    """The repository whose credentials a scope set needs: the one pushed to, else the first."""
+    first: str | None = None
+    for scope in scopes:
+        head, _, actions = scope.rpartition(":")
+        rtype, _, name = head.partition(":")
+        if rtype != "repository" or not name:
+            continue
+        if "push" in actions.split(","):
+            return name
+        first = first or name
+    return first
+
+
 @dataclass
 class _Token:
     value: str
@@ -120,7 +141,7 @@ class Authenticator:
         self,
         site: str,
         http: httpx.AsyncClient,
-        credentials: Credentials | None,
+        credentials: CredentialProvider | Credentials | None,
         stats: dict[str, int],
         *,
         registry_url: str,
@@ -128,6 +149,10 @@ class Authenticator:
         self.site = site
         self._registry_https = registry_url.startswith("https://")
         self._http = http
+        if not isinstance(credentials, CredentialProvider):
+            credentials = CredentialProvider(
+                site, registry_url.split("://", 1)[-1].split("/", 1)[0], explicit=credentials
+            )
         self._creds = credentials
         self._stats = stats
         self.scheme: str | None = None  # None until a challenge or success says
@@ -139,11 +164,21 @@ class Authenticator:
 
     @property
     def credentials(self) -> Credentials | None:
-        return self._creds
+        """The credentials last presented (or about to be)."""
+        return self._creds.last
 
-    @property
-    def has_basic_credentials(self) -> bool:
-        return bool(self._creds and self._creds.has_basic)
+    def identity(self) -> str:
+        """Who we were for an error: ` as user 'bob'`, ` (no credentials configured)`."""
+        return self._creds.describe()
+
+    async def has_basic_credentials(self, scopes: tuple[str, ...]) -> bool:
+        creds = await self._creds.get(scope_repository(scopes))
+        return bool(creds and creds.has_basic)
+
+    def refresh_credentials(self, scopes: tuple[str, ...]) -> bool:
+        """The registry refused our credentials: drop them (a helper runs again, a file is
+        read again) and say whether trying once more may help."""
+        return self._creds.refresh(scope_repository(scopes))
 
     def effective_scopes(self, scopes: tuple[str, ...]) -> tuple[str, ...]:
         """The scope set to request for `scopes`, widened by earlier challenges."""
@@ -192,8 +227,9 @@ class Authenticator:
     async def headers_for(self, scopes: tuple[str, ...]) -> dict[str, str]:
         """Authorization header for a request needing `scopes` (fetching a token if needed)."""
         if self.scheme == "basic":
-            if self._creds and self._creds.has_basic:
-                return {"Authorization": _basic(self._creds)}
+            creds = await self._creds.get(scope_repository(scopes))
+            if creds and creds.has_basic:
+                return {"Authorization": _basic(creds)}
             return {}
         if self.scheme == "bearer":
             return {"Authorization": f"Bearer {await self.token(scopes)}"}
@@ -213,6 +249,25 @@ class Authenticator:
             return tok.value
 
     async def _fetch(self, scopes: tuple[str, ...]) -> _Token:
+        """A token for `scopes`; when the token server refuses credentials that may
+        have expired (a helper's, a file's), they are renewed and tried once more."""
+        repository = scope_repository(scopes)
+        creds = await self._creds.get(repository)
+        try:
+            return await self._fetch_with(scopes, creds)
+        except Unauthorized as exc:
+            if exc.status not in (401, 403) or creds is None:
+                raise
+            if not self._creds.refresh(repository):
+                raise
+            renewed = await self._creds.get(repository)
+            log.info(
+                "%s: token server refused our credentials; asking again with renewed ones",
+                self.site,
+            )
+            return await self._fetch_with(scopes, renewed)
+
+    async def _fetch_with(self, scopes: tuple[str, ...], creds: Credentials | None) -> _Token:
         assert self._bearer is not None and self._bearer.realm
         realm, service = self._bearer.realm, self._bearer.service
         self._stats["token_requests"] = self._stats.get("token_requests", 0) + 1
@@ -222,7 +277,6 @@ class Authenticator:
             where(realm),
             " ".join(scopes) or "(no scope)",
         )
-        creds = self._creds
         try:
             if creds and creds.identity_token:
                 form = {
@@ -246,7 +300,15 @@ class Authenticator:
                 f"token server {where(realm)} unreachable: {type(exc).__name__}", site=self.site
             ) from exc
         if resp.status_code in (401, 403):
-            who = f"user {creds.username!r}" if creds and creds.username else "anonymous access"
+            who = (
+                f"user {creds.username!r}"
+                if creds and creds.username
+                else "our identity token"
+                if creds and creds.identity_token
+                else "anonymous access"
+            )
+            if creds is None and self._creds.configured:
+                who += self._creds.describe()  # why anonymous: a helper had none, ...
             raise Unauthorized(
                 f"token server {where(realm)} refused {who}",
                 site=self.site,

@@ -2,63 +2,53 @@
 
 Built from a configured site (`SiteEndpoint.from_config`, which reads the
 site's secrets at that moment) or from a bare URL on the command line. Free
-of I/O otherwise, except reading a docker `config.json` on request. Secrets
-never appear in a repr.
+of I/O otherwise; `resolve_credentials()` reads the credential files named
+(credprovider.py). Secrets never appear in a repr.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from replicator.config import AuthConfig, Config, read_secret
 from replicator.errors import ConfigError
+from replicator.registry.credentials import Credentials
+from replicator.registry.credfiles import (
+    auths_source,
+    default_auth_file,
+    default_docker_config,
+    read_json_file,
+)
+from replicator.registry.credprovider import CredentialFiles, CredentialProvider
+
+__all__ = [
+    "Credentials",
+    "SiteEndpoint",
+    "default_docker_config",
+    "explicit_credentials",
+    "load_docker_credentials",
+]
 
 
-@dataclass
-class Credentials:
-    username: str | None = None
-    password: str | None = None
-    identity_token: str | None = None
-
-    def __repr__(self) -> str:
-        hidden = "'***'"
-        return (
-            f"Credentials(username={self.username!r}, "
-            f"password={hidden if self.password else None}, "
-            f"identity_token={hidden if self.identity_token else None})"
-        )
-
-    __str__ = __repr__
-
-    @property
-    def has_basic(self) -> bool:
-        return self.username is not None and self.password is not None
-
-    @classmethod
-    def from_config(cls, auth: AuthConfig | None, where: str) -> Credentials | None:
-        """The explicit credentials of a site's `auth` (at config path `where`), secrets
-        read now; None without `auth` or with `docker_config` (the client then reads
-        config.json itself). Raises ConfigError naming the missing variable or file,
-        never a secret."""
-        if auth is None or auth.docker_config:
-            return None
-        password = read_secret(
-            auth.password_env,
-            auth.password_file,
-            where + (".password_env" if auth.password_env else ".password_file"),
-        )
-        token = read_secret(
-            auth.identity_token_env,
-            auth.identity_token_file,
-            where + (".identity_token_env" if auth.identity_token_env else ".identity_token_file"),
-        )
-        return cls(username=auth.username, password=password, identity_token=token)
+def explicit_credentials(auth: AuthConfig | None, where: str) -> Credentials | None:
+    """The explicit credentials of a site's `auth` (at config path `where`), secrets
+    read now; None without `auth` or when it names credential files instead. Raises
+    ConfigError naming the missing variable or file, never a secret."""
+    if auth is None or auth.docker_config or auth.auth_file:
+        return None
+    password = read_secret(
+        auth.password_env,
+        auth.password_file,
+        where + (".password_env" if auth.password_env else ".password_file"),
+    )
+    token = read_secret(
+        auth.identity_token_env,
+        auth.identity_token_file,
+        where + (".identity_token_env" if auth.identity_token_env else ".identity_token_file"),
+    )
+    return Credentials(username=auth.username, password=password, identity_token=token)
 
 
 @dataclass
@@ -71,6 +61,8 @@ class SiteEndpoint:
     key_file: str | None = None
     credentials: Credentials | None = None
     docker_config: str | None = None
+    auth_file: str | None = None  # a containers auth.json
+    helper_max_age: float = 900.0  # seconds to keep a helper's answer of unknown lifetime
     concurrency: int = 8
     requests_per_second: float | None = None
 
@@ -99,11 +91,17 @@ class SiteEndpoint:
         secrets read now (ConfigError names a missing one, or an unknown site)."""
         site = config.site(name)
         tls = site.tls
+        auth = site.auth
         docker_config: str | None = None
-        if site.auth and site.auth.docker_config is True:
+        auth_file: str | None = None
+        if auth and auth.docker_config is True:
             docker_config = str(default_docker_config())
-        elif site.auth and isinstance(site.auth.docker_config, Path):
-            docker_config = str(site.auth.docker_config)
+        elif auth and isinstance(auth.docker_config, Path):
+            docker_config = str(auth.docker_config)
+        if auth and auth.auth_file is True:
+            auth_file = str(default_auth_file())
+        elif auth and isinstance(auth.auth_file, Path):
+            auth_file = str(auth.auth_file)
         return cls(
             name=name,
             url=site.url,
@@ -111,8 +109,10 @@ class SiteEndpoint:
             ca_file=str(tls.ca) if tls and tls.ca else None,
             cert_file=str(tls.cert) if tls and tls.cert else None,
             key_file=str(tls.key) if tls and tls.key else None,
-            credentials=Credentials.from_config(site.auth, f"sites.{name}.auth"),
+            credentials=explicit_credentials(auth, f"sites.{name}.auth"),
             docker_config=docker_config,
+            auth_file=auth_file,
+            helper_max_age=auth.helper_max_age if auth else 900.0,
             concurrency=site.limits.concurrency,
             requests_per_second=site.limits.requests_per_second,
         )
@@ -132,68 +132,26 @@ class SiteEndpoint:
         """host[:port], the key used in docker config.json `auths`."""
         return urlsplit(self.url).netloc
 
-    def resolve_credentials(self) -> Credentials | None:
-        """Explicit credentials win; else the docker config.json entry for this host."""
-        if self.credentials is not None:
-            return self.credentials
-        if self.docker_config:
-            return load_docker_credentials(self.docker_config, self.host, site=self.name)
-        return None
-
-
-def default_docker_config() -> Path:
-    """Where `docker login` keeps credentials: $DOCKER_CONFIG/config.json or ~/.docker."""
-    base = os.environ.get("DOCKER_CONFIG")
-    return (Path(base) if base else Path.home() / ".docker").expanduser() / "config.json"
-
-
-def _auth_key_host(key: str) -> str:
-    """`https://reg.example/v1/` -> `reg.example`; bare `host:port` unchanged."""
-    if "://" in key:
-        return urlsplit(key).netloc
-    return key.split("/", 1)[0]
+    def resolve_credentials(self) -> CredentialProvider:
+        """Where this site's credentials come from: the explicit ones, else the docker
+        config.json (its helpers, else its auths), else the containers auth.json. Reads
+        the credential files now: ConfigError names a missing or unreadable one."""
+        return CredentialProvider(
+            self.name,
+            self.host,
+            explicit=self.credentials,
+            files=CredentialFiles(
+                docker_config=Path(self.docker_config) if self.docker_config else None,
+                auth_file=Path(self.auth_file) if self.auth_file else None,
+                helper_max_age=self.helper_max_age,
+            ),
+        )
 
 
 def load_docker_credentials(path: str, host: str, *, site: str = "") -> Credentials | None:
-    """Credentials for `host` from a docker config.json `auths` map, or None.
-
-    Accepts `auth` (base64 user:password), `username`/`password`, and
-    `identitytoken`. Credential helpers (credsStore/credHelpers) are not run.
-    """
+    """The `auths` credentials for `host` in a docker config.json or containers
+    auth.json, or None (helpers are run by `CredentialProvider`, not here)."""
     label = f"site {site!r}: " if site else ""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{label}docker config {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(
-            f"{label}docker config {path} is not readable JSON: {type(exc).__name__}"
-        ) from exc
-    auths = doc.get("auths") if isinstance(doc, dict) else None
-    if not isinstance(auths, dict):
-        return None
-    for key, entry in auths.items():
-        if _auth_key_host(str(key)) != host or not isinstance(entry, dict):
-            continue
-        creds = Credentials(identity_token=entry.get("identitytoken") or None)
-        if entry.get("auth"):
-            try:
-                decoded = base64.b64decode(str(entry["auth"]), validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError) as exc:
-                raise ConfigError(
-                    f"{label}docker config {path}: auths[{key!r}].auth is not "
-                    "base64 of user:password"
-                ) from exc
-            if ":" not in decoded:
-                raise ConfigError(
-                    f"{label}docker config {path}: auths[{key!r}].auth is not "
-                    "base64 of user:password"
-                )
-            creds.username, creds.password = decoded.split(":", 1)
-        elif entry.get("username") is not None:
-            creds.username = str(entry["username"])
-            creds.password = str(entry.get("password") or "")
-        if creds.username is None and creds.identity_token is None:
-            continue
-        return creds
-    return None
+    doc = read_json_file(Path(path), "docker config", label)
+    found = auths_source(doc, host, what=f"{label}docker config {path}")
+    return found.credentials if found else None

@@ -270,7 +270,8 @@ class Transport:
         scopes = req.scopes if req.scopes is not None else scopes_for(req.method, req.repository)
         key = self.auth.effective_scopes(scopes)
         timeout = self._blob_timeout if req.transfer else self._timeout
-        for auth_round in (0, 1):
+        refreshed = False  # refused credentials were renewed once (a helper ran again)
+        for auth_round in (0, 1, 2):
             auth = await self.auth.headers_for(key) if own else {}
             request = self._http.build_request(
                 req.method,
@@ -283,16 +284,22 @@ class Transport:
             if resp.status_code != 401 or self._foreign(own, resp):
                 break  # another host's challenge: never answered with our credentials
             challenge = self.auth.learn(resp)
-            if auth_round or challenge is None:
+            if challenge is None or auth_round == 2:
                 break
             if challenge.scheme == "bearer":
+                if auth_round:
+                    break
                 new_key = merge_scopes((*key, *challenge.scopes))
                 if auth and new_key == key:
                     self.auth.invalidate(key)  # our cached token went stale
                 self.auth.remember_scopes(scopes, new_key)
                 key = new_key
-            elif auth or not self.auth.has_basic_credentials:
-                break  # basic credentials were wrong / missing
+            elif auth:  # basic credentials refused: renewable once (an expired helper token)
+                if refreshed or not self.auth.refresh_credentials(key):
+                    break
+                refreshed = True
+            elif auth_round or not await self.auth.has_basic_credentials(key):
+                break  # basic credentials missing
             if not req.replayable:
                 await resp.aclose()
                 raise Unauthorized(
@@ -411,15 +418,7 @@ class Transport:
         if status == 404:
             return NotFound(message, **kw)
         if status in (401, 403):
-            creds = self.auth.credentials
-            who = (
-                f" as user {creds.username!r}"
-                if creds and creds.username
-                else " (no credentials configured)"
-                if not creds
-                else ""
-            )
-            return Unauthorized(message + who, **kw)
+            return Unauthorized(message + self.auth.identity(), **kw)
         if status == 400 and b"DIGEST_INVALID" in body:
             return DigestMismatch(message, **kw)
         return RegistryError(message, **kw)

@@ -15,6 +15,7 @@ import datetime as dt
 import fnmatch
 import hashlib
 import json
+import re
 import threading
 import time
 import uuid
@@ -23,12 +24,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.harness.credhelper import verify_secret
 from tests.harness.registry import TokenAuth
 from tests.harness.util import free_port
 
@@ -64,6 +67,10 @@ class TokenServer:
     issuer: str = "test-token-issuer"
     expires_in: int = 300
     stale_next: int = 0  # issue this many already-expired tokens
+    # Also accept, as a password or refresh token, an unexpired HS256 JWT signed with this
+    # key naming the user in `sub` (what tests/harness/credhelper.py's helpers hand out).
+    secret_key: bytes | None = None
+    secret_leeway: float = 0.0  # accept such a secret this long past its expiry (clock skew)
     port: int = field(default_factory=free_port)
     requests: list[TokenRequest] = field(default_factory=list)
     issued: list[str] = field(default_factory=list)  # every token handed out
@@ -141,7 +148,8 @@ class TokenServer:
         if method == "POST":
             grant = (form.get("grant_type") or [""])[0]
             if grant == "refresh_token":
-                user = self.identity_tokens.get((form.get("refresh_token") or [""])[0])
+                refresh = (form.get("refresh_token") or [""])[0]
+                user = self.identity_tokens.get(refresh) or self._signed(refresh)
                 return user is not None, user
             if grant == "password":
                 user = (form.get("username") or [""])[0]
@@ -156,7 +164,13 @@ class TokenServer:
             user, _, password = base64.b64decode(header[6:]).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return False, None
-        return self.users.get(user) == password, user
+        return self.users.get(user) == password or self._signed(password) == user, user
+
+    def _signed(self, secret: str) -> str | None:
+        """The user an unexpired helper-issued secret names (None: not one, or expired)."""
+        if self.secret_key is None:
+            return None
+        return verify_secret(secret, self.secret_key, now=time.time() - self.secret_leeway)
 
     def _grant(self, user: str | None, scopes: list[str]) -> list[dict]:
         access: list[dict] = []
@@ -264,3 +278,23 @@ def _handler_for(ts: TokenServer) -> type[BaseHTTPRequestHandler]:
             self._handle("POST", {}, form)
 
     return Handler
+
+
+class BearerAuth(httpx.Auth):
+    """httpx auth that answers a registry's Bearer challenge as `user` (for seeding and
+    checking a token-protected registry from tests)."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self.user, self.password = user, password
+
+    def auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
+        response = yield request
+        if response.status_code != 401:
+            return
+        challenge = response.headers.get("www-authenticate", "")
+        params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+        query: list[tuple[str, str]] = [("service", params.get("service", ""))]
+        query += [("scope", s) for s in params.get("scope", "").split()]
+        token = httpx.get(params["realm"], params=query, auth=(self.user, self.password))
+        request.headers["Authorization"] = f"Bearer {token.json()['token']}"
+        yield request
