@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from replicator.config import AuthConfig, Config, read_secret
+from replicator.config import AuthConfig, Config, LimitsConfig, read_secret
 from replicator.errors import ConfigError
+from replicator.registry.limits import BandwidthSchedule, RateWindow
 
 
 @dataclass
@@ -73,6 +74,8 @@ class SiteEndpoint:
     docker_config: str | None = None
     concurrency: int = 8
     requests_per_second: float | None = None
+    chunk_size: int | None = None  # upload blobs in PATCH chunks of this many bytes
+    bandwidth: BandwidthSchedule | None = None  # bytes/s cap, shared by the process
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -90,6 +93,8 @@ class SiteEndpoint:
             raise ConfigError(f"site {self.name!r}: concurrency must be at least 1")
         if self.requests_per_second is not None and self.requests_per_second <= 0:
             raise ConfigError(f"site {self.name!r}: requests_per_second must be positive")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"site {self.name!r}: chunk_size must be positive")
         if self.key_file and not self.cert_file:
             raise ConfigError(f"site {self.name!r}: key_file given without cert_file")
 
@@ -115,6 +120,8 @@ class SiteEndpoint:
             docker_config=docker_config,
             concurrency=site.limits.concurrency,
             requests_per_second=site.limits.requests_per_second,
+            chunk_size=site.limits.chunk_size,
+            bandwidth=bandwidth_schedule(site.limits),
         )
 
     @classmethod
@@ -139,6 +146,18 @@ class SiteEndpoint:
         if self.docker_config:
             return load_docker_credentials(self.docker_config, self.host, site=self.name)
         return None
+
+
+def bandwidth_schedule(limits: LimitsConfig) -> BandwidthSchedule | None:
+    """A site's `limits.bandwidth` and `limits.bandwidth_windows` as a schedule."""
+    if limits.bandwidth is None and not limits.bandwidth_windows:
+        return None
+    days = {name: i for i, name in enumerate(("mon", "tue", "wed", "thu", "fri", "sat", "sun"))}
+    windows = tuple(
+        RateWindow(frozenset(days[d] for d in w.days), *w.minutes(), limit=w.limit)
+        for w in limits.bandwidth_windows
+    )
+    return BandwidthSchedule(limits.bandwidth, windows)
 
 
 def default_docker_config() -> Path:
