@@ -18,6 +18,7 @@ last offset the registry acknowledged.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import re
@@ -177,7 +178,7 @@ class Uploads:
                     while offset < size:
                         n = min(chunk_size or self.chunk_size or DEFAULT_CHUNK, size - offset)
                         loc, offset = await self._patch(loc, repo, digest, offset, n, reader)
-                        acked = reader.point()
+                        acked = await reader.point()
                         if progress:
                             progress(n)
                 break
@@ -210,7 +211,7 @@ class Uploads:
                     if offset > size:
                         loc, offset = await self._restart(loc, repo, "holds too many bytes")
         assert reader is not None
-        actual = reader.digest()
+        actual = await reader.digest()
         if actual != digest:
             await self.cancel(loc)
             raise DigestMismatch(
@@ -342,14 +343,17 @@ class _SourceReader:
         self._buf = b""
         self._pos = start.offset
         self._hasher = start.hasher.copy()
+        self._pending: asyncio.Future[None] | None = None
         self._size = size
         self._site, self._repo, self._digest = site, repo, digest
 
-    def point(self) -> _HashPoint:
+    async def point(self) -> _HashPoint:
         """Where the reader stands (the bytes handed out so far), to resume from later."""
+        await self.settle()
         return _HashPoint(self._pos, self._hasher.copy())
 
-    def digest(self) -> str:
+    async def digest(self) -> str:
+        await self.settle()
         return f"{self._digest.split(':', 1)[0]}:{self._hasher.hexdigest()}"
 
     async def skip(self, n: int) -> None:
@@ -373,8 +377,36 @@ class _SourceReader:
             piece, self._buf = self._buf[:remaining], self._buf[remaining:]
             remaining -= len(piece)
             self._pos += len(piece)
-            self._hasher.update(piece)
+            await self._hash(piece)
             yield piece
+
+    async def _hash(self, piece: bytes) -> None:
+        """Hash on a worker thread (hashlib releases the GIL), one update in flight at a
+        time so the order holds, overlapping the hashing with the network."""
+        if len(piece) < _THREAD_HASH_MIN:
+            await self.settle()
+            self._hasher.update(piece)
+            return
+        await self.settle()
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(_hash_pool(), self._hasher.update, piece)
+
+    async def settle(self) -> None:
+        """Wait for the hashing in flight (before reading or copying the hash state)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+
+_THREAD_HASH_MIN = 64 * 2**10  # smaller pieces are hashed inline: a thread hop costs more
+_HASH_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _hash_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _HASH_POOL
+    if _HASH_POOL is None:
+        _HASH_POOL = concurrent.futures.ThreadPoolExecutor(4, "upload-hash")
+    return _HASH_POOL
 
 
 def _is_retryable(exc: BaseException) -> bool:
