@@ -8,12 +8,12 @@ Large`:
   declared Content-Length is above the limit, then keeps reading and
   discarding the body for a while ("lingering close") so the client sees the
   answer (https://nginx.org/en/docs/http/ngx_http_core_module.html#client_max_body_size,
-  #lingering_time). Docker's own nginx recipe for distribution sets it to 0
-  for this reason (https://distribution.github.io/distribution/recipes/nginx/);
+  #lingering_time). The registry's own nginx recipe sets it to 0 for this
+  reason (https://docs.docker.com/registry/recipes/nginx/#setting-things-up);
 - Harbor users replicating to Azure Container Registry report 413 on large
   layers (https://github.com/goharbor/harbor/issues/21640), as do users of
-  registries behind Cloudflare (https://github.com/cloudflare/serverless-registry/issues/67,
-  a 100 MB body limit) and Azure Application Gateway
+  registries behind Cloudflare (https://github.com/cloudflare/serverless-registry/issues/67)
+  and Azure Application Gateway
   (https://github.com/Azure/application-gateway-kubernetes-ingress/issues/968);
 - the way through is the OCI distribution spec's chunked upload: `PATCH`es
   with `Content-Range`, each under the limit, then `PUT ?digest=`
