@@ -182,3 +182,27 @@ async def test_resumed_upload_still_checks_the_whole_digest(registry, acr_factor
     assert front.count("PUT") == 0
     assert not registry.has_blob_data(digest)
     assert hashlib.sha256(data).hexdigest() in digest
+
+
+def test_acr_front_refuses_streamed_bodies_over_the_limit_and_passes_the_rest(
+    registry, acr_factory
+):
+    """The stand-in itself: a chunked (streamed) body is judged by its size too, and one
+    under the limit reaches the registry intact."""
+    import httpx
+
+    front = acr_factory(registry, 100_000)
+    small, big = layer_bytes("te-small", 60_000), layer_bytes("te-big", 150_000)
+
+    def stream(data: bytes):
+        for i in range(0, len(data), 16_384):
+            yield data[i : i + 16_384]
+
+    with httpx.Client(base_url=front.url, timeout=30) as http:
+        for data, expected in ((big, 413), (small, 201)):
+            loc = http.post("/v2/team/te/blobs/uploads/").headers["location"]
+            resp = http.put(f"{loc}&digest={digest_of(data)}", content=stream(data))
+            assert resp.status_code == expected, resp.text
+    assert front.refused == [7 * 16_384]  # refused once past the limit, mid-stream
+    assert registry.has_blob_data(digest_of(small))
+    assert not registry.has_blob_data(digest_of(big))

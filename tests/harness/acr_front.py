@@ -25,6 +25,12 @@ HTML body to any request whose body is above `max_body` bytes, the way nginx
 does: at once for a declared Content-Length, after draining the body; a
 chunked (streamed) body is refused once it passes the limit. Everything
 else reaches the real registry. `refused` lists the sizes it turned away.
+
+The lingering read matters: a front that closes right after its 413 with the
+body still arriving makes the kernel reset the connection, and the client
+sees a reset (httpx ReadError) instead of the 413, so nothing can learn the
+limit from it (measured here without `_linger`); such sites need
+`limits.chunk_size`.
 """
 
 from __future__ import annotations
@@ -71,17 +77,15 @@ class AcrFront(FaultProxy):
             await self._linger(creader, (kind, length), rec)
             return False
         if kind == "chunked":
-            # Buffer up to the limit to decide, then replay the raw body to the registry.
-            raw = bytearray()
-            seen = 0
-            async for piece in _body(creader, (kind, 0), raw=True):
-                raw += piece
-                seen = _decoded_size(raw)
-                if seen > self.max_body:
-                    await self._refuse(rec, seen, cwriter)
-                    return False  # the connection closes; nginx does the same mid-stream
+            # Read up to the limit to decide, then pass the body on, re-framed as one chunk.
+            data = bytearray()
+            async for piece in _body(creader, (kind, 0)):
+                data += piece
+                if len(data) > self.max_body:
+                    await self._refuse(rec, len(data), cwriter)
+                    return False  # and close, as nginx does with a streamed body
             replay = asyncio.StreamReader()
-            replay.feed_data(bytes(raw))
+            replay.feed_data((b"%x\r\n%s\r\n" % (len(data), data) if data else b"") + b"0\r\n\r\n")
             replay.feed_eof()
             if upstream is None:
                 upstream = await asyncio.open_connection(*self.upstream)
@@ -114,17 +118,3 @@ class AcrFront(FaultProxy):
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             return
-
-
-def _decoded_size(raw: bytes) -> int:
-    """Data bytes in a raw chunked body so far (complete chunks only)."""
-    total, pos = 0, 0
-    while True:
-        end = raw.find(b"\r\n", pos)
-        if end < 0:
-            return total
-        size = int(raw[pos:end].split(b";", 1)[0].strip() or b"0", 16)
-        if size == 0 or end + 2 + size + 2 > len(raw):
-            return total + (max(0, len(raw) - end - 2) if size else 0)
-        total += size
-        pos = end + 2 + size + 2
