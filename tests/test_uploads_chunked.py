@@ -40,6 +40,24 @@ def acr_factory() -> Iterator[Callable[[Registry, int], AcrFront]]:
         front.stop()
 
 
+class ProgressLog:
+    """A copy-engine progress sink that records what it is told."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, int] = {}
+        self.advanced: dict[str, int] = {}
+        self.finished: list[str] = []
+
+    def start(self, digest: str, size: int) -> None:
+        self.started[digest] = size
+
+    def advance(self, digest: str, n: int) -> None:
+        self.advanced[digest] = self.advanced.get(digest, 0) + n
+
+    def finish(self, digest: str) -> None:
+        self.finished.append(digest)
+
+
 def site(url: str, name: str, **kw) -> SiteEndpoint:
     return SiteEndpoint(name=name, url=url, insecure=True, **kw)
 
@@ -136,13 +154,18 @@ async def test_patch_cut_after_part_reached_distribution_restarts_that_blob(
         p.push_image("team/app", "v1", [layer])
     front = acr_factory(dst, MIB)
     front.cut_request(300_000, method="PATCH", skip=1, forward=True)
+    progress = ProgressLog()
     async with (
         RegistryClient(site(src.url, "src")) as s,
         RegistryClient(site(front.url, "acr", chunk_size=MIB), backoff_base=0.01) as d,
     ):
-        result = await CopyEngine().copy(s, "team/app", "v1", d, "team/app")
+        result = await CopyEngine(progress=progress).copy(s, "team/app", "v1", d, "team/app")
         assert (d.stats["upload_resumes"], d.stats["upload_restarts"]) == (0, 1)
     assert result.status == "copied", result.error
+    layer_digest = digest_of(layer)
+    assert progress.started[layer_digest] == len(layer)
+    assert progress.advanced[layer_digest] == len(layer)  # the restart is not counted twice
+    assert layer_digest in progress.finished
     assert_image_complete(dst.url, "team/app", "v1")
 
 

@@ -170,6 +170,7 @@ class Uploads:
         # The last offset the registry acknowledged, and the hash of the bytes before it.
         acked = _HashPoint(0, hasher_for(digest))
         offset, failures, n, reader = 0, 0, 0, None
+        reported = 0  # bytes announced to `progress`
         while True:
             try:
                 async with open_source(acked.offset) as source:
@@ -179,8 +180,9 @@ class Uploads:
                         n = min(chunk_size or self.chunk_size or DEFAULT_CHUNK, size - offset)
                         loc, offset = await self._patch(loc, repo, digest, offset, n, reader)
                         acked = await reader.point()
-                        if progress:
-                            progress(n)
+                        if progress and offset > reported:  # not again after a restart
+                            progress(offset - reported)
+                            reported = offset
                 break
             except BaseException as exc:
                 shrunk = (
