@@ -8,13 +8,14 @@ own peak RSS reported) to a target behind a proxy in its own process:
   - auto:       AcrFront with a 100 MB limit, nothing configured: the first PUT draws a
                 413 (the proxy reads and drops the refused body, as nginx's lingering
                 close does), then chunks.
-Throughput ratio = monolithic seconds / chunked seconds (goal >= 0.7), peak RSS goal
-<= 150 MB.
+Rounds rotate which mode goes first (this 2-core machine drifts); throughput ratio =
+median monolithic seconds / median chunked seconds (goal >= 0.7), peak RSS goal <= 150 MB.
 
 Bandwidth: a blob of rate x seconds copied to a target with `limits.bandwidth`; the
 measured rate is bytes uploaded / wall time (goal within 10 % of the cap).
 
-Run: .venv/bin/python benchmarks/bench_uploads.py [--mib 2048] [--rate-mib 20] [--seconds 30]
+Run: .venv/bin/python benchmarks/bench_uploads.py [--mib 2048] [--rounds 3] [--rate-mib 20]
+     [--seconds 30]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,27 +186,46 @@ def main() -> int:
     ap.add_argument("--rate-mib", type=float, default=20.0, help="bandwidth cap; 0 skips")
     ap.add_argument("--seconds", type=float, default=30.0, help="bandwidth copy length")
     ap.add_argument("--limit", type=int, default=LIMIT, help="proxy body limit in bytes")
+    ap.add_argument("--rounds", type=int, default=3, help="body-limit rounds (medians)")
     args = ap.parse_args()
     report: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-uploads-") as tmp:
         work = Path(tmp)
         if args.mib:
             src = Registry(root=work / "src").start()
+            chunk = min(50 * MIB, args.limit // 2)
+            modes = {
+                "monolithic": (0, None),
+                "chunked_configured": (args.limit, chunk),
+                "chunked_after_413": (args.limit, None),
+            }
+            runs: dict[str, list[dict]] = {m: [] for m in modes}
             try:
                 push_big(src, args.mib)
-                mono = through(work, "mono", src, 0, None)
-                chunked = through(work, "chunked", src, args.limit, min(50 * MIB, args.limit // 2))
-                auto = through(work, "auto", src, args.limit, None)
+                for r in range(args.rounds):
+                    order = list(modes)[r % 3 :] + list(modes)[: r % 3]  # rotate who goes first
+                    for m in order:
+                        limit, size = modes[m]
+                        runs[m].append(through(work, f"{m}-{r}", src, limit, size))
             finally:
                 src.stop()
+            median = {m: statistics.median(x["seconds"] for x in runs[m]) for m in modes}
             report["body_limit"] = {
                 "mib": args.mib,
                 "limit_bytes": args.limit,
-                "monolithic": mono,
-                "chunked_configured": chunked,
-                "chunked_after_413": auto,
-                "throughput_ratio_configured": round(mono["seconds"] / chunked["seconds"], 2),
-                "throughput_ratio_after_413": round(mono["seconds"] / auto["seconds"], 2),
+                "runs": runs,
+                "median_seconds": median,
+                "peak_rss_mb_max": max(x["peak_rss_mb"] for m in modes for x in runs[m]),
+                "throughput_ratio_configured": round(
+                    median["monolithic"] / median["chunked_configured"], 2
+                ),
+                "throughput_ratio_after_413": round(
+                    median["monolithic"] / median["chunked_after_413"], 2
+                ),
+                "round_ratios_configured": [
+                    round(a["seconds"] / b["seconds"], 2)
+                    for a, b in zip(runs["monolithic"], runs["chunked_configured"], strict=True)
+                ],
             }
         if args.rate_mib:
             rate = int(args.rate_mib * MIB)
