@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -56,6 +57,31 @@ def test_schedule_uses_the_window_inside_it_and_the_default_outside():
     assert schedule.rate_at(monday.replace(hour=20)) == 50 * MIB
     only_window = BandwidthSchedule(None, schedule.windows)
     assert only_window.rate_at(monday.replace(hour=20)) is None
+
+
+def test_windows_are_read_in_the_configured_time_zone():
+    """08:00-18:00 in Berlin is 07:00-17:00 UTC in winter: at 17:30 UTC the window is
+    closed in Berlin although it would be open in UTC."""
+    config = config_from_dict(
+        {
+            "timezone": "Europe/Berlin",
+            "sites": {
+                "eu": {
+                    "url": "https://eu.example",
+                    "limits": {
+                        "bandwidth_windows": [
+                            {"days": "mon-fri", "from": "08:00", "to": "18:00", "limit": 1000}
+                        ]
+                    },
+                }
+            },
+        }
+    )
+    schedule = SiteEndpoint.from_config(config, "eu").bandwidth
+    assert schedule is not None and schedule.tz == ZoneInfo("Europe/Berlin")
+    monday = datetime(2026, 12, 7, tzinfo=UTC)
+    assert schedule.rate_at(monday.replace(hour=7, minute=30)) == 1000  # 08:30 in Berlin
+    assert schedule.rate_at(monday.replace(hour=17, minute=30)) is None  # 18:30 in Berlin
 
 
 def test_limiter_reserves_the_link_in_call_order():
@@ -116,6 +142,7 @@ def test_limits_accept_sizes_and_rates_with_units():
             RateWindow(WEEKDAYS, 8 * 60, 18 * 60, 5_000_000),
             RateWindow(frozenset({5, 6}), 22 * 60, 6 * 60, 1000),
         ),
+        ZoneInfo("UTC"),  # the default `timezone`
     )
     again = config_from_dict(config.to_dict())
     assert again.sites["eu"].limits == limits

@@ -189,7 +189,8 @@ class LimitsConfig(_Model):
     )
     bandwidth_windows: list[BandwidthWindow] = Field(
         default_factory=list,
-        description="time windows (UTC) with their own bandwidth cap, e.g. business hours",
+        description="weekly time windows, in the configured timezone, with their own "
+        "bandwidth cap, e.g. business hours",
     )
 
 

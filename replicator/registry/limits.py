@@ -83,7 +83,7 @@ class RateWindow:
 @dataclass(frozen=True, slots=True)
 class BandwidthSchedule:
     """A site's byte-rate cap: `default` (None: unlimited) except inside a window.
-    Windows are read in `tz` (UTC: the config has no time-zone setting yet)."""
+    Windows are read in `tz`, the configuration's `timezone` (DST included)."""
 
     default: int | None = None
     windows: tuple[RateWindow, ...] = ()

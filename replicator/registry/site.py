@@ -13,6 +13,7 @@ import binascii
 import json
 import os
 from dataclasses import dataclass
+from datetime import UTC, tzinfo
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -121,7 +122,7 @@ class SiteEndpoint:
             concurrency=site.limits.concurrency,
             requests_per_second=site.limits.requests_per_second,
             chunk_size=site.limits.chunk_size,
-            bandwidth=bandwidth_schedule(site.limits),
+            bandwidth=bandwidth_schedule(site.limits, config.tzinfo),
         )
 
     @classmethod
@@ -148,8 +149,9 @@ class SiteEndpoint:
         return None
 
 
-def bandwidth_schedule(limits: LimitsConfig) -> BandwidthSchedule | None:
-    """A site's `limits.bandwidth` and `limits.bandwidth_windows` as a schedule."""
+def bandwidth_schedule(limits: LimitsConfig, tz: tzinfo = UTC) -> BandwidthSchedule | None:
+    """A site's `limits.bandwidth` and `limits.bandwidth_windows` as a schedule, its
+    windows read in `tz` (the configuration's `timezone`)."""
     if limits.bandwidth is None and not limits.bandwidth_windows:
         return None
     days = {name: i for i, name in enumerate(("mon", "tue", "wed", "thu", "fri", "sat", "sun"))}
@@ -157,7 +159,7 @@ def bandwidth_schedule(limits: LimitsConfig) -> BandwidthSchedule | None:
         RateWindow(frozenset(days[d] for d in w.days), *w.minutes(), limit=w.limit)
         for w in limits.bandwidth_windows
     )
-    return BandwidthSchedule(limits.bandwidth, windows)
+    return BandwidthSchedule(limits.bandwidth, windows, tz)
 
 
 def default_docker_config() -> Path:
