@@ -49,7 +49,7 @@ from replicator.manifest import (
     is_digest,
     parse_manifest,
 )
-from replicator.registry.client import RegistryClient
+from replicator.registry.client import BlobStream, RegistryClient
 from replicator.registry.errors import DigestMismatch, NotFound, RegistryError
 
 log = logging.getLogger(__name__)
@@ -439,10 +439,17 @@ class CopyEngine:
     async def _upload(self, job: CopyJob, blob: Descriptor, location: str | None) -> None:
         """Stream one blob, retrying the whole transfer on transient failures."""
         src, dst = job.src, job.dst
-        attempt = 0
+        attempt, chunked = 0, False
         while True:
             attempt += 1
             try:
+                if blob.size > (dst.upload_chunk_size or blob.size):
+                    # Bigger than the target's body limit: PATCH chunks, digest checked first.
+                    await self._upload_chunked(job, blob, location)
+                    job.stats.blobs_uploaded += 1
+                    job.stats.bytes_uploaded += blob.size
+                    telemetry.set_attributes(outcome="uploaded", attempt=attempt, chunked=True)
+                    return
                 # verify=False: _verified checks the digest *before* the last chunk goes out
                 async with src.open_blob(job.src_repo, blob.digest, verify=False) as stream:
                     size = stream.size if stream.size is not None else blob.size
@@ -467,6 +474,9 @@ class CopyEngine:
                 location_used, location = location, None
                 if location_used is not None:
                     await dst.cancel_upload(location_used)
+                if exc.status == 413 and dst.upload_chunk_size is not None and not chunked:
+                    chunked, attempt = True, attempt - 1  # body limit learnt: again, in chunks
+                    continue
                 if not getattr(exc, "retryable", False) or attempt >= job.options.blob_attempts:
                     raise
                 delay = self.retry_base_delay * (2 ** (attempt - 1))
@@ -480,6 +490,29 @@ class CopyEngine:
                     delay,
                 )
                 await asyncio.sleep(delay)
+
+    async def _upload_chunked(self, job: CopyJob, blob: Descriptor, location: str | None) -> None:
+        """PATCH the blob in chunks; a cut resumes from the registry's offset, re-reading
+        the source from there (a Range GET)."""
+
+        def open_source(offset: int) -> contextlib.AbstractAsyncContextManager[BlobStream]:
+            return job.src.open_blob(job.src_repo, blob.digest, offset, verify=False)
+
+        progress = self.progress
+        if progress:
+            progress.start(blob.digest, blob.size)
+        try:
+            await job.dst.upload_blob_chunked(
+                job.dst_repo,
+                blob.digest,
+                blob.size,
+                open_source,
+                location=location,
+                progress=(lambda n: progress.advance(blob.digest, n)) if progress else None,
+            )
+        finally:
+            if progress:
+                progress.finish(blob.digest)
 
     async def _verified(
         self, chunks: AsyncIterable[bytes], digest: str, size: int, site: str, repo: str

@@ -75,3 +75,17 @@ def test_delay_proxy_adds_its_delay_each_way(registry, tmp_path):
     finally:
         stats = proxy.stop()
     assert stats.connections == 1 and stats.turns == 2
+
+
+def test_bench_uploads_small():
+    proc = run(
+        "bench_uploads.py",
+        *("--mib", "6", "--limit", "2000000", "--rounds", "1", "--rate-mib", "4", "--seconds", "1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
+    runs = report["body_limit"]["runs"]
+    assert runs["monolithic"][0]["chunk_size"] is None
+    assert runs["chunked_configured"][0]["chunk_size"] == 1_000_000  # half the limit
+    assert runs["chunked_after_413"][0]["chunk_size"] <= 2_000_000  # learnt from the 413s
+    assert report["bandwidth"]["mib"] == 4 and report["bandwidth"]["measured_mib_per_s"] > 0

@@ -30,6 +30,8 @@ from replicator.config.report import ProblemsError
 from replicator.config.secrets import InlineSecret, one_source, read_secret
 from replicator.config.types import (
     AuthFile,
+    ByteRate,
+    ByteSize,
     CronExpr,
     DockerConfig,
     Duration,
@@ -125,6 +127,60 @@ class AuthConfig(_Model):
         return self
 
 
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _weekdays(value: Any) -> list[str]:
+    """`[mon, tue]`, `mon-fri` or `[mon-wed, sat]` -> the listed day names, in week order."""
+    items = one_or_many(value)
+    if not isinstance(items, list) or not items:
+        raise ValueError("days: give day names such as [mon, tue] or 'mon-fri'")
+    days: set[str] = set()
+    for item in items:
+        text = str(item).strip().lower()
+        first, _, last = text.partition("-")
+        if first not in _WEEKDAYS or (last and last not in _WEEKDAYS):
+            raise ValueError(f"{item!r} is not a day: use mon, tue, wed, thu, fri, sat, sun")
+        i, j = _WEEKDAYS.index(first), _WEEKDAYS.index(last or first)
+        days.update(_WEEKDAYS[k % 7] for k in range(i, j + 1 if j >= i else j + 8))
+    return [d for d in _WEEKDAYS if d in days]
+
+
+def _clock(value: Any) -> str:
+    text = str(value).strip()
+    hours, sep, minutes = text.partition(":")
+    if not (sep and hours.isdigit() and minutes.isdigit() and len(minutes) == 2):
+        raise ValueError(f"invalid time {value!r}: expected HH:MM, e.g. 08:00 or 24:00")
+    h, m = int(hours), int(minutes)
+    if h > 24 or m > 59 or (h == 24 and m):
+        raise ValueError(f"invalid time {value!r}: from 00:00 to 24:00")
+    return f"{h:02d}:{m:02d}"
+
+
+class BandwidthWindow(_Model):
+    """A weekly time window with its own bandwidth cap. `from` after `to` spans midnight
+    (the window belongs to the day it opens)."""
+
+    days: list[str] = Field(default_factory=lambda: list(_WEEKDAYS))
+    start: str = Field(alias="from", description="opens at HH:MM")
+    end: str = Field(alias="to", description="closes at HH:MM (24:00 for midnight)")
+    limit: ByteRate
+
+    _days = field_validator("days", mode="before")(classmethod(lambda cls, v: _weekdays(v)))
+    _times = field_validator("start", "end", mode="before")(classmethod(lambda cls, v: _clock(v)))
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> BandwidthWindow:
+        if self.start == self.end:
+            raise ValueError(f"window from {self.start} to {self.end} is empty")
+        return self
+
+    def minutes(self) -> tuple[int, int]:
+        """(opens, closes) in minutes after midnight."""
+        (h1, m1), (h2, m2) = (map(int, t.split(":")) for t in (self.start, self.end))
+        return h1 * 60 + m1, h2 * 60 + m2
+
+
 class LimitsConfig(_Model):
     concurrency: int = Field(
         8,
@@ -135,6 +191,22 @@ class LimitsConfig(_Model):
         "up to 2 x concurrency + 2 connections",
     )
     requests_per_second: float | None = Field(None, gt=0, description="rate cap; null for none")
+    chunk_size: ByteSize | None = Field(
+        None,
+        description="upload blobs in PATCH chunks of this size (e.g. 50MiB) instead of one PUT; "
+        "for registries or proxies that cap request bodies. Without it, a 413 answer "
+        "switches the site to chunks by itself",
+    )
+    bandwidth: ByteRate | None = Field(
+        None,
+        description="bytes/s to and from this registry, shared by all transfers "
+        "(e.g. 20MiB/s); null for none. Windows below override it while they are open",
+    )
+    bandwidth_windows: list[BandwidthWindow] = Field(
+        default_factory=list,
+        description="weekly time windows, in the configured timezone, with their own "
+        "bandwidth cap, e.g. business hours",
+    )
 
 
 class SiteConfig(_Model):
@@ -525,6 +597,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     TLSConfig,
     AuthConfig,
     LimitsConfig,
+    BandwidthWindow,
     SiteConfig,
     MqttConfig,
     TagFilter,

@@ -239,3 +239,67 @@ AuthFile = Annotated[
         }
     ),
 ]
+
+
+_BYTES_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(?:([kKmMgGtT])(i?)B|(B))?$")
+_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_bytes(value: Any, *, rate: bool = False) -> int:
+    """`100MiB` -> 104857600, `2GB` -> 2000000000, `512` -> 512 (bytes). With `rate`, a
+    trailing `/s` is allowed (`20MiB/s`). Lower-case `b` (bits) is refused."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as '100MiB', got {value!r}")
+    if isinstance(value, int):
+        number = value
+    else:
+        text = str(value).strip()
+        if rate and text.endswith("/s"):
+            text = text[:-2].rstrip()
+        m = _BYTES_RE.match(text)
+        if not m:
+            example = "'20MiB/s' or '500kB/s'" if rate else "'100MiB', '1GB' or '524288'"
+            raise ValueError(
+                f"invalid {'rate' if rate else 'size'} {value!r}: expected bytes with an "
+                f"optional unit (kB, MB, GB, TB or KiB, MiB, GiB, TiB), e.g. {example}"
+            )
+        prefix, binary = m.group(2), m.group(3)
+        scale = (1024 if binary else 1000) ** _POWERS[prefix.lower()] if prefix else 1
+        number = int(float(m.group(1)) * scale)
+    if number <= 0:
+        raise ValueError(f"{value!r} must be more than 0 bytes")
+    return number
+
+
+def format_bytes(n: int) -> str:
+    """The shortest exact binary-unit spelling: 104857600 -> `100MiB`."""
+    for unit, power in (("TiB", 4), ("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if n % 1024**power == 0:
+            return f"{n // 1024**power}{unit}"
+    return str(n)
+
+
+ByteSize = Annotated[
+    int,
+    PlainValidator(parse_bytes),
+    PlainSerializer(format_bytes, return_type=str),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string"}],
+            "description": "bytes, with an optional unit: kB, MB, GB or KiB, MiB, GiB",
+            "examples": ["50MiB", "1GB"],
+        }
+    ),
+]
+ByteRate = Annotated[
+    int,
+    PlainValidator(lambda v: parse_bytes(v, rate=True)),
+    PlainSerializer(lambda n: f"{format_bytes(n)}/s", return_type=str),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string"}],
+            "description": "bytes per second, with an optional unit and /s: e.g. 20MiB/s",
+            "examples": ["20MiB/s", "500kB/s"],
+        }
+    ),
+]

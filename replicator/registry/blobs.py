@@ -3,6 +3,9 @@
 Blob GETs follow redirects: registries commonly send them to a storage
 backend or CDN on another host. httpx drops our Authorization header on a
 redirect to another origin, so those hosts never see our credentials.
+
+Downloads pay the site's bandwidth limiter (limits.py) for each chunk before
+handing it on; TCP flow control then holds the sender to that rate.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import httpx
 
 from replicator.manifest import hasher_for
 from replicator.registry.errors import DigestMismatch, RetryableError
+from replicator.registry.limits import ByteRateLimiter, bandwidth_for
 from replicator.registry.transport import Request, Transport, exc_text
 
 CHUNK = 1 << 20  # download chunks handed to callers
@@ -38,8 +42,10 @@ class BlobStream:
         offset: int,
         *,
         verify: bool,
+        bandwidth: ByteRateLimiter | None = None,
     ) -> None:
         self._transport = transport
+        self._bandwidth = bandwidth
         self._resp = response
         self.repository = repository
         self.digest = digest
@@ -60,9 +66,12 @@ class BlobStream:
         site = self._transport.site.name
         stats = self._transport.stats
         skip = self._skip
+        bandwidth = self._bandwidth
         try:
             async for chunk in self._resp.aiter_bytes(CHUNK):
                 stats["bytes_downloaded"] += len(chunk)
+                if bandwidth is not None:
+                    await bandwidth.take(len(chunk))
                 if skip:
                     cut = min(skip, len(chunk))
                     chunk, skip = chunk[cut:], skip - cut
@@ -108,6 +117,8 @@ class Blobs:
 
     def __init__(self, transport: Transport) -> None:
         self._t = transport
+        site = transport.site
+        self.bandwidth = bandwidth_for(site.name, site.url, site.bandwidth)
 
     def url(self, repo: str, digest: str) -> str:
         return self._t.url(f"/v2/{repo}/blobs/{digest}")
@@ -143,7 +154,9 @@ class Blobs:
                 )
             )
             try:
-                yield BlobStream(self._t, resp, repo, digest, offset, verify=verify)
+                yield BlobStream(
+                    self._t, resp, repo, digest, offset, verify=verify, bandwidth=self.bandwidth
+                )
             finally:
                 await resp.aclose()
 

@@ -20,7 +20,7 @@ from replicator.registry.manifests import BeforePlaceholder, Manifests, TagDelet
 from replicator.registry.referrers import Referrers
 from replicator.registry.site import SiteEndpoint
 from replicator.registry.transport import Request, RetryPolicy, Transport
-from replicator.registry.uploads import OpenSource, Uploads
+from replicator.registry.uploads import OpenSource, Progress, Uploads
 
 __all__ = ["BlobStream", "RegistryClient", "TagDeletion"]
 
@@ -169,18 +169,30 @@ class RegistryClient:
         failures raise a RegistryError with `retryable` telling whether a new try may work."""
         await self._uploads.put(repo, digest, size, chunks, location)
 
+    @property
+    def upload_chunk_size(self) -> int | None:
+        """Bytes per PATCH when blobs must go to this site in chunks (`limits.chunk_size`, or
+        learnt from a 413 answer); None when one PUT per blob is fine."""
+        return self._uploads.chunk_size
+
     async def upload_blob_chunked(
         self,
         repo: str,
         digest: str,
         size: int,
         open_source: OpenSource,
-        chunk_size: int = 64 * 2**20,
+        chunk_size: int | None = None,
         location: str | None = None,
+        progress: Progress | None = None,
     ) -> None:
-        """Upload in PATCH chunks; after a failure ask the registry how much it holds and
-        resume there via `open_source(offset)` (or restart if it dropped the session)."""
-        await self._uploads.put_chunked(repo, digest, size, open_source, chunk_size, location)
+        """Upload in PATCH chunks (`chunk_size`, else the site's, else 50 MiB); after a
+        failure ask the registry how much it holds and resume there via
+        `open_source(offset)` (or restart if it dropped the session). The content is
+        hashed on the way and the upload cancelled, never committed, if it does not
+        match `digest`. `progress(n)` is called after each chunk the registry accepted."""
+        await self._uploads.put_chunked(
+            repo, digest, size, open_source, chunk_size, location, progress
+        )
 
     async def list_tags(self, repo: str, *, page_size: int = 1000) -> list[str]:
         """Every tag of `repo`, following Link pagination; [] for an unknown repository."""

@@ -9,10 +9,11 @@ of I/O otherwise; `resolve_credentials()` reads the credential files named
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, tzinfo
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from replicator.config import AuthConfig, Config, read_secret
+from replicator.config import AuthConfig, Config, LimitsConfig, read_secret
 from replicator.errors import ConfigError
 from replicator.registry.credentials import Credentials
 from replicator.registry.credfiles import (
@@ -22,6 +23,7 @@ from replicator.registry.credfiles import (
     read_json_file,
 )
 from replicator.registry.credprovider import CredentialFiles, CredentialProvider
+from replicator.registry.limits import BandwidthSchedule, RateWindow
 
 __all__ = [
     "Credentials",
@@ -65,6 +67,8 @@ class SiteEndpoint:
     helper_max_age: float = 900.0  # seconds to keep a helper's answer of unknown lifetime
     concurrency: int = 8
     requests_per_second: float | None = None
+    chunk_size: int | None = None  # upload blobs in PATCH chunks of this many bytes
+    bandwidth: BandwidthSchedule | None = None  # bytes/s cap, shared by the process
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -82,6 +86,8 @@ class SiteEndpoint:
             raise ConfigError(f"site {self.name!r}: concurrency must be at least 1")
         if self.requests_per_second is not None and self.requests_per_second <= 0:
             raise ConfigError(f"site {self.name!r}: requests_per_second must be positive")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"site {self.name!r}: chunk_size must be positive")
         if self.key_file and not self.cert_file:
             raise ConfigError(f"site {self.name!r}: key_file given without cert_file")
 
@@ -115,6 +121,8 @@ class SiteEndpoint:
             helper_max_age=auth.helper_max_age if auth else 900.0,
             concurrency=site.limits.concurrency,
             requests_per_second=site.limits.requests_per_second,
+            chunk_size=site.limits.chunk_size,
+            bandwidth=bandwidth_schedule(site.limits, config.tzinfo),
         )
 
     @classmethod
@@ -146,6 +154,19 @@ class SiteEndpoint:
                 helper_max_age=self.helper_max_age,
             ),
         )
+
+
+def bandwidth_schedule(limits: LimitsConfig, tz: tzinfo = UTC) -> BandwidthSchedule | None:
+    """A site's `limits.bandwidth` and `limits.bandwidth_windows` as a schedule, its
+    windows read in `tz` (the configuration's `timezone`)."""
+    if limits.bandwidth is None and not limits.bandwidth_windows:
+        return None
+    days = {name: i for i, name in enumerate(("mon", "tue", "wed", "thu", "fri", "sat", "sun"))}
+    windows = tuple(
+        RateWindow(frozenset(days[d] for d in w.days), *w.minutes(), limit=w.limit)
+        for w in limits.bandwidth_windows
+    )
+    return BandwidthSchedule(limits.bandwidth, windows, tz)
 
 
 def load_docker_credentials(path: str, host: str, *, site: str = "") -> Credentials | None:
