@@ -124,7 +124,7 @@ async def test_the_daemon_runs_housekeeping_periodically(setup, monkeypatch, tmp
     queue = WorkQueue(journal, "w", max_attempts=1)
     [task_id] = await dead(queue, copy(tag="withdrawn"))
     monkeypatch.setattr(housekeeping, "INTERVAL", 0.05)
-    daemon = Daemon(config.source_path, instance_id="hk-daemon")
+    daemon = Daemon(config.source_path)
     loop = asyncio.create_task(daemon._housekeeping_loop())
     try:
         deadline = time.monotonic() + 20
@@ -139,7 +139,7 @@ async def test_the_daemon_runs_housekeeping_periodically(setup, monkeypatch, tmp
         await daemon.pool.aclose()
         daemon.journal.close()
     audit = await journal.task_admin.audit(task_id)
-    assert [a.actor for a in audit] == ["daemon hk-daemon"]
+    assert [a.actor for a in audit] == [f"daemon {daemon.instance_id}"]
 
 
 def test_pull_times_are_kept_as_rows_only_when_a_policy_reads_them(tmp_path):
@@ -208,7 +208,7 @@ async def test_pulls_are_not_handed_to_the_bus(tmp_path):
             }
         )
     )
-    daemon = Daemon(path, instance_id="no-broker")
+    daemon = Daemon(path)
     pull = RegistryEvent(id="u1", site="a", action="pull", repository="r", digest=MISSING)
     try:
         await asyncio.wait_for(daemon._publish([pull]), 2)

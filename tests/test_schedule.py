@@ -195,7 +195,7 @@ async def test_the_daemon_reads_rule_and_gc_schedules_in_the_configured_zone(tmp
     }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
-    daemon = Daemon(path, instance_id="tz-test")
+    daemon = Daemon(path)
     try:
         daemon._schedule_reconciles()
         daemon._schedule_gc()
