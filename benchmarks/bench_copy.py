@@ -39,6 +39,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.big_image import push_big  # noqa: E402
 from replicator.blob_index import BlobIndex  # noqa: E402
 from replicator.copy import CopyEngine, CopyStats  # noqa: E402
 from replicator.registry.client import RegistryClient  # noqa: E402
@@ -185,58 +186,7 @@ def uploaded_bytes(sink: WebhookSink) -> tuple[int, int]:
 
 def big_blob(work: Path, src: Registry, mib: int) -> dict[str, float]:
     """One large blob: our CLI (subprocess, peak RSS) vs curl GET | curl PUT."""
-    data_path = work / "big.bin"
-    with open(data_path, "wb") as f:
-        for _ in range(mib):
-            f.write(os.urandom(2**20))
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(data_path, "rb") as f:
-        while chunk := f.read(8 * 2**20):
-            h.update(chunk)
-    digest = "sha256:" + h.hexdigest()
-    with httpx.Client(timeout=600) as http:
-        loc = http.post(f"{src.url}/v2/big/blob/blobs/uploads/").headers["location"]
-        loc = loc if loc.startswith("http") else src.url + loc
-        with open(data_path, "rb") as f:
-            http.put(
-                f"{loc}&digest={digest}", content=f, headers={"content-length": str(mib * 2**20)}
-            ).raise_for_status()
-        config = json.dumps(
-            {
-                "architecture": "amd64",
-                "os": "linux",
-                "rootfs": {"type": "layers", "diff_ids": [digest]},
-            }
-        ).encode()
-        cfg_loc = http.post(f"{src.url}/v2/big/blob/blobs/uploads/").headers["location"]
-        cfg_loc = cfg_loc if cfg_loc.startswith("http") else src.url + cfg_loc
-        http.put(f"{cfg_loc}&digest={digest_of(config)}", content=config).raise_for_status()
-        manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {
-                    "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": digest_of(config),
-                    "size": len(config),
-                },
-                "layers": [
-                    {
-                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": digest,
-                        "size": mib * 2**20,
-                    }
-                ],
-            }
-        ).encode()
-        http.put(
-            f"{src.url}/v2/big/blob/manifests/v1",
-            content=manifest,
-            headers={"content-type": "application/vnd.oci.image.manifest.v1+json"},
-        ).raise_for_status()
-    data_path.unlink()
+    digest = push_big(src, mib)
 
     dst_ours = Registry(root=work / "big-ours").start()
     dst_curl = Registry(root=work / "big-curl").start()

@@ -21,23 +21,18 @@ Run: .venv/bin/python benchmarks/bench_uploads.py [--mib 2048] [--rounds 3] [--r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.harness.images import digest_of  # noqa: E402
+from benchmarks.big_image import push_big  # noqa: E402
 from tests.harness.registry import Registry  # noqa: E402
 from tests.harness.util import free_port  # noqa: E402
 
@@ -81,56 +76,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def push_big(src: Registry, mib: int) -> str:
-    """Push an image with one `mib` MiB layer of incompressible bytes, 1 MiB at a time."""
-    block = os.urandom(MIB)
-
-    def chunks() -> Iterator[bytes]:
-        for i in range(mib):
-            yield i.to_bytes(8, "big") + block[8:]
-
-    h = hashlib.sha256()
-    for c in chunks():
-        h.update(c)
-    digest = "sha256:" + h.hexdigest()
-    with httpx.Client(timeout=900) as http:
-        loc = http.post(f"{src.url}/v2/big/blob/blobs/uploads/").headers["location"]
-        loc = loc if loc.startswith("http") else src.url + loc
-        http.put(
-            f"{loc}&digest={digest}",
-            content=chunks(),
-            headers={"content-length": str(mib * MIB)},
-        ).raise_for_status()
-        config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
-        cfg_loc = http.post(f"{src.url}/v2/big/blob/blobs/uploads/").headers["location"]
-        cfg_loc = cfg_loc if cfg_loc.startswith("http") else src.url + cfg_loc
-        http.put(f"{cfg_loc}&digest={digest_of(config)}", content=config).raise_for_status()
-        manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {
-                    "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": digest_of(config),
-                    "size": len(config),
-                },
-                "layers": [
-                    {
-                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": digest,
-                        "size": mib * MIB,
-                    }
-                ],
-            }
-        ).encode()
-        http.put(
-            f"{src.url}/v2/big/blob/manifests/v1",
-            content=manifest,
-            headers={"content-type": "application/vnd.oci.image.manifest.v1+json"},
-        ).raise_for_status()
-    return digest
 
 
 def start_proxy(upstream: Registry, limit: int) -> tuple[subprocess.Popen, str]:
