@@ -25,6 +25,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlite_utils
@@ -188,22 +189,57 @@ class Events:
         )
         return {**dict.fromkeys(sorted(EVENT_STATES), 0), **{r["state"]: r["n"] for r in found}}
 
-    async def last_pulls(self, site: str, repository: str) -> dict[str, float]:
-        """digest -> when it was last pulled at `site`, from pull events."""
-        return await self._times("max", "pull", site, repository)
-
-    async def first_pushes(self, site: str, repository: str) -> dict[str, float]:
-        """digest -> when it was first pushed at `site`, from push events."""
-        return await self._times("min", "push", site, repository)
-
-    async def _times(self, agg: str, action: str, site: str, repository: str) -> dict[str, float]:
-        found = await self._journal.read(
-            rows,
-            f"SELECT digest, {agg}(coalesce(occurred_at, received_at)) AS t FROM events "
-            "WHERE site=? AND repository=? AND action=? AND digest IS NOT NULL GROUP BY digest",
-            (site, repository, action),
+    async def registry_times(
+        self, site: str, repository: str | None = None
+    ) -> dict[str, RegistryTimes]:
+        """What `site`'s webhooks say about its repositories (one, or all): per repository
+        the latest push of each (tag, digest) and of each digest, the latest pull of each
+        digest, and the latest delete of each tag and digest. The registry's own
+        timestamps (`occurred_at`), else when we received the event."""
+        sql = (
+            "SELECT repository, action, tag, digest, "
+            "max(coalesce(occurred_at, received_at)) AS t FROM events "
+            "WHERE site = ? AND action IN ('push', 'pull', 'delete')"
         )
-        return {r["digest"]: r["t"] for r in found}
+        params: list[Any] = [site]
+        if repository is not None:
+            sql += " AND repository = ?"
+            params.append(repository)
+        sql += " GROUP BY repository, action, tag, digest"
+        out: dict[str, RegistryTimes] = {}
+        for r in await self._journal.read(rows, sql, params):
+            times = out.setdefault(r["repository"], RegistryTimes())
+            times.add(r["action"], r["tag"], r["digest"], float(r["t"]))
+        return out
+
+
+@dataclass
+class RegistryTimes:
+    """One repository's webhook history, reduced to the latest time of each kind."""
+
+    pushed: dict[tuple[str, str], float] = field(default_factory=dict)  # (tag, digest)
+    manifest_pushed: dict[str, float] = field(default_factory=dict)  # digest, any tag
+    pulled: dict[str, float] = field(default_factory=dict)  # digest
+    tag_deleted: dict[str, float] = field(default_factory=dict)  # tag
+    digest_deleted: dict[str, float] = field(default_factory=dict)  # digest
+
+    def add(self, action: str, tag: str | None, digest: str | None, t: float) -> None:
+        if action == "push" and digest:
+            if tag:
+                _latest(self.pushed, (tag, digest), t)
+            _latest(self.manifest_pushed, digest, t)
+        elif action == "pull" and digest:
+            _latest(self.pulled, digest, t)
+        elif action == "delete":
+            if tag:
+                _latest(self.tag_deleted, tag, t)
+            elif digest:
+                _latest(self.digest_deleted, digest, t)
+
+
+def _latest(into: dict[Any, float], key: Any, t: float) -> None:
+    if t > into.get(key, float("-inf")):
+        into[key] = t
 
 
 def _insert_batches(
