@@ -1,0 +1,77 @@
+"""follow_source: what a replica's source holds, for the replica's retention.
+
+A repository at a replica site is fed by the rules that list the site in `to`;
+its source repository is the rule's rename undone (prefix removed, the stripped
+prefix put back), checked by renaming forward again. For each such rule we list
+the source's tags (a HEAD-free listing: no pull is counted) and split them:
+
+* held: tags the source holds and the rule covers now (`select_tags`, the same
+  function `sync` uses, `latest: N` included): never deleted at the replica, they
+  would come back at the next reconcile;
+* gone: a tag the rule's filters cover that the source no longer holds was
+  removed there (by its retention or by hand): the replica follows.
+
+A tag the source still holds but the rule no longer selects (outside `latest: N`)
+is neither: the replica's own keep clauses decide. A source that cannot be asked
+fails the repository's GC (an error naming it) rather than guessing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from replicator.gc.policy import SourceHolds
+from replicator.journal import Journal
+from replicator.registry.errors import NotFound
+from replicator.rules import map_repository, select_tags, tag_passes
+
+
+def source_repositories(rule: Any, repo: str) -> list[str]:
+    """The source repositories `rule` copies to `repo` (the rename undone)."""
+    rename = rule.rename
+    candidates = [repo]
+    if rename is not None:
+        if rename.prefix and not repo.startswith(rename.prefix):
+            return []
+        base = repo[len(rename.prefix) :] if rename.prefix else repo
+        candidates = [base]
+        if rename.strip_prefix:
+            candidates.insert(0, rename.strip_prefix + base)
+    out = []
+    for c in candidates:
+        try:
+            if rule.matches_repository(c) and map_repository(rule, c) == repo:
+                out.append(c)
+        except ValueError:
+            continue
+    return out
+
+
+async def source_holds(
+    config: Any, pool: Any, journal: Journal | None, site: str, repo: str
+) -> SourceHolds | None:
+    """What the sources of `site`/`repo` hold (None: no rule replicates into it)."""
+    held: set[str] = set()
+    at_source: set[str] = set()
+    filters = []
+    names = []
+    for rule in config.rules:
+        if site not in rule.to:
+            continue
+        for src_repo in source_repositories(rule, repo):
+            try:
+                tags = await pool[rule.from_].list_tags(src_repo)
+            except NotFound:
+                tags = []
+            pushed = await journal.inventory.push_times(rule.from_, src_repo) if journal else None
+            held |= set(select_tags(tags, rule.tags, pushed))
+            at_source |= set(tags)
+            filters.append(rule.tags)
+            names.append(f"{rule.from_}/{src_repo}")
+    if not names:
+        return None
+
+    def covers(tag: str) -> bool:
+        return tag not in at_source and any(tag_passes(f, tag) for f in filters)
+
+    return SourceHolds(", ".join(names), frozenset(held), covers)
