@@ -212,3 +212,25 @@ def test_api_mode_without_storage_never_unlinks_a_blob(registry, tmp_path) -> No
     assert item_keys(res) == item_keys(dry)
     assert_image_complete(reg.url, "app", loose.digest)  # the shared base stays linked
     j.close()
+
+
+def test_storage_pass_dry_run_lists_the_items_the_real_run_deletes(registry) -> None:
+    reg = registry
+    with Pusher(reg.url) as p:
+        for tag in ("v1", "v2", "dev"):
+            p.push_image("app", tag, [layer_bytes("base", 500), layer_bytes(tag, 300)])
+        p.push_image("app", None, [layer_bytes("loose", 300)])
+    age_tree(reg.storage, 2 * HOUR)
+    policy = RetentionPolicy(
+        name="p", keep=KeepRules(tags=("v*",)), untagged="delete", grace=HOUR, mode="storage"
+    )
+    dry = storage_gc(reg, policy, dry_run=True)
+    real = storage_gc(reg, policy)
+    assert real.errors == []
+    assert item_keys(dry) == item_keys(real)
+    kinds = {i["kind"] for i in real.items}
+    assert {"tag", "manifest", "blob", "link"} <= kinds
+    assert {i["clause"] for i in real.items if i["kind"] == "tag"} == {"no keep clause matched"}
+    assert real.kept == {"kept by keep.tags": 2}
+    for tag in ("v1", "v2"):
+        assert_image_complete(reg.url, "app", tag)
