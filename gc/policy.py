@@ -15,7 +15,8 @@ the grace period. Manifests are then kept by marking (see `mark`) from:
 
 A tag's age is the registry's push time (see `ages`); an unknown age is never
 "old": such a tag is kept ("push time unknown"), and ``most_recent: N`` ranks only
-tags of known age, newest first, ties by name, so it keeps exactly N of them.
+tags of known age that ``keep.tags`` does not already name, newest first, ties by
+name, so it keeps exactly N of them ("latest plus the 2 most recent others").
 
 ``follow_source`` (a replica's policy, `SourceHolds`): a tag the rule's source
 still holds and the rule covers is kept (deleting it here would only bring it back
@@ -207,6 +208,9 @@ def decide(
         """Known to be within the grace period. Unknown ages are handled per kind below."""
         return t is not None and now - t < policy.grace
 
+    def named_by_keep_tags(name: str) -> bool:
+        return any(wfn.fnmatch(name, p, flags=_TAG_FLAGS) for p in keep.tags)
+
     regular = [t for t in tags if attached_subject(t.name) is None]
     attached = [t for t in tags if attached_subject(t.name) is not None]
     reasons: dict[str, list[str]] = {t.name: [] for t in regular}
@@ -222,7 +226,7 @@ def decide(
         elif follow is not None and follow.covers(t.name):
             gone_from_source.add(t.name)  # only grace or an unknown age keeps it
             continue
-        if keep.tags and any(wfn.fnmatch(t.name, p, flags=_TAG_FLAGS) for p in keep.tags):
+        if named_by_keep_tags(t.name):
             r.append("matches keep.tags")
         if (
             keep.pushed_within is not None
@@ -237,7 +241,13 @@ def decide(
         ):
             r.append("pulled within keep.pulled_within")
     if keep.most_recent:
-        ranked = [t for t in regular if t.pushed_at is not None and t.name not in gone_from_source]
+        ranked = [
+            t
+            for t in regular
+            if t.pushed_at is not None
+            and t.name not in gone_from_source
+            and not named_by_keep_tags(t.name)
+        ]
         by_push = sorted(ranked, key=lambda t: (-(t.pushed_at or 0.0), t.name))
         for t in by_push[: keep.most_recent]:
             reasons[t.name].append(f"among {keep.most_recent} most recently pushed")

@@ -95,8 +95,17 @@ class SiteGCResult:
 
     @property
     def items(self) -> list[dict[str, Any]]:
-        """Every deletion (or, dry, every planned one), API pass first, with its site."""
-        return [{"site": self.site, **i} for r in (self.api, self.storage) if r for i in r.items]
+        """Every deletion (or, dry, every planned one), API pass first, with its site.
+        What both passes name is listed once, by the API pass: in a dry run the storage
+        pass plans what the API pass would already have deleted in the real one."""
+        api = self.api.items if self.api else []
+        done = {_item_key(i) for i in api}
+        done |= {("tag", i["repository"], t) for i in api for t in i.get("tags", ())}
+        done |= {("link", i["repository"], i["digest"]) for i in api if i["kind"] == "blob"}
+        storage = (
+            [i for i in self.storage.items if _item_key(i) not in done] if self.storage else []
+        )
+        return [{"site": self.site, **i} for i in api + storage]
 
     @property
     def kept(self) -> dict[str, int]:
@@ -121,7 +130,6 @@ class SiteGCResult:
             "warnings": self.warnings,
             "notes": self.notes,
             "kept": self.kept,
-            "items": self.items,
             "api": self.api.to_json() if self.api else None,
             "storage": self.storage.to_json() if self.storage else None,
         }
@@ -202,6 +210,10 @@ async def run_policies(
                 result.deleted_blobs |= r.deleted_blobs
         out.append(result)
     return out
+
+
+def _item_key(i: dict[str, Any]) -> tuple[str, str, str]:
+    return (i["kind"], str(i.get("repository")), str(i.get("tag") or i.get("digest")))
 
 
 def _source_lookup(config: Any, pool: Any, journal: Journal, site: str) -> SourceLookup:

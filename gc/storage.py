@@ -278,7 +278,6 @@ class GCResult:
             "errors": list(self.errors),
             "warnings": list(self.warnings),
             "resumed_runs": list(self.resumed_runs),
-            "items": list(self.items),
             "kept": dict(self.kept),
             "notes": list(self.notes),
         }
@@ -1255,6 +1254,8 @@ def _item_json(i: Item) -> dict[str, Any]:
 
 def _tally(result: GCResult, items: list[Item]) -> None:
     for i in items:
+        if i.state == "quarantined":  # listed now; a later run deletes or restores it
+            result.items.append(_item_json(i) | {"state": "quarantined"})
         if i.state == "deleted":
             result.items.append(_item_json(i))
             if i.kind == "blob":
@@ -1556,6 +1557,7 @@ def _merge(into: GCResult, sub: GCResult) -> None:
         setattr(into, f, getattr(into, f) + getattr(sub, f))
     into.errors += sub.errors
     into.deleted_blobs |= sub.deleted_blobs
+    into.items += sub.items
 
 
 __all__ = [

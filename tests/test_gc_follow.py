@@ -57,8 +57,9 @@ def keys(out: dict) -> list[tuple]:
     return sorted((i["site"], i["kind"], i.get("tag") or i["digest"]) for i in out["items"])
 
 
+@pytest.mark.parametrize("mode", ["api", "both"])
 def test_follow_source_keeps_what_the_source_holds_and_follows_its_deletes(
-    two_registries, tmp_path, capsys
+    two_registries, tmp_path, capsys, mode
 ) -> None:
     src, replica = two_registries
     with Pusher(src.url) as p:
@@ -68,11 +69,11 @@ def test_follow_source_keeps_what_the_source_holds_and_follows_its_deletes(
         for tag in ("v0", "v1", "v2", "local"):  # v0: the source's retention removed it
             p.push_image("app", tag, [layer_bytes(tag, 200)])
     age_tree(replica.storage, 2 * HOUR)
-    policy = {"follow_source": True, "untagged": "delete", "grace": "1h", "mode": "api"}
+    policy = {"follow_source": True, "untagged": "delete", "grace": "1h", "mode": mode}
     cfg = write(tmp_path, config(tmp_path, src, replica, policy))
 
-    dry = gc_json(cfg, capsys, "--dry-run")
-    real = gc_json(cfg, capsys)
+    dry = gc_json(cfg, capsys, "--dry-run", "--quarantine-window", "0s", "--settle")
+    real = gc_json(cfg, capsys, "--quarantine-window", "0s", "--settle")
     assert real["errors"] == []
     assert keys(dry) == keys(real)
     by_tag = {i["tags"][0]: i["clause"] for i in real["items"] if i["kind"] == "manifest"}

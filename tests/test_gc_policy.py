@@ -353,3 +353,12 @@ def test_follow_source_keeps_what_the_source_holds_and_drops_what_it_removed() -
         "younger than grace": 1,
         "kept by keep.tags": 1,
     }
+
+
+def test_most_recent_counts_the_tags_keep_tags_does_not_name() -> None:
+    """Issue 11 item 6: keep {tags: [latest], most_recent: 2} keeps latest and two others,
+    even when latest is the newest."""
+    tags, graph = repo(("latest", 1 * DAY), ("a", 2 * DAY), ("b", 3 * DAY), ("c", 4 * DAY))
+    dec = decide(policy(keep={"tags": ("latest",), "most_recent": 2}), tags, graph, NOW)
+    assert set(dec.kept_tags) == {"latest", "a", "b"}
+    assert set(dec.deleted_tags) == {"c"}

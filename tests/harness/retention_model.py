@@ -297,10 +297,10 @@ class RetentionMachine(RuleBasedStateMachine):
             if not self._age_known(s.known_by_webhook, out.gc_pass):
                 kept.add(tag)  # unknown age: too young to delete
                 continue
-            ranked.append((-s.pushed, tag))
-            if now - s.pushed < p.grace:
-                kept.add(tag)
-            if p.tags and any(wfn.fnmatch(tag, g, flags=wfn.BRACE) for g in p.tags):
+            named = bool(p.tags) and any(wfn.fnmatch(tag, g, flags=wfn.BRACE) for g in p.tags)
+            if not named:  # most_recent counts the tags keep.tags does not name
+                ranked.append((-s.pushed, tag))
+            if now - s.pushed < p.grace or named:
                 kept.add(tag)
             if p.pushed_within is not None and now - s.pushed <= p.pushed_within:
                 kept.add(tag)
