@@ -2,7 +2,8 @@
 
 A repository at a replica site is fed by the rules that list the site in `to`;
 its source repository is the rule's rename undone (prefix removed, the stripped
-prefix put back), checked by renaming forward again. For each such rule we list
+prefix put back), checked by renaming forward again; the rules are those in force
+(a failover recorded in the journal makes the promoted site the source). For each such rule we list
 the source's tags (a HEAD-free listing: no pull is counted) and split them:
 
 * held: tags the source holds and the rule covers now (`select_tags`, the same
@@ -18,6 +19,7 @@ fails the repository's GC (an error naming it) rather than guessing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from replicator.gc.policy import SourceHolds
@@ -48,14 +50,16 @@ def source_repositories(rule: Any, repo: str) -> list[str]:
 
 
 async def source_holds(
-    config: Any, pool: Any, journal: Journal | None, site: str, repo: str
+    rules: Sequence[Any], pool: Any, journal: Journal | None, site: str, repo: str
 ) -> SourceHolds | None:
-    """What the sources of `site`/`repo` hold (None: no rule replicates into it)."""
+    """What the sources of `site`/`repo` hold (None: no rule replicates into it).
+    `rules`: the rules in force (`sync.rules_in_force`: during a failover the promoted
+    site is the source, and the lost one is never asked)."""
     held: set[str] = set()
     at_source: set[str] = set()
     filters = []
     names = []
-    for rule in config.rules:
+    for rule in rules:
         if site not in rule.to:
             continue
         for src_repo in source_repositories(rule, repo):

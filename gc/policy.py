@@ -309,7 +309,10 @@ def decide(
         if digest in marked.manifests:
             continue
         if digest in deleted_tag_targets:
-            why = "all its tags expired: " + ", ".join(sorted(deleted_tag_targets[digest]))
+            why = "all its tags expired: " + ", ".join(
+                name + _unless_plain(decision.deleted_tags[name])
+                for name in sorted(deleted_tag_targets[digest])
+            )
         elif node.subject is not None:
             why = f"referrer of {node.subject}, which is not kept"
         elif digest in parents:
@@ -318,6 +321,10 @@ def decide(
             why = "untagged"
         decision.deleted_manifests[digest] = why
     return decision
+
+
+def _unless_plain(reason: str) -> str:
+    return "" if reason == "no keep clause matched" else f" ({reason})"
 
 
 def summary(kept_tags: Mapping[str, Sequence[str]]) -> Counter[str]:

@@ -217,7 +217,13 @@ def _item_key(i: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def _source_lookup(config: Any, pool: Any, journal: Journal, site: str) -> SourceLookup:
+    rules: list[Any] = []
+
     async def lookup(repo: str):
-        return await source_holds(config, pool, journal, site, repo)
+        if not rules:
+            from replicator.sync import rules_in_force
+
+            rules.extend(await rules_in_force(config, journal))
+        return await source_holds(rules, pool, journal, site, repo)
 
     return lookup

@@ -77,7 +77,10 @@ def test_follow_source_keeps_what_the_source_holds_and_follows_its_deletes(
     assert real["errors"] == []
     assert keys(dry) == keys(real)
     by_tag = {i["tags"][0]: i["clause"] for i in real["items"] if i["kind"] == "manifest"}
-    assert by_tag == {"v0": "all its tags expired: v0", "local": "all its tags expired: local"}
+    assert by_tag == {
+        "v0": "all its tags expired: v0 (gone from the source a/app)",
+        "local": "all its tags expired: local",
+    }
     assert real["kept"] == {"held by the source (follow_source)": 2}
     for tag in ("v1", "v2"):
         assert_image_complete(replica.url, "app", tag)
@@ -108,3 +111,35 @@ def test_dry_run_says_why_nothing_would_be_deleted(two_registries, tmp_path, cap
     out = capsys.readouterr().out
     assert "gc: nothing would be deleted: 5 tags kept" in out
     assert "4 kept by most_recent" in out and "1 younger than grace" in out
+
+
+def test_follow_source_during_a_failover_follows_the_promoted_site(
+    registry_factory, tmp_path, capsys
+) -> None:
+    """Rule a -> [b, c], a lost and c promoted: b follows c, and a is never asked."""
+    import asyncio
+
+    from replicator.journal import Journal
+
+    lost, replica, promoted = (registry_factory(n) for n in ("a", "b", "c"))
+    with Pusher(promoted.url) as p:
+        p.push_image("app", "v1", [layer_bytes("v1", 200)])
+    with Pusher(replica.url) as p:
+        for tag in ("v1", "v2"):  # v2 was deleted at c during the incident
+            p.push_image("app", tag, [layer_bytes(tag, 200)])
+    age_tree(replica.storage, 2 * HOUR)
+    lost.stop()
+    cfg = config(tmp_path, lost, replica, {"follow_source": True, "grace": "1h"})
+    cfg["sites"]["c"] = {"url": promoted.url, "insecure": True}
+    cfg["rules"][0]["to"] = ["b", "c"]
+    journal = Journal(cfg["journal"])
+    asyncio.run(journal.failovers.record("a", "c", {}))
+    journal.close()
+    out = gc_json(write(tmp_path, cfg), capsys)
+    assert out["errors"] == []
+    manifests = [i for i in out["items"] if i["kind"] == "manifest"]
+    assert [(i["tags"], i["clause"]) for i in manifests] == [
+        (["v2"], "all its tags expired: v2 (gone from the source c/app)")
+    ]
+    assert out["kept"] == {"held by the source (follow_source)": 1}
+    assert_image_complete(replica.url, "app", "v1")
