@@ -189,17 +189,37 @@ class Events:
         )
         return {**dict.fromkeys(sorted(EVENT_STATES), 0), **{r["state"]: r["n"] for r in found}}
 
+    async def last_pulls(self, site: str, repository: str) -> dict[str, float]:
+        """digest -> when it was last pulled at `site`, from pull events."""
+        return await self._times("max", "pull", site, repository)
+
+    async def first_pushes(self, site: str, repository: str) -> dict[str, float]:
+        """digest -> when it was first pushed at `site`, from push events."""
+        return await self._times("min", "push", site, repository)
+
+    async def _times(self, agg: str, action: str, site: str, repository: str) -> dict[str, float]:
+        found = await self._journal.read(
+            rows,
+            f"SELECT digest, {agg}(coalesce(occurred_at, received_at)) AS t FROM events "
+            "WHERE site=? AND repository=? AND action=? AND digest IS NOT NULL GROUP BY digest",
+            (site, repository, action),
+        )
+        return {r["digest"]: r["t"] for r in found}
+
     async def registry_times(
         self, site: str, repository: str | None = None
     ) -> dict[str, RegistryTimes]:
         """What `site`'s webhooks say about its repositories (one, or all): per repository
-        the latest push of each (tag, digest) and of each digest, the latest pull of each
-        digest, and the latest delete of each tag and digest. The registry's own
+        the latest push of each (tag, digest) and of each manifest, the latest pull of
+        each manifest, and the latest delete of each tag and digest (the `prune`d journal
+        keeps the latest event of each). The registry's own
         timestamps (`occurred_at`), else when we received the event."""
         sql = (
             "SELECT repository, action, tag, digest, "
             "max(coalesce(occurred_at, received_at)) AS t FROM events "
-            "WHERE site = ? AND action IN ('push', 'pull', 'delete')"
+            "WHERE site = ? AND action IN ('push', 'pull', 'delete') "
+            # blob traffic is nobody's question here (a delete by digest has no media type)
+            "AND (action = 'delete' OR is_manifest = 1)"
         )
         params: list[Any] = [site]
         if repository is not None:
