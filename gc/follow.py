@@ -6,9 +6,10 @@ prefix put back), checked by renaming forward again; the rules are those in forc
 (a failover recorded in the journal makes the promoted site the source). For each such rule we list
 the source's tags (a HEAD-free listing: no pull is counted) and split them:
 
-* held: tags the source holds and the rule covers now (`select_tags`, the same
-  function `sync` uses, `latest: N` included): never deleted at the replica, they
-  would come back at the next reconcile;
+* held: tags the source holds and the rule covers now (`rules.covered_tags`, the
+  one coverage decision sync, the event path and failover use, `latest: N`
+  included): never deleted at the replica, they would come back at the next
+  reconcile;
 * gone: a tag the rule's filters cover that the source no longer holds was
   removed there (by its retention or by hand): the replica follows.
 
@@ -25,7 +26,7 @@ from typing import Any
 from replicator.gc.policy import SourceHolds
 from replicator.journal import Journal
 from replicator.registry.errors import NotFound
-from replicator.rules import map_repository, select_tags, tag_passes
+from replicator.rules import covered_tags, covers, map_repository
 
 
 def source_repositories(rule: Any, repo: str) -> list[str]:
@@ -57,8 +58,8 @@ async def source_holds(
     site is the source, and the lost one is never asked)."""
     held: set[str] = set()
     at_source: set[str] = set()
-    filters = []
-    names = []
+    feeding: list[Any] = []
+    names: list[str] = []
     for rule in rules:
         if site not in rule.to:
             continue
@@ -68,14 +69,15 @@ async def source_holds(
             except NotFound:
                 tags = []
             pushed = await journal.inventory.push_times(rule.from_, src_repo) if journal else None
-            held |= set(select_tags(tags, rule.tags, pushed))
+            held |= set(covered_tags(rule, tags, pushed))
             at_source |= set(tags)
-            filters.append(rule.tags)
+            feeding.append(rule)
             names.append(f"{rule.from_}/{src_repo}")
     if not names:
         return None
 
-    def covers(tag: str) -> bool:
-        return tag not in at_source and any(tag_passes(f, tag) for f in filters)
+    def gone_and_covered(tag: str) -> bool:
+        # judged by the filters alone, as for any delete (`rules.covers` with no tag list)
+        return tag not in at_source and any(covers(r, tag) for r in feeding)
 
-    return SourceHolds(", ".join(names), frozenset(held), covers)
+    return SourceHolds(", ".join(names), frozenset(held), gone_and_covered)
