@@ -43,6 +43,7 @@ the clause that decided), the same for a dry run and the real run.
 Exit status: 0 done, 1 some deletions failed, 2 configuration or usage error.
 """
 
+DRY_RUN_LINES = 50  # items a human-readable dry run lists; --json lists them all
 JSON_FIELDS = (
     "dry_run",
     "manifests_deleted",
@@ -129,8 +130,11 @@ def run(args: argparse.Namespace) -> int:
             f"quarantined {totals['quarantined']}, restored {totals['restored']}"
         )
         if args.dry_run:
-            for i in totals["items"]:
+            items = totals["items"]
+            for i in items[:DRY_RUN_LINES]:
                 print(f"  would delete {_describe(i)}")
+            if len(items) > DRY_RUN_LINES:
+                print(f"  ... and {len(items) - DRY_RUN_LINES} more (--json lists every item)")
         print(_kept_line(totals))
         for note in totals["notes"]:
             print(f"gc: {note}")
