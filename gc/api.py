@@ -1,48 +1,66 @@
-"""Mark-and-sweep through the registry API, for registries whose disk we cannot see.
+"""Mark-and-sweep through the registry API, for registries whose disk we may not see.
 
 Per repository covered by an api/both-mode policy: list tags, HEAD them (a HEAD
 is not a pull), GET manifests by digest, follow index children and referrers
-(referrers API or the ``sha256-<hex>`` fallback tag), add untagged manifests
-the journal knows of, then `policy.decide` and sweep:
+(referrers API or the ``sha256-<hex>`` fallback tag), add the untagged manifests
+the journal's webhooks name and, when the site's storage directory is known,
+every manifest revision stored there; rank tags by the registry's push times
+(`ages`: webhooks, else link file times, else unknown = kept); then
+`policy.decide` and sweep:
 
 * manifests not marked, parents before children and referrers before their
   subjects (an interrupted sweep never leaves an index pointing at a hole);
   DELETE by digest also removes every tag on it, so a digest any kept tag
   points to is marked and never deleted;
-* expired tags on digests that stay: DELETE by tag where the registry supports
-  it (distribution 3); 2.8 answers 400 and the tag is left, with a warning;
-* the repository's links to blobs that only deleted manifests used
-  (``DELETE /v2/<repo>/blobs/<digest>``). Bytes are freed by the registry's own
-  storage collection (or ours, `storage`), which is why `bytes_reclaimed` counts
-  what the deleted manifests referenced exclusively.
+* expired tags on digests that stay: `RegistryClient.delete_tag` (DELETE by tag
+  where the registry supports it, else a placeholder pushed to the tag and
+  deleted by digest), which removes that tag and nothing else;
+* blob links (``DELETE /v2/<repo>/blobs/<digest>``) only when every manifest of
+  the repository is known, which needs the storage directory: the API cannot list
+  untagged manifests, and unlinking a layer an unseen untagged manifest uses
+  breaks it. Without storage the pass deletes manifests and tags only, says so,
+  and leaves blobs to the storage pass.
 
-Right before deleting, each repository's tags are listed and HEADed again; a
-tag that appeared or moved onto a doomed digest saves it. Limits, said plainly:
-the API cannot list untagged manifests, so only those the journal has seen
-(webhooks, scans) are considered; a push racing the blob-link deletes fails
-validation on the registry (the client retries), it does not break an image.
+Right before deleting, each repository's tags are listed and HEADed again (and
+its stored revisions re-read); a tag that appeared or moved onto a doomed digest
+saves it, a new revision saves its blobs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from replicator.gc.ages import manifest_times, tag_infos, with_push_times
+from replicator.gc.layout import RepoSnapshot, StoreLayout
 from replicator.gc.mark import Node, mark, parents_index
-from replicator.gc.policy import RetentionPolicy, TagInfo, decide, policies_for
+from replicator.gc.policy import (
+    RetentionPolicy,
+    SourceHolds,
+    decide,
+    policies_for,
+    summary,
+)
 from replicator.gc.runs import CandidateRow, RunRecorder
 from replicator.gc.storage import GCResult
 from replicator.journal import Journal
+from replicator.journal.events import RegistryTimes
 from replicator.manifest import Manifest
 from replicator.registry.errors import NotFound, RegistryError
 
 log = logging.getLogger("replicator.gc.api")
+
+NO_BLOBS_WITHOUT_STORAGE = (
+    "blob links left to the storage pass: without the site's storage directory the "
+    "registry API cannot list untagged manifests, so no blob can be proven unused"
+)
+# (repository) -> what the rule's source holds, for follow_source policies
+SourceLookup = Callable[[str], Awaitable[SourceHolds | None]]
 
 
 @dataclass
@@ -51,8 +69,10 @@ class ApiGCOptions:
     policies: Sequence[RetentionPolicy]
     dry_run: bool = False
     concurrency: int = 8
-    delete_blob_links: bool = True
+    delete_blob_links: bool = True  # where every manifest of the repository is known
     repositories: Sequence[str] | None = None  # default: the catalog
+    storage: str | Path | None = None  # the site's storage directory, read only
+    sources: SourceLookup | None = None  # for follow_source policies
 
 
 @dataclass
@@ -65,6 +85,21 @@ class RepoPlan:
     delete_tags: list[str]  # tags whose digest stays
     delete_blobs: dict[str, int]  # digest -> size
     reasons: dict[str, str]
+    kept: dict[str, list[str]] = field(default_factory=dict)  # tag -> why kept
+    revisions: set[str] | None = None  # every stored manifest, when storage is known
+
+
+def item(site: str, repo: str, kind: str, ref: str, size: int, clause: str) -> dict[str, Any]:
+    """One deletion as `gc --json` lists it; dry run and real run list the same."""
+    key = "tag" if kind == "tag" else "digest"
+    return {
+        "site": site,
+        "repository": repo,
+        "kind": kind,
+        key: ref,
+        "bytes": size,
+        "clause": clause,
+    }
 
 
 class ApiCollector:
@@ -73,17 +108,30 @@ class ApiCollector:
         self.journal = journal
         self.opts = options
         self._sem = asyncio.Semaphore(max(1, options.concurrency))
+        self.layout = StoreLayout(options.storage) if options.storage is not None else None
+        self.webhooks: dict[str, RegistryTimes] = {}
 
     async def _limited(self, coro):
         async with self._sem:
             return await coro
 
     # --- reading ---------------------------------------------------------------
+    async def load_history(self) -> None:
+        """The site's webhook history, once per run."""
+        if self.journal is not None:
+            self.webhooks = await self.journal.events.registry_times(self.opts.site)
+
     async def _tag_digests(self, repo: str, tags: list[str]) -> dict[str, str]:
         descs = await asyncio.gather(
             *(self._limited(self.client.head_manifest(repo, t)) for t in tags)
         )
         return {t: d.digest for t, d in zip(tags, descs, strict=True) if d is not None}
+
+    async def _stored(self, repo: str) -> RepoSnapshot | None:
+        if self.layout is None:
+            return None
+        layout = self.layout
+        return await asyncio.to_thread(layout.scan_repository, repo, with_uploads=False)
 
     async def _fetch_graph(self, repo: str, roots: set[str]) -> dict[str, Manifest]:
         found: dict[str, Manifest] = {}
@@ -112,58 +160,34 @@ class ApiCollector:
             todo -= found.keys()
         return found
 
-    async def _journal_times(
-        self, repo: str
-    ) -> tuple[dict[str, float], dict[str, float], dict[str, float], set[str]]:
-        """(tag push times, manifest push times, last pull per digest, known untagged)."""
-        if self.journal is None:
-            return {}, {}, {}, set()
-        site = self.opts.site
-        tags = await self.journal.inventory.push_times(site, repo)
-        pulls = await self.journal.events.last_pulls(site, repo)
-        pushed = await self.journal.events.first_pushes(site, repo)
-        return tags, pushed, pulls, set(pushed)
-
-    async def _created(self, repo: str, m: Manifest) -> float | None:
-        """The image config's `created`, the push time of last resort."""
-        cfg = m.config
-        if m.is_index or cfg is None or cfg.size > 1 << 20:
-            return None
-        try:
-            doc = json.loads(await self._limited(self.client.get_blob(repo, cfg.digest)))
-            created = doc.get("created") if isinstance(doc, dict) else None
-            return (
-                datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp()
-                if created
-                else None
-            )
-        except (RegistryError, ValueError, TypeError):
-            return None
-
     async def plan_repository(self, repo: str, policy: RetentionPolicy, now: float) -> RepoPlan:
         tag_names = await self._limited(self.client.list_tags(repo))
         tags = await self._tag_digests(repo, tag_names)
-        jt, jm, pulls, known = await self._journal_times(repo)
-        graph_m = await self._fetch_graph(repo, set(tags.values()) | known)
-        pushed: dict[str, float | None] = {}
-        need_created = [d for d in graph_m if d not in jm]
-        created = await asyncio.gather(*(self._created(repo, graph_m[d]) for d in need_created))
-        pushed.update(dict(zip(need_created, created, strict=True)))
-        pushed.update({d: jm[d] for d in graph_m if d in jm})
-        graph = {
-            d: Node(
-                tuple(c.digest for c in m.children),
-                tuple(b.digest for b in m.blobs),
-                m.subject.digest if m.subject else None,
-                pushed.get(d),
-            )
-            for d, m in graph_m.items()
-        }
-        infos = [
-            TagInfo(t, d, pushed_at=jt.get(t, pushed.get(d)), pulled_at=pulls.get(d))
-            for t, d in tags.items()
-        ]
-        dec = decide(policy, infos, graph, now)
+        history = self.webhooks.get(repo)
+        snap = await self._stored(repo)
+        roots = set(tags.values())
+        if history is not None:
+            roots |= set(history.manifest_pushed)
+        if snap is not None:
+            roots |= set(snap.revisions)
+        graph_m = await self._fetch_graph(repo, roots)
+        times = manifest_times(graph_m, history, snap.revisions if snap else None)
+        graph = with_push_times(
+            {
+                d: Node(
+                    tuple(c.digest for c in m.children),
+                    tuple(b.digest for b in m.blobs),
+                    m.subject.digest if m.subject else None,
+                )
+                for d, m in graph_m.items()
+            },
+            times,
+        )
+        infos = tag_infos(tags, history, snap.tags if snap else None)
+        follow = None
+        if policy.follow_source and self.opts.sources is not None:
+            follow = await self.opts.sources(repo)
+        dec = decide(policy, infos, graph, now, follow)
         doomed = set(dec.deleted_manifests)
         # parents and referrers first: delete d only after everything pointing at it
         parents = parents_index(graph)
@@ -184,41 +208,65 @@ class ApiCollector:
 
         for d in sorted(doomed):
             visit(d)
-        tag_only = [t for t in dec.deleted_tags if tags[t] not in doomed]
-        blobs: dict[str, int] = {}
-        if self.opts.delete_blob_links:
-            kept_blobs = mark(graph, dec.kept_manifests, follow_referrers=False).blobs
-            for d in doomed:
-                for b in graph_m[d].blobs:
-                    if b.digest not in kept_blobs:
-                        blobs[b.digest] = b.size
+        tag_only = sorted(t for t in dec.deleted_tags if tags[t] not in doomed)
         reasons = {**dec.deleted_manifests, **{f"tag:{t}": r for t, r in dec.deleted_tags.items()}}
-        return RepoPlan(repo, policy, graph_m, tags, order, tag_only, blobs, reasons)
+        plan = RepoPlan(repo, policy, graph_m, tags, order, tag_only, {}, reasons, dec.kept_tags)
+        if snap is not None and self.opts.delete_blob_links:
+            plan.revisions = set(snap.revisions)
+            plan.delete_blobs = _unused_blobs(plan, snap.layers)
+        return plan
 
     async def recheck(self, plan: RepoPlan) -> None:
         """Tags as they are now: a tag that appeared on or moved onto a doomed digest, or an
-        index that now lists it, saves it."""
-        now_tags = await self._tag_digests(
-            plan.repository, await self._limited(self.client.list_tags(plan.repository))
-        )
+        index that now lists it, saves it; a tag moved elsewhere is not deleted; a new
+        stored revision saves the blobs it uses."""
+        repo = plan.repository
+        now_tags = await self._tag_digests(repo, await self._limited(self.client.list_tags(repo)))
         saved = {
             d for t, d in now_tags.items() if d in plan.delete_manifests and plan.tags.get(t) != d
         }
         new_roots = {d for t, d in now_tags.items() if d not in plan.manifests}
+        snap = await self._stored(repo) if plan.revisions is not None else None
+        if snap is not None:
+            new_roots |= set(snap.revisions) - plan.manifests.keys()
+        extra: dict[str, Manifest] = {}
         if new_roots:
-            extra = await self._fetch_graph(plan.repository, new_roots)
+            extra = await self._fetch_graph(repo, new_roots)
             graph = {d: Node(tuple(c.digest for c in m.children)) for d, m in extra.items()}
             saved |= mark(graph, new_roots, follow_referrers=False).manifests
+        plan.delete_tags = [t for t in plan.delete_tags if now_tags.get(t) == plan.tags[t]]
         if saved:
             plan.delete_manifests = [d for d in plan.delete_manifests if d not in saved]
-            for d in saved:
-                m = plan.manifests.get(d)
-                for b in m.blobs if m else []:
-                    plan.delete_blobs.pop(b.digest, None)
+        if plan.delete_blobs:
+            plan.manifests.update(extra)
+            if snap is None or not set(snap.revisions) <= plan.manifests.keys():
+                plan.delete_blobs = {}
+            else:
+                plan.revisions = set(snap.revisions)
+                plan.delete_blobs = _unused_blobs(plan, snap.layers)
+
+    def items(self, plan: RepoPlan) -> list[dict[str, Any]]:
+        """What `plan` deletes, in the order the sweep does it."""
+        site, repo = self.opts.site, plan.repository
+        out = [
+            item(site, repo, "manifest", d, len(plan.manifests[d].raw), plan.reasons.get(d, ""))
+            | {"tags": sorted(t for t, td in plan.tags.items() if td == d)}
+            for d in plan.delete_manifests
+        ]
+        out += [
+            item(site, repo, "tag", t, 0, plan.reasons.get(f"tag:{t}", ""))
+            for t in plan.delete_tags
+        ]
+        out += [
+            item(site, repo, "blob", b, s, "used only by deleted manifests")
+            for b, s in sorted(plan.delete_blobs.items())
+        ]
+        return out
 
     # --- sweeping ----------------------------------------------------------------
     async def sweep(self, plan: RepoPlan, result: GCResult, rec: RunRecorder) -> None:
         repo = plan.repository
+        planned = {(i["kind"], i.get("tag") or i.get("digest")): i for i in self.items(plan)}
         updates: list[tuple[str, str, str, str | None]] = []
         for d in plan.delete_manifests:  # ordered: sequential on purpose
             key = f"{repo}@{d}"
@@ -229,6 +277,7 @@ class ApiCollector:
                 gone_tags = {f"{repo}:{t}" for t, td in plan.tags.items() if td == d}
                 result.tags_deleted += len(gone_tags)
                 result.deleted_tags |= gone_tags
+                result.items.append(planned[("manifest", d)])
                 updates.append(("manifest", key, "deleted", None))
             except RegistryError as exc:
                 result.errors.append(str(exc))
@@ -236,17 +285,19 @@ class ApiCollector:
         for t in plan.delete_tags:
             key = f"{repo}:{t}"
             try:
-                await self.client.delete_manifest(repo, t)
+                done = await self.client.delete_tag(repo, t)
+            except RegistryError as exc:
+                result.errors.append(str(exc))
+                updates.append(("tag", key, "error", str(exc)))
+                continue
+            if done:
                 result.tags_deleted += 1
                 result.deleted_tags.add(key)
+                result.items.append(planned[("tag", t)])
                 updates.append(("tag", key, "deleted", None))
-            except RegistryError as exc:
-                msg = (
-                    f"{repo}:{t}: the registry cannot delete a tag by name "
-                    f"(HTTP {exc.status}); left in place"
-                )
-                result.warnings.append(msg)
-                updates.append(("tag", key, "kept", msg))
+            else:
+                result.notes.append(done.describe())
+                updates.append(("tag", key, "kept", done.describe()))
 
         async def unlink(b: str, size: int) -> None:
             key = f"{repo}/_layers/{b}"
@@ -255,6 +306,7 @@ class ApiCollector:
                     result.blobs_deleted += 1
                     result.bytes_reclaimed += size
                     result.deleted_blobs.add(b)
+                    result.items.append(planned[("blob", b)])
                 updates.append(("blob", key, "deleted", None))
             except RegistryError as exc:
                 result.errors.append(str(exc))
@@ -262,6 +314,21 @@ class ApiCollector:
 
         await asyncio.gather(*(unlink(b, s) for b, s in sorted(plan.delete_blobs.items())))
         await rec.update_states(updates)
+
+
+def _unused_blobs(plan: RepoPlan, layers: dict[str, float]) -> dict[str, int]:
+    """Blobs linked in the repository that only doomed manifests use, when every stored
+    manifest is known (else none: an unseen one may use any of them)."""
+    if plan.revisions is None or not plan.revisions <= plan.manifests.keys():
+        return {}
+    doomed = set(plan.delete_manifests)
+    used = {b.digest for d, m in plan.manifests.items() if d not in doomed for b in m.blobs}
+    out: dict[str, int] = {}
+    for d in doomed:
+        for b in plan.manifests[d].blobs:
+            if b.digest not in used and b.digest in layers:
+                out[b.digest] = b.size
+    return out
 
 
 def _rows(plan: RepoPlan) -> list[CandidateRow]:
@@ -308,6 +375,7 @@ async def collect_api(client: Any, journal: Journal | None, options: ApiGCOption
     now = time.time()
     plans: list[RepoPlan] = []
     try:
+        await col.load_history()
         for repo in sorted(repos):
             pol = policies_for(options.policies, options.site, repo, "api")
             if pol is None:
@@ -315,16 +383,20 @@ async def collect_api(client: Any, journal: Journal | None, options: ApiGCOption
             plan = await col.plan_repository(repo, pol, now)
             await col.recheck(plan)
             plans.append(plan)
+            result.kept.update(summary(plan.kept))
+        if options.storage is None and plans:
+            result.notes.append(NO_BLOBS_WITHOUT_STORAGE)
         await rec.add_candidates([r for p in plans for r in _rows(p)])
-        summary = {
+        mark_summary = {
             "repositories": len(plans),
             "manifests_seen": sum(len(p.manifests) for p in plans),
             "tags_seen": sum(len(p.tags) for p in plans),
         }
-        result.mark_summary = summary
-        await rec.set_state("marking" if options.dry_run else "sweeping", mark_summary=summary)
+        result.mark_summary = mark_summary
+        await rec.set_state("marking" if options.dry_run else "sweeping", mark_summary=mark_summary)
         if options.dry_run:
             for p in plans:
+                result.items += col.items(p)
                 result.manifests_deleted += len(p.delete_manifests)
                 result.deleted_manifests |= {f"{p.repository}@{d}" for d in p.delete_manifests}
                 doomed = set(p.delete_manifests)

@@ -13,6 +13,17 @@ the grace period. Manifests are then kept by marking (see `mark`) from:
   neither listed by an index nor a referrer. Children of an expired index and
   referrers of an expired image go with it; they were never independent images.
 
+A tag's age is the registry's push time (see `ages`); an unknown age is never
+"old": such a tag is kept ("push time unknown"), and ``most_recent: N`` ranks only
+tags of known age that ``keep.tags`` does not already name, newest first, ties by
+name, so it keeps exactly N of them ("latest plus the 2 most recent others").
+
+``follow_source`` (a replica's policy, `SourceHolds`): a tag the rule's source
+still holds and the rule covers is kept (deleting it here would only bring it back
+at the next reconcile); a tag the rule covers that the source no longer holds is
+deleted whatever the other keep clauses say — but never within grace or of
+unknown age.
+
 Tags of the form ``sha256-<hex>[.suffix]`` (the referrers fallback tag and
 cosign's ``.sig``/``.att``/``.sbom`` tags) belong to the subject they name:
 kept exactly when that subject is kept, never counted by ``most_recent``.
@@ -22,7 +33,8 @@ Everything the graph holds that marking does not reach is deleted.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +79,7 @@ class RetentionPolicy:
     grace: float = 3600.0
     mode: str = "auto"  # see `mode_for`
     referrers: str = "follow-subject"  # or "keep": referrers are never deleted
+    follow_source: bool = False  # a replica: follow what the rule's source holds
 
     def __post_init__(self) -> None:
         if self.untagged not in UNTAGGED_CHOICES:
@@ -125,6 +138,7 @@ class RetentionPolicy:
             grace=_seconds(get("grace")) or 0.0 if get("grace") is not None else 3600.0,
             mode=str(getattr(get("mode"), "value", get("mode")) or "auto"),
             referrers=str(get("referrers") or "follow-subject"),
+            follow_source=bool(get("follow_source")),
         )
 
 
@@ -134,6 +148,31 @@ class TagInfo:
     digest: str
     pushed_at: float | None = None  # when the tag was (last) pushed or first seen
     pulled_at: float | None = None  # last pull, when known
+
+
+@dataclass(frozen=True)
+class SourceHolds:
+    """For a `follow_source` policy: what the replicating rule's source holds of the
+    repository this replica's repository is copied from."""
+
+    source: str  # "site/repository", for reasons
+    held: frozenset[str]  # tags the source holds now that the rule covers
+    covers: Callable[[str], bool]  # whether the rule covers a tag name at all
+
+
+KEPT_BY_SOURCE = "held by the source"
+GONE_FROM_SOURCE = "gone from the source"
+# how `summary` words each reason a tag was kept (the first one listed counts)
+_SUMMARY_WORDS = (
+    ("within grace", "younger than grace"),
+    ("push time unknown", "age unknown"),
+    (KEPT_BY_SOURCE, "held by the source (follow_source)"),
+    ("matches keep.tags", "kept by keep.tags"),
+    ("among", "kept by most_recent"),
+    ("pushed within", "kept by pushed_within"),
+    ("pulled within", "kept by pulled_within"),
+    ("subject is kept", "kept with their subject"),
+)
 
 
 @dataclass
@@ -154,9 +193,14 @@ def attached_subject(tag: str) -> str | None:
 
 
 def decide(
-    policy: RetentionPolicy, tags: Sequence[TagInfo], manifests: Graph, now: float
+    policy: RetentionPolicy,
+    tags: Sequence[TagInfo],
+    manifests: Graph,
+    now: float,
+    follow: SourceHolds | None = None,
 ) -> Decision:
-    """Apply `policy` to one repository: its tags and its manifest graph."""
+    """Apply `policy` to one repository: its tags and its manifest graph (and, for a
+    `follow_source` policy, what the source holds)."""
     keep = policy.keep
     decision = Decision()
 
@@ -164,16 +208,25 @@ def decide(
         """Known to be within the grace period. Unknown ages are handled per kind below."""
         return t is not None and now - t < policy.grace
 
+    def named_by_keep_tags(name: str) -> bool:
+        return any(wfn.fnmatch(name, p, flags=_TAG_FLAGS) for p in keep.tags)
+
     regular = [t for t in tags if attached_subject(t.name) is None]
     attached = [t for t in tags if attached_subject(t.name) is not None]
     reasons: dict[str, list[str]] = {t.name: [] for t in regular}
+    gone_from_source: set[str] = set()
     for t in regular:
         r = reasons[t.name]
         if t.pushed_at is None:
             r.append("push time unknown")
         elif now - t.pushed_at < policy.grace:
             r.append("within grace")
-        if keep.tags and any(wfn.fnmatch(t.name, p, flags=_TAG_FLAGS) for p in keep.tags):
+        if follow is not None and t.name in follow.held:
+            r.append(f"{KEPT_BY_SOURCE} {follow.source}")
+        elif follow is not None and follow.covers(t.name):
+            gone_from_source.add(t.name)  # only grace or an unknown age keeps it
+            continue
+        if named_by_keep_tags(t.name):
             r.append("matches keep.tags")
         if (
             keep.pushed_within is not None
@@ -188,9 +241,14 @@ def decide(
         ):
             r.append("pulled within keep.pulled_within")
     if keep.most_recent:
-        by_push = sorted(
-            regular, key=lambda t: (t.pushed_at is None, -(t.pushed_at or 0.0), t.name)
-        )
+        ranked = [
+            t
+            for t in regular
+            if t.pushed_at is not None
+            and t.name not in gone_from_source
+            and not named_by_keep_tags(t.name)
+        ]
+        by_push = sorted(ranked, key=lambda t: (-(t.pushed_at or 0.0), t.name))
         for t in by_push[: keep.most_recent]:
             reasons[t.name].append(f"among {keep.most_recent} most recently pushed")
 
@@ -199,6 +257,8 @@ def decide(
         if reasons[t.name]:
             decision.kept_tags[t.name] = reasons[t.name]
             roots.add(t.digest)
+        elif t.name in gone_from_source and follow is not None:
+            decision.deleted_tags[t.name] = f"{GONE_FROM_SOURCE} {follow.source}"
         else:
             decision.deleted_tags[t.name] = "no keep clause matched"
 
@@ -249,7 +309,10 @@ def decide(
         if digest in marked.manifests:
             continue
         if digest in deleted_tag_targets:
-            why = "all its tags expired: " + ", ".join(sorted(deleted_tag_targets[digest]))
+            why = "all its tags expired: " + ", ".join(
+                name + _unless_plain(decision.deleted_tags[name])
+                for name in sorted(deleted_tag_targets[digest])
+            )
         elif node.subject is not None:
             why = f"referrer of {node.subject}, which is not kept"
         elif digest in parents:
@@ -258,6 +321,21 @@ def decide(
             why = "untagged"
         decision.deleted_manifests[digest] = why
     return decision
+
+
+def _unless_plain(reason: str) -> str:
+    return "" if reason == "no keep clause matched" else f" ({reason})"
+
+
+def summary(kept_tags: Mapping[str, Sequence[str]]) -> Counter[str]:
+    """Why tags were kept, each tag counted once under its first reason:
+    {"kept by most_recent": 12, "younger than grace": 3}."""
+    out: Counter[str] = Counter()
+    for reasons in kept_tags.values():
+        first = reasons[0] if reasons else ""
+        word = next((w for key, w in _SUMMARY_WORDS if first.startswith(key)), first)
+        out[word] += 1
+    return out
 
 
 def policies_for(

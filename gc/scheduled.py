@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from replicator.errors import ConfigError
-from replicator.gc.api import ApiGCOptions, collect_api
+from replicator.gc.api import ApiGCOptions, SourceLookup, collect_api
+from replicator.gc.follow import source_holds
 from replicator.gc.policy import RetentionPolicy
 from replicator.gc.storage import DEFAULT_WORKERS, GCResult, StorageGCOptions, collect_storage
 from replicator.journal import Journal
@@ -88,6 +89,31 @@ class SiteGCResult:
     def warnings(self) -> list[str]:
         return [w for r in (self.api, self.storage) if r for w in r.warnings]
 
+    @property
+    def notes(self) -> list[str]:
+        return [n for r in (self.api, self.storage) if r for n in r.notes]
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        """Every deletion (or, dry, every planned one), API pass first, with its site.
+        What both passes name is listed once, by the API pass: in a dry run the storage
+        pass plans what the API pass would already have deleted in the real one."""
+        api = self.api.items if self.api else []
+        done = {_item_key(i) for i in api}
+        done |= {("tag", i["repository"], t) for i in api for t in i.get("tags", ())}
+        done |= {("link", i["repository"], i["digest"]) for i in api if i["kind"] == "blob"}
+        storage = (
+            [i for i in self.storage.items if _item_key(i) not in done] if self.storage else []
+        )
+        return [{"site": self.site, **i} for i in api + storage]
+
+    @property
+    def kept(self) -> dict[str, int]:
+        """Tags kept, by reason; the storage pass's count when it ran (it sees the tags the
+        API pass left), else the API pass's."""
+        r = self.storage or self.api
+        return dict(r.kept) if r else {}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "site": self.site,
@@ -102,6 +128,8 @@ class SiteGCResult:
             "deletable_after": self.deletable_after,
             "errors": self.errors,
             "warnings": self.warnings,
+            "notes": self.notes,
+            "kept": self.kept,
             "api": self.api.to_json() if self.api else None,
             "storage": self.storage.to_json() if self.storage else None,
         }
@@ -148,12 +176,17 @@ async def run_policies(
                 "which needs the registry's storage directory",
                 f"sites.{site}.storage",
             )
+        sc = config.site(site)
+        sources = _source_lookup(config, pool, journal, site)
         if api:
             result.api = await collect_api(
-                pool[site], journal, ApiGCOptions(site=site, policies=api, dry_run=dry_run)
+                pool[site],
+                journal,
+                ApiGCOptions(
+                    site=site, policies=api, dry_run=dry_run, storage=sc.storage, sources=sources
+                ),
             )
         if storage:
-            sc = config.site(site)
             result.storage = await collect_storage(
                 sc.storage,
                 journal,
@@ -168,6 +201,7 @@ async def run_policies(
                     policies=storage,
                     workers=tuning.workers,
                     settle=tuning.settle,
+                    sources=sources,
                 ),
             )
         for r in (result.api, result.storage):
@@ -176,3 +210,20 @@ async def run_policies(
                 result.deleted_blobs |= r.deleted_blobs
         out.append(result)
     return out
+
+
+def _item_key(i: dict[str, Any]) -> tuple[str, str, str]:
+    return (i["kind"], str(i.get("repository")), str(i.get("tag") or i.get("digest")))
+
+
+def _source_lookup(config: Any, pool: Any, journal: Journal, site: str) -> SourceLookup:
+    rules: list[Any] = []
+
+    async def lookup(repo: str):
+        if not rules:
+            from replicator.sync import rules_in_force
+
+            rules.extend(await rules_in_force(config, journal))
+        return await source_holds(rules, pool, journal, site, repo)
+
+    return lookup

@@ -147,7 +147,8 @@ import os
 import random
 import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -158,6 +159,7 @@ import yaml
 
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.gc import cache_probe
+from replicator.gc.ages import manifest_times, tag_infos, with_push_times
 from replicator.gc.cache_probe import BlobHeadClient
 from replicator.gc.confined import UnsafeEntry, open_dir_at
 from replicator.gc.layout import (
@@ -172,9 +174,11 @@ from replicator.gc.layout import (
     read_tag_link,
 )
 from replicator.gc.mark import MarkSet, Node, mark
-from replicator.gc.policy import RetentionPolicy, TagInfo, decide, policies_for
+from replicator.gc.policy import RetentionPolicy, SourceHolds, decide, policies_for
+from replicator.gc.policy import summary as kept_summary
 from replicator.gc.runs import CandidateRow, CandidateUpdate, RunRecorder
 from replicator.journal import Journal
+from replicator.journal.events import RegistryTimes
 
 log = logging.getLogger("replicator.gc.storage")
 
@@ -213,7 +217,8 @@ class StorageGCOptions:
     assume_no_cache: bool = False  # operator vouches: no blob-descriptor cache
     registry_api: BlobHeadClient | None = None  # the site's API, for the live cache probe
     policies: Sequence[RetentionPolicy] = ()
-    pull_times: Callable[[str, str], float | None] | None = None  # (repo, tag) -> last pull
+    # (repository) -> what the rule's source holds, for follow_source policies
+    sources: Callable[[str], Awaitable[SourceHolds | None]] | None = None
     max_manifest_bytes: int = 4 << 20
     resume: bool = True
     fault_after_deletions: int | None = None  # test seam: raise after N final deletions
@@ -247,6 +252,10 @@ class GCResult:
     deleted_manifests: set[str] = field(default_factory=set)  # "repo@digest"
     deleted_tags: set[str] = field(default_factory=set)  # "repo:tag"
     timings: dict[str, float] = field(default_factory=dict)
+    # what was (or, in a dry run, would be) deleted, one dict per item (`gc --json`)
+    items: list[dict[str, Any]] = field(default_factory=list)
+    kept: Counter[str] = field(default_factory=Counter)  # tags kept, by first reason
+    notes: list[str] = field(default_factory=list)  # what the run chose not to do, and why
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -269,6 +278,8 @@ class GCResult:
             "errors": list(self.errors),
             "warnings": list(self.warnings),
             "resumed_runs": list(self.resumed_runs),
+            "kept": dict(self.kept),
+            "notes": list(self.notes),
         }
 
 
@@ -284,6 +295,7 @@ class Item:
     quarantine: str | None = None
     state: str = "candidate"
     error: str | None = None
+    clause: str = ""  # why the policy (or the sweep) deletes it; reported, not journaled
 
     @cached_property
     def key(self) -> str:
@@ -466,10 +478,29 @@ class StorageCollector:
             else None
         )
         self.cache = ManifestCache(self.layout, self.opts.max_manifest_bytes)
+        # set by `prepare` (async) before planning: the site's webhook history and, for
+        # follow_source policies, what each repository's source holds
+        self.webhooks: dict[str, RegistryTimes] = {}
+        self.follow: dict[str, SourceHolds] = {}
+        self.kept: Counter[str] = Counter()
         self._lock_fd: int | None = None
         self._deletions = 0
 
     # --- setup ---------------------------------------------------------------
+    async def prepare(self) -> None:
+        """What planning reads besides the disk, fetched on the event loop."""
+        if self.journal is not None:
+            self.webhooks = await self.journal.events.registry_times(self.opts.site)
+        lookup = self.opts.sources
+        if lookup is None or not any(p.follow_source for p in self.opts.policies):
+            return
+        for repo in await asyncio.to_thread(self.layout.list_repositories):
+            pol = policies_for(self.opts.policies, self.opts.site, repo, "storage")
+            if pol is not None and pol.follow_source:
+                holds = await lookup(repo)
+                if holds is not None:
+                    self.follow[repo] = holds
+
     def preflight(self) -> list[str]:
         if not self.layout.v2.is_dir():
             raise ConfigError(
@@ -642,25 +673,25 @@ class StorageCollector:
                 roots[repo] = set(s.revisions) | {d for d, _m in s.tags.values()}
                 continue
             policy_repos += 1
-            graph = {}
-            for d, mtime in s.revisions.items():
-                n = self.cache.nodes.get(d) or Node()
-                graph[d] = Node(n.children, n.blobs, n.subject, pushed_at=mtime)
-            tags = [
-                TagInfo(
-                    t_,
-                    d,
-                    pushed_at=m,
-                    pulled_at=self.opts.pull_times(repo, t_) if self.opts.pull_times else None,
-                )
-                for t_, (d, m) in s.tags.items()
-            ]
-            dec = decide(pol, tags, graph, started)
+            # the same push times, in the same order, as the API pass (`ages`)
+            history = self.webhooks.get(repo)
+            nodes = {d: self.cache.nodes.get(d) or Node() for d in s.revisions}
+            graph = with_push_times(nodes, manifest_times(nodes, history, s.revisions))
+            tags = tag_infos({t_: d for t_, (d, _m) in s.tags.items()}, history, s.tags)
+            follow = self.follow.get(repo) if pol.follow_source else None
+            dec = decide(pol, tags, graph, started, follow)
+            self.kept.update(kept_summary(dec.kept_tags))
             roots[repo] = set(dec.kept_manifests) | {
                 d for t_, (d, _m) in s.tags.items() if t_ in dec.kept_tags
             }
-            items += [Item("tag", repo, s.tags[t_][0], t_) for t_ in sorted(dec.deleted_tags)]
-            items += [Item("manifest", repo, d) for d in sorted(dec.deleted_manifests)]
+            items += [
+                Item("tag", repo, s.tags[t_][0], t_, clause=dec.deleted_tags[t_])
+                for t_ in sorted(dec.deleted_tags)
+            ]
+            items += [
+                Item("manifest", repo, d, clause=dec.deleted_manifests[d])
+                for d in sorted(dec.deleted_manifests)
+            ]
         marked, _ = self._mark_closure(roots)
         layer_repos: dict[str, list[str]] = {}
         for repo, s in snaps.items():
@@ -1201,9 +1232,32 @@ def _restore(i: Item, layout: StoreLayout) -> None:
         fs.remove_tree(q)  # the registry recreated it while we looked
 
 
+_CLAUSES = {
+    "blob": "unreferenced by every manifest",
+    "link": "layer link of an unreferenced or missing blob",
+    "upload": "abandoned upload session",
+}
+
+
+def _item_json(i: Item) -> dict[str, Any]:
+    """One deletion as `gc --json` lists it (the site is added per site)."""
+    ref = {"tag": i.name} if i.kind == "tag" else {"upload": i.name} if i.kind == "upload" else {}
+    return {
+        "repository": i.repository,
+        "kind": i.kind,
+        **({"digest": i.digest} if i.digest and i.kind != "tag" else {}),
+        **ref,
+        "bytes": i.bytes,
+        "clause": i.clause or _CLAUSES.get(i.kind, ""),
+    }
+
+
 def _tally(result: GCResult, items: list[Item]) -> None:
     for i in items:
+        if i.state == "quarantined":  # listed now; a later run deletes or restores it
+            result.items.append(_item_json(i) | {"state": "quarantined"})
         if i.state == "deleted":
+            result.items.append(_item_json(i))
             if i.kind == "blob":
                 result.blobs_deleted += 1
                 result.bytes_reclaimed += i.bytes
@@ -1308,7 +1362,9 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
     t = time.monotonic()
     sweeping = False
     try:
+        await col.prepare()
         plan = await asyncio.to_thread(col.plan)
+        result.kept = col.kept
         result.timings["mark"] = time.monotonic() - t
         result.kept_by_recheck = await asyncio.to_thread(col.recheck, plan)
         result.mark_summary = plan.mark_summary
@@ -1501,6 +1557,7 @@ def _merge(into: GCResult, sub: GCResult) -> None:
         setattr(into, f, getattr(into, f) + getattr(sub, f))
     into.errors += sub.errors
     into.deleted_blobs |= sub.deleted_blobs
+    into.items += sub.items
 
 
 __all__ = [

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import os
+import time
 
 import httpx
 
@@ -24,6 +25,15 @@ def status(reg, ref: str) -> int:
     return httpx.head(f"{reg.url}/v2/app/manifests/{ref}", headers={"accept": ACCEPT}).status_code
 
 
+def age_tree(path, seconds: float) -> None:
+    """Make everything stored so far look `seconds` old (pushed long ago, by the
+    registry's own link file times)."""
+    t = time.time() - seconds
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            os.utime(os.path.join(dirpath, name), (t, t))
+
+
 def scene(reg):
     s = {}
     with Pusher(reg.url) as p:
@@ -34,13 +44,14 @@ def scene(reg):
         s["sig"] = p.push_referrer("app", s["signed"], b"sig-v3")
         s["old"] = p.push_image("app", "old", [layer_bytes("old", 600)])
         s["oldsig"] = p.push_referrer("app", s["old"], b"sig-old")
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        s["fresh"] = p.push_image("app", "fresh", [layer_bytes("fresh", 300)], created=now)
         s["other"] = p.push_image("untouched", "dev", [layer_bytes("u", 300)])
+        age_tree(reg.storage, 7200)
+        # pushed now, though its config claims 2024: the registry's time is what counts
+        s["fresh"] = p.push_image("app", "fresh", [layer_bytes("fresh", 300)])
     return s
 
 
-def run(reg, journal=None, **kw):
+def run(reg, journal=None, storage=True, **kw):
     async def go():
         site = SiteEndpoint(name="a", url=reg.url, insecure=True)
         async with RegistryClient(site) as client:
@@ -50,6 +61,7 @@ def run(reg, journal=None, **kw):
                 ApiGCOptions(
                     site="a",
                     policies=[RetentionPolicy(**{**POLICY.__dict__, "repositories": ("app",)})],
+                    storage=reg.storage if storage else None,
                     **kw,
                 ),
             )
@@ -103,12 +115,20 @@ def test_api_gc_applies_policy_and_dry_run_predicts_it(registry, tmp_path) -> No
     journal.close()
 
 
-def test_tag_on_kept_digest_is_left_with_a_warning_on_distribution_2_8(registry) -> None:
+def test_tag_on_kept_digest_is_deleted_alone_on_distribution_2_8(registry) -> None:
+    """Issue 11 item 9: distribution 2.8 has no tag DELETE; the placeholder trick removes
+    `nightly` and nothing else, and no message claims the tag was left in place."""
     reg = registry
     with Pusher(reg.url) as p:
         p.push_image("app", "v9", [layer_bytes("x", 100)])
         p.push_image("app", "nightly", [layer_bytes("x", 100)])  # same digest
+    age_tree(reg.storage, 7200)
+    dry = run(reg, dry_run=True)
     res = run(reg)
+    assert res.errors == []
     assert res.deleted_manifests == set()
-    assert any("cannot delete a tag by name" in w for w in res.warnings)
+    assert res.deleted_tags == {"app:nightly"} == dry.deleted_tags
+    assert res.items == dry.items
+    assert not any("cannot delete a tag by name" in w for w in res.warnings + res.notes)
+    assert status(reg, "nightly") == 404
     assert_image_complete(reg.url, "app", "v9")

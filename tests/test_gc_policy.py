@@ -324,3 +324,41 @@ def test_decision_invariants(pol, tags, graph) -> None:
     for t in tags:
         if t.name in dec.deleted_tags:
             assert t.pushed_at is not None and NOW - t.pushed_at >= pol.grace
+
+
+def test_most_recent_keeps_exactly_n_ties_by_name_unknown_ages_not_ranked() -> None:
+    tags, graph = repo(("b", 2 * DAY), ("a", 2 * DAY), ("c", 2 * DAY), ("d", 9 * DAY))
+    graph[d("u")] = Node(pushed_at=None)
+    tags.append(TagInfo("u", d("u"), pushed_at=None))
+    dec = decide(policy(keep={"most_recent": 2}), tags, graph, NOW)
+    ranked = [t for t, why in dec.kept_tags.items() if any("most recently" in w for w in why)]
+    assert sorted(ranked) == ["a", "b"]  # the tie at 2 days broken by name
+    assert dec.kept_tags["u"] == ["push time unknown"]  # kept, but not one of the N
+    assert set(dec.deleted_tags) == {"c", "d"}
+
+
+def test_follow_source_keeps_what_the_source_holds_and_drops_what_it_removed() -> None:
+    from replicator.gc.policy import SourceHolds, summary
+
+    tags, graph = repo(("v1", 30 * DAY), ("v2", 30 * DAY), ("v3", 60), ("local", 30 * DAY))
+    follow = SourceHolds("a/app", frozenset({"v1"}), lambda t: t.startswith("v") and t != "v1")
+    pol = policy(keep={"tags": ("v*", "local")}, follow_source=True)
+    dec = decide(pol, tags, graph, NOW, follow)
+    assert dec.kept_tags["v1"] == ["held by the source a/app", "matches keep.tags"]
+    assert dec.deleted_tags == {"v2": "gone from the source a/app"}  # keep.tags overruled
+    assert dec.kept_tags["v3"] == ["within grace"]  # gone at the source, but too young
+    assert dec.kept_tags["local"] == ["matches keep.tags"]  # no rule covers it
+    assert summary(dec.kept_tags) == {
+        "held by the source (follow_source)": 1,
+        "younger than grace": 1,
+        "kept by keep.tags": 1,
+    }
+
+
+def test_most_recent_counts_the_tags_keep_tags_does_not_name() -> None:
+    """Issue 11 item 6: keep {tags: [latest], most_recent: 2} keeps latest and two others,
+    even when latest is the newest."""
+    tags, graph = repo(("latest", 1 * DAY), ("a", 2 * DAY), ("b", 3 * DAY), ("c", 4 * DAY))
+    dec = decide(policy(keep={"tags": ("latest",), "most_recent": 2}), tags, graph, NOW)
+    assert set(dec.kept_tags) == {"latest", "a", "b"}
+    assert set(dec.deleted_tags) == {"c"}

@@ -30,10 +30,20 @@ mode storage  mark-and-sweep the registry's storage directory (sites.<name>.stor
               blobs (everything is put back), unless --assume-no-cache;
 mode both     the API pass, then the storage pass.
 
---dry-run reports exactly what would be deleted and changes nothing.
+Tags are ranked by when the registry received them (its webhooks in the journal,
+else the storage link files' times); a tag or manifest whose age nobody can tell is
+kept ("age unknown"), never treated as old, and nothing younger than the policy's
+grace is deleted. Without the site's storage directory the API pass deletes
+manifests and tags only: it cannot list untagged manifests, so it cannot prove a
+blob unused and leaves blobs to the storage pass.
+
+--dry-run reports exactly what would be deleted (and why the rest is kept) and
+changes nothing; --json lists every item (site, repository, tag or digest, bytes,
+the clause that decided), the same for a dry run and the real run.
 Exit status: 0 done, 1 some deletions failed, 2 configuration or usage error.
 """
 
+DRY_RUN_LINES = 50  # items a human-readable dry run lists; --json lists them all
 JSON_FIELDS = (
     "dry_run",
     "manifests_deleted",
@@ -45,6 +55,9 @@ JSON_FIELDS = (
     "waiting_bytes",
     "deletable_after",
     "errors",
+    "notes",
+    "kept",
+    "items",
 )
 
 
@@ -116,6 +129,15 @@ def run(args: argparse.Namespace) -> int:
             f"{totals['blobs_deleted']} blobs, {totals['bytes_reclaimed']} bytes; "
             f"quarantined {totals['quarantined']}, restored {totals['restored']}"
         )
+        if args.dry_run:
+            items = totals["items"]
+            for i in items[:DRY_RUN_LINES]:
+                print(f"  would delete {_describe(i)}")
+            if len(items) > DRY_RUN_LINES:
+                print(f"  ... and {len(items) - DRY_RUN_LINES} more (--json lists every item)")
+        print(_kept_line(totals))
+        for note in totals["notes"]:
+            print(f"gc: {note}")
         for line in _quarantine_lines(totals):
             print(line)
         for w in totals["warnings"]:
@@ -123,6 +145,25 @@ def run(args: argparse.Namespace) -> int:
         for e in totals["errors"]:
             print(f"error: {e}", file=sys.stderr)
     return 1 if totals["errors"] else 0
+
+
+def _describe(i: dict[str, Any]) -> str:
+    """'a: app:dev (tag; no keep clause matched)' for one listed item."""
+    ref = f":{i['tag']}" if "tag" in i else f"@{i['digest']}" if "digest" in i else ""
+    what = f"{i['repository']}{ref}" if i.get("repository") else str(i.get("digest"))
+    return f"{i['site']}: {what} ({i['kind']}, {i['bytes']} bytes; {i['clause']})"
+
+
+def _kept_line(totals: dict[str, Any]) -> str:
+    """Why the tags that stay stay: 'kept 15 tags: 12 kept by most_recent, 3 younger
+    than grace' (or why nothing is deleted at all)."""
+    kept = totals["kept"]
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(kept.items(), key=lambda x: -x[1]))
+    n = sum(kept.values())
+    if not totals["items"]:
+        lead = "nothing would be deleted" if totals["dry_run"] else "nothing deleted"
+        return f"gc: {lead}: {n} tags kept" + (f" ({why})" if why else "")
+    return f"gc: kept {n} tags" + (f" ({why})" if why else "")
 
 
 def _quarantine_lines(totals: dict[str, Any]) -> list[str]:
@@ -191,6 +232,17 @@ async def _gc(config: Any, args: argparse.Namespace, window: float) -> dict[str,
         ),
         "errors": [f"{r.site}: {e}" for r in results for e in r.errors],
         "warnings": [f"{r.site}: {w}" for r in results for w in r.warnings],
+        "notes": [f"{r.site}: {n}" for r in results for n in r.notes],
+        "kept": _sum_counts(r.kept for r in results),
+        "items": [i for r in results for i in r.items],
         "sites": {r.site: r.to_json() for r in results},
     }
     return totals
+
+
+def _sum_counts(counts: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out

@@ -71,10 +71,16 @@ def _rule_problems(i: int, rule: Mapping, sites: Mapping) -> list[Problem]:
     return problems
 
 
-def _policy_problems(i: int, policy: Mapping, sites: Mapping) -> list[Problem]:
+def _policy_problems(i: int, policy: Mapping, sites: Mapping, rules: list) -> list[Problem]:
     where: Loc = ("gc", "policies", i)
     known = [str(k) for k in sites]
     problems: list[Problem] = []
+    if policy.get("follow_source") is True:
+        targets = {t for r in rules if isinstance(r, Mapping) for t in _as_list(r.get("to"))}
+        for site in _as_list(policy.get("sites")):
+            if isinstance(site, str) and site in sites and site not in targets:
+                message = f"site {site!r} is no rule's target, so it has no source to follow"
+                problems.append(Problem((*where, "follow_source"), message))
     mode = policy.get("mode", "api")
     for j, site in enumerate(_as_list(policy.get("sites"))):
         if not isinstance(site, str):
@@ -106,5 +112,5 @@ def cross_problems(data: Mapping) -> list[Problem]:
     problems += _duplicates(policies, ("gc", "policies"), "policy")
     for i, policy in enumerate(policies):
         if isinstance(policy, Mapping):
-            problems += _policy_problems(i, policy, sites)
+            problems += _policy_problems(i, policy, sites, rules)
     return problems

@@ -463,6 +463,12 @@ class GcPolicy(_Model):
         "api: tags and manifests through the registry API; storage: mark-and-sweep of "
         "the storage directory; both: api, then storage",
     )
+    follow_source: bool = Field(
+        False,
+        description="on a replica: never delete what the replicating rule's source still "
+        "holds and the rule covers; delete what the rule covers and the source no longer "
+        "holds (still never within grace or of unknown age)",
+    )
 
     _coerce = field_validator("sites", "repositories", "exclude_repositories", mode="before")(
         classmethod(lambda cls, v: one_or_many(v))

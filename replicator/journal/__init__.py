@@ -21,7 +21,7 @@ from functools import cached_property
 
 from replicator.journal.blobs import BlobLocations
 from replicator.journal.core import MIGRATIONS, SCHEMA_VERSION, JournalConnection
-from replicator.journal.events import EVENT_STATES, Events
+from replicator.journal.events import EVENT_STATES, Events, RegistryTimes
 from replicator.journal.inventory import Inventory
 from replicator.journal.ledger import DEFAULT_REPLICATED_WINDOW, Ledger, LedgerEntry
 from replicator.journal.runs import CandidateRow, Failover, Failovers, GCRuns, SyncRuns
@@ -93,6 +93,7 @@ __all__ = [
     "Ledger",
     "LedgerEntry",
     "QueueError",
+    "RegistryTimes",
     "StatusRows",
     "StatusView",
     "SyncRuns",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlite_utils
@@ -204,6 +205,61 @@ class Events:
             (site, repository, action),
         )
         return {r["digest"]: r["t"] for r in found}
+
+    async def registry_times(
+        self, site: str, repository: str | None = None
+    ) -> dict[str, RegistryTimes]:
+        """What `site`'s webhooks say about its repositories (one, or all): per repository
+        the latest push of each (tag, digest) and of each manifest, the latest pull of
+        each manifest, and the latest delete of each tag and digest (the `prune`d journal
+        keeps the latest event of each). The registry's own
+        timestamps (`occurred_at`), else when we received the event."""
+        sql = (
+            "SELECT repository, action, tag, digest, "
+            "max(coalesce(occurred_at, received_at)) AS t FROM events "
+            "WHERE site = ? AND action IN ('push', 'pull', 'delete') "
+            # blob traffic is nobody's question here (a delete by digest has no media type)
+            "AND (action = 'delete' OR is_manifest = 1)"
+        )
+        params: list[Any] = [site]
+        if repository is not None:
+            sql += " AND repository = ?"
+            params.append(repository)
+        sql += " GROUP BY repository, action, tag, digest"
+        out: dict[str, RegistryTimes] = {}
+        for r in await self._journal.read(rows, sql, params):
+            times = out.setdefault(r["repository"], RegistryTimes())
+            times.add(r["action"], r["tag"], r["digest"], float(r["t"]))
+        return out
+
+
+@dataclass
+class RegistryTimes:
+    """One repository's webhook history, reduced to the latest time of each kind."""
+
+    pushed: dict[tuple[str, str], float] = field(default_factory=dict)  # (tag, digest)
+    manifest_pushed: dict[str, float] = field(default_factory=dict)  # digest, any tag
+    pulled: dict[str, float] = field(default_factory=dict)  # digest
+    tag_deleted: dict[str, float] = field(default_factory=dict)  # tag
+    digest_deleted: dict[str, float] = field(default_factory=dict)  # digest
+
+    def add(self, action: str, tag: str | None, digest: str | None, t: float) -> None:
+        if action == "push" and digest:
+            if tag:
+                _latest(self.pushed, (tag, digest), t)
+            _latest(self.manifest_pushed, digest, t)
+        elif action == "pull" and digest:
+            _latest(self.pulled, digest, t)
+        elif action == "delete":
+            if tag:
+                _latest(self.tag_deleted, tag, t)
+            elif digest:
+                _latest(self.digest_deleted, digest, t)
+
+
+def _latest(into: dict[Any, float], key: Any, t: float) -> None:
+    if t > into.get(key, float("-inf")):
+        into[key] = t
 
 
 def _insert_batches(
