@@ -85,14 +85,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _summary(c: dict) -> str:
+    """Counts in tags (per target); listings that failed, whose tags are unknown, apart."""
+    listings = f" ({c['failed_listings']} listings failed)" if c["failed_listings"] else ""
     if c["dry_run"]:
         return (
             f"dry run: would copy {c['planned_copies']}, delete {c['planned_deletes']}; "
             f"{c['skipped']} up to date, {c['conflicts']} conflicts, {c['failed']} failed"
+            + listings
         )
     return (
         f"copied {c['copied']}, deleted {c['deleted']}, {c['skipped']} up to date, "
-        f"{c['conflicts']} conflicts, {c['failed']} failed; blobs uploaded "
+        f"{c['conflicts']} conflicts, {c['failed']} failed{listings}; blobs uploaded "
         f"{c['blobs_uploaded']}, mounted {c['blobs_mounted']}, "
         f"{human_bytes(c['bytes_uploaded'])}"
     )

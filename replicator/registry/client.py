@@ -198,6 +198,10 @@ class RegistryClient:
         """Every tag of `repo`, following Link pagination; [] for an unknown repository."""
         return await self._listing.tags(repo, page_size)
 
+    async def list_tags_if_exists(self, repo: str, *, page_size: int = 1000) -> list[str] | None:
+        """Every tag of `repo`, or None when the registry does not know the repository."""
+        return await self._listing.tags_if_exists(repo, page_size)
+
     async def catalog(self, *, page_size: int = 1000) -> list[str]:
         """Every repository name, following Link pagination."""
         return await self._listing.catalog(page_size)
