@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from replicator.aio import bounded_gather
 from replicator.clients import ClientPool
@@ -49,6 +50,8 @@ class SyncReport:
     # Listings that failed (a rule's catalog, a repository's tags): their tags are unknown.
     failed_listings: int = 0
     _failed_beyond_one: int = 0  # steps that failed several tags with one message
+    # site -> its pull budget at the end (limit, remaining, window, observed_at), if metered
+    ratelimits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def fail_tags(self, message: str, tags: int) -> None:
         """A step failed `tags` (>= 1) tags at once, e.g. a target that cannot be read."""
@@ -81,6 +84,7 @@ class SyncReport:
             "blobs_mounted": self.stats.blobs_mounted,
             "blobs_existing": self.stats.blobs_existing,
             "bytes_uploaded": self.stats.bytes_uploaded,
+            **({"ratelimits": self.ratelimits} if self.ratelimits else {}),
         }
 
 
@@ -147,6 +151,7 @@ class Reconciler:
         finally:
             after = self._request_counts(rules)
             report.target_requests = {s: after[s] - targets_before.get(s, 0) for s in after}
+            report.ratelimits = self._ratelimits(rules)
             await self._finish_run(run_id, report, ok)
         return report
 
@@ -360,6 +365,12 @@ class Reconciler:
     def _request_counts(self, rules: Sequence[Rule]) -> dict[str, int]:
         sites = {t for r in rules for t in r.to}
         return {s: self.pool[s].stats.get("requests", 0) for s in sites}
+
+    def _ratelimits(self, rules: Sequence[Rule]) -> dict[str, dict[str, Any]]:
+        """The pull budgets of the rules' sites that have one, for the journal (status)."""
+        sites = sorted({r.from_ for r in rules} | {t for r in rules for t in r.to})
+        budgets = {s: self.pool[s].pull_budget() for s in sites}
+        return {s: b for s, b in budgets.items() if b is not None}
 
     async def _pushed_at(self, site: str, repo: str) -> dict[str, float]:
         if self.journal is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from replicator.manifest import Descriptor, Manifest, digest_of
 from replicator.registry.blobs import Blobs, BlobStream
@@ -66,6 +67,11 @@ class RegistryClient:
         """Call `observer(site, method, status or None, seconds)` after every request
         (the daemon's per-site request metrics)."""
         self._transport.observer = observer
+
+    def pull_budget(self) -> dict[str, Any] | None:
+        """The registry's pull budget as last seen (limit, remaining, window, observed_at),
+        or None when it reports none (see limits.PullBudget)."""
+        return self._transport.budget.snapshot()
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> RegistryClient:
