@@ -261,3 +261,38 @@ def test_mirroring_20_literal_repositories_on_100_pulls_per_window_meets_no_429(
         assert re.search(r"pull budget hub: \d+ of 100 per 3 s left", text), text
     for repo in repos:
         assert_image_complete(registry.url, repo, "2")
+
+
+# ----------------------------------------------------------------------- metrics
+def test_ratelimit_metrics_exist_at_zero_and_follow_the_budget(hub):
+    from replicator.clients import ClientPool
+    from replicator.config import config_from_dict
+    from replicator.metrics import Metrics
+
+    config = config_from_dict(
+        {
+            "journal": "/tmp/unused.db",
+            "sites": {
+                "hub": {"url": hub.url, "insecure": True},
+                "plain": {"url": "http://127.0.0.1:1", "insecure": True},
+            },
+            "rules": [],
+        }
+    )
+    metrics = Metrics()
+    metrics.know(config)
+    text = metrics.render()
+    for site in ("hub", "plain"):
+        assert f'registry_replicator_ratelimit_remaining{{site="{site}"}} 0.0' in text
+        assert f'registry_replicator_ratelimit_limit{{site="{site}"}} 0.0' in text
+
+    async def main() -> str:
+        async with ClientPool(config) as pool:
+            metrics.watch_budgets(pool.budgets)
+            await pool["hub"].get_manifest("library/nginx", "1.25")
+            return metrics.render()
+
+    text = asyncio.run(main())
+    assert 'registry_replicator_ratelimit_limit{site="hub"} 5.0' in text
+    assert 'registry_replicator_ratelimit_remaining{site="hub"} 4.0' in text
+    assert 'registry_replicator_ratelimit_limit{site="plain"} 0.0' in text
