@@ -7,7 +7,7 @@ every rule, sync and task that talks to it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
@@ -48,6 +48,11 @@ class ClientPool:
 
     def __getitem__(self, site: str) -> RegistryClient:
         return self.get(site)
+
+    def budgets(self) -> dict[str, dict[str, Any]]:
+        """The pull budget of every open client whose registry reports one."""
+        found = {site: client.pull_budget() for site, client in self._clients.items()}
+        return {site: budget for site, budget in found.items() if budget is not None}
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}

@@ -114,5 +114,10 @@ def glob_match(patterns: Sequence[str], name: str) -> bool:
     return bool(_matcher(tuple(patterns)).match(name))
 
 
+def is_literal(pattern: str) -> bool:
+    """A pattern without glob characters names exactly one repository or tag."""
+    return not any(c in pattern for c in "*?[]{}")
+
+
 def repository_selected(include: Sequence[str], exclude: Sequence[str], repo: str) -> bool:
     return glob_match(include, repo) and not glob_match(exclude, repo)

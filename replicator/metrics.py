@@ -214,6 +214,18 @@ class Metrics:
             ["site", "method"],
             buckets=REQUEST_BUCKETS,
         )
+        # pull budgets (Docker Hub's ratelimit headers), read from the clients at scrape
+        # time; 0 and 0 for a site that reports none, so alert on remaining == 0 and limit > 0
+        self.ratelimit_remaining = self.function_gauge(
+            "ratelimit_remaining",
+            "Pulls left in the registry's rate-limit window as last reported (0 when none).",
+            ["site"],
+        )
+        self.ratelimit_limit = self.function_gauge(
+            "ratelimit_limit",
+            "Pulls the registry allows per window as last reported (0: no limit reported).",
+            ["site"],
+        )
         # the bus and garbage collection
         self.bus_connected = self.function_gauge(
             "bus_connected", "1 while the event bus (MQTT broker) is connected, else 0.", []
@@ -312,6 +324,8 @@ class Metrics:
                 self.reconcile_runs.inc(0, rule=name, outcome=outcome)
         self.tasks.know((state,) for state in TASK_STATES)
         self.bus_connected.know([()])
+        self.ratelimit_remaining.know((site,) for site in sites)
+        self.ratelimit_limit.know((site,) for site in sites)
         self.replication_lag.know(pairs)
 
     def request_observer(self) -> Callable[[str, str, int | None, float], None]:
@@ -323,6 +337,19 @@ class Metrics:
             self.request_seconds.observe(seconds, site=site, method=method)
 
         return observe
+
+    def watch_budgets(self, read: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        """Read the pull budgets ({site: {limit, remaining, ...}}, e.g. ClientPool.budgets)
+        at scrape time."""
+
+        def field_of(name: str) -> Callable[[], dict[LabelValues, float]]:
+            def values() -> dict[LabelValues, float]:
+                return {(site,): float(budget.get(name) or 0) for site, budget in read().items()}
+
+            return values
+
+        self.ratelimit_remaining.set_function(field_of("remaining"))
+        self.ratelimit_limit.set_function(field_of("limit"))
 
     def render(self) -> str:
         return prometheus_client.generate_latest(self.registry).decode()

@@ -1,7 +1,12 @@
 """Image references on the command line: `host:port/repo/name:tag` or `…@sha256:…`.
 
-Pure parsing. The registry part is required (we never guess Docker Hub), and
-the result says whether the reference pins a digest.
+Pure parsing, with Docker's conventions as docker, skopeo and crane read them: a
+reference without a registry host (no '.' or ':' in its first component, and not
+`localhost`) is on Docker Hub, a one-component Hub name is an official image
+(`nginx` -> `docker.io/library/nginx`), Hub's host aliases become `docker.io`,
+and skopeo's `docker://` transport prefix is accepted (its other transports,
+which name local storage, are refused). The result says whether the reference
+pins a digest.
 """
 
 from __future__ import annotations
@@ -11,11 +16,16 @@ from dataclasses import dataclass
 
 from replicator.errors import UsageError
 from replicator.manifest import is_digest
+from replicator.registry.dockerhub import DOCKER_HUB, canonical_registry, expand_repository
 
 # distribution/reference grammar, simplified to what registries accept.
 _REPO_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REPOSITORY_RE = re.compile(rf"^{_REPO_COMPONENT}(?:/{_REPO_COMPONENT})*$")
 TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+# skopeo's transports other than docker://: local storage, nothing a registry serves.
+_OTHER_TRANSPORTS = re.compile(
+    r"^(oci|oci-archive|docker-archive|docker-daemon|containers-storage|dir|sif|tarball|ostree):"
+)
 
 
 @dataclass(frozen=True)
@@ -56,13 +66,25 @@ def validate_tag(tag: str) -> str:
     return tag
 
 
-def parse_ref(text: str, default_tag: str | None = "latest") -> ImageRef:
-    """Parse `registry/repo[:tag][@digest]`; the registry host needs '.' or ':' or localhost."""
-    original = text
-    if "://" in text:
+def strip_transport(text: str) -> str:
+    """`docker://ref` -> `ref`; UsageError for any other transport or URL scheme."""
+    if text.startswith("docker://"):
+        return text.removeprefix("docker://")
+    other = _OTHER_TRANSPORTS.match(text)
+    if other or "://" in text:
+        name = other.group(1) + ":" if other else text.split("://", 1)[0] + "://"
         raise UsageError(
-            f"invalid reference {original!r}: give host:port/repo:tag, without a scheme"
+            f"invalid reference {text!r}: the {name} transport is not a registry; give "
+            "[docker://]REGISTRY/REPOSITORY[:TAG], e.g. docker://127.0.0.1:5000/team/app:v1"
         )
+    return text
+
+
+def parse_ref(text: str, default_tag: str | None = "latest") -> ImageRef:
+    """Parse `[docker://][registry/]repo[:tag][@digest]`; a first component with '.' or
+    ':', or `localhost`, is the registry host, else the reference is on Docker Hub."""
+    original = text
+    text = strip_transport(text)
     digest = None
     if "@" in text:
         text, digest = text.split("@", 1)
@@ -70,22 +92,19 @@ def parse_ref(text: str, default_tag: str | None = "latest") -> ImageRef:
             raise UsageError(
                 f"invalid reference {original!r}: {digest!r} is not a sha256:<64 hex> digest"
             )
-    if "/" not in text:
-        raise UsageError(
-            f"invalid reference {original!r}: expected REGISTRY/REPOSITORY[:TAG], "
-            "e.g. 127.0.0.1:5000/team/app:v1"
-        )
-    registry, rest = text.split("/", 1)
-    if not ("." in registry or ":" in registry or registry == "localhost"):
-        raise UsageError(
-            f"invalid reference {original!r}: {registry!r} does not look like a "
-            "registry host (host:port or a domain name)"
-        )
+    if not text:
+        raise UsageError(f"invalid reference {original!r}: expected REGISTRY/REPOSITORY[:TAG]")
+    first, _, after = text.partition("/")
+    if after and ("." in first or ":" in first or first == "localhost"):
+        registry, rest = canonical_registry(first), after
+    else:
+        registry, rest = DOCKER_HUB, text
     tag = None
     last = rest.rsplit("/", 1)[-1]
     if ":" in last:
         rest, tag = rest.rsplit(":", 1)
         validate_tag(tag)
+    rest = expand_repository(registry, rest)
     validate_repository(rest)
     if tag is None and digest is None:
         tag = default_tag

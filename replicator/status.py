@@ -4,7 +4,8 @@ Per rule and target: changes not yet replicated (pending and leased tasks),
 the replication lag (age of the oldest of them), dead letters, when a copy
 last landed, and the last reconcile run; plus the active failovers and the
 recovery point (the most lag any target has, i.e. how much recent work a
-target would be missing if its source were lost now).
+target would be missing if its source were lost now). And each site's pull
+budget (Docker Hub's rate limit) as the latest sync run that saw one recorded it.
 
 No registry is contacted, so this works when sites are down. `compute_status`
 is pure (rows in, report out); the rows come from `journal.status.rows()`.
@@ -76,6 +77,8 @@ class StatusReport:
     generated_at: float
     rules: list[RuleStatus] = field(default_factory=list)
     failovers: list[FailoverInfo] = field(default_factory=list)
+    # site -> limit, remaining, window (s), observed_at: the newest a sync run recorded
+    ratelimits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def recovery_point_seconds(self) -> float:
@@ -100,6 +103,7 @@ class StatusReport:
             "dead": self.dead,
             "failovers": [asdict(f) for f in self.failovers],
             "rules": [asdict(r) for r in self.rules],
+            **({"ratelimits": self.ratelimits} if self.ratelimits else {}),
         }
 
 
@@ -160,6 +164,7 @@ def compute_status(config: Config, rows: StatusRows, now: float | None = None) -
                 promoted_by=promoted_by if promoted_by and promoted_by.promoted == source else None,
             )
         )
+    report.ratelimits = latest_ratelimits(runs)
     return report
 
 
@@ -194,6 +199,30 @@ def check_thresholds(
         )
         exceeded.append(f"{report.dead} dead letters ({where}), above --max-dead {max_dead}")
     return exceeded
+
+
+def latest_ratelimits(runs: Iterable[RunInfo]) -> dict[str, dict[str, Any]]:
+    """Per site, the newest pull budget recorded by any run (runs' `ratelimits` counts)."""
+    newest: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        recorded = run.counts.get("ratelimits")
+        if not isinstance(recorded, dict):
+            continue
+        for site, budget in recorded.items():
+            seen = newest.get(site)
+            if isinstance(budget, dict) and (
+                seen is None or (budget.get("observed_at") or 0) > (seen.get("observed_at") or 0)
+            ):
+                newest[site] = budget
+    return newest
+
+
+def describe_ratelimit(site: str, budget: Mapping[str, Any], now: float) -> str:
+    window = budget.get("window")
+    per = f" per {human_age(window)}" if window else ""
+    seen = budget.get("observed_at")
+    when = f" (as of {human_age(now - seen)} ago)" if seen else ""
+    return f"pull budget {site}: {budget.get('remaining')} of {budget.get('limit')}{per} left{when}"
 
 
 def _task_index(
@@ -321,6 +350,7 @@ def format_status(report: StatusReport, tz: tzinfo = UTC) -> list[str]:
         f"recovery point: {human_age(report.recovery_point_seconds)} "
         f"({report.pending} changes pending, {report.dead} dead letters)"
     )
+    lines += [describe_ratelimit(s, b, now) for s, b in sorted(report.ratelimits.items())]
     return lines
 
 
@@ -334,8 +364,10 @@ __all__: Sequence[str] = [
     "check_thresholds",
     "clock_time",
     "compute_status",
+    "describe_ratelimit",
     "describe_run",
     "describe_target",
     "format_status",
     "human_age",
+    "latest_ratelimits",
 ]

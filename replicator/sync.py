@@ -6,6 +6,11 @@ concurrency. The same function serves `registry-replicator sync`, the daemon's
 periodic reconcile, and failover catch-up. A dry run stops after planning, so
 it prints exactly what the real run would do.
 
+A rule's literal repository names (`library/nginx`) are listed by their tags
+alone, so sources without a catalog (Docker Hub, GHCR, Quay) work; only globs
+read the catalog. Failures are counted in tags, the unit of `copied` and
+`skipped`, and one failing repository or target does not stop the others.
+
 Nothing here needs to be undone after a crash: copies are idempotent (blobs
 already at the target are skipped), so the next run simply finishes the work.
 """
@@ -16,16 +21,19 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from replicator.aio import bounded_gather
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule
 from replicator.copy import CopyEngine, CopyOptions, CopyStats, as_written
 from replicator.deletes import DeleteSite, delete_tag
+from replicator.globs import is_literal
 from replicator.journal import Journal
 from replicator.manifest import Descriptor, ManifestError
 from replicator.planner import Action, plan_target, selected_tags
 from replicator.registry.errors import RegistryError
+from replicator.registry.listing import CatalogUnavailable
 from replicator.rules import effective_rules, glob_match, map_repository
 
 log = logging.getLogger(__name__)
@@ -37,8 +45,28 @@ class SyncReport:
     actions: list[Action] = field(default_factory=list)
     stats: CopyStats = field(default_factory=CopyStats)
     deleted: int = 0
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # one message per failed step
     target_requests: dict[str, int] = field(default_factory=dict)
+    # Listings that failed (a rule's catalog, a repository's tags): their tags are unknown.
+    failed_listings: int = 0
+    _failed_beyond_one: int = 0  # steps that failed several tags with one message
+    # site -> its pull budget at the end (limit, remaining, window, observed_at), if metered
+    ratelimits: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def fail_tags(self, message: str, tags: int) -> None:
+        """A step failed `tags` (>= 1) tags at once, e.g. a target that cannot be read."""
+        self.failures.append(message)
+        self._failed_beyond_one += tags - 1
+
+    def fail_listing(self, message: str) -> None:
+        self.failures.append(message)
+        self.failed_listings += 1
+
+    @property
+    def failed_tags(self) -> int:
+        """Tags (per target) not brought up to date, the unit of `copied` and `skipped`:
+        a failed copy or delete is one message for one tag; listings do not count."""
+        return len(self.failures) - self.failed_listings + self._failed_beyond_one
 
     def counts(self) -> dict[str, object]:
         kinds = [a.kind for a in self.actions]
@@ -48,13 +76,15 @@ class SyncReport:
             "planned_deletes": kinds.count("delete"),
             "copied": self.stats.copied,
             "skipped": kinds.count("up-to-date") + self.stats.skipped,
-            "failed": len(self.failures),
+            "failed": self.failed_tags,
+            "failed_listings": self.failed_listings,
             "deleted": self.deleted,
             "conflicts": kinds.count("conflict") + self.stats.conflicts,
             "blobs_uploaded": self.stats.blobs_uploaded,
             "blobs_mounted": self.stats.blobs_mounted,
             "blobs_existing": self.stats.blobs_existing,
             "bytes_uploaded": self.stats.bytes_uploaded,
+            **({"ratelimits": self.ratelimits} if self.ratelimits else {}),
         }
 
 
@@ -121,28 +151,61 @@ class Reconciler:
         finally:
             after = self._request_counts(rules)
             report.target_requests = {s: after[s] - targets_before.get(s, 0) for s in after}
+            report.ratelimits = self._ratelimits(rules)
             await self._finish_run(run_id, report, ok)
         return report
 
     # ----------------------------------------------------------------- observe
     async def _sync_rule(self, rule: Rule, report: SyncReport) -> None:
-        src = self.pool[rule.from_]
-        try:
-            repos = [r for r in await src.catalog() if rule.matches_repository(r)]
-        except RegistryError as exc:
-            report.failures.append(f"rule {rule.name}: listing {rule.from_}: {exc}")
-            return
-        await bounded_gather((self._sync_repo(rule, repo, report) for repo in repos), self.parallel)
+        repos = await self._source_repositories(rule, report)
+        await bounded_gather(
+            (self._sync_repo(rule, repo, named, report) for repo, named in repos.items()),
+            self.parallel,
+        )
 
-    async def _sync_repo(self, rule: Rule, repo: str, report: SyncReport) -> None:
+    async def _source_repositories(self, rule: Rule, report: SyncReport) -> dict[str, bool]:
+        """The rule's source repositories -> whether the rule names it literally.
+
+        Literal names need no catalog (public registries serve none to users);
+        globs do, and a source without one fails the rule's globs with a message
+        saying so, while its literal names still replicate."""
+        literal = [p for p in rule.repositories if is_literal(p) and rule.matches_repository(p)]
+        globs = [p for p in rule.repositories if not is_literal(p)]
+        repos = dict.fromkeys(literal, True)
+        if not globs:
+            return repos
+        try:
+            for repo in await self.pool[rule.from_].catalog():
+                if rule.matches_repository(repo):
+                    repos.setdefault(repo, False)
+        except CatalogUnavailable as exc:
+            report.fail_listing(
+                f"rule {rule.name}: site {rule.from_} serves no repository catalog ({exc}); "
+                f"the repository globs {', '.join(globs)} need one. Name the repositories "
+                "literally (e.g. library/nginx): those are listed by their tags alone"
+            )
+        except RegistryError as exc:
+            report.fail_listing(f"rule {rule.name}: listing {rule.from_}: {exc}")
+        return repos
+
+    async def _sync_repo(self, rule: Rule, repo: str, named: bool, report: SyncReport) -> None:
         src = self.pool[rule.from_]
         try:
-            tags = await src.list_tags(repo)
-            pushed_at = await self._pushed_at(rule.from_, repo)
-            wanted = selected_tags(rule, dict.fromkeys(tags, ""), pushed_at)
+            listed = await src.list_tags_if_exists(repo) if named else await src.list_tags(repo)
+        except RegistryError as exc:
+            report.fail_listing(f"rule {rule.name}: {rule.from_}/{repo}: {exc}")
+            return
+        if listed is None:  # a literal name the source does not have (yet)
+            log.warning("rule %s: site %s has no repository %s", rule.name, rule.from_, repo)
+            return
+        tags = listed
+        pushed_at = await self._pushed_at(rule.from_, repo)
+        wanted = selected_tags(rule, dict.fromkeys(tags, ""), pushed_at)
+        try:
             digests = await self._head_all(src, repo, wanted)
         except RegistryError as exc:
-            report.failures.append(f"rule {rule.name}: {rule.from_}/{repo}: {exc}")
+            message = f"rule {rule.name}: {rule.from_}/{repo}: {exc}"
+            report.fail_tags(message, len(wanted) * len(rule.to))  # per target, as copies
             return
         source_tags = {t: d for t, d in digests.items() if d is not None}
         selected = [t for t in wanted if t in source_tags]  # a tag may vanish meanwhile
@@ -189,12 +252,17 @@ class Reconciler:
                     if d is not None
                 }
         except RegistryError as exc:
-            report.failures.append(f"rule {rule.name}: {target}/{repo}: {exc}")
+            message = f"rule {rule.name}: {target}/{repo}: {exc}"
+            if selected:
+                report.fail_tags(message, len(selected))
+            else:  # only the target's tag list (for deletes) was wanted
+                report.fail_listing(message)
             return
         try:
             written = await self._written(rule, repo, source_tags, selected, target_tags)
         except (RegistryError, ManifestError) as exc:
-            report.failures.append(f"rule {rule.name}: {rule.from_}/{repo}: {exc}")
+            message = f"rule {rule.name}: {rule.from_}/{repo}: {exc}"
+            report.fail_tags(message, max(1, len(selected)))
             return
         plan_source = {t: source_tags.get(t) or all_source[t] for t in all_source}
         actions = plan_target(
@@ -297,6 +365,12 @@ class Reconciler:
     def _request_counts(self, rules: Sequence[Rule]) -> dict[str, int]:
         sites = {t for r in rules for t in r.to}
         return {s: self.pool[s].stats.get("requests", 0) for s in sites}
+
+    def _ratelimits(self, rules: Sequence[Rule]) -> dict[str, dict[str, Any]]:
+        """The pull budgets of the rules' sites that have one, for the journal (status)."""
+        sites = sorted({r.from_ for r in rules} | {t for r in rules for t in r.to})
+        budgets = {s: self.pool[s].pull_budget() for s in sites}
+        return {s: b for s, b in budgets.items() if b is not None}
 
     async def _pushed_at(self, site: str, repo: str) -> dict[str, float]:
         if self.journal is None:

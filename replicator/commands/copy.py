@@ -16,7 +16,11 @@ from replicator.text import human_bytes
 DESCRIPTION = """\
 Copy one artifact (image, multi-arch index, or OCI artifact, with its referrers)
 from SRC to DST. References look like 127.0.0.1:5001/team/app:v1 or
-127.0.0.1:5001/team/app@sha256:<hex>. When DST has no tag, the source tag is used.
+127.0.0.1:5001/team/app@sha256:<hex>, optionally with skopeo's docker:// prefix.
+Without a registry host they are on Docker Hub, as with docker and skopeo:
+nginx is docker.io/library/nginx:latest, user/app is docker.io/user/app
+(docker.io, index.docker.io and registry-1.docker.io are one registry). When
+DST has no tag, the source tag is used.
 
 Blobs already at the target are skipped, blobs present in another repository of
 the target registry are mounted, and everything else is streamed with its digest
@@ -38,8 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", metavar="SRC", help="source reference, host:port/repo:tag")
-    p.add_argument("target", metavar="DST", help="target reference, host:port/repo[:tag]")
+    p.add_argument("source", metavar="SRC", help="source reference, [docker://]host:port/repo:tag")
+    p.add_argument(
+        "target", metavar="DST", help="target reference, [docker://]host:port/repo[:tag]"
+    )
     p.add_argument(
         "--insecure",
         action="store_true",

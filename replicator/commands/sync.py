@@ -11,8 +11,9 @@ from replicator.config import add_config_argument, load_config
 from replicator.text import human_bytes
 
 DESCRIPTION = """\
-For each rule: list the source repositories (catalog, filtered by the rule's
-globs) and tags (include/exclude/semver/latest), compare with every target by
+For each rule: list the source repositories (literal names as they are, globs
+matched against the catalog; sources without one, like Docker Hub, need literal
+names) and tags (include/exclude/semver/latest), compare with every target by
 one HEAD per tag, then copy what is missing or different and, with
 `deletes: true`, delete what the source no longer has. With `overwrite: false`
 a target tag that differs is reported as a conflict and left alone.
@@ -20,8 +21,9 @@ a target tag that differs is reported as a conflict and left alone.
 --dry-run prints the plan and changes nothing. Interrupting a run is safe: the
 next run finishes the work without uploading again what already landed.
 
-Exit status: 0 everything in place, 1 something failed (each failure is
-listed), 2 bad configuration or usage.
+Counts are in tags per target; `failed_listings` counts listings that failed,
+whose tags are unknown. Exit status: 0 everything in place, 1 something failed
+(each failure is listed), 2 bad configuration or usage.
 """
 
 
@@ -85,14 +87,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _summary(c: dict) -> str:
+    """Counts in tags (per target); listings that failed, whose tags are unknown, apart."""
+    listings = f" ({c['failed_listings']} listings failed)" if c["failed_listings"] else ""
     if c["dry_run"]:
         return (
             f"dry run: would copy {c['planned_copies']}, delete {c['planned_deletes']}; "
             f"{c['skipped']} up to date, {c['conflicts']} conflicts, {c['failed']} failed"
+            + listings
         )
     return (
         f"copied {c['copied']}, deleted {c['deleted']}, {c['skipped']} up to date, "
-        f"{c['conflicts']} conflicts, {c['failed']} failed; blobs uploaded "
+        f"{c['conflicts']} conflicts, {c['failed']} failed{listings}; blobs uploaded "
         f"{c['blobs_uploaded']}, mounted {c['blobs_mounted']}, "
         f"{human_bytes(c['bytes_uploaded'])}"
     )

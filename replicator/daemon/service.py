@@ -827,6 +827,7 @@ class Daemon:
         self.metrics.tasks.set_function(tasks_by_state)
         self.metrics.replication_lag.set_function(lag)
         self.metrics.bus_connected.set_function(lambda: {(): float(self.bus.connected)})
+        self.metrics.watch_budgets(lambda: self.pool.budgets())
 
     async def _refresh_gauges(self) -> None:
         self._task_counts = await self.queue.counts_by_state()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from replicator.manifest import Descriptor, Manifest, digest_of
 from replicator.registry.blobs import Blobs, BlobStream
@@ -66,6 +67,11 @@ class RegistryClient:
         """Call `observer(site, method, status or None, seconds)` after every request
         (the daemon's per-site request metrics)."""
         self._transport.observer = observer
+
+    def pull_budget(self) -> dict[str, Any] | None:
+        """The registry's pull budget as last seen (limit, remaining, window, observed_at),
+        or None when it reports none (see limits.PullBudget)."""
+        return self._transport.budget.snapshot()
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> RegistryClient:
@@ -197,6 +203,10 @@ class RegistryClient:
     async def list_tags(self, repo: str, *, page_size: int = 1000) -> list[str]:
         """Every tag of `repo`, following Link pagination; [] for an unknown repository."""
         return await self._listing.tags(repo, page_size)
+
+    async def list_tags_if_exists(self, repo: str, *, page_size: int = 1000) -> list[str] | None:
+        """Every tag of `repo`, or None when the registry does not know the repository."""
+        return await self._listing.tags_if_exists(repo, page_size)
 
     async def catalog(self, *, page_size: int = 1000) -> list[str]:
         """Every repository name, following Link pagination."""

@@ -32,6 +32,7 @@ __all__ = [
     "explicit_credentials",
     "load_docker_credentials",
 ]
+from replicator.registry.dockerhub import api_url
 
 
 def explicit_credentials(auth: AuthConfig | None, where: str) -> Credentials | None:
@@ -71,7 +72,7 @@ class SiteEndpoint:
     bandwidth: BandwidthSchedule | None = None  # bytes/s cap, shared by the process
 
     def __post_init__(self) -> None:
-        self.url = self.url.rstrip("/")
+        self.url = api_url(self.url.rstrip("/"))  # docker.io answers at registry-1.docker.io
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(

@@ -7,7 +7,9 @@ reghttp under its scheme/reg verbs, outermost first:
   5xx, 429 honouring Retry-After, else the shared jittered backoff); other
   4xx are answered at once. A streamed body cannot be replayed, so such a
   request fails with a `retryable` error and the caller decides;
-- politeness: a token bucket bounds the request rate, request slots bound
+- politeness: a pull budget (limits.PullBudget: Docker Hub's ratelimit headers)
+  pauses manifest GETs while the registry's budget is spent, a token bucket
+  bounds the request rate, request slots bound
   the requests being sent or awaiting their answer, and separate download
   slots bound open blob downloads (see `downloads`);
 - auth: the scheme is learnt from a 401 challenge and the request sent once
@@ -53,7 +55,7 @@ from replicator.registry.errors import (
     RetryableError,
     Unauthorized,
 )
-from replicator.registry.limits import TokenBucket, parse_retry_after
+from replicator.registry.limits import PullBudget, TokenBucket, is_pull, parse_retry_after
 from replicator.registry.origin import host_of, origin_of, where
 from replicator.registry.site import SiteEndpoint
 
@@ -175,6 +177,7 @@ class Transport:
         # Open blob downloads; an operation holds one for as long as its stream is open.
         self.downloads = asyncio.Semaphore(site.concurrency)
         self._bucket = TokenBucket(site.requests_per_second) if site.requests_per_second else None
+        self.budget = PullBudget(site.name)
         self.auth = Authenticator(
             site.name, self._http, site.resolve_credentials(), self.stats, registry_url=site.url
         )
@@ -345,6 +348,40 @@ class Transport:
 
     # ------------------------------------------------------------------ the wire
     async def _exchange(
+        self, request: httpx.Request, req: Request
+    ) -> tuple[httpx.Response, bytes | None]:
+        """`_wire`, within the registry's pull budget when the request spends a pull."""
+        if not (is_pull(req.method, req.url) and self.is_own(req.url)):
+            return await self._wire(request, req)
+        await self.budget.acquire(lambda: self._probe_budget(req))
+        resp: httpx.Response | None = None
+        try:
+            resp, body = await self._wire(request, req)
+            return resp, body
+        finally:
+            self.budget.release(
+                resp.headers if resp is not None else None,
+                resp.status_code if resp is not None else None,
+                (req.url, req.repository),
+            )
+
+    async def _probe_budget(self, req: Request) -> Mapping[str, str] | None:
+        """The budget headers of a manifest HEAD, which Docker Hub answers without
+        spending a pull (of a manifest a pull found, else `req`'s); None when the HEAD
+        fails or its answer carries no budget."""
+        url, repository = self.budget.probe_target or (req.url, req.repository)
+        head = Request(
+            "HEAD", url, repository, headers=req.headers, pass_client_errors=True, attempts=1
+        )
+        try:
+            resp = await self.send(head)
+        except RegistryError:
+            return None
+        if resp.status_code >= 300 and "ratelimit-remaining" not in resp.headers:
+            return None
+        return resp.headers
+
+    async def _wire(
         self, request: httpx.Request, req: Request
     ) -> tuple[httpx.Response, bytes | None]:
         body = None

@@ -59,7 +59,7 @@ class Seen:
 class _Rule:
     method: str | None
     target: re.Pattern[str]
-    answer: Callable[[Seen], Reply] | None = None  # instead of forwarding
+    answer: Callable[[Seen], Reply | None] | None = None  # instead of forwarding (None: do)
     rewrite: Callable[[Seen, Reply], Reply] | None = None  # after forwarding
     remaining: int | None = None  # None: every matching request
 
@@ -112,6 +112,17 @@ class HostileFront:
     ) -> None:
         """Forward matching requests, then pass the upstream's reply through `edit`."""
         self._add(_Rule(method, re.compile(target), rewrite=edit, remaining=count))
+
+    def intercept(
+        self,
+        method: str | None,
+        target: str,
+        answer: Callable[[Seen], Reply | None],
+        edit: Callable[[Seen, Reply], Reply],
+    ) -> None:
+        """`answer` matching requests itself, or (when it returns None) forward them and
+        pass the upstream's reply through `edit`."""
+        self._add(_Rule(method, re.compile(target), answer=answer, rewrite=edit))
 
     def _add(self, rule: _Rule) -> None:
         with self._lock:
@@ -190,9 +201,8 @@ class HostileFront:
         with self._lock:
             self.seen.append(seen)
         rule = self._rule_for(h.command, h.path)
-        if rule and rule.answer:
-            reply = rule.answer(seen)
-        else:
+        reply = rule.answer(seen) if rule and rule.answer else None
+        if reply is None:
             reply = self._forward(h, body)
             if rule and rule.rewrite:
                 reply = rule.rewrite(seen, reply)
