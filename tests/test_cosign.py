@@ -29,6 +29,7 @@ from replicator.rules import (
 )
 from tests.harness.daemon import DaemonProcess, image_complete, notify_kwargs, site_config
 from tests.harness.images import OCI_MANIFEST, Pusher, assert_image_complete, layer_bytes
+from tests.harness.referrers_front import referrers_front
 from tests.harness.tag_delete_front import tag_delete_front
 from tests.harness.util import free_port, wait_until
 from tests.test_sync import sync_json, write_config
@@ -329,3 +330,35 @@ def test_daemon_copies_cosign_tags_follows_a_re_signing_and_deletes_them_with_th
     assert tags(a.url) == sorted(["0.5.0", old_sig, *signed])
     stones = daemon.journal_rows("SELECT tag FROM tombstones WHERE site = 'b' AND tag IS NOT NULL")
     assert set(signed) <= {row[0] for row in stones}
+
+
+# ---- with and without the referrers API: the OCI referrers path is unchanged -------------------
+
+
+@pytest.mark.parametrize("api", [False, True], ids=["distribution-2.8", "referrers-api"])
+def test_cosign_tags_and_oci_referrers_travel_side_by_side(
+    registry_factory, tmp_path: Path, api: bool
+):
+    src, dst = registry_factory("src"), registry_factory("dst")
+    with Pusher(src.url) as p:
+        img = p.push_image("team/app", "v1", [layer_bytes("img", 300)])
+        referrer = p.push_referrer("team/app", img, b"an spdx sbom", "application/spdx+json")
+        signed = sign_all(p, "team/app", img.digest)
+    fallback = "sha256-" + img.digest.split(":", 1)[1]
+    front = referrers_front(src) if api else None
+    try:
+        source = front if front is not None else src
+        config = write_config(
+            tmp_path, {"a": source, "b": dst}, [{"name": "r", "from": "a", "to": ["b"]}]
+        )
+        result = sync_json(config)
+        assert result["_rc"] == 0 and result["failed"] == 0, result
+        if front is not None:  # the source answered through its referrers API
+            assert any("/referrers/" in s.path and s.status == 200 for s in front.seen)
+    finally:
+        if front is not None:
+            front.stop()
+    assert tags(dst.url) == sorted(["v1", fallback, *signed])
+    assert assert_image_complete(dst.url, "team/app", referrer.digest) == referrer.digest
+    for tag in [fallback, *signed]:
+        assert manifest_bytes(dst.url, "team/app", tag) == manifest_bytes(src.url, "team/app", tag)
