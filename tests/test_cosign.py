@@ -32,7 +32,7 @@ from tests.harness.images import OCI_MANIFEST, Pusher, assert_image_complete, la
 from tests.harness.referrers_front import referrers_front
 from tests.harness.tag_delete_front import tag_delete_front
 from tests.harness.util import free_port, wait_until
-from tests.test_sync import sync_json, write_config
+from tests.test_sync import cli, sync_json, write_config
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 LAYER_TYPES = {"sig": SIMPLE_SIGNING, "att": "application/vnd.dsse.envelope.v1+json"}
@@ -193,6 +193,7 @@ def test_sync_copies_the_image_with_its_cosign_tags_whatever_the_filter_and_once
     second = sync_json(config)
     assert second["planned_copies"] == 0 and second["copied"] == 0
     assert sum(proxy.count(m) for m in ("PUT", "POST", "PATCH", "DELETE")) == 0
+    assert proxy.count() == proxy.count("HEAD") == 4  # the image and its three cosign tags
     # re-signed: the .sig tag moved at the source, and moves at the target
     with Pusher(src.url) as p:
         resigned = push_cosign(p, "team/app", img.digest, "sig", seed="2")
@@ -362,3 +363,19 @@ def test_cosign_tags_and_oci_referrers_travel_side_by_side(
     assert assert_image_complete(dst.url, "team/app", referrer.digest) == referrer.digest
     for tag in [fallback, *signed]:
         assert manifest_bytes(dst.url, "team/app", tag) == manifest_bytes(src.url, "team/app", tag)
+
+
+def test_cli_copy_brings_the_cosign_tags_and_no_referrers_leaves_them(registry_factory):
+    src, dst = registry_factory("src"), registry_factory("dst")
+    with Pusher(src.url) as p:
+        img = p.push_image("team/app", "v1", [layer_bytes("cli", 300)])
+        signed = sign_all(p, "team/app", img.digest)
+    ref = f"{src.host}/team/app:v1"
+    out = cli("copy", "--insecure", "--json", ref, f"{dst.host}/mirror/app")
+    assert out.returncode == 0, out.stderr
+    assert tags(dst.url, "mirror/app") == sorted(["v1", *signed])
+    for tag, digest in signed.items():
+        assert assert_image_complete(dst.url, "mirror/app", tag) == digest
+    out = cli("copy", "--insecure", "--no-referrers", ref, f"{dst.host}/plain/app")
+    assert out.returncode == 0, out.stderr
+    assert tags(dst.url, "plain/app") == ["v1"]
