@@ -16,6 +16,8 @@ import pytest
 
 from replicator.config import config_from_dict
 from replicator.copy import CopyEngine, CopyOptions
+from replicator.daemon.dispatch import needs_source_tags, tasks_for_event
+from replicator.events import RegistryEvent
 from replicator.planner import plan_target
 from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
@@ -127,6 +129,39 @@ def test_cosign_tags_are_recognised_and_never_count_as_ordinary_tags():
     assert covers(r, sig) and not covers(rule(referrers=False), sig)
     assert attached_cosign_tags(r, listing, {D1}) == [sig]
     assert attached_cosign_tags(rule(referrers=False), listing, {D1}) == []
+
+
+def test_a_pushed_cosign_tag_is_a_task_without_a_listing_whatever_the_filters():
+    """A re-signing arrives as a push of the cosign tag alone: the tag filters and `latest`
+    do not apply to it (so no listing is needed), `referrers: false` keeps it home."""
+    sig = cosign_tag(D1, "sig")
+    base = {"sites": {"a": {"url": "https://a"}, "b": {"url": "https://b"}}}
+    event = RegistryEvent(
+        id="e",
+        site="a",
+        action="push",
+        repository="team/app",
+        tag=sig,
+        digest=D2,
+        is_manifest=True,
+    )
+    for referrers, wanted in ((True, [sig]), (False, [])):
+        config = config_from_dict(
+            {
+                **base,
+                "rules": [
+                    {
+                        "name": "r",
+                        "from": "a",
+                        "to": ["b"],
+                        "referrers": referrers,
+                        "tags": {"semver": ">=1.0.0", "latest": 2},
+                    }
+                ],
+            }
+        )
+        assert not needs_source_tags(config, config.rules, event)
+        assert [t.tag for t in tasks_for_event(config, config.rules, event)] == wanted
 
 
 def test_planner_deletes_the_cosign_tags_of_a_pruned_image_after_it_and_keeps_a_tagged_ones():
