@@ -51,6 +51,7 @@ from replicator.manifest import (
 )
 from replicator.registry.client import BlobStream, RegistryClient
 from replicator.registry.errors import DigestMismatch, NotFound, RegistryError
+from replicator.rules import cosign_tags_of, is_cosign_tag
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ class CopyOptions:
     platforms: Sequence[Platform] | None = None  # None: every child of an index
     referrers: bool = True
     overwrite: bool = True  # False: a differing target tag is a conflict
+    # with `referrers`: the image's cosign tags (`sha256-<hex>.sig/.att/.sbom`) follow it;
+    # `sync` turns this off, it plans them as items of their own
+    cosign_tags: bool = True
     blob_attempts: int = 4  # whole-blob transfer attempts
     blob_parallelism: int = 4  # concurrent blobs per manifest
     # this copy's own hook, run before the engine's (the daemon's lease fence); what it
@@ -270,6 +274,8 @@ class CopyEngine:
             if not job.options.overwrite:
                 return "conflict", current.digest
         written = await self._copy_manifest(job, manifest, tag)
+        if job.options.referrers and job.options.cosign_tags and not is_cosign_tag(tag):
+            await self._copy_cosign_tags(job, manifest.digest)
         return "copied", written.digest
 
     @staticmethod
@@ -357,6 +363,21 @@ class CopyEngine:
                     indent=2,
                 ).encode()
                 await self._put_manifest(job, fallback, parse_manifest(raw, OCI_INDEX))
+
+    async def _copy_cosign_tags(self, job: CopyJob, image: str) -> None:
+        """Copy the image's cosign tags that the source has, after the image itself (so a
+        signature pushed meanwhile is either seen here or finds the image at the target).
+        Three HEADs at once: one round trip, where a tag listing may take many pages."""
+        tags = cosign_tags_of(image)
+        heads = await asyncio.gather(*(job.src.head_manifest(job.src_repo, t) for t in tags))
+        for tag, head in zip(tags, heads, strict=True):
+            if head is None:
+                continue
+            current = await job.dst.head_manifest(job.dst_repo, tag)
+            if current is not None and current.digest == head.digest:
+                continue
+            manifest = await job.src.get_manifest(job.src_repo, head.digest)
+            await self._copy_manifest(job, manifest, tag)
 
     # ------------------------------------------------------------------- blobs
     async def _ensure_blob(self, job: CopyJob, blob: Descriptor) -> None:

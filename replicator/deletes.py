@@ -13,7 +13,11 @@ delete means the same thing whichever path carries it:
    every sibling tag stay.
 3. Delete a manifest by digest only when no tag at the target still points to
    it (a tag the rule does not cover, or one the source still holds, keeps it).
-4. Record a tombstone for every delete made (`journal.tombstones`, origin
+4. An image deleted at the target takes its cosign tags (`sha256-<hex>.sig`, `.att`,
+   `.sbom`) along, by tag, once the image is gone there and at the source: they are
+   its attachments, and without their image nothing would ever copy them again (a
+   source on distribution 2.8 keeps them orphaned after deleting the image by digest).
+5. Record a tombstone for every delete made (`journal.tombstones`, origin
    `performed`), so failback knows what was deleted and the daemon does not
    bounce the target's webhook about our own delete.
 """
@@ -28,6 +32,7 @@ from typing import Literal
 
 from replicator.journal import Journal
 from replicator.registry.client import RegistryClient
+from replicator.rules import cosign_tags_of
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +179,42 @@ async def delete_digest(
     if not deleted:
         return DeleteResult("absent", target.site, target.repository, digest)
     await _tombstone(journal, target, None, digest)
+    for tag in (t for t in cosign_tags_of(digest) if t in tags):
+        await delete_attached(source, target, tag, digest, journal=journal)
     return DeleteResult(
         "deleted", target.site, target.repository, digest, digest, manifest_deleted=True
     )
+
+
+async def delete_attached(
+    source: DeleteSite,
+    target: DeleteSite,
+    tag: str,
+    image: str,
+    *,
+    journal: Journal | None = None,
+) -> DeleteResult:
+    """Delete cosign tag `tag` of `image` at the target, by tag, when the image is gone
+    there and at the source (whatever the source's orphaned tag says: the image is the
+    truth it is attached to). Kept while either side still holds the image."""
+    for side, where in ((target, "target"), (source, "source")):
+        if await side.client.head_manifest(side.repository, image) is not None:
+            return DeleteResult(
+                "kept",
+                target.site,
+                target.repository,
+                tag,
+                reason=f"its image {image} is still at the {where} {side.site}",
+            )
+    done = await target.client.delete_tag(
+        target.repository,
+        tag,
+        before_placeholder=_placeholder_hook(journal, source.site, target.site, tag),
+    )
+    if not done.deleted:
+        return DeleteResult("absent", target.site, target.repository, tag)
+    await _tombstone(journal, target, tag, done.previous)
+    log.info(
+        "delete %s/%s:%s: cosign tag of deleted %s", target.site, target.repository, tag, image
+    )
+    return DeleteResult("deleted", target.site, target.repository, tag, done.previous)

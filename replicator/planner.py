@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from replicator.config import Rule
-from replicator.rules import covered_tags, covers, map_repository
+from replicator.rules import cosign_tags_of, covered_tags, covers, is_cosign_tag, map_repository
 
 ActionKind = Literal["copy", "delete", "conflict", "up-to-date"]
 
@@ -32,6 +32,9 @@ class Action:
     reason: str = ""
     # a delete: the tag goes by tag; with this, its manifest too (no tag stays on it)
     prune_manifest: bool = False
+    # a cosign tag deleted because its image (this digest) is deleted at the target: it runs
+    # after the image's delete, and only once the image is gone there and at the source
+    attached_to: str | None = None
 
     def describe(self) -> str:
         src = f"{self.source_site}/{self.repository}:{self.tag}"
@@ -105,7 +108,7 @@ def plan_target(
         dst_digest = target_tags.get(tag)
         if dst_digest is not None and dst_digest in (src_digest, (written or {}).get(tag)):
             act("up-to-date", tag, src_digest, dst_digest)
-        elif dst_digest is None or rule.overwrite:
+        elif dst_digest is None or rule.overwrite or is_cosign_tag(tag):  # re-signed: follow
             act("copy", tag, src_digest, dst_digest)
         else:
             act("conflict", tag, src_digest, dst_digest)
@@ -117,9 +120,12 @@ def plan_target(
         staying_digests |= {source_tags[t] for t in selected} | set((written or {}).values())
         # the manifest goes with the last of its tags to go, when no tag stays on it
         last_on = {target_all_tags[t]: t for t in gone}
+        pruned: list[str] = []
         for tag in gone:
             digest = target_all_tags[tag]
             prune = digest not in staying_digests and last_on[digest] == tag
+            if prune:
+                pruned.append(digest)
             actions.append(
                 Action(
                     "delete",
@@ -135,4 +141,24 @@ def plan_target(
                     prune_manifest=prune,
                 )
             )
+        # an image deleted at the target takes its cosign tags along (even ones the source
+        # still holds: without their image nothing copies them again)
+        for digest in pruned:
+            for tag in cosign_tags_of(digest):
+                if tag in target_all_tags and tag not in gone:
+                    actions.append(
+                        Action(
+                            "delete",
+                            rule.name,
+                            rule.from_,
+                            target_site,
+                            repository,
+                            target_repository,
+                            tag,
+                            None,
+                            target_all_tags[tag],
+                            f"cosign tag of {_short(digest)}, deleted with its image",
+                            attached_to=digest,
+                        )
+                    )
     return actions

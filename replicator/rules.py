@@ -21,14 +21,19 @@ from replicator.refs import REPOSITORY_RE
 from replicator.semver import parse_range, parse_version
 
 __all__ = [
+    "COSIGN_TAG_RE",
     "REFERRERS_TAG_RE",
     "RenameError",
     "RuleTarget",
+    "attached_cosign_tags",
+    "cosign_subject",
+    "cosign_tags_of",
     "covered_tags",
     "covers",
     "effective_rules",
     "glob_match",
     "inverse_rename",
+    "is_cosign_tag",
     "is_referrers_tag",
     "map_repository",
     "needs_tag_list",
@@ -111,6 +116,41 @@ def is_referrers_tag(tag: str | None) -> bool:
     return bool(tag and REFERRERS_TAG_RE.fullmatch(tag))
 
 
+# cosign's legacy scheme: signature, attestation and SBOM of image sha256:<hex> under these tags
+COSIGN_TAG_RE = re.compile(r"sha256-([a-f0-9]{64})\.(?:sig|att|sbom)")
+COSIGN_SUFFIXES = ("sig", "att", "sbom")
+
+
+def is_cosign_tag(tag: str | None) -> bool:
+    return bool(tag and COSIGN_TAG_RE.fullmatch(tag))
+
+
+def cosign_subject(tag: str) -> str | None:
+    """The digest of the image a cosign tag belongs to (None: not a cosign tag)."""
+    match = COSIGN_TAG_RE.fullmatch(tag)
+    return f"sha256:{match.group(1)}" if match else None
+
+
+def cosign_tags_of(digest: str) -> list[str]:
+    """The cosign tags an image with `digest` may have (only sha256 images get them)."""
+    algorithm, _, hex_ = digest.partition(":")
+    if algorithm != "sha256":
+        return []
+    return [f"sha256-{hex_}.{suffix}" for suffix in COSIGN_SUFFIXES]
+
+
+def attached_cosign_tags(
+    rule: Rule, source_tags: Iterable[str], subjects: Iterable[str]
+) -> list[str]:
+    """The cosign tags in `source_tags` that travel with images the rule copies (`subjects`,
+    their digests), in input order. They are attachments, not tags of their own: tag filters
+    and `latest` never apply to them, and `referrers: false` keeps them home too."""
+    if not rule.referrers:
+        return []
+    wanted = set(subjects)
+    return [t for t in dict.fromkeys(source_tags) if cosign_subject(t) in wanted]
+
+
 def covered_tags(
     rule: Rule, source_tags: Iterable[str], pushed_at: Mapping[str, float] | None = None
 ) -> list[str]:
@@ -120,13 +160,15 @@ def covered_tags(
     catch-up and failback, so that none of them copies what another would not:
     a referrers fallback tag (`sha256-<hex>`) is covered when the rule copies
     referrers (it travels with its subject; tag filters do not apply to it and
-    it never counts towards `latest`); every other tag passes the include/exclude
+    it never counts towards `latest`); a cosign tag (`sha256-<hex>.sig/.att/.sbom`)
+    is never among them: it travels with its image once that image's digest is known
+    (`attached_cosign_tags`); every other tag passes the include/exclude
     globs and the semver range, and under `latest: N` is among the N newest of
     those (by version, else by `pushed_at`, the source's push times).
     """
     unique = list(dict.fromkeys(source_tags))
     referrers = [t for t in unique if is_referrers_tag(t)]
-    plain = [t for t in unique if not is_referrers_tag(t)]
+    plain = [t for t in unique if not is_referrers_tag(t) and not is_cosign_tag(t)]
     chosen = set(select_tags(plain, rule.tags, dict(pushed_at) if pushed_at else None))
     if rule.referrers:
         chosen.update(referrers)
@@ -145,10 +187,12 @@ def covers(
     `latest: N` (see `needs_tag_list`), and `tag` counts as one of them (a push
     event arrives before distribution writes the tag). Pass None for a tag the
     source no longer holds (a delete): it is judged by the filters alone, since
-    its deletion is the rule's business whatever `latest` ranked it.
+    its deletion is the rule's business whatever `latest` ranked it. A cosign tag
+    is covered under `referrers: true` (the daemon copies one only where the target
+    holds its image).
     """
-    if is_referrers_tag(tag):
-        return rule.referrers
+    if is_referrers_tag(tag) or is_cosign_tag(tag):
+        return rule.referrers  # attachments: the tag filters do not apply
     if not tag_passes(rule.tags, tag):
         return False
     if not needs_tag_list(rule) or source_tags is None:

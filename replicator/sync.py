@@ -27,14 +27,20 @@ from replicator.aio import bounded_gather
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule
 from replicator.copy import CopyEngine, CopyOptions, CopyStats, as_written
-from replicator.deletes import DeleteSite, delete_tag
+from replicator.deletes import DeleteSite, delete_attached, delete_tag
 from replicator.globs import is_literal
 from replicator.journal import Journal
 from replicator.manifest import Descriptor, ManifestError
 from replicator.planner import Action, plan_target, selected_tags
 from replicator.registry.errors import RegistryError
 from replicator.registry.listing import CatalogUnavailable
-from replicator.rules import effective_rules, glob_match, map_repository
+from replicator.rules import (
+    attached_cosign_tags,
+    effective_rules,
+    glob_match,
+    is_cosign_tag,
+    map_repository,
+)
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +209,15 @@ class Reconciler:
         wanted = selected_tags(rule, dict.fromkeys(tags, ""), pushed_at)
         try:
             digests = await self._head_all(src, repo, wanted)
+            images = {d for d in digests.values() if d is not None}
+            cosign = attached_cosign_tags(rule, tags, images)  # travel with their images
+            digests |= await self._head_all(src, repo, cosign)
         except RegistryError as exc:
             message = f"rule {rule.name}: {rule.from_}/{repo}: {exc}"
             report.fail_tags(message, len(wanted) * len(rule.to))  # per target, as copies
             return
         source_tags = {t: d for t, d in digests.items() if d is not None}
-        selected = [t for t in wanted if t in source_tags]  # a tag may vanish meanwhile
+        selected = [t for t in [*wanted, *cosign] if t in source_tags]  # a tag may vanish
         all_source = dict.fromkeys(tags, "") | source_tags  # for delete decisions
         await self._record_inventory(rule.from_, repo, source_tags)
         await asyncio.gather(
@@ -273,8 +282,14 @@ class Reconciler:
             if self.on_action and action.kind != "up-to-date":
                 self.on_action(action, "planned")
         if not report.dry_run:
+            work = [a for a in actions if a.kind in ("copy", "delete")]
             await bounded_gather(
-                (self._execute(rule, a, report) for a in actions if a.kind in ("copy", "delete")),
+                (self._execute(rule, a, report) for a in work if a.attached_to is None),
+                self.parallel,
+            )
+            # cosign tags of deleted images: once their image's delete has run
+            await bounded_gather(
+                (self._execute(rule, a, report) for a in work if a.attached_to is not None),
                 self.parallel,
             )
 
@@ -313,14 +328,21 @@ class Reconciler:
     async def _execute(self, rule: Rule, action: Action, report: SyncReport) -> None:
         src, dst = self.pool[action.source_site], self.pool[action.target_site]
         if action.kind == "delete":
+            source = DeleteSite(src, action.source_site, action.repository)
+            target = DeleteSite(dst, action.target_site, action.target_repository)
             try:
-                deletion = await delete_tag(
-                    DeleteSite(src, action.source_site, action.repository),
-                    DeleteSite(dst, action.target_site, action.target_repository),
-                    action.tag,
-                    journal=self.journal,
-                    prune_digest=action.target_digest if action.prune_manifest else None,
-                )
+                if action.attached_to is not None:
+                    deletion = await delete_attached(
+                        source, target, action.tag, action.attached_to, journal=self.journal
+                    )
+                else:
+                    deletion = await delete_tag(
+                        source,
+                        target,
+                        action.tag,
+                        journal=self.journal,
+                        prune_digest=action.target_digest if action.prune_manifest else None,
+                    )
                 status: str = deletion.outcome
                 if deletion.outcome == "deleted":
                     report.deleted += 1
@@ -336,8 +358,12 @@ class Reconciler:
             return
         assert action.source_digest is not None  # the planner copies what the source has
         current = Descriptor("", action.target_digest, 0) if action.target_digest else None
+        cosign = is_cosign_tag(action.tag)  # an attachment follows its source when re-signed
         options = CopyOptions(
-            platforms=rule.platform_list or None, referrers=rule.referrers, overwrite=rule.overwrite
+            platforms=rule.platform_list or None,
+            referrers=rule.referrers,
+            overwrite=rule.overwrite or cosign,
+            cosign_tags=False,  # planned here as actions of their own
         )
         result = await self.engine.copy(
             src,
@@ -394,7 +420,9 @@ class Reconciler:
         """
         if self.journal is None or not rule.immutable_tags:
             return {}
-        immutable = [t for t in selected if glob_match(rule.immutable_tags, t)]
+        immutable = [
+            t for t in selected if not is_cosign_tag(t) and glob_match(rule.immutable_tags, t)
+        ]
         if not immutable:
             return {}
         known = await self.journal.inventory.digests(target, target_repo)

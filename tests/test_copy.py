@@ -244,8 +244,8 @@ async def test_referrers_fallback_index_is_read_from_the_source_once(
     fallback = "sha256-" + img.digest.split(":")[1]
     assert assert_image_complete(dst.url, "team/signed", fallback)
     # one GET of each subject's fallback tag, whether it exists or not
-    assert proxy.count(None, f"/manifests/{fallback}") == 1
-    assert proxy.count(None, "/manifests/sha256-" + plain.digest.split(":")[1]) == 1
+    assert proxy.count(None, f"/manifests/{fallback}$") == 1
+    assert proxy.count(None, "/manifests/sha256-" + plain.digest.split(":")[1] + "$") == 1
 
 
 async def test_connections_are_kept_alive_and_bounded(registry_factory, proxy_factory):

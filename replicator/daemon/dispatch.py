@@ -7,7 +7,9 @@ caller fetches (one listing per event, only when such a rule matches:
 `needs_source_tags`). Pulls, blob uploads and mounts are facts for the inventory and the mount
 index, not work. A manifest pushed by digest alone (an index child, a referrer)
 travels with the tagged manifest that references it, or with its subject's
-referrers fallback tag; the periodic reconcile catches anything else.
+referrers fallback tag; the periodic reconcile catches anything else. A cosign tag
+(`sha256-<hex>.sig/.att/.sbom`) pushed on its own (a re-signed image) is a task
+like any tag; the worker copies it only where the target holds its image.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from typing import NamedTuple
 from replicator.config import Config, Rule
 from replicator.events import RegistryEvent
 from replicator.journal.tasks import TaskAction, TaskSpec
-from replicator.rules import REFERRERS_TAG_RE, covers, is_referrers_tag, needs_tag_list, rules_for
+from replicator.rules import (
+    REFERRERS_TAG_RE,
+    covers,
+    is_cosign_tag,
+    is_referrers_tag,
+    needs_tag_list,
+    rules_for,
+)
 
 __all__ = [
     "REFERRERS_TAG_RE",
@@ -41,6 +50,8 @@ def needs_source_tags(config: Config, rules: Sequence[Rule], event: RegistryEven
     that a `latest: N` rule matches. Deletes never do (a deleted tag has no rank)."""
     if event.action != "push" or not event.is_manifest or not event.tag:
         return False
+    if is_referrers_tag(event.tag) or is_cosign_tag(event.tag):
+        return False  # attachments: never ranked, the tag filters do not apply
     return any(
         needs_tag_list(t.rule) for t in rules_for(config, event.site, event.repository, rules)
     )

@@ -56,7 +56,7 @@ from replicator.manifest import is_digest
 from replicator.metrics import METRICS, Metrics
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
-from replicator.rules import covers
+from replicator.rules import cosign_subject, covers
 from replicator.sync import Reconciler, rules_in_force
 
 log = logging.getLogger("replicator.daemon")
@@ -576,10 +576,17 @@ class Daemon:
             await self._failed(task, f"{type(exc).__name__}: {exc}", retryable=True)
 
     async def _copy(self, task: Task, rule: Rule, src: RegistryClient, dst: RegistryClient) -> None:
+        image = cosign_subject(task.tag) if task.tag else None
+        if image and await dst.head_manifest(task.target_repository, image) is None:
+            # a cosign tag travels with its image: the image's copy brings it along
+            log.info("task %d: %s waits for its image %s at the target", task.id, task.tag, image)
+            if not await self.queue.complete(task.id):
+                log.warning("task %d finished after it lost its lease", task.id)
+            return
         options = CopyOptions(
             platforms=rule.platform_list or None,
             referrers=rule.referrers,
-            overwrite=rule.overwrite,
+            overwrite=rule.overwrite or image is not None,  # re-signed: the tag follows
             before_put=functools.partial(self._fence, task),
         )
         try:
