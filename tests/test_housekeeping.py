@@ -5,7 +5,9 @@ present, or cannot be asked, is kept; dead deletes are never dropped this way.""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import logging
+import threading
 import time
 
 import pytest
@@ -217,3 +219,63 @@ async def test_pulls_are_not_handed_to_the_bus(tmp_path):
         await daemon.bus.stop()
         await daemon.pool.aclose()
         daemon.journal.close()
+
+
+class _NotARegistry(http.server.BaseHTTPRequestHandler):
+    """A web server at a mistyped source URL: 404 for everything."""
+
+    def do_HEAD(self) -> None:
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def _housekeep_once(config) -> housekeeping.HousekeepingReport:
+    journal = Journal(config.journal)
+    pool = ClientPool(config, retries=0)
+    try:
+        return await housekeeping.housekeep(config, journal, pool, actor="daemon hk-test")
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_a_404_from_a_source_that_is_no_registry_drops_nothing(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotARegistry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        config = load_config(write_config(tmp_path, url))
+        journal = Journal(config.journal)
+        ids = await dead(WorkQueue(journal, "w", max_attempts=1), copy(tag="v1"), copy(tag="v2"))
+        journal.close()
+        report = await _housekeep_once(config)
+    finally:
+        server.shutdown()
+    assert report.dropped == [] and report.kept == 2
+    journal = Journal(config.journal)
+    assert [(await journal.task_admin.get(i)).state for i in ids] == ["dead", "dead"]  # type: ignore[union-attr]
+    journal.close()
+
+
+async def test_a_404_from_a_registry_without_the_repository_drops_nothing(tmp_path, two_registries):
+    """After a failover the source's name may lead to another registry that never had
+    the repository: its 404s say nothing about the image."""
+    original, other = two_registries
+    with Pusher(original.url) as p:
+        p.push_image("team/app", "v1", [layer_bytes("hk2", 300)])
+    config = load_config(write_config(tmp_path, other.url))
+    journal = Journal(config.journal)
+    [task_id] = await dead(WorkQueue(journal, "w", max_attempts=1), copy(tag="v1"))
+    journal.close()
+    report = await _housekeep_once(config)
+    assert report.dropped == [] and report.kept == 1
+    journal = Journal(config.journal)
+    assert (await journal.task_admin.get(task_id)).state == "dead"  # type: ignore[union-attr]
+    journal.close()
