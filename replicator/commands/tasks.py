@@ -140,11 +140,16 @@ async def _list(journal: Journal, args: argparse.Namespace) -> int:
 
 
 async def _act(journal: Journal, args: argparse.Namespace) -> int:
+    from replicator.journal.task_admin import DROPPABLE_FROM
+
     admin = journal.task_admin
     ids: Sequence[int] = args.ids or await admin.dead_ids(rule=args.rule, target=args.site)
     reason = args.reason or f"tasks {args.verb} from the command line"
-    act = admin.retry if args.verb == "retry" else admin.drop
-    results = await act(ids, actor=actor(), reason=reason)
+    if args.verb == "retry":
+        results = await admin.retry(ids, actor=actor(), reason=reason)
+    else:  # --dead drops only what is still dead: a task retried since the listing stays
+        only_from = ("dead",) if args.dead else DROPPABLE_FROM
+        results = await admin.drop(ids, actor=actor(), reason=reason, only_from=only_from)
     bad = [r for r in results if r.outcome in ("not found", "refused")]
     if args.json:
         print(json.dumps({"results": [r.__dict__ for r in results]}, sort_keys=True))
