@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from pydantic import AfterValidator, Field, PlainSerializer, PlainValidator, WithJsonSchema
 
 from replicator.durations import DURATION_PATTERN, format_duration, parse_duration
@@ -68,6 +68,10 @@ def _cron(value: str) -> str:
             f"invalid cron expression {value!r}: use five fields "
             "'minute hour day-of-month month day-of-week', e.g. '*/10 * * * *'"
         )
+    try:
+        croniter(value, 0.0).get_next(float)
+    except CroniterBadDateError:
+        raise ValueError(f"cron expression {value!r} never runs (no such date)") from None
     return value
 
 
