@@ -279,3 +279,56 @@ async def test_a_404_from_a_registry_without_the_repository_drops_nothing(tmp_pa
     journal = Journal(config.journal)
     assert (await journal.task_admin.get(task_id)).state == "dead"  # type: ignore[union-attr]
     journal.close()
+
+
+def test_the_replicators_own_reads_are_not_pull_times(registry_factory, tmp_path, daemons):
+    """Copy, verify and the lease fence read source manifests; distribution reports each
+    read as a pull. Kept as pull rows they would be `pulled_within`'s "last pulled", and a
+    scheduled verify would keep every verified image from pull-based GC forever. Ours
+    are counted, never pull times; a client's pull is both."""
+    import httpx
+
+    from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config
+    from tests.harness.util import wait_until
+
+    port = free_port()
+    a = registry_factory("a", **notify_kwargs(port, "a"))
+    b = registry_factory("b")
+    policy = {"name": "p", "sites": "a", "keep": {"pulled_within": "30d"}}
+    daemon = DaemonProcess(
+        tmp_path / "d",
+        port=port,
+        config={
+            "sites": {"a": site_config(a), "b": site_config(b)},
+            "rules": [{"name": "r", "from": "a", "to": ["b"], "repositories": ["team/**"]}],
+            "gc": {"policies": [policy]},
+        },
+    )
+    daemons.append(daemon)
+    daemon.start()
+    with Pusher(a.url) as p:
+        img = p.push_image("team/app", "v1", [layer_bytes("own-reads", 800)])
+        p.push_image("other/app", "v1", [layer_bytes("client-reads", 800)])
+    accept = {"Accept": img.media_type}
+    wait_until(
+        lambda: httpx.head(f"{b.url}/v2/team/app/manifests/v1", headers=accept).status_code == 200,
+        timeout=30,
+        what="the copy at b",
+    )
+    # a client's pull after the copy: a delivers its events in order, so once the
+    # client's is counted the copy's reads were handled before it
+    httpx.get(f"{a.url}/v2/other/app/manifests/v1", headers=accept).raise_for_status()
+
+    def pulls(repo: str) -> tuple[int, int]:
+        counted = daemon.journal_rows(
+            "SELECT manifests FROM pull_counts WHERE site = 'a' AND repository = ?", (repo,)
+        )
+        [(rows,)] = daemon.journal_rows(
+            "SELECT COUNT(*) FROM events WHERE action = 'pull' AND repository = ?", (repo,)
+        )
+        return (counted[0][0] if counted else 0), rows
+
+    wait_until(lambda: pulls("other/app")[0] >= 1, timeout=30, what="the client's pull counted")
+    assert pulls("other/app") == (1, 1)
+    counted, rows = pulls("team/app")
+    assert counted >= 1 and rows == 0
