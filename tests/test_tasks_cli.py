@@ -219,3 +219,12 @@ async def test_drop_dead_leaves_a_task_retried_after_it_was_listed(tmp_path, mon
         assert view is not None and view.task.state == "pending"  # retried, not dropped
     finally:
         journal.close()
+
+
+@pytest.mark.parametrize("task_id", ["99999999999999999999999", "0", "-3"])
+def test_a_task_id_out_of_range_is_a_usage_error(tmp_path, task_id):
+    """A mistyped id was an 'internal error: OverflowError' (exit 1, which means a task
+    was refused or not found)."""
+    out = cli(write_config(tmp_path), "drop", "--", task_id)
+    assert out.returncode == 2 and "task id" in out.stderr, out.stderr
+    assert "internal error" not in out.stderr

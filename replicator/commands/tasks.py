@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="list",
         help="list (the default), retry or drop",
     )
-    p.add_argument("ids", nargs="*", type=int, metavar="ID", help="task ids to retry or drop")
+    p.add_argument("ids", nargs="*", type=_task_id, metavar="ID", help="task ids to retry or drop")
     p.add_argument(
         "--dead", action="store_true", help="retry or drop every dead task (with the filters)"
     )
@@ -84,6 +84,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=run)
+
+
+def _task_id(text: str) -> int:
+    """A task id as `tasks` lists it: a positive whole number SQLite can hold."""
+    if not text.isdecimal() or not 0 < int(text) < 2**63:
+        raise argparse.ArgumentTypeError(f"not a task id: {text!r} (ids are shown by `tasks`)")
+    return int(text)
 
 
 def actor() -> str:
