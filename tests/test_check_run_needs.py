@@ -163,3 +163,15 @@ def test_a_broker_whose_certificate_is_not_trusted_fails_naming_mqtt_tls(
     line = lines_of(capsys.readouterr().out)["mqtt"]
     assert line[1] == "FAILED" and line[2].startswith("mqtt.tls: "), line
     assert "certificate verify failed" in line[2]
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(
+    tmp_path, registry, capsys, timeout
+):
+    """`--timeout 0` failed every site ("no answer within 0s") and `nan` printed
+    ValueError on each site's line, as if the sites were at fault."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", "-c", str(write(tmp_path, registry.url)), "--timeout", timeout])
+    assert exit_.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
