@@ -332,3 +332,33 @@ def test_the_replicators_own_reads_are_not_pull_times(registry_factory, tmp_path
     assert pulls("other/app") == (1, 1)
     counted, rows = pulls("team/app")
     assert counted >= 1 and rows == 0
+
+
+async def test_dead_letters_beyond_one_pass_are_reached_in_later_passes(
+    setup, registry, monkeypatch
+):
+    """Each pass checks a few dead letters; those it keeps (source present) must not be
+    the only ones checked forever, or a gone one behind them is never dropped."""
+    from replicator.daemon.service import Daemon
+
+    config, journal = setup
+    queue = WorkQueue(journal, "w", max_attempts=1)
+    with Pusher(registry.url) as p:
+        p.push_image("team/app", "v2", [layer_bytes("hk-v2", 400)])
+    *present, gone = await dead(queue, copy(tag="v1"), copy(tag="v2"), copy(tag="gone"))
+    monkeypatch.setattr(housekeeping, "INTERVAL", 0.05)
+    monkeypatch.setattr(housekeeping, "DEAD_LETTERS_PER_PASS", 2)
+    daemon = Daemon(config.source_path, instance_id="hk-rotation")
+    loop = asyncio.create_task(daemon._housekeeping_loop())
+    try:
+        deadline = time.monotonic() + 10
+        while (await queue.get(gone)).state != "dropped":  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the third dead letter was never checked"
+            assert not loop.done(), loop
+            await asyncio.sleep(0.05)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await daemon.pool.aclose()
+        daemon.journal.close()
+    assert [(await queue.get(i)).state for i in present] == ["dead", "dead"]  # type: ignore[union-attr]

@@ -43,6 +43,7 @@ class HousekeepingReport:
     events_pruned: int = 0
     dropped: list[int] = field(default_factory=list)  # dead letters whose source is gone
     kept: int = 0  # dead letters checked and kept (present or unknown)
+    next_id: int = 0  # where the next pass starts checking (task id), so all get a turn
 
 
 def uses_pull_times(config: Config) -> bool:
@@ -64,9 +65,11 @@ async def source_verdict(probe: Callable[[], Awaitable[object | None]]) -> Verdi
 
 
 async def housekeep(
-    config: Config, journal: Journal, pool: ClientPool, *, actor: str
+    config: Config, journal: Journal, pool: ClientPool, *, actor: str, start_id: int = 0
 ) -> HousekeepingReport:
-    """One pass: prune events, then drop the dead letters whose source is gone."""
+    """One pass: prune events, then drop the dead letters whose source is gone, checking
+    from task id `start_id` on (wrapping around): kept ones do not change, so a pass that
+    always began at the oldest would check the same few forever."""
     report = HousekeepingReport()
     report.events_pruned = await journal.events.prune(config.events_retention)
     if report.events_pruned:
@@ -78,10 +81,12 @@ async def housekeep(
     dead = await journal.task_admin.list_tasks(["dead"], action="copy", limit=-1)
     known: dict[tuple[str, str | None], bool] = {}  # (site, repo): a registry that has it
     checked = 0
-    for view in sorted(dead, key=lambda v: (v.task.updated_at, v.task.id)):
+    ordered = sorted(dead, key=lambda v: (v.task.id < start_id, v.task.id))
+    for view in ordered:
         if checked >= DEAD_LETTERS_PER_PASS:
             break
         task = view.task
+        report.next_id = task.id + 1
         if task.source_site not in config.sites or not task.reference:
             continue
         checked += 1
