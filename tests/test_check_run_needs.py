@@ -175,3 +175,24 @@ def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(
         main(["check", "-c", str(write(tmp_path, registry.url)), "--timeout", timeout])
     assert exit_.value.code == 2
     assert "--timeout" in capsys.readouterr().err
+
+
+def test_checking_a_stopped_daemons_journal_leaves_no_file_behind(tmp_path, registry, capsys):
+    """A WAL journal opened read-only made SQLite create journal.db-wal and -shm and
+    leave them, owned by whoever ran `check`: `check` writes nothing."""
+    cfg = write(tmp_path, registry.url)
+    Journal(tmp_path / "state" / "journal.db").close()
+    before = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert main(["check", "-c", str(cfg)]) == 0
+    assert f"(schema {SCHEMA_VERSION})" in lines_of(capsys.readouterr().out)["journal"][2]
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == before == ["journal.db"]
+
+
+def test_checking_a_running_daemons_journal_reads_its_latest_schema(tmp_path, registry, capsys):
+    cfg = write(tmp_path, registry.url)
+    live = Journal(tmp_path / "state" / "journal.db")  # held open, as a running daemon does
+    try:
+        assert main(["check", "-c", str(cfg)]) == 0
+        assert f"(schema {SCHEMA_VERSION})" in lines_of(capsys.readouterr().out)["journal"][2]
+    finally:
+        live.close()
