@@ -19,7 +19,8 @@ the intake turns that into an HTTP answer and never a 5xx.
 
 Deliberately dropped: `target.url`, `request` (client address, host, user agent),
 `resource_url` and any header; they can carry hostnames or credentials and the
-daemon does not need them.
+daemon does not need them. Only one fact is read from the user agent: whether a
+pull was ours (`own_read`).
 
 Event types that exist but mean nothing for replication (Harbor scans and quotas,
 zot repository creation and lint results) parse to an empty list, so the sender
@@ -52,6 +53,7 @@ from replicator.refs import REPOSITORY_RE, TAG_RE
 from replicator.text import shorten
 
 Action = Literal["push", "delete", "pull", "mount"]
+OWN_USER_AGENT_PREFIX = "registry-replicator/"  # what replicator.registry.transport sends
 SourceFormat = Literal["distribution", "harbor", "cloudevents"]
 
 ACTIONS: frozenset[str] = frozenset({"push", "delete", "pull", "mount"})
@@ -165,6 +167,9 @@ class RegistryEvent:
     is_manifest: bool = False
     actor: str | None = None
     source_instance: str | None = None
+    # A pull made by registry-replicator itself (copy, verify, housekeeping): counted,
+    # but never a pull time, or our own reads would keep images from pulled_within GC
+    own_read: bool = False
 
     @property
     def reference(self) -> str | None:
@@ -298,6 +303,8 @@ def _distribution_event(item: Any, site: str, where: str) -> RegistryEvent:
         raise WebhookError(400, f"{where}.target: {action} event needs a digest or a tag")
     actor = item.get("actor")
     source = item.get("source")
+    request = item.get("request")
+    agent = request.get("useragent") if isinstance(request, dict) else None
     return RegistryEvent(
         id=event_id,
         site=site,
@@ -318,6 +325,9 @@ def _distribution_event(item: Any, site: str, where: str) -> RegistryEvent:
             source.get("instanceID") if isinstance(source, dict) else None,
             f"{where}.source.instanceID",
         ),
+        own_read=action == "pull"
+        and isinstance(agent, str)
+        and agent.startswith(OWN_USER_AGENT_PREFIX),
     )
 
 

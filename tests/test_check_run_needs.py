@@ -163,3 +163,36 @@ def test_a_broker_whose_certificate_is_not_trusted_fails_naming_mqtt_tls(
     line = lines_of(capsys.readouterr().out)["mqtt"]
     assert line[1] == "FAILED" and line[2].startswith("mqtt.tls: "), line
     assert "certificate verify failed" in line[2]
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(
+    tmp_path, registry, capsys, timeout
+):
+    """`--timeout 0` failed every site ("no answer within 0s") and `nan` printed
+    ValueError on each site's line, as if the sites were at fault."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", "-c", str(write(tmp_path, registry.url)), "--timeout", timeout])
+    assert exit_.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_checking_a_stopped_daemons_journal_leaves_no_file_behind(tmp_path, registry, capsys):
+    """A WAL journal opened read-only made SQLite create journal.db-wal and -shm and
+    leave them, owned by whoever ran `check`: `check` writes nothing."""
+    cfg = write(tmp_path, registry.url)
+    Journal(tmp_path / "state" / "journal.db").close()
+    before = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert main(["check", "-c", str(cfg)]) == 0
+    assert f"(schema {SCHEMA_VERSION})" in lines_of(capsys.readouterr().out)["journal"][2]
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == before == ["journal.db"]
+
+
+def test_checking_a_running_daemons_journal_reads_its_latest_schema(tmp_path, registry, capsys):
+    cfg = write(tmp_path, registry.url)
+    live = Journal(tmp_path / "state" / "journal.db")  # held open, as a running daemon does
+    try:
+        assert main(["check", "-c", str(cfg)]) == 0
+        assert f"(schema {SCHEMA_VERSION})" in lines_of(capsys.readouterr().out)["journal"][2]
+    finally:
+        live.close()

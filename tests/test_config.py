@@ -792,3 +792,26 @@ def test_check_uses_credentials(tmp_path, registry_factory, capsys, monkeypatch)
     assert lines["good"].split()[1] == "ok"
     assert lines["bad"].split()[1] == "FAILED" and lines["anon"].split()[1] == "FAILED"
     assert "wrong-pass" not in out and "right-pass" not in out
+
+
+@pytest.mark.parametrize(
+    ("section", "path"),
+    [
+        ({"sites": {"a": {"url": "u:hunter2@a.example"}}}, "sites.a.url"),
+        ({"sites": {"a": {"url": "https://a.example/v2?token=hunter2"}}}, "sites.a.url"),
+        ({"mqtt": {"url": "u:hunter2@broker", "topic": "t"}}, "mqtt.url"),
+        ({"telemetry": {"otlp_endpoint": "grpc://u:hunter2@collector:4317"}}, "otlp_endpoint"),
+        ({"telemetry": {"otlp_endpoint": "u:hunter2@collector"}}, "otlp_endpoint"),
+    ],
+)
+def test_a_refused_url_never_echoes_a_password_it_may_carry(section, path):
+    """`check` and `run` print these errors (and a unit's journal keeps them): a URL
+    with the scheme forgotten or a token in its query must not be shown whole."""
+    from replicator.config import config_from_dict
+
+    base = {"sites": {"b": {"url": "https://b.example"}}}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(
+            {**base, **section, "sites": {**base["sites"], **section.get("sites", {})}}
+        )
+    assert path in str(err.value) and "hunter2" not in str(err.value)

@@ -5,7 +5,9 @@ present, or cannot be asked, is kept; dead deletes are never dropped this way.""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import logging
+import threading
 import time
 
 import pytest
@@ -217,3 +219,146 @@ async def test_pulls_are_not_handed_to_the_bus(tmp_path):
         await daemon.bus.stop()
         await daemon.pool.aclose()
         daemon.journal.close()
+
+
+class _NotARegistry(http.server.BaseHTTPRequestHandler):
+    """A web server at a mistyped source URL: 404 for everything."""
+
+    def do_HEAD(self) -> None:
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def _housekeep_once(config) -> housekeeping.HousekeepingReport:
+    journal = Journal(config.journal)
+    pool = ClientPool(config, retries=0)
+    try:
+        return await housekeeping.housekeep(config, journal, pool, actor="daemon hk-test")
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_a_404_from_a_source_that_is_no_registry_drops_nothing(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotARegistry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        config = load_config(write_config(tmp_path, url))
+        journal = Journal(config.journal)
+        ids = await dead(WorkQueue(journal, "w", max_attempts=1), copy(tag="v1"), copy(tag="v2"))
+        journal.close()
+        report = await _housekeep_once(config)
+    finally:
+        server.shutdown()
+    assert report.dropped == [] and report.kept == 2
+    journal = Journal(config.journal)
+    assert [(await journal.task_admin.get(i)).state for i in ids] == ["dead", "dead"]  # type: ignore[union-attr]
+    journal.close()
+
+
+async def test_a_404_from_a_registry_without_the_repository_drops_nothing(tmp_path, two_registries):
+    """After a failover the source's name may lead to another registry that never had
+    the repository: its 404s say nothing about the image."""
+    original, other = two_registries
+    with Pusher(original.url) as p:
+        p.push_image("team/app", "v1", [layer_bytes("hk2", 300)])
+    config = load_config(write_config(tmp_path, other.url))
+    journal = Journal(config.journal)
+    [task_id] = await dead(WorkQueue(journal, "w", max_attempts=1), copy(tag="v1"))
+    journal.close()
+    report = await _housekeep_once(config)
+    assert report.dropped == [] and report.kept == 1
+    journal = Journal(config.journal)
+    assert (await journal.task_admin.get(task_id)).state == "dead"  # type: ignore[union-attr]
+    journal.close()
+
+
+def test_the_replicators_own_reads_are_not_pull_times(registry_factory, tmp_path, daemons):
+    """Copy, verify and the lease fence read source manifests; distribution reports each
+    read as a pull. Kept as pull rows they would be `pulled_within`'s "last pulled", and a
+    scheduled verify would keep every verified image from pull-based GC forever. Ours
+    are counted, never pull times; a client's pull is both."""
+    import httpx
+
+    from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config
+    from tests.harness.util import wait_until
+
+    port = free_port()
+    a = registry_factory("a", **notify_kwargs(port, "a"))
+    b = registry_factory("b")
+    policy = {"name": "p", "sites": "a", "keep": {"pulled_within": "30d"}}
+    daemon = DaemonProcess(
+        tmp_path / "d",
+        port=port,
+        config={
+            "sites": {"a": site_config(a), "b": site_config(b)},
+            "rules": [{"name": "r", "from": "a", "to": ["b"], "repositories": ["team/**"]}],
+            "gc": {"policies": [policy]},
+        },
+    )
+    daemons.append(daemon)
+    daemon.start()
+    with Pusher(a.url) as p:
+        img = p.push_image("team/app", "v1", [layer_bytes("own-reads", 800)])
+        p.push_image("other/app", "v1", [layer_bytes("client-reads", 800)])
+    accept = {"Accept": img.media_type}
+    wait_until(
+        lambda: httpx.head(f"{b.url}/v2/team/app/manifests/v1", headers=accept).status_code == 200,
+        timeout=30,
+        what="the copy at b",
+    )
+    # a client's pull after the copy: a delivers its events in order, so once the
+    # client's is counted the copy's reads were handled before it
+    httpx.get(f"{a.url}/v2/other/app/manifests/v1", headers=accept).raise_for_status()
+
+    def pulls(repo: str) -> tuple[int, int]:
+        counted = daemon.journal_rows(
+            "SELECT manifests FROM pull_counts WHERE site = 'a' AND repository = ?", (repo,)
+        )
+        [(rows,)] = daemon.journal_rows(
+            "SELECT COUNT(*) FROM events WHERE action = 'pull' AND repository = ?", (repo,)
+        )
+        return (counted[0][0] if counted else 0), rows
+
+    wait_until(lambda: pulls("other/app")[0] >= 1, timeout=30, what="the client's pull counted")
+    assert pulls("other/app") == (1, 1)
+    counted, rows = pulls("team/app")
+    assert counted >= 1 and rows == 0
+
+
+async def test_dead_letters_beyond_one_pass_are_reached_in_later_passes(
+    setup, registry, monkeypatch
+):
+    """Each pass checks a few dead letters; those it keeps (source present) must not be
+    the only ones checked forever, or a gone one behind them is never dropped."""
+    from replicator.daemon.service import Daemon
+
+    config, journal = setup
+    queue = WorkQueue(journal, "w", max_attempts=1)
+    with Pusher(registry.url) as p:
+        p.push_image("team/app", "v2", [layer_bytes("hk-v2", 400)])
+    *present, gone = await dead(queue, copy(tag="v1"), copy(tag="v2"), copy(tag="gone"))
+    monkeypatch.setattr(housekeeping, "INTERVAL", 0.05)
+    monkeypatch.setattr(housekeeping, "DEAD_LETTERS_PER_PASS", 2)
+    daemon = Daemon(config.source_path, instance_id="hk-rotation")
+    loop = asyncio.create_task(daemon._housekeeping_loop())
+    try:
+        deadline = time.monotonic() + 10
+        while (await queue.get(gone)).state != "dropped":  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the third dead letter was never checked"
+            assert not loop.done(), loop
+            await asyncio.sleep(0.05)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await daemon.pool.aclose()
+        daemon.journal.close()
+    assert [(await queue.get(i)).state for i in present] == ["dead", "dead"]  # type: ignore[union-attr]

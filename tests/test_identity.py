@@ -65,3 +65,37 @@ def test_a_killed_holders_slot_is_free_at_once(tmp_path: Path):
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert claim_identity(journal, "inst").id == "inst-0"
+
+
+def test_daemons_reaching_one_journal_by_different_paths_get_distinct_slots(tmp_path: Path):
+    """A journal named through a symbolic link (a linked directory, or a link to the
+    file) is the same journal: two daemons on it must not share an identity, since each
+    returns its identity's leases at start as its dead predecessor's."""
+    real = tmp_path / "var" / "j.db"
+    real.parent.mkdir()
+    (tmp_path / "srv").symlink_to(real.parent)
+    (tmp_path / "j-link.db").symlink_to(real)
+    claims = [
+        claim_identity(path, "inst")
+        for path in (real, tmp_path / "srv" / "j.db", tmp_path / "j-link.db")
+    ]
+    try:
+        assert [c.slot for c in claims] == [0, 1, 2]
+    finally:
+        for c in claims:
+            c.release()
+
+
+def test_a_slot_file_that_is_a_symbolic_link_is_refused_and_its_target_untouched(
+    tmp_path: Path,
+):
+    import pytest
+
+    from replicator.errors import ReplicatorError
+
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    slot_lock_path(tmp_path / "j.db", 0).symlink_to(target)
+    with pytest.raises(ReplicatorError, match=r"slot-0\.lock"):
+        claim_identity(tmp_path / "j.db", "inst")
+    assert target.read_text() == "keep"

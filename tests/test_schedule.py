@@ -208,3 +208,22 @@ async def test_the_daemon_reads_rule_and_gc_schedules_in_the_configured_zone(tmp
             periodic.stop()
             periodic.task.cancel()
         daemon.journal.close()
+
+
+@pytest.mark.parametrize(
+    ("cron", "words"),
+    [
+        ("0 0 31 2 *", "never"),  # 31 February: no run would ever be due
+        ("0 0 30 2 *", "never"),
+    ],
+)
+def test_a_cron_that_never_runs_is_refused_with_its_path(cron, words):
+    """A schedule with no next run passed `check` and stopped its loop at start with an
+    exception."""
+    from replicator.config import config_from_dict
+    from replicator.errors import ConfigError
+
+    base = {"sites": {"a": {"url": "https://a.example"}}}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**base, "verify": {"schedule": cron}})
+    assert "verify.schedule" in str(err.value) and words in str(err.value)

@@ -189,3 +189,42 @@ def test_cli_lists_retries_and_drops_with_json_and_exit_codes(tmp_path):
 def test_cli_usage_errors_exit_2_and_say_why(tmp_path, args, message):
     out = cli(write_config(tmp_path), *args)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+async def test_drop_dead_leaves_a_task_retried_after_it_was_listed(tmp_path, monkeypatch):
+    """`tasks drop --dead` lists the dead tasks, then drops them: a task another operator
+    (or a script) retried in between is pending again and is not the operator's target."""
+    import argparse
+
+    from replicator.commands import tasks as tasks_cmd
+
+    db = str(tmp_path / "journal.db")
+    named = await seed(db)
+    journal = Journal(db)
+    admin = journal.task_admin
+    listed = admin.dead_ids
+
+    async def retried_meanwhile(**filters: str | None) -> list[int]:
+        ids = await listed(**filters)
+        await admin.retry([named["dead"]], actor="bob@h", reason="fixed the source")
+        return ids
+
+    monkeypatch.setattr(admin, "dead_ids", retried_meanwhile)
+    args = argparse.Namespace(
+        verb="drop", ids=[], dead=True, rule=None, site=None, reason="", json=True
+    )
+    try:
+        assert await tasks_cmd._act(journal, args) == 1  # refused: no longer dead
+        view = await admin.get(named["dead"])
+        assert view is not None and view.task.state == "pending"  # retried, not dropped
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("task_id", ["99999999999999999999999", "0", "-3"])
+def test_a_task_id_out_of_range_is_a_usage_error(tmp_path, task_id):
+    """A mistyped id was an 'internal error: OverflowError' (exit 1, which means a task
+    was refused or not found)."""
+    out = cli(write_config(tmp_path), "drop", "--", task_id)
+    assert out.returncode == 2 and "task id" in out.stderr, out.stderr
+    assert "internal error" not in out.stderr

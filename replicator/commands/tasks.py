@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="list",
         help="list (the default), retry or drop",
     )
-    p.add_argument("ids", nargs="*", type=int, metavar="ID", help="task ids to retry or drop")
+    p.add_argument("ids", nargs="*", type=_task_id, metavar="ID", help="task ids to retry or drop")
     p.add_argument(
         "--dead", action="store_true", help="retry or drop every dead task (with the filters)"
     )
@@ -84,6 +84,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=run)
+
+
+def _task_id(text: str) -> int:
+    """A task id as `tasks` lists it: a positive whole number SQLite can hold."""
+    if not text.isdecimal() or not 0 < int(text) < 2**63:
+        raise argparse.ArgumentTypeError(f"not a task id: {text!r} (ids are shown by `tasks`)")
+    return int(text)
 
 
 def actor() -> str:
@@ -140,11 +147,16 @@ async def _list(journal: Journal, args: argparse.Namespace) -> int:
 
 
 async def _act(journal: Journal, args: argparse.Namespace) -> int:
+    from replicator.journal.task_admin import DROPPABLE_FROM
+
     admin = journal.task_admin
     ids: Sequence[int] = args.ids or await admin.dead_ids(rule=args.rule, target=args.site)
     reason = args.reason or f"tasks {args.verb} from the command line"
-    act = admin.retry if args.verb == "retry" else admin.drop
-    results = await act(ids, actor=actor(), reason=reason)
+    if args.verb == "retry":
+        results = await admin.retry(ids, actor=actor(), reason=reason)
+    else:  # --dead drops only what is still dead: a task retried since the listing stays
+        only_from = ("dead",) if args.dead else DROPPABLE_FROM
+        results = await admin.drop(ids, actor=actor(), reason=reason, only_from=only_from)
     bad = [r for r in results if r.outcome in ("not found", "refused")]
     if args.json:
         print(json.dumps({"results": [r.__dict__ for r in results]}, sort_keys=True))

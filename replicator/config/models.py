@@ -48,6 +48,7 @@ from replicator.config.types import (
     TagGlob,
     TimeZoneName,
     one_or_many,
+    shown_url,
     split_host_port,
 )
 from replicator.errors import ConfigError
@@ -289,13 +290,13 @@ class MqttConfig(_Model):
             )
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(
-                f"invalid MQTT URL {value!r}: expected mqtt://host[:port] or "
+                f"invalid MQTT URL {shown_url(value)}: expected mqtt://host[:port] or "
                 "mqtts://host[:port] (the bus speaks MQTT over TCP; WebSocket is not supported)"
             )
         try:
             parts.port  # noqa: B018
         except ValueError:
-            raise ValueError(f"invalid MQTT URL {value!r}: bad port") from None
+            raise ValueError(f"invalid MQTT URL {shown_url(value)}: bad port") from None
         return value.strip()
 
     @field_validator("topic")

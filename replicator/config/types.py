@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from pydantic import AfterValidator, Field, PlainSerializer, PlainValidator, WithJsonSchema
 
 from replicator.durations import DURATION_PATTERN, format_duration, parse_duration
@@ -68,6 +68,10 @@ def _cron(value: str) -> str:
             f"invalid cron expression {value!r}: use five fields "
             "'minute hour day-of-month month day-of-week', e.g. '*/10 * * * *'"
         )
+    try:
+        croniter(value, 0.0).get_next(float)
+    except CroniterBadDateError:
+        raise ValueError(f"cron expression {value!r} never runs (no such date)") from None
     return value
 
 
@@ -80,6 +84,14 @@ def _semver_range(text: str) -> str:
     return text
 
 
+def shown_url(value: str) -> str:
+    """A refused URL as an error may show it: not when it may carry a secret, i.e. a
+    user:password@ the URL parser did not recognise (no scheme) or a query string."""
+    if "@" in value or "?" in value:
+        return "(not shown: it contains '@' or '?', which may carry a secret)"
+    return repr(value)
+
+
 def _registry_url(value: str) -> str:
     value = value.strip()
     parts = urllib.parse.urlsplit(value)
@@ -90,14 +102,14 @@ def _registry_url(value: str) -> str:
             "auth (password_env or password_file) instead"
         )
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid registry URL {value!r}: expected http(s)://host[:port]")
+        raise ValueError(f"invalid registry URL {shown_url(value)}: expected http(s)://host[:port]")
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise ValueError(f"invalid registry URL {value!r}: bad port") from None
+        raise ValueError(f"invalid registry URL {shown_url(value)}: bad port") from None
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(
-            f"invalid registry URL {value!r}: give only scheme://host[:port]; "
+            f"invalid registry URL {shown_url(value)}: give only scheme://host[:port]; "
             "the API always lives under /v2/"
         )
     return f"{parts.scheme}://{parts.netloc}"
@@ -106,10 +118,10 @@ def _registry_url(value: str) -> str:
 def _http_url(value: str) -> str:
     value = value.strip()
     parts = urllib.parse.urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid URL {value!r}: expected http(s)://host[:port][/path]")
     if parts.username or parts.password:
         raise ValueError("the URL contains a user name or password; not allowed here")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {shown_url(value)}: expected http(s)://host[:port][/path]")
     return value
 
 

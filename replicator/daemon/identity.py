@@ -58,6 +58,7 @@ def claim_identity(journal: Path, installation_id: str) -> InstanceIdentity:
     """Claim the lowest free slot of the installation whose journal is `journal`."""
     if str(journal) == ":memory:":  # no file to share, so nobody to be distinct from
         return InstanceIdentity(f"{socket.gethostname()}-{os.getpid()}")
+    journal = journal.resolve()  # one journal reached by two paths (a link) has one set of slots
     for slot in range(MAX_SLOTS):
         path = slot_lock_path(journal, slot)
         try:

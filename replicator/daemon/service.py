@@ -763,13 +763,19 @@ class Daemon:
 
     async def _housekeeping_loop(self) -> None:
         """Keep the journal the size of what matters (replicator.daemon.housekeeping)."""
+        start_id = 0
         while True:
             self.journal.events.keep_pull_rows = housekeeping.uses_pull_times(self.config)
             await asyncio.sleep(housekeeping.INTERVAL)
             try:
-                await housekeeping.housekeep(
-                    self.config, self.journal, self.pool, actor=f"daemon {self.instance_id}"
+                report = await housekeeping.housekeep(
+                    self.config,
+                    self.journal,
+                    self.pool,
+                    actor=f"daemon {self.instance_id}",
+                    start_id=start_id,
                 )
+                start_id = report.next_id
             except Exception as exc:
                 log.warning("journal housekeeping failed (next pass will retry): %s", exc)
 

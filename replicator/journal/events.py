@@ -11,9 +11,11 @@ Growth follows the registry's content, not its traffic. Pulls (a busy registry s
 one per manifest and layer fetched, and nothing replicates them) are counted per site
 and repository in `pull_counts`; a manifest pull is also kept as a row only when
 `keep_pull_rows` is on (the daemon turns it on when a GC policy uses `pulled_within`;
-on for a bare store, as it always was). `prune` deletes handled events older than
-the retention that no reader needs: blob traffic, and every event about an object
-(site, repository, action, tag, digest) but its first and its last -- readers (GC's
+on for a bare store, as it always was) and the pull was not registry-replicator's own
+read (`own_read`: copy and verify reads are no client's use of an image). `prune`
+deletes handled events older than the retention that no reader needs: blob traffic,
+and every event about an object (site, repository, action, tag, digest) but its first
+and its last -- readers (GC's
 push and pull times) take the earliest or the latest time of each, so their answers
 do not change. Events still `new` are never pruned.
 Redelivery is de-duplicated within the retention only, which is why it is at least
@@ -283,7 +285,12 @@ def _record_one(
     if ev.action != "pull":
         return conn.execute(_INSERT, _row(ev, received_at)).rowcount == 1
     manifest = bool(ev.is_manifest)
-    if keep_pull_rows and manifest and conn.execute(_INSERT, _row(ev, received_at)).rowcount != 1:
+    if (
+        keep_pull_rows
+        and manifest
+        and not ev.own_read
+        and conn.execute(_INSERT, _row(ev, received_at)).rowcount != 1
+    ):
         return False  # a redelivery: counted already
     at = ev.occurred_at if ev.occurred_at is not None else received_at
     conn.execute(_COUNT_PULL, (ev.site, ev.repository, int(manifest), int(not manifest), at))

@@ -70,7 +70,13 @@ def probe_journal(path: str | Path) -> JournalProbe:
 
 
 def _schema_version(path: Path) -> int:
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    # A WAL database opened read-only gets -wal and -shm files created beside it (owned
+    # by whoever runs `check`, maybe root). Without them nobody has the journal open, so
+    # it cannot change under us: read it as immutable, which creates nothing.
+    real = path.resolve()
+    in_use = any(real.with_name(real.name + suffix).exists() for suffix in ("-wal", "-shm"))
+    mode = "mode=ro" if in_use else "mode=ro&immutable=1"
+    conn = sqlite3.connect(f"{real.as_uri()}?{mode}", uri=True, timeout=10)
     try:
         has_meta = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
