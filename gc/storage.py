@@ -1413,7 +1413,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
             await rec.set_state(
                 "quarantined", mark_summary={**plan.mark_summary, SETTLE_AFTER: after}
             )
-            if not await _wait_until(after, opts):
+            if not await _wait_until(after, opts, journaled=col.journal is not None):
                 _note_waiting(result, [i for i in plan.items if i.state == "quarantined"], after)
                 _report_unsafe(col, result, plan.items)
                 _tally(result, plan.items)
@@ -1435,13 +1435,13 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         raise
 
 
-async def _wait_until(when: float, opts: StorageGCOptions) -> bool:
+async def _wait_until(when: float, opts: StorageGCOptions, journaled: bool = True) -> bool:
     """Whether `when` has come: at once if it has, after sleeping if `settle` asks to
-    wait for it, else False (a later run will)."""
+    wait for it (or nothing is journaled for a later run to find), else False."""
     remaining = when - time.time()
     if remaining <= 0:
         return True
-    if not opts.settle:
+    if not opts.settle and journaled:
         return False
     await asyncio.sleep(remaining)
     return True

@@ -110,3 +110,35 @@ def test_settle_waits_in_the_foreground_and_deletes_in_one_run(registry, tmp_pat
     assert out["blobs_deleted"] >= 2 and out["waiting"] == 0 and out["deletable_after"] is None
     assert not reg.has_blob_data(dev.blobs[1])
     assert storage_run_states(tmp_path) == []
+
+
+def test_without_a_journal_nothing_is_left_waiting(registry, tmp_path):
+    """A library caller without a journal cannot have a later run find the quarantine:
+    the run settles it itself rather than leave items nobody will ever settle."""
+    import asyncio
+
+    from replicator.gc.policy import KeepRules, RetentionPolicy
+    from replicator.gc.storage import StorageGCOptions, collect_storage
+
+    reg = registry
+    with Pusher(reg.url) as p:
+        p.push_image("app", "v1", [layer_bytes("keep", 500)])
+        dev = p.push_image("app", "dev", [layer_bytes("dev", 600)])
+    age(reg.storage, 7200)
+    policy = RetentionPolicy(name="p", keep=KeepRules(tags=("v*",)), untagged="delete", grace=60)
+    res = asyncio.run(
+        collect_storage(
+            reg.storage,
+            None,
+            StorageGCOptions(
+                grace=60,
+                quarantine_window=0.5,
+                settle=False,
+                registry_config=reg.config_path,
+                policies=[policy],
+            ),
+        )
+    )
+    assert res.waiting == 0 and res.blobs_deleted >= 2
+    assert not reg.has_blob_data(dev.blobs[1])
+    assert_image_complete(reg.url, "app", "v1")

@@ -300,3 +300,17 @@ def test_cli_status_exits_1_naming_what_exceeded_for_cron_checks(tmp_path):
     for bad in (("--max-lag", "10"), ("--max-dead", "-1")):
         out = status(*bad)
         assert out.returncode == 2 and bad[0] in out.stderr, out.stderr
+
+
+def test_status_with_no_journal_says_so_and_creates_none(tmp_path, capsys):
+    from replicator.cli import main
+
+    journal = tmp_path / "nowhere" / "journal.db"
+    (tmp_path / "nowhere").mkdir()
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"journal: {journal}\nsites:\n  a: {{url: 'http://127.0.0.1:9', insecure: true}}\n"
+    )
+    assert main(["status", "-c", str(config)]) == 2
+    assert "no journal at" in capsys.readouterr().err
+    assert not journal.exists()

@@ -7,9 +7,11 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
 
 from replicator.config import add_config_argument, load_config
 from replicator.durations import parse_duration
+from replicator.errors import ConfigError
 
 DESCRIPTION = """\
 Per rule and target: changes not yet replicated (pending tasks) and the lag
@@ -69,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
     from replicator.status import check_thresholds, compute_status, format_status
 
     config = load_config(args.config)
+    if not Path(config.journal).exists():  # reading must not create one at a wrong path
+        raise ConfigError(
+            f"no journal at {config.journal}: nothing has run with this configuration yet "
+            "(or the path is wrong)",
+            "journal",
+        )
     journal = Journal(config.journal)
     try:
         report = compute_status(config, asyncio.run(journal.status.rows()))

@@ -66,7 +66,8 @@ def _cron(value: str) -> str:
     if not croniter.is_valid(value):
         raise ValueError(
             f"invalid cron expression {value!r}: use five fields "
-            "'minute hour day-of-month month day-of-week', e.g. '*/10 * * * *'"
+            "'minute hour day-of-month month day-of-week', e.g. '*/10 * * * *' "
+            "(a sixth field is read as seconds)"
         )
     try:
         croniter(value, 0.0).get_next(float)
