@@ -7,11 +7,14 @@ implements it in front of a real distribution the way distribution v3 does.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
 from replicator.registry.site import SiteEndpoint
+from tests.harness.fault_proxy import FaultProxy
 from tests.harness.images import Pusher, assert_image_complete, layer_bytes
 from tests.harness.tag_delete_front import tag_delete_front
 
@@ -102,3 +105,31 @@ async def test_a_digest_is_refused_as_a_tag(registry):
     async with client(registry.url) as c:
         with pytest.raises(ValueError, match="not the digest"):
             await c.delete_tag("team/app", "sha256:" + "0" * 64)
+
+
+async def test_concurrent_tag_deletes_in_one_repository_leave_no_dangling_tag(registry):
+    """distribution 2.8 fails a manifest DELETE with a 500 when another delete removes a
+    tag while it looks up the tags to untag, after the revision is gone: the tag stays
+    listed and answers 404. Deletes in one repository go one at a time."""
+    with Pusher(registry.url) as p:
+        keep = p.push_image("team/app", "keep", [layer_bytes("keep", 300)])
+        doomed = [f"t{i}" for i in range(12)]
+        for tag in doomed:
+            p.push_manifest("team/app", tag, keep.raw, keep.media_type)
+    async with client(registry.url) as c:
+        done = await asyncio.gather(*(c.delete_tag("team/app", t) for t in doomed))
+    assert all(d.deleted for d in done)
+    assert tags(registry.url) == ["keep"]  # nothing listed that does not resolve
+
+
+async def test_a_lost_placeholder_delete_answer_is_redone_and_the_tag_is_gone(registry):
+    img, _ = push_siblings(registry.url)
+    with FaultProxy("127.0.0.1", registry.port) as proxy:
+        # the registry deletes the placeholder and answers 500 (as when its tag lookup
+        # failed): the retry meets a 404 and cannot tell whether the tag was untagged
+        proxy.respond_after(500, method="DELETE", path=r"/manifests/sha256:", skip=1)
+        async with client(proxy.url) as c:
+            done = await c.delete_tag("team/app", "v1")
+        assert done.deleted and proxy.count("PUT", r"/manifests/v1$") == 2
+    assert tags(registry.url) == ["latest", "v2"]
+    assert assert_image_complete(registry.url, "team/app", "latest") == img.digest

@@ -8,10 +8,19 @@ are disabled); there we do what regbot does: PUT a tiny placeholder manifest of 
 own to the tag, then DELETE the placeholder by its digest, which removes that one
 tag and nothing else. The placeholder is unique to each deletion (a random nonce in
 its annotations), so its digest never names anything another tag points at.
+
+Deletes in one repository are serialized (per client). distribution 2.8 removes a
+manifest's revision first and then looks up the tags pointing at it; a tag another
+delete removes during that lookup fails it with a 500 after the revision is gone,
+and the tag is left dangling: listed by `tags/list`, 404 on HEAD, never removed
+again. Seen when a sync deleted an image's three cosign tags at once. A placeholder
+whose DELETE answers 404 on a retry (that first attempt's lookup may have failed)
+is pushed and deleted once more while the tag is still unresolvable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import Awaitable, Callable
@@ -124,6 +133,10 @@ class Manifests:
     def __init__(self, transport: Transport, bounds: ReadBounds) -> None:
         self._t = transport
         self._bounds = bounds
+        self._delete_locks: dict[str, asyncio.Lock] = {}
+
+    def _delete_lock(self, repo: str) -> asyncio.Lock:
+        return self._delete_locks.setdefault(repo, asyncio.Lock())
 
     def url(self, repo: str, ref: str) -> str:
         return self._t.url(f"/v2/{repo}/manifests/{ref}")
@@ -224,6 +237,10 @@ class Manifests:
         return digest
 
     async def delete(self, repo: str, digest: str) -> bool:
+        async with self._delete_lock(repo):
+            return await self._delete(repo, digest)
+
+    async def _delete(self, repo: str, digest: str) -> bool:
         resp = await self._t.send(
             Request("DELETE", self.url(repo, digest), repo, digest, ok=(200, 202, 204, 404))
         )
@@ -294,9 +311,17 @@ class Manifests:
         await ensure_blob(repo, EMPTY_BLOB)
         if before_placeholder is not None:
             await before_placeholder(repo, placeholder)
-        await self.put(repo, tag, raw, OCI_MANIFEST)
-        await self.delete(repo, placeholder)
-        after = await self.head(repo, tag)
+        async with self._delete_lock(repo):
+            for _ in range(3):
+                await self.put(repo, tag, raw, OCI_MANIFEST)
+                if await self._delete(repo, placeholder):
+                    break
+                # gone already: a retry after a lost or failed first DELETE, whose tag
+                # lookup may have failed and left the tag dangling; again, unless the
+                # tag resolves (pushed meanwhile: checked below)
+                if await self.head(repo, tag) is not None:
+                    break
+            after = await self.head(repo, tag)
         if after is not None:
             raise RegistryError(
                 f"the tag still points at {after.digest} after its placeholder was deleted "

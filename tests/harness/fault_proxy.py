@@ -21,7 +21,7 @@ from tests.harness.util import free_port
 
 @dataclass
 class Fault:
-    kind: str  # respond | cut_request | cut_response | flip | delay
+    kind: str  # respond | respond_after | cut_request | cut_response | flip | delay
     remaining: int
     method: str | None = None
     path: re.Pattern[str] | None = None
@@ -163,6 +163,22 @@ class FaultProxy:
                 body=body,
                 skip=skip,
             )
+        )
+
+    def respond_after(
+        self,
+        status: int,
+        count: int = 1,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        skip: int = 0,
+    ) -> Fault:
+        """Let the registry carry out the next `count` matching requests, then answer the
+        client with `status` instead of the registry's answer (a 500 after the work was
+        done, as distribution 2.8 answers a manifest DELETE whose tag lookup failed)."""
+        return self._add(
+            Fault("respond_after", count, method, self._rx(path), status=status, skip=skip)
         )
 
     def too_many_requests(
@@ -369,6 +385,16 @@ class FaultProxy:
         if resp_head is None:
             raise _Cut
         rec.status = int(resp_head.split(b" ", 2)[1])
+        if fault and fault.kind == "respond_after":
+            async for _ in _body(ureader, _response_framing(resp_head, rec.method, rec.status)):
+                pass
+            rec.status = fault.status
+            cwriter.write(
+                f"HTTP/1.1 {fault.status} Injected\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            await cwriter.drain()
+            return False
         if fault and fault.kind == "delay":
             await asyncio.sleep(fault.seconds)
         cwriter.write(resp_head)
