@@ -49,7 +49,7 @@ from tests.harness.registry import Registry  # noqa: E402
 from tests.harness.util import cpu_seconds, free_port  # noqa: E402
 
 TARGETS = ("b", "c")
-GOAL_P50, GOAL_P99 = 0.300, 1.5
+GOAL_P50, GOAL_P99 = 0.250, 1.0  # issue 15: at 10 pushes/s over MQTT, 2 targets
 
 
 def pct(values: list[float], q: float) -> float:

@@ -12,6 +12,11 @@ from replicator.registry.transport import Request, Transport, media_type
 _ACCEPT_INDEX = {"Accept": OCI_INDEX}
 
 
+def fallback_tag(digest: str) -> str:
+    """The tag under which registries without a referrers API keep `digest`'s referrers."""
+    return digest.replace(":", "-", 1)
+
+
 class Referrers:
     """Referrer lookups on one registry; remembers whether it has the referrers API."""
 
@@ -22,10 +27,14 @@ class Referrers:
         self._api: bool | None = None  # None: not known yet
 
     async def list(
-        self, repo: str, digest: str, artifact_type: str | None
+        self, repo: str, digest: str, artifact_type: str | None, *, fallback_tagged: bool = True
     ) -> tuple[list[Descriptor], Manifest | None]:
         """The referrers of `digest`, plus the fallback tag's index when that is where
-        they came from (a copier needs the index itself)."""
+        they came from (a copier needs the index itself).
+
+        `fallback_tagged=False`: the caller has just listed the repository's tags and
+        the fallback tag is not among them, so it is not fetched (a round trip per
+        image across a WAN)."""
         fallback: Manifest | None = None
         index: Manifest | None = None
         resp, body = None, b""
@@ -68,7 +77,7 @@ class Referrers:
                     repository=repo,
                     reference=digest,
                 ) from exc
-        else:
+        elif fallback_tagged:
             index = fallback = await self.fallback_index(repo, digest)
         if index is None or not index.is_index:
             return [], None
@@ -88,6 +97,6 @@ class Referrers:
     async def fallback_index(self, repo: str, digest: str) -> Manifest | None:
         """One GET: a 404 costs what a HEAD would, and a hit needs the body anyway."""
         try:
-            return await self._manifests.get(repo, digest.replace(":", "-", 1))
+            return await self._manifests.get(repo, fallback_tag(digest))
         except NotFound:
             return None
