@@ -315,12 +315,12 @@ def main(argv: list[str] | None = None) -> int:
                     self.config_path.write_text(text)
 
             broker = BenchMosquitto(root=root / "mosquitto").start()
-            config["mqtt"] = {"url": broker.url, "topic": "registry/events", "client_id": "bench"}
+            config["mqtt"] = {"url": broker.url, "topic": "registry/events"}  # as shipped
         daemon = DaemonProcess(
             root / "daemon",
             config=config,
             port=port,
-            instance_id="bench",
+            name="bench",
             extra_args=["--workers", str(args.workers)],
             env=dict(e.split("=", 1) for e in args.daemon_env),
         )
