@@ -77,9 +77,9 @@ def test_sync_asks_each_side_only_what_it_needs_per_image(
     assert src_proxy.count("GET", FALLBACK_TAG_GET) == 0
     assert src_proxy.count("GET", r"/manifests/sha256:") == images
     assert src_proxy.count("GET", r"/blobs/sha256:") == len(blobs)
-    # the referrers API is probed until the registry has said it has none: at most
-    # the copies that asked at the same time, never one per image and blob
-    assert src_proxy.count("GET", r"/referrers/") <= images
+    # the referrers API is probed once: distribution 2.8 answers that it has none, and
+    # the copies that started meanwhile waited for that answer instead of asking too
+    assert src_proxy.count("GET", r"/referrers/") == 1
     # target: one HEAD per tag (plan), one HEAD per blob (mount safety), one session and
     # one PUT per blob, one manifest PUT per image; nothing else
     assert dst_proxy.count("HEAD", r"/manifests/") == images

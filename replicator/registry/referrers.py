@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from replicator.manifest import OCI_INDEX, Descriptor, Manifest, ManifestError, parse_manifest
 from replicator.registry.bounds import ReadBounds
 from replicator.registry.errors import InvalidManifest, NotFound, ResponseTooLarge
@@ -25,6 +27,10 @@ class Referrers:
         self._manifests = manifests
         self._bounds = bounds
         self._api: bool | None = None  # None: not known yet
+        # the first lookup asks alone: copies starting together would each probe a
+        # registry that has no referrers API (distribution 2.8), one request per image
+        self._probing = asyncio.Lock()
+        self._probed = False
 
     async def list(
         self, repo: str, digest: str, artifact_type: str | None, *, fallback_tagged: bool = True
@@ -35,6 +41,18 @@ class Referrers:
         `fallback_tagged=False`: the caller has just listed the repository's tags and
         the fallback tag is not among them, so it is not fetched (a round trip per
         image across a WAN)."""
+        if self._api is None and not self._probed:
+            async with self._probing:
+                if not self._probed:
+                    try:
+                        return await self._list(repo, digest, artifact_type, fallback_tagged)
+                    finally:
+                        self._probed = True
+        return await self._list(repo, digest, artifact_type, fallback_tagged)
+
+    async def _list(
+        self, repo: str, digest: str, artifact_type: str | None, fallback_tagged: bool
+    ) -> tuple[list[Descriptor], Manifest | None]:
         fallback: Manifest | None = None
         index: Manifest | None = None
         resp, body = None, b""
