@@ -13,6 +13,9 @@ from replicator.registry.transport import Request, Transport, media_type
 
 _ACCEPT_INDEX = {"Accept": OCI_INDEX}
 
+# referrers found, and the fallback tag's index when that is where they came from
+Found = tuple[list[Descriptor], Manifest | None]
+
 
 def fallback_tag(digest: str) -> str:
     """The tag under which registries without a referrers API keep `digest`'s referrers."""
@@ -52,7 +55,7 @@ class Referrers:
 
     async def _list(
         self, repo: str, digest: str, artifact_type: str | None, fallback_tagged: bool
-    ) -> tuple[list[Descriptor], Manifest | None]:
+    ) -> Found:
         fallback: Manifest | None = None
         index: Manifest | None = None
         resp, body = None, b""
