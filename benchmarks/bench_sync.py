@@ -164,7 +164,10 @@ def main() -> None:
             for tool in order:
                 runs[tool].append(one_run(tool, src, repos, work, n, args.rtt_ms))
             ratio = runs["ours"][-1]["wall_s"] / runs["skopeo"][-1]["wall_s"]
-            print(f"round {n + 1}: ratio {ratio:.2f}  ours {runs['ours'][-1]}")
+            load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+            print(
+                f"round {n + 1}: ratio {ratio:.2f} (load average {load})  ours {runs['ours'][-1]}"
+            )
             print(f"{'':>9}             skopeo {runs['skopeo'][-1]}")
         med = {t: statistics.median(r["wall_s"] for r in runs[t]) for t in runs}
         cpu = {t: statistics.median(r["tool_cpu_s"] for r in runs[t]) for t in runs}
@@ -173,6 +176,10 @@ def main() -> None:
             f"ratio {med['ours'] / med['skopeo']:.2f}; median tool CPU: ours {cpu['ours']:.2f} s, "
             f"skopeo {cpu['skopeo']:.2f} s"
         )
+        for t in runs:
+            source = statistics.median(r["source_cpu_s"] for r in runs[t])
+            target = statistics.median(r["target_cpu_s"] for r in runs[t])
+            print(f"{t}: median registry CPU: source {source:.2f} s, target {target:.2f} s")
         if args.rtt_ms:
             for t in runs:
                 turns = statistics.median(r["src_turns"] + r["dst_turns"] for r in runs[t])

@@ -126,6 +126,8 @@ class Reconciler:
         self.parallel = parallel
         self.on_action = on_action
         self._lookups = asyncio.Semaphore(parallel)
+        # (site, repository) -> its tags as listed in this pass, while its copies run
+        self._listed: dict[tuple[str, str], frozenset[str]] = {}
 
     async def run(
         self,
@@ -220,12 +222,16 @@ class Reconciler:
         selected = [t for t in [*wanted, *cosign] if t in source_tags]  # a tag may vanish
         all_source = dict.fromkeys(tags, "") | source_tags  # for delete decisions
         await self._record_inventory(rule.from_, repo, source_tags)
-        await asyncio.gather(
-            *(
-                self._sync_target(rule, repo, target, all_source, source_tags, selected, report)
-                for target in rule.to
+        self._listed[(rule.from_, repo)] = frozenset(tags)
+        try:
+            await asyncio.gather(
+                *(
+                    self._sync_target(rule, repo, target, all_source, source_tags, selected, report)
+                    for target in rule.to
+                )
             )
-        )
+        finally:
+            self._listed.pop((rule.from_, repo), None)
 
     async def _sync_target(
         self,
@@ -364,6 +370,7 @@ class Reconciler:
             referrers=rule.referrers,
             overwrite=rule.overwrite or cosign,
             cosign_tags=False,  # planned here as actions of their own
+            source_tags=self._listed.get((action.source_site, action.repository)),
         )
         result = await self.engine.copy(
             src,

@@ -221,11 +221,20 @@ class RegistryClient:
         return found
 
     async def referrers_and_fallback(
-        self, repo: str, digest: str, *, artifact_type: str | None = None
+        self,
+        repo: str,
+        digest: str,
+        *,
+        artifact_type: str | None = None,
+        fallback_tagged: bool = True,
     ) -> tuple[list[Descriptor], Manifest | None]:
         """`referrers()`, plus the fallback tag's index when that is where they came from
-        (a copier needs the index itself, and reading it again costs two more requests)."""
-        return await self._referrers.list(repo, digest, artifact_type)
+        (a copier needs the index itself, and reading it again costs two more requests).
+        `fallback_tagged=False`: the caller listed the tags and the fallback tag is not
+        among them; it is not fetched."""
+        return await self._referrers.list(
+            repo, digest, artifact_type, fallback_tagged=fallback_tagged
+        )
 
     async def fallback_index(self, repo: str, digest: str) -> Manifest | None:
         """The referrers fallback tag (`sha256-<hex>`) of `digest`, or None."""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from replicator.manifest import OCI_INDEX, Descriptor, Manifest, ManifestError, parse_manifest
 from replicator.registry.bounds import ReadBounds
 from replicator.registry.errors import InvalidManifest, NotFound, ResponseTooLarge
@@ -10,6 +12,14 @@ from replicator.registry.manifests import Manifests, count_children
 from replicator.registry.transport import Request, Transport, media_type
 
 _ACCEPT_INDEX = {"Accept": OCI_INDEX}
+
+# referrers found, and the fallback tag's index when that is where they came from
+Found = tuple[list[Descriptor], Manifest | None]
+
+
+def fallback_tag(digest: str) -> str:
+    """The tag under which registries without a referrers API keep `digest`'s referrers."""
+    return digest.replace(":", "-", 1)
 
 
 class Referrers:
@@ -20,12 +30,32 @@ class Referrers:
         self._manifests = manifests
         self._bounds = bounds
         self._api: bool | None = None  # None: not known yet
+        # the first lookup asks alone: copies starting together would each probe a
+        # registry that has no referrers API (distribution 2.8), one request per image
+        self._probing = asyncio.Lock()
+        self._probed = False
 
     async def list(
-        self, repo: str, digest: str, artifact_type: str | None
+        self, repo: str, digest: str, artifact_type: str | None, *, fallback_tagged: bool = True
     ) -> tuple[list[Descriptor], Manifest | None]:
         """The referrers of `digest`, plus the fallback tag's index when that is where
-        they came from (a copier needs the index itself)."""
+        they came from (a copier needs the index itself).
+
+        `fallback_tagged=False`: the caller has just listed the repository's tags and
+        the fallback tag is not among them, so it is not fetched (a round trip per
+        image across a WAN)."""
+        if self._api is None and not self._probed:
+            async with self._probing:
+                if not self._probed:
+                    try:
+                        return await self._list(repo, digest, artifact_type, fallback_tagged)
+                    finally:
+                        self._probed = True
+        return await self._list(repo, digest, artifact_type, fallback_tagged)
+
+    async def _list(
+        self, repo: str, digest: str, artifact_type: str | None, fallback_tagged: bool
+    ) -> Found:
         fallback: Manifest | None = None
         index: Manifest | None = None
         resp, body = None, b""
@@ -68,7 +98,7 @@ class Referrers:
                     repository=repo,
                     reference=digest,
                 ) from exc
-        else:
+        elif fallback_tagged:
             index = fallback = await self.fallback_index(repo, digest)
         if index is None or not index.is_index:
             return [], None
@@ -88,6 +118,6 @@ class Referrers:
     async def fallback_index(self, repo: str, digest: str) -> Manifest | None:
         """One GET: a 404 costs what a HEAD would, and a hit needs the body anyway."""
         try:
-            return await self._manifests.get(repo, digest.replace(":", "-", 1))
+            return await self._manifests.get(repo, fallback_tag(digest))
         except NotFound:
             return None
