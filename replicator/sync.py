@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from replicator import store_tags
 from replicator.aio import bounded_gather
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule
@@ -41,6 +42,7 @@ from replicator.rules import (
     is_cosign_tag,
     map_repository,
 )
+from replicator.store_tags import StoredTags
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +184,10 @@ class Reconciler:
         repos = dict.fromkeys(literal, True)
         if not globs:
             return repos
+        store = self.config.sites[rule.from_].storage
         try:
-            for repo in await self.pool[rule.from_].catalog():
+            names = await store_tags.repositories(store) if store else None
+            for repo in names if names is not None else await self.pool[rule.from_].catalog():
                 if rule.matches_repository(repo):
                     repos.setdefault(repo, False)
         except CatalogUnavailable as exc:
@@ -198,8 +202,15 @@ class Reconciler:
 
     async def _sync_repo(self, rule: Rule, repo: str, named: bool, report: SyncReport) -> None:
         src = self.pool[rule.from_]
+        store = self.config.sites[rule.from_].storage
+        stored = await store_tags.tags(store, repo) if store else None
         try:
-            listed = await src.list_tags_if_exists(repo) if named else await src.list_tags(repo)
+            if stored is not None:
+                listed = stored.tags if stored.tags or not named else None
+            elif named:
+                listed = await src.list_tags_if_exists(repo)
+            else:
+                listed = await src.list_tags(repo)
         except RegistryError as exc:
             report.fail_listing(f"rule {rule.name}: {rule.from_}/{repo}: {exc}")
             return
@@ -210,10 +221,10 @@ class Reconciler:
         pushed_at = await self._pushed_at(rule.from_, repo)
         wanted = selected_tags(rule, dict.fromkeys(tags, ""), pushed_at)
         try:
-            digests = await self._head_all(src, repo, wanted)
+            digests = await self._observe_source(src, repo, wanted, stored)
             images = {d for d in digests.values() if d is not None}
             cosign = attached_cosign_tags(rule, tags, images)  # travel with their images
-            digests |= await self._head_all(src, repo, cosign)
+            digests |= await self._observe_source(src, repo, cosign, stored)
         except RegistryError as exc:
             message = f"rule {rule.name}: {rule.from_}/{repo}: {exc}"
             report.fail_tags(message, len(wanted) * len(rule.to))  # per target, as copies
@@ -321,6 +332,17 @@ class Reconciler:
                 manifest = await src.get_manifest(repo, digest)
             by_digest[digest] = as_written(manifest, rule.platform_list).digest
         return {t: by_digest[source_tags[t]] for t in differing}
+
+    async def _observe_source(
+        self, src: Any, repo: str, wanted: list[str], stored: StoredTags | None
+    ) -> dict[str, str | None]:
+        """Source digests of `wanted`: from the store where it settles them (no request),
+        else one HEAD each (store_tags.py says why and when)."""
+        if stored is None:
+            return await self._head_all(src, repo, wanted)
+        known: dict[str, str | None] = {t: stored.digests[t] for t in wanted if t in stored.digests}
+        rest = [t for t in wanted if t not in known]
+        return {**known, **await self._head_all(src, repo, rest)} if rest else known
 
     async def _head_all(self, client, repo: str, tags: Iterable[str]) -> dict[str, str | None]:
         async def one(tag: str) -> tuple[str, str | None]:
