@@ -220,7 +220,9 @@ class SiteConfig(_Model):
     webhook_token_env: EnvName | None = None
     webhook_token_file: Path | None = None
     storage: Path | None = Field(
-        None, description="the registry's storage rootdirectory (for storage-mode GC)"
+        None,
+        description="the registry's storage rootdirectory (for storage-mode GC; as a "
+        "rule's source, its tags are read from it instead of one HEAD per tag)",
     )
     registry_config: Path | None = Field(None, description="the registry's own config.yml")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
