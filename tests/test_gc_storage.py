@@ -323,6 +323,8 @@ def test_injected_crash_mid_sweep_then_rerun_finishes(scene, tmp_path) -> None:
 
 
 def test_sigkill_during_quarantine_window_then_rerun_finishes(scene, tmp_path) -> None:
+    """The rerun honours the killed run's journaled settle time (its 6 s window), not its
+    own shorter one: the window protects uploads that began before the kill."""
     reg = scene["reg"]
     jpath = tmp_path / "j.db"
     code = (
@@ -330,7 +332,7 @@ def test_sigkill_during_quarantine_window_then_rerun_finishes(scene, tmp_path) -
         "from replicator.gc.storage import collect_storage_sync, StorageGCOptions\n"
         "from replicator.journal import Journal\n"
         f"collect_storage_sync({str(reg.storage)!r}, Journal({str(jpath)!r}), "
-        f"StorageGCOptions(grace=60, quarantine_window=120, "
+        f"StorageGCOptions(grace=60, quarantine_window=6, "
         f"registry_config={str(reg.config_path)!r}))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT)
