@@ -50,7 +50,8 @@ __all__ = [
 
 
 def tag_passes(tag_filter: TagFilter | None, tag: str) -> bool:
-    """Include/exclude globs and the semver range, for one tag (everything but `latest`).
+    """Include/exclude globs, regular expressions and the semver range, for one tag
+    (everything but `latest`).
 
     The webhook path uses this for a single pushed tag; `latest: N` needs the
     whole tag list, so callers with a `latest` filter must use `select_tags`.
@@ -61,9 +62,18 @@ def tag_passes(tag_filter: TagFilter | None, tag: str) -> bool:
         return False
     if tag_filter.exclude and glob_match(tag_filter.exclude, tag):
         return False
+    if tag_filter.regex and not any(_regex(r).search(tag) for r in tag_filter.regex):
+        return False
+    if tag_filter.exclude_regex and any(_regex(r).search(tag) for r in tag_filter.exclude_regex):
+        return False
     if tag_filter.semver is not None and not _range(tag_filter.semver).matches(tag):
         return False
     return True
+
+
+@lru_cache(maxsize=256)
+def _regex(text: str) -> re.Pattern[str]:
+    return re.compile(text)
 
 
 @lru_cache(maxsize=256)

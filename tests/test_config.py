@@ -815,3 +815,22 @@ def test_a_refused_url_never_echoes_a_password_it_may_carry(section, path):
             {**base, **section, "sites": {**base["sites"], **section.get("sites", {})}}
         )
     assert path in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_a_bad_tag_regex_is_refused_with_its_path_and_line(tmp_path):
+    err = problems_of(
+        tmp_path,
+        """
+        sites:
+          a: {url: "https://a.example"}
+          b: {url: "https://b.example"}
+        rules:
+          - name: r
+            from: a
+            to: [b]
+            tags:
+              regex: ['^v(\\d+']
+        """,
+    )
+    assert "rules[0].tags.regex[0] (line 10)" in str(err)
+    assert "invalid regular expression" in str(err) and "missing )" in str(err)

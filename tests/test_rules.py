@@ -151,6 +151,18 @@ def test_include_and_exclude():
     assert select_tags(TAGS, f) == ["latest", "v1.0.0", "v1.2.0", "v1.3.0", "v2.0.0"]
 
 
+def test_regex_filters_search_and_combine_with_globs_and_latest():
+    strict = tf(regex=[r"^v\d+\.\d+\.\d+$"])
+    assert select_tags(TAGS, strict) == ["v1.0.0", "v1.2.0", "v1.3.0", "v2.0.0"]
+    assert tag_passes(tf(regex=["rc"]), "v2.0.0-rc1")  # searched, not matched whole
+    assert not tag_passes(tf(exclude_regex=["-rc\\d*$"]), "v2.0.0-rc1")
+    either = tf(regex=["^latest$", "^1\\."], exclude_regex=["^1\\.1"])
+    assert select_tags(TAGS, either) == ["latest"]
+    # every filter applies: a glob and a regex must both let the tag through
+    assert select_tags(TAGS, tf(include=["v1*"], regex=["0$"])) == ["v1.0.0", "v1.2.0", "v1.3.0"]
+    assert select_tags(TAGS, tf(regex=[r"^v\d"], latest=2)) == ["v1.3.0", "v2.0.0"]
+
+
 def test_semver_range_excludes_non_versions_and_prereleases():
     assert select_tags(TAGS, tf(semver=">=1.2")) == ["v1.2.0", "v1.3.0", "1.10.0", "v2.0.0"]
     assert select_tags(TAGS, tf(semver="<2.0.0")) == ["v1.0.0", "v1.2.0", "v1.3.0", "1.10.0"]

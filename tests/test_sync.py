@@ -115,6 +115,41 @@ def test_dry_run_changes_nothing_and_predicts_the_run(two_registries, tmp_path):
         assert sorted(p.tags("team/app")) == ["v1", "v2"]
 
 
+def test_a_regex_tag_filter_copies_what_it_finds_and_deletes_only_what_it_covers(
+    two_registries, tmp_path
+):
+    src, dst = two_registries
+    with Pusher(src.url) as p:
+        for tag in ("v1.0.0", "v1.0.0-debug", "latest", "build-123"):
+            p.push_image("team/app", tag, [layer_bytes(tag, 100)])
+    with Pusher(dst.url) as p:  # the target's own tags: one the regex covers, one not
+        for tag in ("v0.9.0", "local"):
+            p.push_image("team/app", tag, [layer_bytes(tag, 100)])
+    config = write_config(
+        tmp_path,
+        {"a": src, "b": dst},
+        [
+            {
+                "name": "r",
+                "from": "a",
+                "to": ["b"],
+                "deletes": True,
+                "tags": {"regex": [r"^v\d+\.\d+\.\d+", "^latest$"], "exclude_regex": ["-debug$"]},
+            }
+        ],
+    )
+    plan = sync_json(config, "--dry-run")
+    assert sorted(line.split()[1] for line in plan["plan"]) == [
+        "a/team/app:latest",
+        "a/team/app:v1.0.0",
+        "b/team/app:v0.9.0",
+    ]
+    real = sync_json(config)
+    assert real["copied"] == plan["planned_copies"] == 2 and real["deleted"] == 1
+    with Pusher(dst.url) as p:
+        assert sorted(p.tags("team/app")) == ["latest", "local", "v1.0.0"]
+
+
 def test_delete_propagation_and_overwrite_protection(two_registries, tmp_path):
     src, dst = two_registries
     with Pusher(src.url) as p:

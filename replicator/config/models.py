@@ -45,6 +45,7 @@ from replicator.config.types import (
     RepoGlob,
     RepoPrefix,
     SemverRange,
+    TagRegex,
     TagGlob,
     TimeZoneName,
     one_or_many,
@@ -380,8 +381,16 @@ class TagFilter(_Model):
     latest: int | None = Field(
         None, ge=1, description="keep only the N highest versions (or N most recently pushed)"
     )
+    regex: list[TagRegex] = Field(
+        default_factory=list,
+        description="copy only tags one of these regular expressions finds (re.search; "
+        "anchor with ^...$ for a whole-tag match), as regsync and skopeo sync filter",
+    )
+    exclude_regex: list[TagRegex] = Field(
+        default_factory=list, description="leave tags one of these regular expressions finds"
+    )
 
-    _coerce = field_validator("include", "exclude", mode="before")(
+    _coerce = field_validator("include", "exclude", "regex", "exclude_regex", mode="before")(
         classmethod(lambda cls, v: one_or_many(v))
     )
 

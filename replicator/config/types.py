@@ -83,6 +83,14 @@ def _platform(value: str) -> str:
     return str(Platform.parse(value))
 
 
+def _tag_regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {text!r}: {exc}") from None
+    return text
+
+
 def _semver_range(text: str) -> str:
     parse_range(text)  # raises ValueError naming the bad part
     return text
@@ -226,6 +234,11 @@ TimeZoneName = Annotated[
 RepoGlob = Annotated[str, AfterValidator(validate_repository_glob)]
 TagGlob = Annotated[str, AfterValidator(validate_tag_glob)]
 SemverRange = Annotated[str, AfterValidator(_semver_range)]
+TagRegex = Annotated[
+    str,
+    AfterValidator(_tag_regex),
+    Field(description="Python regular expression, searched: anchor with ^...$"),
+]
 PlatformStr = Annotated[
     str, AfterValidator(_platform), Field(description="os/arch[/variant], e.g. linux/arm64/v8")
 ]
