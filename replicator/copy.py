@@ -173,6 +173,12 @@ class CopyEngine:
         self._inflight: dict[tuple[str, str], asyncio.Future[str]] = {}
         # (target registry, digest, repository) -> future of that blob being in place
         self._repo_inflight: dict[tuple[str, str, str], asyncio.Future[str]] = {}
+        # (target registry, digest, repository) -> a manifest copied by digest (an index's
+        # child, a referrer): two copies of one manifest would PUT it at once, and
+        # distribution rewrites its revision link in place, so an index PUT validating
+        # its children meanwhile fails with "blob unknown" (seen: an image's referrer
+        # copy racing sync's copy of the same image's fallback tag)
+        self._manifest_inflight: dict[tuple[str, str, str], asyncio.Future[str]] = {}
 
     # ------------------------------------------------------------------ public
     async def copy(
@@ -326,15 +332,30 @@ class CopyEngine:
         return to_write
 
     async def _copy_child(self, job: CopyJob, child: Descriptor) -> None:
-        if await job.dst.head_manifest(job.dst_repo, child.digest) is not None:
-            if job.options.referrers:
-                manifest = await job.src.get_manifest(job.src_repo, child.digest)
-                await self._copy_referrers(
-                    job, manifest, await self._list_referrers(job, manifest.digest)
-                )
-            return
-        manifest = await job.src.get_manifest(job.src_repo, child.digest)
-        await self._copy_manifest(job, manifest, None)
+        if await self._copy_by_digest(job, child.digest) == "present" and job.options.referrers:
+            manifest = await job.src.get_manifest(job.src_repo, child.digest)
+            await self._copy_referrers(
+                job, manifest, await self._list_referrers(job, manifest.digest)
+            )
+
+    async def _copy_by_digest(self, job: CopyJob, digest: str) -> str:
+        """Make the manifest `digest` present in the target repository, copied once however
+        many copies need it right now: "present" (it was there), else "copied"."""
+        key = (job.dst.site.url, digest, job.dst_repo)
+        running = self._manifest_inflight.get(key)
+        if running is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(running)
+                return "copied"
+        if await job.dst.head_manifest(job.dst_repo, digest) is not None:
+            return "present"
+
+        async def copy() -> str:
+            manifest = await job.src.get_manifest(job.src_repo, digest)
+            await self._copy_manifest(job, manifest, None)
+            return "copied"
+
+        return await _single_flight(self._manifest_inflight, key, copy())
 
     async def _put_manifest(self, job: CopyJob, ref: str, manifest: Manifest) -> None:
         if job.options.before_put is not None:
@@ -371,9 +392,7 @@ class CopyEngine:
         if not referrers:
             return
         for ref in referrers:
-            if await dst.head_manifest(job.dst_repo, ref.digest) is None:
-                manifest = await src.get_manifest(job.src_repo, ref.digest)
-                await self._copy_manifest(job, manifest, None)
+            await self._copy_by_digest(job, ref.digest)
         # Targets without a referrers API find referrers through the fallback tag.
         fallback = fallback_tag(subject.digest)
         if index is None and _may_be_tagged(job, subject.digest):

@@ -108,6 +108,9 @@ def test_sync_still_copies_referrers_found_under_a_listed_fallback_tag(
             headers={"Accept": OCI_MANIFEST},
         )
         assert answer.status_code == 200
+    # the signature is copied once, though the image's referrers and the listed fallback
+    # tag (an index of it) both need it: two PUTs of one manifest race its revision link
+    assert dst_proxy.count("PUT", rf"/manifests/{signature.digest}$") == 1
     fallback = "sha256-" + image.digest.split(":", 1)[1]
     # the signed image's fallback tag is read (it is listed); the unsigned one's is not
     assert src_proxy.count("GET", rf"/manifests/{fallback}$") >= 1

@@ -308,10 +308,12 @@ class Manifests:
                 reference=tag,
                 status=probe.status_code,
             )
-        await ensure_blob(repo, EMPTY_BLOB)
         if before_placeholder is not None:
             await before_placeholder(repo, placeholder)
         async with self._delete_lock(repo):
+            # under the lock too: concurrent uploads of one blob rewrite its link file,
+            # and a placeholder PUT validating it meanwhile fails with "blob unknown"
+            await ensure_blob(repo, EMPTY_BLOB)
             for _ in range(3):
                 await self.put(repo, tag, raw, OCI_MANIFEST)
                 if await self._delete(repo, placeholder):
