@@ -99,7 +99,8 @@ def _summary(c: dict) -> str:
         f"copied {c['copied']}, deleted {c['deleted']}, {c['skipped']} up to date, "
         f"{c['conflicts']} conflicts, {c['failed']} failed{listings}; blobs uploaded "
         f"{c['blobs_uploaded']}, mounted {c['blobs_mounted']}, "
-        f"{human_bytes(c['bytes_uploaded'])}"
+        f"{human_bytes(c['bytes_uploaded'])} uploaded, "
+        f"{human_bytes(c['bytes_downloaded'])} downloaded"
     )
 
 
