@@ -9,6 +9,7 @@ reconcile goals and the intake count.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,16 @@ def test_bench_uploads_small():
     assert runs["chunked_configured"][0]["chunk_size"] == 1_000_000  # half the limit
     assert runs["chunked_after_413"][0]["chunk_size"] <= 2_000_000  # learnt from the 413s
     assert report["bandwidth"]["mib"] == 4 and report["bandwidth"]["measured_mib_per_s"] > 0
+
+
+def test_bench_gc_storage_small_keeps_what_distribution_keeps():
+    proc = run(
+        "bench_gc_storage.py",
+        *("--manifests", "200", "--repos", "5", "--pool", "50", "--orphans", "20"),
+        *("--uploads", "3", "--repeat", "1"),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    kept = re.search(r"^blobs kept\s+(\d+)\s+(\d+)$", proc.stdout, re.M)
+    assert kept and kept.group(1) == kept.group(2) and int(kept.group(1)) > 0, proc.stdout
+    assert "kept sets identical across all 2 runs: True" in proc.stdout
+    assert "20 orphan blobs, 3 stale uploads" in proc.stdout  # the knobs reach gen_store
