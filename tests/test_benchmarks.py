@@ -78,6 +78,44 @@ def test_delay_proxy_adds_its_delay_each_way(registry, tmp_path):
     assert stats.connections == 1 and stats.turns == 2
 
 
+def test_delay_proxy_delays_each_direction_on_its_own(tmp_path):
+    """20 ms to the upstream, 200 ms back: each leg, timed from one process's clock at
+    both ends of a plain TCP exchange, pays its own delay and not the other's."""
+    import socket
+    import threading
+    import time
+
+    sys.path.insert(0, str(BENCH))
+    from delay_proxy import DelayProxy
+
+    server = socket.create_server(("127.0.0.1", 0))
+    upstream_host = f"127.0.0.1:{server.getsockname()[1]}"
+    seen: dict[str, float] = {}
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(16)
+            seen["received"] = time.monotonic()
+            seen["answered"] = time.monotonic()
+            conn.sendall(b"pong")
+
+    threading.Thread(target=answer, daemon=True).start()
+    proxy = DelayProxy(upstream_host, 0, tmp_path, "p", up_ms=20, down_ms=200).start()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+            sent = time.monotonic()
+            client.sendall(b"ping")
+            assert client.recv(16) == b"pong"
+            back = time.monotonic()
+    finally:
+        proxy.stop()
+        server.close()
+    up, down = seen["received"] - sent, back - seen["answered"]
+    assert 0.02 <= up < 0.2, f"up {up:.3f}s"
+    assert down >= 0.2, f"down {down:.3f}s"
+
+
 def test_bench_uploads_small():
     proc = run(
         "bench_uploads.py",
