@@ -141,3 +141,26 @@ def test_bench_gc_storage_small_keeps_what_distribution_keeps():
     assert kept and kept.group(1) == kept.group(2) and int(kept.group(1)) > 0, proc.stdout
     assert "kept sets identical across all 2 runs: True" in proc.stdout
     assert "20 orphan blobs, 3 stale uploads" in proc.stdout  # the knobs reach gen_store
+
+
+def test_bench_reconcile_scale_small():
+    """Both source modes at 20 tags: nothing copied or failed, at most one target request
+    per tag, none once immutable tags are recorded."""
+    proc = run("bench_reconcile_scale.py", "--repos", "5", "--tags", "20", "--source", "both")
+    assert proc.returncode in (0, 1), proc.stdout[-2000:] + proc.stderr[-2000:]
+    passes = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(p["source"], p["pass"]) for p in passes] == [
+        (source, name)
+        for source in ("api", "storage")
+        for name in (
+            "nothing changed",
+            "immutable: recording pass",
+            "immutable: nothing changed",
+        )
+    ]
+    assert all(p["copied"] == 0 and p["failed"] == 0 for p in passes)
+    assert all(p["target_requests_per_tag"] <= 1 for p in passes)
+    assert [p["target_requests"] for p in passes if p["pass"] == "immutable: nothing changed"] == [
+        0,
+        0,
+    ]
