@@ -164,3 +164,13 @@ def test_bench_reconcile_scale_small():
         0,
         0,
     ]
+
+
+def test_bench_latency_small_runs_with_the_goal_conditions_by_default():
+    """The defaults are issue 15's: MQTT and two targets (the rate is the default 10/s)."""
+    proc = run("bench_latency.py", "--images", "10", "--verify", "2")
+    assert proc.returncode in (0, 1), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "10 images at 10/s" in proc.stdout and "bus: MQTT (Mosquitto)" in proc.stdout
+    for target in ("b", "c"):
+        assert f"push -> complete on {target}: n=10 " in proc.stdout, proc.stdout
+    assert "FAILED" not in proc.stdout and "verified complete: 2 images x 2 targets" in proc.stdout
