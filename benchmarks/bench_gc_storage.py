@@ -17,9 +17,9 @@ the store is complete on disk (manifest data, its blobs' data, its repository's
 layer links, index children).
 
 Each manifest brings three unique blobs (config, layer, manifest) whatever its
-state, plus the shared layer pool and the orphans, so issue 15's 100,000
-manifests / 400,000 blobs is `--manifests 100000 --repos 1000 --orphans 97000`
-(3 x 100,000 + 3,000 pool + 97,000 orphans).
+state, plus the shared layer pool (once used) and the orphans, so issue 15's
+100,000 manifests / 400,000 blobs is `--manifests 100000 --repos 1000 --orphans
+97000` (3 x 100,000 + 3,000 pool + 97,000 orphans; gen_store prints the count).
 
 Run: .venv/bin/python benchmarks/bench_gc_storage.py [--manifests 6000] [--repeat 3]
 """
