@@ -11,9 +11,15 @@ untagged: delete), grace 0 and quarantine window 0, so both reclaim the same
 set; ours still goes through re-check, quarantine and post-window re-mark.
 Each side runs --repeat times on fresh copies (alternating); medians are shown.
 
-Checks: every blob distribution reclaims we reclaim too; after our run every
-revision and tag in the store is complete on disk (manifest data, its blobs'
-data, its repository's layer links, index children).
+Checks: after every run the set of blobs kept is the same for ours as for
+distribution's (both counts printed); after our run every revision and tag in
+the store is complete on disk (manifest data, its blobs' data, its repository's
+layer links, index children).
+
+Each manifest brings three unique blobs (config, layer, manifest) whatever its
+state, plus the shared layer pool (once used) and the orphans, so issue 15's
+100,000 manifests / 400,000 blobs is `--manifests 100000 --repos 1000 --orphans
+97000` (3 x 100,000 + 3,000 pool + 97,000 orphans; gen_store prints the count).
 
 Run: .venv/bin/python benchmarks/bench_gc_storage.py [--manifests 6000] [--repeat 3]
 """
@@ -159,6 +165,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifests", type=int, default=6000)
     ap.add_argument("--repos", type=int, default=100)
+    ap.add_argument("--pool", type=int, default=3000, help="shared layers (0-2 per image)")
+    ap.add_argument("--orphans", type=int, default=1000, help="blobs nothing links to")
+    ap.add_argument("--uploads", type=int, default=50, help="abandoned upload sessions")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
@@ -172,7 +181,14 @@ def main() -> None:
     try:
         base = work / "store"
         t = time.monotonic()
-        st = generate(base, manifests=args.manifests, repos=args.repos)
+        st = generate(
+            base,
+            manifests=args.manifests,
+            repos=args.repos,
+            pool=args.pool,
+            orphans=args.orphans,
+            uploads=args.uploads,
+        )
         print(
             f"store: {st.manifests} manifests ({st.tagged} tagged, {st.untagged} untagged, "
             f"{st.deleted} deleted via API), {len(st.blobs)} blobs, {st.orphans} orphan "
@@ -183,6 +199,7 @@ def main() -> None:
         ours_rss, theirs_rss = [], []
         verified = 0
         ours_left = theirs_left = None
+        kept: dict[str, list[frozenset[str]]] = {"ours": [], "theirs": []}
         detail: dict = {}
         for n in range(args.repeat):
             for side in ("ours", "theirs") if n % 2 == 0 else ("theirs", "ours"):
@@ -194,6 +211,7 @@ def main() -> None:
                     ours_t.append(elapsed)
                     ours_c.append(cpu)
                     ours_left = blob_sizes(copy)
+                    kept["ours"].append(frozenset(ours_left))
                     if n == 0:
                         verified = verify_complete(copy)
                 else:
@@ -202,6 +220,7 @@ def main() -> None:
                     theirs_t.append(elapsed)
                     theirs_c.append(cpu)
                     theirs_left = blob_sizes(copy)
+                    kept["theirs"].append(frozenset(theirs_left))
                 shutil.rmtree(copy)
         assert ours_left is not None and theirs_left is not None
         ours_del = before.keys() - ours_left.keys()
@@ -222,6 +241,7 @@ def main() -> None:
             f"all wall times: ours {[round(x, 2) for x in ours_t]}, "
             f"distribution {[round(x, 2) for x in theirs_t]}"
         )
+        print(f"{'blobs kept':24}{len(ours_left):>12}{len(theirs_left):>14}")
         print(f"{'blobs reclaimed':24}{len(ours_del):>12}{len(theirs_del):>14}")
         print(
             f"{'bytes reclaimed (blobs)':24}{sum(before[d] for d in ours_del):>12}"
@@ -236,7 +256,11 @@ def main() -> None:
         extra = ours_del - theirs_del
         print(f"reclaimed by distribution but not by us: {len(missed)}; by us only: {len(extra)}")
         print(f"after our run: {verified} revisions verified complete on disk")
+        runs_differ = len(set(kept["ours"]) | set(kept["theirs"])) != 1
+        print(f"kept sets identical across all {2 * args.repeat} runs: {not runs_differ}")
         assert not missed, "we must reclaim at least what distribution reclaims"
+        assert not extra, "we must keep everything distribution keeps"
+        assert not runs_differ, "every run, ours and distribution's, must keep the same blobs"
     finally:
         if args.keep:
             print(f"kept {work}")

@@ -5,13 +5,16 @@ so a tool that makes needless round trips looks as fast as one that does not. Pu
 this between a client and a registry and each request/answer exchange costs one RTT.
 
 It runs in its own process (its CPU is not billed to the tool measured, and is
-printed apart). Bytes are forwarded in order, each chunk released `delay` after it
-arrived, so bandwidth is not limited, only latency added. It also counts, per
-connection, the request/answer *turns* (client bytes after server bytes): on HTTP/1.1
-that is the number of requests, so the round trips each tool makes can be compared.
+printed apart). Bytes are forwarded in order, each chunk released its direction's
+delay after it arrived (`--delay-ms` both ways, or `--up-ms` client -> upstream and
+`--down-ms` upstream -> client apart: real paths are often asymmetric, and a
+request's latency and a body's are then paid on different legs), so bandwidth is not
+limited, only latency added. It also counts, per connection, the request/answer *turns*
+(client bytes after server bytes): on HTTP/1.1 that is the number of requests, so the
+round trips each tool makes can be compared.
 
 Run:   python benchmarks/delay_proxy.py --upstream 127.0.0.1:5000 --delay-ms 25 \\
-           --port-file /tmp/port --stats /tmp/stats.json
+           [--up-ms 10 --down-ms 40] --port-file /tmp/port --stats /tmp/stats.json
 Stop with SIGTERM: it writes the stats (connections, turns, bytes, CPU seconds) as
 JSON to --stats and exits.
 """
@@ -91,7 +94,24 @@ async def _pump(
         releaser.cancel()
 
 
-async def serve(upstream: tuple[str, int], delay: float, port_file: Path, stats: Stats) -> None:
+@dataclass(frozen=True)
+class Delays:
+    """One-way delays in seconds: `up` client -> upstream, `down` upstream -> client."""
+
+    up: float
+    down: float
+
+    @classmethod
+    def from_ms(cls, delay_ms: float, up_ms: float | None, down_ms: float | None) -> Delays:
+        """`delay_ms` each way unless a direction is given on its own."""
+        up = delay_ms if up_ms is None else up_ms
+        down = delay_ms if down_ms is None else down_ms
+        if up < 0 or down < 0:
+            raise ValueError(f"a delay cannot be negative (up {up} ms, down {down} ms)")
+        return cls(up / 1000.0, down / 1000.0)
+
+
+async def serve(upstream: tuple[str, int], delays: Delays, port_file: Path, stats: Stats) -> None:
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         stats.connections += 1
         try:
@@ -102,8 +122,8 @@ async def serve(upstream: tuple[str, int], delay: float, port_file: Path, stats:
         turns = _Turns()
         try:
             await asyncio.gather(
-                _pump(client_r, server_w, delay, "client", turns, stats),
-                _pump(server_r, client_w, delay, "server", turns, stats),
+                _pump(client_r, server_w, delays.up, "client", turns, stats),
+                _pump(server_r, client_w, delays.down, "server", turns, stats),
             )
         finally:
             for w in (server_w, client_w):
@@ -125,13 +145,19 @@ async def serve(upstream: tuple[str, int], delay: float, port_file: Path, stats:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--upstream", required=True, help="HOST:PORT to forward to")
-    ap.add_argument("--delay-ms", type=float, required=True, help="one-way delay per direction")
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay, each direction")
+    ap.add_argument("--up-ms", type=float, help="client -> upstream delay (default --delay-ms)")
+    ap.add_argument("--down-ms", type=float, help="upstream -> client delay (default --delay-ms)")
     ap.add_argument("--port-file", type=Path, required=True, help="where to write our port")
     ap.add_argument("--stats", type=Path, help="where to write the stats at exit (JSON)")
     args = ap.parse_args()
+    try:
+        delays = Delays.from_ms(args.delay_ms, args.up_ms, args.down_ms)
+    except ValueError as exc:
+        ap.error(str(exc))
     host, _, port = args.upstream.rpartition(":")
     stats = Stats()
-    asyncio.run(serve((host, int(port)), args.delay_ms / 1000.0, args.port_file, stats))
+    asyncio.run(serve((host, int(port)), delays, args.port_file, stats))
     times = os.times()
     stats.cpu_s = round(times.user + times.system, 3)
     if args.stats:
@@ -139,11 +165,21 @@ def main() -> None:
 
 
 class DelayProxy:
-    """Start/stop a delay proxy process from a benchmark."""
+    """Start/stop a delay proxy process from a benchmark: `delay_ms` each way, unless
+    `up_ms` (to the upstream) or `down_ms` (back to the client) says otherwise."""
 
-    def __init__(self, upstream_host: str, delay_ms: float, work: Path, name: str) -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        delay_ms: float,
+        work: Path,
+        name: str,
+        *,
+        up_ms: float | None = None,
+        down_ms: float | None = None,
+    ) -> None:
         self.upstream = upstream_host
-        self.delay_ms = delay_ms
+        self.delays = Delays.from_ms(delay_ms, up_ms, down_ms)
         self.port_file = work / f"{name}.port"
         self.stats_file = work / f"{name}.stats.json"
         self.proc: asyncio.subprocess.Process | None = None
@@ -162,8 +198,10 @@ class DelayProxy:
                 __file__,
                 "--upstream",
                 self.upstream,
-                "--delay-ms",
-                str(self.delay_ms),
+                "--up-ms",
+                str(self.delays.up * 1000.0),
+                "--down-ms",
+                str(self.delays.down * 1000.0),
                 "--port-file",
                 str(self.port_file),
                 "--stats",

@@ -11,6 +11,7 @@ those distribution's --delete-untagged deletes things we keep (on purpose), so
 they would make the comparison apples-to-oranges. `--indexes N` adds them anyway.
 
 Run: .venv/bin/python benchmarks/gen_store.py DIR [--manifests 6000] [--repos 100]
+     [--pool 3000] [--orphans 1000] [--uploads 50] [--indexes 0]
 """
 
 from __future__ import annotations
@@ -180,9 +181,20 @@ def main() -> None:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--manifests", type=int, default=6000)
     ap.add_argument("--repos", type=int, default=100)
+    ap.add_argument("--pool", type=int, default=3000, help="shared layers (0-2 per image)")
+    ap.add_argument("--orphans", type=int, default=1000, help="blobs nothing links to")
+    ap.add_argument("--uploads", type=int, default=50, help="abandoned upload sessions")
     ap.add_argument("--indexes", type=int, default=0)
     args = ap.parse_args()
-    st = generate(args.dir, manifests=args.manifests, repos=args.repos, indexes=args.indexes)
+    st = generate(
+        args.dir,
+        manifests=args.manifests,
+        repos=args.repos,
+        pool=args.pool,
+        orphans=args.orphans,
+        uploads=args.uploads,
+        indexes=args.indexes,
+    )
     print(
         f"{st.manifests} manifests ({st.tagged} tagged, {st.untagged} untagged, "
         f"{st.deleted} deleted), {len(st.blobs)} blobs, {st.orphans} orphans, "

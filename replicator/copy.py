@@ -79,6 +79,8 @@ class CopyStats:
     blobs_mounted: int = 0
     blobs_existing: int = 0
     bytes_uploaded: int = 0
+    # blob bytes read from the source (a CDN it redirected to included), failed attempts too
+    bytes_downloaded: int = 0
     failures: list[str] = field(default_factory=list)
 
     def add(self, other: CopyStats) -> None:
@@ -510,7 +512,7 @@ class CopyEngine:
 
     async def _upload(self, job: CopyJob, blob: Descriptor, location: str | None) -> None:
         """Stream one blob, retrying the whole transfer on transient failures."""
-        src, dst = job.src, job.dst
+        dst = job.dst
         attempt, chunked = 0, False
         while True:
             attempt += 1
@@ -527,8 +529,7 @@ class CopyEngine:
                     # The target's upload session is opened while the source answers its
                     # GET: one round trip less per blob across a WAN, the same requests.
                     session = asyncio.create_task(dst.start_upload(job.dst_repo))
-                # verify=False: _verified checks the digest *before* the last chunk goes out
-                async with src.open_blob(job.src_repo, blob.digest, verify=False) as stream:
+                async with self._source_blob(job, blob.digest) as stream:
                     if session is not None:
                         location = await session
                     size = stream.size if stream.size is not None else blob.size
@@ -574,12 +575,24 @@ class CopyEngine:
                 if session is not None:
                     _discard(session)
 
+    @contextlib.asynccontextmanager
+    async def _source_blob(
+        self, job: CopyJob, digest: str, offset: int = 0
+    ) -> AsyncIterator[BlobStream]:
+        """The source's blob stream (verify=False: `_verified` or the chunked upload checks the
+        digest before the last byte goes out); what it received counts as downloaded."""
+        async with job.src.open_blob(job.src_repo, digest, offset, verify=False) as stream:
+            try:
+                yield stream
+            finally:
+                job.stats.bytes_downloaded += stream.downloaded
+
     async def _upload_chunked(self, job: CopyJob, blob: Descriptor, location: str | None) -> None:
         """PATCH the blob in chunks; a cut resumes from the registry's offset, re-reading
         the source from there (a Range GET)."""
 
         def open_source(offset: int) -> contextlib.AbstractAsyncContextManager[BlobStream]:
-            return job.src.open_blob(job.src_repo, blob.digest, offset, verify=False)
+            return self._source_blob(job, blob.digest, offset)
 
         progress = self.progress
         if progress:

@@ -71,6 +71,7 @@ from replicator.rules import (
     target_view,
 )
 from replicator.sync import Reconciler, SyncReport, active_failovers
+from replicator.text import short_digest
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +158,10 @@ class CatchUp:
         return self.promoted_repository or self.repository
 
     def describe(self, promoted: str) -> str:
-        was = "new" if self.replaces is None else f"was {self.replaces[:19]}"
+        was = "new" if self.replaces is None else f"was {short_digest(self.replaces)}"
         return (
             f"copy     {self.from_site}/{self.repository}:{self.tag} -> "
-            f"{promoted}/{self.at_promoted}:{self.tag} ({self.digest[:19]}, {was}; "
+            f"{promoted}/{self.at_promoted}:{self.tag} ({short_digest(self.digest)}, {was}; "
             f"{self.reason})"
         )
 
@@ -175,7 +176,7 @@ class Conflict:
     reason: str
 
     def describe(self) -> str:
-        seen = ", ".join(f"{s}={d[:19] if d else '-'}" for s, d in self.digests.items())
+        seen = ", ".join(f"{s}={short_digest(d)}" for s, d in self.digests.items())
         return f"conflict {self.repository}:{self.tag}: {seen}; {self.reason}"
 
 
@@ -666,7 +667,7 @@ class FailbackItem:
 
     def describe(self, returning: str) -> str:
         dst = f"{self.site}/{self.repository}:{self.tag}"
-        short = self.digest[:19] if self.digest else "-"
+        short = short_digest(self.digest)
         if self.kind == "delete":
             return f"delete   {dst} ({short}; {self.reason})"
         if self.kind == "spread":
@@ -831,7 +832,7 @@ async def _plan_returning(
                 reason = (
                     f"{site} took it before it failed and never replicated it"
                     if held is None
-                    else f"{target} holds it at {held.digest[:19]}; left as it is"
+                    else f"{target} holds it at {short_digest(held.digest)}; left as it is"
                 )
                 report.items.append(
                     FailbackItem(
@@ -859,7 +860,7 @@ async def _report_overwritten(journal: Journal, site: str, report: FailbackRepor
                 action.tag,
                 action.target_digest,
                 f"{site}'s unreplicated version is replaced by {action.source_site}'s "
-                f"{(action.source_digest or '')[:19]} (the promoted site wins)",
+                f"{short_digest(action.source_digest)} (the promoted site wins)",
             )
         )
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 from replicator.config import Rule
 from replicator.rules import cosign_tags_of, covered_tags, covers, is_cosign_tag, map_repository
+from replicator.text import short_digest
 
 ActionKind = Literal["copy", "delete", "conflict", "up-to-date"]
 
@@ -40,21 +41,21 @@ class Action:
         src = f"{self.source_site}/{self.repository}:{self.tag}"
         dst = f"{self.target_site}/{self.target_repository}:{self.tag}"
         if self.kind == "copy":
-            what = "new" if self.target_digest is None else f"was {_short(self.target_digest)}"
-            return f"copy     {src} -> {dst} ({_short(self.source_digest)}, {what})"
+            what = (
+                "new" if self.target_digest is None else f"was {short_digest(self.target_digest)}"
+            )
+            return f"copy     {src} -> {dst} ({short_digest(self.source_digest)}, {what})"
         if self.kind == "delete":
             manifest = ", then its manifest" if self.prune_manifest else ", manifest kept"
-            return f"delete   {dst} (tag{manifest}: {_short(self.target_digest)}; {self.reason})"
+            return (
+                f"delete   {dst} (tag{manifest}: {short_digest(self.target_digest)}; {self.reason})"
+            )
         if self.kind == "conflict":
             return (
-                f"conflict {dst} is {_short(self.target_digest)}, source has "
-                f"{_short(self.source_digest)} (overwrite: false)"
+                f"conflict {dst} is {short_digest(self.target_digest)}, source has "
+                f"{short_digest(self.source_digest)} (overwrite: false)"
             )
         return f"ok       {dst}"
-
-
-def _short(digest: str | None) -> str:
-    return digest[:19] if digest else "-"
 
 
 def selected_tags(
@@ -157,7 +158,7 @@ def plan_target(
                             tag,
                             None,
                             target_all_tags[tag],
-                            f"cosign tag of {_short(digest)}, deleted with its image",
+                            f"cosign tag of {short_digest(digest)}, deleted with its image",
                             attached_to=digest,
                         )
                     )

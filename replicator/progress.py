@@ -19,6 +19,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from replicator.text import short_digest
+
 # Small blobs finish before a bar would be readable; only show the large ones.
 MIN_BAR_BYTES = 8 * 2**20
 
@@ -85,7 +87,7 @@ class TerminalProgress:
 
     def start(self, digest: str, size: int) -> None:
         if size >= MIN_BAR_BYTES:
-            self._tasks[digest] = self._progress.add_task(digest[:19], total=size)
+            self._tasks[digest] = self._progress.add_task(short_digest(digest), total=size)
 
     def advance(self, digest: str, n: int) -> None:
         task = self._tasks.get(digest)

@@ -92,6 +92,7 @@ class SyncReport:
             "blobs_mounted": self.stats.blobs_mounted,
             "blobs_existing": self.stats.blobs_existing,
             "bytes_uploaded": self.stats.bytes_uploaded,
+            "bytes_downloaded": self.stats.bytes_downloaded,
             **({"ratelimits": self.ratelimits} if self.ratelimits else {}),
         }
 

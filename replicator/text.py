@@ -9,6 +9,12 @@ def shorten(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def short_digest(digest: str | None) -> str:
+    """`sha256:` and its first 12 hex digits, or `-` for none: enough to tell digests apart
+    in a plan or a report line, short enough to keep the line readable."""
+    return digest[:19] if digest else "-"
+
+
 def human_bytes(n: float) -> str:
     """`1536` -> `1.5 KiB`: sizes an operator reads at a glance (exact bytes go in --json)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

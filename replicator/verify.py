@@ -22,6 +22,7 @@ from typing import Literal
 from replicator.config import Rule
 from replicator.planner import selected_tags
 from replicator.rules import tag_passes
+from replicator.text import short_digest
 
 DriftKind = Literal["missing", "different", "extra", "incomplete"]
 DRIFT_KINDS: tuple[DriftKind, ...] = ("missing", "different", "extra", "incomplete")
@@ -95,19 +96,15 @@ class Drift:
     def describe(self) -> str:
         where = f"{self.target}/{self.target_repository}:{self.tag}"
         if self.kind == "missing":
-            return f"missing    {where} (source has {_short(self.source_digest)})"
+            return f"missing    {where} (source has {short_digest(self.source_digest)})"
         if self.kind == "different":
             return (
-                f"different  {where} is {_short(self.target_digest)}, source has "
-                f"{_short(self.source_digest)}"
+                f"different  {where} is {short_digest(self.target_digest)}, source has "
+                f"{short_digest(self.source_digest)}"
             )
         if self.kind == "extra":
             return f"extra      {where} (gone from {self.repository} at the source)"
-        return f"incomplete {where} ({_short(self.target_digest)}): {self.blob} absent"
-
-
-def _short(digest: str | None) -> str:
-    return digest[:19] if digest else "-"
+        return f"incomplete {where} ({short_digest(self.target_digest)}): {self.blob} absent"
 
 
 def compare(rule: Rule, source: SourceRepository, target: TargetRepository) -> list[Drift]:

@@ -107,3 +107,24 @@ def test_a_command_loads_only_its_own_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "['replicator.commands.failover']"
     assert "--site" in out.stdout
+
+
+def test_sync_help_and_readme_concepts_name_every_tag_filter():
+    """A tag filter the config accepts but `sync --help` and the README's Concepts list do
+    not mention is one users do not find (regex filters were missed once)."""
+    import re
+
+    from replicator.config.models import TagFilter
+
+    out = subprocess.run(
+        [sys.executable, "-m", "replicator", "sync", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    concepts = readme.split("\n## Concepts\n", 1)[1].split("\n## ", 1)[0]
+    for name in TagFilter.model_fields:
+        word = re.compile(rf"(?<![\w]){name}(?![\w])")
+        assert word.search(out.stdout), f"sync --help does not mention tags.{name}"
+        assert word.search(concepts), f"README's Concepts do not mention tags.{name}"

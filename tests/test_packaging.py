@@ -110,3 +110,18 @@ def test_build_then_install_wheel_and_editable(tmp_path):
     assert Path(info["replicator"]) == src / "replicator" / "__init__.py"
     assert Path(info["collector"]) == src / "gc" / "__init__.py"
     assert info["demo"] is True
+
+
+def test_httpcore_is_pinned_to_the_series_whose_private_read_size_we_raise():
+    """The transport raises httpcore's undocumented READ_NUM_BYTES; the pin in pyproject
+    must hold the installed (tested) version, and the attribute must still take effect."""
+    import httpcore
+    from packaging.requirements import Requirement
+
+    import replicator.registry.transport  # noqa: F401  (raises the read size on import)
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [Requirement(d) for d in deps if Requirement(d).name == "httpcore"]
+    assert pin.specifier.contains(httpcore.__version__), (pin, httpcore.__version__)
+    assert not pin.specifier.contains("1.1.0"), "pinned beyond the tested 1.0.x series"
+    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES >= 256 * 1024

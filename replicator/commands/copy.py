@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{result.status}: {result.source} -> {result.target} ({result.digest}); "
             f"blobs uploaded {stats.blobs_uploaded}, mounted {stats.blobs_mounted}, "
-            f"existing {stats.blobs_existing}, {human_bytes(stats.bytes_uploaded)}"
+            f"existing {stats.blobs_existing}, {human_bytes(stats.bytes_uploaded)} uploaded, "
+            f"{human_bytes(stats.bytes_downloaded)} downloaded"
         )
     if result.status == "failed":
         print(f"registry-replicator: copy failed: {result.error}", file=sys.stderr)

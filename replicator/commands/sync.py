@@ -13,8 +13,9 @@ from replicator.text import human_bytes
 DESCRIPTION = """\
 For each rule: list the source repositories (literal names as they are, globs
 matched against the catalog; sources without one, like Docker Hub, need literal
-names) and tags (include/exclude/semver/latest), compare with every target by
-one HEAD per tag, then copy what is missing or different and, with
+names) and tags (include/exclude globs, regex/exclude_regex patterns searched as
+skopeo sync does, e.g. '^v\\d+\\.\\d+\\.\\d+$', semver, latest), compare with every
+target by one HEAD per tag, then copy what is missing or different and, with
 `deletes: true`, delete what the source no longer has. With `overwrite: false`
 a target tag that differs is reported as a conflict and left alone.
 
@@ -99,7 +100,8 @@ def _summary(c: dict) -> str:
         f"copied {c['copied']}, deleted {c['deleted']}, {c['skipped']} up to date, "
         f"{c['conflicts']} conflicts, {c['failed']} failed{listings}; blobs uploaded "
         f"{c['blobs_uploaded']}, mounted {c['blobs_mounted']}, "
-        f"{human_bytes(c['bytes_uploaded'])}"
+        f"{human_bytes(c['bytes_uploaded'])} uploaded, "
+        f"{human_bytes(c['bytes_downloaded'])} downloaded"
     )
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from replicator.config import add_config_argument, load_config
 from replicator.errors import UsageError
+from replicator.text import short_digest
 
 if TYPE_CHECKING:
     from replicator.journal import Journal
@@ -181,7 +182,7 @@ def format_tasks(views: Sequence[TaskView], now: float) -> list[str]:
         ref = f"@{t.digest}" if t.digest and not t.tag else f":{t.tag}"
         image = f"{t.target_repository}{ref}"
         if t.digest and t.tag:
-            image += f"@{t.digest[:19]}"
+            image += f"@{short_digest(t.digest)}"
         table.append(
             (
                 str(t.id),

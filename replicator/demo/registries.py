@@ -1,4 +1,10 @@
-"""Local `docker-registry` processes standing in for regions in the demo."""
+"""Local `docker-registry` processes standing in for regions in the demo.
+
+The test harness has its own launcher (tests/harness/registry.py) on purpose: this one
+ships in the wheel and holds only what the demo needs (an async start, errors that say
+what to install); the harness adds test-only knobs (basic and token auth, config
+overrides, storage inspection) and stays independent of the product code it tests.
+"""
 
 from __future__ import annotations
 

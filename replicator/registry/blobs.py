@@ -52,6 +52,7 @@ class BlobStream:
         self.offset = offset
         self.size, self._skip = stream_extent(response, offset)  # skip: server ignored Range
         self.received = 0  # bytes yielded so far (after `offset`)
+        self.downloaded = 0  # bytes off the wire, including any the server sent before `offset`
         self._verify = verify and offset == 0
         self._consumed = False
 
@@ -70,6 +71,7 @@ class BlobStream:
         try:
             async for chunk in self._resp.aiter_bytes(CHUNK):
                 stats["bytes_downloaded"] += len(chunk)
+                self.downloaded += len(chunk)
                 if bandwidth is not None:
                     await bandwidth.take(len(chunk))
                 if skip:

@@ -3,6 +3,11 @@
 Each instance listens on a free 127.0.0.1 port with its own storage directory
 and deletes enabled. Optional: htpasswd basic auth, token auth (trusting a
 test token server's certificate), and notifications to a webhook URL.
+
+Deliberately not shared with replicator/demo/registries.py, the launcher that ships in
+the wheel for the demo: the fixtures stay independent of the product code under test,
+and the test-only knobs here (auth, config overrides, storage inspection) stay out of
+the product.
 """
 
 from __future__ import annotations
