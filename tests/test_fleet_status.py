@@ -361,3 +361,49 @@ def test_status_names_an_unreachable_broker_and_still_shows_the_journal(tmp_path
         timeout=60,
     )
     assert journal_only.returncode == 0 and "instances" not in journal_only.stdout
+
+
+def test_an_instance_publishes_again_at_once_when_its_broker_comes_back(
+    mosquitto: Mosquitto,
+):
+    """The interval is long: only the new connection can explain the new message. A
+    broker restart is where a will may have been published meanwhile."""
+    cfg = config_from_dict(
+        {
+            "sites": {"a": {"url": "http://127.0.0.1:1", "insecure": True}},
+            "rules": [],
+            "mqtt": {"url": mosquitto.url, "topic": TOPIC, "status_interval": "10m"},
+        }
+    )
+    assert cfg.mqtt is not None
+    mqtt = cfg.mqtt
+
+    async def queue() -> QueueSummary:
+        return QueueSummary({"queued": 0, "running": 0, "retry": 0, "dead": 0}, None)
+
+    async def published_at() -> float | None:
+        fleet = await read_fleet(mqtt)
+        return fleet.members[0].status.published_at if fleet.members else None
+
+    async def scenario() -> None:
+        publisher = StatusPublisher(mqtt, "inst-0", queue, lambda: None)
+        bus = MqttBus(mqtt_settings(mqtt, "inst-0", will=publisher.will))
+        loop = asyncio.create_task(publisher.loop(bus))
+        try:
+            first = await async_wait_until(published_at, timeout=10, what="the first status")
+            await asyncio.to_thread(mosquitto.restart, kill=True)
+            await async_wait_until(
+                lambda: _newer(published_at, first), timeout=15, what="a status after reconnecting"
+            )
+            assert bus.connections >= 2
+        finally:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+            await bus.stop()
+
+    asyncio.run(scenario())
+
+
+async def _newer(read: Any, than: float) -> bool:
+    value = await read()
+    return value is not None and value > than
