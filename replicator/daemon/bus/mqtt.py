@@ -553,6 +553,7 @@ class MqttBus(EventBus):
                         )
                     attempt = 0
                     self.last_connect_error = None
+                    self.connections += 1
                     await self._set_connection(conn)
                     await self._subscribe(conn)  # in case start() came meanwhile
                     async for message in client.messages:
@@ -603,8 +604,6 @@ class MqttBus(EventBus):
 
     async def _set_connection(self, conn: _Connection | None) -> None:
         async with self._conn_changed:
-            if conn is not None and conn is not self._conn:
-                self.connections += 1
             self._conn = conn
             self._conn_changed.notify_all()
 
