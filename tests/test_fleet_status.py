@@ -407,3 +407,29 @@ def test_an_instance_publishes_again_at_once_when_its_broker_comes_back(
 async def _newer(read: Any, than: float) -> bool:
     value = await read()
     return value is not None and value > than
+
+
+def test_the_queue_an_instance_reports_is_its_journal_s_unfinished_work(tmp_path):
+    journal = Journal(tmp_path / "journal.db")
+    for n, (state, error, created) in enumerate(
+        [
+            ("pending", None, NOW - 30),  # queued
+            ("pending", "503 from b", NOW - 400),  # retry: waiting out its backoff
+            ("leased", None, NOW - 90),  # running
+            ("dead", "gave up", NOW - 9000),  # dead: counted, but not lag
+            ("done", None, NOW - 8000),  # finished: neither
+        ]
+    ):
+        sql(
+            journal,
+            "INSERT INTO tasks(key, rule, action, source_site, target_site, repository, "
+            "target_repository, tag, state, last_error, next_try, created_at, updated_at) "
+            "VALUES (?, 'team', 'copy', 'a', 'b', 'team/app', 'team/app', 'v1', ?, ?, 0, ?, ?)",
+            (f"k{n}", state, error, created, created),
+        )
+    try:
+        summary = asyncio.run(journal.status.queue_summary())
+    finally:
+        journal.close()
+    assert dict(summary.counts) == {"queued": 1, "running": 1, "retry": 1, "dead": 1}
+    assert summary.oldest_unfinished_at == NOW - 400

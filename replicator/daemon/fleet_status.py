@@ -122,7 +122,7 @@ class StatusPublisher:
 
     async def stopped(self, bus: MqttBus) -> None:
         """The last word of a clean stop (the will is not sent on a clean disconnect)."""
-        await self.publish(bus, "stopped", "stopped cleanly", timeout=STOP_PUBLISH_TIMEOUT)
+        await self.publish(bus, "stopped", timeout=STOP_PUBLISH_TIMEOUT)
 
 
 async def read_fleet(
