@@ -53,6 +53,7 @@ from replicator.config.types import (
     split_host_port,
 )
 from replicator.errors import ConfigError
+from replicator.fleet import status_topic_root
 from replicator.globs import repository_selected
 from replicator.manifest import Platform
 
@@ -279,6 +280,17 @@ class MqttConfig(_Model):
     password_file: Path | None = None
     qos: Literal[1, 2] = Field(1, description="1 or 2; QoS 0 could lose events")
     tls: TLSConfig | None = None
+    status_topic: str | None = Field(
+        None,
+        description="each instance publishes its queue and lag, retained, on "
+        "<status_topic>/<instance>; a sibling of topic, never under it (default: topic "
+        "with its last level replaced by 'status', e.g. registry/status)",
+    )
+    status_interval: PositiveDuration = Field(
+        15.0,
+        description="how often each instance publishes its status; `status` calls an "
+        "instance stale after 3 intervals without one",
+    )
 
     inline_password: InlineSecret = Field(None, alias="password", exclude=True, repr=False)
 
@@ -345,9 +357,17 @@ class MqttConfig(_Model):
             )
         return value
 
+    @field_validator("status_topic")
+    @classmethod
+    def _status_topic(cls, value: str | None) -> str | None:
+        if value is not None:
+            cls._topic(value)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> MqttConfig:
         one_source(self, "password")
+        status_topic_root(self.topic, self.status_topic)  # ValueError: under the events topic
         if (self.password_env or self.password_file) and not self.username:
             raise ValueError("a password needs a username")
         return self
@@ -364,6 +384,11 @@ class MqttConfig(_Model):
     @property
     def use_tls(self) -> bool:
         return self.url.startswith("mqtts://")
+
+    @property
+    def status_root(self) -> str:
+        """Where instances publish their status (`replicator.fleet`)."""
+        return status_topic_root(self.topic, self.status_topic)
 
     def password(self) -> str | None:
         where = "mqtt.password_" + ("env" if self.password_env else "file")

@@ -41,8 +41,9 @@ from replicator.clients import ClientPool
 from replicator.config import Config, Rule, load_config
 from replicator.copy import CopyEngine, CopyJob, CopyOptions
 from replicator.daemon import housekeeping
-from replicator.daemon.bus import EventBus, InProcessBus, MqttBus, MqttSettings
+from replicator.daemon.bus import EventBus, InProcessBus, MqttBus
 from replicator.daemon.dispatch import SourceTags, needs_source_tags, tasks_for_event
+from replicator.daemon.fleet_status import StatusPublisher, mqtt_settings
 from replicator.daemon.identity import InstanceIdentity, claim_identity
 from replicator.daemon.intake import SiteIntake, create_app
 from replicator.daemon.notify import Notifier
@@ -126,6 +127,9 @@ class Daemon:
         )
         self.pool = ClientPool(self.config, observer=self.metrics.request_observer())
         self.engine = CopyEngine(BlobIndex(self.journal), before_manifest_put=self._before_put)
+        self._last_event_at: float | None = None  # when the bus last delivered an event
+        self.fleet: StatusPublisher | None = None  # with MQTT: our status for `status`
+        self._fleet_task: asyncio.Task | None = None
         self.bus: EventBus = self._make_bus()
         self.rules: list[Rule] = list(self.config.rules)
         self._stop = asyncio.Event()
@@ -145,18 +149,10 @@ class Daemon:
         mqtt = self.config.mqtt
         if mqtt is None:
             return InProcessBus()
-        return MqttBus(
-            MqttSettings(
-                mqtt.url,
-                mqtt.topic,
-                self.instance_id,
-                group=mqtt.group,
-                username=mqtt.username,
-                password=mqtt.password(),
-                qos=mqtt.qos,
-                tls=mqtt.tls,
-            )
+        self.fleet = StatusPublisher(
+            mqtt, self.instance_id, self.journal.status.queue_summary, lambda: self._last_event_at
         )
+        return MqttBus(mqtt_settings(mqtt, self.instance_id, will=self.fleet.will))
 
     def _intake_sites(self) -> dict[str, SiteIntake]:
         return {
@@ -196,6 +192,8 @@ class Daemon:
         self._install_metrics()
         await self._refresh_gauges()
         await self.bus.start(self._on_event)
+        if self.fleet is not None and isinstance(self.bus, MqttBus):
+            self._fleet_task = asyncio.create_task(self.fleet.loop(self.bus), name="fleet-status")
         # events journaled by a previous life but never handed to the bus go out first
         leftover = await self.journal.events.by_state("new")
         if leftover:
@@ -265,6 +263,7 @@ class Daemon:
             await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.queue.release_owned()  # unfinished work goes back for the next start
+        await self._say_stopped()
         with contextlib.suppress(Exception):
             # bounded: a handler that keeps failing must not hold up the exit; what it did
             # not finish stays in the journal (in-process) or the broker session (MQTT)
@@ -280,6 +279,17 @@ class Daemon:
         self.journal.close()
         self.identity.release()
         self.notifier.close()
+
+    async def _say_stopped(self) -> None:
+        """Publish `stopped` (bounded): a clean disconnect does not send the will. The
+        periodic publisher ends first, so no `online` can overtake it."""
+        task, self._fleet_task = self._fleet_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self.fleet is not None and isinstance(self.bus, MqttBus) and self.bus.connected:
+            with contextlib.suppress(Exception):
+                await self.fleet.stopped(self.bus)
 
     # ----------------------------------------------------------------- reload
     async def reload(self) -> None:
@@ -398,6 +408,7 @@ class Daemon:
         dispatched once handled (their tasks are in the journal), not once queued: a
         SIGKILL with events still queued then re-publishes them at the next start."""
         await self._plan(event, trace_context)
+        self._last_event_at = time.time()
         if isinstance(self.bus, InProcessBus):
             self._mark_dispatched([event])
 

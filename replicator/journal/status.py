@@ -25,6 +25,17 @@ class StatusRows:
     replicated: Sequence[Mapping[str, Any]]  # source_site, target_site, last_at
 
 
+# what an operator calls the unfinished states: pending without an error is `queued`,
+# pending after a failed attempt (waiting out its backoff) is `retry`, leased is `running`
+QUEUE_KINDS: tuple[str, ...] = ("queued", "running", "retry", "dead")
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    counts: Mapping[str, int]  # QUEUE_KINDS -> tasks
+    oldest_unfinished_at: float | None  # created_at of the oldest queued, running or retry
+
+
 class StatusView:
     """Read-only aggregates for `registry-replicator status`."""
 
@@ -33,6 +44,23 @@ class StatusView:
 
     async def rows(self, recent_runs: int = 500) -> StatusRows:
         return await self._journal.read(_read, recent_runs)
+
+    async def queue_summary(self) -> QueueSummary:
+        """What an instance tells the fleet about its queue (one small grouped read)."""
+        found = await self._journal.read(
+            rows,
+            "SELECT CASE WHEN state = 'leased' THEN 'running' WHEN state = 'dead' THEN 'dead' "
+            "WHEN last_error IS NOT NULL THEN 'retry' ELSE 'queued' END AS kind, "
+            "COUNT(*) AS n, MIN(created_at) AS oldest "
+            "FROM tasks WHERE state IN ('pending', 'leased', 'dead') GROUP BY kind",
+        )
+        counts = {kind: 0 for kind in QUEUE_KINDS}
+        oldest: float | None = None
+        for row in found:
+            counts[row["kind"]] = int(row["n"])
+            if row["kind"] != "dead" and row["oldest"] is not None:
+                oldest = row["oldest"] if oldest is None else min(oldest, row["oldest"])
+        return QueueSummary(counts, oldest)
 
 
 def _read(db: sqlite_utils.Database, recent_runs: int) -> StatusRows:

@@ -12,13 +12,20 @@
 
 Modules: `wire` (the JSON form of an event and its trace context), `inprocess`
 (`InProcessBus`, the embedded default), `mqtt` (`MqttBus` and its `MqttSettings`),
-`paho_adapter` (the one place that reaches under aiomqtt's public API), `errors`.
+`paho_adapter` (the one place that reaches under aiomqtt's public API), `retained` (a
+one-shot reader of retained messages, for `status`), `errors`.
 """
 
 from replicator.daemon.bus.base import EventBus, Handler
 from replicator.daemon.bus.errors import BusClosed, BusError, BusRefused, BusUnavailable
 from replicator.daemon.bus.inprocess import InProcessBus
-from replicator.daemon.bus.mqtt import BrokerAddress, MqttBus, MqttSettings, parse_broker_url
+from replicator.daemon.bus.mqtt import (
+    BrokerAddress,
+    MqttBus,
+    MqttSettings,
+    RetainedMessage,
+    parse_broker_url,
+)
 from replicator.daemon.bus.wire import (
     EVENT_JSON_VERSION,
     current_trace_context,
@@ -38,6 +45,7 @@ __all__ = [
     "InProcessBus",
     "MqttBus",
     "MqttSettings",
+    "RetainedMessage",
     "current_trace_context",
     "event_from_json",
     "event_to_json",

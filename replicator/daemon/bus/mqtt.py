@@ -15,6 +15,10 @@ to paho's automatic ack (on receipt): then an event received but not yet handled
 the process dies is lost to the bus, and only the journal/reconcile backstop catches
 it. `manual_ack` tells which mode is active.
 
+Retained messages (`publish_retained`, and the will in `MqttSettings.will`) carry an
+instance's status for `registry-replicator status` (`replicator.fleet`); they go to
+topics outside `<topic>/`, so the event subscription never sees them.
+
 Our own publishes are checked the same way: a PUBACK with a failure reason code (ACL,
 quota) raises `BusRefused` instead of passing for durable.
 
@@ -85,6 +89,16 @@ def parse_broker_url(url: str) -> BrokerAddress:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class RetainedMessage:
+    """A retained message with an MQTT 5 message expiry: the broker keeps it for new
+    subscribers until it is replaced or `expiry` seconds have passed."""
+
+    topic: str
+    payload: bytes = dataclasses.field(repr=False)
+    expiry: int
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class MqttSettings:
     """Everything an MqttBus is made of, checked on creation (ConfigError names the
@@ -109,6 +123,7 @@ class MqttSettings:
     tls: TlsFiles | None = None  # CA, client certificate and key (mqtts:// only)
     handler_backoff_base: float = 0.2
     handler_backoff_max: float = 30.0
+    will: RetainedMessage | None = None  # the broker publishes it if we vanish
     broker: BrokerAddress = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -194,6 +209,7 @@ class MqttBus(EventBus):
         self.reconnect_delays: list[float] = []
         self.manual_ack: bool | None = None  # known after the first connection
         self.last_connect_error: str | None = None  # why the last connection attempt failed
+        self.connections = 0  # connections made so far (see `wait_new_connection`)
 
     def __repr__(self) -> str:
         return repr(self.settings).replace("MqttSettings", "MqttBus", 1)
@@ -223,7 +239,51 @@ class MqttBus(EventBus):
         async with asyncio.timeout(timeout), self._conn_changed:
             await self._conn_changed.wait_for(lambda: self.connected)
 
+    async def wait_new_connection(self, seen: int, timeout: float) -> int:
+        """Wait at most `timeout` for a connection after the `seen`-th one; returns the
+        count of connections made so far (unchanged: none came within `timeout`)."""
+        self._ensure_running()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout), self._conn_changed:
+                await self._conn_changed.wait_for(
+                    lambda: self.connected and self.connections > seen
+                )
+        return self.connections
+
     # --- publishing ------------------------------------------------------------
+    async def publish_retained(self, message: RetainedMessage, *, timeout: float) -> None:
+        """Publish `message` retained (QoS `qos`), once, on the current connection;
+        returns at the broker's acknowledgement. BusUnavailable when not connected
+        within `timeout` or the connection drops meanwhile: the caller publishes again
+        later (a status is replaced by the next one anyway)."""
+        if self._stopping.is_set():
+            raise BusClosed("event bus is stopped")
+        self._ensure_running()
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._conn_changed:
+                    await self._conn_changed.wait_for(
+                        lambda: self.connected or self._stopping.is_set()
+                    )
+                conn = self._conn
+                if conn is None or self._stopping.is_set():
+                    raise BusClosed("event bus stopped")
+                properties = _publish_properties({}, expiry=message.expiry)
+                await self._send(conn, message.topic, message.payload, properties, retain=True)
+        except TimeoutError:
+            detail = self.last_connect_error or "no connection to the broker"
+            raise BusUnavailable(
+                f"retained message on {message.topic[:200]} not acknowledged by MQTT broker "
+                f"{self.host}:{self.port} within {timeout:g}s: {redact(detail)[:300]}"
+            ) from None
+        except BusError:
+            raise
+        except Exception as exc:  # the connection broke under the publish
+            raise BusUnavailable(
+                f"retained message on {message.topic[:200]} to MQTT broker "
+                f"{self.host}:{self.port} failed: {redact(str(exc))[:300]}"
+            ) from None
+
     async def publish(
         self,
         event: RegistryEvent,
@@ -309,15 +369,28 @@ class MqttBus(EventBus):
             f"{redact(detail)[:300]}"
         )
 
-    async def _send(self, conn: _Connection, topic: str, payload: bytes, properties: Any) -> None:
+    async def _send(
+        self,
+        conn: _Connection,
+        topic: str,
+        payload: bytes,
+        properties: Any,
+        *,
+        retain: bool = False,
+    ) -> None:
         """One QoS 1/2 publish on `conn`, returning at the broker's acknowledgement;
         BusRefused when the broker answered with a failure reason code."""
         if not conn.paho.checks_publish_acks:
             await conn.client.publish(
-                topic, payload, qos=self.qos, properties=properties, timeout=math.inf
+                topic,
+                payload,
+                qos=self.qos,
+                retain=retain,
+                properties=properties,
+                timeout=math.inf,
             )
             return
-        reason = await conn.paho.publish(topic, payload, self.qos, properties)
+        reason = await conn.paho.publish(topic, payload, self.qos, properties, retain=retain)
         if getattr(reason, "is_failure", False):
             raise BusRefused(
                 f"MQTT broker {self.host}:{self.port} refused the publish to "
@@ -417,6 +490,14 @@ class MqttBus(EventBus):
         settings = self.settings
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = settings.session_expiry
+        will = None
+        if settings.will is not None:
+            will_props = _publish_properties(
+                {}, expiry=settings.will.expiry, packet=PacketTypes.WILLMESSAGE
+            )
+            will = aiomqtt.Will(
+                settings.will.topic, settings.will.payload, self.qos, True, will_props
+            )
         client = aiomqtt.Client(
             self.host,
             self.port,
@@ -426,6 +507,7 @@ class MqttBus(EventBus):
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,
             properties=props,
+            will=will,
             keepalive=settings.keepalive,
             timeout=settings.connect_timeout,
             tls_context=self._tls_context,
@@ -471,6 +553,7 @@ class MqttBus(EventBus):
                         )
                     attempt = 0
                     self.last_connect_error = None
+                    self.connections += 1
                     await self._set_connection(conn)
                     await self._subscribe(conn)  # in case start() came meanwhile
                     async for message in client.messages:
@@ -535,13 +618,17 @@ def _check_topic_part(
         raise error(message, where) if error is ConfigError else error(f"{where}: {message}")
 
 
-def _publish_properties(context: dict[str, str]) -> Any:
+def _publish_properties(
+    context: dict[str, str], *, expiry: int | None = None, packet: int | None = None
+) -> Any:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH if packet is None else packet)
     props.ContentType = "application/json"
     props.PayloadFormatIndicator = 1
+    if expiry is not None:
+        props.MessageExpiryInterval = expiry
     if context:
         props.UserProperty = list(context.items())
     return props

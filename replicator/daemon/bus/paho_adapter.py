@@ -90,11 +90,13 @@ class PahoAdapter:
             with contextlib.suppress(Exception):  # a lost connection: redelivered anyway
                 self._paho.ack(mid, qos)
 
-    async def publish(self, topic: str, payload: bytes, qos: int, properties: Any) -> Any:
+    async def publish(
+        self, topic: str, payload: bytes, qos: int, properties: Any, *, retain: bool = False
+    ) -> Any:
         """Publish through paho and return the broker's reason code (a paho ReasonCode,
         `is_failure` when refused). Only when `checks_publish_acks`."""
         assert self._paho is not None and self.checks_publish_acks
-        info = self._paho.publish(topic, payload, qos, False, properties)
+        info = self._paho.publish(topic, payload, qos, retain, properties)
         if info.rc != 0:
             raise BusError(f"publish not accepted by the MQTT client (rc={info.rc})")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
