@@ -1,7 +1,7 @@
 """Logging set-up: human lines on a terminal, JSON lines otherwise (journald, files).
 
-Structured fields (site, repository, reference, digest, task, trace_id) travel
-beside the message, not inside it: code that works on one task or one
+Structured fields (site, repository, reference, tag, digest, task, rule, target,
+trace_id) travel beside the message, not inside it: code that works on one task or one
 registry wraps the work in `log_context(...)`, and every record logged inside
 (in that asyncio task and the tasks it starts) carries those fields as JSON
 keys, or as `key=value` suffixes in text mode. The OpenTelemetry trace id of the
@@ -33,7 +33,7 @@ LogFormat = Literal["auto", "text", "json"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT_ENV = "REGISTRY_REPLICATOR_LOG_FORMAT"
 LOG_LEVEL_ENV = "REGISTRY_REPLICATOR_LOG_LEVEL"
-FIELDS = ("site", "repository", "reference", "digest", "task", "rule", "target", "trace_id")
+FIELDS = ("site", "repository", "reference", "tag", "digest", "task", "rule", "target", "trace_id")
 
 _SECRET_QUERY = re.compile(r"(?i)((?:password|token|secret|access_token)=)[^&\s]+")
 _URL_USERINFO = re.compile(r"(?i)(\w+://)[^/@\s]+@")

@@ -223,6 +223,13 @@ def create_app(
         for ev in fresh:
             metrics.events_received.inc(site=ev.site, action=ev.action)
         metrics.webhook_seconds.observe(time.perf_counter() - started)
+        # no access log (a busy registry posts per pull); a debug line per journaled webhook
+        log.debug(
+            "webhook journaled: %d new events, %d duplicates",
+            len(fresh),
+            len(events) - len(fresh),
+            extra={"fields": {"site": site.name}},
+        )
         return JSONResponse(
             {"accepted": len(fresh), "duplicates": len(events) - len(fresh)},
             status_code=202 if fresh else 200,

@@ -53,6 +53,7 @@ from replicator.errors import ConfigError, ReplicatorError
 from replicator.events import RegistryEvent
 from replicator.journal import Journal, QueueError, Task, WorkQueue
 from replicator.journal.tasks import DEFAULT_LEASE_SECONDS
+from replicator.logs import log_context
 from replicator.manifest import is_digest
 from replicator.metrics import METRICS, Metrics
 from replicator.registry.client import RegistryClient
@@ -530,7 +531,9 @@ class Daemon:
     async def _execute(self, task: Task) -> None:
         """Run the task while a heartbeat renews its lease; if the lease is lost anyway
         (this process was frozen past the term), the work is abandoned at once."""
-        with telemetry.replicate_span(task):  # child of the trace the task was journaled with
+        # the copy and its heartbeat start inside the task's log context (asyncio copies
+        # it into both), so every line they log carries the task's fields as keys
+        with telemetry.replicate_span(task), log_context(**_log_fields(task)):
             work = asyncio.create_task(self._execute_task(task), name=f"work-{task.id}")
             beat = asyncio.create_task(self._heartbeat(task), name=f"heartbeat-{task.id}")
             try:
@@ -633,6 +636,19 @@ class Daemon:
             )
         elif not await self.queue.complete(task.id):
             log.warning("task %d finished after it lost its lease", task.id)
+        else:
+            log.info(
+                "task %d: %s %s -> %s (%s); blobs uploaded %d, mounted %d, existing %d; %d B",
+                task.id,
+                result.status,
+                result.source,
+                result.target,
+                result.digest,
+                stats.blobs_uploaded,
+                stats.blobs_mounted,
+                stats.blobs_existing,
+                stats.bytes_uploaded,
+            )
 
     async def _fence(self, task: Task, job: CopyJob, digest: str, ref: str) -> None:
         """Right before a manifest write: the lease must still be ours (renewing it
@@ -866,3 +882,17 @@ class Daemon:
                 raise
             except Exception as exc:
                 log.warning("reading task gauges from the journal failed: %s", exc)
+
+
+def _log_fields(task: Task) -> dict[str, object]:
+    """What every log line about `task` carries (None fields are left out)."""
+    target = f"{task.target_site}/{task.target_repository}" + (f":{task.tag}" if task.tag else "")
+    return {
+        "task": task.id,
+        "rule": task.rule,
+        "site": task.source_site,
+        "repository": task.repository,
+        "tag": task.tag,
+        "digest": task.digest,
+        "target": target,
+    }
