@@ -47,8 +47,10 @@ EVENT_ACTIONS = ("push", "delete", "pull", "mount")
 BLOB_OUTCOMES = ("uploaded", "mounted", "existing")
 RUN_OUTCOMES = ("ok", "failed")
 DRIFT_KINDS = ("missing", "different", "extra", "incomplete")  # replicator.verify's kinds
+# what intake refuses with: bad body, token, size, content type; journal unavailable
+WEBHOOK_REJECTION_STATUSES = ("400", "401", "413", "415", "503")
 HTTP_METHODS = ("GET", "HEAD", "PUT", "POST", "PATCH", "DELETE")
-STATUS_CLASSES = ("2xx", "4xx", "5xx", "error")  # 3xx only appear when not followed
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")  # 3xx: a redirect not followed
 
 # `_created` series double every counter for nothing a dashboard uses
 prometheus_client.disable_created_metrics()
@@ -191,7 +193,10 @@ class Metrics:
             ["target", "outcome"],
         )
         self.retries = c(
-            "task_retries_total", "Task attempts that failed and were scheduled again.", ["target"]
+            "task_retries_total",
+            "Task attempts that failed and were scheduled again (a last attempt counts in "
+            "dead_letters_total instead).",
+            ["rule", "target"],
         )
         self.dead_letters = c(
             "dead_letters_total", "Tasks given up after their last attempt.", ["rule", "target"]
@@ -210,8 +215,8 @@ class Metrics:
         )
         self.request_seconds = h(
             "registry_request_duration_seconds",
-            "Time to each registry's answer (headers), by method.",
-            ["site", "method"],
+            "Time to each registry's answer (headers), by method and status class.",
+            ["site", "method", "status_class"],
             buckets=REQUEST_BUCKETS,
         )
         # pull budgets (Docker Hub's ratelimit headers), read from the clients at scrape
@@ -307,21 +312,25 @@ class Metrics:
             self.gc_reclaimed.inc(0, site=site)
             self.gc_last_success.labels(site=site)
             for method in HTTP_METHODS:
-                self.request_seconds.labels(site=site, method=method)
+                # latency of answers from the start; other classes' histograms appear with
+                # their first request (16 series each: too many to create for nothing)
+                self.request_seconds.labels(site=site, method=method, status_class="2xx")
                 for status_class in STATUS_CLASSES:
                     self.requests.inc(0, site=site, method=method, status_class=status_class)
         for target in targets:
             self.bytes_uploaded.inc(0, target=target)
-            self.retries.inc(0, target=target)
             for outcome in BLOB_OUTCOMES:
                 self.blobs.inc(0, target=target, outcome=outcome)
         for rule_name, target in pairs:
             self.dead_letters.inc(0, rule=rule_name, target=target)
+            self.retries.inc(0, rule=rule_name, target=target)
             for kind in DRIFT_KINDS:
                 self.drift_tags.labels(rule=rule_name, target=target, kind=kind)
         for name in {rule.name for rule in config.rules}:
             for outcome in RUN_OUTCOMES:
                 self.reconcile_runs.inc(0, rule=name, outcome=outcome)
+        for status in WEBHOOK_REJECTION_STATUSES:
+            self.webhook_rejections.inc(0, status=status)
         self.tasks.know((state,) for state in TASK_STATES)
         self.bus_connected.know([()])
         self.ratelimit_remaining.know((site,) for site in sites)
@@ -334,7 +343,9 @@ class Metrics:
         def observe(site: str, method: str, status: int | None, seconds: float) -> None:
             status_class = f"{status // 100}xx" if status else "error"
             self.requests.inc(site=site, method=method, status_class=status_class)
-            self.request_seconds.observe(seconds, site=site, method=method)
+            self.request_seconds.observe(
+                seconds, site=site, method=method, status_class=status_class
+            )
 
         return observe
 

@@ -704,11 +704,12 @@ class Daemon:
 
     async def _failed(self, task: Task, error: str, retryable: bool) -> None:
         telemetry.record_failure(error, retryable=retryable)
-        self.metrics.retries.inc(target=task.target_site)
         await self.queue.fail(task.id, error[:2000], retryable)
         row = await self.queue.get(task.id)
         if row is not None and row.state == "dead":
             self.metrics.dead_letters.inc(rule=task.rule, target=task.target_site)
+        else:
+            self.metrics.retries.inc(rule=task.rule, target=task.target_site)
         log.warning(
             "task %d (%s %s -> %s/%s) failed: %s",
             task.id,
