@@ -6,11 +6,16 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Any
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from replicator.config import add_config_argument, load_config
 from replicator.errors import UsageError
 from replicator.gc.storage import DEFAULT_WORKERS
+
+if TYPE_CHECKING:
+    from replicator.metrics_textfile import GcOutcome
 
 DESCRIPTION = """\
 Run garbage collection for the sites the `gc.policies` cover (or one --site).
@@ -96,6 +101,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: exit once items are quarantined; a later run deletes them)",
     )
     p.add_argument(
+        "--metrics-textfile",
+        metavar="PATH",
+        help="after a real run, add its outcome to this *.prom file for node_exporter's "
+        "textfile collector (the daemon's registry_replicator_gc_* series; for the timer)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=DEFAULT_WORKERS,
@@ -107,6 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from replicator.durations import parse_duration
+    from replicator.metrics_textfile import GcOutcome
 
     try:
         window = parse_duration(args.quarantine_window)
@@ -114,8 +126,25 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--quarantine-window: {exc}") from None
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
+    textfile = _textfile(args.metrics_textfile) if not args.dry_run else None
     config = load_config(args.config)
-    totals = asyncio.run(_gc(config, args, window))
+    try:
+        totals = asyncio.run(_gc(config, args, window))
+    except Exception:
+        if textfile is not None:  # a run that could not even start failed on every site
+            sites = [args.site] if args.site else list(config.sites)
+            _record(textfile, config, [GcOutcome(site, ok=False) for site in sites])
+        raise
+    recorded = True
+    if textfile is not None:
+        recorded = _record(
+            textfile,
+            config,
+            [
+                GcOutcome(site, ok=not info["errors"], bytes_reclaimed=info["bytes_reclaimed"])
+                for site, info in totals["sites"].items()
+            ],
+        )
     if args.json:
         print(
             json.dumps(
@@ -144,7 +173,34 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {w}", file=sys.stderr)
         for e in totals["errors"]:
             print(f"error: {e}", file=sys.stderr)
-    return 1 if totals["errors"] else 0
+    return 1 if totals["errors"] or not recorded else 0
+
+
+def _textfile(value: str | None) -> Path | None:
+    """--metrics-textfile, checked before anything runs."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.suffix != ".prom":
+        raise UsageError(
+            f"--metrics-textfile {value}: node_exporter's textfile collector reads only "
+            "*.prom files"
+        )
+    if not path.parent.is_dir():
+        raise UsageError(f"--metrics-textfile {value}: no directory {path.parent}")
+    return path
+
+
+def _record(path: Path, config: Any, outcomes: list[GcOutcome]) -> bool:
+    """Add the run to the textfile; False (and the reason on stderr) if it cannot be."""
+    from replicator import metrics_textfile  # prometheus-client only when asked for
+
+    try:
+        metrics_textfile.update(path, config.sites, outcomes, time.time())
+    except OSError as exc:
+        print(f"error: --metrics-textfile {path}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def _describe(i: dict[str, Any]) -> str:
