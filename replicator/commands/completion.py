@@ -8,12 +8,16 @@ SHELLS = ("bash", "zsh", "fish")
 
 DESCRIPTION = """\
 Print a script that makes SHELL complete registry-replicator's commands, flags
-and choices (argcomplete). Load it once per shell, or install it:
+and choices (argcomplete). Install it where the shell loads it on demand
+(`registry-replicator completion SHELL > FILE`), or load it in the shell's rc file:
 
-  bash   eval "$(registry-replicator completion bash)"      (e.g. in ~/.bashrc)
-         or: registry-replicator completion bash > /etc/bash_completion.d/registry-replicator
-  zsh    eval "$(registry-replicator completion zsh)"       (in ~/.zshrc, after compinit)
-  fish   registry-replicator completion fish > ~/.config/fish/completions/registry-replicator.fish
+  bash   > /usr/share/bash-completion/completions/registry-replicator
+         (bash-completion loads it on demand), or in ~/.bashrc:
+         eval "$(registry-replicator completion bash)"
+  zsh    > /usr/local/share/zsh/site-functions/_registry-replicator
+         or in ~/.zshrc, after compinit: eval "$(registry-replicator completion zsh)"
+  fish   > /usr/share/fish/vendor_completions.d/registry-replicator.fish
+         or > ~/.config/fish/completions/registry-replicator.fish
 
 The script asks registry-replicator itself for candidates, so it stays right
 when the tool is upgraded.
