@@ -46,7 +46,10 @@ messaging) and their span kinds:
                                  url.full without its query, server.address,
                                  server.port, http.response.status_code, error.type)
   registry-replicator <command>  the root of a CLI run: copy, sync, failover,
-                                 failback, gc (see `command`)
+                                 failback, gc (see `command`); failover adds the site
+                                 names promoted and lost (and recorded), failback the
+                                 site returning and the promoted one it caught up from
+                                 (and failovers_ended); their copies are child spans
   gc <name>                      garbage collection, see `gc_span`
 
 Metrics: the daemon's Prometheus metrics (replicator/metrics.py) are

@@ -104,9 +104,11 @@ async def _with_parts(config, fn):
 
 
 def run_failover(args: argparse.Namespace) -> int:
+    from replicator import telemetry
     from replicator.failover import FailoverRequest, failover
 
     config = load_config(args.config)
+    telemetry.set_attributes(promoted=args.promote, lost=args.lost)  # on the command's root
     report = asyncio.run(
         _with_parts(
             config,
@@ -125,6 +127,7 @@ def run_failover(args: argparse.Namespace) -> int:
             ),
         )
     )
+    telemetry.set_attributes(lost=report.lost, recorded=report.recorded)
     if args.json:
         print(json.dumps(report.as_dict(), sort_keys=True))
     else:
@@ -166,9 +169,11 @@ def run_failover(args: argparse.Namespace) -> int:
 
 
 def run_failback(args: argparse.Namespace) -> int:
+    from replicator import telemetry
     from replicator.failover import failback
 
     config = load_config(args.config)
+    telemetry.set_attributes(returning=args.site)  # on the command's root span
     report = asyncio.run(
         _with_parts(
             config,
@@ -182,6 +187,10 @@ def run_failback(args: argparse.Namespace) -> int:
                 parallel=args.parallel,
             ),
         )
+    )
+    telemetry.set_attributes(
+        promoted=", ".join(sorted(set(report.sources.values()))) or None,
+        failovers_ended=len(report.ended),
     )
     if args.json:
         print(json.dumps(report.as_dict(), sort_keys=True))
