@@ -531,8 +531,9 @@ class Daemon:
     async def _execute(self, task: Task) -> None:
         """Run the task while a heartbeat renews its lease; if the lease is lost anyway
         (this process was frozen past the term), the work is abandoned at once."""
-        # the copy and its heartbeat start inside the task's log context (asyncio copies
-        # it into both), so every line they log carries the task's fields as keys
+        # the span continues the trace the task was journaled with; the copy and its
+        # heartbeat start inside the task's log context (asyncio copies it into both),
+        # so every line they log carries the task's fields as keys
         with telemetry.replicate_span(task), log_context(**_log_fields(task)):
             work = asyncio.create_task(self._execute_task(task), name=f"work-{task.id}")
             beat = asyncio.create_task(self._heartbeat(task), name=f"heartbeat-{task.id}")
