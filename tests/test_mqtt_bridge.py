@@ -14,6 +14,7 @@ manifest PUT the workers make.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,7 @@ def regional_daemons(
     registry_factory: Any,
     proxy_factory: Any,
     workers: int = 2,
+    interval: str | None = None,
 ) -> tuple[Any, Any, FaultProxy, DaemonProcess, list[DaemonProcess]]:
     intake_port = free_port()
     a = registry_factory("a", **notify_kwargs(intake_port, "a"))
@@ -77,6 +79,8 @@ def regional_daemons(
     )
     sites = {"a": site_config(a), "b": site_config(b, url=b_wire.url)}
     rule = {"name": "a-to-b", "from": "a", "to": ["b"], "repositories": ["team/**"]}
+    if interval:
+        rule["interval"] = interval
     region_b = [
         DaemonProcess(
             tmp_path / f"worker{i}",
@@ -154,6 +158,36 @@ def test_bridge_outage_loses_nothing_and_duplicates_nothing(
     assert done == {f"team/{n}": 1 for n in [*before, *during]}
     assert intake.journal_rows("SELECT COUNT(*) FROM tasks") == [(0,)]
     assert all(w.journal_rows("SELECT COUNT(*) FROM events") == [(0,)] for w in workers)
+
+
+def test_a_worker_lost_for_good_is_repaired_by_the_next_reconcile_of_a_survivor(
+    tmp_path, brokers, registry_factory, proxy_factory, daemons
+):
+    """Worker 2's machine is gone (SIGKILL, never restarted): its session at broker B
+    stays in the group and keeps taking its share of the events, which nobody handles.
+    The first reconcile of worker 1 that starts after the pushes copies them all (the
+    README's bound: one interval + jitter + two reconcile runs)."""
+    a, b, _wire, intake, (survivor, lost) = regional_daemons(
+        tmp_path, brokers, registry_factory, proxy_factory, interval="2s"
+    )
+    daemons += [survivor, lost, intake]
+    for daemon in (survivor, lost, intake):
+        daemon.start()
+    for daemon in (survivor, lost, intake):
+        wait_until(lambda d=daemon: ready(d), timeout=20, what=f"{daemon.name} subscribed")
+    lost.kill()
+
+    pushed = push(a.url, ["app0", "app1", "app2", "app3"])
+    pushed_at = time.time()
+    runs_since = "SELECT COUNT(*) FROM sync_runs WHERE state='done' AND started_at > ?"
+    wait_until(
+        lambda: survivor.journal_rows(runs_since, (pushed_at,)) != [(0,)],
+        timeout=30,
+        what="a reconcile of the survivor that started after the pushes",
+    )
+    assert all(image_complete(b, f"team/{n}", "v1", d) for n, d in pushed.items())
+    by_event = {r for (r,) in survivor.journal_rows("SELECT repository FROM tasks")}
+    assert {f"team/{n}" for n in pushed} - by_event, "the lost session took no share"
 
 
 # --- why the bridge speaks MQTT v3.1.1 ------------------------------------------------
