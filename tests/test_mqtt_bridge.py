@@ -31,12 +31,12 @@ from paho.mqtt.properties import Properties
 from tests.harness.daemon import DaemonProcess, image_complete, notify_kwargs, site_config
 from tests.harness.fault_proxy import FaultProxy
 from tests.harness.images import Pusher, layer_bytes
-from tests.harness.mqtt_bridge import BridgedBrokers
+from tests.harness.mqtt_bridge import BridgedBrokers, BridgingMosquitto, bridge_config
 from tests.harness.util import free_port, wait_until
 
 TOPIC = "registry/events"
 GROUP = "replicators"
-MANIFEST_PUT = r"^/v2/.+/manifests/[^/]+$"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture
@@ -261,3 +261,17 @@ def test_a_v311_bridge_keeps_its_remote_session_a_v5_bridge_loses_it(tmp_path):
     assert {"before", "during-1", "during-2", "after"} <= v311
     assert {"before", "after"} <= v5
     assert not {"during-1", "during-2"} & v5
+
+
+def test_the_readme_shows_the_bridge_the_tests_run(tmp_path):
+    """The README's broker A snippet is the configuration tested here (but the address)."""
+    section = README.read_text().split("### Regions: bridged brokers", 1)[1]
+    block = section.split("```text\n", 1)[1].split("```", 1)[0]
+    shown = [line for line in block.splitlines() if line and not line.startswith("address ")]
+    tested = [line for line in bridge_config("region-b", 1883, TOPIC) if "address" not in line]
+    assert shown[shown.index("connection region-b") :] == tested
+    broker = BridgingMosquitto(root=tmp_path / "a", bridge=bridge_config("region-b", 1, TOPIC))
+    broker.write_config()
+    written = broker.config_path.read_text().splitlines()
+    assert {"persistence true", "max_queued_messages 100000"} <= set(written)
+    assert {"persistence true", "max_queued_messages 100000"} <= set(shown)
