@@ -11,14 +11,16 @@ worker count:
   lost        images not at b at the end (must be 0)
   duplicates  manifest PUTs at b beyond one per image (a proxy counts them), and copy
               tasks done in more than one worker's journal
-  throughput  intake-to-done, events/s: all N manifest events over the span from the
-              first received at the intake to the last task done; and the drain rate of
-              the backlog the outage built (events received while the link was down, over
-              the time from the link's return to the last of them done)
+  throughput  intake-to-done, events/s (an event here is an image's manifest push; its
+              blob events ride along): all N over the span from the first received at
+              the intake to the last task done; and the drain rate of the backlog the
+              outage built (events received while the link was down, over the time from
+              the link's return to the last of them done)
   latency     intake -> done for events received before the cut, p50/p99
   CPU         seconds each process used from the first push to the last copy done:
               daemons, brokers, registries, and this script (pusher, link proxy,
-              counting proxy)
+              counting proxy); their sum per image bounds the drain rate this machine
+              can reach whatever the number of workers
 
     .venv/bin/python benchmarks/bench_bridge.py [--pushes 100] [--rate 5] [--outage 10]
         [--workers 1,2] [--keep DIR]
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -256,6 +259,11 @@ def _print(result: dict[str, Any]) -> None:
         f"{result['latency_before_cut_p50_s'] * 1000:.0f} ms, p99 "
         f"{result['latency_before_cut_p99_s'] * 1000:.0f} ms\n"
         "  CPU seconds: " + ", ".join(f"{name} {sec:.2f}" for name, sec in result["cpu_s"].items())
+    )
+    per_image = sum(result["cpu_s"].values()) / result["pushes"]
+    print(
+        f"  all processes: {per_image * 1000:.0f} ms CPU per image, so {os.cpu_count()} "
+        f"cores saturate at about {(os.cpu_count() or 1) / per_image:.0f} images/s"
     )
 
 
