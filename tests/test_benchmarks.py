@@ -174,3 +174,11 @@ def test_bench_latency_small_runs_with_the_goal_conditions_by_default():
     for target in ("b", "c"):
         assert f"push -> complete on {target}: n=10 " in proc.stdout, proc.stdout
     assert "FAILED" not in proc.stdout and "verified complete: 2 images x 2 targets" in proc.stdout
+
+
+def test_bench_bridge_small():
+    """The regional topology benchmark at toy size: a bridge outage loses nothing."""
+    proc = run("bench_bridge.py", "--pushes", "6", "--rate", "6", "--outage", "1", "--workers", "1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "lost 0 of 6; duplicates: 0 manifest PUTs, 0 tasks done twice" in proc.stdout
+    assert "nothing lost" in proc.stdout
