@@ -13,6 +13,9 @@ manifest PUT the workers make.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -158,6 +161,30 @@ def test_bridge_outage_loses_nothing_and_duplicates_nothing(
     assert done == {f"team/{n}": 1 for n in [*before, *during]}
     assert intake.journal_rows("SELECT COUNT(*) FROM tasks") == [(0,)]
     assert all(w.journal_rows("SELECT COUNT(*) FROM events") == [(0,)] for w in workers)
+
+    # `status` in region A lists the region-B workers too: their retained status
+    # messages cross the bridge like the events do
+    def fleet() -> dict[str, dict[str, Any]]:
+        out = subprocess.run(
+            [sys.executable, "-m", "replicator", "status", "-c", str(intake.config_path), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return {i["instance"]: i for i in json.loads(out.stdout)["fleet"]["instances"]}
+
+    def all_three() -> dict[str, dict[str, Any]] | None:
+        found = fleet()
+        return found if len(found) == 3 else None
+
+    seen = wait_until(
+        all_three,
+        timeout=20,
+        what="the intake and both workers in status at broker A",
+    )
+    assert sorted(i.get("group") or "" for i in seen.values()) == ["", GROUP, GROUP]
+    assert {i["state"] for i in seen.values()} == {"online"}
 
 
 def test_a_worker_lost_for_good_is_repaired_by_the_next_reconcile_of_a_survivor(

@@ -55,6 +55,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from replicator.fleet import status_topic_root
 from tests.harness.mosquitto import Mosquitto
 from tests.harness.util import free_port, wait_until
 
@@ -178,6 +179,7 @@ def bridge_config(
         f"connection {name}",
         f"address 127.0.0.1:{remote_port}",
         f"topic {topic}/# both 1",
+        f"topic {status_topic_root(topic)}/# both 1",
         "cleansession false",
         "local_cleansession false",
         f"remote_clientid {remote_clientid}",
