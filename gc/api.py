@@ -52,6 +52,7 @@ from replicator.journal import Journal
 from replicator.journal.events import RegistryTimes
 from replicator.manifest import Manifest
 from replicator.registry.errors import NotFound, RegistryError
+from replicator.registry.manifests import BeforePlaceholder
 
 log = logging.getLogger("replicator.gc.api")
 
@@ -264,6 +265,19 @@ class ApiCollector:
         return out
 
     # --- sweeping ----------------------------------------------------------------
+    def _placeholder_hook(self, tag: str) -> BeforePlaceholder | None:
+        """A tag deleted with the placeholder trick pushes a manifest the registry notifies:
+        the ledger names it our own before the push (as the daemon's delete path does), so
+        a daemon watching the site does not replicate the placeholder."""
+        journal, site = self.journal, self.opts.site
+        if journal is None:
+            return None
+
+        async def hook(repo: str, digest: str) -> None:
+            await journal.ledger.record(site, repo, digest, site, tag)
+
+        return hook
+
     async def sweep(self, plan: RepoPlan, result: GCResult, rec: RunRecorder) -> None:
         repo = plan.repository
         planned = {(i["kind"], i.get("tag") or i.get("digest")): i for i in self.items(plan)}
@@ -285,7 +299,9 @@ class ApiCollector:
         for t in plan.delete_tags:
             key = f"{repo}:{t}"
             try:
-                done = await self.client.delete_tag(repo, t)
+                done = await self.client.delete_tag(
+                    repo, t, before_placeholder=self._placeholder_hook(t)
+                )
             except RegistryError as exc:
                 result.errors.append(str(exc))
                 updates.append(("tag", key, "error", str(exc)))
