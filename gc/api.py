@@ -14,12 +14,16 @@ every manifest revision stored there; rank tags by the registry's push times
   points to is marked and never deleted;
 * expired tags on digests that stay: `RegistryClient.delete_tag` (DELETE by tag
   where the registry supports it, else a placeholder pushed to the tag and
-  deleted by digest), which removes that tag and nothing else;
+  deleted by digest, recorded in the ledger first so a daemon watching the site
+  does not replicate it), which removes that tag and nothing else;
 * blob links (``DELETE /v2/<repo>/blobs/<digest>``) only when every manifest of
   the repository is known, which needs the storage directory: the API cannot list
   untagged manifests, and unlinking a layer an unseen untagged manifest uses
   breaks it. Without storage the pass deletes manifests and tags only, says so,
   and leaves blobs to the storage pass.
+
+Every manifest and tag deleted is tombstoned (origin `retention`), so failover
+catch-up and failback tell "removed by retention" from "never copied".
 
 Right before deleting, each repository's tags are listed and HEADed again (and
 its stored revisions re-read); a tag that appeared or moved onto a doomed digest
@@ -48,7 +52,7 @@ from replicator.gc.policy import (
 )
 from replicator.gc.runs import CandidateRow, RunRecorder
 from replicator.gc.storage import GCResult
-from replicator.journal import Journal
+from replicator.journal import Journal, Tombstone
 from replicator.journal.events import RegistryTimes
 from replicator.manifest import Manifest
 from replicator.registry.errors import NotFound, RegistryError
@@ -282,10 +286,21 @@ class ApiCollector:
         repo = plan.repository
         planned = {(i["kind"], i.get("tag") or i.get("digest")): i for i in self.items(plan)}
         updates: list[tuple[str, str, str, str | None]] = []
+        stones: list[Tombstone] = []
+
+        def tombstone(tag: str | None, digest: str, reason: str) -> None:
+            detail = f"gc {plan.policy.name}: {reason}" if reason else f"gc {plan.policy.name}"
+            stones.append(
+                Tombstone(self.opts.site, repo, tag, digest, time.time(), "retention", detail)
+            )
+
         for d in plan.delete_manifests:  # ordered: sequential on purpose
             key = f"{repo}@{d}"
             try:
                 await self.client.delete_manifest(repo, d)
+                tombstone(None, d, plan.reasons.get(d, ""))
+                for t in sorted(t for t, td in plan.tags.items() if td == d):
+                    tombstone(t, d, plan.reasons.get(d, ""))
                 result.manifests_deleted += 1
                 result.deleted_manifests.add(key)
                 gone_tags = {f"{repo}:{t}" for t, td in plan.tags.items() if td == d}
@@ -307,6 +322,7 @@ class ApiCollector:
                 updates.append(("tag", key, "error", str(exc)))
                 continue
             if done:
+                tombstone(t, plan.tags[t], plan.reasons.get(f"tag:{t}", ""))
                 result.tags_deleted += 1
                 result.deleted_tags.add(key)
                 result.items.append(planned[("tag", t)])
@@ -328,6 +344,8 @@ class ApiCollector:
                 result.errors.append(str(exc))
                 updates.append(("blob", key, "error", str(exc)))
 
+        if stones and self.journal is not None:  # failback and catch-up do not undo them
+            await self.journal.tombstones.record_all(stones)
         await asyncio.gather(*(unlink(b, s) for b, s in sorted(plan.delete_blobs.items())))
         await rec.update_states(updates)
 
