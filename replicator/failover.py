@@ -772,9 +772,8 @@ async def failback(
         except RegistryError as exc:
             report.failures.append(f"rule {rule.name}: failback plan: {exc}")
     if sync_rules:
-        reconciler = Reconciler(
-            config, None if dry_run else journal, pool, engine, parallel=parallel
-        )
+        # the dry run ranks `latest: N` by the journal's push times as the real run does
+        reconciler = Reconciler(config, journal, pool, engine, parallel=parallel, read_only=dry_run)
         report.sync = await reconciler.run(rules=sync_rules, dry_run=dry_run)
         report.failures.extend(report.sync.failures)
         await _report_overwritten(journal, site, report)

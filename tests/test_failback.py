@@ -23,6 +23,7 @@ from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
 from replicator.sync import Reconciler
 from tests.harness.images import Pusher, assert_image_complete, layer_bytes
+from tests.harness.journal import sql
 
 
 def tags(url: str, repo: str = "team/app") -> list[str]:
@@ -300,6 +301,52 @@ async def test_failback_deletes_only_what_the_incident_deleted(registry_factory,
         for site in (p, a):
             assert tags(site.url) == ["v5"]
             assert assert_image_complete(site.url, "team/app", "v5") == v5.digest
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_failback_dry_run_ranks_latest_by_the_journal_as_the_real_run(
+    registry_factory, tmp_path
+):
+    """`latest: 1` over non-version tags ranks by push times, which only the journal
+    knows (the daemon's webhooks at the promoted site): the dry run must read them as
+    the real run does, or it plans another tag. It writes nothing to the journal."""
+    p, a = registry_factory("p"), registry_factory("a")
+    config, journal, pool = parts(
+        tmp_path,
+        {"p": p, "a": a},
+        [{"name": "apps", "from": "p", "to": ["a"], "tags": {"latest": 1}}],
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            zulu = push.push_image("team/app", "zulu", [layer_bytes("lj-zulu", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        assert (await failover(config, journal, pool, engine, FailoverRequest("a"))).recorded
+        with Pusher(a.url) as push:  # the incident: a takes `alpha`, newer than `zulu`
+            alpha = push.push_image("team/app", "alpha", [layer_bytes("lj-alpha", 200)])
+        await journal.inventory.record_tags("a", "team/app", {"zulu": zulu.digest}, 1000.0)
+        await journal.inventory.record_tags("a", "team/app", {"alpha": alpha.digest}, 2000.0)
+        p.start()
+
+        def journal_rows() -> dict[str, int]:
+            counts = {}
+            for table in ("inventory_tags", "replicated", "sync_runs", "tombstones"):
+                counts[table] = sql(journal, f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]
+            return counts
+
+        before = journal_rows()
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert dry.failures == [] and journal_rows() == before, "a dry run writes nothing"
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended
+        assert dry.plan() == real.plan()
+        assert any("team/app:alpha" in line for line in real.plan()), real.plan()
+        assert assert_image_complete(p.url, "team/app", "alpha") == alpha.digest
     finally:
         await pool.aclose()
         journal.close()
