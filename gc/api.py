@@ -16,6 +16,9 @@ every manifest revision stored there; rank tags by the registry's push times
   where the registry supports it, else a placeholder pushed to the tag and
   deleted by digest, recorded in the ledger first so a daemon watching the site
   does not replicate it), which removes that tag and nothing else;
+* a doomed index's children only when every manifest of the repository is known
+  (storage): an untagged index the API cannot see may list them; without storage
+  the index goes alone and the storage pass decides its children;
 * blob links (``DELETE /v2/<repo>/blobs/<digest>``) only when every manifest of
   the repository is known, which needs the storage directory: the API cannot list
   untagged manifests, and unlinking a layer an unseen untagged manifest uses
@@ -35,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,10 @@ log = logging.getLogger("replicator.gc.api")
 NO_BLOBS_WITHOUT_STORAGE = (
     "blob links left to the storage pass: without the site's storage directory the "
     "registry API cannot list untagged manifests, so no blob can be proven unused"
+)
+NO_CHILDREN_WITHOUT_STORAGE = (
+    "{n} child manifest(s) of deleted indexes left to the storage pass: without the "
+    "site's storage directory an untagged index the API cannot list may use them"
 )
 # (repository) -> what the rule's source holds, for follow_source policies
 SourceLookup = Callable[[str], Awaitable[SourceHolds | None]]
@@ -92,6 +99,8 @@ class RepoPlan:
     reasons: dict[str, str]
     kept: dict[str, list[str]] = field(default_factory=dict)  # tag -> why kept
     revisions: set[str] | None = None  # every stored manifest, when storage is known
+    # doomed children of indexes left in place: no storage, so an unseen index may list them
+    spared_children: list[str] = field(default_factory=list)
 
 
 def item(site: str, repo: str, kind: str, ref: str, size: int, clause: str) -> dict[str, Any]:
@@ -194,8 +203,12 @@ class ApiCollector:
             follow = await self.opts.sources(repo)
         dec = decide(policy, infos, graph, now, follow)
         doomed = set(dec.deleted_manifests)
-        # parents and referrers first: delete d only after everything pointing at it
         parents = parents_index(graph)
+        spared: list[str] = []
+        if snap is None:
+            spared = _children_to_spare(doomed, graph, parents)
+            doomed -= set(spared)
+        # parents and referrers first: delete d only after everything pointing at it
         order: list[str] = []
         seen: set[str] = set()
 
@@ -216,6 +229,7 @@ class ApiCollector:
         tag_only = sorted(t for t in dec.deleted_tags if tags[t] not in doomed)
         reasons = {**dec.deleted_manifests, **{f"tag:{t}": r for t, r in dec.deleted_tags.items()}}
         plan = RepoPlan(repo, policy, graph_m, tags, order, tag_only, {}, reasons, dec.kept_tags)
+        plan.spared_children = spared
         if snap is not None and self.opts.delete_blob_links:
             plan.revisions = set(snap.revisions)
             plan.delete_blobs = _unused_blobs(plan, snap.layers)
@@ -350,6 +364,17 @@ class ApiCollector:
         await rec.update_states(updates)
 
 
+def _children_to_spare(
+    doomed: set[str], graph: Mapping[str, Node], parents: Mapping[str, Sequence[str]]
+) -> list[str]:
+    """Doomed manifests listed by an index (platform children), when not every manifest
+    of the repository is known: an untagged index the API cannot list (pushed before
+    the daemon, or its webhook lost) may list them too, and deleting one would break
+    it. The index goes alone; the storage pass, which sees every index, decides the
+    children. A referrer (it has a subject) follows its subject as before."""
+    return sorted(d for d in doomed if d in parents and graph[d].subject is None)
+
+
 def _unused_blobs(plan: RepoPlan, layers: dict[str, float]) -> dict[str, int]:
     """Blobs linked in the repository that only doomed manifests use, when every stored
     manifest is known (else none: an unseen one may use any of them)."""
@@ -420,6 +445,9 @@ async def collect_api(client: Any, journal: Journal | None, options: ApiGCOption
             result.kept.update(summary(plan.kept))
         if options.storage is None and plans:
             result.notes.append(NO_BLOBS_WITHOUT_STORAGE)
+        spared = sum(len(p.spared_children) for p in plans)
+        if spared:
+            result.notes.append(NO_CHILDREN_WITHOUT_STORAGE.format(n=spared))
         await rec.add_candidates([r for p in plans for r in _rows(p)])
         mark_summary = {
             "repositories": len(plans),
