@@ -318,13 +318,14 @@ async def failover(
         return report
     if report.failures and not request.force:
         return report
+    held: dict[str, list[str]] | None
     try:
         held = await _held(pool[promoted], affected, promoted)
     except RegistryError as exc:
         report.failures.append(f"listing what {promoted} holds: {exc}")
         if not request.force:
             return report
-        held = {}
+        held = None  # unknown, not empty: failback falls back on the journal
     detail = {
         "held": held,  # failback: what the promoted site held when the incident began
         "rules": report.rules,

@@ -350,3 +350,47 @@ async def test_failback_dry_run_ranks_latest_by_the_journal_as_the_real_run(
     finally:
         await pool.aclose()
         journal.close()
+
+
+async def test_failback_without_a_held_record_reads_the_journal(registry_factory, tmp_path):
+    """A failover recorded without `held` (an older version, or its listing failed): the
+    ledger and inventory stand in for it, less tags whose delete at the promoted site
+    before the incident is recorded. v1 (deleted before, re-pushed at p) is spread; v3,
+    copied to a and deleted there during the incident unseen, is deleted at p."""
+    p, a = registry_factory("p"), registry_factory("a")
+    config, journal, pool = parts(
+        tmp_path, {"p": p, "a": a}, [{"name": "apps", "from": "p", "to": ["a"], "deletes": True}]
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            push.push_image("team/app", "v1", [layer_bytes("lg-v1", 200)])
+            push.push_image("team/app", "v3", [layer_bytes("lg-v3", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        async with RegistryClient(SiteEndpoint(name="p", url=p.url, insecure=True)) as cp:
+            assert await cp.delete_tag("team/app", "v1")
+        assert (await Reconciler(config, journal, pool, engine).run()).deleted == 1
+        with Pusher(p.url) as push:
+            new_v1 = push.push_image("team/app", "v1", [layer_bytes("lg-v1-new", 200)])
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        assert (await failover(config, journal, pool, engine, FailoverRequest("a"))).recorded
+        sql(journal, "UPDATE failovers SET detail = '{}'")  # as an older version wrote it
+        async with RegistryClient(SiteEndpoint(name="a", url=a.url, insecure=True)) as ca:
+            assert await ca.delete_tag("team/app", "v3")
+        p.start()
+
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended and real.plan() == dry.plan()
+        assert sorted((i.kind, i.site, i.tag) for i in real.items) == [
+            ("delete", "p", "v3"),
+            ("spread", "a", "v1"),
+        ]
+        for site in (p, a):
+            assert tags(site.url) == ["v1"]
+            assert assert_image_complete(site.url, "team/app", "v1") == new_v1.digest
+    finally:
+        await pool.aclose()
+        journal.close()
