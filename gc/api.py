@@ -345,22 +345,30 @@ class ApiCollector:
                 result.notes.append(done.describe())
                 updates.append(("tag", key, "kept", done.describe()))
 
-        async def unlink(b: str, size: int) -> None:
+        async def unlink(b: str, size: int) -> bool:
             key = f"{repo}/_layers/{b}"
             try:
-                if await self._limited(self.client.delete_blob(repo, b)):
+                gone = await self._limited(self.client.delete_blob(repo, b))
+                if gone:
                     result.blobs_deleted += 1
                     result.bytes_reclaimed += size
                     result.deleted_blobs.add(b)
-                    result.items.append(planned[("blob", b)])
                 updates.append(("blob", key, "deleted", None))
+                return gone
             except RegistryError as exc:
                 result.errors.append(str(exc))
                 updates.append(("blob", key, "error", str(exc)))
+                return False
 
         if stones and self.journal is not None:  # failback and catch-up do not undo them
             await self.journal.tombstones.record_all(stones)
-        await asyncio.gather(*(unlink(b, s) for b, s in sorted(plan.delete_blobs.items())))
+        blobs = sorted(plan.delete_blobs.items())
+        unlinked = await asyncio.gather(*(unlink(b, s) for b, s in blobs))
+        # listed in the plan's order, not as the concurrent DELETEs finish: the report
+        # lists the same items as the dry run, in the same order
+        result.items += [
+            planned[("blob", b)] for (b, _), gone in zip(blobs, unlinked, strict=True) if gone
+        ]
         await rec.update_states(updates)
 
 

@@ -1,11 +1,11 @@
-"""API-mode GC and indexes it cannot see, on a real registry (issue 11, follow-up).
+"""What the API-mode GC sweep deletes and reports, on a real registry (issue 11).
 
-Without the site's storage directory the registry API cannot list untagged
-manifests: an untagged index pushed before the daemon existed (or whose webhook was
-lost) is invisible, and it may list a child of an index the policy deletes. So the
-API pass deletes a child manifest only where every manifest of the repository is
-known; otherwise it deletes the index alone and leaves its children, as it leaves
-blobs, to the storage pass.
+The real run reports the items the dry run planned, in the same order. Without the
+site's storage directory the registry API cannot list untagged manifests: an untagged
+index pushed before the daemon existed (or whose webhook was lost) is invisible, and
+it may list a child of an index the policy deletes. So the API pass deletes a child
+manifest only where every manifest of the repository is known; otherwise it deletes
+the index alone and leaves its children, as it leaves blobs, to the storage pass.
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ def pushed(journal: Journal, repo: str, tag: str | None, digest: str, at: float)
     asyncio.run(journal.events.record([ev]))
 
 
-def api_gc(reg, journal: Journal, *, storage: bool, dry_run: bool = False):
+def api_gc(reg, journal: Journal, *, storage: bool, dry_run: bool = False, url: str = ""):
     async def go():
-        async with RegistryClient(SiteEndpoint(name="a", url=reg.url, insecure=True)) as client:
+        site = SiteEndpoint(name="a", url=url or reg.url, insecure=True)
+        async with RegistryClient(site) as client:
             options = ApiGCOptions(
                 site="a",
                 policies=[POLICY],
@@ -123,3 +124,22 @@ def test_with_storage_children_of_a_kept_index_stay(registry, tmp_path) -> None:
     assert real.errors == []
     assert real.deleted_manifests == {f"app@{dev.digest}", f"app@{kids['arm64'].digest}"}
     assert assert_image_complete(registry.url, "app", unseen.digest) == unseen.digest
+
+
+def test_the_real_run_reports_blobs_in_the_planned_order(registry, fault_proxy, tmp_path):
+    """Blob links are unlinked concurrently; the report lists them in the plan's order
+    however the DELETEs finish (the first one answers last here)."""
+    with Pusher(registry.url) as p:
+        p.push_image("app", "v1", [layer_bytes("or-v1", 300)])
+        dev = p.push_image("app", "dev", [layer_bytes("or-a", 300), layer_bytes("or-b", 300)])
+    age_tree(registry.storage, 7200)
+    journal = Journal(tmp_path / "j.db")
+    try:
+        dry = api_gc(registry, journal, storage=True, dry_run=True)
+        blobs = [i["digest"] for i in dry.items if i["kind"] == "blob"]
+        assert sorted(blobs) == sorted(dev.blobs) and len(blobs) == 3
+        fault_proxy.delay(1.0, method="DELETE", path=f"/blobs/{blobs[0]}$")
+        real = api_gc(registry, journal, storage=True, url=fault_proxy.url)
+    finally:
+        journal.close()
+    assert real.errors == [] and real.items == dry.items
