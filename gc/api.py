@@ -14,12 +14,19 @@ every manifest revision stored there; rank tags by the registry's push times
   points to is marked and never deleted;
 * expired tags on digests that stay: `RegistryClient.delete_tag` (DELETE by tag
   where the registry supports it, else a placeholder pushed to the tag and
-  deleted by digest), which removes that tag and nothing else;
+  deleted by digest, recorded in the ledger first so a daemon watching the site
+  does not replicate it), which removes that tag and nothing else;
+* a doomed index's children only when every manifest of the repository is known
+  (storage): an untagged index the API cannot see may list them; without storage
+  the index goes alone and the storage pass decides its children;
 * blob links (``DELETE /v2/<repo>/blobs/<digest>``) only when every manifest of
   the repository is known, which needs the storage directory: the API cannot list
   untagged manifests, and unlinking a layer an unseen untagged manifest uses
   breaks it. Without storage the pass deletes manifests and tags only, says so,
   and leaves blobs to the storage pass.
+
+Every manifest and tag deleted is tombstoned (origin `retention`), so failover
+catch-up and failback tell "removed by retention" from "never copied".
 
 Right before deleting, each repository's tags are listed and HEADed again (and
 its stored revisions re-read); a tag that appeared or moved onto a doomed digest
@@ -31,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,16 +55,21 @@ from replicator.gc.policy import (
 )
 from replicator.gc.runs import CandidateRow, RunRecorder
 from replicator.gc.storage import GCResult
-from replicator.journal import Journal
+from replicator.journal import Journal, Tombstone
 from replicator.journal.events import RegistryTimes
 from replicator.manifest import Manifest
 from replicator.registry.errors import NotFound, RegistryError
+from replicator.registry.manifests import BeforePlaceholder
 
 log = logging.getLogger("replicator.gc.api")
 
 NO_BLOBS_WITHOUT_STORAGE = (
     "blob links left to the storage pass: without the site's storage directory the "
     "registry API cannot list untagged manifests, so no blob can be proven unused"
+)
+NO_CHILDREN_WITHOUT_STORAGE = (
+    "{n} child manifest(s) of deleted indexes left to the storage pass: without the "
+    "site's storage directory an untagged index the API cannot list may use them"
 )
 # (repository) -> what the rule's source holds, for follow_source policies
 SourceLookup = Callable[[str], Awaitable[SourceHolds | None]]
@@ -87,6 +99,8 @@ class RepoPlan:
     reasons: dict[str, str]
     kept: dict[str, list[str]] = field(default_factory=dict)  # tag -> why kept
     revisions: set[str] | None = None  # every stored manifest, when storage is known
+    # doomed children of indexes left in place: no storage, so an unseen index may list them
+    spared_children: list[str] = field(default_factory=list)
 
 
 def item(site: str, repo: str, kind: str, ref: str, size: int, clause: str) -> dict[str, Any]:
@@ -189,8 +203,12 @@ class ApiCollector:
             follow = await self.opts.sources(repo)
         dec = decide(policy, infos, graph, now, follow)
         doomed = set(dec.deleted_manifests)
-        # parents and referrers first: delete d only after everything pointing at it
         parents = parents_index(graph)
+        spared: list[str] = []
+        if snap is None:
+            spared = _children_to_spare(doomed, graph, parents)
+            doomed -= set(spared)
+        # parents and referrers first: delete d only after everything pointing at it
         order: list[str] = []
         seen: set[str] = set()
 
@@ -211,6 +229,7 @@ class ApiCollector:
         tag_only = sorted(t for t in dec.deleted_tags if tags[t] not in doomed)
         reasons = {**dec.deleted_manifests, **{f"tag:{t}": r for t, r in dec.deleted_tags.items()}}
         plan = RepoPlan(repo, policy, graph_m, tags, order, tag_only, {}, reasons, dec.kept_tags)
+        plan.spared_children = spared
         if snap is not None and self.opts.delete_blob_links:
             plan.revisions = set(snap.revisions)
             plan.delete_blobs = _unused_blobs(plan, snap.layers)
@@ -264,14 +283,38 @@ class ApiCollector:
         return out
 
     # --- sweeping ----------------------------------------------------------------
+    def _placeholder_hook(self, tag: str) -> BeforePlaceholder | None:
+        """A tag deleted with the placeholder trick pushes a manifest the registry notifies:
+        the ledger names it our own before the push (as the daemon's delete path does), so
+        a daemon watching the site does not replicate the placeholder."""
+        journal, site = self.journal, self.opts.site
+        if journal is None:
+            return None
+
+        async def hook(repo: str, digest: str) -> None:
+            await journal.ledger.record(site, repo, digest, site, tag)
+
+        return hook
+
     async def sweep(self, plan: RepoPlan, result: GCResult, rec: RunRecorder) -> None:
         repo = plan.repository
         planned = {(i["kind"], i.get("tag") or i.get("digest")): i for i in self.items(plan)}
         updates: list[tuple[str, str, str, str | None]] = []
+        stones: list[Tombstone] = []
+
+        def tombstone(tag: str | None, digest: str, reason: str) -> None:
+            detail = f"gc {plan.policy.name}: {reason}" if reason else f"gc {plan.policy.name}"
+            stones.append(
+                Tombstone(self.opts.site, repo, tag, digest, time.time(), "retention", detail)
+            )
+
         for d in plan.delete_manifests:  # ordered: sequential on purpose
             key = f"{repo}@{d}"
             try:
                 await self.client.delete_manifest(repo, d)
+                tombstone(None, d, plan.reasons.get(d, ""))
+                for t in sorted(t for t, td in plan.tags.items() if td == d):
+                    tombstone(t, d, plan.reasons.get(d, ""))
                 result.manifests_deleted += 1
                 result.deleted_manifests.add(key)
                 gone_tags = {f"{repo}:{t}" for t, td in plan.tags.items() if td == d}
@@ -285,12 +328,15 @@ class ApiCollector:
         for t in plan.delete_tags:
             key = f"{repo}:{t}"
             try:
-                done = await self.client.delete_tag(repo, t)
+                done = await self.client.delete_tag(
+                    repo, t, before_placeholder=self._placeholder_hook(t)
+                )
             except RegistryError as exc:
                 result.errors.append(str(exc))
                 updates.append(("tag", key, "error", str(exc)))
                 continue
             if done:
+                tombstone(t, plan.tags[t], plan.reasons.get(f"tag:{t}", ""))
                 result.tags_deleted += 1
                 result.deleted_tags.add(key)
                 result.items.append(planned[("tag", t)])
@@ -299,21 +345,42 @@ class ApiCollector:
                 result.notes.append(done.describe())
                 updates.append(("tag", key, "kept", done.describe()))
 
-        async def unlink(b: str, size: int) -> None:
+        async def unlink(b: str, size: int) -> bool:
             key = f"{repo}/_layers/{b}"
             try:
-                if await self._limited(self.client.delete_blob(repo, b)):
+                gone = await self._limited(self.client.delete_blob(repo, b))
+                if gone:
                     result.blobs_deleted += 1
                     result.bytes_reclaimed += size
                     result.deleted_blobs.add(b)
-                    result.items.append(planned[("blob", b)])
                 updates.append(("blob", key, "deleted", None))
+                return gone
             except RegistryError as exc:
                 result.errors.append(str(exc))
                 updates.append(("blob", key, "error", str(exc)))
+                return False
 
-        await asyncio.gather(*(unlink(b, s) for b, s in sorted(plan.delete_blobs.items())))
+        if stones and self.journal is not None:  # failback and catch-up do not undo them
+            await self.journal.tombstones.record_all(stones)
+        blobs = sorted(plan.delete_blobs.items())
+        unlinked = await asyncio.gather(*(unlink(b, s) for b, s in blobs))
+        # listed in the plan's order, not as the concurrent DELETEs finish: the report
+        # lists the same items as the dry run, in the same order
+        result.items += [
+            planned[("blob", b)] for (b, _), gone in zip(blobs, unlinked, strict=True) if gone
+        ]
         await rec.update_states(updates)
+
+
+def _children_to_spare(
+    doomed: set[str], graph: Mapping[str, Node], parents: Mapping[str, Sequence[str]]
+) -> list[str]:
+    """Doomed manifests listed by an index (platform children), when not every manifest
+    of the repository is known: an untagged index the API cannot list (pushed before
+    the daemon, or its webhook lost) may list them too, and deleting one would break
+    it. The index goes alone; the storage pass, which sees every index, decides the
+    children. A referrer (it has a subject) follows its subject as before."""
+    return sorted(d for d in doomed if d in parents and graph[d].subject is None)
 
 
 def _unused_blobs(plan: RepoPlan, layers: dict[str, float]) -> dict[str, int]:
@@ -386,6 +453,9 @@ async def collect_api(client: Any, journal: Journal | None, options: ApiGCOption
             result.kept.update(summary(plan.kept))
         if options.storage is None and plans:
             result.notes.append(NO_BLOBS_WITHOUT_STORAGE)
+        spared = sum(len(p.spared_children) for p in plans)
+        if spared:
+            result.notes.append(NO_CHILDREN_WITHOUT_STORAGE.format(n=spared))
         await rec.add_candidates([r for p in plans for r in _rows(p)])
         mark_summary = {
             "repositories": len(plans),

@@ -61,7 +61,9 @@ The run:
    blob referenced by any existing manifest revision (transitively) or with any
    link in any repository; a link or revision whose quarantined copy changed
    after the cutoff; a manifest listed by an existing index or tag.
-6. Only then delete the quarantined copies.
+6. Only then delete the quarantined copies; each tag and manifest deleted is
+   tombstoned in the journal (origin `retention`: failback and catch-up do not
+   bring it back).
 
 Steps 5-6 in two runs. The wait of step 5 need not happen in the process that
 quarantined: a run journals its items and the time the window ends
@@ -177,7 +179,7 @@ from replicator.gc.mark import MarkSet, Node, mark
 from replicator.gc.policy import RetentionPolicy, SourceHolds, decide, policies_for
 from replicator.gc.policy import summary as kept_summary
 from replicator.gc.runs import CandidateRow, CandidateUpdate, RunRecorder
-from replicator.journal import Journal
+from replicator.journal import Journal, Tombstone
 from replicator.journal.events import RegistryTimes
 
 log = logging.getLogger("replicator.gc.storage")
@@ -1524,7 +1526,28 @@ async def _settle(
                 if i.state in ("deleted", "restored", "error")
             ]
         )
+        if col.journal is not None:  # failback and catch-up do not undo them
+            await col.journal.tombstones.record_all(_tombstones(col.opts, items))
         await asyncio.to_thread(_prune_run_dir, col, rec, items)
+
+
+def _tombstones(opts: StorageGCOptions, items: list[Item]) -> list[Tombstone]:
+    """The tags and manifests a settle deleted, as retention deletes at the site."""
+    names = ",".join(p.name for p in opts.policies) or "sweep"
+    now = time.time()
+    return [
+        Tombstone(
+            opts.site,
+            str(i.repository),
+            i.name if i.kind == "tag" else None,
+            i.digest,
+            now,
+            "retention",
+            f"gc {names}: {i.clause}" if i.clause else f"gc {names}",
+        )
+        for i in items
+        if i.state == "deleted" and i.kind in ("tag", "manifest") and i.repository
+    ]
 
 
 def _prune_run_dir(col: StorageCollector, rec: RunRecorder, items: list[Item]) -> None:

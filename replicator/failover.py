@@ -20,10 +20,12 @@ truth for the incident window:
   promoted site's version wins; where the returning site held that tag at a
   digest it never replicated, the conflict is reported);
 * a tag the returning site holds and the promoted site does not was deleted
-  during the incident if the promoted site ever held it (the ledger says we
-  copied it there, the inventory saw it there, or a tombstone records its
-  delete there): failback deletes it at the returning site (by tag, after
-  re-checking the promoted site; tombstoned), so nothing brings it back;
+  during the incident only if the promoted site held it when the failover was
+  recorded (`detail.held`) or a tombstone records its delete there since the
+  incident began: failback deletes it at the returning site (by tag, after
+  re-checking the promoted site; tombstoned), so nothing brings it back. A
+  delete before the incident does not count: the old primary may have re-pushed
+  the tag since, and that write is not lost;
 * otherwise it is a tag the old primary took and never replicated: failback
   copies it to every target of the rule.
 
@@ -317,13 +319,14 @@ async def failover(
         return report
     if report.failures and not request.force:
         return report
+    held: dict[str, list[str]] | None
     try:
         held = await _held(pool[promoted], affected, promoted)
     except RegistryError as exc:
         report.failures.append(f"listing what {promoted} holds: {exc}")
         if not request.force:
             return report
-        held = {}
+        held = None  # unknown, not empty: failback falls back on the journal
     detail = {
         "held": held,  # failback: what the promoted site held when the incident began
         "rules": report.rules,
@@ -678,25 +681,39 @@ class FailbackItem:
         return f"conflict {dst} ({short}; {self.reason})"
 
 
+def deleted_during_incident(
+    held_at_start: Iterable[str],
+    promoted_now: Iterable[str],
+    tombstoned_since: Iterable[str],
+) -> set[str]:
+    """Tags the promoted site deleted during the incident. Pure.
+
+    Held when the incident began and gone now, or tombstoned there since it began (pushed
+    and deleted during the incident). Nothing else: a tag deleted before the incident and
+    re-pushed at the old primary is the old primary's unreplicated write, and a tag the
+    promoted site holds now is never an incident delete."""
+    return (set(held_at_start) | set(tombstoned_since)) - set(promoted_now)
+
+
 def returning_decisions(
     rule: Rule,
     returning_tags: Mapping[str, str],
     promoted_tags: Iterable[str],
-    was_at_promoted: Iterable[str],
+    deleted_at_promoted: Iterable[str],
     pushed_at: Mapping[str, float] | None = None,
 ) -> tuple[list[str], list[str]]:
     """(tags to delete at the returning site, tags to spread from it) for one repository.
 
     Pure. Only tags the returning site holds and the promoted site does not are
-    decided here: deleted during the incident when the promoted site ever held
-    them (`was_at_promoted`: ledger, inventory, tombstones); otherwise the old
+    decided here: deleted when the promoted site deleted them during the incident
+    (`deleted_at_promoted`, see `deleted_during_incident`); otherwise the old
     primary's unreplicated tags, spread when the rule covers them now."""
     promoted = set(promoted_tags)
-    evidence = set(was_at_promoted)
+    deleted = set(deleted_at_promoted)
     missing = sorted(t for t in returning_tags if t not in promoted and covers(rule, t))
-    deletes = [t for t in missing if t in evidence]
+    deletes = [t for t in missing if t in deleted]
     everything = [*returning_tags, *promoted]
-    spread = [t for t in missing if t not in evidence and covers(rule, t, everything, pushed_at)]
+    spread = [t for t in missing if t not in deleted and covers(rule, t, everything, pushed_at)]
     return deletes, spread
 
 
@@ -750,18 +767,15 @@ async def failback(
         sync_rules.append(_failback_rule(rule, source, site))
         returning.append((rule, source))
         report.rules_used.append(rule)
-    promoted_at = {f.promoted_site: f for f in failovers}
+    incident = mine[0]  # failover refuses a second failover of the same site
     for rule, source in returning:
         try:
-            await _plan_returning(
-                journal, pool, rule, source, site, report, promoted_at.get(source)
-            )
+            await _plan_returning(journal, pool, rule, source, site, report, incident)
         except RegistryError as exc:
             report.failures.append(f"rule {rule.name}: failback plan: {exc}")
     if sync_rules:
-        reconciler = Reconciler(
-            config, None if dry_run else journal, pool, engine, parallel=parallel
-        )
+        # the dry run ranks `latest: N` by the journal's push times as the real run does
+        reconciler = Reconciler(config, journal, pool, engine, parallel=parallel, read_only=dry_run)
         report.sync = await reconciler.run(rules=sync_rules, dry_run=dry_run)
         report.failures.extend(report.sync.failures)
         await _report_overwritten(journal, site, report)
@@ -784,28 +798,35 @@ async def _plan_returning(
     source: str,
     site: str,
     report: FailbackReport,
-    incident: Failover | None,
+    incident: Failover,
 ) -> None:
     """Decide the tags `site` holds that `source` (the promoted site) does not.
 
-    The promoted site held a tag when the incident began if the failover recorded
-    it (`held`); failovers recorded before that record existed fall back on the
-    ledger and inventory. A delete tombstoned there since the incident began counts
-    too (a tag pushed and deleted during the incident)."""
+    Deleted during the incident (`deleted_during_incident`): held at `source` when the
+    failover was recorded (`held`) and gone now, or tombstoned at `source` since the
+    incident began. When `held` does not describe `source` (a failover recorded before
+    `held` existed, or a chain of failovers ending elsewhere), the ledger and inventory
+    stand in for it, less any tag whose delete there before the incident is recorded."""
     back, there = pool[site], pool[source]
     at_promoted = (lambda r: map_repository(rule, r)) if source in rule.to else (lambda r: r)
+    record: dict[str, list[str]] | None = incident.detail.get("held")
+    if incident.promoted_site != source:
+        record = None
     for repo in [r for r in await back.catalog() if rule.matches_repository(r)]:
         theirs_repo = at_promoted(repo)
         listed = await back.list_tags(repo)
         theirs = await there.list_tags(theirs_repo)
-        evidence = {
-            t for _, tags in await journal.ledger.tags_at(source, theirs_repo) for t in tags
-        }
-        evidence |= set(await journal.inventory.digests(source, theirs_repo))
-        evidence |= {s.tag for s in await journal.tombstones.at_site(source, theirs_repo) if s.tag}
+        stones = await journal.tombstones.at_site(source, theirs_repo)
+        since = {s.tag for s in stones if s.tag and s.at >= incident.started_at}
+        if record is not None:
+            at_start = set(record.get(theirs_repo, []))
+        else:
+            at_start = await _held_per_journal(journal, source, theirs_repo)
+            at_start -= {s.tag for s in stones if s.tag and s.at < incident.started_at}
+        deleted = deleted_during_incident(at_start, theirs, since)
         pushed_at = await journal.inventory.push_times(site, repo)
         candidates = {t: "" for t in listed if t not in theirs}
-        deletes, spread = returning_decisions(rule, candidates, theirs, evidence, pushed_at)
+        deletes, spread = returning_decisions(rule, candidates, theirs, deleted, pushed_at)
         for tag in deletes:
             head = await back.head_manifest(repo, tag)
             report.items.append(
@@ -839,6 +860,13 @@ async def _plan_returning(
                         kind, rule.name, target, target_repo, tag, head.digest, reason, repo
                     )
                 )
+
+
+async def _held_per_journal(journal: Journal, site: str, repository: str) -> set[str]:
+    """Tags the journal says `site` held (we copied them there, or its inventory lists
+    them): the stand-in for a failover's `held` record where there is none."""
+    copied = {t for _, tags in await journal.ledger.tags_at(site, repository) for t in tags}
+    return copied | set(await journal.inventory.digests(site, repository))
 
 
 async def _report_overwritten(journal: Journal, site: str, report: FailbackReport) -> None:

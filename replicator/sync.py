@@ -121,9 +121,11 @@ class Reconciler:
         *,
         parallel: int = 16,
         on_action: Callable[[Action, str], None] | None = None,
+        read_only: bool = False,  # read the journal, write nothing (failback's dry run)
     ) -> None:
         self.config = config
         self.journal = journal
+        self.read_only = read_only
         self.pool = pool
         self.engine = engine
         self.parallel = parallel
@@ -462,19 +464,19 @@ class Reconciler:
         return {t: source_tags[t] for t in immutable if known.get(t) == source_tags[t]}
 
     async def _record_inventory(self, site: str, repo: str, tags: dict[str, str]) -> None:
-        if self.journal is None or not tags:
+        if self.journal is None or self.read_only or not tags:
             return
         await self.journal.inventory.record_tags(site, repo, tags)
 
     async def _record_replicated(self, action: Action, digest: str | None) -> None:
-        if self.journal is None or not digest:
+        if self.journal is None or self.read_only or not digest:
             return
         await self.journal.ledger.record(
             action.target_site, action.target_repository, digest, action.source_site, action.tag
         )
 
     async def _start_run(self, rule_names: Sequence[str] | None, dry_run: bool) -> int | None:
-        if self.journal is None:
+        if self.journal is None or self.read_only:
             return None
         return await self.journal.sync_runs.start(rule_names, dry_run)
 

@@ -23,6 +23,7 @@ from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
 from replicator.sync import Reconciler
 from tests.harness.images import Pusher, assert_image_complete, layer_bytes
+from tests.harness.journal import sql
 
 
 def tags(url: str, repo: str = "team/app") -> list[str]:
@@ -207,6 +208,189 @@ async def test_catch_up_does_not_undo_a_delete_not_yet_propagated(registry_facto
         # the rules now run a -> b, and the delete reaches b
         after = await Reconciler(config, journal, pool, engine).run()
         assert after.failures == [] and tags(b.url) == ["v2"]
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_failback_keeps_a_tag_re_pushed_at_the_old_primary_before_the_incident(
+    registry_factory, tmp_path
+):
+    """Only a delete seen since the incident began (a tombstone since `started_at`) or a
+    tag the promoted site held at failover and lacks now counts as "deleted during the
+    incident". v1 was replicated, deleted (tombstoned at a) and re-pushed at p, which
+    then failed before replicating it: failback must spread p's new v1, not delete it.
+    v2, deleted before the incident, stays deleted everywhere."""
+    p, a = registry_factory("p"), registry_factory("a")
+    config, journal, pool = parts(
+        tmp_path, {"p": p, "a": a}, [{"name": "apps", "from": "p", "to": ["a"], "deletes": True}]
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            push.push_image("team/app", "v1", [layer_bytes("rp-v1", 200)])
+            push.push_image("team/app", "v2", [layer_bytes("rp-v2", 200)])
+            push.push_image("team/app", "v3", [layer_bytes("rp-v3", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        async with RegistryClient(SiteEndpoint(name="p", url=p.url, insecure=True)) as cp:
+            assert await cp.delete_tag("team/app", "v1")
+            assert await cp.delete_tag("team/app", "v2")
+        deleted = await Reconciler(config, journal, pool, engine).run()
+        assert deleted.failures == [] and deleted.deleted == 2 and tags(a.url) == ["v3"]
+        assert {s.tag for s in await journal.tombstones.at_site("a", "team/app")} == {"v1", "v2"}
+        with Pusher(p.url) as push:  # re-pushed at p, never replicated: p fails now
+            new_v1 = push.push_image("team/app", "v1", [layer_bytes("rp-v1-new", 200)])
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        done = await failover(config, journal, pool, engine, FailoverRequest("a"))
+        assert done.recorded and done.failures == []
+        p.start()
+
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert dry.failures == []
+        assert [(i.kind, i.site, i.tag) for i in dry.items] == [("spread", "a", "v1")]
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended and real.plan() == dry.plan()
+        for site in (p, a):
+            assert tags(site.url) == ["v1", "v3"]
+            assert assert_image_complete(site.url, "team/app", "v1") == new_v1.digest
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_failback_deletes_only_what_the_incident_deleted(registry_factory, tmp_path):
+    """During the incident a deletes v3, which it held at failover (no daemon saw it), and
+    v4, which it took, and deleted with a tombstone, while p held an unreplicated v4: both
+    go from p. v5, which p took and a never held nor deleted, is spread."""
+    p, a = registry_factory("p"), registry_factory("a")
+    config, journal, pool = parts(
+        tmp_path, {"p": p, "a": a}, [{"name": "apps", "from": "p", "to": ["a"], "deletes": True}]
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            push.push_image("team/app", "v3", [layer_bytes("id-v3", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        with Pusher(p.url) as push:
+            push.push_image("team/app", "v4", [layer_bytes("id-v4-p", 200)])
+            v5 = push.push_image("team/app", "v5", [layer_bytes("id-v5", 200)])
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        done = await failover(config, journal, pool, engine, FailoverRequest("a"))
+        assert done.recorded and done.failures == []
+        async with RegistryClient(SiteEndpoint(name="a", url=a.url, insecure=True)) as ca:
+            assert await ca.delete_tag("team/app", "v3")
+            with Pusher(a.url) as push:
+                push.push_image("team/app", "v4", [layer_bytes("id-v4-a", 200)])
+            assert await ca.delete_tag("team/app", "v4")
+        await journal.tombstones.record("a", "team/app", tag="v4", digest=None, origin="observed")
+        p.start()
+
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert dry.failures == []
+        assert sorted((i.kind, i.site, i.tag) for i in dry.items) == [
+            ("delete", "p", "v3"),
+            ("delete", "p", "v4"),
+            ("spread", "a", "v5"),
+        ]
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended and real.plan() == dry.plan()
+        for site in (p, a):
+            assert tags(site.url) == ["v5"]
+            assert assert_image_complete(site.url, "team/app", "v5") == v5.digest
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_failback_dry_run_ranks_latest_by_the_journal_as_the_real_run(
+    registry_factory, tmp_path
+):
+    """`latest: 1` over non-version tags ranks by push times, which only the journal
+    knows (the daemon's webhooks at the promoted site): the dry run must read them as
+    the real run does, or it plans another tag. It writes nothing to the journal."""
+    p, a = registry_factory("p"), registry_factory("a")
+    config, journal, pool = parts(
+        tmp_path,
+        {"p": p, "a": a},
+        [{"name": "apps", "from": "p", "to": ["a"], "tags": {"latest": 1}}],
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            zulu = push.push_image("team/app", "zulu", [layer_bytes("lj-zulu", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        assert (await failover(config, journal, pool, engine, FailoverRequest("a"))).recorded
+        with Pusher(a.url) as push:  # the incident: a takes `alpha`, newer than `zulu`
+            alpha = push.push_image("team/app", "alpha", [layer_bytes("lj-alpha", 200)])
+        await journal.inventory.record_tags("a", "team/app", {"zulu": zulu.digest}, 1000.0)
+        await journal.inventory.record_tags("a", "team/app", {"alpha": alpha.digest}, 2000.0)
+        p.start()
+
+        def journal_rows() -> dict[str, int]:
+            counts = {}
+            for table in ("inventory_tags", "replicated", "sync_runs", "tombstones"):
+                counts[table] = sql(journal, f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]
+            return counts
+
+        before = journal_rows()
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert dry.failures == [] and journal_rows() == before, "a dry run writes nothing"
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended
+        assert dry.plan() == real.plan()
+        assert any("team/app:alpha" in line for line in real.plan()), real.plan()
+        assert assert_image_complete(p.url, "team/app", "alpha") == alpha.digest
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_failback_without_a_held_record_reads_the_journal(registry_factory, tmp_path):
+    """A failover recorded without `held` (an older version, or its listing failed): the
+    ledger and inventory stand in for it, less tags whose delete at the promoted site
+    before the incident is recorded. v1 (deleted before, re-pushed at p) is spread; v3,
+    copied to a and deleted there during the incident unseen, is deleted at p."""
+    p, a = registry_factory("p"), registry_factory("a")
+    config, journal, pool = parts(
+        tmp_path, {"p": p, "a": a}, [{"name": "apps", "from": "p", "to": ["a"], "deletes": True}]
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            push.push_image("team/app", "v1", [layer_bytes("lg-v1", 200)])
+            push.push_image("team/app", "v3", [layer_bytes("lg-v3", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        async with RegistryClient(SiteEndpoint(name="p", url=p.url, insecure=True)) as cp:
+            assert await cp.delete_tag("team/app", "v1")
+        assert (await Reconciler(config, journal, pool, engine).run()).deleted == 1
+        with Pusher(p.url) as push:
+            new_v1 = push.push_image("team/app", "v1", [layer_bytes("lg-v1-new", 200)])
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        assert (await failover(config, journal, pool, engine, FailoverRequest("a"))).recorded
+        sql(journal, "UPDATE failovers SET detail = '{}'")  # as an older version wrote it
+        async with RegistryClient(SiteEndpoint(name="a", url=a.url, insecure=True)) as ca:
+            assert await ca.delete_tag("team/app", "v3")
+        p.start()
+
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended and real.plan() == dry.plan()
+        assert sorted((i.kind, i.site, i.tag) for i in real.items) == [
+            ("delete", "p", "v3"),
+            ("spread", "a", "v1"),
+        ]
+        for site in (p, a):
+            assert tags(site.url) == ["v1"]
+            assert assert_image_complete(site.url, "team/app", "v1") == new_v1.digest
     finally:
         await pool.aclose()
         journal.close()

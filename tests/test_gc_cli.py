@@ -104,3 +104,29 @@ def test_gc_command_names_missing_storage_and_unknown_policy(registry, tmp_path,
     cfg = write_config(tmp_path, registry)
     assert main(["gc", "-c", cfg, "--policy", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_gc_command_lists_what_a_real_run_deleted(registry, tmp_path, capsys) -> None:
+    """Without --json, the real run lists its deletions item by item as the dry run
+    lists its plan: the same lines, 'deleted' for 'would delete'."""
+    reg = registry
+    with Pusher(reg.url) as p:
+        p.push_image("app", "v1", [layer_bytes("cli-v1", 500)])
+        dev = p.push_image("app", "dev", [layer_bytes("cli-dev", 600)])
+    age(reg.storage, 7200)
+    cfg = write_config(tmp_path, reg, mode="api")
+    assert main(["gc", "-c", cfg, "--dry-run"]) == 0
+    planned = [
+        line.removeprefix("  would delete ")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("  would delete ")
+    ]
+    assert any(f"app@{dev.digest}" in line for line in planned), planned
+    assert main(["gc", "-c", cfg]) == 0
+    out = capsys.readouterr().out
+    done = [
+        line.removeprefix("  deleted ")
+        for line in out.splitlines()
+        if line.startswith("  deleted ")
+    ]
+    assert done == planned, out

@@ -16,3 +16,26 @@ def test_replication_model(registry_factory, tmp_path):
         machine_for(world), settings=settings(**settings_kwargs(examples=3, steps=25))
     )
     assert sum(world.steps.values()) > 0, world.steps
+
+
+def test_replication_model_re_push_after_a_propagated_delete(registry_factory, tmp_path):
+    """An explicit example of the machine (issue 11): a tag replicated, deleted everywhere,
+    re-pushed at p, p fails before replicating it, fail over, fail back. Failback must
+    spread p's new tag, not take the delete from before the incident for an incident
+    delete. Random runs reach this sequence rarely, so it is spelled out."""
+    world = World({n: registry_factory(n) for n in ("p", "a", "b")}, tmp_path)
+    machine = machine_for(world)()
+    try:
+        machine.push(tag="v1", seed=0)
+        machine.push(tag="v2", seed=1)
+        machine.reconcile()
+        machine.tag_delete(pick=0)  # v1
+        machine.reconcile()
+        machine.push(tag="v1", seed=2)
+        machine.fail_over()
+        machine.fail_back()
+        machine.reconcile()
+        machine.source_is_reachable()
+    finally:
+        machine.teardown()
+    assert world.steps["fail_back"] == 1

@@ -43,12 +43,13 @@ manifests and tags only: it cannot list untagged manifests, so it cannot prove a
 blob unused and leaves blobs to the storage pass.
 
 --dry-run reports exactly what would be deleted (and why the rest is kept) and
-changes nothing; --json lists every item (site, repository, tag or digest, bytes,
-the clause that decided), the same for a dry run and the real run.
+changes nothing; the real run lists what it deleted (or quarantined) the same way,
+item by item (the first 50); --json lists every item (site, repository, tag or
+digest, bytes, the clause that decided), the same for a dry run and the real run.
 Exit status: 0 done, 1 some deletions failed, 2 configuration or usage error.
 """
 
-DRY_RUN_LINES = 50  # items a human-readable dry run lists; --json lists them all
+ITEM_LINES = 50  # items a human-readable run lists; --json lists them all
 JSON_FIELDS = (
     "dry_run",
     "manifests_deleted",
@@ -158,12 +159,11 @@ def run(args: argparse.Namespace) -> int:
             f"{totals['blobs_deleted']} blobs, {totals['bytes_reclaimed']} bytes; "
             f"quarantined {totals['quarantined']}, restored {totals['restored']}"
         )
-        if args.dry_run:
-            items = totals["items"]
-            for i in items[:DRY_RUN_LINES]:
-                print(f"  would delete {_describe(i)}")
-            if len(items) > DRY_RUN_LINES:
-                print(f"  ... and {len(items) - DRY_RUN_LINES} more (--json lists every item)")
+        items = totals["items"]
+        for i in items[:ITEM_LINES]:
+            print(f"  {_done(i, args.dry_run)} {_describe(i)}")
+        if len(items) > ITEM_LINES:
+            print(f"  ... and {len(items) - ITEM_LINES} more (--json lists every item)")
         print(_kept_line(totals))
         for note in totals["notes"]:
             print(f"gc: {note}")
@@ -201,6 +201,13 @@ def _record(path: Path, config: Any, outcomes: list[GcOutcome]) -> bool:
         print(f"error: --metrics-textfile {path}: {exc.strerror or exc}", file=sys.stderr)
         return False
     return True
+
+
+def _done(i: dict[str, Any], dry_run: bool) -> str:
+    """What happened to a listed item: the same items, dry or real, say so differently."""
+    if dry_run:
+        return "would delete"
+    return "quarantined" if i.get("state") == "quarantined" else "deleted"
 
 
 def _describe(i: dict[str, Any]) -> str:

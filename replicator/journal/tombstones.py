@@ -1,4 +1,5 @@
-"""Tombstones: every delete the tool observed (a webhook) or performed (table `tombstones`).
+"""Tombstones: every delete the tool observed (a webhook) or made, propagating a delete
+or applying a retention policy (table `tombstones`).
 
 A tag missing at a site means either "deleted" or "never copied there"; only a
 record of the delete tells them apart. Failback reads them (a tag deleted at the
@@ -10,13 +11,15 @@ target sends about a delete we made there back to where it came from.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from replicator.journal.core import JournalConnection, executemany, rows
 
-Origin = Literal["observed", "performed"]
+# observed: a webhook; performed: a delete we propagated (the daemon does not echo its
+# webhook); retention: a GC policy deleted it (its webhook still propagates as any delete)
+Origin = Literal["observed", "performed", "retention"]
 DEFAULT_OWN_DELETE_WINDOW = 3600.0
 
 
@@ -58,6 +61,18 @@ class Tombstones:
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(site, repository, tag, digest, self._clock() if at is None else at, origin, detail)],
         )
+
+    async def record_all(self, stones: Sequence[Tombstone]) -> None:
+        """Remember many deletes in one write (a GC sweep's)."""
+        if any(s.tag is None and s.digest is None for s in stones):
+            raise ValueError("a tombstone names a tag or a digest")
+        if stones:
+            await self._journal.write(
+                executemany,
+                "INSERT INTO tombstones(site, repository, tag, digest, at, origin, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(s.site, s.repository, s.tag, s.digest, s.at, s.origin, s.detail) for s in stones],
+            )
 
     async def at_site(
         self, site: str, repository: str | None = None, since: float | None = None

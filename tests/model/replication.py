@@ -12,7 +12,10 @@ Invariants, each checked where it applies:
   (deleted there), and every image at a target is complete (blobs present);
 * `--dry-run` predicts the real run item by item, for sync, failover and failback;
 * failback neither resurrects a tag deleted at the promoted site during the
-  incident nor loses a tag the old primary took and never replicated.
+  incident nor loses a tag the old primary took and never replicated (even one
+  deleted everywhere before the incident and re-pushed: tests/test_model_replication.py
+  spells that sequence out); the old primary ends with exactly the promoted site's
+  tags plus its own unreplicated ones.
 
 The registries are reused across examples: each example works in a fresh
 repository (`m<N>/app`) with a fresh journal. `World` holds what outlives an
@@ -262,6 +265,15 @@ class ReplicationMachine(RuleBasedStateMachine):
             assert p_now.get(tag) == digest, f"p:{tag} after failback"
         for tag in set(self.a_at_failover) - set(a_now):  # deleted during the incident
             assert tag not in p_now, f"failback resurrected {tag} at p"
+        # exactly: the promoted site's tags, plus p's own that a neither held at failover
+        # nor holds now (p took them and never replicated them; nothing here deletes at a
+        # with a tombstone during the incident)
+        unreplicated = {
+            t: d
+            for t, d in self.p_at_fail.items()
+            if t not in self.a_at_failover and t not in a_now
+        }
+        assert p_now == {**unreplicated, **a_now}, (p_now, a_now, self.p_at_fail)
         for tag, digest in self.p_at_fail.items():  # taken by p, never replicated
             if tag in self.a_at_failover or tag in a_now:
                 continue
