@@ -8,9 +8,9 @@ import json
 
 import httpx
 
-from tests.harness.daemon import DaemonProcess, image_complete, notify_kwargs, site_config
+from tests.harness.daemon import a_to_b_daemon, image_complete
 from tests.harness.images import Pusher, layer_bytes
-from tests.harness.util import free_port, wait_until
+from tests.harness.util import wait_until
 
 
 def _lines(text: str) -> list[dict]:
@@ -18,25 +18,8 @@ def _lines(text: str) -> list[dict]:
 
 
 def test_every_line_of_a_task_carries_its_fields(tmp_path, registry_factory, daemons):
-    port = free_port()
-    a = registry_factory("a", **notify_kwargs(port, "a"))
-    b = registry_factory("b")
-    daemon = DaemonProcess(
-        tmp_path / "d",
-        port=port,
-        config={
-            "sites": {"a": site_config(a), "b": site_config(b)},
-            "rules": [
-                {
-                    "name": "apps",
-                    "from": "a",
-                    "to": ["b"],
-                    "repositories": ["team/**"],
-                    "overwrite": False,
-                }
-            ],
-        },
-    )
+    rule = {"name": "apps", "from": "a", "to": ["b"], "repositories": ["team/**"]}
+    a, b, daemon = a_to_b_daemon(tmp_path / "d", registry_factory, [{**rule, "overwrite": False}])
     with Pusher(b.url) as p:  # b's v1 differs: the daemon's copy of v1 is a conflict
         p.push_image("team/app", "v1", [layer_bytes("b-only", 500)])
     daemons.append(daemon.start())
@@ -73,17 +56,9 @@ def test_every_line_of_a_task_carries_its_fields(tmp_path, registry_factory, dae
 def test_webhook_requests_are_logged_as_the_readme_says(tmp_path, registry_factory, daemons):
     """No access line per request (uvicorn's access log is off); a refused webhook at info
     with its status and site, a journaled one at debug with its counts and site."""
-    port = free_port()
-    a = registry_factory("a", **notify_kwargs(port, "a"))
-    b = registry_factory("b")
-    daemon = DaemonProcess(
-        tmp_path / "d",
-        port=port,
-        config={
-            "sites": {"a": site_config(a), "b": site_config(b)},
-            "rules": [{"name": "apps", "from": "a", "to": ["b"], "repositories": ["team/**"]}],
-        },
-        extra_args=["--log-level", "debug"],
+    rule = {"name": "apps", "from": "a", "to": ["b"], "repositories": ["team/**"]}
+    a, b, daemon = a_to_b_daemon(
+        tmp_path / "d", registry_factory, [rule], extra_args=["--log-level", "debug"]
     )
     daemons.append(daemon.start())
     with Pusher(a.url) as p:

@@ -25,9 +25,9 @@ from replicator.journal import Journal
 from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
 from replicator.sync import Reconciler
-from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config
+from tests.harness.daemon import a_to_b_daemon
 from tests.harness.images import Pusher, assert_image_complete, layer_bytes
-from tests.harness.util import free_port, wait_until
+from tests.harness.util import wait_until
 
 KEEP_V = RetentionPolicy(
     name="keep-v", keep=KeepRules(tags=("v*",)), untagged="keep", grace=0, mode="api"
@@ -58,16 +58,8 @@ def test_a_daemon_does_not_replicate_the_placeholder_of_a_gc_tag_delete(
     """`nightly` shares v9's digest, so API GC deletes the tag alone: a placeholder pushed
     to it and deleted by digest. The daemon watching the registry sees that push; the
     GC's ledger record makes it our own, so no task copies the placeholder anywhere."""
-    port = free_port()
-    a = registry_factory("a", **notify_kwargs(port, "a"))
-    b = registry_factory("b")
-    daemon = DaemonProcess(
-        tmp_path / "d",
-        port=port,
-        config={
-            "sites": {"a": site_config(a), "b": site_config(b)},
-            "rules": [{"name": "r", "from": "a", "to": ["b"]}],
-        },
+    a, b, daemon = a_to_b_daemon(
+        tmp_path / "d", registry_factory, [{"name": "r", "from": "a", "to": ["b"]}]
     )
     daemons.append(daemon)
     daemon.start()

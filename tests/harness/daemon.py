@@ -190,3 +190,15 @@ def image_complete(reg: Registry, repo: str, ref: str, digest: str | None = None
 
 def site_config(reg: Registry, **extra: Any) -> dict[str, Any]:
     return {"url": reg.url, "insecure": True, "webhook_token_env": "HOOK_TOKEN", **extra}
+
+
+def a_to_b_daemon(
+    root: Path, registry_factory: Any, rules: list[dict[str, Any]], **daemon: Any
+) -> tuple[Registry, Registry, DaemonProcess]:
+    """Registry a posting its webhooks to a daemon that replicates a -> b by `rules`: the
+    shape most daemon tests start from. Not started, so a test can prepare b first."""
+    port = free_port()
+    a = registry_factory("a", **notify_kwargs(port, "a"))
+    b = registry_factory("b")
+    sites = {"a": site_config(a), "b": site_config(b)}
+    return a, b, DaemonProcess(root, port=port, config={"sites": sites, "rules": rules}, **daemon)
