@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config  # noqa: E402
 from tests.harness.fault_proxy import FaultProxy  # noqa: E402
 from tests.harness.images import ACCEPT, Pusher, layer_bytes  # noqa: E402
-from tests.harness.mqtt_bridge import BridgedBrokers  # noqa: E402
+from tests.harness.mqtt_bridge import BridgedBrokers, regional_daemons  # noqa: E402
 from tests.harness.registry import Registry  # noqa: E402
 from tests.harness.util import cpu_seconds, free_port, wait_until  # noqa: E402
 
@@ -108,30 +108,11 @@ def run_topology(args: argparse.Namespace, workers: int, root: Path) -> dict[str
         started += [a, b]
         b_wire = FaultProxy("127.0.0.1", b.port).start()
         started.append(b_wire)
-        intake = DaemonProcess(
-            root / "intake",
-            port=intake_port,
-            name="intake",
-            config={
-                "sites": {"a": site_config(a)},
-                "rules": [],
-                "mqtt": {"url": brokers.a.url, "topic": TOPIC},
-            },
-        )
         sites = {"a": site_config(a), "b": site_config(b, url=b_wire.url)}
         rule = {"name": "a-to-b", "from": "a", "to": ["b"], "repositories": ["bench/**"]}
-        region_b = [
-            DaemonProcess(
-                root / f"worker{i}",
-                name=f"worker{i}",
-                config={
-                    "sites": sites,
-                    "rules": [rule],
-                    "mqtt": {"url": brokers.b.url, "topic": TOPIC, "group": GROUP},
-                },
-            )
-            for i in range(1, workers + 1)
-        ]
+        intake, region_b = regional_daemons(
+            root, brokers, sites, rule, intake_port=intake_port, workers=workers, group=GROUP
+        )
         for daemon in [*region_b, intake]:
             started.append(daemon.start())
         for daemon in [*region_b, intake]:

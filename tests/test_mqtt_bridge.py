@@ -34,7 +34,12 @@ from paho.mqtt.properties import Properties
 from tests.harness.daemon import DaemonProcess, image_complete, notify_kwargs, site_config
 from tests.harness.fault_proxy import FaultProxy
 from tests.harness.images import Pusher, layer_bytes
-from tests.harness.mqtt_bridge import BridgedBrokers, BridgingMosquitto, bridge_config
+from tests.harness.mqtt_bridge import (
+    BridgedBrokers,
+    BridgingMosquitto,
+    bridge_config,
+    regional_daemons,
+)
 from tests.harness.util import free_port, wait_until
 
 TOPIC = "registry/events"
@@ -58,7 +63,7 @@ def ready(daemon: DaemonProcess) -> bool:
         return False
 
 
-def regional_daemons(
+def regional(
     tmp_path: Path,
     brokers: BridgedBrokers,
     registry_factory: Any,
@@ -70,32 +75,13 @@ def regional_daemons(
     a = registry_factory("a", **notify_kwargs(intake_port, "a"))
     b = registry_factory("b")
     b_wire = proxy_factory(b)
-    intake = DaemonProcess(
-        tmp_path / "intake",
-        port=intake_port,
-        name="intake",
-        config={
-            "sites": {"a": site_config(a)},
-            "rules": [],
-            "mqtt": {"url": brokers.a.url, "topic": TOPIC},
-        },
-    )
     sites = {"a": site_config(a), "b": site_config(b, url=b_wire.url)}
     rule = {"name": "a-to-b", "from": "a", "to": ["b"], "repositories": ["team/**"]}
     if interval:
         rule["interval"] = interval
-    region_b = [
-        DaemonProcess(
-            tmp_path / f"worker{i}",
-            name=f"worker{i}",
-            config={
-                "sites": sites,
-                "rules": [rule],
-                "mqtt": {"url": brokers.b.url, "topic": TOPIC, "group": GROUP},
-            },
-        )
-        for i in range(1, workers + 1)
-    ]
+    intake, region_b = regional_daemons(
+        tmp_path, brokers, sites, rule, intake_port=intake_port, workers=workers, group=GROUP
+    )
     return a, b, b_wire, intake, region_b
 
 
@@ -110,9 +96,7 @@ def push(a_url: str, names: list[str]) -> dict[str, str]:
 def test_bridge_outage_loses_nothing_and_duplicates_nothing(
     tmp_path, brokers, registry_factory, proxy_factory, daemons
 ):
-    a, b, b_wire, intake, workers = regional_daemons(
-        tmp_path, brokers, registry_factory, proxy_factory
-    )
+    a, b, b_wire, intake, workers = regional(tmp_path, brokers, registry_factory, proxy_factory)
     daemons += [*workers, intake]
     for daemon in [*workers, intake]:
         daemon.start()
@@ -194,7 +178,7 @@ def test_a_worker_lost_for_good_is_repaired_by_the_next_reconcile_of_a_survivor(
     stays in the group and keeps taking its share of the events, which nobody handles.
     The first reconcile of worker 1 that starts after the pushes copies them all (the
     README's bound: one interval + jitter + two reconcile runs)."""
-    a, b, _wire, intake, (survivor, lost) = regional_daemons(
+    a, b, _wire, intake, (survivor, lost) = regional(
         tmp_path, brokers, registry_factory, proxy_factory, interval="2s"
     )
     daemons += [survivor, lost, intake]

@@ -54,8 +54,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from replicator.fleet import status_topic_root
+from tests.harness.daemon import DaemonProcess
 from tests.harness.mosquitto import Mosquitto
 from tests.harness.util import free_port, wait_until
 
@@ -276,3 +278,41 @@ class BridgedBrokers:
             yield
         finally:
             self.restore()
+
+
+def regional_daemons(
+    root: Path,
+    brokers: BridgedBrokers,
+    sites: dict[str, Any],
+    rule: dict[str, Any],
+    *,
+    intake_port: int,
+    workers: int = 2,
+    group: str = "replicators",
+) -> tuple[DaemonProcess, list[DaemonProcess]]:
+    """The README's regional shape, not started: the intake (site a's webhooks, no rules,
+    no group) on broker A, and `workers` daemons with `rule` sharing `group` on broker B."""
+    topic = brokers.topic
+    intake = DaemonProcess(
+        root / "intake",
+        port=intake_port,
+        name="intake",
+        config={
+            "sites": {"a": sites["a"]},
+            "rules": [],
+            "mqtt": {"url": brokers.a.url, "topic": topic},
+        },
+    )
+    region_b = [
+        DaemonProcess(
+            root / f"worker{i}",
+            name=f"worker{i}",
+            config={
+                "sites": sites,
+                "rules": [rule],
+                "mqtt": {"url": brokers.b.url, "topic": topic, "group": group},
+            },
+        )
+        for i in range(1, workers + 1)
+    ]
+    return intake, region_b
