@@ -14,6 +14,7 @@ is pure (rows in, report out); the rows come from `journal.status.rows()`.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -275,7 +276,10 @@ def _failover(row: Mapping[str, Any]) -> FailoverInfo:
 
 
 def human_age(seconds: float) -> str:
-    """'0 s', '45 s', '2 min', '3 h', '2 d': precise enough to read at a glance."""
+    """'0 s', '45 s', '2 min', '3 h', '2 d': precise enough to read at a glance; '?' for
+    what is no duration (NaN, infinite), which a hostile or corrupt input can produce."""
+    if not math.isfinite(seconds):
+        return "?"
     seconds = max(0.0, seconds)
     if seconds < 90:
         return f"{int(seconds)} s"

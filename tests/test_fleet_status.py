@@ -288,7 +288,7 @@ def test_status_messages_never_reach_the_event_handler_and_hold_no_secret(tmp_pa
             assert set(fleet.as_dict()["instances"][0]) == {
                 *("instance", "host", "version", "group", "state", "reason", "started_at"),
                 *("published_at", "interval", "expiry", "queue", "oldest_unfinished_at"),
-                *("lag_seconds", "last_event_at", "age_seconds", "stale"),
+                *("lag_seconds", "last_event_at", "age_seconds", "age_from", "stale"),
             }
             raw = await read_retained(mqtt_settings(mqtt, "peek"), "registry/status/+")
             assert len(raw) == 1 and b"s3cret" not in raw[0].payload

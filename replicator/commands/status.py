@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             payload["fleet"] = fleet.as_dict()
         if unreachable is not None:
             payload["fleet_error"] = unreachable
-        print(json.dumps(payload, sort_keys=True))
+        print(json.dumps(payload, sort_keys=True, allow_nan=False))
     else:
         lines = format_status(report, config.tzinfo)
         if fleet is not None:
