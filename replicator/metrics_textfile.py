@@ -10,13 +10,29 @@ alert rules work whichever of the two runs GC.
 Why read-modify-write: counters must keep counting across runs, and the previous file is
 their only memory; `render` adds this run to what the file held (a file that cannot be
 read as the text format starts again from 0, which Prometheus treats as a counter reset).
-The file is replaced atomically (written beside it, then renamed), since the collector
-may read it at any moment.
+Sites no longer in the configuration are dropped, or their GCStale would fire forever.
+
+Why `update` is careful: the file lives in node_exporter's directory, which other
+processes write too, and two GC runs may finish at once. The read-modify-write holds an
+exclusive flock on the directory, so no run is lost; the new file is written under a
+unique temporary name (mkstemp: never a name someone planted a symlink at, and not
+`*.prom`, so the collector skips it), made readable by the collector (0644, whatever
+the umask), fsynced, renamed over the old one and the directory fsynced, since the
+collector may read it at any moment and a crash must leave the old or the new file.
+The previous file is opened without following a symlink: a link to another file is
+neither read nor written through; it is replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
+import os
+import stat
+import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +48,9 @@ RUNS = PREFIX + "gc_runs_total"
 RECLAIMED = PREFIX + "gc_reclaimed_bytes_total"
 LAST_SUCCESS = PREFIX + "gc_last_success_timestamp_seconds"
 SAMPLES = (RUNS, RECLAIMED, LAST_SUCCESS)
+LOCK_TIMEOUT = 30.0  # a run holds the lock for milliseconds; longer means something hangs
+MAX_PREVIOUS_BYTES = 1 << 20  # a few series per site: anything bigger is not ours
+FILE_MODE = 0o644  # node_exporter runs as another user; these counters are no secret
 
 
 @dataclass(frozen=True)
@@ -58,11 +77,11 @@ def _previous(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def render(previous: str, sites: Iterable[str], outcomes: Sequence[GcOutcome], now: float) -> bytes:
-    """The new file: the earlier file's GC series plus this run; every site in `sites` (and
-    in the earlier file) present, at 0 where nothing happened yet."""
+    """The new file: the earlier file's GC series of the configured `sites` plus this run;
+    every site in `sites` present, at 0 where nothing happened yet."""
     metrics = Metrics()
-    prior = _previous(previous)
-    known = set(sites) | {dict(labels)["site"] for _, labels in prior if dict(labels).get("site")}
+    known = set(sites) | {o.site for o in outcomes}
+    prior = {key: v for key, v in _previous(previous).items() if dict(key[1]).get("site") in known}
     for site in sorted(known):
         for outcome in RUN_OUTCOMES:
             metrics.gc_runs.inc(0, site=site, outcome=outcome)
@@ -85,12 +104,85 @@ def render(previous: str, sites: Iterable[str], outcomes: Sequence[GcOutcome], n
 
 
 def update(path: Path, sites: Iterable[str], outcomes: Sequence[GcOutcome], now: float) -> None:
-    """Add this run to the textfile at `path`, replacing it atomically."""
+    """Add this run to the textfile at `path`, replacing it atomically (see the module);
+    OSError when it cannot be."""
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        previous = path.read_text(encoding="utf-8")
+        _lock(directory, path)
+        _remove_leftovers(path)
+        data = render(_read_previous(path), sites, outcomes, now)
+        _replace(directory, path, data)
+    finally:
+        os.close(directory)  # and with it the lock
+
+
+def _lock(directory: int, path: Path) -> None:
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while True:
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    errno.ETIMEDOUT,
+                    f"another process has held the lock on {path.parent} for {LOCK_TIMEOUT:.0f} s",
+                ) from None
+            time.sleep(0.01)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Temporary files of runs killed before their rename: under the lock, no live run
+    has one."""
+    prefix = _temp_prefix(path)
+    for entry in os.scandir(path.parent):
+        if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
+            with contextlib.suppress(OSError):  # not ours to remove (a sticky directory)
+                os.unlink(entry.path)
+
+
+def _read_previous(path: Path) -> str:
+    """The earlier file's text; "" (logged) when it is not a regular UTF-8 file we may
+    read without following a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        previous = ""
-    data = render(previous, sites, outcomes, now)
-    tmp = path.with_name(f".{path.name}.tmp")  # not *.prom: the collector skips it
-    tmp.write_bytes(data)
-    tmp.replace(path)
+        return ""
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        log.warning("metrics textfile %s is a symbolic link: not read, replaced", path)
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            log.warning("metrics textfile %s is not a regular file: not read", path)
+            return ""
+        data = f.read(MAX_PREVIOUS_BYTES + 1)
+    if len(data) > MAX_PREVIOUS_BYTES:
+        log.warning("metrics textfile %s is over %d bytes: starting again from 0", path, len(data))
+        return ""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        log.warning("metrics textfile %s is not UTF-8: starting again from 0", path)
+        return ""
+
+
+def _replace(directory: int, path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), FILE_MODE)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.fsync(directory)
