@@ -147,10 +147,10 @@ def test_the_documented_dropin_passes_systemd_analyze(tmp_path):
 
 
 def test_the_documented_dropin_publishes_the_file(registry, tmp_path):
-    """Its ExecStart and ExecStopPost, run with the state and node_exporter directories
-    moved under tmp_path, leave the series in node_exporter's directory."""
-    state, textfiles = tmp_path / "state", tmp_path / "node-exporter"
-    state.mkdir()
+    """Its ExecStart, run with node_exporter's directory moved under tmp_path, leaves the
+    series there, readable by another user; nothing runs with full privileges (red-team
+    finding 4: a root copy followed the service user's symlinks)."""
+    textfiles = tmp_path / "node-exporter"
     textfiles.mkdir()
     with Pusher(registry.url) as p:
         p.push_image("app", "v1", [layer_bytes("v1", 500)])
@@ -158,25 +158,32 @@ def test_the_documented_dropin_publishes_the_file(registry, tmp_path):
 
     def local(command: str) -> str:
         return (
-            command.replace("/var/lib/registry-replicator", str(state))
-            .replace("/var/lib/prometheus/node-exporter", str(textfiles))
+            command.replace("/var/lib/prometheus/node-exporter", str(textfiles))
             .replace("/etc/registry-replicator/config.yaml", config)
             .replace("/usr/bin/registry-replicator", str(BINARY))
         )
 
+    exec_lines = [
+        line.partition("=")[2]
+        for line in dropin().splitlines()
+        if line.startswith("Exec") and line.partition("=")[2]
+    ]
+    assert not [line for line in exec_lines if line[:1] in "+!@-:"], dropin()
+    assert dropin_lines("ExecStopPost") == []
     start = [line for line in dropin_lines("ExecStart") if line]
     assert len(start) == 1 and "--metrics-textfile" in start[0], dropin()
+    argv = shlex.split(start[0])
+    target = Path(argv[argv.index("--metrics-textfile") + 1])
+    assert dropin_lines("ReadWritePaths") == [str(target.parent)]
     run = subprocess.run(
         [*shlex.split(local(start[0])), "--quarantine-window", "0s"],
         capture_output=True,
         text=True,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    (stop,) = dropin_lines("ExecStopPost")
-    assert stop.startswith("+")
-    copied = subprocess.run(shlex.split(local(stop[1:])), capture_output=True, text=True)
-    assert copied.returncode == 0, copied.stderr
     published = textfiles / "registry-replicator-gc.prom"
+    assert published.name == target.name
     assert sorted(p.name for p in textfiles.iterdir()) == [published.name]
+    assert published.stat().st_mode & 0o777 == 0o644
     got = samples(published)
     assert got[(P + "gc_runs_total", (("outcome", "ok"), ("site", "a")))] == 1
