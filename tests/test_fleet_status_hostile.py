@@ -9,6 +9,7 @@ pure parts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
@@ -24,6 +25,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from replicator.config import MqttConfig, config_from_dict
+from replicator.daemon.bus.retained import read_retained, reader_id
+from replicator.daemon.fleet_status import mqtt_settings, read_fleet
 from replicator.fleet import (
     AGE_FROM_BROKER,
     AGE_FROM_INSTANCE,
@@ -36,7 +40,8 @@ from replicator.journal import Journal
 from replicator.status import human_age
 from tests.harness.journal import sql
 from tests.harness.mosquitto import Mosquitto
-from tests.harness.util import free_port
+from tests.harness.mqtt_bridge import BridgedBrokers
+from tests.harness.util import free_port, wait_until
 
 NOW = 1_700_000_000.0
 WEEK = 604800
@@ -294,3 +299,67 @@ def test_a_message_the_broker_holds_with_an_expiry_keeps_the_broker_s_age():
     )
     (m,) = view.members
     assert m.age_seconds == 4 and m.age_from == AGE_FROM_BROKER and not m.stale
+
+
+def test_across_a_v311_bridge_the_age_is_the_instance_clock_s_flagged(tmp_path: Path):
+    """Red-team finding 7 on real brokers: broker A receives region B's status over the
+    MQTT 3.1.1 bridge without a message expiry. At B the age is the broker's (an
+    instance clock 2 h behind does not matter); at A it is that clock's, and says so; a
+    message older than its expiry by that clock is left out at A, where no broker would
+    ever drop it."""
+    brokers = BridgedBrokers(tmp_path / "brokers", topic="registry/events").start()
+    try:
+        now = time.time()
+        behind = doc(instance="w1", published_at=now - 7200, started_at=now - 7300)
+        expired = doc(instance="w2", published_at=now - WEEK - 60, started_at=now - WEEK - 99)
+        publish_retained(
+            brokers.b,
+            [
+                # w2 first: the bridge keeps the order, so w1 at A means w2 is there too
+                ("registry/status/w2", json.dumps(expired).encode(), WEEK),
+                ("registry/status/w1", json.dumps(behind).encode(), WEEK),
+            ],
+        )
+
+        def config(broker: Mosquitto) -> MqttConfig:
+            cfg = config_from_dict(
+                {
+                    "sites": {"a": {"url": "http://127.0.0.1:1", "insecure": True}},
+                    "rules": [],
+                    "mqtt": {"url": broker.url, "topic": "registry/events"},
+                }
+            )
+            assert cfg.mqtt is not None
+            return cfg.mqtt
+
+        def seen(broker: Mosquitto) -> dict[str, Any]:
+            view = asyncio.run(read_fleet(config(broker)))
+            return {m.status.instance: m for m in view.members}
+
+        def w1_at_a() -> dict[str, Any] | None:
+            got = seen(brokers.a)
+            return got if "w1" in got else None
+
+        at_a = wait_until(
+            w1_at_a,
+            timeout=15,
+            what="region B's status at broker A",
+        )
+        assert at_a is not None
+        assert at_a["w1"].age_from == AGE_FROM_INSTANCE
+        assert 7200 <= (at_a["w1"].age_seconds or 0) < 7260 and at_a["w1"].stale
+        assert "w2" not in at_a  # expired by the instance clock
+        held = asyncio.run(
+            read_retained(
+                mqtt_settings(config(brokers.a), reader_id()), "registry/status/+", limit=3
+            )
+        )  # ... although broker A holds it, with no expiry: it would never drop it
+        assert {c.topic: c.remaining_expiry for c in held} == {
+            "registry/status/w1": None,
+            "registry/status/w2": None,
+        }
+        at_b = seen(brokers.b)
+        assert at_b["w1"].age_from == AGE_FROM_BROKER and (at_b["w1"].age_seconds or 0) < 60
+        assert not at_b["w1"].stale
+    finally:
+        brokers.stop()

@@ -32,8 +32,10 @@ of instances: state (online, stopped, offline when its connection was lost,
 stale when an online instance has been silent for 3 status intervals), its
 journal's queued, running, retry and dead tasks, its lag (age of its oldest
 unfinished task), when it last handled an event and when it was last heard
-from. A broker that cannot be reached is named in one line; the journal's
-part is still shown, and the exit status is 1.
+from (marked * when by the instance's own clock: the broker kept no message
+expiry, as across an MQTT 3.1.1 bridge). A status message that cannot be read
+is skipped and named in one line. A broker that cannot be reached is named in
+one line; the journal's part is still shown, and the exit status is 1.
 
 For cron and monitoring checks, --max-lag and --max-dead turn the report into
 a test: each exceeded limit is named on stderr (and under "exceeded" with
