@@ -224,7 +224,7 @@ class FleetMember:
 
     status: InstanceStatus
     age_seconds: float | None  # since it was published; None: unknown
-    stale: bool  # online, but silent for more than STALE_AFTER_INTERVALS intervals
+    stale: bool  # online, but silent for > STALE_AFTER_INTERVALS intervals, or age unknown
     age_from: str | None = None  # AGE_FROM_BROKER | AGE_FROM_INSTANCE; None: unknown
 
     def as_dict(self) -> dict[str, Any]:
