@@ -7,6 +7,8 @@ not lost. `failback --dry-run` prints exactly the plan the real run carries out.
 
 from __future__ import annotations
 
+import time
+
 from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
 from replicator.config import config_from_dict
@@ -390,6 +392,51 @@ async def test_failback_without_a_held_record_reads_the_journal(registry_factory
         ]
         for site in (p, a):
             assert tags(site.url) == ["v1"]
+            assert assert_image_complete(site.url, "team/app", "v1") == new_v1.digest
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_a_registry_clock_ahead_does_not_turn_a_re_push_into_an_incident_delete(
+    registry_factory, tmp_path
+):
+    """Red-team finding 1: a's webhook for the propagated delete of v1 carries a's clock,
+    10 minutes ahead. Stamped so, the tombstone looked newer than the failover's start
+    (our clock) and failback deleted the v1 p re-pushed before it failed. A tombstone is
+    never stamped later than it is recorded: v1 is p's unreplicated write and spreads."""
+    p, a = registry_factory("p"), registry_factory("a")
+    config, journal, pool = parts(
+        tmp_path, {"p": p, "a": a}, [{"name": "apps", "from": "p", "to": ["a"], "deletes": True}]
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            old = push.push_image("team/app", "v1", [layer_bytes("sk-v1", 200)])
+            push.push_image("team/app", "v3", [layer_bytes("sk-v3", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        async with RegistryClient(SiteEndpoint(name="p", url=p.url, insecure=True)) as cp:
+            assert await cp.delete_tag("team/app", "v1")
+        assert (await Reconciler(config, journal, pool, engine).run()).deleted == 1
+        ahead = time.time() + 600  # a's delete webhook, as the daemon records it
+        await journal.tombstones.record(
+            "a", "team/app", tag="v1", digest=old.digest, origin="observed", at=ahead
+        )
+        assert all(s.at < ahead for s in await journal.tombstones.at_site("a", "team/app"))
+        with Pusher(p.url) as push:  # re-pushed at p, never replicated: p fails now
+            new_v1 = push.push_image("team/app", "v1", [layer_bytes("sk-v1-new", 200)])
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        assert (await failover(config, journal, pool, engine, FailoverRequest("a"))).recorded
+        p.start()
+
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert [(i.kind, i.site, i.tag) for i in dry.items] == [("spread", "a", "v1")]
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended and real.plan() == dry.plan()
+        for site in (p, a):
+            assert tags(site.url) == ["v1", "v3"]
             assert assert_image_complete(site.url, "team/app", "v1") == new_v1.digest
     finally:
         await pool.aclose()
