@@ -934,23 +934,34 @@ async def _plan_unpropagated(
     """Tags `source` (the promoted site) holds that `site` deleted before the incident and
     whose delete never reached `source` (`unpropagated_delete`): held back from the copy
     back (returned per repository, `source`'s names) and deleted at `source` under
-    `deletes: true`, else reported as conflicts."""
+    `deletes: true`, else reported as conflicts. A tag `source` did not hold when the
+    failover was recorded (`held`) is its own write during the incident, never held
+    back; one it held then and rewrote identically since, with no webhook seen, cannot
+    be told from the stale replica and goes too."""
     back, there = pool[site], pool[source]
     at_promoted = (lambda r: map_repository(rule, r)) if source in rule.to else (lambda r: r)
-    latest: dict[tuple[str, str], float] = {}
+    record: dict[str, list[str]] | None = incident.detail.get("held")
+    if incident.promoted_site != source:
+        record = None
+    latest: dict[tuple[str, str], tuple[float, str | None]] = {}
     for stone in await journal.tombstones.at_site(site):
         if stone.tag is not None and rule.matches_repository(stone.repository):
             key = (stone.repository, stone.tag)
-            latest[key] = max(latest.get(key, stone.at), stone.at)
+            if key not in latest or stone.at >= latest[key][0]:
+                latest[key] = (stone.at, stone.digest)
     held_back: dict[str, set[str]] = {}
-    for (repo, tag), stone_at in sorted(latest.items()):
+    for (repo, tag), (stone_at, deleted) in sorted(latest.items()):
         if stone_at > incident.started_at or not covers(rule, tag):
             continue
         theirs_repo = at_promoted(repo)
+        if record is not None and tag not in record.get(theirs_repo, []):
+            continue  # not there when the incident began: the promoted site's own write
         head = await there.head_manifest(theirs_repo, tag)
         if head is None or await back.head_manifest(repo, tag) is not None:
             continue
         known = (await _knowledge(journal, site, {repo})).get(repo, tag)
+        if deleted is not None:  # the returning site held that digest until the delete
+            known = [*known, (stone_at, deleted)]
         times = await journal.events.registry_times(source, theirs_repo)
         pushed = times[theirs_repo].pushed.get((tag, head.digest)) if theirs_repo in times else None
         if not unpropagated_delete(stone_at, incident.started_at, known, head.digest, pushed):
