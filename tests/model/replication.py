@@ -190,7 +190,9 @@ class ReplicationMachine(RuleBasedStateMachine):
         if not held:
             return
         self._step()
-        tag = sorted(held)[pick % len(held)]
+        self._delete_tag(sorted(held)[pick % len(held)])
+
+    def _delete_tag(self, tag: str) -> None:
         reg = self.sites[self.source]
 
         async def delete() -> None:
@@ -210,8 +212,9 @@ class ReplicationMachine(RuleBasedStateMachine):
         held = self.at("p")
         if not held:
             return
-        self.tag_delete(pick)
+        self._step()
         tag = sorted(held)[pick % len(held)]
+        self._delete_tag(tag)
         self.p_deleted_seen[tag] = held[tag]
 
         async def remember() -> None:
