@@ -502,3 +502,47 @@ async def test_failback_does_not_resurrect_a_delete_the_primary_made_before_fail
     finally:
         await pool.aclose()
         journal.close()
+
+
+async def test_failback_holds_back_an_unpropagated_delete_under_a_rename(
+    registry_factory, tmp_path
+):
+    """Finding 3 through a prefix rename: a holds p's team/app as m/team/app. The held
+    back tag is excluded from the copy back of that repository only (a's incident writes
+    to both repositories come back), and deleted at a under a's name."""
+    p, a = registry_factory("p"), registry_factory("a")
+    rule = {"name": "r1", "from": "p", "to": ["a"], "rename": {"prefix": "m/"}, "deletes": True}
+    config, journal, pool = parts(tmp_path, {"p": p, "a": a}, [rule])
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            v1 = push.push_image("team/app", "v1", [layer_bytes("rn-v1", 200)])
+            push.push_image("team/app", "v2", [layer_bytes("rn-v2", 200)])
+            push.push_image("team/other", "v1", [layer_bytes("rn-o1", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        async with RegistryClient(SiteEndpoint(name="p", url=p.url, insecure=True)) as cp:
+            assert await cp.delete_tag("team/app", "v1")
+        await journal.tombstones.record(
+            "p", "team/app", tag="v1", digest=v1.digest, origin="observed"
+        )
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        assert (await failover(config, journal, pool, engine, FailoverRequest("a"))).recorded
+        with Pusher(a.url) as push:  # the incident: a writes v3 of both repositories
+            push.push_image("m/team/app", "v3", [layer_bytes("rn-v3", 200)])
+            push.push_image("m/team/other", "v3", [layer_bytes("rn-o3", 200)])
+        p.start()
+
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert [(i.kind, i.site, i.repository, i.tag) for i in dry.items] == [
+            ("delete", "a", "m/team/app", "v1")
+        ]
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended and real.plan() == dry.plan()
+        assert tags(p.url) == ["v2", "v3"] and tags(p.url, "team/other") == ["v1", "v3"]
+        assert tags(a.url, "m/team/app") == ["v2", "v3"]
+        assert tags(a.url, "m/team/other") == ["v1", "v3"]
+    finally:
+        await pool.aclose()
+        journal.close()
