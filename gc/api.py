@@ -26,7 +26,9 @@ every manifest revision stored there; rank tags by the registry's push times
   and leaves blobs to the storage pass.
 
 Every manifest and tag deleted is tombstoned (origin `retention`), so failover
-catch-up and failback tell "removed by retention" from "never copied".
+catch-up and failback tell "removed by retention" from "never copied". The
+tombstone is written before its DELETE is sent and withdrawn if the DELETE fails:
+a GC killed mid-sweep leaves a record of every delete the registry carried out.
 
 Right before deleting, each repository's tags are listed and HEADed again (and
 its stored revisions re-read); a tag that appeared or moved onto a doomed digest
@@ -296,52 +298,71 @@ class ApiCollector:
 
         return hook
 
+    async def _tombstoned(
+        self, plan: RepoPlan, marks: list[tuple[str | None, str]], reason: str
+    ) -> list[int]:
+        """Write the tombstones of one delete BEFORE it is sent (ids, for `_retract`): a
+        process killed once the registry carried it out, before it heard back, still
+        leaves the record failover catch-up and failback read. One whose delete then
+        does not happen is withdrawn; a crash in between leaves a tombstone of a tag
+        still there, whose only effect is that catch-up reports it instead of copying
+        it (the site still holds it, so nothing is lost)."""
+        if self.journal is None:
+            return []
+        detail = f"gc {plan.policy.name}: {reason}" if reason else f"gc {plan.policy.name}"
+        site, repo, now = self.opts.site, plan.repository, time.time()
+        stones = [Tombstone(site, repo, t, d, now, "retention", detail) for t, d in marks]
+        return await self.journal.tombstones.record_all(stones)
+
+    async def _retract(self, ids: list[int]) -> None:
+        if self.journal is not None:
+            await self.journal.tombstones.retract(ids)
+
     async def sweep(self, plan: RepoPlan, result: GCResult, rec: RunRecorder) -> None:
         repo = plan.repository
         planned = {(i["kind"], i.get("tag") or i.get("digest")): i for i in self.items(plan)}
         updates: list[tuple[str, str, str, str | None]] = []
-        stones: list[Tombstone] = []
-
-        def tombstone(tag: str | None, digest: str, reason: str) -> None:
-            detail = f"gc {plan.policy.name}: {reason}" if reason else f"gc {plan.policy.name}"
-            stones.append(
-                Tombstone(self.opts.site, repo, tag, digest, time.time(), "retention", detail)
-            )
 
         for d in plan.delete_manifests:  # ordered: sequential on purpose
             key = f"{repo}@{d}"
+            on_it = sorted(t for t, td in plan.tags.items() if td == d)
+            marks: list[tuple[str | None, str]] = [(None, d), *((t, d) for t in on_it)]
+            stones = await self._tombstoned(plan, marks, plan.reasons.get(d, ""))
             try:
                 await self.client.delete_manifest(repo, d)
-                tombstone(None, d, plan.reasons.get(d, ""))
-                for t in sorted(t for t, td in plan.tags.items() if td == d):
-                    tombstone(t, d, plan.reasons.get(d, ""))
-                result.manifests_deleted += 1
-                result.deleted_manifests.add(key)
-                gone_tags = {f"{repo}:{t}" for t, td in plan.tags.items() if td == d}
-                result.tags_deleted += len(gone_tags)
-                result.deleted_tags |= gone_tags
-                result.items.append(planned[("manifest", d)])
-                updates.append(("manifest", key, "deleted", None))
             except RegistryError as exc:
+                await self._retract(stones)
                 result.errors.append(str(exc))
                 updates.append(("manifest", key, "error", str(exc)))
+                continue
+            result.manifests_deleted += 1
+            result.deleted_manifests.add(key)
+            gone_tags = {f"{repo}:{t}" for t in on_it}
+            result.tags_deleted += len(gone_tags)
+            result.deleted_tags |= gone_tags
+            result.items.append(planned[("manifest", d)])
+            updates.append(("manifest", key, "deleted", None))
         for t in plan.delete_tags:
             key = f"{repo}:{t}"
+            stones = await self._tombstoned(
+                plan, [(t, plan.tags[t])], plan.reasons.get(f"tag:{t}", "")
+            )
             try:
                 done = await self.client.delete_tag(
                     repo, t, before_placeholder=self._placeholder_hook(t)
                 )
             except RegistryError as exc:
+                await self._retract(stones)
                 result.errors.append(str(exc))
                 updates.append(("tag", key, "error", str(exc)))
                 continue
             if done:
-                tombstone(t, plan.tags[t], plan.reasons.get(f"tag:{t}", ""))
                 result.tags_deleted += 1
                 result.deleted_tags.add(key)
                 result.items.append(planned[("tag", t)])
                 updates.append(("tag", key, "deleted", None))
             else:
+                await self._retract(stones)
                 result.notes.append(done.describe())
                 updates.append(("tag", key, "kept", done.describe()))
 
@@ -360,8 +381,6 @@ class ApiCollector:
                 updates.append(("blob", key, "error", str(exc)))
                 return False
 
-        if stones and self.journal is not None:  # failback and catch-up do not undo them
-            await self.journal.tombstones.record_all(stones)
         blobs = sorted(plan.delete_blobs.items())
         unlinked = await asyncio.gather(*(unlink(b, s) for b, s in blobs))
         # listed in the plan's order, not as the concurrent DELETEs finish: the report

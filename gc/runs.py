@@ -14,10 +14,10 @@ a benchmark needs no database (it just cannot resume).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from replicator.journal import Journal
+from replicator.journal import Journal, Tombstone
 from replicator.journal.runs import CandidateRow, CandidateUpdate
 
 __all__ = ["CandidateRow", "CandidateUpdate", "RunRecorder"]
@@ -57,10 +57,13 @@ class RunRecorder:
         if self.journal is not None:
             await self.journal.gc_runs.add_candidates(self._id, rows)
 
-    async def update_states(self, updates: Iterable[CandidateUpdate]) -> None:
-        """(kind, key, state, error) for many candidates in one transaction."""
+    async def update_states(
+        self, updates: Iterable[CandidateUpdate], tombstones: Sequence[Tombstone] = ()
+    ) -> None:
+        """(kind, key, state, error) for many candidates in one transaction, with the
+        tombstones of what they deleted (the same transaction: no "deleted" without one)."""
         if self.journal is not None:
-            await self.journal.gc_runs.update_candidates(self._id, updates)
+            await self.journal.gc_runs.update_candidates(self._id, updates, tombstones)
 
     async def finish(self, state: str, stats: dict[str, Any]) -> None:
         if self.journal is not None:

@@ -1134,8 +1134,13 @@ class StorageCollector:
             summary = dict(info.get("mark_summary") or {})
             cutoff = float(summary.get("cutoff", run["started_at"]))
             rows = await journal.gc_runs.candidates(run["id"])
+            was = {(str(r["kind"]), str(r["key"])): r.get("state") for r in rows}
             items, updates = await asyncio.to_thread(self.settle_interrupted, rows)
-            await rec.update_states(updates)
+            # deleted by a settle that died before its journal write: tombstoned now
+            found_deleted = [
+                i for i in items if i.state == "deleted" and was.get((i.kind, i.key)) != "deleted"
+            ]
+            await rec.update_states(updates, _tombstones(self.opts, found_deleted))
             out.append((rec, items, cutoff, summary))
         return out
 
@@ -1519,15 +1524,17 @@ async def _settle(
     try:
         await asyncio.to_thread(col.finalize, items, cutoff)
     finally:
+        # states and tombstones in one transaction: failback and catch-up do not undo
+        # what was deleted, even when the process dies right after this write or before
+        # it (then the resumed run finds the deletions and tombstones them, `_resumed`)
         await rec.update_states(
             [
                 (i.kind, i.key, i.state, i.error)
                 for i in items
                 if i.state in ("deleted", "restored", "error")
-            ]
+            ],
+            _tombstones(col.opts, items),
         )
-        if col.journal is not None:  # failback and catch-up do not undo them
-            await col.journal.tombstones.record_all(_tombstones(col.opts, items))
         await asyncio.to_thread(_prune_run_dir, col, rec, items)
 
 

@@ -27,7 +27,14 @@ truth for the incident window:
   delete before the incident does not count: the old primary may have re-pushed
   the tag since, and that write is not lost;
 * otherwise it is a tag the old primary took and never replicated: failback
-  copies it to every target of the rule.
+  copies it to every target of the rule;
+* a tag the promoted site holds that the returning site deleted before the incident
+  (a tombstone there at or before `started_at`, later than anything the journal knows
+  of the promoted site's digest, and no push of it at the promoted site since) is a
+  delete that had not propagated when the primary failed: it is not copied back.
+  Under `deletes: true` failback deletes it at the promoted site (after re-checking
+  the returning site lacks it; tombstoned), as the daemon would have; otherwise it is
+  reported as a conflict and left where it is.
 
 Then the failover ends. `failback --dry-run` prints this whole plan.
 
@@ -42,7 +49,8 @@ rewritten rule speaks the target names (`rules.target_view`) and failback maps
 them back (`rules.inverse_rename`). Others are refused, naming the rule.
 
 Pure decisions (`lost_site_for`, `refusals`, `choose_digest`, `_decide`,
-`decide_returning_tag`) are separate from the I/O so they can be tested alone.
+`deleted_during_incident`, `returning_decisions`, `unpropagated_delete`) are separate
+from the I/O so they can be tested alone.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ from typing import Literal
 
 from replicator.aio import bounded_gather
 from replicator.clients import ClientPool
-from replicator.config import Config, Rule
+from replicator.config import Config, Rule, TagFilter
 from replicator.copy import CopyEngine, CopyOptions
 from replicator.deletes import DeleteSite, delete_tag
 from replicator.errors import UsageError
@@ -717,6 +725,54 @@ def returning_decisions(
     return deletes, spread
 
 
+def unpropagated_delete(
+    tombstone_at: float | None,
+    started_at: float,
+    known: Sequence[tuple[float, str]],
+    digest: str,
+    pushed_at_promoted: float | None,
+) -> bool:
+    """Whether the promoted site's `digest` of a tag the returning site lacks is one the
+    returning site deleted before the incident, a delete that never reached the
+    promoted site (so failback must not copy it back). Pure.
+
+    Yes when the returning site's latest tombstone of the tag is at or before the
+    incident began and later than every time the journal knows `digest` there
+    (`known`: seen at, or replicated from, the returning site), and the promoted site
+    took no push of it since. A digest the journal never saw at the returning site is
+    the promoted site's own write: never."""
+    if tombstone_at is None or tombstone_at > started_at:
+        return False
+    times = [at for at, d in known if d == digest]
+    if not times or tombstone_at < max(times):
+        return False
+    return pushed_at_promoted is None or pushed_at_promoted <= tombstone_at
+
+
+def _held_back(rule: Rule, held_back: Mapping[str, Iterable[str]]) -> list[Rule]:
+    """`rule` (a failback sync rule) less the tags held back per repository (the
+    promoted site's names): the rest as before, and each such repository alone with
+    those tags excluded, so neither the dry nor the real run plans to copy them."""
+    if not held_back:
+        return [rule]
+    repos = sorted(held_back)
+    rest = rule.model_copy(update={"exclude_repositories": [*rule.exclude_repositories, *repos]})
+    tags = rule.tags or TagFilter()
+    narrowed = [
+        rule.model_copy(
+            update={
+                "repositories": [repo],
+                "exclude_repositories": [],
+                "tags": tags.model_copy(
+                    update={"exclude": [*tags.exclude, *sorted(held_back[repo])]}
+                ),
+            }
+        )
+        for repo in repos
+    ]
+    return [rest, *narrowed]
+
+
 def _failback_rule(configured: Rule, source: str, site: str) -> Rule:
     """The rule that copies the promoted site's tags back to `site`: over the names the
     promoted site holds, renamed back to `site`'s names."""
@@ -764,15 +820,19 @@ async def failback(
         if source == site:
             continue
         report.sources[rule.name] = source
-        sync_rules.append(_failback_rule(rule, source, site))
         returning.append((rule, source))
         report.rules_used.append(rule)
     incident = mine[0]  # failover refuses a second failover of the same site
     for rule, source in returning:
+        held_back: dict[str, set[str]] = {}
         try:
             await _plan_returning(journal, pool, rule, source, site, report, incident)
+            held_back = await _plan_unpropagated(
+                journal, pool, rule, source, site, report, incident
+            )
         except RegistryError as exc:
             report.failures.append(f"rule {rule.name}: failback plan: {exc}")
+        sync_rules += _held_back(_failback_rule(rule, source, site), held_back)
     if sync_rules:
         # the dry run ranks `latest: N` by the journal's push times as the real run does
         reconciler = Reconciler(config, journal, pool, engine, parallel=parallel, read_only=dry_run)
@@ -862,6 +922,63 @@ async def _plan_returning(
                 )
 
 
+async def _plan_unpropagated(
+    journal: Journal,
+    pool: ClientPool,
+    rule: Rule,
+    source: str,
+    site: str,
+    report: FailbackReport,
+    incident: Failover,
+) -> dict[str, set[str]]:
+    """Tags `source` (the promoted site) holds that `site` deleted before the incident and
+    whose delete never reached `source` (`unpropagated_delete`): held back from the copy
+    back (returned per repository, `source`'s names) and deleted at `source` under
+    `deletes: true`, else reported as conflicts. A tag `source` did not hold when the
+    failover was recorded (`held`) is its own write during the incident, never held
+    back; one it held then and rewrote identically since, with no webhook seen, cannot
+    be told from the stale replica and goes too."""
+    back, there = pool[site], pool[source]
+    at_promoted = (lambda r: map_repository(rule, r)) if source in rule.to else (lambda r: r)
+    record: dict[str, list[str]] | None = incident.detail.get("held")
+    if incident.promoted_site != source:
+        record = None
+    latest: dict[tuple[str, str], tuple[float, str | None]] = {}
+    for stone in await journal.tombstones.at_site(site):
+        if stone.tag is not None and rule.matches_repository(stone.repository):
+            key = (stone.repository, stone.tag)
+            if key not in latest or stone.at >= latest[key][0]:
+                latest[key] = (stone.at, stone.digest)
+    held_back: dict[str, set[str]] = {}
+    for (repo, tag), (stone_at, deleted) in sorted(latest.items()):
+        if stone_at > incident.started_at or not covers(rule, tag):
+            continue
+        theirs_repo = at_promoted(repo)
+        if record is not None and tag not in record.get(theirs_repo, []):
+            continue  # not there when the incident began: the promoted site's own write
+        head = await there.head_manifest(theirs_repo, tag)
+        if head is None or await back.head_manifest(repo, tag) is not None:
+            continue
+        known = (await _knowledge(journal, site, {repo})).get(repo, tag)
+        if deleted is not None:  # the returning site held that digest until the delete
+            known = [*known, (stone_at, deleted)]
+        times = await journal.events.registry_times(source, theirs_repo)
+        pushed = times[theirs_repo].pushed.get((tag, head.digest)) if theirs_repo in times else None
+        if not unpropagated_delete(stone_at, incident.started_at, known, head.digest, pushed):
+            continue
+        held_back.setdefault(theirs_repo, set()).add(tag)
+        why = f"deleted at {site} before the incident (journal tombstone); not copied back"
+        if rule.deletes:
+            kind: Literal["delete", "conflict"] = "delete"
+            reason = f"{why}; the delete had not reached {source}"
+        else:
+            kind, reason = "conflict", f"{why}; {source} keeps it (the rule does not delete)"
+        report.items.append(
+            FailbackItem(kind, rule.name, source, theirs_repo, tag, head.digest, reason, repo)
+        )
+    return held_back
+
+
 async def _held_per_journal(journal: Journal, site: str, repository: str) -> set[str]:
     """Tags the journal says `site` held (we copied them there, or its inventory lists
     them): the stand-in for a failover's `held` record where there is none."""
@@ -907,12 +1024,17 @@ async def _apply_returning(
         rule = rules[item.rule]
         if item.kind == "delete":
             source = report.sources[item.rule]
-            promoted_repo = (
-                map_repository(rule, item.repository) if source in rule.to else item.repository
-            )
+            if item.site == site:  # deleted at the promoted site during the incident
+                promoted_repo = (
+                    map_repository(rule, item.repository) if source in rule.to else item.repository
+                )
+                truth = DeleteSite(pool[source], source, promoted_repo)
+            else:  # deleted at the returning site before it, never propagated
+                repo = item.from_repository or item.repository
+                truth = DeleteSite(pool[site], site, repo)
             deletion = await delete_tag(
-                DeleteSite(pool[source], source, promoted_repo),
-                DeleteSite(pool[site], site, item.repository),
+                truth,
+                DeleteSite(pool[item.site], item.site, item.repository),
                 item.tag,
                 journal=journal,
             )

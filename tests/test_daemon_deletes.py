@@ -9,8 +9,9 @@ send; distribution 2.8 itself cannot delete a tag by name.
 from __future__ import annotations
 
 import json
+import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -21,13 +22,15 @@ from tests.harness.tag_delete_front import tag_delete_front
 from tests.harness.util import free_port, wait_until
 
 
-def tag_delete_webhook(daemon: DaemonProcess, site: str, repo: str, tag: str) -> str:
+def tag_delete_webhook(
+    daemon: DaemonProcess, site: str, repo: str, tag: str, when: datetime | None = None
+) -> str:
     event_id = str(uuid.uuid4())
     body = {
         "events": [
             {
                 "id": event_id,
-                "timestamp": datetime.now(UTC).isoformat(),
+                "timestamp": (when or datetime.now(UTC)).isoformat(),
                 "action": "delete",
                 "target": {"repository": repo, "tag": tag},
             }
@@ -133,3 +136,16 @@ def test_event_path_honours_latest_n(pair):
     )
     assert "v1.0.5" not in tags(b.url)
     assert daemon.journal_rows("SELECT id FROM tasks WHERE tag = 'v1.0.5'") == []
+
+
+def test_a_delete_webhook_from_a_clock_ahead_is_tombstoned_at_our_time(pair):
+    """Red-team finding 1: the webhook's timestamp is the registry's clock. A tombstone
+    stamped 10 minutes ahead would look like a delete during an incident that began
+    since; the daemon records it no later than it receives it."""
+    _a, _b, start = pair
+    daemon = start({"deletes": True})
+    tag_delete_webhook(daemon, "a", "team/app", "v1", datetime.now(UTC) + timedelta(minutes=10))
+    query = "SELECT at FROM tombstones WHERE site = 'a' AND tag = 'v1'"
+    wait_until(lambda: daemon.journal_rows(query), timeout=30, what="the delete tombstoned")
+    [(at,)] = daemon.journal_rows(query)
+    assert at <= time.time()

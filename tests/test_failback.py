@@ -7,6 +7,10 @@ not lost. `failback --dry-run` prints exactly the plan the real run carries out.
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
 from replicator.config import config_from_dict
@@ -17,6 +21,7 @@ from replicator.failover import (
     failback,
     failover,
     returning_decisions,
+    unpropagated_delete,
 )
 from replicator.journal import Journal
 from replicator.registry.client import RegistryClient
@@ -391,6 +396,153 @@ async def test_failback_without_a_held_record_reads_the_journal(registry_factory
         for site in (p, a):
             assert tags(site.url) == ["v1"]
             assert assert_image_complete(site.url, "team/app", "v1") == new_v1.digest
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_a_registry_clock_ahead_does_not_turn_a_re_push_into_an_incident_delete(
+    registry_factory, tmp_path
+):
+    """Red-team finding 1: a's webhook for the propagated delete of v1 carries a's clock,
+    10 minutes ahead. Stamped so, the tombstone looked newer than the failover's start
+    (our clock) and failback deleted the v1 p re-pushed before it failed. A tombstone is
+    never stamped later than it is recorded: v1 is p's unreplicated write and spreads."""
+    p, a = registry_factory("p"), registry_factory("a")
+    config, journal, pool = parts(
+        tmp_path, {"p": p, "a": a}, [{"name": "apps", "from": "p", "to": ["a"], "deletes": True}]
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            old = push.push_image("team/app", "v1", [layer_bytes("sk-v1", 200)])
+            push.push_image("team/app", "v3", [layer_bytes("sk-v3", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        async with RegistryClient(SiteEndpoint(name="p", url=p.url, insecure=True)) as cp:
+            assert await cp.delete_tag("team/app", "v1")
+        assert (await Reconciler(config, journal, pool, engine).run()).deleted == 1
+        ahead = time.time() + 600  # a's delete webhook, as the daemon records it
+        await journal.tombstones.record(
+            "a", "team/app", tag="v1", digest=old.digest, origin="observed", at=ahead
+        )
+        assert all(s.at < ahead for s in await journal.tombstones.at_site("a", "team/app"))
+        with Pusher(p.url) as push:  # re-pushed at p, never replicated: p fails now
+            new_v1 = push.push_image("team/app", "v1", [layer_bytes("sk-v1-new", 200)])
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        assert (await failover(config, journal, pool, engine, FailoverRequest("a"))).recorded
+        p.start()
+
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert [(i.kind, i.site, i.tag) for i in dry.items] == [("spread", "a", "v1")]
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended and real.plan() == dry.plan()
+        for site in (p, a):
+            assert tags(site.url) == ["v1", "v3"]
+            assert assert_image_complete(site.url, "team/app", "v1") == new_v1.digest
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+def test_unpropagated_delete_is_pure():
+    known = [(5.0, "d1")]
+    assert unpropagated_delete(8.0, 10.0, known, "d1", None)
+    assert unpropagated_delete(8.0, 10.0, known, "d1", 6.0)  # our copy's push event there
+    assert not unpropagated_delete(None, 10.0, known, "d1", None)
+    assert not unpropagated_delete(12.0, 10.0, known, "d1", None)  # during the incident
+    assert not unpropagated_delete(4.0, 10.0, known, "d1", None)  # re-pushed after the delete
+    assert not unpropagated_delete(8.0, 10.0, known, "d2", None)  # the promoted site's own
+    assert not unpropagated_delete(8.0, 10.0, known, "d1", 9.0)  # pushed there again since
+
+
+@pytest.mark.parametrize("deletes", [True, False])
+async def test_failback_does_not_resurrect_a_delete_the_primary_made_before_failing(
+    registry_factory, tmp_path, deletes
+):
+    """Red-team finding 3: v1 replicated to a, deleted at p (the daemon saw it: a
+    tombstone at p), and p failed before the delete reached a. Catch-up leaves a's v1
+    alone, but failback used to copy it back to p silently. Now it is held back: under
+    `deletes: true` failback deletes it at a, as the daemon would have; otherwise a
+    keeps it and the plan says so (a conflict item)."""
+    p, a = registry_factory("p"), registry_factory("a")
+    rule = {"name": "apps", "from": "p", "to": ["a"], "deletes": deletes}
+    config, journal, pool = parts(tmp_path, {"p": p, "a": a}, [rule])
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            v1 = push.push_image("team/app", "v1", [layer_bytes("rs-v1", 200)])
+            v2 = push.push_image("team/app", "v2", [layer_bytes("rs-v2", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        async with RegistryClient(SiteEndpoint(name="p", url=p.url, insecure=True)) as cp:
+            assert await cp.delete_tag("team/app", "v1")
+        await journal.tombstones.record(
+            "p", "team/app", tag="v1", digest=v1.digest, origin="observed"
+        )
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        assert (await failover(config, journal, pool, engine, FailoverRequest("a"))).recorded
+        assert tags(a.url) == ["v1", "v2"]
+        p.start()
+
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert dry.failures == []
+        kind = "delete" if deletes else "conflict"
+        assert [(i.kind, i.site, i.tag) for i in dry.items] == [(kind, "a", "v1")]
+        assert not any("v1" in line and line.startswith("copy") for line in dry.plan())
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended and real.plan() == dry.plan()
+        assert tags(p.url) == ["v2"], "v1 is not copied back to p"
+        assert tags(a.url) == (["v2"] if deletes else ["v1", "v2"])
+        assert assert_image_complete(a.url, "team/app", "v2") == v2.digest
+        after = await Reconciler(config, journal, pool, engine).run()
+        assert after.failures == [] and after.stats.copied == 0 and tags(p.url) == ["v2"]
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_failback_holds_back_an_unpropagated_delete_under_a_rename(
+    registry_factory, tmp_path
+):
+    """Finding 3 through a prefix rename: a holds p's team/app as m/team/app. The held
+    back tag is excluded from the copy back of that repository only (a's incident writes
+    to both repositories come back), and deleted at a under a's name."""
+    p, a = registry_factory("p"), registry_factory("a")
+    rule = {"name": "r1", "from": "p", "to": ["a"], "rename": {"prefix": "m/"}, "deletes": True}
+    config, journal, pool = parts(tmp_path, {"p": p, "a": a}, [rule])
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            v1 = push.push_image("team/app", "v1", [layer_bytes("rn-v1", 200)])
+            push.push_image("team/app", "v2", [layer_bytes("rn-v2", 200)])
+            push.push_image("team/other", "v1", [layer_bytes("rn-o1", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        async with RegistryClient(SiteEndpoint(name="p", url=p.url, insecure=True)) as cp:
+            assert await cp.delete_tag("team/app", "v1")
+        await journal.tombstones.record(
+            "p", "team/app", tag="v1", digest=v1.digest, origin="observed"
+        )
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        assert (await failover(config, journal, pool, engine, FailoverRequest("a"))).recorded
+        with Pusher(a.url) as push:  # the incident: a writes v3 of both repositories
+            push.push_image("m/team/app", "v3", [layer_bytes("rn-v3", 200)])
+            push.push_image("m/team/other", "v3", [layer_bytes("rn-o3", 200)])
+        p.start()
+
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert [(i.kind, i.site, i.repository, i.tag) for i in dry.items] == [
+            ("delete", "a", "m/team/app", "v1")
+        ]
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended and real.plan() == dry.plan()
+        assert tags(p.url) == ["v2", "v3"] and tags(p.url, "team/other") == ["v1", "v3"]
+        assert tags(a.url, "m/team/app") == ["v2", "v3"]
+        assert tags(a.url, "m/team/other") == ["v1", "v3"]
     finally:
         await pool.aclose()
         journal.close()

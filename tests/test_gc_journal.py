@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
@@ -20,13 +23,14 @@ from replicator.copy import CopyEngine
 from replicator.failover import FailoverRequest, failover
 from replicator.gc.api import ApiGCOptions, collect_api
 from replicator.gc.policy import KeepRules, RetentionPolicy
-from replicator.gc.storage import StorageGCOptions, collect_storage
+from replicator.gc.storage import StorageGCOptions, collect_storage, collect_storage_sync
 from replicator.journal import Journal
 from replicator.registry.client import RegistryClient
 from replicator.registry.site import SiteEndpoint
 from replicator.sync import Reconciler
 from tests.harness.daemon import a_to_b_daemon
 from tests.harness.images import Pusher, assert_image_complete, layer_bytes
+from tests.harness.journal import sql
 from tests.harness.util import wait_until
 
 KEEP_V = RetentionPolicy(
@@ -207,4 +211,165 @@ async def test_failover_does_not_catch_up_a_tag_retention_removed_at_the_primary
             assert sorted(push.tags("app")) == ["v1"]
     finally:
         await pool.aclose()
+        journal.close()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# An API GC of site p in its own process, on the command line's registry URL, storage and
+# journal: the test kills it at the moment it chooses.
+_GC_PROCESS = """
+import asyncio, sys
+from replicator.gc.api import ApiGCOptions, collect_api
+from replicator.journal import Journal
+from replicator.registry.client import RegistryClient
+from replicator.registry.site import SiteEndpoint
+from tests.test_gc_journal import KEEP_V
+
+url, storage, journal_path = sys.argv[1:4]
+
+async def main():
+    journal = Journal(journal_path)
+    options = ApiGCOptions(site="p", policies=[KEEP_V], storage=storage)
+    async with RegistryClient(SiteEndpoint(name="p", url=url, insecure=True)) as client:
+        await collect_api(client, journal, options)
+
+asyncio.run(main())
+"""
+
+
+async def test_an_api_gc_killed_right_after_a_delete_leaves_its_tombstone(
+    registry_factory, proxy_factory, tmp_path
+):
+    """Red-team finding 2: the GC process dies once the registry has carried out its
+    first DELETE and before it hears back (the proxy holds the answer; the test SIGKILLs
+    the process). The tombstone, written before the DELETE, is there, so failover
+    catch-up does not copy `dev` back from b (the kill used to leave none, and a took
+    `dev` back)."""
+    p, a, b = registry_factory("p"), registry_factory("a"), registry_factory("b")
+    sites = {"p": p, "a": a, "b": b}
+    config = config_from_dict(
+        {
+            "journal": str(tmp_path / "journal.db"),
+            "sites": {n: {"url": r.url, "insecure": True} for n, r in sites.items()},
+            "rules": [{"name": "apps", "from": "p", "to": ["a", "b"], "deletes": True}],
+        }
+    )
+    journal = Journal(config.journal)
+    pool = ClientPool(config, retries=1, backoff_base=0.01)
+    engine = CopyEngine(BlobIndex(journal))
+    only = {t: config.rules[0].model_copy(update={"to": [t]}) for t in ("a", "b")}
+    proxy = proxy_factory(p)
+    proxy.delay(120, method="DELETE", path="/manifests/")
+    child = None
+    try:
+        with Pusher(p.url) as push:
+            push.push_image("app", "v1", [layer_bytes("gk-v1", 300)])
+            dev = push.push_image("app", "dev", [layer_bytes("gk-dev", 300)])
+        assert (
+            await Reconciler(config, journal, pool, engine).run(rules=[only["b"]])
+        ).failures == []
+        age_tree(p.storage, 7200)
+        args = [proxy.url, str(p.storage), str(config.journal)]
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _GC_PROCESS, *args, cwd=REPO_ROOT
+        )
+
+        def delete_carried_out() -> bool:
+            assert child is not None and child.returncode is None, "the GC process ended"
+            return any(r.method == "DELETE" and r.status == 202 for r in proxy.records)
+
+        await asyncio.to_thread(
+            wait_until, delete_carried_out, timeout=60, what="the registry did the DELETE"
+        )
+        child.kill()
+        assert await asyncio.wait_for(child.wait(), 30) != 0
+        with Pusher(p.url) as push:
+            assert sorted(push.tags("app")) == ["v1"]
+        assert {(s.tag, s.digest) for s in await journal.tombstones.at_site("p", "app")} == {
+            ("dev", dev.digest),
+            (None, dev.digest),
+        }
+        assert (
+            await Reconciler(config, journal, pool, engine).run(rules=[only["a"]])
+        ).failures == []
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        done = await failover(config, journal, pool, engine, FailoverRequest("a"))
+        assert done.recorded and done.copies == [], [c.describe("a") for c in done.copies]
+        with Pusher(a.url) as push:
+            assert sorted(push.tags("app")) == ["v1"]
+    finally:
+        if child is not None and child.returncode is None:
+            child.kill()
+            await asyncio.wait_for(child.wait(), 30)
+        await pool.aclose()
+        journal.close()
+
+
+def test_an_api_gc_delete_that_fails_leaves_no_tombstone(registry, proxy_factory, tmp_path):
+    """The tombstone written ahead of a DELETE is withdrawn when the DELETE fails: the
+    tag is still there, and a record of its delete would stop catch-up copying it."""
+    proxy = proxy_factory(registry)
+    proxy.respond(403, 50, method="DELETE")
+    with Pusher(registry.url) as p:
+        v1 = p.push_image("app", "v1", [layer_bytes("gf-v1", 300)])
+        p.push_manifest("app", "nightly", v1.raw, v1.media_type)
+        p.push_image("app", "dev", [layer_bytes("gf-dev", 300)])
+    age_tree(registry.storage, 7200)
+    journal = Journal(tmp_path / "j.db")
+    try:
+        result = api_gc(proxy, journal, storage=registry.storage)
+        assert result.errors and result.deleted_tags == set()
+        assert proxy.count("DELETE") >= 2, "both deletes were tried"
+        assert stones(journal, "a") == set()
+        with Pusher(registry.url) as p:
+            assert sorted(p.tags("app")) == ["dev", "nightly", "v1"]
+    finally:
+        journal.close()
+
+
+def test_a_storage_gc_interrupted_after_its_deletes_tombstones_them_when_resumed(
+    registry, tmp_path
+):
+    """A settle that removed the quarantined copies and died before its journal write:
+    the next run finds them gone, records them deleted and tombstones them (in the same
+    transaction). Simulated by a run left waiting in quarantine whose copies are then
+    removed, as the dead settle had done."""
+    with Pusher(registry.url) as p:
+        p.push_image("app", "v1", [layer_bytes("sr-v1", 300)])
+        dev = p.push_image("app", "dev", [layer_bytes("sr-dev", 300)])
+    age_tree(registry.storage, 7200)
+    journal = Journal(tmp_path / "j.db")
+    policy = replace(KEEP_V, mode="storage", untagged="delete")
+    opts = StorageGCOptions(
+        site="a",
+        grace=0,
+        quarantine_window=3600,
+        settle=False,
+        registry_config=registry.config_path,
+        assume_no_cache=True,
+        workers=2,
+        policies=[policy],
+    )
+    try:
+        first = collect_storage_sync(registry.storage, journal, opts)
+        assert first.waiting > 0 and stones(journal, "a") == set()
+        moved = sql(
+            journal,
+            "SELECT kind, quarantine_path AS q FROM gc_candidates WHERE state = 'quarantined'",
+        )
+        for row in moved:  # what the settle did before it died
+            if os.path.isdir(row["q"]):
+                shutil.rmtree(row["q"])
+            else:
+                os.remove(row["q"])
+        sql(
+            journal, "UPDATE gc_runs SET mark_summary = json_set(mark_summary, '$.settle_after', 0)"
+        )
+        collect_storage_sync(registry.storage, journal, replace(opts, quarantine_window=0))
+        assert {("dev", dev.digest), (None, dev.digest)} <= {
+            (t, d) for t, d, _ in stones(journal, "a")
+        }
+    finally:
         journal.close()

@@ -459,7 +459,9 @@ class Daemon:
 
     async def _remember(self, event: RegistryEvent) -> None:
         """Keep the inventory current from webhooks: push times feed retention policies;
-        deletes become tombstones (failback tells deleted from never copied by them)."""
+        deletes become tombstones (failback tells deleted from never copied by them),
+        stamped with the registry's time but never later than now (`Tombstones`: a
+        registry clock ahead must not make a delete look newer than a failover)."""
         inventory = self.journal.inventory
         if event.action == "push" and event.is_manifest and event.tag and event.digest:
             await inventory.record_tags(

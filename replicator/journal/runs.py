@@ -21,6 +21,7 @@ from typing import Any
 import sqlite_utils
 
 from replicator.journal.core import JournalConnection, executemany, rows
+from replicator.journal.tombstones import Tombstone, insert_tombstones
 
 UNFINISHED_GC = ("marking", "sweeping", "quarantined")
 
@@ -102,12 +103,19 @@ class GCRuns:
             [(run_id, *astuple(c)) for c in candidates],
         )
 
-    async def update_candidates(self, run_id: int, updates: Iterable[CandidateUpdate]) -> None:
-        """New state and error for many candidates in one transaction."""
+    async def update_candidates(
+        self,
+        run_id: int,
+        updates: Iterable[CandidateUpdate],
+        tombstones: Sequence[Tombstone] = (),
+    ) -> None:
+        """New state and error for many candidates in one transaction, together with the
+        tombstones of those deleted: a crash never leaves "deleted" without its record."""
         await self._journal.write(
-            executemany,
-            "UPDATE gc_candidates SET state=?, error=? WHERE run_id=? AND kind=? AND key=?",
+            _update_candidates,
             [(state, error, run_id, kind, key) for kind, key, state, error in updates],
+            tombstones,
+            time.time(),
         )
 
     async def finish(self, run_id: int, state: str, stats: dict[str, Any]) -> None:
@@ -206,3 +214,15 @@ def _insert(db: sqlite_utils.Database, table: str, row: dict[str, Any]) -> int:
 
 def _update(db: sqlite_utils.Database, table: str, row_id: int, changes: dict[str, Any]) -> None:
     db.table(table).update(row_id, changes)
+
+
+def _update_candidates(
+    db: sqlite_utils.Database,
+    states: list[tuple[Any, ...]],
+    tombstones: Sequence[Tombstone],
+    now: float,
+) -> None:
+    db.conn.executemany(
+        "UPDATE gc_candidates SET state=?, error=? WHERE run_id=? AND kind=? AND key=?", states
+    )
+    insert_tombstones(db, tombstones, now)

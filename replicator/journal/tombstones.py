@@ -6,6 +6,13 @@ record of the delete tells them apart. Failback reads them (a tag deleted at the
 promoted site during the incident must not come back from the returning site),
 and the daemon reads its own (`performed`) to not bounce the delete webhook a
 target sends about a delete we made there back to where it came from.
+
+A tombstone is never stamped later than the moment it is recorded (our clock): an
+observed delete carries the registry's own timestamp, and a registry clock running
+ahead would otherwise make a delete from before an incident look like one during it
+(failback compares tombstones with the failover's `started_at`, our clock) and
+delete a tag re-pushed since. Clamping errs towards "older", whose worst case is a
+delete not honoured (a tag copied back), never a write lost.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+import sqlite_utils
 
 from replicator.journal.core import JournalConnection, executemany, rows
 
@@ -34,6 +43,33 @@ class Tombstone:
     detail: str | None = None
 
 
+INSERT = (
+    "INSERT INTO tombstones(site, repository, tag, digest, at, origin, detail) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def tombstone_rows(stones: Sequence[Tombstone], now: float) -> list[tuple[object, ...]]:
+    """Rows for INSERT, each stamped at most `now` (see the module docstring). Pure."""
+    if any(s.tag is None and s.digest is None for s in stones):
+        raise ValueError("a tombstone names a tag or a digest")
+    return [
+        (s.site, s.repository, s.tag, s.digest, min(s.at, now), s.origin, s.detail) for s in stones
+    ]
+
+
+def insert_tombstones(
+    db: sqlite_utils.Database, stones: Sequence[Tombstone], now: float
+) -> list[int]:
+    """INSERT inside the caller's transaction (a GC settle writes its candidates' states
+    and their tombstones together); returns the new ids."""
+    ids = []
+    for row in tombstone_rows(stones, now):
+        cursor = db.conn.execute(INSERT, row)
+        ids.append(int(cursor.lastrowid or 0))
+    return ids
+
+
 class Tombstones:
     """The `tombstones` table; `clock` is injectable for tests of time windows."""
 
@@ -52,26 +88,25 @@ class Tombstones:
         at: float | None = None,
         detail: str | None = None,
     ) -> None:
-        """Remember that `repository:tag` (or `@digest`) was deleted at `site`."""
-        if tag is None and digest is None:
-            raise ValueError("a tombstone names a tag or a digest")
-        await self._journal.write(
-            executemany,
-            "INSERT INTO tombstones(site, repository, tag, digest, at, origin, detail) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(site, repository, tag, digest, self._clock() if at is None else at, origin, detail)],
-        )
+        """Remember that `repository:tag` (or `@digest`) was deleted at `site`; `at` (the
+        registry's time, if known) is clamped to now."""
+        now = self._clock()
+        stone = Tombstone(site, repository, tag, digest, now if at is None else at, origin, detail)
+        await self.record_all([stone])
 
-    async def record_all(self, stones: Sequence[Tombstone]) -> None:
-        """Remember many deletes in one write (a GC sweep's)."""
-        if any(s.tag is None and s.digest is None for s in stones):
-            raise ValueError("a tombstone names a tag or a digest")
-        if stones:
+    async def record_all(self, stones: Sequence[Tombstone]) -> list[int]:
+        """Remember many deletes in one write; times clamped to now. Returns their ids (for
+        `retract`: a GC writes a tombstone BEFORE its DELETE, so a process killed right
+        after the registry carried it out still leaves the record)."""
+        if not stones:
+            return []
+        return await self._journal.write(insert_tombstones, stones, self._clock())
+
+    async def retract(self, ids: Sequence[int]) -> None:
+        """Withdraw tombstones written ahead of a delete that then did not happen."""
+        if ids:
             await self._journal.write(
-                executemany,
-                "INSERT INTO tombstones(site, repository, tag, digest, at, origin, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(s.site, s.repository, s.tag, s.digest, s.at, s.origin, s.detail) for s in stones],
+                executemany, "DELETE FROM tombstones WHERE id = ?", [(i,) for i in ids]
             )
 
     async def at_site(

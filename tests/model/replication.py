@@ -15,7 +15,15 @@ Invariants, each checked where it applies:
   incident nor loses a tag the old primary took and never replicated (even one
   deleted everywhere before the incident and re-pushed: tests/test_model_replication.py
   spells that sequence out); the old primary ends with exactly the promoted site's
-  tags plus its own unreplicated ones.
+  tags plus its own unreplicated ones, less the tags it deleted before it failed
+  (the daemon saw the webhook: `tag_delete_seen`) whose delete had not reached the
+  promoted site: failback does not copy those back and deletes them there.
+
+The daemon's view of deletes is simulated where it matters to failback: a delete at
+the primary with its webhook seen (a tombstone, the registry's clock sometimes 10
+minutes ahead), and the targets' webhooks about the deletes a reconcile makes
+(always stamped 10 minutes ahead: a registry clock ahead must not turn them into
+incident deletes).
 
 The registries are reused across examples: each example works in a fresh
 repository (`m<N>/app`) with a fresh journal. `World` holds what outlives an
@@ -29,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -118,6 +127,10 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.source = "p"
         self.p_at_fail: dict[str, str] = {}
         self.a_at_failover: dict[str, str] = {}
+        # tag -> digest p deleted with its webhook seen, and not pushed again since
+        self.p_deleted_seen: dict[str, str] = {}
+        # (tag, digest) a reconcile saw p hold: what the journal knows of p's tags
+        self.seen_at_p: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ helpers
     def run(self, work: Awaitable[T]) -> T:
@@ -153,6 +166,8 @@ class ReplicationMachine(RuleBasedStateMachine):
         self._step()
         with Pusher(self.sites[self.source].url) as p:
             p.push_image(self.repo, tag, [layer_bytes(f"{self.seed_prefix}-{seed}", 300)])
+        if self.source == "p":
+            self.p_deleted_seen.pop(tag, None)
 
     # Tags to act on are drawn as indexes into what the source holds: every draw
     # happens whatever the registry holds, so hypothesis can replay a sequence.
@@ -166,6 +181,8 @@ class ReplicationMachine(RuleBasedStateMachine):
         with Pusher(self.sites[self.source].url) as p:
             resp = p.get_manifest(self.repo, src_tag)
             p.push_manifest(self.repo, new_tag, resp.content, resp.headers["content-type"])
+        if self.source == "p":
+            self.p_deleted_seen.pop(new_tag, None)
 
     @rule(pick=st.integers(0, 7))
     def tag_delete(self, pick: int) -> None:
@@ -173,7 +190,9 @@ class ReplicationMachine(RuleBasedStateMachine):
         if not held:
             return
         self._step()
-        tag = sorted(held)[pick % len(held)]
+        self._delete_tag(sorted(held)[pick % len(held)])
+
+    def _delete_tag(self, tag: str) -> None:
         reg = self.sites[self.source]
 
         async def delete() -> None:
@@ -183,6 +202,33 @@ class ReplicationMachine(RuleBasedStateMachine):
                 assert await client.delete_tag(self.repo, tag)
 
         self.run(delete())
+
+    @precondition(lambda self: self.source == "p")
+    @rule(pick=st.integers(0, 7), ahead=st.sampled_from([0.0, 600.0]))
+    def tag_delete_seen(self, pick: int, ahead: float) -> None:
+        """A tag delete at p whose webhook the daemon saw, recorded as `_remember` does
+        (inventory forgotten, an `observed` tombstone at the registry's time, `ahead`
+        of ours)."""
+        held = self.at("p")
+        if not held:
+            return
+        self._step()
+        tag = sorted(held)[pick % len(held)]
+        self._delete_tag(tag)
+        self.p_deleted_seen[tag] = held[tag]
+
+        async def remember() -> None:
+            await self.journal.inventory.forget("p", self.repo, tag=tag)
+            await self.journal.tombstones.record(
+                "p",
+                self.repo,
+                tag=tag,
+                digest=held[tag],
+                origin="observed",
+                at=time.time() + ahead,
+            )
+
+        self.run(remember())
 
     @rule(pick=st.integers(0, 7))
     def digest_delete(self, pick: int) -> None:
@@ -208,6 +254,20 @@ class ReplicationMachine(RuleBasedStateMachine):
         done = sorted(a.describe() for a in real.actions)
         assert planned == done, f"dry run {planned} != real run {done}"
         source = covered(self.at(self.source))
+        if self.source == "p":
+            self.seen_at_p |= set(source.items())
+        # the targets' webhooks about our deletes, their registry clocks 10 minutes ahead
+        for action in (a for a in real.actions if a.kind == "delete" and a.tag):
+            self.run(
+                self.journal.tombstones.record(
+                    action.target_site,
+                    action.target_repository,
+                    tag=action.tag,
+                    digest=action.target_digest,
+                    origin="observed",
+                    at=time.time() + 600,
+                )
+            )
         for target in self.targets:
             there = covered(self.at(target))
             assert there == source, f"{target} after reconcile: {there} != source {source}"
@@ -261,19 +321,43 @@ class ReplicationMachine(RuleBasedStateMachine):
         assert sorted(dry.plan()) == sorted(real.plan()), (dry.plan(), real.plan())
         self.source = "p"
         p_now, a_after, b_after = (covered(self.at(s)) for s in ("p", "a", "b"))
-        for tag, digest in a_now.items():  # the promoted site's tags win
+        # deleted at p before it failed (webhook seen), not yet at a: held back from the
+        # copy back and deleted at a. Certainly when a holds the very digest p deleted;
+        # when a holds an older replica of the tag, the journal's ledger usually tells
+        # (either outcome is checked for consistency below).
+        # a tag a did not hold at failover is its own incident write: never held back
+        unpropagated = {
+            t: d
+            for t, d in a_now.items()
+            if t not in self.p_at_fail and t in self.p_deleted_seen and t in self.a_at_failover
+        }
+        certain = {
+            t
+            for t, d in unpropagated.items()
+            if self.p_deleted_seen[t] == d == self.a_at_failover[t]
+        }
+        held_back = {t for t in unpropagated if t not in a_after}
+        assert certain <= held_back <= set(unpropagated), (certain, held_back, unpropagated)
+        for t in held_back - certain:
+            assert (t, a_now[t]) in self.seen_at_p or a_now[t] == self.p_deleted_seen[t]
+        a_kept = {t: d for t, d in a_now.items() if t not in held_back}
+        for tag, digest in a_kept.items():  # the promoted site's tags win
             assert p_now.get(tag) == digest, f"p:{tag} after failback"
+        for tag in held_back:
+            assert tag not in p_now, f"failback resurrected {tag}, deleted at p before it failed"
         for tag in set(self.a_at_failover) - set(a_now):  # deleted during the incident
             assert tag not in p_now, f"failback resurrected {tag} at p"
         # exactly: the promoted site's tags, plus p's own that a neither held at failover
         # nor holds now (p took them and never replicated them; nothing here deletes at a
-        # with a tombstone during the incident)
+        # with a tombstone during the incident), less the held back ones
         unreplicated = {
             t: d
             for t, d in self.p_at_fail.items()
             if t not in self.a_at_failover and t not in a_now
         }
-        assert p_now == {**unreplicated, **a_now}, (p_now, a_now, self.p_at_fail)
+        assert p_now == {**unreplicated, **a_kept}, (p_now, a_now, self.p_at_fail)
+        assert a_after == {**unreplicated, **a_kept}, (a_after, a_now)
+        self.p_deleted_seen = {t: d for t, d in self.p_deleted_seen.items() if t not in p_now}
         for tag, digest in self.p_at_fail.items():  # taken by p, never replicated
             if tag in self.a_at_failover or tag in a_now:
                 continue
