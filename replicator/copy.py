@@ -270,6 +270,7 @@ class CopyEngine:
                     )
                 source_digest = head.digest
             if current is not None and current.digest == source_digest:
+                await self._follow_cosign_tags(job, tag, source_digest)
                 return "skipped", source_digest
         manifest = await src.get_manifest(job.src_repo, source_digest or ref)
         job.source_digest = manifest.digest
@@ -282,14 +283,20 @@ class CopyEngine:
             )
         if current is not None:
             expected = self._as_written(manifest, job.options)
-            if current.digest == expected.digest:
-                return "skipped", expected.digest  # platform-filtered index already there
+            if current.digest == expected.digest:  # platform-filtered index already there
+                await self._follow_cosign_tags(job, tag, manifest.digest)
+                return "skipped", expected.digest
             if not job.options.overwrite:
                 return "conflict", current.digest
         written = await self._copy_manifest(job, manifest, tag)
-        if job.options.referrers and job.options.cosign_tags and not is_cosign_tag(tag):
-            await self._copy_cosign_tags(job, manifest.digest)
+        await self._follow_cosign_tags(job, tag, manifest.digest)
         return "copied", written.digest
+
+    async def _follow_cosign_tags(self, job: CopyJob, tag: str | None, image: str | None) -> None:
+        """Also when the image itself was already there: a signature made after the image
+        was copied (cosign sign on a replicated image) must reach the target too."""
+        if image and job.options.referrers and job.options.cosign_tags and not is_cosign_tag(tag):
+            await self._copy_cosign_tags(job, image)
 
     @staticmethod
     def _as_written(manifest: Manifest, options: CopyOptions) -> Manifest:

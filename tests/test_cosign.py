@@ -318,6 +318,27 @@ async def test_copy_brings_the_cosign_tags_the_source_has_and_not_with_referrers
     assert tags(bare.url) == ["v1"]
 
 
+async def test_copy_of_an_image_already_there_brings_a_signature_made_since(registry_factory):
+    """The image is at the target already (skipped); cosign signed it at the source since:
+    copying it again brings the new signature, and a re-signing replaces the old one."""
+    src, dst = registry_factory("src"), registry_factory("dst")
+    with Pusher(src.url) as p:
+        img = p.push_image("team/app", "v1", [layer_bytes("signed-later", 300)])
+    engine = CopyEngine()
+    async with client(src, "src") as s, client(dst, "dst") as d:
+        assert (await engine.copy(s, "team/app", "v1", d, "team/app")).status == "copied"
+        with Pusher(src.url) as p:
+            sig = push_cosign(p, "team/app", img.digest, "sig")
+        again = await engine.copy(s, "team/app", "v1", d, "team/app")
+        assert again.status == "skipped", again.error
+        assert assert_image_complete(dst.url, "team/app", cosign_tag(img.digest, "sig")) == sig
+        with Pusher(src.url) as p:
+            resigned = push_cosign(p, "team/app", img.digest, "sig", seed="2")
+        assert (await engine.copy(s, "team/app", "v1", d, "team/app")).status == "skipped"
+    assert resigned != sig
+    assert assert_image_complete(dst.url, "team/app", cosign_tag(img.digest, "sig")) == resigned
+
+
 # ---- the daemon's event path -------------------------------------------------------------------
 
 
