@@ -44,6 +44,7 @@ from replicator.daemon import housekeeping
 from replicator.daemon.bus import EventBus, InProcessBus, MqttBus
 from replicator.daemon.dispatch import SourceTags, needs_source_tags, tasks_for_event
 from replicator.daemon.fleet_status import StatusPublisher, mqtt_settings
+from replicator.daemon.group_jobs import GroupJobs
 from replicator.daemon.identity import InstanceIdentity, claim_identity
 from replicator.daemon.intake import SiteIntake, create_app
 from replicator.daemon.notify import Notifier
@@ -132,6 +133,8 @@ class Daemon:
         self.fleet: StatusPublisher | None = None  # with MQTT: our status for `status`
         self._fleet_task: asyncio.Task | None = None
         self.bus: EventBus = self._make_bus()
+        # scheduled GC and verify: once per MQTT group, on its leader (group_jobs)
+        self.group_jobs = GroupJobs(self.config.mqtt, self.instance_id)
         self.rules: list[Rule] = list(self.config.rules)
         self._stop = asyncio.Event()
         self._work_ready = asyncio.Event()
@@ -769,7 +772,7 @@ class Daemon:
         old = (previous or {}).get("gc")
         periodic = Periodic(
             "gc",
-            self.collect_garbage,
+            self.group_jobs.on_leader("gc", self.collect_garbage),
             cron=self.config.gc.schedule,
             tz=self.config.tzinfo,
             lock=old.running if old else None,
@@ -818,7 +821,7 @@ class Daemon:
         old = (previous or {}).get("verify")
         periodic = Periodic(
             "verify",
-            self.verify_replicas,
+            self.group_jobs.on_leader("verify", self.verify_replicas),
             cron=self.config.verify.schedule,
             tz=self.config.tzinfo,
             run_at_start=old is None,
