@@ -45,7 +45,11 @@ from replicator.daemon.bus import EventBus, InProcessBus, MqttBus
 from replicator.daemon.dispatch import SourceTags, needs_source_tags, tasks_for_event
 from replicator.daemon.fleet_status import StatusPublisher, mqtt_settings
 from replicator.daemon.group_jobs import GroupJobs
-from replicator.daemon.identity import InstanceIdentity, claim_identity
+from replicator.daemon.identity import (
+    InstanceIdentity,
+    check_journal_directory,
+    claim_identity,
+)
 from replicator.daemon.intake import SiteIntake, create_app
 from replicator.daemon.notify import Notifier
 from replicator.daemon.schedule import Periodic
@@ -108,6 +112,7 @@ class Daemon:
         self.journal = Journal(self.config.journal)
         explicit = instance_id or (self.config.mqtt.client_id if self.config.mqtt else None)
         try:
+            check_journal_directory(self.journal.path)  # also with an explicit identity
             self.identity = (
                 InstanceIdentity(explicit)
                 if explicit
