@@ -9,6 +9,7 @@ registries; the rest checks the rule and the gate alone.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -129,6 +130,31 @@ async def test_a_broker_that_cannot_be_read_skips_the_run_with_a_warning(caplog)
     assert "connection refused" in caplog.text
 
 
+async def test_a_member_that_stops_leading_is_told_so_to_clear_what_it_exported():
+    fleet = [member("b-0")]
+
+    async def read(_mqtt) -> FleetView:
+        return FleetView("registry/status", list(fleet))
+
+    async def down(_mqtt) -> FleetView:
+        raise BusUnavailable("unreachable")
+
+    events: list[str] = []
+
+    async def job() -> None:
+        events.append("ran")
+
+    gate = GroupJobs(mqtt_config(), "b-0", read=read)
+    gated = gate.on_leader("verify", job, lambda: events.append("follows"))
+    await gated()
+    fleet.append(member("a-0"))  # a member with a smaller id joins
+    await gated()
+    assert events == ["ran", "follows"]
+    gate._read = down  # unknown leader: nothing is cleared on a guess
+    await gated()
+    assert events == ["ran", "follows"]
+
+
 # ---------------------------------------------------------------- two real daemons
 
 
@@ -139,6 +165,14 @@ def gc_runs(d: DaemonProcess) -> int:
 
 def verifies(d: DaemonProcess) -> int:
     return d.log().count("verify: r -> b:")
+
+
+def last_verified(d: DaemonProcess) -> float:
+    found = re.search(
+        r"^registry_replicator_verify_last_success_timestamp_seconds (\S+)$", d.metrics(), re.M
+    )
+    assert found, "no verify_last_success metric"
+    return float(found.group(1))
 
 
 def test_one_daemon_of_a_group_runs_gc_and_verify_and_the_other_takes_over_after_a_kill(
@@ -177,6 +211,8 @@ def test_one_daemon_of_a_group_runs_gc_and_verify_and_the_other_takes_over_after
     assert gc_runs(follower) == 0
     assert verifies(follower) == before[1] <= 1
     assert f"runs on {leader.instance_id} (not this instance" in follower.log()
+    # only the leader's figures count: a follower's say "never" (0), which alerts ignore
+    assert last_verified(leader) > 0 and last_verified(follower) == 0
 
     # SIGKILL: the broker publishes the leader's will; the follower's next due time runs
     killed = time.monotonic()

@@ -52,7 +52,7 @@ class GroupJobs:
         self.mqtt = mqtt
         self.instance = instance
         self._read = read
-        self.leaders: dict[str, str] = {}  # job -> the leader seen at its last due time
+        self.leaders: dict[str, str] = {}  # job -> the leader seen at its last due time, if read
 
     @property
     def group(self) -> str | None:
@@ -66,6 +66,7 @@ class GroupJobs:
         try:
             view = await self._read(self.mqtt)
         except Exception as exc:  # BusUnavailable, or anything the read ran into
+            self.leaders.pop(job, None)  # unknown now
             log.warning(
                 "scheduled %s skipped by %s: cannot read the members of group %s from the "
                 "broker (%s); the next scheduled time tries again",
@@ -92,12 +93,19 @@ class GroupJobs:
         return leader == self.instance
 
     def on_leader(
-        self, job: str, run: Callable[[], Awaitable[None]]
+        self,
+        job: str,
+        run: Callable[[], Awaitable[None]],
+        on_follow: Callable[[], None] | None = None,
     ) -> Callable[[], Awaitable[None]]:
-        """`run` wrapped to run only while this instance leads its group."""
+        """`run` wrapped to run only while this instance leads its group; `on_follow`
+        runs instead when another member leads (e.g. to stop exporting what this
+        instance measured while it led: the leader's figures are the current ones)."""
 
         async def gated() -> None:
             if await self.leads(job):
                 await run()
+            elif on_follow is not None and self.leaders.get(job) not in (None, self.instance):
+                on_follow()
 
         return gated

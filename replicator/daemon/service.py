@@ -60,7 +60,7 @@ from replicator.journal import Journal, QueueError, Task, WorkQueue
 from replicator.journal.tasks import DEFAULT_LEASE_SECONDS
 from replicator.logs import log_context
 from replicator.manifest import is_digest
-from replicator.metrics import METRICS, Metrics
+from replicator.metrics import DRIFT_KINDS, METRICS, Metrics
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
 from replicator.rules import cosign_subject, covers
@@ -777,7 +777,7 @@ class Daemon:
         old = (previous or {}).get("gc")
         periodic = Periodic(
             "gc",
-            self.group_jobs.on_leader("gc", self.collect_garbage),
+            self.group_jobs.on_leader("gc", self.collect_garbage, self._collected_elsewhere),
             cron=self.config.gc.schedule,
             tz=self.config.tzinfo,
             lock=old.running if old else None,
@@ -826,7 +826,7 @@ class Daemon:
         old = (previous or {}).get("verify")
         periodic = Periodic(
             "verify",
-            self.group_jobs.on_leader("verify", self.verify_replicas),
+            self.group_jobs.on_leader("verify", self.verify_replicas, self._verified_elsewhere),
             cron=self.config.verify.schedule,
             tz=self.config.tzinfo,
             run_at_start=old is None,
@@ -850,6 +850,21 @@ class Daemon:
         if report.errors:
             raise ReplicatorError("; ".join(report.errors[:5]))
         self.metrics.verify_last_success.set(time.time())
+
+    def _verified_elsewhere(self) -> None:
+        """Another member of the group verifies: this instance's drift gauge and last
+        success go to 0 ("never"), so what it saw while it led cannot keep an alert
+        firing or go stale (the shipped alerts take the max and ignore 0)."""
+        for rule in self.rules:
+            for target in rule.to:
+                for kind in DRIFT_KINDS:
+                    self.metrics.drift_tags.set(0, rule=rule.name, target=target, kind=kind)
+        self.metrics.verify_last_success.set(0)
+
+    def _collected_elsewhere(self) -> None:
+        """Another member of the group collects: as `_verified_elsewhere`, for GC."""
+        for site in self.config.sites:
+            self.metrics.gc_last_success.set(0, site=site)
 
     # ----------------------------------------------------------------- health
     async def _ready(self) -> dict:
