@@ -94,6 +94,37 @@ def test_status_and_verify_read_a_journal_they_may_not_write_and_leave_it_unchan
     assert sql(journal, "SELECT COUNT(*) AS n FROM tasks")[0]["n"] == 1
 
 
+def test_reading_a_journal_nobody_has_open_leaves_no_file_behind(tmp_path, two_registries):
+    """SQLite's read-only open of a WAL journal would create -wal and -shm and leave them,
+    owned by the reader: root's, they would lock the daemon's user out of its journal."""
+    a, b = two_registries
+    journal = tmp_path / "state" / "journal.db"
+    Journal(journal).close()  # a clean stop: no -wal, no -shm
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "journal": str(journal),
+                "sites": {
+                    "a": {"url": a.url, "insecure": True},
+                    "b": {"url": b.url, "insecure": True},
+                },
+                "rules": [{"name": "r", "from": "a", "to": ["b"]}],
+            }
+        )
+    )
+    before = sorted(p.name for p in journal.parent.iterdir()), digest(journal)
+    for command in ("status", "verify"):
+        out = subprocess.run(
+            [sys.executable, "-m", "replicator", command, "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert (sorted(p.name for p in journal.parent.iterdir()), digest(journal)) == before
+
+
 def test_status_of_a_missing_journal_says_so_and_creates_nothing(tmp_path):
     journal = tmp_path / "state" / "journal.db"
     config = tmp_path / "config.yaml"

@@ -18,7 +18,8 @@ journal is the same instance (its task leases, its MQTT session), while a fresh 
 on a replacement machine is a new one.
 
 Commands that only read (`status`, `verify`) open the journal `read_only`: SQLite's
-`mode=ro`, so no migration, no WAL checkpoint and no probe ever changes a journal the
+`mode=ro` (`immutable` when nobody has it open, see `read_only_uri`), so no migration,
+no WAL checkpoint, no probe and no left-over -wal/-shm file ever changes a journal the
 daemon owns, and they work for a user who may only read it. A journal that is missing,
 older than this version (not migrated yet) or not a journal is refused, naming the file.
 
@@ -356,8 +357,9 @@ class JournalConnection:
                 "(or the path is wrong)"
             )
         try:
-            uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+            conn = sqlite3.connect(
+                read_only_uri(self.path), uri=True, isolation_level=None, timeout=30
+            )
         except (OSError, sqlite3.Error) as exc:
             raise JournalError(f"cannot open journal {self.path} read-only: {exc}") from exc
         self._db = sqlite_utils.Database(conn)
@@ -578,6 +580,17 @@ def _migrate(db: sqlite_utils.Database, path: Path) -> int:
         db.table("meta").upsert({"key": "schema_version", "value": str(version)}, pk="key")
         current = version
     return current
+
+
+def read_only_uri(path: Path) -> str:
+    """The URI that reads `path` without leaving anything behind. SQLite opening a WAL
+    database read-only creates its -wal and -shm files and, being read-only, leaves them:
+    owned by whoever reads (root, say), they would stop the daemon's user from opening the
+    journal. With neither file present nobody has the journal open, so it is read as
+    immutable, which creates nothing; while a daemon has it open, its files are used."""
+    real = path.resolve()
+    in_use = any(real.with_name(real.name + suffix).exists() for suffix in ("-wal", "-shm"))
+    return f"{real.as_uri()}?mode=ro" + ("" if in_use else "&immutable=1")
 
 
 def new_installation_id(hostname: str | None = None) -> str:
