@@ -96,3 +96,18 @@ def test_a_directory_another_user_owns_is_refused(tmp_path: Path):
     os.chown(theirs, 65534, 65534)
     with pytest.raises(ReplicatorError, match=r"owned by .*65534.*chown"):
         check_journal_directory(theirs / "j.db")
+
+
+def test_a_writable_directory_above_the_journal_s_is_refused_too(tmp_path: Path):
+    """Whoever may write the parent can rename the journal's directory away."""
+    parent = tmp_path / "shared"
+    (parent / "state").mkdir(parents=True)
+    parent.chmod(0o777)
+    with pytest.raises(
+        ReplicatorError,
+        match=rf"refusing the journal directory {parent}, above the journal directory "
+        rf"{parent / 'state'}: it is writable by group and others .*chmod go-w {parent}",
+    ):
+        check_journal_directory(parent / "state" / "j.db")
+    parent.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is ours
+    check_journal_directory(parent / "state" / "j.db")

@@ -19,8 +19,8 @@ it (the operator then owns uniqueness).
 The journal's directory must be ours alone, as OpenSSH's StrictModes wants of `~/.ssh`:
 another local user who may write there could replace the journal, or create every
 `slot-N.lock` first (we could then lock no slot: a denial of service). So the daemon
-refuses a directory owned by anyone but us or root, or writable by group or others
-without the sticky bit; in a sticky directory (others may add names but not remove or
+refuses a directory (the journal's, or one above it: it could be renamed away) owned
+by anyone but us or root, or writable by group or others without the sticky bit; in a sticky directory (others may add names but not remove or
 replace ours) it refuses a journal or lock file another user owns.
 """
 
@@ -53,26 +53,30 @@ def directory_problem(mode: int, owner: int, uid: int) -> str | None:
 
 
 def check_journal_directory(journal: Path) -> None:
-    """Refuse a journal whose directory, or the journal itself, another local user
-    controls; ReplicatorError naming the directory and the fix."""
+    """Refuse a journal whose directory (or one above it, which could be renamed away),
+    or the journal itself, another local user controls; ReplicatorError naming the
+    directory and the fix."""
     if str(journal) == ":memory:":
         return
     directory = journal.resolve().parent
-    try:
-        st = os.stat(directory)
-    except OSError as exc:
-        raise ReplicatorError(f"journal directory {directory}: {exc.strerror}") from exc
-    problem = directory_problem(st.st_mode, st.st_uid, os.geteuid())
-    if problem is not None:
+    for place in (directory, *directory.parents):
+        try:
+            st = os.stat(place)
+        except OSError as exc:
+            raise ReplicatorError(f"journal directory {place}: {exc.strerror}") from exc
+        problem = directory_problem(st.st_mode, st.st_uid, os.geteuid())
+        if problem is None:
+            continue
         who = "g" * bool(st.st_mode & stat.S_IWGRP) + "o" * bool(st.st_mode & stat.S_IWOTH)
         fix = (
-            f"chmod {who}-w {directory}"
+            f"chmod {who}-w {place}"
             if "writable" in problem
-            else f"chown {_user(os.geteuid()).split()[0]} {directory}"
+            else f"chown {_user(os.geteuid()).split()[0]} {place}"
         )
+        where = "" if place == directory else f", above the journal directory {directory}"
         raise ReplicatorError(
-            f"refusing the journal directory {directory}: {problem}; another local user "
-            "could replace the journal or take every instance slot. Fix: "
+            f"refusing the journal directory {place}{where}: {problem}; another local "
+            "user could replace the journal or take every instance slot. Fix: "
             f"`{fix}`, or move the journal to a directory only this user may write "
             "(systemd's StateDirectory)"
         )
