@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             "(or the path is wrong)",
             "journal",
         )
-    journal = Journal(config.journal)
+    journal = Journal(config.journal, read_only=True)  # never changes the daemon's journal
     try:
         report = compute_status(config, asyncio.run(journal.status.rows()))
     finally:

@@ -85,8 +85,9 @@ async def _verify(config, args: argparse.Namespace):
     from replicator.sync import rules_in_force
     from replicator.verifier import verify
 
-    # the journal knows failovers and push times (latest: N); a fresh setup has none
-    journal = Journal(config.journal) if config.journal.exists() else None
+    # the journal knows failovers and push times (latest: N); a fresh setup has none.
+    # Read-only: verify may run as a user who can only read the daemon's journal
+    journal = Journal(config.journal, read_only=True) if config.journal.exists() else None
     try:
         rules = await rules_in_force(config, journal)
         if args.rule:

@@ -44,7 +44,12 @@ from replicator.daemon import housekeeping
 from replicator.daemon.bus import EventBus, InProcessBus, MqttBus
 from replicator.daemon.dispatch import SourceTags, needs_source_tags, tasks_for_event
 from replicator.daemon.fleet_status import StatusPublisher, mqtt_settings
-from replicator.daemon.identity import InstanceIdentity, claim_identity
+from replicator.daemon.group_jobs import GroupJobs
+from replicator.daemon.identity import (
+    InstanceIdentity,
+    check_journal_directory,
+    claim_identity,
+)
 from replicator.daemon.intake import SiteIntake, create_app
 from replicator.daemon.notify import Notifier
 from replicator.daemon.schedule import Periodic
@@ -55,7 +60,7 @@ from replicator.journal import Journal, QueueError, Task, WorkQueue
 from replicator.journal.tasks import DEFAULT_LEASE_SECONDS
 from replicator.logs import log_context
 from replicator.manifest import is_digest
-from replicator.metrics import METRICS, Metrics
+from replicator.metrics import DRIFT_KINDS, METRICS, Metrics
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
 from replicator.rules import cosign_subject, covers
@@ -107,6 +112,7 @@ class Daemon:
         self.journal = Journal(self.config.journal)
         explicit = instance_id or (self.config.mqtt.client_id if self.config.mqtt else None)
         try:
+            check_journal_directory(self.journal.path)  # also with an explicit identity
             self.identity = (
                 InstanceIdentity(explicit)
                 if explicit
@@ -132,6 +138,8 @@ class Daemon:
         self.fleet: StatusPublisher | None = None  # with MQTT: our status for `status`
         self._fleet_task: asyncio.Task | None = None
         self.bus: EventBus = self._make_bus()
+        # scheduled GC and verify: once per MQTT group, on its leader (group_jobs)
+        self.group_jobs = GroupJobs(self.config.mqtt, self.instance_id)
         self.rules: list[Rule] = list(self.config.rules)
         self._stop = asyncio.Event()
         self._work_ready = asyncio.Event()
@@ -769,7 +777,7 @@ class Daemon:
         old = (previous or {}).get("gc")
         periodic = Periodic(
             "gc",
-            self.collect_garbage,
+            self.group_jobs.on_leader("gc", self.collect_garbage, self._collected_elsewhere),
             cron=self.config.gc.schedule,
             tz=self.config.tzinfo,
             lock=old.running if old else None,
@@ -818,7 +826,7 @@ class Daemon:
         old = (previous or {}).get("verify")
         periodic = Periodic(
             "verify",
-            self.verify_replicas,
+            self.group_jobs.on_leader("verify", self.verify_replicas, self._verified_elsewhere),
             cron=self.config.verify.schedule,
             tz=self.config.tzinfo,
             run_at_start=old is None,
@@ -842,6 +850,21 @@ class Daemon:
         if report.errors:
             raise ReplicatorError("; ".join(report.errors[:5]))
         self.metrics.verify_last_success.set(time.time())
+
+    def _verified_elsewhere(self) -> None:
+        """Another member of the group verifies: this instance's drift gauge and last
+        success go to 0 ("never"), so what it saw while it led cannot keep an alert
+        firing or go stale (the shipped alerts take the max and ignore 0)."""
+        for rule in self.rules:
+            for target in rule.to:
+                for kind in DRIFT_KINDS:
+                    self.metrics.drift_tags.set(0, rule=rule.name, target=target, kind=kind)
+        self.metrics.verify_last_success.set(0)
+
+    def _collected_elsewhere(self) -> None:
+        """Another member of the group collects: as `_verified_elsewhere`, for GC."""
+        for site in self.config.sites:
+            self.metrics.gc_last_success.set(0, site=site)
 
     # ----------------------------------------------------------------- health
     async def _ready(self) -> dict:

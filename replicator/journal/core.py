@@ -17,6 +17,12 @@ creation plus random bits) and kept in `meta`, so a daemon restarted on the same
 journal is the same instance (its task leases, its MQTT session), while a fresh journal
 on a replacement machine is a new one.
 
+Commands that only read (`status`, `verify`) open the journal `read_only`: SQLite's
+`mode=ro` (`immutable` when nobody has it open, see `read_only_uri`), so no migration,
+no WAL checkpoint, no probe and no left-over -wal/-shm file ever changes a journal the
+daemon owns, and they work for a user who may only read it. A journal that is missing,
+older than this version (not migrated yet) or not a journal is refused, naming the file.
+
 Only the stores of this package call `read` and `write`; code elsewhere uses the stores.
 """
 
@@ -297,8 +303,10 @@ class JournalConnection:
         *,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         quick_check_seconds: float = QUICK_CHECK_SECONDS,
+        read_only: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.read_only = read_only
         self.schema_version = 0
         self.installation_id = ""  # set at open: see `_installation_id`
         self.commits = 0  # write transactions committed through `write`
@@ -310,7 +318,10 @@ class JournalConnection:
             max_workers=1, thread_name_prefix="journal"
         )
         try:
-            self._executor.submit(self._open, synchronous, quick_check_seconds).result()
+            if read_only:
+                self._executor.submit(self._open_read_only, quick_check_seconds).result()
+            else:
+                self._executor.submit(self._open, synchronous, quick_check_seconds).result()
         except BaseException:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -334,6 +345,52 @@ class JournalConnection:
             conn.execute("PRAGMA foreign_keys=ON")
             self.schema_version = self._transaction(_migrate, self.path)
             self.installation_id = self._transaction(_installation_id, new_installation_id())
+        except BaseException:
+            self._close()
+            raise
+
+    def _open_read_only(self, quick_check_seconds: float) -> None:
+        """`mode=ro`: nothing is created, migrated or checkpointed (see the module)."""
+        if not self.path.is_file():
+            raise JournalError(
+                f"no journal at {self.path}: nothing has run with this configuration yet "
+                "(or the path is wrong)"
+            )
+        try:
+            conn = sqlite3.connect(
+                read_only_uri(self.path), uri=True, isolation_level=None, timeout=30
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise JournalError(f"cannot open journal {self.path} read-only: {exc}") from exc
+        self._db = sqlite_utils.Database(conn)
+        try:
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._quick_check(conn, quick_check_seconds)  # reads only; a clear error
+            version = _schema_version(self._db)
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"journal {self.path} has schema version {version}, newer than this "
+                    f"registry-replicator understands ({SCHEMA_VERSION}); upgrade the tool"
+                )
+            if version < SCHEMA_VERSION:
+                what = f"schema version {version}" if version else "no schema version"
+                raise JournalError(
+                    f"journal {self.path} has {what}, older than this registry-replicator "
+                    f"reads ({SCHEMA_VERSION}): it is migrated when the daemon (or any "
+                    "command that writes the journal) starts with this version; reading "
+                    "commands never change it"
+                )
+            self.schema_version = version
+            row = conn.execute("SELECT value FROM meta WHERE key = 'installation_id'").fetchone()
+            self.installation_id = str(row[0]) if row else ""
+        except sqlite3.DatabaseError as exc:
+            self._close()
+            if "not a database" in str(exc):
+                raise JournalError(
+                    f"journal {self.path} is not a SQLite database, or its header is "
+                    f"damaged ({exc}); {_REMEDY}"
+                ) from exc
+            raise JournalError(f"cannot read journal {self.path}: {exc}") from exc
         except BaseException:
             self._close()
             raise
@@ -456,6 +513,8 @@ class JournalConnection:
         **kwargs: P.kwargs,
     ) -> T:
         """`fn(db, *args)` on the journal thread inside one BEGIN IMMEDIATE transaction."""
+        if self.read_only:
+            raise JournalError(f"journal {self.path} is open read-only; this command may not write")
         return await self._submit(
             functools.partial(self._recorded_transaction, fn, *args, **kwargs)
         )
@@ -523,6 +582,17 @@ def _migrate(db: sqlite_utils.Database, path: Path) -> int:
     return current
 
 
+def read_only_uri(path: Path) -> str:
+    """The URI that reads `path` without leaving anything behind. SQLite opening a WAL
+    database read-only creates its -wal and -shm files and, being read-only, leaves them:
+    owned by whoever reads (root, say), they would stop the daemon's user from opening the
+    journal. With neither file present nobody has the journal open, so it is read as
+    immutable, which creates nothing; while a daemon has it open, its files are used."""
+    real = path.resolve()
+    in_use = any(real.with_name(real.name + suffix).exists() for suffix in ("-wal", "-shm"))
+    return f"{real.as_uri()}?mode=ro" + ("" if in_use else "&immutable=1")
+
+
 def new_installation_id(hostname: str | None = None) -> str:
     """A readable, unique installation name: the host it was made on (sanitised, short)
     and 32 random bits, e.g. `eu-west-1-3f9a1c2b`. Usable as an MQTT client id."""
@@ -539,6 +609,8 @@ def _installation_id(db: sqlite_utils.Database, proposed: str) -> str:
 
 
 def _schema_version(db: sqlite_utils.Database) -> int:
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+        return 0
     row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     return int(row[0]) if row else 0
 
