@@ -18,6 +18,12 @@ from replicator.commands import COMMAND_MODULES
 from replicator.errors import ReplicatorError
 from replicator.logs import LOG_FORMAT_ENV, LOG_LEVEL_ENV, LOG_LEVELS, setup_logging
 
+# httpx imports its own command-line client (rich, pygments: about 30 ms) whenever
+# those happen to be installed, as they are with us; this command never uses it. A None
+# in sys.modules makes that import fail, and httpx then defines a stub instead.
+if "httpx" not in sys.modules:
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on usage errors already; keep its message on stderr."""
@@ -96,27 +102,30 @@ def _run(args: argparse.Namespace) -> int:
         return code
 
 
-def _named_module(argv: Sequence[str]) -> str | None:
-    """The module of the sub-command `argv` names, found without importing every
-    command (each pulls in its own dependencies: a third of a short run's start-up);
-    None when it cannot be told, and then every command is loaded."""
+def _needed_modules(argv: Sequence[str]) -> list[str] | None:
+    """The command modules the parser needs for `argv`, found without importing every
+    command (each pulls in its own dependencies: a third of a short run's start-up):
+    the one the sub-command names, none for `--version`; None when it cannot be told,
+    and then every command is loaded."""
     args = iter(argv)
     for arg in args:
         if arg in ("--log-level", "--log-format"):
             next(args, None)
-        elif arg in ("-h", "--help", "--version"):
+        elif arg == "--version":
+            return []
+        elif arg in ("-h", "--help"):
             return None
         elif not arg.startswith("-"):
             module = COMMAND_ALIASES.get(arg, arg.replace("-", "_"))
-            return module if module in COMMAND_MODULES else None
+            return [module] if module in COMMAND_MODULES else None
     return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    named = None if "_ARGCOMPLETE" in os.environ else _named_module(argv)
-    parser = build_parser([named] if named else COMMAND_MODULES)
+    needed = None if "_ARGCOMPLETE" in os.environ else _needed_modules(argv)
+    parser = build_parser(COMMAND_MODULES if needed is None else needed)
     if "_ARGCOMPLETE" in os.environ:  # a shell asking for completions (see `completion`)
         import argcomplete
 
