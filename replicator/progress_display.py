@@ -1,9 +1,7 @@
-"""Progress on a terminal (rich), nothing otherwise: one overall bar of the tags a run
-works on, and a byte bar per large blob upload."""
+"""The progress display on a terminal (rich): one overall bar of the tags a run works on,
+and a byte bar per large blob upload. Made by replicator.progress.terminal_progress."""
 
 from __future__ import annotations
-
-import sys
 
 from rich.console import RenderableType
 from rich.progress import (
@@ -98,8 +96,3 @@ class TerminalProgress:
         task = self._tasks.pop(digest, None)
         if task is not None:
             self._progress.remove_task(task)
-
-
-def terminal_progress() -> TerminalProgress | None:
-    """A progress display when stderr is a terminal, else None (silent)."""
-    return TerminalProgress() if sys.stderr.isatty() else None
