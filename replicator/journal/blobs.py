@@ -39,13 +39,18 @@ class BlobLocations:
         await self._journal.write(_delete, registry, digest, repository)
 
 
+# One statement, not sqlite-utils' upsert: that reads the table's schema on every call,
+# about 0.1 ms of CPU, and the copy engine records every blob it uploads, mounts or finds.
+_UPSERT = (
+    "INSERT INTO blob_locations (registry, digest, repository, verified_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (registry, digest, repository) DO UPDATE SET verified_at = excluded.verified_at"
+)
+
+
 def _upsert(
     db: sqlite_utils.Database, registry: str, digest: str, repository: str, at: float
 ) -> None:
-    db.table("blob_locations").upsert(
-        {"registry": registry, "digest": digest, "repository": repository, "verified_at": at},
-        pk=("registry", "digest", "repository"),
-    )
+    db.execute(_UPSERT, (registry, digest, repository, at))
 
 
 def _delete(db: sqlite_utils.Database, registry: str, digest: str, repository: str) -> None:

@@ -134,14 +134,9 @@ def _merge(
         tags = json.loads(row[1])
     if tag is not None and tag not in tags:
         tags = [*tags, tag][-_MAX_TAGS:]
-    db.table("replicated").insert(
-        {
-            "target_site": target_site,
-            "repository": repository,
-            "digest": digest,
-            "source_site": source_site,
-            "at": at,
-            "tags": json.dumps(tags) if tags else None,
-        },
-        replace=True,
+    # a statement, not sqlite-utils' insert (which reads the schema each call): once per tag
+    db.execute(
+        "INSERT OR REPLACE INTO replicated (target_site, repository, digest, source_site, at, "
+        "tags) VALUES (?, ?, ?, ?, ?, ?)",
+        (target_site, repository, digest, source_site, at, json.dumps(tags) if tags else None),
     )
