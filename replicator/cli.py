@@ -7,6 +7,7 @@ Exit codes are uniform across sub-commands: 0 success, 1 something failed,
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
@@ -23,6 +24,14 @@ from replicator.logs import LOG_FORMAT_ENV, LOG_LEVEL_ENV, LOG_LEVELS, setup_log
 # in sys.modules makes that import fail, and httpx then defines a stub instead.
 if "httpx" not in sys.modules:
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+
+# The cyclic garbage collector's young-generation threshold (CPython's default is 700
+# allocations). Requests, tasks and their futures allocate container objects at such a
+# rate that the default collects about 200 times in the 60-image `sync` benchmark, and
+# the older generation, holding everything imported, 20 times: about 120 ms of a 2 s
+# run, against about 45 ms at this threshold. Cycles are still collected, later.
+GC_YOUNG_THRESHOLD = 20_000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,6 +131,7 @@ def _needed_modules(argv: Sequence[str]) -> list[str] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     if argv is None:
         argv = sys.argv[1:]
     needed = None if "_ARGCOMPLETE" in os.environ else _needed_modules(argv)

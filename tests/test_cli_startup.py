@@ -82,3 +82,21 @@ def test_sites_without_tls_settings_share_one_verifying_context():
     assert default_tls().verify_mode == ssl.CERT_REQUIRED and default_tls().check_hostname
     assert contexts[2] is not default_tls()  # a site's own TLS settings stay its own
     assert contexts[2].verify_mode == ssl.CERT_NONE
+
+
+def test_the_command_collects_cyclic_garbage_less_often(tmp_path: Path):
+    """The young generation's threshold is raised (cli.GC_YOUNG_THRESHOLD says why); the
+    collector stays on, so cycles are still reclaimed."""
+    code = (
+        "import gc\n"
+        "from replicator.cli import GC_YOUNG_THRESHOLD, main\n"
+        "try:\n"
+        "    main(['--version'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(gc.isenabled(), gc.get_threshold()[0] == GC_YOUNG_THRESHOLD > 700)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert out.stdout.splitlines()[-1] == "True True"
