@@ -8,13 +8,18 @@ more than once, so a later import at module level cannot quietly bring them back
 from __future__ import annotations
 
 import ast
+import asyncio
 import ssl
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+import pytest
+
 from replicator.registry.site import SiteEndpoint
-from replicator.registry.transport import RetryPolicy, Transport, default_tls
+from replicator.registry.tls import CAsOnFirstUse, default_tls, plain_http_tls
+from replicator.registry.transport import RetryPolicy, Transport
 from tests.harness.registry import Registry
 
 # Loaded by nothing a sync run needs: rich (a progress display, only for a terminal)
@@ -72,16 +77,62 @@ def test_a_sync_run_loads_none_of_what_it_does_not_use(tmp_path: Path, registry:
 
 
 def test_sites_without_tls_settings_share_one_verifying_context():
-    """One CA bundle load per process, not one per site (~35 ms each at start-up)."""
-    plain = SiteEndpoint("plain", "http://127.0.0.1:5000", insecure=True)
-    public = SiteEndpoint("public", "https://registry.example")
-    insecure = SiteEndpoint("lab", "https://lab.example", insecure=True)
-    contexts = [Transport(s, RetryPolicy())._http._transport._pool._ssl_context for s in
-                (plain, public, insecure)]  # fmt: skip
-    assert contexts[0] is contexts[1] is default_tls()
-    assert default_tls().verify_mode == ssl.CERT_REQUIRED and default_tls().check_hostname
-    assert contexts[2] is not default_tls()  # a site's own TLS settings stay its own
-    assert contexts[2].verify_mode == ssl.CERT_NONE
+    """One CA bundle load per process, not one per site (~20 ms each at start-up), and
+    none at all while only plain-http sites are used."""
+    sites = [
+        SiteEndpoint("plain", "http://127.0.0.1:5000", insecure=True),
+        SiteEndpoint("plain2", "http://127.0.0.1:5001", insecure=True),
+        SiteEndpoint("public", "https://registry.example"),
+        SiteEndpoint("public2", "https://registry2.example"),
+        SiteEndpoint("lab", "https://lab.example", insecure=True),
+    ]
+    contexts = [Transport(s, RetryPolicy())._http._transport._pool._ssl_context for s in sites]
+    assert contexts[0] is contexts[1] is plain_http_tls()
+    assert contexts[2] is contexts[3] is default_tls()
+    for verifying in (plain_http_tls(), default_tls()):
+        assert verifying.verify_mode == ssl.CERT_REQUIRED and verifying.check_hostname
+    assert contexts[4] not in (default_tls(), plain_http_tls())  # its own TLS settings
+    assert contexts[4].verify_mode == ssl.CERT_NONE
+
+
+def test_the_plain_http_context_loads_its_cas_at_its_first_connection(tmp_path, monkeypatch):
+    """A redirect to https (blob storage) still verifies, against the CAs httpx would use
+    (SSL_CERT_FILE here: one CA)."""
+    from tests.harness.tls import make_pki
+
+    pki = make_pki(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    context = CAsOnFirstUse(ssl.PROTOCOL_TLS_CLIENT)
+    assert context.cert_store_stats()["x509_ca"] == 0
+    context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="registry.example")
+    assert context.cert_store_stats()["x509_ca"] == 1
+    context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="registry.example")
+    assert context.cert_store_stats()["x509_ca"] == 1  # loaded once
+
+
+async def test_the_plain_http_context_verifies_a_real_https_server(tmp_path, monkeypatch):
+    from tests.harness.tls import make_pki
+
+    pki = make_pki(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(pki.server_cert, pki.server_key)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        async with httpx.AsyncClient(verify=CAsOnFirstUse(ssl.PROTOCOL_TLS_CLIENT)) as client:
+            assert (await client.get(f"https://127.0.0.1:{port}/")).text == "ok"
+        monkeypatch.delenv("SSL_CERT_FILE")  # certifi's bundle does not know this CA
+        async with httpx.AsyncClient(verify=CAsOnFirstUse(ssl.PROTOCOL_TLS_CLIENT)) as client:
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.get(f"https://127.0.0.1:{port}/")
 
 
 def test_the_command_collects_cyclic_garbage_less_often(tmp_path: Path):

@@ -27,7 +27,6 @@ RegistryError naming site, repository and reference.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import ssl
@@ -43,7 +42,6 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from replicator import telemetry
 from replicator.backoff import jittered_backoff
-from replicator.errors import ConfigError
 from replicator.logs import redact
 from replicator.registry.auth import Authenticator, merge_scopes, scopes_for
 from replicator.registry.bounds import size_text
@@ -59,6 +57,7 @@ from replicator.registry.errors import (
 from replicator.registry.limits import PullBudget, TokenBucket, is_pull, parse_retry_after
 from replicator.registry.origin import host_of, origin_of, where
 from replicator.registry.site import SiteEndpoint
+from replicator.registry.tls import site_tls
 
 log = logging.getLogger("replicator.registry")
 
@@ -160,7 +159,7 @@ class Transport:
         self._http = httpx.AsyncClient(
             http1=True,
             http2=False,
-            verify=_tls_verify(site),
+            verify=site_tls(site),
             timeout=self._timeout,
             follow_redirects=False,
             # Room for every request slot and every open download, so requests
@@ -481,37 +480,6 @@ class Transport:
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return RegistryUnavailable(f"cannot connect to {self.site.url}: {exc_text(exc)}", **kw)
         return RetryableError(f"{req.method} {where(req.url)} failed: {exc_text(exc)}", **kw)
-
-
-@functools.cache
-def default_tls() -> ssl.SSLContext:
-    """The verifying TLS context of every site without TLS settings of its own, made once
-    per process: httpx would make one per client, loading the CA bundle each time (about
-    35 ms of CPU per site at start-up). Plain-http sites get it too, for a redirect to
-    https (blob storage)."""
-    return httpx.create_ssl_context()
-
-
-def _tls_verify(site: SiteEndpoint) -> ssl.SSLContext:
-    if not site.url.startswith("https://"):
-        return default_tls()
-    if not (site.insecure or site.ca_file or site.cert_file):
-        return default_tls()
-    try:
-        if site.ca_file:
-            ctx = ssl.create_default_context(cafile=site.ca_file)
-        else:
-            import certifi
-
-            ctx = ssl.create_default_context(cafile=certifi.where())
-        if site.insecure and not site.ca_file:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if site.cert_file:
-            ctx.load_cert_chain(site.cert_file, site.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"site {site.name!r}: cannot load TLS files: {exc}") from exc
-    return ctx
 
 
 def _is_transient(exc: BaseException) -> bool:
