@@ -43,6 +43,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from replicator import telemetry
 from replicator.backoff import jittered_backoff
 from replicator.logs import redact
+from replicator.registry import tls
 from replicator.registry.auth import Authenticator, merge_scopes, scopes_for
 from replicator.registry.bounds import size_text
 from replicator.registry.errors import (
@@ -57,7 +58,6 @@ from replicator.registry.errors import (
 from replicator.registry.limits import PullBudget, TokenBucket, is_pull, parse_retry_after
 from replicator.registry.origin import host_of, origin_of, where
 from replicator.registry.site import SiteEndpoint
-from replicator.registry.tls import site_tls
 
 log = logging.getLogger("replicator.registry")
 
@@ -159,7 +159,7 @@ class Transport:
         self._http = httpx.AsyncClient(
             http1=True,
             http2=False,
-            verify=site_tls(site),
+            verify=_tls_verify(site),
             timeout=self._timeout,
             follow_redirects=False,
             # Room for every request slot and every open download, so requests
@@ -480,6 +480,10 @@ class Transport:
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return RegistryUnavailable(f"cannot connect to {self.site.url}: {exc_text(exc)}", **kw)
         return RetryableError(f"{req.method} {where(req.url)} failed: {exc_text(exc)}", **kw)
+
+
+def _tls_verify(site: SiteEndpoint) -> ssl.SSLContext:
+    return tls.site_tls(site)  # contexts shared between clients: replicator.registry.tls
 
 
 def _is_transient(exc: BaseException) -> bool:
