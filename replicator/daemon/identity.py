@@ -20,8 +20,9 @@ The journal's directory must be ours alone, as OpenSSH's StrictModes wants of `~
 another local user who may write there could replace the journal, or create every
 `slot-N.lock` first (we could then lock no slot: a denial of service). So the daemon
 refuses a directory (the journal's, or one above it: it could be renamed away) owned
-by anyone but us or root, or writable by group or others without the sticky bit; in a sticky directory (others may add names but not remove or
-replace ours) it refuses a journal or lock file another user owns.
+by anyone but us or root, or writable by group or others without the sticky bit; in a
+sticky directory (others may add names but not remove or replace ours) it refuses a
+journal or lock file another user owns.
 """
 
 from __future__ import annotations
