@@ -16,9 +16,10 @@ Never stuck, never stale: the default instance id is stable across restarts
 (`identity`), so a restarted daemon returns its dead predecessor's leases at once;
 every daemon returns anyone's expired leases continuously; a worker renews its lease
 while it copies and, right before writing a manifest, renews it once more (a worker
-that lost its lease writes nothing); before writing a tag while newer work for it is
-queued, it checks the source tag still points at what it copied (if not, the newer
-task copies the newer digest: this one ends superseded; no older digest lands last).
+that lost its lease writes nothing); before writing a tag it asks the source where
+the tag points now (if it moved on or is gone, this task ends superseded and writes
+nothing: the newer push or the delete is other work, maybe another daemon's, and no
+older digest lands last nor a deleted tag comes back).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from replicator.metrics import DRIFT_KINDS, METRICS, Metrics
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
 from replicator.rules import cosign_subject, covers
+from replicator.source_check import DAEMON_SETTLE_SECONDS, SourceMoved, confirm_source_tag
 from replicator.sync import Reconciler, rules_in_force
 
 log = logging.getLogger("replicator.daemon")
@@ -77,11 +79,6 @@ REQUEUE_CHECKS_PER_LEASE = 4  # expired leases are returned within a quarter ter
 
 class LeaseLost(ReplicatorError):
     """The task's lease passed to another worker: this one must write nothing more."""
-
-
-class SourceMoved(ReplicatorError):
-    """The source tag no longer points at the digest being copied: a newer task copies
-    the newer one, and this copy must not write the older digest over it."""
 
 
 class _Server(uvicorn.Server):
@@ -662,29 +659,18 @@ class Daemon:
             )
 
     async def _fence(self, task: Task, job: CopyJob, digest: str, ref: str) -> None:
-        """Right before a manifest write: the lease must still be ours (renewing it
-        covers the write). Before a tag write, when newer work for the tag is queued
-        behind this task, the source tag is asked where it points now: if it moved on,
-        this copy writes nothing and the newer task writes the newer digest.
-
-        The source is asked only then: distribution sends a push event before it writes
-        the tag (a HEAD right after can still see the previous digest, which must not
-        cancel the newer copy), and it reports every manifest HEAD as a pull."""
+        """Right before a manifest write. Before the task's tag is written, the source is
+        asked where that tag points now (`replicator.source_check`): if it moved on or
+        is gone, this copy writes nothing, whatever this journal knows (the delete or
+        the newer push may be another daemon's). Then the lease must still be ours
+        (renewing it covers the write)."""
+        if ref == task.tag:
+            store = self.config.sites[task.source_site].storage
+            await confirm_source_tag(job, ref, settle=DAEMON_SETTLE_SECONDS, store=store)
         if not await self.queue.renew(task.id):
             raise LeaseLost(
                 f"task {task.id} lost its lease before writing {job.target_site}/"
                 f"{job.dst_repo}:{ref}; another worker has it, nothing written"
-            )
-        if is_digest(ref) or not task.tag or job.source_digest is None:
-            return
-        queued, newer = await self.queue.newer_copy_pending(task)
-        if not queued or newer == job.source_digest:
-            return
-        head = await job.src.head_manifest(job.src_repo, task.tag)
-        if head is not None and head.digest != job.source_digest:
-            raise SourceMoved(
-                f"{job.source_site}/{job.src_repo}:{task.tag} now points at {head.digest}, "
-                f"not {job.source_digest}; not writing {job.target_site}/{job.dst_repo}:{ref}"
             )
 
     async def _delete(
