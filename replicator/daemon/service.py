@@ -75,6 +75,13 @@ POLL_INTERVAL = 1.0  # how often workers look for tasks whose retry time has com
 GAUGE_REFRESH = 5.0  # how often journal-backed gauges are re-read between scrapes
 HEARTBEATS_PER_LEASE = 3  # renewals per lease term: two can fail before the lease is lost
 REQUEUE_CHECKS_PER_LEASE = 4  # expired leases are returned within a quarter term of expiry
+# after --drain-timeout, how long cancelled work (copies, reconcile, GC, verify) may take to
+# reach a safe point before the process exits without it
+STOP_GRACE = 5.0
+
+
+def _left(until: float) -> float:
+    return max(0.0, until - time.monotonic())
 
 
 class LeaseLost(ReplicatorError):
@@ -149,6 +156,7 @@ class Daemon:
         self._task_counts: dict[str, int] = {}  # journal-backed gauges, last refresh
         self._oldest_unfinished: dict[tuple[str, str], float] = {}
         self.started = asyncio.Event()
+        self.abandoned: list[str] = []  # tasks that ignored the stop (see _shutdown)
 
     # ------------------------------------------------------------------ set-up
     def _make_bus(self) -> EventBus:
@@ -249,7 +257,12 @@ class Daemon:
             self._stop.set()
 
     async def _shutdown(self) -> None:
-        deadline = time.monotonic() + self.drain_timeout
+        """In-flight copies get `drain_timeout`; then whatever still runs (copies,
+        reconcile, GC, verify, the loops) is cancelled and gets STOP_GRACE more to reach a
+        safe point (storage GC stops between two journaled items). Anything still running
+        then is logged and abandoned (`abandoned`): the process exits regardless, and
+        the journal keeps the work for the next start."""
+        drained = time.monotonic() + self.drain_timeout
         if self._server is not None:
             # stop taking webhooks first: a registry whose POST is refused keeps the event
             # and delivers it after the restart, so nothing arrives for a stopped bus
@@ -257,30 +270,29 @@ class Daemon:
             http = next((t for t in self._background if t.get_name() == "http"), None)
             if http is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(http), 5)
-        for periodic in self._periodic.values():
-            periodic.task.cancel()  # type: ignore[attr-defined]
-        if self._running:
-            _done, pending = await asyncio.wait(
-                list(self._running.values()), timeout=self.drain_timeout
-            )
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+                    await asyncio.wait_for(asyncio.shield(http), min(5.0, _left(drained)))
+        periodic: list[asyncio.Task] = [
+            t for p in self._periodic.values() if (t := getattr(p, "task", None)) is not None
+        ]
+        for task in periodic:
+            task.cancel()
+        copies = list(self._running.values())
+        if copies:
+            await asyncio.wait(copies, timeout=_left(drained))
+        deadline = time.monotonic() + STOP_GRACE  # for everything cancelled from here on
+        await self._cancel_within([*copies, *periodic], deadline)
         with contextlib.suppress(Exception):
             await self.queue.release_owned()  # unfinished work goes back for the next start
         await self._say_stopped()
         with contextlib.suppress(Exception):
             # bounded: a handler that keeps failing must not hold up the exit; what it did
             # not finish stays in the journal (in-process) or the broker session (MQTT)
-            async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
+            async with asyncio.timeout(max(1.0, _left(drained))):
                 await self.bus.stop()
         with contextlib.suppress(Exception):
             await self._flush_marks()
-        for task in self._background:
-            if task.get_name() != "http":
-                task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        # the HTTP server was told to exit above: waited for, not cancelled
+        await self._cancel_within(self._background, deadline, minimum=1.0, spare="http")
         await self.pool.aclose()
         self.journal.close()
         self.identity.release()
@@ -296,6 +308,28 @@ class Daemon:
         if self.fleet is not None and isinstance(self.bus, MqttBus) and self.bus.connected:
             with contextlib.suppress(Exception):
                 await self.fleet.stopped(self.bus)
+
+    async def _cancel_within(
+        self, tasks: list[asyncio.Task], deadline: float, minimum: float = 0.1, spare: str = ""
+    ) -> None:
+        """Cancel `tasks` (but the one named `spare`) and wait for them until `deadline` (at
+        least `minimum` s); log and remember those that did not end (a thread stuck in
+        the kernel, say)."""
+        running = [t for t in tasks if not t.done()]
+        for task in running:
+            if task.get_name() != spare:
+                task.cancel()
+        if not running:
+            return
+        _done, pending = await asyncio.wait(running, timeout=max(minimum, _left(deadline)))
+        for task in pending:
+            log.warning(
+                "stopping: %s did not end within the stop timeout (--drain-timeout + %.0fs); "
+                "abandoned, its work stays in the journal for the next start",
+                task.get_name(),
+                STOP_GRACE,
+            )
+            self.abandoned.append(task.get_name())
 
     # ----------------------------------------------------------------- reload
     async def reload(self) -> None:
