@@ -142,12 +142,14 @@ or restored (`runs`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import random
 import stat
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -155,7 +157,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -183,6 +185,7 @@ from replicator.journal import Journal, Tombstone
 from replicator.journal.events import RegistryTimes
 
 log = logging.getLogger("replicator.gc.storage")
+T = TypeVar("T")
 
 HIDDEN_BY_LINK = "a symbolic link in the store hides references (see the run's errors)"
 REFUSED_CACHE = "restored: the registry answers from a blob-descriptor cache (run refused)"
@@ -201,6 +204,11 @@ class OnlineGCRefused(ReplicatorError):
 
 class GCLocked(ReplicatorError):
     """Another storage GC run holds this store."""
+
+
+class GCStopped(ReplicatorError):
+    """The run was told to stop (its caller was cancelled: the daemon is stopping) and
+    stopped between two items; what it did is journaled and the next run resumes it."""
 
 
 @dataclass
@@ -487,6 +495,13 @@ class StorageCollector:
         self.kept: Counter[str] = Counter()
         self._lock_fd: int | None = None
         self._deletions = 0
+        # set when the caller is cancelled: the blocking steps, on threads, cannot be
+        # cancelled, so they look at this between items (scan, quarantine, settle)
+        self.stop = threading.Event()
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise GCStopped(f"storage gc of {self.layout.root} stopped: the caller is stopping")
 
     # --- setup ---------------------------------------------------------------
     async def prepare(self) -> None:
@@ -607,6 +622,7 @@ class StorageCollector:
         repos = self.layout.list_repositories()
 
         def one(r: str) -> RepoSnapshot:
+            self._check_stop()
             if full:
                 return self.layout.scan_repository(r)
             return self.layout.scan_repository(
@@ -894,6 +910,10 @@ class StorageCollector:
             i.state, i.error = "error", f"quarantine {i.key}: {exc}"
         return i
 
+    def _move_unless_stopped(self, i: Item, cutoff: float, upload_cutoff: float) -> Item:
+        self._check_stop()
+        return self._move(i, cutoff, upload_cutoff)
+
     def quarantine(self, plan: Plan) -> None:
         """4. Tags, then manifests, then per blob: its links, then its data. (Stale
         upload sessions are removed later, by `remove_stale_uploads`, after step 4b.)"""
@@ -907,7 +927,7 @@ class StorageCollector:
             for kind in ("tag", "manifest"):
                 pmap(
                     self.pool,
-                    lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
+                    lambda i: self._move_unless_stopped(i, plan.cutoff, plan.upload_cutoff),
                     [i for i in todo if i.kind == kind],
                 )
         by_digest: dict[str, list[Item]] = {}
@@ -916,6 +936,7 @@ class StorageCollector:
                 by_digest.setdefault(str(i.digest), []).append(i)
 
         def blob_group(group: list[Item]) -> None:
+            self._check_stop()  # a blob and its links move together, or not at all
             links = [i for i in group if i.kind == "link"]
             blob = [i for i in group if i.kind == "blob"]
             for link in links:
@@ -938,7 +959,7 @@ class StorageCollector:
         with self.layout.fs.reuse_directories():
             pmap(
                 self.pool,
-                lambda i: self._move(i, plan.cutoff, plan.upload_cutoff),
+                lambda i: self._move_unless_stopped(i, plan.cutoff, plan.upload_cutoff),
                 [i for i in plan.items if i.kind == "upload" and i.state == "candidate"],
             )
 
@@ -1064,6 +1085,7 @@ class StorageCollector:
                     why[i.key] = HIDDEN_BY_LINK
 
         def settle(i: Item) -> Item:
+            self._check_stop()
             if i.key in restore:
                 return self._restore(i, why.get(i.key))
             assert i.quarantine is not None
@@ -1370,10 +1392,10 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
     sweeping = False
     try:
         await col.prepare()
-        plan = await asyncio.to_thread(col.plan)
+        plan = await _step(col, col.plan)
         result.kept = col.kept
         result.timings["mark"] = time.monotonic() - t
-        result.kept_by_recheck = await asyncio.to_thread(col.recheck, plan)
+        result.kept_by_recheck = await _step(col, col.recheck, plan)
         result.mark_summary = plan.mark_summary
         result.timings["recheck"] = time.monotonic() - t - result.timings["mark"]
         if opts.dry_run:
@@ -1396,9 +1418,9 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         await rec.set_state("sweeping", mark_summary=plan.mark_summary)
         sweeping = True
         t = time.monotonic()
-        await asyncio.to_thread(col.quarantine, plan)
+        await _step(col, col.quarantine, plan)
         await _refuse_if_cached(col, rec, plan.items, result)  # 4b
-        await asyncio.to_thread(col.remove_stale_uploads, plan)
+        await _step(col, col.remove_stale_uploads, plan)
         result.timings["quarantine"] = time.monotonic() - t
         await rec.update_states(
             [(i.kind, i.key, i.state, i.error) for i in plan.items if i.state != "candidate"]
@@ -1439,6 +1461,22 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         if not sweeping:
             result.errors.append(f"{type(exc).__name__}: {exc}")
             await rec.finish("failed", result.to_json())
+        raise
+
+
+async def _step(col: StorageCollector, fn: Callable[..., T], *args: Any) -> T:
+    """One blocking step on a thread. When the caller is cancelled (the daemon stopping),
+    the thread cannot be: it is told to stop at its next item and awaited there, so the
+    cleanup after it journals what was done and no thread goes on changing the store
+    behind a finished run; then the cancellation goes on. (Cancelled again meanwhile,
+    e.g. by the daemon's stop timeout, it leaves at once.)"""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        col.stop.set()
+        with contextlib.suppress(Exception):  # GCStopped, or the step's own failure
+            await work
         raise
 
 
@@ -1522,7 +1560,7 @@ async def _settle(
 ) -> None:
     await rec.set_state("sweeping")  # no longer waiting: re-checking and deleting
     try:
-        await asyncio.to_thread(col.finalize, items, cutoff)
+        await _step(col, col.finalize, items, cutoff)
     finally:
         # states and tombstones in one transaction: failback and catch-up do not undo
         # what was deleted, even when the process dies right after this write or before
@@ -1594,6 +1632,7 @@ __all__ = [
     "DEFAULT_WORKERS",
     "GCLocked",
     "GCResult",
+    "GCStopped",
     "OnlineGCRefused",
     "StorageCollector",
     "StorageGCOptions",

@@ -353,9 +353,9 @@ class CopyEngine:
         key = (job.dst.site.url, digest, job.dst_repo)
         running = self._manifest_inflight.get(key)
         if running is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(running)
-                return "copied"
+            with contextlib.suppress(Exception):  # it failed: copy it here
+                if await _shielded(running) is not None:
+                    return "copied"
         if await job.dst.head_manifest(job.dst_repo, digest) is not None:
             return "present"
 
@@ -452,13 +452,10 @@ class CopyEngine:
             target_repository=job.dst_repo,
         ):
             running = self._repo_inflight.get(key)
-            if running is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(running)
-                if not running.cancelled():
-                    job.stats.blobs_existing += 1
-                    telemetry.set_attributes(outcome="existing")
-                    return
+            if running is not None and await _shielded(running) is not None:
+                job.stats.blobs_existing += 1
+                telemetry.set_attributes(outcome="existing")
+                return
             await _single_flight(self._repo_inflight, key, self._obtain_blob(job, blob))
 
     async def _obtain_blob(self, job: CopyJob, blob: Descriptor) -> str:
@@ -476,8 +473,14 @@ class CopyEngine:
         running = self._inflight.get(key)
         if running is not None:
             # Someone is uploading it to this registry right now: mount from there after.
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                landed = await asyncio.shield(running)
+            log.debug(
+                "blob %s for %s/%s: waiting, its upload to that registry is already in flight",
+                blob.digest,
+                job.target_site,
+                dst_repo,
+            )
+            with contextlib.suppress(Exception):  # it failed: try again here
+                landed = await _shielded(running)
                 if landed and await self._try_mount(job, blob.digest, landed):
                     return dst_repo
             return await self._obtain_blob(job, blob)
@@ -691,6 +694,20 @@ class _Hasher:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _shielded(future: asyncio.Future[str]) -> str | None:
+    """The outcome of another copy's in-flight work: its result, or None when that copy
+    was cancelled (the caller then does the work itself); its failure is raised. This
+    task's own cancellation propagates: swallowing it kept a cancelled copy waiting for
+    the other one's whole upload, then working on."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        return None
 
 
 async def _single_flight(table: dict, key: object, work: Awaitable[str]) -> str:

@@ -70,6 +70,24 @@ def read_tags(root: Path, repo: str) -> StoredTags:
     return out
 
 
+def read_tag(root: Path, repo: str, tag: str) -> tuple[bool, str | None]:
+    """One tag as the store holds it, settled as `read_tags` settles it: (True, digest),
+    (True, None) when the store has no such tag, (False, None) to ask the registry."""
+    base = f"{StoreLayout(root).repositories_s}/{repo}/_manifests"
+    tag_dir = f"{base}/tags/{tag}"
+    if os.path.islink(tag_dir):
+        return False, None
+    if not os.path.isdir(tag_dir):
+        return (True, None) if not os.path.lexists(tag_dir) else (False, None)
+    try:
+        digest, _mtime = read_tag_link(tag_dir)
+    except UnsafeEntry:
+        return False, None
+    if digest is None or not _has_revision(base, digest):
+        return False, None
+    return True, digest
+
+
 def _has_revision(manifests_dir: str, digest: str) -> bool:
     alg, _, hexd = digest.partition(":")
     try:
@@ -85,3 +103,7 @@ async def repositories(root: Path) -> list[str]:
 
 async def tags(root: Path, repo: str) -> StoredTags:
     return await asyncio.to_thread(read_tags, root, repo)
+
+
+async def tag(root: Path, repo: str, tag: str) -> tuple[bool, str | None]:
+    return await asyncio.to_thread(read_tag, root, repo, tag)

@@ -18,16 +18,18 @@ already at the target are skipped), so the next run simply finishes the work.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from replicator import store_tags
 from replicator.aio import bounded_gather
 from replicator.clients import ClientPool
 from replicator.config import Config, Rule
-from replicator.copy import CopyEngine, CopyOptions, CopyStats, as_written
+from replicator.copy import CopyEngine, CopyJob, CopyOptions, CopyStats, as_written
 from replicator.deletes import DeleteSite, delete_attached, delete_tag
 from replicator.globs import is_literal
 from replicator.journal import Journal
@@ -42,6 +44,7 @@ from replicator.rules import (
     is_cosign_tag,
     map_repository,
 )
+from replicator.source_check import SourceMoved, confirm_source_tag
 from replicator.store_tags import StoredTags
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class SyncReport:
     target_requests: dict[str, int] = field(default_factory=dict)
     # Listings that failed (a rule's catalog, a repository's tags): their tags are unknown.
     failed_listings: int = 0
+    # copies not written because the source tag moved or went since the plan
+    superseded: int = 0
     _failed_beyond_one: int = 0  # steps that failed several tags with one message
     # site -> its pull budget at the end (limit, remaining, window, observed_at), if metered
     ratelimits: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -93,6 +98,7 @@ class SyncReport:
             "blobs_existing": self.stats.blobs_existing,
             "bytes_uploaded": self.stats.bytes_uploaded,
             "bytes_downloaded": self.stats.bytes_downloaded,
+            "superseded": self.superseded,
             **({"ratelimits": self.ratelimits} if self.ratelimits else {}),
         }
 
@@ -396,17 +402,27 @@ class Reconciler:
             overwrite=rule.overwrite or cosign,
             cosign_tags=False,  # planned here as actions of their own
             source_tags=self._listed.get((action.source_site, action.repository)),
+            before_put=functools.partial(
+                _source_fence, action.tag, self.config.sites[action.source_site].storage
+            ),
         )
-        result = await self.engine.copy(
-            src,
-            action.repository,
-            action.source_digest,
-            dst,
-            action.target_repository,
-            tag=action.tag,
-            options=options,
-            target_current=current,
-        )
+        try:
+            result = await self.engine.copy(
+                src,
+                action.repository,
+                action.source_digest,
+                dst,
+                action.target_repository,
+                tag=action.tag,
+                options=options,
+                target_current=current,
+            )
+        except SourceMoved as exc:
+            log.info("sync: superseded since the plan: %s", exc)
+            report.superseded += 1
+            if self.on_action:
+                self.on_action(action, "superseded")
+            return
         report.stats.add(result.stats)
         if result.status == "failed":
             report.failures.append(f"{result.source} -> {result.target}: {result.error}")
@@ -485,3 +501,10 @@ class Reconciler:
             return
         state = "done" if ok and not report.failures else "failed"
         await self.journal.sync_runs.finish(run_id, state, report.counts())
+
+
+async def _source_fence(tag: str, store: Path | None, job: CopyJob, digest: str, ref: str) -> None:
+    """Before the planned tag is written: the source must still hold what was planned (a
+    tag deleted or moved at the source since the listing is not written back)."""
+    if ref == tag:
+        await confirm_source_tag(job, tag, store=store)

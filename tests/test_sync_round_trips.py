@@ -70,10 +70,13 @@ def test_sync_asks_each_side_only_what_it_needs_per_image(
         for tag in tags:
             assert_image_complete(dst.url, repo, tag)
     # source: the catalog, one tag list per repository, one HEAD (plan) and one GET
-    # (copy) per image, each blob once; no fallback-tag GET for tags the listing lacks
+    # (copy) per image, each blob once; no fallback-tag GET for tags the listing lacks;
+    # and per copied tag one HEAD right before its write (the source is the truth: a tag
+    # deleted or moved since the plan is not written, issue 12 item 8)
     assert src_proxy.count("GET", r"/v2/_catalog") == 1
     assert src_proxy.count("GET", r"/tags/list") == len(repos)
-    assert src_proxy.count("HEAD", r"/manifests/") == images
+    assert src_proxy.count("HEAD", r"/manifests/v\d$") == 2 * images
+    assert src_proxy.count("HEAD", r"/manifests/") == 2 * images
     assert src_proxy.count("GET", FALLBACK_TAG_GET) == 0
     assert src_proxy.count("GET", r"/manifests/sha256:") == images
     assert src_proxy.count("GET", r"/blobs/sha256:") == len(blobs)

@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=8.0,
         metavar="SECONDS",
-        help="on SIGTERM, wait this long for in-flight copies (default 8)",
+        help="on SIGTERM, wait this long for in-flight copies (default 8); what still "
+        "runs then is cancelled and gets 5 s more before the process exits without it",
     )
     p.add_argument(
         "--retry-base",
@@ -100,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
             retry_base=args.retry_base,
             lease_seconds=args.lease_time,
         )
-        return await daemon.run()
+        code = await daemon.run()
+        if daemon.abandoned:
+            # asyncio.run would wait for them (and their threads) at exit: go without
+            logging.shutdown()
+            os._exit(code)
+        return code
 
     return asyncio.run(main())

@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
 def _summary(c: dict) -> str:
     """Counts in tags (per target); listings that failed, whose tags are unknown, apart."""
     listings = f" ({c['failed_listings']} listings failed)" if c["failed_listings"] else ""
+    if c.get("superseded"):
+        listings += f" ({c['superseded']} moved or deleted at the source since the plan)"
     if c["dry_run"]:
         return (
             f"dry run: would copy {c['planned_copies']}, delete {c['planned_deletes']}; "

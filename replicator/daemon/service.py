@@ -16,9 +16,10 @@ Never stuck, never stale: the default instance id is stable across restarts
 (`identity`), so a restarted daemon returns its dead predecessor's leases at once;
 every daemon returns anyone's expired leases continuously; a worker renews its lease
 while it copies and, right before writing a manifest, renews it once more (a worker
-that lost its lease writes nothing); before writing a tag while newer work for it is
-queued, it checks the source tag still points at what it copied (if not, the newer
-task copies the newer digest: this one ends superseded; no older digest lands last).
+that lost its lease writes nothing); before writing a tag it asks the source where
+the tag points now (if it moved on or is gone, this task ends superseded and writes
+nothing: the newer push or the delete is other work, maybe another daemon's, and no
+older digest lands last nor a deleted tag comes back).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from replicator.metrics import DRIFT_KINDS, METRICS, Metrics
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
 from replicator.rules import cosign_subject, covers
+from replicator.source_check import DAEMON_SETTLE_SECONDS, SourceMoved, confirm_source_tag
 from replicator.sync import Reconciler, rules_in_force
 
 log = logging.getLogger("replicator.daemon")
@@ -73,15 +75,17 @@ POLL_INTERVAL = 1.0  # how often workers look for tasks whose retry time has com
 GAUGE_REFRESH = 5.0  # how often journal-backed gauges are re-read between scrapes
 HEARTBEATS_PER_LEASE = 3  # renewals per lease term: two can fail before the lease is lost
 REQUEUE_CHECKS_PER_LEASE = 4  # expired leases are returned within a quarter term of expiry
+# after --drain-timeout, how long cancelled work (copies, reconcile, GC, verify) may take to
+# reach a safe point before the process exits without it
+STOP_GRACE = 5.0
+
+
+def _left(until: float) -> float:
+    return max(0.0, until - time.monotonic())
 
 
 class LeaseLost(ReplicatorError):
     """The task's lease passed to another worker: this one must write nothing more."""
-
-
-class SourceMoved(ReplicatorError):
-    """The source tag no longer points at the digest being copied: a newer task copies
-    the newer one, and this copy must not write the older digest over it."""
 
 
 class _Server(uvicorn.Server):
@@ -152,6 +156,7 @@ class Daemon:
         self._task_counts: dict[str, int] = {}  # journal-backed gauges, last refresh
         self._oldest_unfinished: dict[tuple[str, str], float] = {}
         self.started = asyncio.Event()
+        self.abandoned: list[str] = []  # tasks that ignored the stop (see _shutdown)
 
     # ------------------------------------------------------------------ set-up
     def _make_bus(self) -> EventBus:
@@ -252,7 +257,12 @@ class Daemon:
             self._stop.set()
 
     async def _shutdown(self) -> None:
-        deadline = time.monotonic() + self.drain_timeout
+        """In-flight copies get `drain_timeout`; then whatever still runs (copies,
+        reconcile, GC, verify, the loops) is cancelled and gets STOP_GRACE more to reach a
+        safe point (storage GC stops between two journaled items). Anything still running
+        then is logged and abandoned (`abandoned`): the process exits regardless, and
+        the journal keeps the work for the next start."""
+        drained = time.monotonic() + self.drain_timeout
         if self._server is not None:
             # stop taking webhooks first: a registry whose POST is refused keeps the event
             # and delivers it after the restart, so nothing arrives for a stopped bus
@@ -260,30 +270,29 @@ class Daemon:
             http = next((t for t in self._background if t.get_name() == "http"), None)
             if http is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(http), 5)
-        for periodic in self._periodic.values():
-            periodic.task.cancel()  # type: ignore[attr-defined]
-        if self._running:
-            _done, pending = await asyncio.wait(
-                list(self._running.values()), timeout=self.drain_timeout
-            )
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+                    await asyncio.wait_for(asyncio.shield(http), min(5.0, _left(drained)))
+        periodic: list[asyncio.Task] = [
+            t for p in self._periodic.values() if (t := getattr(p, "task", None)) is not None
+        ]
+        for task in periodic:
+            task.cancel()
+        copies = list(self._running.values())
+        if copies:
+            await asyncio.wait(copies, timeout=_left(drained))
+        deadline = time.monotonic() + STOP_GRACE  # for everything cancelled from here on
+        await self._cancel_within([*copies, *periodic], deadline)
         with contextlib.suppress(Exception):
             await self.queue.release_owned()  # unfinished work goes back for the next start
         await self._say_stopped()
         with contextlib.suppress(Exception):
             # bounded: a handler that keeps failing must not hold up the exit; what it did
             # not finish stays in the journal (in-process) or the broker session (MQTT)
-            async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
+            async with asyncio.timeout(max(1.0, _left(drained))):
                 await self.bus.stop()
         with contextlib.suppress(Exception):
             await self._flush_marks()
-        for task in self._background:
-            if task.get_name() != "http":
-                task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        # the HTTP server was told to exit above: waited for, not cancelled
+        await self._cancel_within(self._background, deadline, minimum=1.0, spare="http")
         await self.pool.aclose()
         self.journal.close()
         self.identity.release()
@@ -299,6 +308,28 @@ class Daemon:
         if self.fleet is not None and isinstance(self.bus, MqttBus) and self.bus.connected:
             with contextlib.suppress(Exception):
                 await self.fleet.stopped(self.bus)
+
+    async def _cancel_within(
+        self, tasks: list[asyncio.Task], deadline: float, minimum: float = 0.1, spare: str = ""
+    ) -> None:
+        """Cancel `tasks` (but the one named `spare`) and wait for them until `deadline` (at
+        least `minimum` s); log and remember those that did not end (a thread stuck in
+        the kernel, say)."""
+        running = [t for t in tasks if not t.done()]
+        for task in running:
+            if task.get_name() != spare:
+                task.cancel()
+        if not running:
+            return
+        _done, pending = await asyncio.wait(running, timeout=max(minimum, _left(deadline)))
+        for task in pending:
+            log.warning(
+                "stopping: %s did not end within the stop timeout (--drain-timeout + %.0fs); "
+                "abandoned, its work stays in the journal for the next start",
+                task.get_name(),
+                STOP_GRACE,
+            )
+            self.abandoned.append(task.get_name())
 
     # ----------------------------------------------------------------- reload
     async def reload(self) -> None:
@@ -662,29 +693,18 @@ class Daemon:
             )
 
     async def _fence(self, task: Task, job: CopyJob, digest: str, ref: str) -> None:
-        """Right before a manifest write: the lease must still be ours (renewing it
-        covers the write). Before a tag write, when newer work for the tag is queued
-        behind this task, the source tag is asked where it points now: if it moved on,
-        this copy writes nothing and the newer task writes the newer digest.
-
-        The source is asked only then: distribution sends a push event before it writes
-        the tag (a HEAD right after can still see the previous digest, which must not
-        cancel the newer copy), and it reports every manifest HEAD as a pull."""
+        """Right before a manifest write. Before the task's tag is written, the source is
+        asked where that tag points now (`replicator.source_check`): if it moved on or
+        is gone, this copy writes nothing, whatever this journal knows (the delete or
+        the newer push may be another daemon's). Then the lease must still be ours
+        (renewing it covers the write)."""
+        if ref == task.tag:
+            store = self.config.sites[task.source_site].storage
+            await confirm_source_tag(job, ref, settle=DAEMON_SETTLE_SECONDS, store=store)
         if not await self.queue.renew(task.id):
             raise LeaseLost(
                 f"task {task.id} lost its lease before writing {job.target_site}/"
                 f"{job.dst_repo}:{ref}; another worker has it, nothing written"
-            )
-        if is_digest(ref) or not task.tag or job.source_digest is None:
-            return
-        queued, newer = await self.queue.newer_copy_pending(task)
-        if not queued or newer == job.source_digest:
-            return
-        head = await job.src.head_manifest(job.src_repo, task.tag)
-        if head is not None and head.digest != job.source_digest:
-            raise SourceMoved(
-                f"{job.source_site}/{job.src_repo}:{task.tag} now points at {head.digest}, "
-                f"not {job.source_digest}; not writing {job.target_site}/{job.dst_repo}:{ref}"
             )
 
     async def _delete(
