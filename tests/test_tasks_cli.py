@@ -228,3 +228,20 @@ def test_a_task_id_out_of_range_is_a_usage_error(tmp_path, task_id):
     out = cli(write_config(tmp_path), "drop", "--", task_id)
     assert out.returncode == 2 and "task id" in out.stderr, out.stderr
     assert "internal error" not in out.stderr
+
+
+def test_a_journal_whose_tasks_all_finished_says_nothing_is_unfinished(tmp_path):
+    """The demo's journal after its story: every task done. 'no tasks' read as if nothing
+    had ever run; the summary counts unfinished states only, and says so."""
+    path = write_config(tmp_path)
+
+    async def finish_one() -> None:
+        queue = WorkQueue(Journal(str(tmp_path / "journal.db")), "worker-1", max_attempts=2)
+        (task_id,) = await queue.enqueue([spec("done")])
+        (task,) = await queue.lease(10)
+        assert task.id == task_id and await queue.complete(task_id)
+
+    asyncio.run(finish_one())
+    out = cli(path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "journal: nothing unfinished"

@@ -142,7 +142,7 @@ async def _list(journal: Journal, args: argparse.Namespace) -> int:
         return 0
     for line in format_tasks(views, time.time()):
         print(line)
-    shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no tasks"
+    shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing unfinished"
     print(f"journal: {shown}" + (f" (listed {len(views)})" if len(views) >= args.limit else ""))
     return 0
 
