@@ -288,17 +288,35 @@ class GCResult:
 @dataclass(slots=True)
 class Item:
     """One thing a run may remove. Identity (`key`) is stable across a crash.
-    Slotted, and `key` computed when asked: a run holds 10^5 of them."""
+    Slotted, `key` and `quarantine` computed when asked: a run holds 10^5 of them
+    (the quarantine paths alone were ~50 MB)."""
 
     kind: str  # blob | link | manifest | tag | upload
     repository: str | None
     digest: str | None
     name: str | None = None  # tag name or upload id
     bytes: int = 0
-    quarantine: str | None = None
+    quarantine_path: str | None = None  # as journaled; else from `quarantine_at`
     state: str = "candidate"
     error: str | None = None
     clause: str = ""  # why the policy (or the sweep) deletes it; reported, not journaled
+    quarantine_run: str | None = None  # _quarantine/<run>, shared by the run's items
+    quarantine_n: int = 0
+
+    def quarantine_at(self, run_dir: str, n: int) -> None:
+        """Where `assign_quarantine` puts the n-th item of the run in `run_dir`."""
+        self.quarantine_run, self.quarantine_n = run_dir, n
+
+    @property
+    def quarantine(self) -> str | None:
+        if self.quarantine_path is not None or self.quarantine_run is None:
+            return self.quarantine_path
+        n = self.quarantine_n
+        # sharded: one directory taking 10^4 renames serialises them on its inode
+        # lock; 64 shards per kind keep that rare for any sane thread count while
+        # costing few mkdir/rmdir (each allocates or frees a block)
+        name = str(self.digest).replace(":", "-") if self.kind == "blob" else str(n)
+        return f"{self.quarantine_run}/{self.kind}/{n % QUARANTINE_SHARDS:02x}/{name}"
 
     @property
     def key(self) -> str:
@@ -424,15 +442,20 @@ class ManifestCache:
         self.nodes: dict[str, Node] = {}
         self.parsed = 0
         self.intern: Intern | None = None  # set while planning (see `_interner`)
-        # digest -> quarantined blob dir: a manifest we moved aside may be referenced
+        # digest -> quarantined blob: a manifest we moved aside may be referenced
         # again, and then what it references must be protected too
-        self.quarantined: dict[str, str] = {}
+        self.quarantined: dict[str, Item] = {}
 
     def _read(self, digest: str) -> tuple[str, Node | None]:
         raw = self.layout.read_blob(digest, self.max_bytes)
-        if raw is None and digest in self.quarantined:
-            raw = read_small_file(self.quarantined[digest] + "/data", self.max_bytes)
+        moved = self.quarantined.get(digest)
+        if raw is None and moved is not None and moved.quarantine is not None:
+            raw = read_small_file(moved.quarantine + "/data", self.max_bytes)
         return digest, manifest_node(raw, self.intern) if raw is not None else None
+
+    def forget(self) -> None:
+        """Drop the parsed manifests (10^5 of them at scale) once a run's marking is over."""
+        self.nodes, self.quarantined = {}, {}
 
     def load(self, digests: Iterable[str], pool: ThreadPoolExecutor | None) -> int:
         todo = [d for d in set(digests) if d not in self.nodes and ":" in d]
@@ -842,11 +865,7 @@ class StorageCollector:
         for n, i in enumerate(items):
             if i.state != "candidate" or i.kind == "upload":
                 continue
-            # sharded: one directory taking 10^4 renames serialises them on its inode
-            # lock; 64 shards per kind keep that rare for any sane thread count while
-            # costing few mkdir/rmdir (each allocates or frees a block)
-            name = str(i.digest).replace(":", "-") if i.kind == "blob" else str(n)
-            i.quarantine = f"{base}/{i.kind}/{n % QUARANTINE_SHARDS:02x}/{name}"
+            i.quarantine_at(base, n)  # the path is `Item.quarantine`
 
     def _changed(
         self, i: Item, parent_fd: int, name: str, cutoff: float, upload_cutoff: float
@@ -996,11 +1015,7 @@ class StorageCollector:
         if not pending:
             return
         self.cache.quarantined.update(
-            {
-                str(i.digest): i.quarantine
-                for i in pending
-                if i.kind == "blob" and i.quarantine is not None
-            }
+            {str(i.digest): i for i in pending if i.kind == "blob" and i.quarantine is not None}
         )
         restore: set[str] = set()
         why: dict[str, str] = {}
@@ -1447,6 +1462,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         t = time.monotonic()
         await _settle(col, rec, plan.items, plan.cutoff, result)
         result.timings["settle"] = time.monotonic() - t
+        col.cache.forget()  # no more marking in this run: free it before the tally
         _report_unsafe(col, result, plan.items)
         _tally(result, plan.items)
         await rec.finish("done", result.to_json())
