@@ -33,7 +33,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -49,6 +49,7 @@ _FIRST_READ = 64 << 10
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOFOLLOW_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 OnLink = Callable[[str], None]  # told the path of a symbolic link met in the store
+Intern = Callable[[str], str]  # a digest -> the one str object a run keeps for it
 
 
 class BlobEntry(NamedTuple):
@@ -280,19 +281,30 @@ class StoreLayout:
         with_uploads: bool = True,
         stat_revisions: bool = True,
         with_tags: bool = True,
+        layers_only: Container[str] | None = None,
+        intern: Intern | None = None,
     ) -> RepoSnapshot:
         """Layer links are listed without their mtimes (0.0: not looked at) — only the few
         that matter are stat'ed later. A layer link directory counts as a link even if
         emptied (over-counting is the safe side; planning sweeps old empty ones).
         Revisions are always checked for their link file: distribution's manifest DELETE
-        leaves the directory behind, and a root must be a servable manifest."""
+        leaves the directory behind, and a root must be a servable manifest.
+
+        Memory, at 10^5 manifests: `layers_only` lists only the layer links of those
+        digests (a re-check asks about its candidates, not about every link; links met
+        are still reported and pinned); `intern` maps each digest read to one shared
+        str (a 71-character digest costs 120 bytes per copy)."""
         snap = RepoSnapshot(repo)
         base = f"{self.repositories_s}/{repo}"
         layers, revisions = base + "/_layers", base + "/_manifests/revisions"
         if self._real_dir(layers, hides=True):
-            snap.layers = self._scan_links(layers, with_mtimes=False, layers=True)
+            snap.layers = self._scan_links(
+                layers, with_mtimes=False, layers=True, only=layers_only, intern=intern
+            )
         if self._real_dir(revisions, hides=True):
-            snap.revisions = self._scan_links(revisions, with_mtimes=stat_revisions, layers=False)
+            snap.revisions = self._scan_links(
+                revisions, with_mtimes=stat_revisions, layers=False, intern=intern
+            )
         if not with_tags:
             return snap
         tags = base + "/_manifests/tags"
@@ -307,7 +319,7 @@ class StoreLayout:
                     self.report(exc, hides=True)
                     continue
                 if digest:
-                    snap.tags[entry.name] = (digest, mtime)
+                    snap.tags[entry.name] = (intern(digest) if intern else digest, mtime)
         if with_uploads:
             for entry in _scandir(base + "/_uploads"):
                 if entry.is_symlink():
@@ -319,11 +331,20 @@ class StoreLayout:
                     )
         return snap
 
-    def _scan_links(self, base: str, *, with_mtimes: bool, layers: bool) -> dict[str, float]:
+    def _scan_links(
+        self,
+        base: str,
+        *,
+        with_mtimes: bool,
+        layers: bool,
+        only: Container[str] | None = None,
+        intern: Intern | None = None,
+    ) -> dict[str, float]:
         """<base>/<alg>/<hex>/link -> {alg:hex: mtime} (mtime 0.0 when not stat'ed).
 
         A link at <alg> hides unknown digests; one at <hex> (or its link file) of a
-        layer pins that digest, of a revision hides a root."""
+        layer pins that digest, of a revision hides a root. `only`: list just these
+        digests (symbolic links are still reported)."""
         out: dict[str, float] = {}
         for alg in _scandir(base):
             if alg.is_symlink():
@@ -336,6 +357,10 @@ class StoreLayout:
                 if entry.is_symlink():
                     self.report_link(entry.path, hides=not layers, pin=digest)
                     continue
+                if only is not None and digest not in only:
+                    continue
+                if intern is not None:
+                    digest = intern(digest)
                 if not with_mtimes:
                     out[digest] = 0.0
                     continue
@@ -459,11 +484,12 @@ def _is_link(st: os.stat_result) -> bool:
     return stat.S_ISLNK(st.st_mode)
 
 
-def manifest_node(raw: bytes) -> Node | None:
+def manifest_node(raw: bytes, intern: Intern | None = None) -> Node | None:
     """References a stored manifest makes, or None if the bytes are not a manifest.
 
     Lenient on purpose (no media-type gate, schema 1 understood): anything a
     manifest could point at must be marked, whatever we think of its format.
+    `intern` maps each digest to a shared str (see `scan_repository`).
     """
     try:
         doc = json.loads(raw)
@@ -489,6 +515,8 @@ def manifest_node(raw: bytes) -> Node | None:
     subject = (
         sub["digest"] if isinstance(sub, dict) and isinstance(sub.get("digest"), str) else None
     )
+    if intern is not None:
+        children, blobs = [intern(d) for d in children], [intern(d) for d in blobs]
     return Node(children=tuple(children), blobs=tuple(blobs), subject=subject)
 
 

@@ -24,9 +24,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
-    """One manifest as the collector sees it. `pushed_at` is only used by policies."""
+    """One manifest as the collector sees it. `pushed_at` is only used by policies.
+    Slotted: a storage run holds one per manifest revision (10^5)."""
 
     children: tuple[str, ...] = ()
     blobs: tuple[str, ...] = ()

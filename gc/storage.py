@@ -152,10 +152,9 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -168,6 +167,7 @@ from replicator.gc.cache_probe import BlobHeadClient
 from replicator.gc.confined import UnsafeEntry, open_dir_at
 from replicator.gc.layout import (
     BlobEntry,
+    Intern,
     RepoSnapshot,
     StoreLayout,
     link_mtime,
@@ -293,21 +293,40 @@ class GCResult:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
-    """One thing a run may remove. Identity (`key`) is stable across a crash."""
+    """One thing a run may remove. Identity (`key`) is stable across a crash.
+    Slotted, `key` and `quarantine` computed when asked: a run holds 10^5 of them
+    (the quarantine paths alone were ~50 MB)."""
 
     kind: str  # blob | link | manifest | tag | upload
     repository: str | None
     digest: str | None
     name: str | None = None  # tag name or upload id
     bytes: int = 0
-    quarantine: str | None = None
+    quarantine_path: str | None = None  # as journaled; else from `quarantine_at`
     state: str = "candidate"
     error: str | None = None
     clause: str = ""  # why the policy (or the sweep) deletes it; reported, not journaled
+    quarantine_run: str | None = None  # _quarantine/<run>, shared by the run's items
+    quarantine_n: int = 0
 
-    @cached_property
+    def quarantine_at(self, run_dir: str, n: int) -> None:
+        """Where `assign_quarantine` puts the n-th item of the run in `run_dir`."""
+        self.quarantine_run, self.quarantine_n = run_dir, n
+
+    @property
+    def quarantine(self) -> str | None:
+        if self.quarantine_path is not None or self.quarantine_run is None:
+            return self.quarantine_path
+        n = self.quarantine_n
+        # sharded: one directory taking 10^4 renames serialises them on its inode
+        # lock; 64 shards per kind keep that rare for any sane thread count while
+        # costing few mkdir/rmdir (each allocates or frees a block)
+        name = str(self.digest).replace(":", "-") if self.kind == "blob" else str(n)
+        return f"{self.quarantine_run}/{self.kind}/{n % QUARANTINE_SHARDS:02x}/{name}"
+
+    @property
     def key(self) -> str:
         if self.kind == "blob":
             return str(self.digest)
@@ -430,15 +449,21 @@ class ManifestCache:
         self.layout, self.max_bytes = layout, max_bytes
         self.nodes: dict[str, Node] = {}
         self.parsed = 0
-        # digest -> quarantined blob dir: a manifest we moved aside may be referenced
+        self.intern: Intern | None = None  # set while planning (see `_interner`)
+        # digest -> quarantined blob: a manifest we moved aside may be referenced
         # again, and then what it references must be protected too
-        self.quarantined: dict[str, str] = {}
+        self.quarantined: dict[str, Item] = {}
 
     def _read(self, digest: str) -> tuple[str, Node | None]:
         raw = self.layout.read_blob(digest, self.max_bytes)
-        if raw is None and digest in self.quarantined:
-            raw = read_small_file(self.quarantined[digest] + "/data", self.max_bytes)
-        return digest, manifest_node(raw) if raw is not None else None
+        moved = self.quarantined.get(digest)
+        if raw is None and moved is not None and moved.quarantine is not None:
+            raw = read_small_file(moved.quarantine + "/data", self.max_bytes)
+        return digest, manifest_node(raw, self.intern) if raw is not None else None
+
+    def forget(self) -> None:
+        """Drop the parsed manifests (10^5 of them at scale) once a run's marking is over."""
+        self.nodes, self.quarantined = {}, {}
 
     def load(self, digests: Iterable[str], pool: ThreadPoolExecutor | None) -> int:
         todo = [d for d in set(digests) if d not in self.nodes and ":" in d]
@@ -614,22 +639,29 @@ class StorageCollector:
         return out
 
     def scan(
-        self, *, full: bool = False, tags_for: set[str] | None = None
+        self,
+        *,
+        full: bool = False,
+        tags_for: set[str] | None = None,
+        layers_only: Container[str] | None = None,
+        intern: Intern | None = None,
     ) -> dict[str, RepoSnapshot]:
         """full: what planning needs (uploads, revision mtimes, tags). Otherwise a light
         listing for re-checks: names only, tags read only for `tags_for` repositories
-        (a tag can only be served through a revision link, so revisions are the roots)."""
+        (a tag can only be served through a revision link, so revisions are the roots),
+        layer links only of `layers_only` digests (the ones the re-check asks about)."""
         repos = self.layout.list_repositories()
 
         def one(r: str) -> RepoSnapshot:
             self._check_stop()
             if full:
-                return self.layout.scan_repository(r)
+                return self.layout.scan_repository(r, intern=intern)
             return self.layout.scan_repository(
                 r,
                 with_uploads=False,
                 stat_revisions=True,
                 with_tags=tags_for is not None and r in tags_for,
+                layers_only=layers_only,
             )
 
         return {s.name: s for s in pmap(self.scan_pool, one, repos, chunk=4)}
@@ -655,8 +687,11 @@ class StorageCollector:
         exclude_tags: set[tuple[str | None, str | None]],
         extra_roots: Iterable[tuple[str | None, str | None]] = (),
         tags_for: set[str] | None = None,
+        layers_of: Container[str] | None = None,
     ) -> Live:
-        snaps = self.scan(tags_for=tags_for)
+        """`layers_of`: the digests whose layer links the caller asks about; `linked` and
+        the snapshots' layers then hold only those (all links of 10^5 images: ~50 MB)."""
+        snaps = self.scan(tags_for=tags_for, layers_only=layers_of)
         roots: dict[str, set[str]] = {}
         linked: set[str] = set()
         for repo, s in snaps.items():
@@ -680,7 +715,8 @@ class StorageCollector:
         t = time.monotonic()
         blobs = self.enumerate_blobs()  # 1. candidates before marking
         t_enum = time.monotonic() - t
-        snaps = self.scan(full=True)  # 2. links, tags, uploads
+        intern = self.cache.intern = _interner(blobs)
+        snaps = self.scan(full=True, intern=intern)  # 2. links, tags, uploads
         self.cache.load({d for s in snaps.values() for d in s.revisions}, self.scan_pool)
         items: list[Item] = []
         roots: dict[str, set[str]] = {}
@@ -711,45 +747,42 @@ class StorageCollector:
                 for d in sorted(dec.deleted_manifests)
             ]
         marked, _ = self._mark_closure(roots)
-        layer_repos: dict[str, list[str]] = {}
-        for repo, s in snaps.items():
-            for d in s.layers:
-                layer_repos.setdefault(d, []).append(repo)
-        # only links that may go need their mtime: those of unmarked or missing blobs
+        self.cache.intern = None
         behind_link = self.layout.behind_link  # S2: pinned digests are never candidates
         unmarked = [
             d
             for d, e in blobs.items()
             if e.mtime < cutoff and d not in marked.blobs and not behind_link(d)
         ]
+        blobs_marked = sum(1 for d in blobs if d in marked.blobs)
+        del marked
+        # only links that may go matter: those of unmarked or missing blobs
+        doomed = set(unmarked)
+        layer_repos: dict[str, list[str]] = {}
+        for repo, s in snaps.items():
+            for d in s.layers:
+                if d in doomed or d not in blobs:
+                    layer_repos.setdefault(d, []).append(repo)
+        del doomed
         missing = [d for d in layer_repos if d not in blobs and not behind_link(d)]
-        to_stat = [(r, d) for d in unmarked + missing for r in layer_repos.get(d, ())]
-        mtimes = dict(
-            zip(
-                to_stat,
-                pmap(
-                    self.scan_pool,
-                    lambda rd: self.layout.link_or_dir_mtime(self.layout.layer_link_dir_str(*rd)),
-                    to_stat,
-                ),
-                strict=True,
-            )
-        )
-        for d in unmarked:
-            links = sorted(r for r in layer_repos.get(d, ()) if mtimes[(r, d)] is not None)
+
+        def link_mtimes(d: str) -> list[tuple[str, float | None]]:
+            """(repository, its layer link's mtime) for every link to `d`, sorted."""
+            return [
+                (r, self.layout.link_or_dir_mtime(self.layout.layer_link_dir_str(r, d)))
+                for r in sorted(layer_repos.get(d, ()))
+            ]
+
+        for d, links in zip(unmarked, pmap(self.scan_pool, link_mtimes, unmarked), strict=True):
             # a fresh link file means a push or mount in progress
-            if any(mtimes[(r, d)] >= cutoff for r in links):
+            if any(m is not None and m >= cutoff for _r, m in links):
                 continue
             items.append(Item("blob", None, d, bytes=blobs[d].size))
-            items += [Item("link", r, d) for r in links]
-        for d in missing:
+            items += [Item("link", r, d) for r, m in links if m is not None]
+        for d, links in zip(missing, pmap(self.scan_pool, link_mtimes, missing), strict=True):
             if self.layout.blob_present(d):
                 continue  # appeared after enumeration
-            items += [
-                Item("link", r, d)
-                for r in sorted(layer_repos[d])
-                if mtimes[(r, d)] is not None and mtimes[(r, d)] < cutoff
-            ]
+            items += [Item("link", r, d) for r, m in links if m is not None and m < cutoff]
         for s in snaps.values():
             items += [
                 Item("upload", u.repository, None, u.upload_id, bytes=u.size)
@@ -764,7 +797,7 @@ class StorageCollector:
             "repositories": len(snaps),
             "policy_repositories": policy_repos,
             "blobs_total": len(blobs),
-            "blobs_marked": sum(1 for d in blobs if d in marked.blobs),
+            "blobs_marked": blobs_marked,
             "manifests_parsed": self.cache.parsed,
             "enumerate_seconds": round(t_enum, 3),
         }
@@ -774,11 +807,12 @@ class StorageCollector:
         """3. Batch re-check against a fresh scan; returns how many items were dropped."""
         drop: set[str] = set()
         tags_for = {str(i.repository) for i in plan.items if i.kind in ("tag", "manifest")}
+        blob_keys = {str(i.digest) for i in plan.items if i.kind == "blob"}
         while True:
             active = [i for i in plan.items if i.key not in drop]
             ex_rev = {(i.repository, i.digest) for i in active if i.kind == "manifest"}
             ex_tag = {(i.repository, i.name) for i in active if i.kind == "tag"}
-            live = self.live(ex_rev, ex_tag, tags_for=tags_for)
+            live = self.live(ex_rev, ex_tag, tags_for=tags_for, layers_of=blob_keys)
             before = len(drop)
             for i in active:
                 snap = live.snaps.get(i.repository or "")
@@ -798,23 +832,22 @@ class StorageCollector:
                         drop.add(i.key)
             if len(drop) == before:
                 break
-        blob_keys = {i.digest for i in plan.items if i.kind == "blob"}
-        planned_links: dict[str | None, set[str | None]] = {}
-        for i in plan.items:
-            if i.kind == "link":
-                planned_links.setdefault(i.digest, set()).add(i.repository)
-        links_now: dict[str, set[str]] = {}
-        for r, s in live.snaps.items():
-            for d in s.layers:
-                links_now.setdefault(d, set()).add(r)
+        planned_links = {(i.repository, i.digest) for i in plan.items if i.kind == "link"}
+        # candidate blobs linked now from a repository whose link the plan does not move
+        # (live's snapshots list only the candidates' layer links)
+        relinked = {
+            d
+            for r, s in live.snaps.items()
+            for d in s.layers
+            if d in blob_keys and (r, d) not in planned_links
+        }
+        del planned_links
         bad_blobs: set[str] = set()
         for i in plan.items:
             if i.kind != "blob" or i.key in drop:
                 continue
             # (data mtime is re-checked per blob right before its move)
-            if i.digest in live.protected or links_now.get(
-                str(i.digest), set()
-            ) - planned_links.get(i.digest, set()):
+            if i.digest in live.protected or i.digest in relinked:
                 bad_blobs.add(str(i.digest))
                 drop.add(i.key)
         for i in plan.items:
@@ -848,11 +881,7 @@ class StorageCollector:
         for n, i in enumerate(items):
             if i.state != "candidate" or i.kind == "upload":
                 continue
-            # sharded: one directory taking 10^4 renames serialises them on its inode
-            # lock; 64 shards per kind keep that rare for any sane thread count while
-            # costing few mkdir/rmdir (each allocates or frees a block)
-            name = str(i.digest).replace(":", "-") if i.kind == "blob" else str(n)
-            i.quarantine = f"{base}/{i.kind}/{n % QUARANTINE_SHARDS:02x}/{name}"
+            i.quarantine_at(base, n)  # the path is `Item.quarantine`
 
     def _changed(
         self, i: Item, parent_fd: int, name: str, cutoff: float, upload_cutoff: float
@@ -1007,11 +1036,7 @@ class StorageCollector:
         if not pending:
             return
         self.cache.quarantined.update(
-            {
-                str(i.digest): i.quarantine
-                for i in pending
-                if i.kind == "blob" and i.quarantine is not None
-            }
+            {str(i.digest): i for i in pending if i.kind == "blob" and i.quarantine is not None}
         )
         restore: set[str] = set()
         why: dict[str, str] = {}
@@ -1019,6 +1044,8 @@ class StorageCollector:
         for i in pending:
             q_mtime[i.key] = _quarantined_mtime(i, self.layout)
         tag_targets: set[tuple[str | None, str | None]] = set()
+        # only these digests' layer links are asked about below (`live.linked`)
+        moved_blobs = {str(i.digest) for i in pending if i.kind in ("blob", "link")}
         for i in pending:
             if i.kind == "tag" and i.quarantine is not None:
                 d, m = read_link(i.quarantine + "/current/link")
@@ -1032,7 +1059,7 @@ class StorageCollector:
                 for i in pending
                 if i.kind == "manifest" and i.key in restore
             }
-            live = self.live(set(), set(), extra)
+            live = self.live(set(), set(), extra, layers_of=moved_blobs)
             before = len(restore)
             for i in pending:
                 if (
@@ -1199,6 +1226,18 @@ class StorageCollector:
                 i.state = "restored" if self._exists(i.path(self.layout)) else "deleted"
             updates.append((i.kind, i.key, i.state, i.error))
         return items, updates
+
+
+def _interner(blobs: dict[str, BlobEntry]) -> Intern:
+    """Planning reads each digest up to four times (blob listing, layer link, revision
+    or tag, manifest body): map every later copy to the listing's own str."""
+    get = blobs.get
+
+    def intern(digest: str) -> str:
+        entry = get(digest)
+        return digest if entry is None else entry.digest
+
+    return intern
 
 
 def pmap(
@@ -1414,7 +1453,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
             await asyncio.to_thread(opts.on_phase, "planned")
         col.assign_quarantine(result.run_id, plan.items)
         # crash safety: every quarantine path is journaled BEFORE the first rename
-        await rec.add_candidates([i.row() for i in plan.items])
+        await rec.add_candidates(i.row() for i in plan.items)
         await rec.set_state("sweeping", mark_summary=plan.mark_summary)
         sweeping = True
         t = time.monotonic()
@@ -1423,7 +1462,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         await _step(col, col.remove_stale_uploads, plan)
         result.timings["quarantine"] = time.monotonic() - t
         await rec.update_states(
-            [(i.kind, i.key, i.state, i.error) for i in plan.items if i.state != "candidate"]
+            (i.kind, i.key, i.state, i.error) for i in plan.items if i.state != "candidate"
         )
         result.quarantined = sum(1 for i in plan.items if i.state == "quarantined")
         result.quarantined_bytes = sum(
@@ -1450,6 +1489,7 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         t = time.monotonic()
         await _settle(col, rec, plan.items, plan.cutoff, result)
         result.timings["settle"] = time.monotonic() - t
+        col.cache.forget()  # no more marking in this run: free it before the tally
         _report_unsafe(col, result, plan.items)
         _tally(result, plan.items)
         await rec.finish("done", result.to_json())
