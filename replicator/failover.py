@@ -67,7 +67,7 @@ from replicator.config import Config, Rule, TagFilter
 from replicator.copy import CopyEngine, CopyOptions
 from replicator.deletes import DeleteSite, delete_tag
 from replicator.errors import UsageError
-from replicator.journal import Failover, Journal
+from replicator.journal import Failover, Journal, Task
 from replicator.manifest import Descriptor
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
@@ -81,6 +81,7 @@ from replicator.rules import (
     target_view,
 )
 from replicator.sync import Reconciler, SyncReport, active_failovers
+from replicator.task_scope import out_of_scope
 from replicator.text import short_digest
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ class FailoverReport:
     failures: list[str] = field(default_factory=list)
     recorded: bool = False
     failover_id: int | None = None
+    cancelled: list[str] = field(default_factory=list)  # queued tasks the new rules forbid
 
     def as_dict(self) -> dict:
         return {
@@ -213,6 +215,7 @@ class FailoverReport:
             "failures": self.failures,
             "recorded": self.recorded,
             "failover_id": self.failover_id,
+            "cancelled_tasks": self.cancelled,
         }
 
 
@@ -324,6 +327,8 @@ async def failover(
 
     await _catch_up(journal, pool, engine, affected, lost, promoted, report, request.parallel)
     if dry_run:
+        pending = await _out_of_scope_tasks(journal, list(after.values()), lost, promoted, None)
+        report.cancelled = [why for _, why in pending]
         return report
     if report.failures and not request.force:
         return report
@@ -346,6 +351,7 @@ async def failover(
     }
     report.failover_id = await journal.failovers.record(lost, promoted, detail)
     report.recorded = True
+    await _cancel_queued(journal, list(after.values()), lost, promoted, report)
     log.warning(
         "failover recorded: %s promoted in place of %s (%d rules rewritten, %d catch-up copies)",
         promoted,
@@ -354,6 +360,36 @@ async def failover(
         len(report.copies),
     )
     return report
+
+
+async def _out_of_scope_tasks(
+    journal: Journal, rules: Sequence[Rule], lost: str, promoted: str, failover_id: int | None
+) -> list[tuple[Task, str]]:
+    """Queued (pending) tasks the rules in force after this failover forbid, with why:
+    every task from the lost site (its rules now come from the promoted site) and every
+    task to the lost site; tasks to the promoted site from elsewhere under a rule
+    the failover did not move are kept."""
+    failovers = await journal.failovers.active(with_detail=False)
+    if failover_id is None:  # the dry run: as if recorded
+        failovers.append(Failover(0, lost, promoted, 0.0))
+    queued = await journal.task_admin.list_tasks(["pending", "failed"], limit=-1)
+    found = [(v.task, out_of_scope(v.task, rules, failovers)) for v in queued]
+    return [(task, why) for task, why in found if why is not None]
+
+
+async def _cancel_queued(
+    journal: Journal, rules: Sequence[Rule], lost: str, promoted: str, report: FailoverReport
+) -> None:
+    """Cancel the queued tasks the new rules forbid, once the failover is recorded (the
+    daemon cancels any it leases later by the same test, `task_scope.out_of_scope`)."""
+    stale = await _out_of_scope_tasks(journal, rules, lost, promoted, report.failover_id)
+    admin = journal.task_admin
+    for task, why in stale:  # one transaction each: every task keeps its own reason
+        done = await admin.cancel([task.id], actor=f"failover #{report.failover_id}", reason=why)
+        if done[0].outcome == "cancelled":  # not if a worker leased it meanwhile
+            report.cancelled.append(why)
+    if report.cancelled:
+        log.warning("failover: %d queued tasks cancelled", len(report.cancelled))
 
 
 async def _held(

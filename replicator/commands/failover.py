@@ -145,6 +145,8 @@ def run_failover(args: argparse.Namespace) -> int:
             print(copy.describe(report.promoted))
         for conflict in report.conflicts:
             print(conflict.describe())
+        for why in report.cancelled:
+            print(f"{'would cancel' if report.dry_run else 'cancelled'} {why}")
         state = (
             "dry run: nothing changed"
             if report.dry_run

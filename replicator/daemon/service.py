@@ -19,7 +19,9 @@ while it copies and, right before writing a manifest, renews it once more (a wor
 that lost its lease writes nothing); before writing a tag it asks the source where
 the tag points now (if it moved on or is gone, this task ends superseded and writes
 nothing: the newer push or the delete is other work, maybe another daemon's, and no
-older digest lands last nor a deleted tag comes back).
+older digest lands last nor a deleted tag comes back). A task that no longer matches
+the rule in force (a failover moved its source or target since it was queued) ends
+`cancelled` without running (`replicator.task_scope`).
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ from replicator.manifest import is_digest
 from replicator.metrics import DRIFT_KINDS, METRICS, Metrics
 from replicator.registry.client import RegistryClient
 from replicator.registry.errors import RegistryError
-from replicator.rules import cosign_subject, covers
+from replicator.rules import cosign_subject, covers, effective_rules
 from replicator.source_check import DAEMON_SETTLE_SECONDS, SourceMoved, confirm_source_tag
 from replicator.sync import Reconciler, rules_in_force
+from replicator.task_scope import out_of_scope
 
 log = logging.getLogger("replicator.daemon")
 
@@ -86,6 +89,11 @@ def _left(until: float) -> float:
 
 class LeaseLost(ReplicatorError):
     """The task's lease passed to another worker: this one must write nothing more."""
+
+
+class OutOfScope(ReplicatorError):
+    """The task no longer matches the rule in force (a failover moved it): nothing more
+    may be written; the message says why (`task_scope.out_of_scope`)."""
 
 
 class _Server(uvicorn.Server):
@@ -610,13 +618,33 @@ class Daemon:
             )
             return
 
+    async def _in_force(self, task: Task) -> tuple[Rule | None, str | None]:
+        """The task's rule as in force now, and why the task must not run (None: it may).
+        Read from the journal for every task, not from the rules of the last reload: a
+        failover recorded by the CLI moves the rules at once, SIGHUP or not, and a task
+        queued before it (from the lost site, say) must not overwrite or delete what the
+        promoted site wrote since."""
+        failovers = await self.journal.failovers.active(with_detail=False)
+        rules = effective_rules(self.config, [(f.lost_site, f.promoted_site) for f in failovers])
+        rule = next((r for r in rules if r.name == task.rule), None)
+        return rule, out_of_scope(task, rules, failovers)
+
+    async def _cancel_out_of_scope(self, task: Task, why: str) -> None:
+        log.warning("%s", why)
+        if not await self.queue.supersede(task.id, why):
+            log.warning("task %d finished after it lost its lease", task.id)
+
     async def _execute_task(self, task: Task) -> None:
-        rule = self._rule(task.rule)
+        configured = any(r.name == task.rule for r in self.config.rules)
         try:
-            if rule is None:
+            if not configured:
                 await self.queue.fail(
                     task.id, f"rule {task.rule!r} is no longer configured", retryable=False
                 )
+                return
+            rule, why = await self._in_force(task)
+            if rule is None or why is not None:
+                await self._cancel_out_of_scope(task, why or f"rule {task.rule!r} not in force")
                 return
             src, dst = self.pool[task.source_site], self.pool[task.target_site]
             if task.action == "copy":
@@ -658,6 +686,9 @@ class Daemon:
         except LeaseLost as exc:
             log.warning("%s", exc)
             return
+        except OutOfScope as exc:
+            await self._cancel_out_of_scope(task, str(exc))
+            return
         except SourceMoved as exc:
             log.info("task %d superseded: %s", task.id, exc)
             await self.queue.supersede(task.id, f"superseded: {exc}")
@@ -698,6 +729,9 @@ class Daemon:
         is gone, this copy writes nothing, whatever this journal knows (the delete or
         the newer push may be another daemon's). Then the lease must still be ours
         (renewing it covers the write)."""
+        _rule, why = await self._in_force(task)
+        if why is not None:  # a failover recorded while this copy ran
+            raise OutOfScope(why)
         if ref == task.tag:
             store = self.config.sites[task.source_site].storage
             await confirm_source_tag(job, ref, settle=DAEMON_SETTLE_SECONDS, store=store)
@@ -714,6 +748,10 @@ class Daemon:
         deleted by tag alone, a manifest only when no tag at the target is left on it."""
         if not await self.queue.renew(task.id):  # a delete is fenced like a manifest write
             log.warning("task %d lost its lease before deleting; nothing deleted", task.id)
+            return
+        _rule, why = await self._in_force(task)
+        if why is not None:  # a failover recorded while this task waited for its lease
+            await self._cancel_out_of_scope(task, why)
             return
         source = DeleteSite(src, task.source_site, task.repository)
         target = DeleteSite(dst, task.target_site, task.target_repository)

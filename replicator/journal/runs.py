@@ -187,14 +187,16 @@ class Failovers:
         }
         return await self._journal.write(_insert, "failovers", row)
 
-    async def active(self) -> list[Failover]:
-        """Failovers in force, oldest first (the order `effective_rules` applies them)."""
+    async def active(self, *, with_detail: bool = True) -> list[Failover]:
+        """Failovers in force, oldest first (the order `effective_rules` applies them).
+        Without `detail` (its `held` record can be large) for a check made per task."""
         found = await self._journal.read(
             rows,
-            "SELECT id, lost_site, promoted_site, started_at, detail FROM failovers "
-            "WHERE active = 1 ORDER BY id",
+            "SELECT id, lost_site, promoted_site, started_at"
+            + (", detail" if with_detail else "")
+            + " FROM failovers WHERE active = 1 ORDER BY id",
         )
-        return [Failover(**{**r, "detail": json.loads(r["detail"] or "{}")}) for r in found]
+        return [Failover(**{**r, "detail": json.loads(r.get("detail") or "{}")}) for r in found]
 
     async def end(self, ids: Sequence[int]) -> None:
         """Failback: these failovers no longer rewrite the rules."""

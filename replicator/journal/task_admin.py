@@ -31,7 +31,7 @@ DEFAULT_VIEW: tuple[str, ...] = ("pending", "failed", "leased", "dead")
 RETRYABLE_FROM = ("pending", "dead", "dropped")
 DROPPABLE_FROM = ("pending", "dead")
 
-Outcome = Literal["retried", "superseded", "dropped", "not found", "refused"]
+Outcome = Literal["retried", "superseded", "dropped", "cancelled", "not found", "refused"]
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,15 @@ class TaskAdmin:
             self._apply, "drop", list(task_ids), actor, reason, allowed
         )
 
+    async def cancel(
+        self, task_ids: Sequence[int], *, actor: str, reason: str
+    ) -> list[ActionResult]:
+        """End pending tasks as `cancelled` with `reason` as their last error: work the
+        rules in force no longer allow (a failover moved their rule). One transaction."""
+        return await self._journal.write(
+            self._apply, "cancel", list(task_ids), actor, reason, ("pending",)
+        )
+
     async def dead_ids(self, *, rule: str | None = None, target: str | None = None) -> list[int]:
         return [
             v.task.id for v in await self.list_tasks(["dead"], rule=rule, target=target, limit=-1)
@@ -199,7 +208,14 @@ class TaskAdmin:
                 results.append(ActionResult(task_id, "refused", f"{action} refused: {why}"))
                 continue
             outcome: Outcome
-            if action == "drop":
+            if action == "cancel":
+                db.execute(
+                    "UPDATE tasks SET state = 'cancelled', last_error = ?, updated_at = ? "
+                    "WHERE id = ?",
+                    (reason[:2000], now, task_id),
+                )
+                outcome, detail = "cancelled", ""
+            elif action == "drop":
                 db.execute(
                     "UPDATE tasks SET state = 'dropped', next_try = ?, updated_at = ? WHERE id = ?",
                     (now, now, task_id),
