@@ -38,6 +38,11 @@ truth for the incident window:
 
 Then the failover ends. `failback --dry-run` prints this whole plan.
 
+A chain of failovers (p lost to a, then a lost to b) fails back from its end: `failback
+--site a` plans with the rules a is the source of once only its own failover ends
+(p's rule as a->[...], `returning_rules`), so b's incident reaches a; `failback --site
+p` is refused until then (`refuse_out_of_order`), and then plans from a.
+
 Under `latest: N`, only the N newest tags (over every survivor) are caught up.
 A tag tombstoned (deleted) at the lost primary or the promoted site after the
 replica's version was known is not caught up: that delete had not reached every
@@ -228,7 +233,8 @@ class FailbackReport:
     items: list[FailbackItem] = field(default_factory=list)  # deletes, spreads, conflicts
     failures: list[str] = field(default_factory=list)
     ended: list[int] = field(default_factory=list)  # failover ids made inactive
-    rules_used: list[Rule] = field(default_factory=list)  # the configured rules failed back
+    # the rules failed back: configured, rewritten by the failovers that stay in force
+    rules_used: list[Rule] = field(default_factory=list)
 
     def plan(self) -> list[str]:
         """Every change, one line each: the same list for the dry run and the real run."""
@@ -785,6 +791,33 @@ def unpropagated_delete(
     return pushed_at_promoted is None or pushed_at_promoted <= tombstone_at
 
 
+def refuse_out_of_order(failovers: Sequence[Failover], site: str) -> None:
+    """Raise UsageError when `site`'s promoted site is itself failed over (a chain: p lost
+    to a, then a lost to b): a is to fail back first (its plan brings b's incident to
+    a), then p from a. Failing p back first would end the chain's first link with a
+    still lost, and what a took as the source before it failed would have no plan."""
+    for mine in (f for f in failovers if f.lost_site == site):
+        for later in failovers:
+            if later.lost_site == mine.promoted_site:
+                raise UsageError(
+                    f"failback of {site!r} refused: {mine.promoted_site!r}, promoted in its "
+                    f"place by failover #{mine.id}, is itself failed over to "
+                    f"{later.promoted_site!r} (failover #{later.id}); fail back the last "
+                    f"failover first: failback --site {mine.promoted_site}, then "
+                    f"failback --site {site}"
+                )
+
+
+def returning_rules(config: Config, chain: Sequence[tuple[str, str]], site: str) -> list[Rule]:
+    """The rules `site` is the source of once its failovers end: the configured rules
+    rewritten by every other failover in force. In a chain (p lost to a, then a lost to
+    b) failing a back plans with p's rule as a->[...] (a stands in for p again), so b's
+    incident writes and deletes reach a before a is the source; a site still lost is no
+    target of the plan (it cannot be written, and its own failback catches it up)."""
+    others = [(lost, promoted) for lost, promoted in chain if lost != site]
+    return [r for r in effective_rules(config, others) if r.from_ == site]
+
+
 def _held_back(rule: Rule, held_back: Mapping[str, Iterable[str]]) -> list[Rule]:
     """`rule` (a failback sync rule) less the tags held back per repository (the
     promoted site's names): the rest as before, and each such repository alone with
@@ -845,13 +878,12 @@ async def failback(
     if not mine:
         active = ", ".join(f"{f.lost_site} -> {f.promoted_site}" for f in failovers) or "none"
         raise UsageError(f"no active failover of {site!r} (active failovers: {active})")
+    refuse_out_of_order(failovers, site)
     chain = [(f.lost_site, f.promoted_site) for f in failovers]
     report = FailbackReport(site, dry_run)
     sync_rules: list[Rule] = []
     returning: list[tuple[Rule, str]] = []
-    for rule in config.rules:
-        if rule.from_ != site:
-            continue
+    for rule in returning_rules(config, chain, site):
         source = _current_source(rule.from_, chain)
         if source == site:
             continue

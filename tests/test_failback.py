@@ -15,6 +15,7 @@ from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
 from replicator.config import config_from_dict
 from replicator.copy import CopyEngine
+from replicator.errors import UsageError
 from replicator.failover import (
     FailoverRequest,
     deleted_since,
@@ -543,6 +544,80 @@ async def test_failback_holds_back_an_unpropagated_delete_under_a_rename(
         assert tags(p.url) == ["v2", "v3"] and tags(p.url, "team/other") == ["v1", "v3"]
         assert tags(a.url, "m/team/app") == ["v2", "v3"]
         assert tags(a.url, "m/team/other") == ["v1", "v3"]
+    finally:
+        await pool.aclose()
+        journal.close()
+
+
+async def test_failback_of_the_middle_site_of_a_chain_plans_with_the_chain(
+    registry_factory, tmp_path
+):
+    """Red team 2, finding 2: p lost (a promoted), then a lost (b promoted); a comes back
+    first. Failing a back plans with the rule in force once only the later failover
+    ends (a -> [b]), so b's incident writes and deletes reach a, and what a took as the
+    source before it failed reaches b; p's failback later brings all of it to p."""
+    p, a, b = registry_factory("p"), registry_factory("a"), registry_factory("b")
+    config, journal, pool = parts(
+        tmp_path,
+        {"p": p, "a": a, "b": b},
+        [{"name": "apps", "from": "p", "to": ["a", "b"], "deletes": True}],
+    )
+    engine = CopyEngine(BlobIndex(journal))
+
+    async def fresh_pool(old: ClientPool) -> ClientPool:
+        await old.aclose()  # a stopped registry leaves dead connections behind
+        return ClientPool(config, retries=1, backoff_base=0.01)
+
+    try:
+        with Pusher(p.url) as push:
+            push.push_image("team/app", "v1", [layer_bytes("ch-v1", 200)])
+            v2 = push.push_image("team/app", "v2", [layer_bytes("ch-v2", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        p.stop()
+        pool = await fresh_pool(pool)
+        assert (await failover(config, journal, pool, engine, FailoverRequest("a"))).recorded
+        with Pusher(a.url) as push:  # a, the source now, takes v5 and fails before syncing
+            v5 = push.push_image("team/app", "v5", [layer_bytes("ch-v5", 200)])
+        a.stop()
+        pool = await fresh_pool(pool)
+        second = await failover(config, journal, pool, engine, FailoverRequest("b"))
+        assert second.recorded and second.lost == "a"
+        with Pusher(b.url) as push:  # the second incident, at b
+            v9 = push.push_image("team/app", "v9", [layer_bytes("ch-v9", 200)])
+        async with RegistryClient(SiteEndpoint(name="b", url=b.url, insecure=True)) as cb:
+            assert await cb.delete_tag("team/app", "v1")
+        p.start()  # p is back first: it waits for a, which stands in for it
+        with pytest.raises(UsageError) as refused:
+            await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert "failback --site a, then failback --site p" in str(refused.value)
+        assert "failover #2" in str(refused.value)
+        a.start()
+        pool = await fresh_pool(pool)
+
+        dry = await failback(config, journal, pool, engine, "a", dry_run=True)
+        assert dry.failures == [] and dry.sources == {"apps": "b"}
+        assert {(i.kind, i.site, i.tag) for i in dry.items} == {
+            ("delete", "a", "v1"),  # deleted at b during the second incident
+            ("spread", "b", "v5"),  # a's write as the source, never replicated
+        }
+        real = await failback(config, journal, pool, engine, "a")
+        assert real.failures == [] and real.ended == [second.failover_id]
+        assert real.plan() == dry.plan()
+        for site in (a, b):
+            assert tags(site.url) == ["v2", "v5", "v9"]
+            assert assert_image_complete(site.url, "team/app", "v9") == v9.digest
+            assert assert_image_complete(site.url, "team/app", "v5") == v5.digest
+        after = await Reconciler(config, journal, pool, engine).run()  # a -> [b] in force
+        assert after.failures == [] and after.stats.copied == 0 and after.deleted == 0
+        assert tags(b.url) == ["v2", "v5", "v9"]
+
+        back = await failback(config, journal, pool, engine, "p")
+        assert back.failures == [] and back.ended
+        for site in (p, a, b):
+            assert tags(site.url) == ["v2", "v5", "v9"]
+        assert assert_image_complete(p.url, "team/app", "v2") == v2.digest
+        final = await Reconciler(config, journal, pool, engine).run()
+        assert final.failures == [] and final.stats.copied == 0 and final.deleted == 0
     finally:
         await pool.aclose()
         journal.close()
