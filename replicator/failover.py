@@ -23,7 +23,9 @@ truth for the incident window:
   during the incident only if the promoted site held it when the failover was
   recorded (`detail.held`) or a tombstone records its delete there since the
   incident began: failback deletes it at the returning site (by tag, after
-  re-checking the promoted site; tombstoned), so nothing brings it back. A
+  re-checking the promoted site; tombstoned), so nothing brings it back - unless
+  another rule failed back with it (overlapping rules, one renaming) still holds that
+  tag at the promoted site under its own name: then it is a conflict, deleted nowhere. A
   delete before the incident does not count: the old primary may have re-pushed
   the tag since, and that write is not lost;
 * otherwise it is a tag the old primary took and never replicated: failback
@@ -957,15 +959,19 @@ async def _plan_returning(
         deletes, spread = returning_decisions(rule, candidates, theirs, deleted, pushed_at)
         for tag in deletes:
             head = await back.head_manifest(repo, tag)
+            kept = await _still_held(pool, report, rule, repo, tag)
             report.items.append(
                 FailbackItem(
-                    "delete",
+                    "delete" if kept is None else "conflict",
                     rule.name,
                     site,
                     repo,
                     tag,
                     head.digest if head else None,
-                    f"deleted at {source} during the incident",
+                    f"deleted at {source} during the incident"
+                    if kept is None
+                    else f"deleted at {source} as {theirs_repo}:{tag} during the incident, "
+                    f"but {kept}; kept",
                 )
             )
         for tag in spread:
@@ -988,6 +994,26 @@ async def _plan_returning(
                         kind, rule.name, target, target_repo, tag, head.digest, reason, repo
                     )
                 )
+
+
+async def _still_held(
+    pool: ClientPool, report: FailbackReport, rule: Rule, repository: str, tag: str
+) -> str | None:
+    """Whether another rule failed back with `rule` still holds `repository:tag` (the
+    returning site's names) at its promoted site under its own name, and where: then a
+    delete under `rule`'s name there is no delete of the source tag (two rules, one
+    renaming, replicate the same repository), and deleting it at the returning site
+    would let the next sync delete the other name too. None: no rule holds it."""
+    for other in report.rules_used:
+        if other.name == rule.name or not other.matches_repository(repository):
+            continue
+        if not covers(other, tag):
+            continue
+        source = report.sources[other.name]
+        name = map_repository(other, repository) if source in other.to else repository
+        if await pool[source].head_manifest(name, tag) is not None:
+            return f"{source} still holds it as {name}:{tag} (rule {other.name})"
+    return None
 
 
 async def _plan_unpropagated(
@@ -1093,6 +1119,10 @@ async def _apply_returning(
         if item.kind == "delete":
             source = report.sources[item.rule]
             if item.site == site:  # deleted at the promoted site during the incident
+                kept = await _still_held(pool, report, rule, item.repository, item.tag)
+                if kept is not None:  # since the plan: re-plan (a conflict now), delete nothing
+                    report.failures.append(f"failback delete {item.describe(site)}: {kept}")
+                    return
                 promoted_repo = (
                     map_repository(rule, item.repository) if source in rule.to else item.repository
                 )

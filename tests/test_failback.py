@@ -621,3 +621,59 @@ async def test_failback_of_the_middle_site_of_a_chain_plans_with_the_chain(
     finally:
         await pool.aclose()
         journal.close()
+
+
+async def test_failback_keeps_a_tag_another_rule_still_holds_at_the_promoted_site(
+    registry_factory, tmp_path
+):
+    """Red team 2, finding 3: two rules replicate p/team/app to a, as is and as
+    mirror/team/app. During the incident a deletes only mirror/team/app:v1. a still holds
+    team/app:v1, so failback must not delete p/team/app:v1 (the next sync would then
+    delete a/team/app:v1 too: the image gone everywhere): a conflict, nothing deleted."""
+    p, a = registry_factory("p"), registry_factory("a")
+    config, journal, pool = parts(
+        tmp_path,
+        {"p": p, "a": a},
+        [
+            {"name": "plain", "from": "p", "to": ["a"], "repositories": ["team/**"]}
+            | {"deletes": True},
+            {"name": "mirror", "from": "p", "to": ["a"], "repositories": ["team/**"]}
+            | {"rename": {"prefix": "mirror/"}, "deletes": True},
+        ],
+    )
+    engine = CopyEngine(BlobIndex(journal))
+    try:
+        with Pusher(p.url) as push:
+            v1 = push.push_image("team/app", "v1", [layer_bytes("ov-v1", 200)])
+            push.push_image("team/app", "v2", [layer_bytes("ov-v2", 200)])
+        assert (await Reconciler(config, journal, pool, engine).run()).failures == []
+        p.stop()
+        await pool.aclose()
+        pool = ClientPool(config, retries=1, backoff_base=0.01)
+        assert (await failover(config, journal, pool, engine, FailoverRequest("a"))).recorded
+        async with RegistryClient(SiteEndpoint(name="a", url=a.url, insecure=True)) as ca:
+            assert await ca.delete_tag("mirror/team/app", "v1")
+            assert await ca.delete_tag("mirror/team/app", "v2")
+            assert await ca.delete_tag("team/app", "v2")  # v2: gone under both names
+        p.start()
+
+        dry = await failback(config, journal, pool, engine, "p", dry_run=True)
+        assert dry.failures == []
+        items = {(i.kind, i.rule, i.site, i.repository, i.tag) for i in dry.items}
+        assert ("delete", "mirror", "p", "team/app", "v1") not in items
+        assert ("conflict", "mirror", "p", "team/app", "v1") in items
+        assert ("delete", "mirror", "p", "team/app", "v2") in items
+        [why] = [i.reason for i in dry.items if i.kind == "conflict" and i.tag == "v1"]
+        assert "a still holds it as team/app:v1 (rule plain)" in why
+        real = await failback(config, journal, pool, engine, "p")
+        assert real.failures == [] and real.ended
+        assert real.plan() == dry.plan()
+        assert tags(p.url) == ["v1"]
+        after = await Reconciler(config, journal, pool, engine).run()
+        assert after.failures == []
+        assert assert_image_complete(p.url, "team/app", "v1") == v1.digest
+        assert assert_image_complete(a.url, "team/app", "v1") == v1.digest
+        assert tags(a.url) == ["v1"]
+    finally:
+        await pool.aclose()
+        journal.close()
