@@ -18,10 +18,12 @@ from replicator.journal import Failover, Task
 
 
 def _failover_names(task: Task, failovers: Sequence[Failover]) -> str:
-    """The active failovers that touch the task's sites, for the reason text."""
+    """The active failovers that touch the task's sites, for the reason text (one not
+    recorded yet, as in a dry run, has id 0 and no number)."""
     sites = {task.source_site, task.target_site}
     named = [
-        f"failover #{f.id} ({f.lost_site} lost, {f.promoted_site} promoted)"
+        f"failover{f' #{f.id}' if f.id > 0 else ''} "
+        f"({f.lost_site} lost, {f.promoted_site} promoted)"
         for f in failovers
         if f.lost_site in sites or f.promoted_site in sites
     ]

@@ -22,6 +22,8 @@ from tests.harness.daemon import DaemonProcess, notify_kwargs, site_config
 from tests.harness.images import Pusher, layer_bytes
 from tests.harness.util import free_port, wait_until
 
+FAILOVER = [sys.executable, "-m", "replicator", "failover"]
+
 
 def digest_of(url: str, tag: str) -> str | None:
     with Pusher(url) as p:
@@ -128,18 +130,18 @@ def test_tasks_from_the_lost_site_are_cancelled_not_run(registry_factory, tmp_pa
         a.start()
 
         config = str(daemon.config_path)
+        dry = subprocess.run(
+            [*FAILOVER, "-c", config, "--promote", "a", "--dry-run", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert dry.returncode == 0, dry.stderr
+        [would] = json.loads(dry.stdout)["cancelled_tasks"]
+        assert f"task {to_a} " in would and "since failover (p lost, a promoted)" in would
+        assert daemon.journal_rows("SELECT state FROM tasks WHERE id=?", (to_a,)) == [("pending",)]
         out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "replicator",
-                "failover",
-                "-c",
-                config,
-                "--promote",
-                "a",
-                "--json",
-            ],
+            [*FAILOVER, "-c", config, "--promote", "a", "--json"],
             capture_output=True,
             text=True,
             timeout=120,
