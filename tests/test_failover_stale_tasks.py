@@ -12,6 +12,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from replicator.config import config_from_dict
@@ -110,24 +111,16 @@ def test_tasks_from_the_lost_site_are_cancelled_not_run(registry_factory, tmp_pa
             "sites": {"p": site_config(p), "a": site_config(a), "b": site_config(b)},
             "rules": [{"name": "apps", "from": "p", "to": ["a", "b"], "deletes": True}],
         },
-        extra_args=["--retry-base", "30"],
     )
-    daemon.start()
+    daemon.write_config()
     try:
-        a.stop()  # a unreachable: the copy of v1 to a waits for its retry
         with Pusher(p.url) as push:
             old = push.push_image("team/app", "v1", [layer_bytes("stale-old", 300)])
-        wait_until(lambda: digest_of(b.url, "v1") == old.digest, timeout=20, what="b has v1")
-        queued = "SELECT id FROM tasks WHERE target_site='a' AND state='pending'"
-        wait_until(
-            lambda: daemon.journal_rows(queued + " AND last_error IS NOT NULL"),
-            timeout=20,
-            what="the copy to a failed once",
-        )
-        [(to_a,)] = daemon.journal_rows(queued)
-        daemon.stop()
+        # the daemon queued v1's copies and stopped before running them (or they wait
+        # for a retry, their target unreachable)
+        spec = TaskSpec("apps", "copy", "p", "a", "team/app", tag="v1", digest=old.digest)
+        to_a, to_b = enqueue(daemon.journal_path, [spec, replace(spec, target_site="b")])
         p.stop()  # the primary is lost
-        a.start()
 
         config = str(daemon.config_path)
         dry = subprocess.run(
@@ -137,9 +130,12 @@ def test_tasks_from_the_lost_site_are_cancelled_not_run(registry_factory, tmp_pa
             timeout=120,
         )
         assert dry.returncode == 0, dry.stderr
-        [would] = json.loads(dry.stdout)["cancelled_tasks"]
-        assert f"task {to_a} " in would and "since failover (p lost, a promoted)" in would
-        assert daemon.journal_rows("SELECT state FROM tasks WHERE id=?", (to_a,)) == [("pending",)]
+        would = json.loads(dry.stdout)["cancelled_tasks"]
+        assert len(would) == 2 and f"task {to_a} " in would[0] and f"task {to_b} " in would[1]
+        assert all("since failover (p lost, a promoted)" in why for why in would)
+        states = "SELECT state, last_error FROM tasks WHERE id IN (?, ?) ORDER BY id"
+        assert [s for s, _ in daemon.journal_rows(states, (to_a, to_b))] == ["pending"] * 2
+
         out = subprocess.run(
             [*FAILOVER, "-c", config, "--promote", "a", "--json"],
             capture_output=True,
@@ -149,13 +145,11 @@ def test_tasks_from_the_lost_site_are_cancelled_not_run(registry_factory, tmp_pa
         assert out.returncode == 0, out.stderr
         report = json.loads(out.stdout)
         assert report["recorded"]
-        assert len(report["cancelled_tasks"]) == 1
-        assert f"task {to_a} " in report["cancelled_tasks"][0]
-        assert "failover #1 (p lost, a promoted)" in report["cancelled_tasks"][0]
-        [(state, error)] = daemon.journal_rows(
-            "SELECT state, last_error FROM tasks WHERE id=?", (to_a,)
-        )
-        assert state == "cancelled" and "failover #1" in error
+        assert report["cancelled_tasks"] == [
+            why.replace("since failover (", "since failover #1 (") for why in would
+        ]
+        for state, error in daemon.journal_rows(states, (to_a, to_b)):
+            assert state == "cancelled" and "failover #1 (p lost, a promoted)" in error
 
         with Pusher(a.url) as push:  # the incident's writes at the promoted site
             new = push.push_image("team/app", "v1", [layer_bytes("stale-new", 300)])
