@@ -43,8 +43,8 @@ class SiteGCResult:
     dry_run: bool
     api: GCResult | None = None
     storage: GCResult | None = None
-    deleted_manifests: set[str] = field(default_factory=set)
-    deleted_blobs: set[str] = field(default_factory=set)
+    deleted_manifests: set[str] = field(default_factory=set, repr=False)  # see GCResult
+    deleted_blobs: set[str] = field(default_factory=set, repr=False)
 
     @property
     def manifests_deleted(self) -> int:

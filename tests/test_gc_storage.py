@@ -15,6 +15,7 @@ import pytest
 from replicator.gc.layout import StoreLayout
 from replicator.gc.policy import KeepRules, RetentionPolicy
 from replicator.gc.storage import (
+    GCResult,
     OnlineGCRefused,
     StorageCollector,
     StorageGCOptions,
@@ -389,3 +390,13 @@ def test_blob_deleted_through_the_api_is_collected_with_its_empty_link_dir(regis
     res = collect_storage_sync(reg.storage, None, opts(reg))
     assert res.deleted_blobs == {d}
     assert not reg.layer_link("bd", d).parent.exists()
+
+
+def test_a_big_result_has_a_short_repr():
+    """asyncio.run reprs its main task, result included, when it restores its SIGINT
+    handler: a GCResult of 100k manifests must not become a 100 MB string there."""
+    res = GCResult(run_id=1, dry_run=False, blobs_deleted=300_000)
+    res.deleted_blobs = {f"sha256:{i:064x}" for i in range(300_000)}
+    res.deleted_manifests = {f"r@sha256:{i:064x}" for i in range(1000)}
+    res.items = [{"kind": "blob", "digest": d} for d in list(res.deleted_blobs)[:1000]]
+    assert len(repr(res)) < 2000 and "blobs_deleted=300000" in repr(res)
