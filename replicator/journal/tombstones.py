@@ -87,12 +87,12 @@ class Tombstones:
         origin: Origin,
         at: float | None = None,
         detail: str | None = None,
-    ) -> None:
+    ) -> int:
         """Remember that `repository:tag` (or `@digest`) was deleted at `site`; `at` (the
-        registry's time, if known) is clamped to now."""
+        registry's time, if known) is clamped to now. Returns its id (for `retract`)."""
         now = self._clock()
         stone = Tombstone(site, repository, tag, digest, now if at is None else at, origin, detail)
-        await self.record_all([stone])
+        return (await self.record_all([stone]))[0]
 
     async def record_all(self, stones: Sequence[Tombstone]) -> list[int]:
         """Remember many deletes in one write; times clamped to now. Returns their ids (for
@@ -107,6 +107,16 @@ class Tombstones:
         if ids:
             await self._journal.write(
                 executemany, "DELETE FROM tombstones WHERE id = ?", [(i,) for i in ids]
+            )
+
+    async def name_digest(self, ids: Sequence[int], digest: str) -> None:
+        """Set the digest of tombstones written ahead of a tag delete, once the delete
+        found out what the tag pointed at."""
+        if ids:
+            await self._journal.write(
+                executemany,
+                "UPDATE tombstones SET digest = ? WHERE id = ?",
+                [(digest, i) for i in ids],
             )
 
     async def at_site(
