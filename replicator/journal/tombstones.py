@@ -70,6 +70,43 @@ def insert_tombstones(
     return ids
 
 
+# one GC run's own tombstones: same place and name, and a detail ending in its marker
+_SAME_RUN = (
+    "site = ? AND repository = ? AND tag IS ? AND digest IS ? AND origin = ? AND detail LIKE ?"
+)
+
+
+def gc_run_marker(run_id: int) -> str:
+    """The end of the detail of every tombstone a storage GC run writes: how the run's
+    settle (maybe in a later process) finds the ones it wrote ahead of its moves."""
+    return f" (gc run {run_id})"
+
+
+def _same_run(s: Tombstone, marker: str) -> tuple[object, ...]:
+    return (s.site, s.repository, s.tag, s.digest, s.origin, "%" + marker)
+
+
+def insert_missing_tombstones(
+    db: sqlite_utils.Database, stones: Sequence[Tombstone], now: float, marker: str
+) -> None:
+    """INSERT, inside the caller's transaction, each tombstone the run (`marker`) has
+    not written yet: a settle confirms what its quarantine already recorded."""
+    for stone, row in zip(stones, tombstone_rows(stones, now), strict=True):
+        sql = "SELECT 1 FROM tombstones WHERE " + _SAME_RUN + " LIMIT 1"
+        if db.conn.execute(sql, _same_run(stone, marker)).fetchone() is None:
+            db.conn.execute(INSERT, row)
+
+
+def withdraw_tombstones(
+    db: sqlite_utils.Database, stones: Sequence[Tombstone], marker: str
+) -> None:
+    """DELETE, inside the caller's transaction, the run's tombstones of items it put
+    back (restored, or kept because they changed before the move)."""
+    db.conn.executemany(
+        "DELETE FROM tombstones WHERE " + _SAME_RUN, [_same_run(s, marker) for s in stones]
+    )
+
+
 class Tombstones:
     """The `tombstones` table; `clock` is injectable for tests of time windows."""
 
