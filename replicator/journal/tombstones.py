@@ -7,12 +7,13 @@ promoted site during the incident must not come back from the returning site),
 and the daemon reads its own (`performed`) to not bounce the delete webhook a
 target sends about a delete we made there back to where it came from.
 
-A tombstone is never stamped later than the moment it is recorded (our clock): an
-observed delete carries the registry's own timestamp, and a registry clock running
-ahead would otherwise make a delete from before an incident look like one during it
-(failback compares tombstones with the failover's `started_at`, our clock) and
-delete a tag re-pushed since. Clamping errs towards "older", whose worst case is a
-delete not honoured (a tag copied back), never a write lost.
+Tombstones are on our clock: failback and catch-up compare them with the ledger and
+the failover's `started_at`, both ours. The daemon stamps an observed delete with the
+time it handles the webhook, not the registry's timestamp (a registry clock behind
+made a delete look older than the copy it undid, and the tag came back). An `at`
+given by a caller is still never later than the moment it is recorded: a clock
+ahead would make a delete from before an incident look like one during it and
+delete a tag re-pushed since.
 """
 
 from __future__ import annotations
