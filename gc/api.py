@@ -304,9 +304,10 @@ class ApiCollector:
         """Write the tombstones of one delete BEFORE it is sent (ids, for `_retract`): a
         process killed once the registry carried it out, before it heard back, still
         leaves the record failover catch-up and failback read. One whose delete then
-        does not happen is withdrawn; a crash in between leaves a tombstone of a tag
-        still there, whose only effect is that catch-up reports it instead of copying
-        it (the site still holds it, so nothing is lost)."""
+        certainly did not happen (refused, or the item was not there) is withdrawn; a
+        crash in between, or a delete whose outcome is unknown, may leave a tombstone
+        of a tag still there, whose only effect is that catch-up reports it instead of
+        copying it (the site still holds it, so nothing is lost)."""
         if self.journal is None:
             return []
         detail = f"gc {plan.policy.name}: {reason}" if reason else f"gc {plan.policy.name}"
@@ -317,6 +318,13 @@ class ApiCollector:
     async def _retract(self, ids: list[int]) -> None:
         if self.journal is not None:
             await self.journal.tombstones.retract(ids)
+
+    async def _retract_if_refused(self, ids: list[int], exc: RegistryError) -> None:
+        """Withdraw on a definite refusal only (a 4xx, a tag seen still in place): after
+        a 5xx, timeout or cut the registry may have carried the delete out, and a
+        withdrawn tombstone would let failback copy the deleted item back."""
+        if not exc.retryable:
+            await self._retract(ids)
 
     async def sweep(self, plan: RepoPlan, result: GCResult, rec: RunRecorder) -> None:
         repo = plan.repository
@@ -331,7 +339,7 @@ class ApiCollector:
             try:
                 await self.client.delete_manifest(repo, d)
             except RegistryError as exc:
-                await self._retract(stones)
+                await self._retract_if_refused(stones, exc)
                 result.errors.append(str(exc))
                 updates.append(("manifest", key, "error", str(exc)))
                 continue
@@ -352,11 +360,13 @@ class ApiCollector:
                     repo, t, before_placeholder=self._placeholder_hook(t)
                 )
             except RegistryError as exc:
-                await self._retract(stones)
+                await self._retract_if_refused(stones, exc)
                 result.errors.append(str(exc))
                 updates.append(("tag", key, "error", str(exc)))
                 continue
-            if done:
+            if done.maybe_deleted:  # gone after a failed attempt: ours, most likely
+                if not done:
+                    result.notes.append(done.describe())
                 result.tags_deleted += 1
                 result.deleted_tags.add(key)
                 result.items.append(planned[("tag", t)])

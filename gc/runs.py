@@ -53,17 +53,25 @@ class RunRecorder:
         if self.journal is not None:
             await self.journal.gc_runs.set_state(self._id, state, mark_summary=mark_summary)
 
-    async def add_candidates(self, rows: Iterable[CandidateRow]) -> None:
+    async def add_candidates(
+        self, rows: Iterable[CandidateRow], tombstones: Sequence[Tombstone] = ()
+    ) -> None:
+        """Journal the candidates, with the tombstones of those about to leave the
+        registry's sight (one transaction, before any of them moves)."""
         if self.journal is not None:
-            await self.journal.gc_runs.add_candidates(self._id, rows)
+            await self.journal.gc_runs.add_candidates(self._id, rows, tombstones)
 
     async def update_states(
-        self, updates: Iterable[CandidateUpdate], tombstones: Sequence[Tombstone] = ()
+        self,
+        updates: Iterable[CandidateUpdate],
+        tombstones: Sequence[Tombstone] = (),
+        withdrawn: Sequence[Tombstone] = (),
     ) -> None:
         """(kind, key, state, error) for many candidates in one transaction, with the
-        tombstones of what they deleted (the same transaction: no "deleted" without one)."""
+        tombstones of what they deleted (the same transaction: no "deleted" without one)
+        and without those of what the run put back (`withdrawn`)."""
         if self.journal is not None:
-            await self.journal.gc_runs.update_candidates(self._id, updates, tombstones)
+            await self.journal.gc_runs.update_candidates(self._id, updates, tombstones, withdrawn)
 
     async def finish(self, state: str, stats: dict[str, Any]) -> None:
         if self.journal is not None:

@@ -61,9 +61,11 @@ The run:
    blob referenced by any existing manifest revision (transitively) or with any
    link in any repository; a link or revision whose quarantined copy changed
    after the cutoff; a manifest listed by an existing index or tag.
-6. Only then delete the quarantined copies; each tag and manifest deleted is
-   tombstoned in the journal (origin `retention`: failback and catch-up do not
-   bring it back).
+6. Only then delete the quarantined copies. Each tag and manifest is tombstoned
+   in the journal (origin `retention`: failback and catch-up do not bring it back)
+   from step 4 on: in the transaction that journals the quarantine, before the
+   first move (the registry stops serving it then, and a settle may be a window
+   or a timer run later); withdrawn for what the run restores or keeps.
 
 Steps 5-6 in two runs. The wait of step 5 need not happen in the process that
 quarantined: a run journals its items and the time the window ends
@@ -183,6 +185,7 @@ from replicator.gc.policy import summary as kept_summary
 from replicator.gc.runs import CandidateRow, CandidateUpdate, RunRecorder
 from replicator.journal import Journal, Tombstone
 from replicator.journal.events import RegistryTimes
+from replicator.journal.tombstones import gc_run_marker
 
 log = logging.getLogger("replicator.gc.storage")
 T = TypeVar("T")
@@ -1193,7 +1196,12 @@ class StorageCollector:
             found_deleted = [
                 i for i in items if i.state == "deleted" and was.get((i.kind, i.key)) != "deleted"
             ]
-            await rec.update_states(updates, _tombstones(self.opts, found_deleted))
+            quarantined = [i for i in items if i.state == "quarantined"]
+            await rec.update_states(
+                updates,
+                _tombstones(self.opts, rec, [*found_deleted, *quarantined], DELETED_OR_AWAY),
+                _put_back(self.opts, rec, items),
+            )
             out.append((rec, items, cutoff, summary))
         return out
 
@@ -1456,8 +1464,12 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         if opts.on_phase:
             await asyncio.to_thread(opts.on_phase, "planned")
         col.assign_quarantine(result.run_id, plan.items)
-        # crash safety: every quarantine path is journaled BEFORE the first rename
-        await rec.add_candidates(i.row() for i in plan.items)
+        # crash safety: every quarantine path is journaled BEFORE the first rename, with
+        # the tombstones of the tags and manifests to be moved: from the move on the
+        # registry no longer serves them, and a failover meanwhile must not bring them back
+        await rec.add_candidates(
+            (i.row() for i in plan.items), _tombstones(opts, rec, plan.items, ("candidate",))
+        )
         await rec.set_state("sweeping", mark_summary=plan.mark_summary)
         sweeping = True
         t = time.monotonic()
@@ -1466,7 +1478,8 @@ async def _run(col: StorageCollector, opts: StorageGCOptions) -> GCResult:
         await _step(col, col.remove_stale_uploads, plan)
         result.timings["quarantine"] = time.monotonic() - t
         await rec.update_states(
-            (i.kind, i.key, i.state, i.error) for i in plan.items if i.state != "candidate"
+            ((i.kind, i.key, i.state, i.error) for i in plan.items if i.state != "candidate"),
+            withdrawn=_put_back(opts, rec, plan.items),
         )
         result.quarantined = sum(1 for i in plan.items if i.state == "quarantined")
         result.quarantined_bytes = sum(
@@ -1576,7 +1589,8 @@ async def _refuse_if_cached(
     result.restored += restored
     result.errors += [i.error or i.key for i in quarantined if i.state == "error"]
     await rec.update_states(
-        [(i.kind, i.key, i.state, i.error) for i in items if i.state != "candidate"]
+        [(i.kind, i.key, i.state, i.error) for i in items if i.state != "candidate"],
+        withdrawn=_put_back(col.opts, rec, items),
     )
     await asyncio.to_thread(_prune_run_dir, col, rec, items)
     url = getattr(getattr(api, "site", None), "url", None)
@@ -1615,14 +1629,23 @@ async def _settle(
                 for i in items
                 if i.state in ("deleted", "restored", "error")
             ],
-            _tombstones(col.opts, items),
+            _tombstones(col.opts, rec, items),
+            _put_back(col.opts, rec, items),
         )
         await asyncio.to_thread(_prune_run_dir, col, rec, items)
 
 
-def _tombstones(opts: StorageGCOptions, items: list[Item]) -> list[Tombstone]:
-    """The tags and manifests a settle deleted, as retention deletes at the site."""
+def _tombstones(
+    opts: StorageGCOptions,
+    rec: RunRecorder,
+    items: Iterable[Item],
+    states: tuple[str, ...] = ("deleted",),
+) -> list[Tombstone]:
+    """The tags and manifests in `states`, as retention deletes at the site. Their detail
+    ends in the run's marker, so that the run's later steps (maybe in another process)
+    find the ones written ahead of the quarantine (`insert_missing_tombstones`)."""
     names = ",".join(p.name for p in opts.policies) or "sweep"
+    marker = gc_run_marker(int(rec.run_id or 0))
     now = time.time()
     return [
         Tombstone(
@@ -1632,11 +1655,20 @@ def _tombstones(opts: StorageGCOptions, items: list[Item]) -> list[Tombstone]:
             i.digest,
             now,
             "retention",
-            f"gc {names}: {i.clause}" if i.clause else f"gc {names}",
+            (f"gc {names}: {i.clause}" if i.clause else f"gc {names}") + marker,
         )
         for i in items
-        if i.state == "deleted" and i.kind in ("tag", "manifest") and i.repository
+        if i.state in states and i.kind in ("tag", "manifest") and i.repository
     ]
+
+
+DELETED_OR_AWAY = ("deleted", "quarantined")
+
+
+def _put_back(opts: StorageGCOptions, rec: RunRecorder, items: Iterable[Item]) -> list[Tombstone]:
+    """The run's tombstones to withdraw: tags and manifests it restored, or kept because
+    they changed (or vanished) before their move; the registry serves them."""
+    return _tombstones(opts, rec, items, ("restored", "kept"))
 
 
 def _prune_run_dir(col: StorageCollector, rec: RunRecorder, items: list[Item]) -> None:

@@ -19,7 +19,11 @@ delete means the same thing whichever path carries it:
    source on distribution 2.8 keeps them orphaned after deleting the image by digest).
 5. Record a tombstone for every delete made (`journal.tombstones`, origin
    `performed`), so failback knows what was deleted and the daemon does not
-   bounce the target's webhook about our own delete.
+   bounce the target's webhook about our own delete. It is written BEFORE the
+   DELETE and withdrawn only when the delete certainly did not happen (a 4xx
+   refusal, or the item was absent on the first attempt): a process killed after
+   the registry carried the DELETE out, or a DELETE answered 500 whose retry found
+   the item gone, still leaves the record.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Literal
 
 from replicator.journal import Journal
 from replicator.registry.client import RegistryClient
+from replicator.registry.errors import RegistryError
+from replicator.registry.manifests import TagDeletion
 from replicator.rules import cosign_tags_of
 
 log = logging.getLogger(__name__)
@@ -72,11 +78,60 @@ class DeleteSite:
 
 async def _tombstone(
     journal: Journal | None, where: DeleteSite, tag: str | None, digest: str | None
-) -> None:
+) -> list[int]:
+    """Write the `performed` tombstone ahead of its DELETE (see the module docstring)."""
+    if journal is None:
+        return []
+    stone = await journal.tombstones.record(
+        where.site, where.repository, tag=tag, digest=digest, origin="performed"
+    )
+    return [stone]
+
+
+async def _withdraw(journal: Journal | None, ids: list[int]) -> None:
     if journal is not None:
-        await journal.tombstones.record(
-            where.site, where.repository, tag=tag, digest=digest, origin="performed"
+        await journal.tombstones.retract(ids)
+
+
+async def _remove_tag(
+    source: DeleteSite,
+    target: DeleteSite,
+    tag: str,
+    journal: Journal | None,
+    digest: str | None,
+) -> TagDeletion:
+    """`delete_tag` at the target between a tombstone written first and its withdrawal
+    on a definite "not deleted"; an unknown outcome (5xx, timeout) keeps it."""
+    ids = await _tombstone(journal, target, tag, digest)
+    try:
+        done = await target.client.delete_tag(
+            target.repository,
+            tag,
+            before_placeholder=_placeholder_hook(journal, source.site, target.site, tag),
         )
+    except RegistryError as exc:
+        if not exc.retryable:
+            await _withdraw(journal, ids)
+        raise
+    if not done.maybe_deleted:
+        await _withdraw(journal, ids)
+    elif journal is not None and done.previous and done.previous != digest:
+        await journal.tombstones.name_digest(ids, done.previous)
+    return done
+
+
+async def _remove_manifest(target: DeleteSite, digest: str, journal: Journal | None) -> bool:
+    """Delete a manifest by digest at the target, tombstone first (as `_remove_tag`)."""
+    ids = await _tombstone(journal, target, None, digest)
+    try:
+        deleted = await target.client.delete_manifest(target.repository, digest)
+    except RegistryError as exc:
+        if not exc.retryable:
+            await _withdraw(journal, ids)
+        raise
+    if not deleted:
+        await _withdraw(journal, ids)
+    return deleted
 
 
 def _placeholder_hook(journal: Journal | None, source: str, target: str, tag: str):
@@ -111,23 +166,16 @@ async def delete_tag(
             tag,
             reason=f"the source {source.site} still holds it at {held.digest}",
         )
-    done = await target.client.delete_tag(
-        target.repository,
-        tag,
-        before_placeholder=_placeholder_hook(journal, source.site, target.site, tag),
-    )
-    if not done.deleted:
+    done = await _remove_tag(source, target, tag, journal, prune_digest)
+    if not done.maybe_deleted:
         return DeleteResult("absent", target.site, target.repository, tag)
     previous = done.previous or prune_digest
-    await _tombstone(journal, target, tag, previous)
     pruned = False
     if (
         prune_digest is not None
         and await source.client.head_manifest(source.repository, prune_digest) is None
     ):
-        pruned = await target.client.delete_manifest(target.repository, prune_digest)
-        if pruned:
-            await _tombstone(journal, target, None, prune_digest)
+        pruned = await _remove_manifest(target, prune_digest, journal)
     log.info("delete %s/%s:%s: %s", target.site, target.repository, tag, done.describe())
     return DeleteResult(
         "deleted", target.site, target.repository, tag, previous, manifest_deleted=pruned
@@ -175,10 +223,8 @@ async def delete_digest(
             digest,
             reason=f"tag(s) {', '.join(sorted(staying))} still point to it",
         )
-    deleted = await dst.delete_manifest(target.repository, digest)
-    if not deleted:
+    if not await _remove_manifest(target, digest, journal):
         return DeleteResult("absent", target.site, target.repository, digest)
-    await _tombstone(journal, target, None, digest)
     for tag in (t for t in cosign_tags_of(digest) if t in tags):
         await delete_attached(source, target, tag, digest, journal=journal)
     return DeleteResult(
@@ -206,14 +252,9 @@ async def delete_attached(
                 tag,
                 reason=f"its image {image} is still at the {where} {side.site}",
             )
-    done = await target.client.delete_tag(
-        target.repository,
-        tag,
-        before_placeholder=_placeholder_hook(journal, source.site, target.site, tag),
-    )
-    if not done.deleted:
+    done = await _remove_tag(source, target, tag, journal, None)
+    if not done.maybe_deleted:
         return DeleteResult("absent", target.site, target.repository, tag)
-    await _tombstone(journal, target, tag, done.previous)
     log.info(
         "delete %s/%s:%s: cosign tag of deleted %s", target.site, target.repository, tag, image
     )

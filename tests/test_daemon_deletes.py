@@ -149,3 +149,36 @@ def test_a_delete_webhook_from_a_clock_ahead_is_tombstoned_at_our_time(pair):
     wait_until(lambda: daemon.journal_rows(query), timeout=30, what="the delete tombstoned")
     [(at,)] = daemon.journal_rows(query)
     assert at <= time.time()
+
+
+def test_an_observed_delete_is_stamped_with_our_clock_not_the_registrys(pair):
+    """Red team 2's clock note: a registry clock 10 minutes behind stamped the observed
+    tombstone before the ledger's copy of the tag (our clock), so the delete looked
+    older than the copy it undid. It is stamped when we handle the webhook."""
+    a, b, start = pair
+    daemon = start({"deletes": True})
+    with Pusher(a.url) as p:
+        img = p.push_image("team/app", "v1", [layer_bytes("clock", 500)])
+    wait_until(lambda: tags(b.url) == ["v1"], timeout=30, what="v1 replicated to b")
+    front = tag_delete_front(a)
+    try:
+        assert httpx.delete(f"{front.url}/v2/team/app/manifests/v1").status_code == 202
+    finally:
+        front.stop()
+    posted = time.time()
+    tag_delete_webhook(
+        daemon, "a", "team/app", "v1", when=datetime.now(UTC) - timedelta(minutes=10)
+    )
+
+    def observed() -> list:
+        return daemon.journal_rows(
+            "SELECT at FROM tombstones WHERE site = 'a' AND tag = 'v1' AND origin = 'observed'"
+        )
+
+    wait_until(lambda: bool(observed()), timeout=30, what="observed tombstone recorded")
+    copied = daemon.journal_rows(
+        "SELECT at FROM replicated WHERE target_site = 'b' AND digest = ?", (img.digest,)
+    )
+    (at,) = observed()[0]
+    assert at >= posted - 1  # our clock (a second of slack for float rounding only)
+    assert at > copied[0][0]  # later than the copy it undoes, as it really was

@@ -507,8 +507,10 @@ class Daemon:
     async def _remember(self, event: RegistryEvent) -> None:
         """Keep the inventory current from webhooks: push times feed retention policies;
         deletes become tombstones (failback tells deleted from never copied by them),
-        stamped with the registry's time but never later than now (`Tombstones`: a
-        registry clock ahead must not make a delete look newer than a failover)."""
+        stamped with our own clock as we handle the event, not the registry's timestamp:
+        they are compared with the ledger and failovers (our clock), and a registry
+        clock behind would make a delete look older than the copy it undid (catch-up
+        and failback would copy the tag back)."""
         inventory = self.journal.inventory
         if event.action == "push" and event.is_manifest and event.tag and event.digest:
             await inventory.record_tags(
@@ -531,7 +533,6 @@ class Daemon:
                     tag=event.tag,
                     digest=event.digest,
                     origin="observed",
-                    at=event.occurred_at or None,
                 )
 
     # ----------------------------------------------------------------- workers

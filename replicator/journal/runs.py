@@ -21,7 +21,12 @@ from typing import Any
 import sqlite_utils
 
 from replicator.journal.core import JournalConnection, executemany, rows
-from replicator.journal.tombstones import Tombstone, insert_tombstones
+from replicator.journal.tombstones import (
+    Tombstone,
+    gc_run_marker,
+    insert_missing_tombstones,
+    withdraw_tombstones,
+)
 
 UNFINISHED_GC = ("marking", "sweeping", "quarantined")
 
@@ -94,13 +99,21 @@ class GCRuns:
             changes["mark_summary"] = json.dumps(mark_summary)
         await self._journal.write(_update, "gc_runs", run_id, changes)
 
-    async def add_candidates(self, run_id: int, candidates: Iterable[CandidateRow]) -> None:
-        """Insert (or replace) candidates in one transaction; a sweep can name 10^5."""
+    async def add_candidates(
+        self,
+        run_id: int,
+        candidates: Iterable[CandidateRow],
+        tombstones: Sequence[Tombstone] = (),
+    ) -> None:
+        """Insert (or replace) candidates in one transaction; a sweep can name 10^5. With
+        the tombstones of the tags and manifests about to be moved out of the registry's
+        sight (detail ending in `gc_run_marker(run_id)`), in the same transaction."""
         await self._journal.write(
-            executemany,
-            "INSERT OR REPLACE INTO gc_candidates(run_id, kind, key, repository, digest, "
-            "bytes, state, quarantine_path, error) VALUES (?,?,?,?,?,?,?,?,?)",
+            _insert_candidates,
             [(run_id, *astuple(c)) for c in candidates],
+            tombstones,
+            time.time(),
+            gc_run_marker(run_id),
         )
 
     async def update_candidates(
@@ -108,14 +121,18 @@ class GCRuns:
         run_id: int,
         updates: Iterable[CandidateUpdate],
         tombstones: Sequence[Tombstone] = (),
+        withdrawn: Sequence[Tombstone] = (),
     ) -> None:
         """New state and error for many candidates in one transaction, together with the
-        tombstones of those deleted: a crash never leaves "deleted" without its record."""
+        tombstones of those deleted (unless the run wrote them already): a crash never
+        leaves "deleted" without its record; and without the run's tombstones of items
+        it put back (`withdrawn`)."""
         await self._journal.write(
             _update_candidates,
             [(state, error, run_id, kind, key) for kind, key, state, error in updates],
-            tombstones,
+            (tombstones, withdrawn),
             time.time(),
+            gc_run_marker(run_id),
         )
 
     async def finish(self, run_id: int, state: str, stats: dict[str, Any]) -> None:
@@ -218,13 +235,31 @@ def _update(db: sqlite_utils.Database, table: str, row_id: int, changes: dict[st
     db.table(table).update(row_id, changes)
 
 
+def _insert_candidates(
+    db: sqlite_utils.Database,
+    rows: list[tuple[Any, ...]],
+    tombstones: Sequence[Tombstone],
+    now: float,
+    marker: str,
+) -> None:
+    db.conn.executemany(
+        "INSERT OR REPLACE INTO gc_candidates(run_id, kind, key, repository, digest, "
+        "bytes, state, quarantine_path, error) VALUES (?,?,?,?,?,?,?,?,?)",
+        rows,
+    )
+    insert_missing_tombstones(db, tombstones, now, marker)
+
+
 def _update_candidates(
     db: sqlite_utils.Database,
     states: list[tuple[Any, ...]],
-    tombstones: Sequence[Tombstone],
+    tombstones: tuple[Sequence[Tombstone], Sequence[Tombstone]],
     now: float,
+    marker: str,
 ) -> None:
     db.conn.executemany(
         "UPDATE gc_candidates SET state=?, error=? WHERE run_id=? AND kind=? AND key=?", states
     )
-    insert_tombstones(db, tombstones, now)
+    written, withdrawn = tombstones
+    insert_missing_tombstones(db, written, now, marker)
+    withdraw_tombstones(db, withdrawn, marker)

@@ -7,12 +7,13 @@ promoted site during the incident must not come back from the returning site),
 and the daemon reads its own (`performed`) to not bounce the delete webhook a
 target sends about a delete we made there back to where it came from.
 
-A tombstone is never stamped later than the moment it is recorded (our clock): an
-observed delete carries the registry's own timestamp, and a registry clock running
-ahead would otherwise make a delete from before an incident look like one during it
-(failback compares tombstones with the failover's `started_at`, our clock) and
-delete a tag re-pushed since. Clamping errs towards "older", whose worst case is a
-delete not honoured (a tag copied back), never a write lost.
+Tombstones are on our clock: failback and catch-up compare them with the ledger and
+the failover's `started_at`, both ours. The daemon stamps an observed delete with the
+time it handles the webhook, not the registry's timestamp (a registry clock behind
+made a delete look older than the copy it undid, and the tag came back). An `at`
+given by a caller is still never later than the moment it is recorded: a clock
+ahead would make a delete from before an incident look like one during it and
+delete a tag re-pushed since.
 """
 
 from __future__ import annotations
@@ -70,6 +71,43 @@ def insert_tombstones(
     return ids
 
 
+# one GC run's own tombstones: same place and name, and a detail ending in its marker
+_SAME_RUN = (
+    "site = ? AND repository = ? AND tag IS ? AND digest IS ? AND origin = ? AND detail LIKE ?"
+)
+
+
+def gc_run_marker(run_id: int) -> str:
+    """The end of the detail of every tombstone a storage GC run writes: how the run's
+    settle (maybe in a later process) finds the ones it wrote ahead of its moves."""
+    return f" (gc run {run_id})"
+
+
+def _same_run(s: Tombstone, marker: str) -> tuple[object, ...]:
+    return (s.site, s.repository, s.tag, s.digest, s.origin, "%" + marker)
+
+
+def insert_missing_tombstones(
+    db: sqlite_utils.Database, stones: Sequence[Tombstone], now: float, marker: str
+) -> None:
+    """INSERT, inside the caller's transaction, each tombstone the run (`marker`) has
+    not written yet: a settle confirms what its quarantine already recorded."""
+    for stone, row in zip(stones, tombstone_rows(stones, now), strict=True):
+        sql = "SELECT 1 FROM tombstones WHERE " + _SAME_RUN + " LIMIT 1"
+        if db.conn.execute(sql, _same_run(stone, marker)).fetchone() is None:
+            db.conn.execute(INSERT, row)
+
+
+def withdraw_tombstones(
+    db: sqlite_utils.Database, stones: Sequence[Tombstone], marker: str
+) -> None:
+    """DELETE, inside the caller's transaction, the run's tombstones of items it put
+    back (restored, or kept because they changed before the move)."""
+    db.conn.executemany(
+        "DELETE FROM tombstones WHERE " + _SAME_RUN, [_same_run(s, marker) for s in stones]
+    )
+
+
 class Tombstones:
     """The `tombstones` table; `clock` is injectable for tests of time windows."""
 
@@ -87,12 +125,12 @@ class Tombstones:
         origin: Origin,
         at: float | None = None,
         detail: str | None = None,
-    ) -> None:
+    ) -> int:
         """Remember that `repository:tag` (or `@digest`) was deleted at `site`; `at` (the
-        registry's time, if known) is clamped to now."""
+        registry's time, if known) is clamped to now. Returns its id (for `retract`)."""
         now = self._clock()
         stone = Tombstone(site, repository, tag, digest, now if at is None else at, origin, detail)
-        await self.record_all([stone])
+        return (await self.record_all([stone]))[0]
 
     async def record_all(self, stones: Sequence[Tombstone]) -> list[int]:
         """Remember many deletes in one write; times clamped to now. Returns their ids (for
@@ -107,6 +145,16 @@ class Tombstones:
         if ids:
             await self._journal.write(
                 executemany, "DELETE FROM tombstones WHERE id = ?", [(i,) for i in ids]
+            )
+
+    async def name_digest(self, ids: Sequence[int], digest: str) -> None:
+        """Set the digest of tombstones written ahead of a tag delete, once the delete
+        found out what the tag pointed at."""
+        if ids:
+            await self._journal.write(
+                executemany,
+                "UPDATE tombstones SET digest = ? WHERE id = ?",
+                [(digest, i) for i in ids],
             )
 
     async def at_site(

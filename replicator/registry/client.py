@@ -104,7 +104,8 @@ class RegistryClient:
         return await self._manifests.put(repo, ref, raw, media_type)
 
     async def delete_manifest(self, repo: str, digest: str) -> bool:
-        """Delete a manifest by digest; False if it was already gone."""
+        """Delete a manifest by digest; False only if it was certainly already gone (a
+        404 after a failed attempt counts as deleted: that attempt may have done it)."""
         return await self._manifests.delete(repo, digest)
 
     async def delete_tag(

@@ -56,6 +56,8 @@ PLACEHOLDER_ARTIFACT_TYPE = "application/vnd.registry-replicator.tag-deletion.v1
 PLACEHOLDER_ANNOTATION = "io.github.registry-replicator.tag-deletion"
 
 TagDeletionMethod = Literal["tag-delete", "placeholder"]
+# a manifest DELETE: "maybe" is a 404 after a failed attempt, which may have deleted it
+Removal = Literal["deleted", "absent", "maybe"]
 # called with (repository, placeholder digest) right before the placeholder is PUT, so
 # the daemon can record it as its own push before the registry's webhook about it
 BeforePlaceholder = Callable[[str, str], Awaitable[None]]
@@ -71,11 +73,20 @@ class TagDeletion:
     repository: str
     tag: str
     previous: str | None  # the digest the tag pointed at, when it was looked up
-    method: TagDeletionMethod | None  # None: the tag was already absent
+    method: TagDeletionMethod | None  # None: the tag was absent when we looked
+    # absent, but only after an attempt that failed (5xx, timeout, cut): that attempt
+    # may have deleted it, so "already absent" would be a guess
+    after_failure: bool = False
 
     @property
     def deleted(self) -> bool:
         return self.method is not None
+
+    @property
+    def maybe_deleted(self) -> bool:
+        """Deleted, or possibly by us: what a tombstone written before the delete needs
+        to stay (only a definite "it was not there" withdraws it)."""
+        return self.deleted or self.after_failure
 
     def __bool__(self) -> bool:
         """True when a tag was removed, False when it was already absent, so callers
@@ -84,6 +95,11 @@ class TagDeletion:
 
     def describe(self) -> str:
         where = f"{self.site}: {self.repository}:{self.tag}"
+        if self.method is None and self.after_failure:
+            return (
+                f"{where} is gone: the DELETE failed, and its retry found the tag absent "
+                "(the failed attempt may have deleted it)"
+            )
         if self.method is None:
             return f"{where} was already absent"
         kept = f"; manifest {self.previous} kept" if self.previous else ""
@@ -237,14 +253,18 @@ class Manifests:
         return digest
 
     async def delete(self, repo: str, digest: str) -> bool:
+        """False only when the manifest was certainly absent: a 404 after a failed
+        attempt counts as deleted (that attempt may have done it)."""
         async with self._delete_lock(repo):
-            return await self._delete(repo, digest)
+            return await self._delete(repo, digest) != "absent"
 
-    async def _delete(self, repo: str, digest: str) -> bool:
-        resp = await self._t.send(
+    async def _delete(self, repo: str, digest: str) -> Removal:
+        resp, retried = await self._t.send_retried(
             Request("DELETE", self.url(repo, digest), repo, digest, ok=(200, 202, 204, 404))
         )
-        return resp.status_code != 404
+        if resp.status_code != 404:
+            return "deleted"
+        return "maybe" if retried else "absent"
 
     async def delete_tag(
         self,
@@ -263,7 +283,7 @@ class Manifests:
         site = self._t.site.name
         if is_digest(tag):
             raise ValueError(f"delete_tag takes a tag, not the digest {tag}")
-        resp = await self._t.send(
+        resp, retried = await self._t.send_retried(
             Request(
                 "DELETE",
                 self.url(repo, tag),
@@ -285,7 +305,7 @@ class Manifests:
             )
         current = await self.head(repo, tag)
         if current is None:
-            return TagDeletion(site, repo, tag, None, None)
+            return TagDeletion(site, repo, tag, None, None, after_failure=retried)
         raw = placeholder_manifest(tag, secrets.token_hex(16))
         placeholder = digest_of(raw)
         probe = await self._t.send(
@@ -316,7 +336,7 @@ class Manifests:
             await ensure_blob(repo, EMPTY_BLOB)
             for _ in range(3):
                 await self.put(repo, tag, raw, OCI_MANIFEST)
-                if await self._delete(repo, placeholder):
+                if await self._delete(repo, placeholder) == "deleted":
                     break
                 # gone already: a retry after a lost or failed first DELETE, whose tag
                 # lookup may have failed and left the tag dangling; again, unless the

@@ -208,6 +208,13 @@ class Transport:
         401/403/429 too with `pass_client_errors`), raise RegistryError otherwise."""
         return (await self._send(req))[0]
 
+    async def send_retried(self, req: Request) -> tuple[httpx.Response, bool]:
+        """`send`, and whether an earlier attempt failed (a 5xx, a timeout, a cut): the
+        answer then may not describe what the request did. A DELETE carried out but
+        answered 500 meets its own work on the retry (404), "gone" not "never there"."""
+        resp, _body, attempt = await self._send_counted(req)
+        return resp, attempt > 1
+
     async def fetch(self, req: Request) -> tuple[httpx.Response, bytes]:
         """`send`, and read the body here, incrementally: ResponseTooLarge as soon as it
         passes `req.max_body` bytes, so a hostile size costs at most that much memory.
@@ -218,10 +225,14 @@ class Transport:
         return resp, body
 
     async def _send(self, req: Request) -> tuple[httpx.Response, bytes | None]:
+        resp, body, _attempt = await self._send_counted(req)
+        return resp, body
+
+    async def _send_counted(self, req: Request) -> tuple[httpx.Response, bytes | None, int]:
         attempts = req.attempts or (self.policy.retries + 1 if req.replayable else 1)
         try:
             if attempts == 1:
-                return await self._attempt(req)
+                return (*await self._attempt(req), 1)
             retrying = AsyncRetrying(
                 stop=stop_after_attempt(attempts),
                 wait=self._wait,
@@ -232,7 +243,7 @@ class Transport:
             )
             async for attempt in retrying:
                 with attempt:
-                    return await self._attempt(req)
+                    return (*await self._attempt(req), attempt.retry_state.attempt_number)
         except _TransientStatus as exc:
             raise RetryableError(
                 exc.message,
