@@ -411,17 +411,6 @@ async def test_supersede_cancels_only_a_task_still_leased_by_us(journal, clock):
     assert (await q.get(lost)).state == "pending"  # type: ignore[union-attr]
 
 
-async def test_newer_copy_pending_sees_only_work_queued_behind_a_task(queue):
-    await queue.enqueue([copy(digest=D1)])
-    [task] = await queue.lease(1)
-    assert await queue.newer_copy_pending(task) == (False, None)
-    await queue.enqueue([copy(tag="other", digest=D3)])  # another key
-    assert await queue.newer_copy_pending(task) == (False, None)
-    await queue.enqueue([copy(digest=D2)])
-    await queue.enqueue([copy(digest=D3)])  # coalesced into the row behind
-    assert await queue.newer_copy_pending(task) == (True, D3)
-
-
 async def test_a_lease_term_must_be_positive(journal):
     with pytest.raises(QueueError, match="lease time"):
         WorkQueue(journal, "w", lease_seconds=0)

@@ -478,18 +478,6 @@ class WorkQueue:
             (redact(reason)[:_MAX_ERROR], self._clock()),
         )
 
-    async def newer_copy_pending(self, task: Task) -> tuple[bool, str | None]:
-        """Whether a copy of the same key was queued behind `task` (pending, not yet
-        coalesced into it), and that copy's digest: the newer work that would overwrite
-        what `task` is about to write."""
-        found = await self.journal.read(
-            rows,
-            "SELECT digest FROM tasks WHERE key=? AND id>? AND state='pending' "
-            "AND action='copy' ORDER BY id DESC LIMIT 1",
-            (task.key, task.id),
-        )
-        return (True, found[0]["digest"]) if found else (False, None)
-
     async def _owned_update(self, task_id: int, assignments: str, params: tuple[Any, ...]) -> bool:
         count = await self.journal.write(
             changed,
