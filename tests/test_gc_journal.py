@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from replicator.blob_index import BlobIndex
 from replicator.clients import ClientPool
@@ -168,12 +169,9 @@ def test_every_delete_of_a_storage_gc_is_tombstoned(registry, tmp_path):
         journal.close()
 
 
-async def test_failover_does_not_catch_up_a_tag_retention_removed_at_the_primary(
-    registry_factory, tmp_path
-):
-    """`dev` reached b only (a was behind); then GC at the primary p removed it, and p was
-    lost. The GC's tombstone at p tells catch-up that b's `dev` is a delete not yet
-    propagated: it is not copied to a (without it, a took `dev` back from b)."""
+def primary_and_two_replicas(registry_factory: Any, tmp_path: Path) -> tuple[Any, ...]:
+    """Primary p replicating to a and b with deletes, its journal, a client pool, an
+    engine, and the rule narrowed to each replica (`only["a"]`: to replicate one alone)."""
     p, a, b = registry_factory("p"), registry_factory("a"), registry_factory("b")
     sites = {"p": p, "a": a, "b": b}
     config = config_from_dict(
@@ -187,6 +185,18 @@ async def test_failover_does_not_catch_up_a_tag_retention_removed_at_the_primary
     pool = ClientPool(config, retries=1, backoff_base=0.01)
     engine = CopyEngine(BlobIndex(journal))
     only = {t: config.rules[0].model_copy(update={"to": [t]}) for t in ("a", "b")}
+    return p, a, b, config, journal, pool, engine, only
+
+
+async def test_failover_does_not_catch_up_a_tag_retention_removed_at_the_primary(
+    registry_factory, tmp_path
+):
+    """`dev` reached b only (a was behind); then GC at the primary p removed it, and p was
+    lost. The GC's tombstone at p tells catch-up that b's `dev` is a delete not yet
+    propagated: it is not copied to a (without it, a took `dev` back from b)."""
+    p, a, _b, config, journal, pool, engine, only = primary_and_two_replicas(
+        registry_factory, tmp_path
+    )
     try:
         with Pusher(p.url) as push:
             push.push_image("app", "v1", [layer_bytes("fo-v1", 300)])
@@ -245,19 +255,9 @@ async def test_an_api_gc_killed_right_after_a_delete_leaves_its_tombstone(
     the process). The tombstone, written before the DELETE, is there, so failover
     catch-up does not copy `dev` back from b (the kill used to leave none, and a took
     `dev` back)."""
-    p, a, b = registry_factory("p"), registry_factory("a"), registry_factory("b")
-    sites = {"p": p, "a": a, "b": b}
-    config = config_from_dict(
-        {
-            "journal": str(tmp_path / "journal.db"),
-            "sites": {n: {"url": r.url, "insecure": True} for n, r in sites.items()},
-            "rules": [{"name": "apps", "from": "p", "to": ["a", "b"], "deletes": True}],
-        }
+    p, a, _b, config, journal, pool, engine, only = primary_and_two_replicas(
+        registry_factory, tmp_path
     )
-    journal = Journal(config.journal)
-    pool = ClientPool(config, retries=1, backoff_base=0.01)
-    engine = CopyEngine(BlobIndex(journal))
-    only = {t: config.rules[0].model_copy(update={"to": [t]}) for t in ("a", "b")}
     proxy = proxy_factory(p)
     proxy.delay(120, method="DELETE", path="/manifests/")
     child = None
