@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -43,6 +44,13 @@ def journal_left_by_a_killed_daemon(path: Path) -> None:
     assert wal.exists() and wal.stat().st_size > 0  # a checkpoint would change the file
 
 
+def write_config(config: Path, journal: Path, a: Any, b: Any) -> None:
+    """A rule a -> b over `journal`: what status and verify read."""
+    sites = {"a": {"url": a.url, "insecure": True}, "b": {"url": b.url, "insecure": True}}
+    rules = [{"name": "r", "from": "a", "to": ["b"]}]
+    config.write_text(yaml.safe_dump({"journal": str(journal), "sites": sites, "rules": rules}))
+
+
 def run_as_reader(argv: list[str]) -> subprocess.CompletedProcess[str]:
     """Without the power to write what its permissions forbid: root (as tests run here)
     drops CAP_DAC_OVERRIDE and CAP_FOWNER, so a file mode 0444 is read-only for it too."""
@@ -64,18 +72,7 @@ def test_status_and_verify_read_a_journal_they_may_not_write_and_leave_it_unchan
     journal = shared_dir / "journal.db"
     journal_left_by_a_killed_daemon(journal)
     config = shared_dir / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "journal": str(journal),
-                "sites": {
-                    "a": {"url": a.url, "insecure": True},
-                    "b": {"url": b.url, "insecure": True},
-                },
-                "rules": [{"name": "r", "from": "a", "to": ["b"]}],
-            }
-        )
-    )
+    write_config(config, journal, a, b)
     for f in shared_dir.iterdir():
         f.chmod(0o444)
     shared_dir.chmod(0o555)
@@ -101,18 +98,7 @@ def test_reading_a_journal_nobody_has_open_leaves_no_file_behind(tmp_path, two_r
     journal = tmp_path / "state" / "journal.db"
     Journal(journal).close()  # a clean stop: no -wal, no -shm
     config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "journal": str(journal),
-                "sites": {
-                    "a": {"url": a.url, "insecure": True},
-                    "b": {"url": b.url, "insecure": True},
-                },
-                "rules": [{"name": "r", "from": "a", "to": ["b"]}],
-            }
-        )
-    )
+    write_config(config, journal, a, b)
     before = sorted(p.name for p in journal.parent.iterdir()), digest(journal)
     for command in ("status", "verify"):
         out = subprocess.run(
