@@ -313,7 +313,9 @@ async def _true(value: Any) -> bool:
     return bool(value)
 
 
-def test_status_names_an_unreachable_broker_and_still_shows_the_journal(tmp_path):
+def one_pending_task(tmp_path: Path, mqtt: dict[str, Any]) -> Path:
+    """A journal holding one pending task and a config (with `mqtt`) over it; registries
+    that nobody runs: what status shows of the journal needs none."""
     journal_path = tmp_path / "journal.db"
     journal = Journal(journal_path)
     sql(
@@ -323,7 +325,6 @@ def test_status_names_an_unreachable_broker_and_still_shows_the_journal(tmp_path
         "VALUES ('k', 'team', 'copy', 'a', 'b', 'team/app', 'team/app', 'v1', 'pending', 0, 0, 0)",
     )
     journal.close()
-    port = free_port()  # nothing listens here
     config = tmp_path / "config.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -333,10 +334,16 @@ def test_status_names_an_unreachable_broker_and_still_shows_the_journal(tmp_path
                     n: {"url": f"http://127.0.0.1:{free_port()}", "insecure": True} for n in "ab"
                 },
                 "rules": [{"name": "team", "from": "a", "to": ["b"]}],
-                "mqtt": {"url": f"mqtt://127.0.0.1:{port}"},
+                "mqtt": mqtt,
             }
         )
     )
+    return config
+
+
+def test_status_names_an_unreachable_broker_and_still_shows_the_journal(tmp_path):
+    port = free_port()  # nothing listens here
+    config = one_pending_task(tmp_path, {"url": f"mqtt://127.0.0.1:{port}"})
     text = subprocess.run(
         [sys.executable, "-m", "replicator", "status", "-c", str(config)],
         capture_output=True,

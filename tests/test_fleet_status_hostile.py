@@ -20,7 +20,6 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -36,12 +35,11 @@ from replicator.fleet import (
     format_fleet,
     status_to_json,
 )
-from replicator.journal import Journal
 from replicator.status import human_age
-from tests.harness.journal import sql
 from tests.harness.mosquitto import Mosquitto
 from tests.harness.mqtt_bridge import BridgedBrokers
-from tests.harness.util import free_port, wait_until
+from tests.harness.util import wait_until
+from tests.test_fleet_status import one_pending_task
 
 NOW = 1_700_000_000.0
 WEEK = 604800
@@ -102,28 +100,7 @@ def strict_json(text: str) -> Any:
 def test_forged_status_messages_are_skipped_and_named_and_the_journal_part_stays(
     mosquitto: Mosquitto, tmp_path: Path
 ):
-    journal_path = tmp_path / "journal.db"
-    journal = Journal(journal_path)
-    sql(
-        journal,
-        "INSERT INTO tasks(key, rule, action, source_site, target_site, repository, "
-        "target_repository, tag, state, next_try, created_at, updated_at) "
-        "VALUES ('k', 'team', 'copy', 'a', 'b', 'team/app', 'team/app', 'v1', 'pending', 0, 0, 0)",
-    )
-    journal.close()
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "journal": str(journal_path),
-                "sites": {
-                    n: {"url": f"http://127.0.0.1:{free_port()}", "insecure": True} for n in "ab"
-                },
-                "rules": [{"name": "team", "from": "a", "to": ["b"]}],
-                "mqtt": {"url": mosquitto.url, "topic": "registry/events"},
-            }
-        )
-    )
+    config = one_pending_task(tmp_path, {"url": mosquitto.url, "topic": "registry/events"})
     now = time.time()
     real = doc(instance="worker-1", published_at=now, started_at=now - 100)
     forged = {
